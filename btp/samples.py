@@ -1,0 +1,332 @@
+"""Analysis samples: which sequences the entropy lens, ablation, Taylor and CMA-ES look at, and which of their
+tokens are scored.
+
+- Sources: `generations` (the model's own outputs, exactly the token ids it generated in, filtered by
+  correctness from evaluations.jsonl) or `reference` (the benchmark's reference solutions, teacher-forced in
+  the same prompt the generator would use).
+- Modes: `regular` scores every answer token (reasoning + code); `chain_code` keeps the reasoning in context
+  and scores the code tokens only. A mode changes which tokens are scored, nothing else.
+- A sample's scored tokens are input_ids[score_start:score_end]; the logits that predict token t sit at
+  position t - 1 (`positions`).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .store import dataset_dir, read_jsonl
+
+SOURCES = ("generations", "reference")
+SELECTS = ("correct", "incorrect", "all")
+MODES = ("regular", "chain_code")
+
+
+@dataclass
+class SampleConfig:
+    source: str = "generations"
+    select: str = "correct"
+    mode: str = "regular"
+    num_samples: int | None = None   # None: all that exist
+    seed: int = 0
+    max_tokens: int | None = None    # cap on a sample's length: cut context from the left, keep the scored span
+    prompt_style: str = "auto"       # for the reference source: as the generator would prompt
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("source", SOURCES), ("select", SELECTS), ("mode", MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError("num_samples must be >= 1")
+
+    @property
+    def stem(self) -> str:
+        """Output file stem: the mode alone for the default population (correct generations), else
+        mode-population, e.g. `chain_code`, `regular-reference`, `regular-incorrect`, `regular-all`."""
+        if self.source == "reference":
+            return f"{self.mode}-reference"
+        return self.mode if self.select == "correct" else f"{self.mode}-{self.select}"
+
+
+@dataclass
+class Sample:
+    problem_id: str
+    sample: int                 # generation sample index; -1 for a reference solution
+    input_ids: np.ndarray       # int64 [T]: the exact context (prompt + answer), after any left cut
+    score_start: int            # scored tokens: input_ids[score_start:score_end]
+    score_end: int
+    cut_left: int = 0           # tokens removed from the left by max_tokens
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Indices whose logits predict the scored tokens."""
+        return np.arange(self.score_start - 1, self.score_end - 1)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.input_ids[self.score_start:self.score_end]
+
+    @property
+    def n_scored(self) -> int:
+        return self.score_end - self.score_start
+
+
+@dataclass
+class SampleSet:
+    samples: list[Sample]
+    config: SampleConfig
+    dataset: str
+    model_id: str
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def problem_ids(self) -> list[str]:
+        return [s.problem_id for s in self.samples]
+
+    def fields(self) -> dict[str, np.ndarray]:
+        """The sample fields every analysis output carries, enough to recompute every number:
+        `input_ids` (all samples concatenated), `sample_offsets` [S+1], and per scored token
+        `sample_index`, `position` (index within its sample of the predicting position), `token_id`."""
+        lens = [len(s.input_ids) for s in self.samples]
+        return {
+            "input_ids": np.concatenate([s.input_ids for s in self.samples]).astype(np.int64)
+            if self.samples else np.zeros(0, np.int64),
+            "sample_offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            "sample_index": np.concatenate([np.full(s.n_scored, i) for i, s in enumerate(self.samples)]
+                                           ).astype(np.int64) if self.samples else np.zeros(0, np.int64),
+            "position": np.concatenate([s.positions for s in self.samples]).astype(np.int64)
+            if self.samples else np.zeros(0, np.int64),
+            "token_id": np.concatenate([s.targets for s in self.samples]).astype(np.int64)
+            if self.samples else np.zeros(0, np.int64),
+            "sample_problem_id": np.array(self.problem_ids, dtype=str),
+            "sample_number": np.array([s.sample for s in self.samples], dtype=np.int64),
+        }
+
+    def describe(self) -> dict:
+        """JSON-able description for provenance files."""
+        return {**self.info, "config": asdict(self.config), "dataset": self.dataset, "model": self.model_id,
+                "problem_ids": self.problem_ids, "samples": [[s.problem_id, s.sample] for s in self.samples],
+                "n_scored_tokens": int(sum(s.n_scored for s in self.samples))}
+
+    def split(self, heldout: float | int, seed: int | None = None) -> tuple["SampleSet", "SampleSet"]:
+        """Disjoint (scoring, held-out) sets, split by problem so that no problem is in both."""
+        pids = sorted(set(self.problem_ids))
+        rng = np.random.default_rng(self.config.seed if seed is None else seed)
+        rng.shuffle(pids)
+        n_hold = heldout if isinstance(heldout, int) else max(1, round(len(pids) * heldout))
+        if not 0 < n_hold < len(pids):
+            raise ValueError(f"cannot hold out {n_hold} of {len(pids)} problems; need at least 2 problems")
+        hold = set(pids[:n_hold])
+        a = [s for s in self.samples if s.problem_id not in hold]
+        b = [s for s in self.samples if s.problem_id in hold]
+        mk = lambda ss, part: SampleSet(ss, self.config, self.dataset, self.model_id, {**self.info, "split": part})
+        return mk(a, "scoring"), mk(b, "heldout")
+
+
+# ---------------------------------------------------------------- token spans
+
+def char_to_token_span(tokenizer: Any, ids: list[int], start: int, end: int, text: str | None = None
+                       ) -> tuple[int, int]:
+    """Token range [i, j) of `ids` whose decoded characters overlap [start, end) of decode(ids).
+
+    Prefix decodes are monotone in length, so both ends are found by binary search (O(log n) decodes)."""
+    dec = lambda k: len(tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    if text is not None:
+        full = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if full != text:
+            raise ValueError("decoded output token ids differ from the stored output text; cannot map code span")
+
+    def first(pred) -> int:  # smallest k in [0, n] with pred(k)
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if pred(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    i = first(lambda k: dec(k + 1) > start) if start < end else 0
+    j = first(lambda k: dec(k) >= end)
+    return i, max(j, i)
+
+
+# ---------------------------------------------------------------- building samples
+
+def _choose(cands: list[tuple[str, int]], problem_order: dict[str, int], n: int | None, seed: int
+            ) -> list[tuple[str, int]]:
+    """Deterministic choice: problems in a seeded random order, one sample per problem first, then more."""
+    if n is None or n >= len(cands):
+        chosen = cands
+    else:
+        pids = sorted({p for p, _ in cands}, key=problem_order.__getitem__)
+        perm = {p: r for r, p in enumerate(np.random.default_rng(seed).permutation(pids))}
+        rank: dict[str, int] = {}
+        keyed = []
+        for p, s in sorted(cands, key=lambda c: (problem_order[c[0]], c[1])):
+            keyed.append(((rank.get(p, 0), perm[p]), (p, s)))
+            rank[p] = rank.get(p, 0) + 1
+        chosen = [c for _, c in sorted(keyed)[:n]]
+    return sorted(chosen, key=lambda c: (problem_order[c[0]], c[1]))
+
+
+def _fit(ids: np.ndarray, s0: int, s1: int, max_tokens: int | None) -> tuple[np.ndarray, int, int, int] | None:
+    """Cut context from the left so len <= max_tokens, keeping the scored span and its predicting position."""
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids, s0, s1, 0
+    cut = len(ids) - max_tokens
+    if cut > s0 - 1:
+        return None  # the scored span (plus one context token) alone is longer than max_tokens
+    return ids[cut:], s0 - cut, s1 - cut, cut
+
+
+def load_samples(results_dir: str | Path, model_id: str, dataset: str, config: SampleConfig,
+                 tokenizer: Any = None, problems: list | None = None) -> SampleSet:
+    """The analysis samples of a model x dataset under `results_dir`, per `config`."""
+    if config.source == "generations":
+        return _from_generations(results_dir, model_id, dataset, config, tokenizer)
+    if tokenizer is None:
+        raise ValueError("the reference source needs the model's tokenizer")
+    return _from_reference(model_id, dataset, config, tokenizer, problems)
+
+
+def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokenizer) -> SampleSet:
+    d = dataset_dir(results_dir, model_id, dataset)
+    gpath, epath = d / "generations.jsonl", d / "evaluations.jsonl"
+    if not gpath.exists():
+        raise FileNotFoundError(f"{gpath} not found: run `python -m btp.generate` first, or use --source reference")
+    gens = read_jsonl(gpath)
+    order = {}
+    for g in gens:
+        order.setdefault(g["problem_id"], len(order))
+    verdict: dict[tuple[str, int], bool] = {}
+    if cfg.select != "all":
+        if not epath.exists():
+            raise FileNotFoundError(f"{epath} not found: --select {cfg.select} needs evaluations "
+                                    f"(run `python -m btp.evaluate`), or use --select all")
+        verdict = {(e["problem_id"], int(e["sample"])): bool(e["passed"]) for e in read_jsonl(epath)}
+    notes: list[str] = []
+    by_key = {}
+    n_unevaluated = n_nocode = 0
+    for g in gens:
+        key = (g["problem_id"], int(g["sample"]))
+        if cfg.select != "all":
+            if key not in verdict:
+                n_unevaluated += 1
+                continue
+            if verdict[key] != (cfg.select == "correct"):
+                continue
+        if cfg.mode == "chain_code" and not g.get("code"):
+            n_nocode += 1
+            continue
+        by_key[key] = g
+    if n_unevaluated:
+        notes.append(f"{n_unevaluated} generations have no evaluation and were left out")
+    if n_nocode:
+        notes.append(f"{n_nocode} generations have no code block to score in chain_code mode and were left out")
+    chosen = _choose(list(by_key), order, cfg.num_samples, cfg.seed)
+    samples = []
+    n_too_long = 0
+    for key in chosen:
+        g = by_key[key]
+        p_ids, o_ids = list(g["prompt_token_ids"]), list(g["output_token_ids"])
+        if not o_ids:
+            continue
+        if cfg.mode == "regular":
+            a, b = 0, len(o_ids)
+        else:
+            if tokenizer is None:
+                raise ValueError("chain_code mode needs the model's tokenizer to locate the code tokens")
+            start = g["output"].find(g["code"]) if "code_start" not in g else g["code_start"]
+            if start < 0:
+                n_nocode += 1
+                continue
+            end = g.get("code_end", start + len(g["code"]))
+            a, b = char_to_token_span(tokenizer, o_ids, start, end)
+            if b <= a:
+                continue
+        ids = np.array(p_ids + o_ids, dtype=np.int64)
+        fit = _fit(ids, len(p_ids) + a, len(p_ids) + b, cfg.max_tokens)
+        if fit is None:
+            n_too_long += 1
+            continue
+        samples.append(Sample(key[0], key[1], *fit))
+    if n_too_long:
+        notes.append(f"{n_too_long} samples left out: scored span longer than max_tokens={cfg.max_tokens}")
+    return _finish(samples, cfg, dataset, model_id, len(by_key), notes, source_file=str(gpath))
+
+
+def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -> SampleSet:
+    from .data import load_problems
+    from .prompts import build_prompt, encode_prompt, extract, reference_output
+
+    if cfg.select != "all" and cfg.select != "correct":
+        raise ValueError("reference solutions are all correct: use --select correct or all with --source reference")
+    probs = [p for p in (problems if problems is not None else load_problems(dataset)) if p.reference is not None]
+    if not probs:
+        raise ValueError(f"{dataset} has no reference solutions; use --source generations")
+    order = {p.problem_id: i for i, p in enumerate(probs)}
+    chosen = _choose([(p.problem_id, -1) for p in probs], order, cfg.num_samples, cfg.seed)
+    by_id = {p.problem_id: p for p in probs}
+    samples, notes, n_too_long = [], [], 0
+    for pid, _ in chosen:
+        p = by_id[pid]
+        prompt, style = build_prompt(p, tokenizer, cfg.prompt_style)
+        p_ids = encode_prompt(prompt, tokenizer, style)
+        answer = reference_output(p, style)
+        o_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        if style == "chat" and tokenizer.eos_token_id is not None:
+            o_ids.append(tokenizer.eos_token_id)  # the end of the assistant turn, as the model would emit
+        if cfg.mode == "regular":
+            a, b = 0, len(o_ids)
+        else:
+            ex = extract(p, answer, style, prompt)
+            a, b = char_to_token_span(tokenizer, o_ids, ex.code_start, ex.code_end)
+        ids = np.array(p_ids + o_ids, dtype=np.int64)
+        fit = _fit(ids, len(p_ids) + a, len(p_ids) + b, cfg.max_tokens)
+        if fit is None:
+            n_too_long += 1
+            continue
+        samples.append(Sample(pid, -1, *fit))
+    if n_too_long:
+        notes.append(f"{n_too_long} samples left out: scored span longer than max_tokens={cfg.max_tokens}")
+    return _finish(samples, cfg, dataset, model_id, len(probs), notes, source_file="btp.benchmarks")
+
+
+def _finish(samples, cfg, dataset, model_id, available, notes, source_file) -> SampleSet:
+    asked = cfg.num_samples
+    if asked is not None and len(samples) < asked:
+        notes.append(f"asked for {asked} samples, only {len(samples)} exist ({cfg.source}, select={cfg.select}, "
+                     f"mode={cfg.mode}); using those")
+    for n in notes:
+        warnings.warn(f"[btp.samples] {dataset}: {n}")
+    if not samples:
+        raise ValueError(f"no analysis samples for {model_id} / {dataset} ({cfg.source}, select={cfg.select}, "
+                         f"mode={cfg.mode}); {'; '.join(notes) or 'nothing eligible'}")
+    info = {"source": cfg.source, "population": f"{cfg.source}:{cfg.select}", "eligible": available,
+            "used": len(samples), "asked": asked, "notes": notes, "source_file": source_file,
+            "cut_left": [s.cut_left for s in samples]}
+    return SampleSet(samples, cfg, dataset, model_id, info)
+
+
+def add_sample_args(p) -> None:
+    """The sample flags shared by every analysis stage's CLI."""
+    p.add_argument("--source", choices=SOURCES, default="generations",
+                   help="generations: the model's own outputs; reference: the benchmark's reference solutions")
+    p.add_argument("--select", choices=SELECTS, default="correct", help="which generations (by evaluation)")
+    p.add_argument("--mode", choices=MODES, default="regular",
+                   help="regular: score reasoning + code; chain_code: reasoning in context, score code only")
+    p.add_argument("--num-samples", type=int, default=None, help="how many samples (default: all)")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap per-sample length (cut context from left)")
+    p.add_argument("--prompt-style", choices=("auto", "chat", "completion"), default="auto")
+
+
+def config_from_args(args) -> SampleConfig:
+    return SampleConfig(source=args.source, select=args.select, mode=args.mode, num_samples=args.num_samples,
+                        seed=args.seed, max_tokens=args.max_tokens, prompt_style=args.prompt_style)

@@ -1,0 +1,338 @@
+"""Stage: sample completions for a benchmark with vLLM's offline engine or transformers.
+
+`python -m btp.generate --model smollm2-135m --dataset humaneval --n 1 --max-tokens 512`
+writes `results/<model-slug>/<dataset>/generations.jsonl`, one record per (problem, sample), with the
+exact prompt text and token ids, the output, its token ids and the extracted code. A rerun generates
+only the missing pairs. Every (problem, sample) gets its own seed derived from `--seed`, so a resumed
+run draws the same samples as an uninterrupted one would (vLLM; the HF backend seeds per batch).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tqdm import tqdm
+
+from .data import DATASETS, Problem, load_problems
+from .prompts import STYLES, build_prompt, encode_prompt, extract
+from .store import JsonlStore, dataset_dir, provenance, read_json
+
+# Config fields that change what a sample is; a resumed file must not mix values of these.
+SAMPLE_KEY = ("temperature", "top_p", "max_tokens", "seed", "prompt_style", "chat_template_kwargs",
+              "system_prompt", "variant", "backend", "dtype")
+
+
+@dataclass
+class GenerateConfig:
+    model: str = "smollm2-135m"
+    dataset: str = "humaneval"
+    limit: int | None = None
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int = 0
+    backend: str = "auto"                 # vllm | hf | auto (vllm when importable)
+    results_dir: str = "results"
+    prompt_style: str = "auto"            # auto | chat | completion
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": false}
+    system_prompt: str | None = None
+    variant: str | None = None            # mbpp: full | sanitized
+    data_file: str | None = None
+    release: str = "v6"
+    start_date: str | None = None
+    end_date: str | None = None
+    # vLLM engine
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, 0.3 on CPU
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    chunk_size: int = 512                 # sequences per engine call / write; 0 = all at once
+    # transformers backend
+    batch_size: int = 8
+    device: str | None = None
+
+
+@dataclass
+class Job:
+    problem: Problem
+    sample: int
+    prompt: str
+    prompt_token_ids: list[int]
+    style: str
+    seed: int
+
+
+def sample_seed(seed: int, problem_id: str, sample: int) -> int:
+    """A stable per-(problem, sample) seed, independent of which other pairs run alongside."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{problem_id}|{sample}".encode()).digest()[:4], "little") >> 1
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if name not in ("vllm", "hf"):
+        raise ValueError(f"backend must be vllm, hf or auto, got {name!r}")
+    return name
+
+
+def _on_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# ---------------------------------------------------------------- backends
+
+class VllmBackend:
+    """vLLM's offline engine: token-id prompts, one `LLM.generate` per chunk of (problem, sample) pairs."""
+
+    name = "vllm"
+
+    def __init__(self, path: str, cfg: GenerateConfig, llm: Any = None):
+        if not _on_gpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default grabs far more
+        from vllm import LLM
+
+        gpu_util = cfg.gpu_memory_utilization or (0.9 if _on_gpu() else 0.3)
+        self.llm = llm or LLM(model=str(path), tensor_parallel_size=cfg.tensor_parallel_size,
+                              max_model_len=cfg.max_model_len, gpu_memory_utilization=gpu_util, dtype=cfg.dtype,
+                              seed=cfg.seed, enforce_eager=cfg.enforce_eager)
+
+    def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[tuple[str, list[int], str]]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(n=1, seed=j.seed, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 max_tokens=cfg.max_tokens) for j in jobs]
+        outs = self.llm.generate([{"prompt_token_ids": j.prompt_token_ids} for j in jobs], params, use_tqdm=False)
+        res = []
+        for o in outs:
+            c = o.outputs[0]
+            res.append((c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length"))
+        return res
+
+
+class HfBackend:
+    """transformers `generate` on left-padded batches with their attention masks; stops at EOS."""
+
+    name = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tok = model, tokenizer
+        eos = model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        if not eos:
+            raise ValueError("model and tokenizer define no EOS token; the HF backend could never stop")
+        self.eos = eos
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[tuple[str, list[int], str]]:
+        import torch
+        from transformers import GenerationConfig
+
+        width = max(len(j.prompt_token_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for i, j in enumerate(jobs):  # left padding: the last prompt token sits at the same column
+            ids[i, width - len(j.prompt_token_ids):] = torch.tensor(j.prompt_token_ids)
+            mask[i, width - len(j.prompt_token_ids):] = 1
+        sample = cfg.temperature > 0
+        gc = GenerationConfig(max_new_tokens=cfg.max_tokens, do_sample=sample, eos_token_id=self.eos,
+                              pad_token_id=self.pad, top_k=0, top_p=cfg.top_p if sample else 1.0,
+                              temperature=cfg.temperature if sample else 1.0)
+        if sample:
+            torch.manual_seed(jobs[0].seed)  # one generator per batch: reproducible for the same batches
+        dev = self.model.device
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc)
+        res = []
+        for row in out[:, width:].tolist():
+            stop = next((k for k, t in enumerate(row) if t in self.eos), None)
+            toks = row if stop is None else row[: stop + 1]
+            res.append((self.tok.decode(toks, skip_special_tokens=True), toks, "length" if stop is None else "stop"))
+        return res
+
+
+# ---------------------------------------------------------------- the stage
+
+def _resolve_model(name: str) -> tuple[str, str, str | None]:
+    """(local folder, model id, revision) without loading weights."""
+    from .models import resolve_model_path
+
+    r = resolve_model_path(name)
+    if isinstance(r, (tuple, list)):
+        return str(r[0]), str(r[1]), (r[2] if len(r) > 2 else None)
+    return str(r.path), str(r.model_id), getattr(r, "revision", None)
+
+
+def _check_same_sampling(store: JsonlStore, cfg: dict) -> None:
+    """Refuse to append samples drawn with other sampling settings to an existing file."""
+    if not store.runs_path.exists() or not store.path.exists():
+        return
+    for run in read_json(store.runs_path):
+        old = run.get("config") or {}
+        diff = {k: (old.get(k), cfg.get(k)) for k in SAMPLE_KEY if k in old and old.get(k) != cfg.get(k)}
+        if diff:
+            raise ValueError(f"{store.path} holds samples of run {run.get('run')} with other settings "
+                             f"{diff} (old, new); use another --results-dir or delete the file")
+
+
+def plan_jobs(problems: Sequence[Problem], tokenizer: Any, cfg: GenerateConfig, done: set) -> tuple[list[Job], str]:
+    jobs, style = [], cfg.prompt_style
+    for p in problems:
+        missing = [s for s in range(cfg.n) if (p.problem_id, s) not in done]
+        if not missing:
+            continue
+        text, style = build_prompt(p, tokenizer, cfg.prompt_style, cfg.chat_template_kwargs or None, cfg.system_prompt)
+        ids = encode_prompt(text, tokenizer, style)
+        jobs += [Job(p, s, text, ids, style, sample_seed(cfg.seed, p.problem_id, s)) for s in missing]
+    return jobs, style
+
+
+def make_record(job: Job, text: str, token_ids: list[int], finish: str) -> dict:
+    e = extract(job.problem, text, job.style, job.prompt)
+    return {"problem_id": job.problem.problem_id, "sample": job.sample, "prompt": job.prompt,
+            "prompt_token_ids": job.prompt_token_ids, "output": text, "output_token_ids": token_ids,
+            "reasoning": e.reasoning, "code": e.code, "code_start": e.code_start, "code_end": e.code_end,
+            "finish_reason": finish, "prompt_style": job.style, "seed": job.seed}
+
+
+def _chunks(jobs: list[Job], size: int) -> Iterator[list[Job]]:
+    size = size if size > 0 else max(1, len(jobs))
+    for i in range(0, len(jobs), size):
+        yield jobs[i:i + size]
+
+
+def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, model_info: tuple | None = None) -> Path:
+    """Run the stage; returns the generations.jsonl path. `engine` (a VllmBackend/HfBackend),
+    `tokenizer` and `model_info` (path, model id, revision) let callers reuse a loaded model."""
+    cfg.backend = resolve_backend(cfg.backend) if engine is None else engine.name
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose from {DATASETS}")
+    if cfg.prompt_style not in STYLES:
+        raise ValueError(f"prompt style must be one of {STYLES}")
+    if cfg.n < 1 or cfg.max_tokens < 1:
+        raise ValueError("--n and --max-tokens must be >= 1")
+    problems = load_problems(cfg.dataset, limit=cfg.limit, variant=cfg.variant, data_file=cfg.data_file,
+                             release=cfg.release, start_date=cfg.start_date, end_date=cfg.end_date)
+    hf_lm = None
+    if model_info is None or tokenizer is None:
+        if cfg.backend == "hf" and engine is None:
+            from .models import load_model
+
+            hf_lm = load_model(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=cfg.device,
+                               attn_implementation="sdpa")  # generation needs no hooks
+            model_info, tokenizer = (str(hf_lm.path), hf_lm.model_id, hf_lm.revision), hf_lm.tokenizer
+        else:
+            model_info = model_info or _resolve_model(cfg.model)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(model_info[0])
+    path, model_id, revision = model_info
+    out = dataset_dir(cfg.results_dir, model_id, cfg.dataset) / "generations.jsonl"
+    store = JsonlStore(out, ("problem_id", "sample"))
+    conf = asdict(cfg)
+    _check_same_sampling(store, conf)
+    jobs, style = plan_jobs(problems, tokenizer, cfg, store.done())
+    total = len(problems) * cfg.n
+    print(f"[generate] {model_id} {cfg.dataset}: {len(problems)} problems x {cfg.n} samples, "
+          f"{total - len(jobs)} done, {len(jobs)} to generate ({cfg.backend}, {style} prompts) -> {out}",
+          file=sys.stderr)
+    if not jobs:
+        return out
+    if engine is None:
+        engine = HfBackend(hf_lm.model, tokenizer) if cfg.backend == "hf" else VllmBackend(path, cfg)
+    store.begin_run(provenance(stage="generate", model=model_id, revision=revision, dataset=cfg.dataset,
+                               seed=cfg.seed, config=conf, model_path=path))
+    if cfg.backend == "hf":  # similar lengths per batch waste less padding
+        jobs.sort(key=lambda j: len(j.prompt_token_ids))
+    size = cfg.batch_size if cfg.backend == "hf" else cfg.chunk_size
+    n_tok, t0 = 0, time.perf_counter()
+    with tqdm(total=len(jobs), desc=f"generate {cfg.dataset}", unit="seq", dynamic_ncols=True) as bar:
+        for chunk in _chunks(jobs, size):
+            res = engine.run(chunk, cfg)
+            store.append([make_record(j, *r) for j, r in zip(chunk, res)])
+            n_tok += sum(len(r[1]) for r in res)
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m btp.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="JSON preset whose keys are flag names; flags override it")
+    d = GenerateConfig()
+    ap.add_argument("--model", default=d.model, help="HF id, local folder or smollm2-135m")
+    ap.add_argument("--dataset", default=d.dataset, choices=DATASETS)
+    ap.add_argument("--limit", type=int, default=None, help="first N problems")
+    ap.add_argument("--n", type=int, default=d.n, help="samples per problem")
+    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--top-p", type=float, default=d.top_p)
+    ap.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--backend", default=d.backend, choices=("auto", "vllm", "hf"))
+    ap.add_argument("--results-dir", default=d.results_dir)
+    ap.add_argument("--prompt-style", default=d.prompt_style, choices=STYLES)
+    ap.add_argument("--chat-template-kwargs", type=json.loads, default={},
+                    help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'')
+    ap.add_argument("--system-prompt", default=None)
+    ap.add_argument("--variant", default=None, choices=("full", "sanitized"), help="mbpp variant")
+    ap.add_argument("--data-file", default=None, help="local benchmark file (LiveCodeBench JSONL)")
+    ap.add_argument("--release", default=d.release, help="LiveCodeBench release: vN, vA_vB, release_vN")
+    ap.add_argument("--start-date", default=None, help="LiveCodeBench contest_date >= YYYY-MM[-DD]")
+    ap.add_argument("--end-date", default=None, help="LiveCodeBench contest_date <= YYYY-MM[-DD]")
+    ap.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16")
+    ap.add_argument("--enforce-eager", action="store_true", help="vLLM: skip compilation (faster start)")
+    ap.add_argument("--chunk-size", type=int, default=d.chunk_size, help="vLLM sequences per call and write")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="HF backend batch size")
+    ap.add_argument("--device", default=None, help="HF backend device")
+    return ap
+
+
+def parse_config(argv: Sequence[str] | None = None) -> GenerateConfig:
+    ap = _parser()
+    pre, _ = ap.parse_known_args(argv)
+    if pre.config:
+        try:
+            preset = json.loads(Path(pre.config).read_text())
+        except json.JSONDecodeError as e:
+            ap.error(f"{pre.config}:{e.lineno}: not valid JSON ({e.msg})")
+        names = {f.name for f in fields(GenerateConfig)}
+        preset = {k.replace("-", "_"): v for k, v in preset.items()}
+        unknown = sorted(set(preset) - names)
+        if unknown:
+            ap.error(f"{pre.config}: unknown keys {unknown}")
+        ap.set_defaults(**preset)
+    args = vars(ap.parse_args(argv))
+    args.pop("config")
+    return GenerateConfig(**args)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    out = generate(parse_config(argv))
+    print(out)
+    return out
+
+
+if __name__ == "__main__":  # vLLM's engine spawns processes that re-import this module
+    main()

@@ -213,3 +213,18 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | 
         tok.pad_token = tok.eos_token
     return LoadedModel(model=model, tokenizer=tok, model_id=ref.model_id, revision=ref.revision, path=ref.path,
                        dtype=dt, device=next(model.parameters()).device)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m btp.models", description="Resolve or prepare a model")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--prepare", action="store_true", help="convert the embedded model to its cache folder now")
+    args = p.parse_args(argv)
+    ref = resolve_model(args.model)
+    print(f"{ref.name}: id={ref.model_id} revision={ref.revision} path={ref.path}")
+
+
+if __name__ == "__main__":
+    main()

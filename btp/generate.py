@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -217,10 +217,38 @@ def _chunks(jobs: list[Job], size: int) -> Iterator[list[Job]]:
         yield jobs[i:i + size]
 
 
-def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, model_info: tuple | None = None) -> Path:
-    """Run the stage; returns the generations.jsonl path. `engine` (a VllmBackend/HfBackend),
-    `tokenizer` and `model_info` (path, model id, revision) let callers reuse a loaded model."""
-    cfg.backend = resolve_backend(cfg.backend) if engine is None else engine.name
+@dataclass
+class Session:
+    """What one process loads once and reuses across datasets: tokenizer, engine, model identity."""
+    model_info: tuple | None = None   # (local folder, model id, revision)
+    tokenizer: Any = None
+    engine: Any = None                # VllmBackend | HfBackend, built on first need
+    hf_model: Any = None
+
+
+def _open(cfg: GenerateConfig, sess: Session) -> None:
+    if sess.model_info is not None and sess.tokenizer is not None:
+        return
+    if cfg.backend == "hf" and sess.engine is None:
+        from .models import load_model
+
+        lm = load_model(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=cfg.device,
+                        attn_implementation="sdpa")  # generation needs no hooks
+        sess.model_info, sess.tokenizer, sess.hf_model = (str(lm.path), lm.model_id, lm.revision), lm.tokenizer, lm.model
+    else:
+        sess.model_info = sess.model_info or _resolve_model(cfg.model)
+        if sess.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            sess.tokenizer = AutoTokenizer.from_pretrained(sess.model_info[0])
+
+
+def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, model_info: tuple | None = None,
+             session: Session | None = None) -> Path:
+    """Run the stage; returns the generations.jsonl path. `engine` (a VllmBackend/HfBackend), `tokenizer`
+    and `model_info` (path, model id, revision), or a `session`, let callers reuse a loaded model."""
+    sess = session or Session(model_info, tokenizer, engine)
+    cfg = replace(cfg, backend=resolve_backend(cfg.backend) if sess.engine is None else sess.engine.name)
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose from {DATASETS}")
     if cfg.prompt_style not in STYLES:
@@ -229,34 +257,22 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
         raise ValueError("--n and --max-tokens must be >= 1")
     problems = load_problems(cfg.dataset, limit=cfg.limit, variant=cfg.variant, data_file=cfg.data_file,
                              release=cfg.release, start_date=cfg.start_date, end_date=cfg.end_date)
-    hf_lm = None
-    if model_info is None or tokenizer is None:
-        if cfg.backend == "hf" and engine is None:
-            from .models import load_model
-
-            hf_lm = load_model(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=cfg.device,
-                               attn_implementation="sdpa")  # generation needs no hooks
-            model_info, tokenizer = (str(hf_lm.path), hf_lm.model_id, hf_lm.revision), hf_lm.tokenizer
-        else:
-            model_info = model_info or _resolve_model(cfg.model)
-            if tokenizer is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(model_info[0])
-    path, model_id, revision = model_info
+    _open(cfg, sess)
+    path, model_id, revision = sess.model_info
     out = dataset_dir(cfg.results_dir, model_id, cfg.dataset) / "generations.jsonl"
     store = JsonlStore(out, ("problem_id", "sample"))
     conf = asdict(cfg)
     _check_same_sampling(store, conf)
-    jobs, style = plan_jobs(problems, tokenizer, cfg, store.done())
+    jobs, style = plan_jobs(problems, sess.tokenizer, cfg, store.done())
     total = len(problems) * cfg.n
     print(f"[generate] {model_id} {cfg.dataset}: {len(problems)} problems x {cfg.n} samples, "
           f"{total - len(jobs)} done, {len(jobs)} to generate ({cfg.backend}, {style} prompts) -> {out}",
           file=sys.stderr)
     if not jobs:
         return out
-    if engine is None:
-        engine = HfBackend(hf_lm.model, tokenizer) if cfg.backend == "hf" else VllmBackend(path, cfg)
+    if sess.engine is None:
+        sess.engine = HfBackend(sess.hf_model, sess.tokenizer) if cfg.backend == "hf" else VllmBackend(path, cfg)
+    engine = sess.engine
     store.begin_run(provenance(stage="generate", model=model_id, revision=revision, dataset=cfg.dataset,
                                seed=cfg.seed, config=conf, model_path=path))
     if cfg.backend == "hf":  # similar lengths per batch waste less padding
@@ -280,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", help="JSON preset whose keys are flag names; flags override it")
     d = GenerateConfig()
     ap.add_argument("--model", default=d.model, help="HF id, local folder or smollm2-135m")
-    ap.add_argument("--dataset", default=d.dataset, choices=DATASETS)
+    ap.add_argument("--dataset", default=d.dataset, help=f"one of {DATASETS}, or several comma-separated")
     ap.add_argument("--limit", type=int, default=None, help="first N problems")
     ap.add_argument("--n", type=int, default=d.n, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=d.temperature)
@@ -328,10 +344,20 @@ def parse_config(argv: Sequence[str] | None = None) -> GenerateConfig:
     return GenerateConfig(**args)
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    out = generate(parse_config(argv))
-    print(out)
-    return out
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    """`--dataset a,b,c` runs several benchmarks on one loaded engine (`--data-file` then only
+    applies to livecodebench)."""
+    cfg = parse_config(argv)
+    names = [d.strip() for d in cfg.dataset.split(",") if d.strip()]
+    bad = [d for d in names if d not in DATASETS]
+    if bad or not names:
+        raise SystemExit(f"--dataset: unknown {bad or cfg.dataset!r}; choose from {DATASETS}")
+    sess, outs = Session(), []
+    for ds in names:
+        data_file = cfg.data_file if len(names) == 1 or ds == "livecodebench" else None
+        outs.append(generate(replace(cfg, dataset=ds, data_file=data_file), session=sess))
+        print(outs[-1])
+    return outs
 
 
 if __name__ == "__main__":  # vLLM's engine spawns processes that re-import this module

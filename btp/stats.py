@@ -1,0 +1,157 @@
+"""Pure statistics: unbiased pass@k, bootstrap confidence intervals over problems, paired tests.
+
+Every function takes arrays and returns numbers; nothing here reads files or runs code, so stages
+(evaluate, ablation, taylor) share one implementation of each estimate and its interval.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+DEFAULT_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def pass_at_k(n: int | np.ndarray, c: int | np.ndarray, k: int) -> np.ndarray:
+    """Unbiased pass@k per problem (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), computed as a
+    stable product. `n` samples, `c` of them correct; broadcasts. Problems with n = 0 count 0."""
+    n, c = np.broadcast_arrays(np.asarray(n, dtype=np.int64), np.asarray(c, dtype=np.int64))
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if np.any(c < 0) or np.any(c > n):
+        raise ValueError("need 0 <= c <= n for every problem")
+    if np.any((n > 0) & (n < k)):
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem (min n = {int(n[n > 0].min())})")
+    out = np.zeros(n.shape, dtype=np.float64)
+    for idx in np.ndindex(n.shape):
+        ni, ci = int(n[idx]), int(c[idx])
+        if ni == 0 or ci == 0:
+            continue
+        out[idx] = 1.0 if ni - ci < k else 1.0 - float(np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1)))
+    return out
+
+
+def ks_up_to(n: int, ks: Sequence[int] = DEFAULT_KS) -> list[int]:
+    """The k to report for n samples per problem: the standard ones up to n, and n itself."""
+    out = [k for k in ks if k <= n]
+    if n >= 1 and n not in out:
+        out.append(n)
+    return out
+
+
+@dataclass(frozen=True)
+class CI:
+    estimate: np.ndarray | float
+    low: np.ndarray | float
+    high: np.ndarray | float
+    alpha: float
+    n_boot: int
+
+    def as_dict(self) -> dict:
+        f = lambda v: np.asarray(v).tolist()  # noqa: E731
+        return {"estimate": f(self.estimate), "ci_low": f(self.low), "ci_high": f(self.high),
+                "ci_level": 1 - self.alpha, "n_boot": self.n_boot}
+
+
+def _mean0(a: np.ndarray) -> np.ndarray:
+    return a.mean(axis=0)
+
+
+def _boot_stats(values: np.ndarray, stat: Callable | None, n_boot: int, rng: np.random.Generator,
+                chunk_elems: int = 1 << 23) -> np.ndarray:
+    """[n_boot, ...] statistics of resamples (with replacement) of the rows of `values`."""
+    n = values.shape[0]
+    if stat is None:  # the mean: resample counts and a matrix product, no copies of the data
+        flat = values.reshape(n, -1).astype(np.float64)
+        out = np.empty((n_boot, flat.shape[1]))
+        step = max(1, chunk_elems // max(n, 1))
+        for s in range(0, n_boot, step):
+            m = min(step, n_boot - s)
+            counts = rng.multinomial(n, np.full(n, 1.0 / n), size=m)
+            out[s:s + m] = counts @ flat / n
+        return out.reshape((n_boot,) + values.shape[1:])
+    return np.stack([np.asarray(stat(values[rng.integers(0, n, n)])) for _ in range(n_boot)])
+
+
+def bootstrap_ci(values: Sequence | np.ndarray, stat: Callable[[np.ndarray], np.ndarray] | None = None,
+                 n_boot: int = 10000, alpha: float = 0.05, seed: int = 0) -> CI:
+    """Percentile bootstrap CI of `stat` over the first axis of a [samples, ...] array (samples are
+    resampled whole rows, e.g. problems). `stat` maps a [samples, ...] array to an array of the
+    trailing shape; default the mean over axis 0 (vectorised)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 0 or v.shape[0] == 0:
+        raise ValueError("bootstrap_ci needs a non-empty [samples, ...] array")
+    if not 0 < alpha < 1 or n_boot < 1:
+        raise ValueError("need 0 < alpha < 1 and n_boot >= 1")
+    f = stat or _mean0
+    boots = _boot_stats(v, stat, n_boot, np.random.default_rng(seed))
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
+    est = np.asarray(f(v))
+    scalar = est.ndim == 0
+    return CI(float(est) if scalar else est, float(lo) if scalar else lo, float(hi) if scalar else hi,
+              alpha, n_boot)
+
+
+def pass_at_k_summary(n: Sequence[int], c: Sequence[int], ks: Sequence[int], n_boot: int = 10000,
+                      alpha: float = 0.05, seed: int = 0) -> dict[str, dict]:
+    """{"pass@k": {estimate, ci_low, ci_high, ...}} over problems; one bootstrap draws all k at once."""
+    n, c = np.asarray(n), np.asarray(c)
+    table = np.stack([pass_at_k(n, c, k) for k in ks], axis=1)  # [problems, ks]
+    ci = bootstrap_ci(table, n_boot=n_boot, alpha=alpha, seed=seed)
+    return {f"pass@{k}": {"estimate": float(ci.estimate[j]), "ci_low": float(ci.low[j]),
+                          "ci_high": float(ci.high[j]), "ci_level": 1 - alpha, "n_boot": n_boot}
+            for j, k in enumerate(ks)}
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    diff: float | np.ndarray      # stat(a) - stat(b)
+    low: float | np.ndarray
+    high: float | np.ndarray
+    p_value: float | np.ndarray   # two-sided, H0: no difference
+    n_boot: int
+
+
+def paired_bootstrap(a: Sequence | np.ndarray, b: Sequence | np.ndarray,
+                     stat: Callable[[np.ndarray], np.ndarray] | None = None, n_boot: int = 10000,
+                     alpha: float = 0.05, seed: int = 0) -> PairedResult:
+    """Paired bootstrap of stat(a) - stat(b): rows of `a` and `b` belong together (the same problem
+    under two runs) and are resampled together. p-value: twice the smaller tail of the bootstrap
+    distribution of the difference at 0 (percentile method), capped at 1."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired arrays differ in shape: {a.shape} vs {b.shape}")
+    boots = _boot_stats(a - b, stat, n_boot, np.random.default_rng(seed)) if stat is None else None
+    if boots is None:  # a general stat is not linear: resample indices and apply it to each side
+        rng, n = np.random.default_rng(seed), a.shape[0]
+        boots = np.stack([np.asarray(stat(a[i])) - np.asarray(stat(b[i]))
+                          for i in (rng.integers(0, n, n) for _ in range(n_boot))])
+    f = stat or _mean0
+    d = np.asarray(f(a)) - np.asarray(f(b))
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
+    p = np.minimum(1.0, 2 * np.minimum((boots <= 0).mean(axis=0), (boots >= 0).mean(axis=0)))
+    sc = d.ndim == 0
+    return PairedResult(float(d) if sc else d, float(lo) if sc else lo, float(hi) if sc else hi,
+                        float(p) if sc else p, n_boot)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    only_a: int      # pairs where a passed and b did not
+    only_b: int
+    p_value: float   # exact two-sided binomial test on the discordant pairs
+
+
+def mcnemar(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> McNemar:
+    """Exact McNemar test for two paired pass/fail vectors (e.g. one sample per problem, two runs)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired arrays differ in shape: {a.shape} vs {b.shape}")
+    n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
+    m = n01 + n10
+    if m == 0:
+        return McNemar(n01, n10, 1.0)
+    tail = sum(math.comb(m, i) for i in range(min(n01, n10) + 1)) / 2 ** m
+    return McNemar(n01, n10, min(1.0, 2 * tail))

@@ -1,0 +1,117 @@
+"""pass@k against brute force, bootstrap intervals, paired tests."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from btp.stats import bootstrap_ci, ks_up_to, mcnemar, paired_bootstrap, pass_at_k, pass_at_k_summary
+
+
+def _brute(n: int, c: int, k: int) -> float:
+    """Fraction of k-subsets of n samples (c correct) with at least one correct."""
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 2), (6, 3, 4), (7, 1, 7), (8, 5, 3), (4, 4, 2)])
+def test_pass_at_k_matches_brute_force(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(_brute(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_vectorised_and_human_eval_formula():
+    n = np.array([10, 10, 20, 0])
+    c = np.array([0, 3, 20, 0])
+    got = pass_at_k(n, c, 5)
+    assert got[0] == 0 and got[2] == 1 and got[3] == 0  # no samples counts as failed
+    assert got[1] == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+
+
+def test_pass_at_k_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 5 samples"):
+        pass_at_k([3], [1], 5)
+    with pytest.raises(ValueError):
+        pass_at_k([3], [4], 1)
+    with pytest.raises(ValueError):
+        pass_at_k([3], [1], 0)
+
+
+def test_ks_up_to():
+    assert ks_up_to(1) == [1]
+    assert ks_up_to(3) == [1, 2, 3]
+    assert ks_up_to(10) == [1, 2, 5, 10]
+    assert ks_up_to(16) == [1, 2, 5, 10, 16]
+
+
+def test_bootstrap_ci_mean_contains_truth_and_shrinks():
+    rng = np.random.default_rng(1)
+    small = rng.binomial(1, 0.3, 50).astype(float)
+    big = rng.binomial(1, 0.3, 5000).astype(float)
+    a, b = bootstrap_ci(small, n_boot=4000, seed=0), bootstrap_ci(big, n_boot=4000, seed=0)
+    assert a.low <= a.estimate <= a.high and b.low <= b.estimate <= b.high
+    assert b.low < 0.3 < b.high
+    assert (b.high - b.low) < (a.high - a.low) / 5
+    # the normal-approximation width for a proportion, as a sanity check of scale
+    se = math.sqrt(0.3 * 0.7 / 5000)
+    assert (b.high - b.low) == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert bootstrap_ci(small, n_boot=500, seed=3) == bootstrap_ci(small, n_boot=500, seed=3)  # seeded
+
+
+def test_bootstrap_ci_is_generic_over_trailing_axes_and_stats():
+    rng = np.random.default_rng(2)
+    v = rng.normal(size=(200, 3, 4)) + np.arange(12).reshape(3, 4)
+    ci = bootstrap_ci(v, n_boot=300, seed=0)
+    assert ci.estimate.shape == ci.low.shape == ci.high.shape == (3, 4)
+    assert np.all(ci.low < ci.estimate) and np.all(ci.estimate < ci.high)
+    assert np.allclose(ci.estimate, v.mean(axis=0))
+    med = bootstrap_ci(v, stat=lambda a: np.median(a, axis=0), n_boot=200, seed=0)
+    assert med.estimate.shape == (3, 4) and np.allclose(med.estimate, np.median(v, axis=0))
+    # mean via the vectorised path and via a generic callable agree in distribution
+    gen = bootstrap_ci(v[:, 0, 0], stat=lambda a: a.mean(), n_boot=3000, seed=5)
+    fast = bootstrap_ci(v[:, 0, 0], n_boot=3000, seed=5)
+    assert gen.low == pytest.approx(fast.low, abs=0.05) and gen.high == pytest.approx(fast.high, abs=0.05)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_pass_at_k_summary():
+    n = np.full(100, 10)
+    c = np.r_[np.zeros(50, int), np.full(50, 10)]
+    s = pass_at_k_summary(n, c, [1, 5, 10], n_boot=500)
+    assert s["pass@1"]["estimate"] == pytest.approx(0.5)
+    assert s["pass@10"]["estimate"] == pytest.approx(0.5)
+    assert s["pass@1"]["ci_low"] < 0.5 < s["pass@1"]["ci_high"]
+
+
+def test_paired_bootstrap_and_mcnemar_detect_a_difference():
+    rng = np.random.default_rng(3)
+    base = rng.binomial(1, 0.5, 400).astype(float)
+    better = np.maximum(base, rng.binomial(1, 0.3, 400))  # only ever flips fail -> pass
+    r = paired_bootstrap(better, base, n_boot=2000)
+    assert r.diff > 0 and r.low > 0 and r.p_value < 0.01
+    same = paired_bootstrap(base, base[rng.permutation(400)], n_boot=2000)
+    assert same.low < 0 < same.high and same.p_value > 0.05
+    m = mcnemar(better.astype(bool), base.astype(bool))
+    assert m.only_b == 0 and m.only_a > 10 and m.p_value < 1e-3
+    # exact values: 10 discordant pairs all one way -> 2 * 0.5**10
+    a = np.array([1] * 10 + [0] * 5, bool)
+    b = np.array([0] * 10 + [0] * 5, bool)
+    assert mcnemar(a, b).p_value == pytest.approx(2 * 0.5 ** 10)
+    assert mcnemar(a, a).p_value == 1.0
+    # 3 vs 1 discordant: two-sided exact p = 2 * P(X <= 1 | n=4) = 2 * 5/16
+    a2 = np.array([1, 1, 1, 0, 0], bool)
+    b2 = np.array([0, 0, 0, 1, 0], bool)
+    assert mcnemar(a2, b2).p_value == pytest.approx(0.625)
+
+
+def test_paired_bootstrap_generic_stat_shapes():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(1, 1, (300, 2)), rng.normal(0, 1, (300, 2))
+    r = paired_bootstrap(a, b, stat=lambda x: np.median(x, axis=0), n_boot=300)
+    assert r.diff.shape == (2,) and np.all(r.low > 0)
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b[:10])

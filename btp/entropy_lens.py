@@ -1,0 +1,194 @@
+"""Stage: the entropy lens. For every layer l = 1..L, read the residual stream after layer l through the model's
+own final norm and unembedding (soft-capped as the model does) and record, at the scored tokens only, the
+entropy of that distribution, the cross-entropy of the actual next token and KL(final || layer).
+
+`python -m btp.entropy_lens --source reference --mode chain_code --num-samples 20`
+writes `results/<model-slug>/<dataset>/entropy/<stem>.npz` (+ `<stem>.json`). Layer L is exactly the model's own
+logits: its normed last hidden state is unembedded without a second norm.
+
+Memory: one forward pass per sample keeps the residual streams ([L, T, d], small); vocabulary-sized tensors exist
+only for `chunk_tokens` (layer, position) rows at a time, in fp32, so [layers x tokens x vocab] is never held.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import cli
+from .arch import adapter
+from .heads import record
+from .samples import SampleSet, add_sample_args, config_from_args, load_samples
+from .store import dataset_dir, provenance, read_json, write_json, write_npz
+
+STAGE = "entropy_lens"
+METRICS = ("entropy", "ce", "kl")
+
+
+@dataclass
+class LensConfig:
+    chunk_tokens: int = 256   # (layer, position) rows whose vocab-sized fp32 logits may exist at once
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+
+# ---------------------------------------------------------------- the lens
+
+def _stats(logits: torch.Tensor, targets: torch.Tensor, final_p: torch.Tensor | None, final_neg_h: torch.Tensor | None
+           ) -> tuple[torch.Tensor, ...]:
+    """Entropy, CE of `targets`, KL(final || this) per row of `logits` [..., P, V], in fp32, and the probabilities
+    (kept by the caller for the final layer). softmax, not logp.exp(): torch's exp kernel is ~4x slower on CPU."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    p = torch.softmax(logits, dim=-1)
+    del logits
+    ent = -torch.linalg.vecdot(p, logp)
+    ce = -logp.gather(-1, targets.expand(*logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    kl = None if final_p is None else final_neg_h - torch.linalg.vecdot(final_p, logp)
+    return ent, ce, kl, p
+
+
+@torch.no_grad()
+def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                chunk_tokens: int = 256) -> dict[str, torch.Tensor]:
+    """Entropy, CE and KL(final || layer) as fp32 [P, L] (CPU) for one sequence `input_ids` [T], at `positions` [P]
+    whose logits predict `targets` [P]. Column l-1 is layer l; column L-1 is the model's own output."""
+    ad = adapter(model)
+    L, dev = ad.n_layers, ad.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long).view(1, -1).to(dev)
+    pos = torch.as_tensor(positions, dtype=torch.long).to(dev)
+    tgt = torch.as_tensor(targets, dtype=torch.long).to(dev)
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= ids.shape[1]):
+        raise IndexError(f"positions outside the sequence of {ids.shape[1]} tokens")
+    with record(model, layer_inputs=range(1, L)) as rec:
+        out = ad.base(input_ids=ids, use_cache=False)
+        # residual after layer l (1-indexed) = input of layer index l; keep only the scored positions
+        resid = [rec["layer_in", l][0].index_select(0, pos) for l in range(1, L)]
+        rec.clear()
+    final = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0].index_select(0, pos)
+    del out
+    P = pos.numel()
+    res = {m: torch.empty(P, L, dtype=torch.float32) for m in METRICS}
+    c = max(1, min(P, chunk_tokens // 2))           # positions per chunk: the final layer's p stays alongside
+    g = max(1, (chunk_tokens - c) // c)             # layers per group
+    for s in range(0, P, c):
+        sl = slice(s, min(s + c, P))
+        t = tgt[sl]
+        # the model's own logits: normed state, unembedded (norm not applied twice)
+        ent, ce, _, p_f = _stats(ad.logits_from_normed(final[sl]), t, None, None)
+        neg_h_f = -ent
+        res["entropy"][sl, L - 1], res["ce"][sl, L - 1] = ent.cpu(), ce.cpu()
+        res["kl"][sl, L - 1] = 0.0
+        for l0 in range(0, L - 1, g):
+            ls = range(l0, min(l0 + g, L - 1))
+            h = torch.stack([resid[l][sl] for l in ls])            # [g, c, d]
+            ent, ce, kl, _ = _stats(ad.lens_logits(h), t, p_f, neg_h_f)
+            for k, v in (("entropy", ent), ("ce", ce), ("kl", kl)):
+                res[k][sl, l0:l0 + len(ls)] = v.T.cpu()
+        del p_f
+    return res
+
+
+def summarize(per_token: dict[str, np.ndarray], sample_index: np.ndarray, n_samples: int) -> dict[str, np.ndarray]:
+    """Token-weighted per-layer means/stds [L] and per-sample means [S, L] of each metric."""
+    out: dict[str, np.ndarray] = {}
+    counts = np.bincount(sample_index, minlength=n_samples).astype(np.float64)
+    for m in METRICS:
+        x = per_token[m].astype(np.float64)
+        out[f"{m}_mean"] = x.mean(0).astype(np.float32)
+        out[f"{m}_std"] = x.std(0).astype(np.float32)
+        sums = np.zeros((n_samples, x.shape[1]))
+        np.add.at(sums, sample_index, x)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"sample_{m}_mean"] = (sums / counts[:, None]).astype(np.float32)
+    out["sample_n_tokens"] = counts.astype(np.int64)
+    return out
+
+
+def run_entropy_lens(model: torch.nn.Module, sample_set: SampleSet, config: LensConfig | None = None
+                     ) -> dict[str, np.ndarray]:
+    """The lens over all samples: per-token `entropy`, `ce`, `kl` [tokens, L] float32, their summaries,
+    `layer` (1..L) and the sample fields (`SampleSet.fields()`), i.e. everything the npz holds."""
+    config = config or LensConfig()
+    L = adapter(model).n_layers
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    for s in tqdm(sample_set.samples, desc="entropy lens", unit="sample", disable=not config.progress):
+        r = lens_sample(model, torch.from_numpy(s.input_ids), torch.from_numpy(s.positions),
+                        torch.from_numpy(s.targets), config.chunk_tokens)
+        for m in METRICS:
+            parts[m].append(r[m].numpy())
+    fields = sample_set.fields()
+    per_token = {m: (np.concatenate(v) if v else np.zeros((0, L), np.float32)).astype(np.float32)
+                 for m, v in parts.items()}
+    return {**per_token, **summarize(per_token, fields["sample_index"], len(sample_set)),
+            "layer": np.arange(1, L + 1, dtype=np.int64), **fields}
+
+
+# ---------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(STAGE, "Entropy lens: per-layer entropy, next-token CE and KL(final || layer) at scored tokens")
+    cli.add_common(p)
+    add_sample_args(p)
+    p.add_argument("--chunk-tokens", type=int, default=LensConfig.chunk_tokens,
+                   help="(layer, position) rows of vocab-sized fp32 logits held at once (bounds memory)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="recompute even if the output exists")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def output_paths(results_dir: str | Path, model_id: str, dataset: str, stem: str) -> tuple[Path, Path]:
+    d = dataset_dir(results_dir, model_id, dataset) / "entropy"
+    return d / f"{stem}.npz", d / f"{stem}.json"
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    from .models import load_model, load_tokenizer, resolve_model
+
+    args = cli.parse(build_parser(), argv)
+    cfg = config_from_args(args)
+    ref = resolve_model(args.model)
+    tok = load_tokenizer(args.model)  # samples first: a finished output is skipped without loading weights
+    ss = load_samples(args.results_dir, ref.model_id, args.dataset, cfg, tok)
+    npz_path, json_path = output_paths(args.results_dir, ref.model_id, args.dataset, cfg.stem)
+    desc = ss.describe()
+    if npz_path.exists() and json_path.exists() and not args.force:
+        old = read_json(json_path)
+        if old.get("samples", {}).get("samples") == desc["samples"] and old.get("revision") == ref.revision:
+            print(f"[btp.entropy_lens] {npz_path} exists for these samples; skipping (use --force to recompute)")
+            return npz_path
+        raise SystemExit(f"{npz_path} exists for other samples or another model revision; "
+                         f"use --force to overwrite or another --results-dir")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    t0 = time.time()
+    out = run_entropy_lens(lm.model, ss, LensConfig(chunk_tokens=args.chunk_tokens, progress=not args.no_progress))
+    secs = time.time() - t0
+    stamp = provenance(stage=STAGE, model=lm.model_id, revision=lm.revision, dataset=args.dataset, mode=cfg.mode,
+                       seed=args.seed, config=cli.config_dict(args), samples=desc, dtype=str(lm.dtype),
+                       device=str(lm.device), seconds=round(secs, 2), stem=cfg.stem)
+    write_npz(npz_path, provenance=stamp, **out)
+    summary = {k: out[k].tolist() for k in ("layer", "entropy_mean", "entropy_std", "ce_mean", "ce_std", "kl_mean")}
+    write_json(json_path, {**stamp, "problem_ids": ss.problem_ids, "n_tokens": int(len(out["token_id"])),
+                           "n_layers": int(len(out["layer"])), "npz": npz_path.name, "summary": summary})
+    L = len(out["layer"])
+    print(f"[btp.entropy_lens] {len(ss)} samples, {len(out['token_id'])} scored tokens, {L} layers, {secs:.1f}s "
+          f"-> {npz_path}")
+    for l in sorted({1, L // 4, L // 2, 3 * L // 4, L} - {0}):
+        print(f"  layer {l:3d}: entropy {out['entropy_mean'][l - 1]:.3f}  ce {out['ce_mean'][l - 1]:.3f}  "
+              f"kl {out['kl_mean'][l - 1]:.3f} nats")
+    return npz_path
+
+
+if __name__ == "__main__":
+    main()

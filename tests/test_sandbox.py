@@ -1,0 +1,349 @@
+"""The sandbox: verdicts, the three modes, and an adversarial suite that must be contained
+(judged not passed, nothing left running, nothing written outside, the run goes on)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from btp.sandbox import FULL_ISOLATION, UID_BASE, Limits, Program, Sandbox
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
+ROOT = os.geteuid() == 0
+MARK = b"btp-sandbox-child"
+WRONG = "def add(a, b):\n    return a - b\n"
+TESTS = "\nassert add(1, 2) == 3\nassert add(2, 2) == 4\n"
+RIGHT = "def add(a, b):\n    return a + b\n"
+
+
+def _strays(zygotes: set[int]) -> list[str]:
+    """Sandbox processes still alive: any of a sandbox uid, or any child of a zygote (zombies included)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{d}")
+            ppid = int(Path(f"/proc/{d}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if UID_BASE <= st.st_uid < UID_BASE + 100_000 * 256 or ppid in zygotes:
+            out.append(f"{d} uid={st.st_uid} ppid={ppid} {cmd[:80]!r}")
+    return out
+
+
+def _no_strays(sb: Sandbox, wait: float = 3.0) -> list[str]:
+    zyg = {sb._zyg.proc.pid} if sb._zyg else set()
+    deadline = time.monotonic() + wait
+    while (left := _strays(zyg)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the zygote reaps exited outers on SIGCHLD
+    return left
+
+
+@pytest.fixture(scope="module")
+def sb():
+    with Sandbox(Limits(timeout=2.0, memory_mb=1024), workers=2) as s:
+        yield s
+
+
+def test_verdicts(sb):
+    cases = {
+        "passed": RIGHT + TESTS,
+        "failed": WRONG + TESTS,
+        "error": RIGHT + "1 / 0\n" + TESTS,
+        "exited": RIGHT + "import os\nos._exit(0)\n" + TESTS,
+        "timeout": RIGHT + "while True:\n    pass\n" + TESTS,
+    }
+    got = {k: sb.run(Program(v)) for k, v in cases.items()}
+    assert {k: r.status for k, r in got.items()} == {k: k for k in cases}
+    assert "assert add(1, 2) == 3" in got["failed"].error and "AssertionError" in got["failed"].error
+    assert "ZeroDivisionError" in got["error"].error
+    assert got["passed"].passed and not any(r.passed for k, r in got.items() if k != "passed")
+    syntax = sb.run(Program("def f(:\n    pass\n"))
+    assert syntax.status == "error" and "SyntaxError" in syntax.error
+    assert sb.run(Program("x = 1", tests=(None,), mode="script")).passed
+
+
+def test_isolation_level_is_recorded(sb):
+    r = sb.run(Program(RIGHT + TESTS))
+    assert r.isolation
+    if ROOT and subprocess.run(["unshare", "-n", "-p", "-f", "-m", "true"], capture_output=True).returncode == 0:
+        assert r.isolation == FULL_ISOLATION
+    assert r.isolation in sb.levels
+
+
+def test_stdin_mode_is_a_real_process(sb):
+    seen = []
+
+    def check(i, out):
+        seen.append(out)
+        return None if out.split() == [["6"], ["9"]][i] else f"got {out!r}"
+
+    for code in ("import sys\nprint(sum(map(int, sys.stdin.buffer.read().split())))\n",
+                 "print(sum(map(int, open(0).read().split())))\n",
+                 "n = input()\nimport os\nos.write(1, (str(sum(map(int, n.split()))) + '\\n').encode())\n",
+                 "import sys\nprint(sum(map(int, input().split())))\nsys.exit(0)\n",          # exit() is normal here
+                 "if __name__ == '__main__':\n    print(sum(map(int, input().split())))\n",
+                 "print(sum(map(int, input().split())), file=__import__('sys').stdout)\nexit()\n"):
+        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check))
+        assert r.passed and r.tests_passed == 2, (code, r)
+    wrong = sb.run(Program("print(7)\n", mode="stdin", tests=("1\n", "2\n"), check=check))
+    assert wrong.status == "failed" and wrong.tests_passed == 0 and "got" in wrong.error
+    # per-test limits: the second test loops and is timed out alone
+    slow = sb.run(Program("n = int(input())\nwhile n == 2:\n    pass\nprint(n)\n", mode="stdin",
+                          tests=("1\n", "2\n"), check=lambda i, out: None),
+                  Limits(timeout=0.5, memory_mb=1024))
+    assert slow.status == "timeout" and slow.tests_passed == 1
+
+
+def test_stdin_programs_start_fresh_each_test(sb):
+    code = "import sys\nx = globals().setdefault('seen', [])\nx.append(1)\nprint(len(x))\n"
+    r = sb.run(Program(code, mode="stdin", tests=("\n", "\n", "\n"), check=lambda i, out: None if out == "1\n" else out))
+    assert r.passed
+
+
+def test_functional_mode(sb):
+    cls = ("from typing import List\nclass Solution:\n    def pair(self, nums: List[int], t: int) -> List[int]:\n"
+           "        seen = {}\n        for i, x in enumerate(nums):\n            if t - x in seen:\n"
+           "                return (seen[t - x], i)\n            seen[x] = i\n")
+    exp = ["[0, 1]", "[1, 2]"]
+    check = lambda i, out: None if out == exp[i] else f"got {out}"  # noqa: E731
+    r = sb.run(Program(cls, mode="functional", fn_name="pair", tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check))
+    assert r.passed and r.tests_passed == 2  # a tuple counts as a list, as in LiveCodeBench
+    plain = sb.run(Program("def pair(a, t):\n    return [0, 1]\n", mode="functional", fn_name="pair",
+                           tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check))
+    assert plain.status == "failed" and plain.tests_passed == 1
+    missing = sb.run(Program("class Solution:\n    pass\n", mode="functional", fn_name="pair",
+                             tests=([[1], 1],), check=check))
+    assert missing.status == "error" and "AttributeError" in missing.error
+
+
+def test_work_dir_is_private_writable_and_removed(sb):
+    where = []
+
+    def check(i, out):
+        where.append(out.strip())
+        return None
+
+    code = "import os\nopen('f.txt', 'w').write('hi')\nassert open('f.txt').read() == 'hi'\nprint(os.getcwd())\n"
+    assert sb.run(Program(code, mode="stdin", tests=("",), check=check)).passed
+    assert where and where[0].startswith(tempfile.gettempdir()) and not os.path.exists(where[0])
+
+
+# ---------------------------------------------------------------- the adversarial suite
+
+@pytest.fixture(scope="module")
+def arena():
+    """A world-writable dir outside the sandbox, a listener on 127.0.0.1, and a secret in the environment."""
+    out = Path(tempfile.mkdtemp(prefix="btp-arena-", dir="/tmp"))
+    os.chmod(out, 0o777)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.1)
+    hits: list[bytes] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+                c.settimeout(1)
+                hits.append(c.recv(100) or b"<connected>")
+                c.close()
+            except OSError:
+                pass
+
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    old = os.environ.get("BTP_TEST_SECRET")
+    os.environ["BTP_TEST_SECRET"] = "s3cr3t-hf_token"
+    yield {"dir": out, "port": srv.getsockname()[1], "hits": hits}
+    stop.set()
+    th.join()
+    srv.close()
+    if old is None:
+        os.environ.pop("BTP_TEST_SECRET", None)
+    else:
+        os.environ["BTP_TEST_SECRET"] = old
+    for f in out.iterdir():
+        f.unlink()
+    out.rmdir()
+
+
+def _attacks(arena: dict, hostile_root: bool) -> dict[str, str]:
+    """Each tries to pass without a correct solution or to reach outside; all use the wrong `add`."""
+    d, port = arena["dir"], arena["port"]
+    a = {
+        "infinite loop": "while True:\n    pass\n",
+        "alarm disabled": ("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nsignal.alarm(0)\n"
+                           "signal.setitimer(signal.ITIMER_REAL, 0)\nwhile True:\n    pass\n"),
+        "early os._exit(0)": WRONG + "import os\nos._exit(0)\n" + TESTS,
+        "sys.exit(0)": WRONG + "import sys\nsys.exit(0)\n" + TESTS,
+        "fake success text": (WRONG + "import os, sys\nprint('All tests passed')\nprint('passed')\n"
+                              "sys.stderr.write(repr({'t': 'done'}) + '\\n')\n"
+                              "for fd in range(1, 64):\n    try:\n        os.write(fd, b\"{'t': 'done'}\\n\")\n"
+                              "    except OSError:\n        pass\nos._exit(0)\n" + TESTS),
+        "huge output": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
+        "killing the parent": WRONG + "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + TESTS,
+        "daemon escaping the group": (WRONG + "import os, time\nif os.fork() == 0:\n    os.setsid()\n"
+                                      "    if os.fork() == 0:\n        time.sleep(1.5)\n"
+                                      f"        open('{d}/daemon', 'w').write('escaped')\n"
+                                      "        os._exit(0)\n    os._exit(0)\n" + TESTS),
+        "memory bomb": "x = []\nwhile True:\n    x.append(bytearray(50 * 2 ** 20))\n",
+    }
+    if hostile_root:  # only where the program is not root: these would hurt the host otherwise
+        a.update({
+            "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+            "kill everything": WRONG + "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + TESTS,
+            "writing outside": (WRONG + f"for p in ['{d}/pwned', '/dev/shm/btp-pwned', '/tmp/btp-pwned']:\n"
+                                "    try:\n        open(p, 'w').write('x')\n    except OSError:\n        pass\n"
+                                + TESTS),
+            "network to a local listener": (WRONG + f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), 1)\n"
+                                            "s.sendall(b'pwned')\n" + TESTS),
+            "reading environment secrets": ("import os\ndata = str(os.environ)\nfor f in ('/proc/self/environ', "
+                                            "'/proc/1/environ'):\n    try:\n        data += open(f, 'rb').read()"
+                                            ".decode(errors='ignore')\n    except OSError:\n        pass\n"
+                                            "assert 's3cr3t' in data, 'no secret'\n"),
+        })
+    return a
+
+
+@pytest.fixture(scope="module")
+def attacked(arena):
+    """All attacks in one parallel run, a correct program after each: (results, sandbox, the ok results)."""
+    attacks = _attacks(arena, hostile_root=True)
+    names, progs = [], []
+    for name, code in attacks.items():
+        names += [name, "ok after " + name]
+        progs += [Program(code), Program(RIGHT + TESTS)]
+    with Sandbox(Limits(timeout=1.5, memory_mb=512, nproc=32), workers=2) as s:
+        res = {names[i]: r for i, r in s.map(progs)}
+        time.sleep(2.0)  # give an escaped daemon time to act
+        strays = _no_strays(s)
+    return res, strays
+
+
+ATTACKS = list(_attacks({"dir": "/x", "port": 1}, hostile_root=True))
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_attack_is_contained(attacked, arena, name):
+    res, strays = attacked
+    r = res[name]
+    assert not r.passed, (name, r)
+    assert r.status in ("failed", "error", "timeout", "output_limit", "exited"), r
+    assert res["ok after " + name].passed, "the run must go on"
+    assert not strays, strays
+    assert not list(arena["dir"].iterdir()), "something was written outside the sandbox"
+    assert not os.path.exists("/dev/shm/btp-pwned") and not os.path.exists("/tmp/btp-pwned")
+
+
+def test_attack_specifics(attacked, arena):
+    res, _ = attacked
+    assert res["infinite loop"].status == "timeout" and res["alarm disabled"].status == "timeout"
+    assert res["huge output"].status == "output_limit"
+    assert res["early os._exit(0)"].status == "exited" and res["fake success text"].status in ("exited", "failed")
+    assert "SystemExit" in res["sys.exit(0)"].error
+    assert res["memory bomb"].status in ("error", "timeout")
+    assert arena["hits"] == [], "a sandboxed program reached a listener on the host"
+    assert "no secret" in res["reading environment secrets"].error
+    assert "hf_token" not in res["reading environment secrets"].error
+    if res["killing the parent"].isolation == FULL_ISOLATION:
+        assert "PermissionError" in res["killing the parent"].error
+        assert "Network is unreachable" in res["network to a local listener"].error
+        assert "Read-only file system" in res["writing outside"].error or res["writing outside"].status == "failed"
+
+
+# ---------------------------------------------------------------- the degraded level
+
+def test_rlimits_only_still_judges_correctly(arena):
+    """The level a machine without root or namespaces gets: verdicts and cleanup still hold (attacks that
+    need privilege separation to be harmless are left out: the program runs as this user)."""
+    attacks = _attacks(arena, hostile_root=False)
+    names = list(attacks)
+    progs = [Program(attacks[n]) for n in names] + [Program(RIGHT + TESTS)]
+    with Sandbox(Limits(timeout=1.5, memory_mb=512), workers=2, isolation="rlimits-only") as s:
+        res = dict(s.map(progs))
+        time.sleep(2.0)
+        strays = [x for x in _no_strays(s)]
+    assert all(r.isolation == "rlimits-only" for r in res.values())
+    for i, n in enumerate(names):
+        assert not res[i].passed, (n, res[i])
+    assert res[len(names)].passed
+    assert res[names.index("huge output")].status == "output_limit"
+    assert res[names.index("infinite loop")].status == "timeout"
+    assert res[names.index("alarm disabled")].status == "timeout"
+    assert not strays, strays
+    assert not (arena["dir"] / "daemon").exists(), "the daemon outlived its sandbox"
+
+
+def _python_for_nobody() -> str | None:
+    """An interpreter user nobody can run and re-run (the sandbox starts its zygote with sys.executable)."""
+    for py in (sys.executable, "/usr/bin/python3"):
+        probe = ("import subprocess, sys; assert sys.version_info >= (3, 10); "
+                 "subprocess.run([sys.executable, '-c', 'pass'], check=True)")
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", probe],
+                           capture_output=True, cwd="/")
+        if r.returncode == 0:
+            return py
+    return None
+
+
+def test_sandbox_as_an_unprivileged_user(tmp_path):
+    """The real non-root path: the whole evaluator runs as `nobody`; namespaces and the uid switch are
+    out of reach, so the level is rlimits-only, and verdicts and cleanup must still hold."""
+    if not ROOT or subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
+        pytest.skip("needs root (to become nobody) and setpriv")
+    py = _python_for_nobody()
+    if py is None:
+        pytest.skip("no interpreter that user nobody can run")
+    os.chmod(tmp_path, stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO)
+    daemon = tmp_path / "daemon"
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from btp.sandbox import Sandbox, Program, Limits\n"
+        "with Sandbox(Limits(timeout=1.0), workers=2) as s:\n"
+        "    progs = [Program(%r), Program(%r), Program(%r), Program('while True: pass'), Program(%r)]\n"
+        "    res = dict(s.map(progs))\n"
+        "print([res[i].status for i in range(5)], res[0].isolation)\n"
+        % (str(Path(__file__).resolve().parents[1]), RIGHT + TESTS, WRONG + TESTS,
+           WRONG + "import os\nos._exit(0)\n" + TESTS,
+           WRONG + "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+           f"        time.sleep(1.5)\n        open('{daemon}', 'w').write('x')\n    os._exit(0)\n" + TESTS))
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", script],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['passed', 'failed', 'exited', 'timeout', 'failed'] rlimits-only", r.stdout
+    time.sleep(2.0)
+    assert not daemon.exists(), "the daemon outlived its sandbox"
+    left = subprocess.run(["pgrep", "-u", "65534", "-f", "btp-sandbox-child"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout
+
+
+def test_bad_programs_are_refused(sb):
+    with pytest.raises(ValueError):
+        sb.run(Program("x", mode="nope"))
+    with pytest.raises(ValueError):
+        sb.run(Program("x", mode="functional", tests=([1],)))
+    with pytest.raises(ValueError):
+        Sandbox(isolation="none")
+
+
+def test_sigterm_during_a_run_leaves_nothing(sb):
+    """An early verdict (wrong answer on test 0) stops the sandbox while later tests would still run."""
+    code = "import os, time\nif os.fork() == 0:\n    time.sleep(30)\nprint(1)\n"
+    r = sb.run(Program(code, mode="stdin", tests=("", "", ""), check=lambda i, out: "always wrong"))
+    assert r.status == "failed" and r.tests_passed == 0
+    assert not _no_strays(sb)
+    assert signal.SIGTERM  # the stop path is SIGTERM to the outer process, then SIGKILL

@@ -1,27 +1,30 @@
 """Run untrusted programs in isolation. The only module of btp that executes model-written code.
 
 This file has two halves. The CHILD half (between the two marker lines) is everything that runs on the
-far side: the parent hands exactly that code (compiled once, as bytecode on stdin) to a fresh interpreter
-(`python -I -S -B`), one interpreter per program, so the whole execution surface can be read here in
-one sitting.
-The PARENT half starts that interpreter, feeds it, times it, reads its reports and judges.
+far side: the parent compiles exactly that text once and hands it, as bytecode on stdin, to a fresh
+interpreter (`python -I -S -B`), so the whole execution surface can be read here in one sitting.
+The PARENT half starts that interpreter, feeds it programs, times them, reads the reports and judges.
 
-Process tree of one program when run as root (the usual case; `isolation` records what was achieved):
+Process tree (as root, the usual case; `isolation` in every result records what was achieved):
 
-    evaluator thread ─► outer: python -I -S -B, root, child subreaper           (host namespaces)
-                          └─► harness: PID 1 of new pid+net+mount namespaces, root; `/` read-only except
-                              │   the program's empty temp dir, fresh /proc; never runs program code
-                              └─► one child per test: setsid, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE),
-                                  an unprivileged uid of its own, no_new_privs, fds 0-3 only, clean env,
-                                  then exec() of the program
+    Sandbox ──► zygote: python -I -S -B, root, one per Sandbox; imports, then only forks; runs no program
+                  └─► outer: a pristine fork per program (fd 0 config, fd 2 reports), child subreaper
+                        └─► harness: PID 1 of new pid+net+mount namespaces, root; `/` read-only except the
+                            │   program's empty temp dir; fresh /proc; never runs program code
+                            └─► one child per test: setsid, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE),
+                                an unprivileged uid of its own, no_new_privs, fds 0-3 only, clean env,
+                                then exec() of the program (stdin: the test's input; a fresh one per test)
 
+* Fresh interpreter: every program gets an interpreter no other program has touched (a fork of the
+  zygote, which never runs program code), without paying ~10 ms of interpreter start each time.
 * Verdicts: a test child proves that the program *and its tests* ran to the end by writing a random
   nonce (made by the harness for that child only) to its private verdict pipe after `exec` returns.
   Exiting early (`os._exit(0)`, `sys.exit(0)`), killing its parent, printing "passed" or flooding stdout
   therefore never passes. Outputs of stdin/functional tests are judged in the parent, which alone holds
   the expected outputs. The harness reports one line per test on a pipe no program process holds.
-* Limits: the harness kills a test child at its wall-clock deadline (no alarms inside the program to
-  disable) or when its output exceeds a cap; the parent has its own backstop deadline.
+* Limits: `timeout` is CPU seconds per test (RLIMIT_CPU); the harness also kills a test child at a wall
+  deadline (`wall_factor` x timeout + 1 s: sleepers, a starved host) and when its output passes a cap.
+  No alarm inside the program is relied on; the parent has its own backstop deadline.
 * Cleanup: after each test the harness kills everything the program started: as PID 1 of the namespace
   `kill(-1, SIGKILL)` reaches every process in it, including daemons that double-forked and left the
   session; without a pid namespace it kills the uid's processes (root) and sweeps orphans re-parented to
@@ -30,12 +33,15 @@ Process tree of one program when run as root (the usual case; `isolation` record
   "rlimits-only"; the level reached is reported with every result.
 * Limit of the threat model: code that deliberately inspects its own interpreter (frames, memory) can
   find its nonce; the harness and parent are out of its reach (other uid or non-dumpable), and with a
-  pid namespace nothing it starts survives the test.
+  pid namespace nothing it starts survives the test. Memory is bounded per process (RLIMIT_AS), not per
+  program: up to `nproc` processes may each use `memory_mb`.
+Needs Linux >= 5.3 (pidfd); namespaces need root; mount_setattr (5.12) has a fallback.
 """
 from __future__ import annotations
 
 # ==== CHILD HALF: runs inside the sandbox (btp-sandbox-child) ====
 import marshal
+import math
 import os
 import select
 import signal
@@ -254,7 +260,7 @@ def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
     for target, fd in enumerate(fds):  # 0 stdin, 1 stdout, 2 stderr, 3 verdict
         os.dup2(fd, target)
     os.closerange(4, 1 << 20)  # the report pipe, config, everything else: gone
-    cpu = int(cfg["timeout"]) + 1
+    cpu = max(1, math.ceil(cfg["timeout"]))  # RLIMIT_CPU counts whole seconds
     for res, v in ((resource.RLIMIT_AS, cfg["memory_mb"] << 20), (resource.RLIMIT_CPU, cpu),
                    (resource.RLIMIT_FSIZE, cfg["fsize_mb"] << 20), (resource.RLIMIT_NOFILE, cfg["nofile"]),
                    (resource.RLIMIT_NPROC, cfg["nproc"]), (resource.RLIMIT_CORE, 0)):
@@ -397,16 +403,16 @@ def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> 
     os.close(stdin)
     for _, w in pipes:
         os.close(w)
-    (out, err, verdict), why, st = _collect(pid, [r for r, _ in pipes], t0 + cfg["timeout"], cfg["caps"][i])
+    (out, err, verdict), why, st = _collect(pid, [r for r, _ in pipes], t0 + cfg["wall"], cfg["caps"][i])
     for r, _ in pipes:
         os.close(r)
     rep = {"t": "test", "i": i, "dt": round(time.monotonic() - t0, 4)}
     code_ok = os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
     errtail = err[-1500:].decode("utf-8", "replace")
     if why:
-        rep.update(status=why, err=errtail)
+        rep.update(status=why, err=(f"wall-clock limit ({cfg['wall']:g} s)\n" if why == "timeout" else "") + errtail)
     elif os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGXCPU:
-        rep.update(status="timeout", err="CPU time limit")
+        rep.update(status="timeout", err=f"CPU time limit ({math.ceil(cfg['timeout'])} s)")
     elif verdict[:7] == b"failed\n" or verdict[:6] == b"error\n":
         kind, _, text = bytes(verdict).partition(b"\n")
         rep.update(status=kind.decode(), err=text.decode("utf-8", "replace"))
@@ -579,7 +585,8 @@ UID_BASE = 200_000_000  # sandbox uids: UID_BASE + (pid % 100000) * 256 + slot; 
 
 @dataclass(frozen=True)
 class Limits:
-    timeout: float = 3.0        # wall seconds per test (script mode: the whole program); CPU limit follows
+    timeout: float = 3.0        # CPU seconds per test (script mode: the whole program), whole seconds up
+    wall_factor: float = 3.0    # and wall-clock seconds per test: wall_factor x timeout + 1 (sleepers, a busy host)
     memory_mb: int = 4096       # address space of each process
     max_output: int = 1 << 20   # bytes of stdout+stderr per test before the child is killed
     fsize_mb: int = 16          # largest file a program may write
@@ -663,6 +670,10 @@ class _Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _wall(lim: Limits) -> float:
+    return lim.wall_factor * lim.timeout + 1.0
 
 
 def _site_dirs() -> list[str]:
@@ -800,7 +811,8 @@ class Sandbox:
                 os.chown(work, uid, uid)
             cfg = {"mode": prog.mode, "code": prog.code, "tests": list(prog.tests), "caps": caps,
                    "fn_name": prog.fn_name, "module_name": "__main__" if prog.mode == "stdin" else "__solution__",
-                   "timeout": float(lim.timeout), "memory_mb": lim.memory_mb, "fsize_mb": lim.fsize_mb,
+                   "timeout": float(lim.timeout), "wall": _wall(lim), "memory_mb": lim.memory_mb,
+                   "fsize_mb": lim.fsize_mb,
                    "nofile": lim.nofile, "nproc": lim.nproc, "work": work, "uid": uid,
                    "isolate": self.isolation == "auto", "site": self._site}
             try:
@@ -839,7 +851,7 @@ class Sandbox:
         """Read report lines until a verdict; judge outputs as they come."""
         n = len(prog.tests)
         res = Result(status="sandbox_error", tests_total=n)
-        deadline = t0 + 10.0 + n * (lim.timeout + 1.0)  # backstop; the harness enforces per-test limits
+        deadline = t0 + 10.0 + n * (_wall(lim) + 1.0)  # backstop; the harness enforces per-test limits
         cap = sum(prog.out_caps or [lim.max_output] * n) * 2 + (1 << 20)
         poll = select.poll()
         poll.register(r, select.POLLIN)

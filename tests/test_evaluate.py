@@ -1,0 +1,169 @@
+"""The evaluate stage: every reference solution passes, benchmark semantics, LCB rules, summaries, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from btp.data import load_problems
+from btp.evaluate import EvalConfig, build_program, evaluate, humaneval_program, lcb_lines_equal, \
+    lcb_value_equal, main
+from btp.sandbox import Limits, Sandbox
+from btp.store import read_jsonl, write_json
+
+LCB = str(Path(__file__).parent / "fixtures" / "lcb_mini.jsonl")
+
+
+@pytest.fixture(scope="module")
+def sb():
+    with Sandbox(Limits(timeout=3.0), workers=2) as s:
+        yield s
+
+
+def _write(path: Path, recs: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+@pytest.mark.parametrize("dataset,n", [("humaneval", 164), ("mbpp", 500)])
+def test_all_reference_solutions_pass(tmp_path, dataset, n):
+    s = evaluate(EvalConfig(dataset=dataset, reference=True, results_dir=str(tmp_path), n_boot=200))
+    assert s["n_problems"] == n and s["n_programs"] == n
+    assert s["status_counts"] == {"passed": n}, [r for r in read_jsonl(s["evaluations"]) if not r["passed"]][:3]
+    assert s["pass_at_k"]["pass@1"]["estimate"] == 1.0
+    assert s["problems_never_passed"] == []
+    recs = read_jsonl(Path(s["evaluations"]))
+    assert len(recs) == n and all(r["isolation"] for r in recs)
+    assert (Path(s["evaluations"]).parent / "summary.json").exists()
+
+
+def test_lcb_comparison_rules():
+    assert lcb_lines_equal("6\n", "6") is None
+    assert lcb_lines_equal("  6  \n\n", "6\n") is None
+    assert lcb_lines_equal("1.0 2.50\n", "1 2.5") is None  # Decimal equality per token
+    assert lcb_lines_equal("12\n-20", "12\n-20\n") is None
+    assert lcb_lines_equal("0.30000000000000004", "0.3") is not None  # no float tolerance beyond Decimal
+    assert "lines" in lcb_lines_equal("1\n2", "1")
+    assert lcb_lines_equal("a b", "a  b") is not None  # not numbers, and not equal as lines
+    assert lcb_value_equal("[0, 1]", "[0, 1]") is None
+    assert lcb_value_equal("3", "3") is None and lcb_value_equal("True", "true") is None
+    assert lcb_value_equal("[0, 2]", "[0, 1]") is not None
+    assert lcb_value_equal("<object at 0x1>", "1") is not None
+
+
+def test_humaneval_semantics(sb):
+    probs = {p.problem_id: p for p in load_problems("humaneval")}
+    p0 = probs["HumanEval/0"]
+    canonical = p0.reference[len(p0.text):]
+    assert sb.run(build_program(p0, canonical)).passed  # a bare body completes the prompt
+    import textwrap
+    assert sb.run(build_program(p0, textwrap.dedent(canonical))).passed  # an unindented body too
+    # a full solution that relies on a helper defined only in the prompt (HumanEval/38's encode_cyclic)
+    p38 = probs["HumanEval/38"]
+    full = "def decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n"
+    assert sb.run(build_program(p38, full)).passed
+    assert "check(decode_cyclic)" in humaneval_program(p38, full)
+    wrong = sb.run(build_program(p0, "def has_close_elements(numbers, threshold):\n    return True\n"))
+    assert wrong.status == "failed" and "assert" in wrong.error
+
+
+def test_mbpp_semantics(sb):
+    p = load_problems("mbpp", limit=1)[0]
+    assert sb.run(build_program(p, p.reference)).passed
+    assert not sb.run(build_program(p, "def nothing():\n    pass\n")).passed
+
+
+LCB_PROGRAMS = {
+    "9001": ["class Solution:\n    def pairSum(self, nums: List[int], target: int) -> List[int]:\n"
+             "        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+             "                return [seen[target - x], i]\n            seen[x] = i\n",
+             "class Solution:\n    def pairSum(self, nums, target):\n        return [0, 1]\n"],
+    "abc390_a": ["n = int(input())\nprint(sum(map(int, input().split())))\n",
+                 "import sys\ndata = sys.stdin.buffer.read().split()\nprint(float(sum(map(int, data[1:]))))\n"],
+    "2044A": ["import sys\nt, *rest = open(0).read().split()\nfor i in range(int(t)):\n"
+              "    print(int(rest[2 * i]) * int(rest[2 * i + 1]))\n",
+              "t = int(input())\nfor _ in range(t):\n    a, b = map(int, input().split())\n    print(a + b)\n"],
+    "9002": ["class Solution:\n    def countDistinct(self, s: str) -> int:\n        return len(set(s))\n",
+             ""],
+}
+
+
+def test_livecodebench_stdin_and_functional(tmp_path):
+    recs = [{"problem_id": pid, "sample": i, "code": code} for pid, codes in LCB_PROGRAMS.items()
+            for i, code in enumerate(codes)]
+    inp = _write(tmp_path / "lcb_programs.jsonl", recs)
+    s = evaluate(EvalConfig(dataset="livecodebench", input=str(inp), data_file=LCB, n_boot=200))
+    ev = {(r["problem_id"], r["sample"]): r for r in read_jsonl(tmp_path / "lcb_programs.evaluations.jsonl")}
+    assert all(ev[(pid, 0)]["passed"] for pid in LCB_PROGRAMS), ev
+    assert ev[("abc390_a", 1)]["passed"]  # prints 6.0 for 6: equal under LiveCodeBench's Decimal rule
+    assert ev[("9001", 1)]["status"] == "failed" and ev[("9001", 1)]["tests_passed"] == 1
+    assert ev[("2044A", 1)]["status"] == "failed" and "wrong answer" in ev[("2044A", 1)]["error"]
+    assert ev[("9002", 1)]["status"] == "no_code"
+    assert ev[("9001", 0)]["tests_total"] == 4
+    assert s["n_problems"] == 4 and s["samples_per_problem"] == {"min": 2, "max": 2}
+    assert s["pass_at_k"]["pass@1"]["estimate"] == pytest.approx((0.5 + 1 + 0.5 + 0.5) / 4)
+    assert s["pass_at_k"]["pass@2"]["estimate"] == 1.0
+    assert (tmp_path / "lcb_programs.summary.json").exists()
+    with pytest.raises(ValueError, match="no reference"):
+        evaluate(EvalConfig(dataset="livecodebench", reference=True, data_file=LCB, results_dir=str(tmp_path)))
+
+
+def _fake_generations(root: Path, model: str, limit: int | None) -> Path:
+    probs = load_problems("humaneval", limit=3)
+    body = lambda p: p.reference[len(p.text):]  # noqa: E731 - a completion-style body
+    recs = [
+        {"problem_id": probs[0].problem_id, "sample": 0, "code": body(probs[0])},
+        {"problem_id": probs[0].problem_id, "sample": 1, "code": probs[0].reference},  # a full program
+        {"problem_id": probs[1].problem_id, "sample": 0, "code": ""},                  # no code
+        {"problem_id": probs[1].problem_id, "sample": 1, "code": "def separate_paren_groups(s):\n    return []\n"},
+    ]  # probs[2] has no generations at all: it still counts
+    gen = _write(root / model / "humaneval" / "generations.jsonl", [{**r, "output": "..."} for r in recs])
+    write_json(gen.with_name("generations.runs.json"), [{"run": "x", "config": {"limit": limit, "variant": None}}])
+    return gen
+
+
+def test_generations_summary_denominator_and_resume(tmp_path, sb):
+    gen = _fake_generations(tmp_path, "org--tiny", limit=3)
+    cfg = EvalConfig(dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), n_boot=300)
+    s = evaluate(cfg, sandbox=sb)
+    ev_path = gen.with_name("evaluations.jsonl")
+    ev = {(r["problem_id"], r["sample"]): r for r in read_jsonl(ev_path)}
+    assert [ev[("HumanEval/0", i)]["status"] for i in (0, 1)] == ["passed", "passed"]
+    assert ev[("HumanEval/1", 0)]["status"] == "no_code" and ev[("HumanEval/1", 1)]["status"] == "failed"
+    assert s["n_problems"] == 3, "the generation run's limit sets the problem set"
+    assert s["problems_without_programs"] == 1
+    assert s["pass_at_k"]["pass@1"]["estimate"] == pytest.approx(1 / 3)  # (1 + 0 + 0) / 3
+    assert set(s["pass_at_k"]) == {"pass@1", "pass@2"}
+    assert s["status_counts"] == {"passed": 2, "no_code": 1, "failed": 1}
+    summary = json.loads(gen.with_name("summary.json").read_text())
+    assert summary["provenance"]["stage"] == "evaluate" and "denominator" in summary
+    # resume: nothing new to judge; then a changed program is judged again and supersedes the old verdict
+    n_lines = len(read_jsonl(ev_path))
+    evaluate(cfg, sandbox=sb)
+    assert len(read_jsonl(ev_path)) == n_lines
+    recs = read_jsonl(gen)
+    recs[3]["code"] = load_problems("humaneval", limit=2)[1].reference
+    _write(gen, recs)
+    s2 = evaluate(cfg, sandbox=sb)
+    assert len(read_jsonl(ev_path)) == n_lines + 1
+    assert s2["pass_at_k"]["pass@1"]["estimate"] == pytest.approx((1 + 0.5) / 3)
+    # other judging settings may not be mixed into the same file
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate(EvalConfig(dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0))
+
+
+def test_cli(tmp_path, capsys):
+    probs = load_problems("mbpp", limit=2)
+    inp = _write(tmp_path / "progs.jsonl", [{"problem_id": p.problem_id, "sample": 0, "code": p.reference}
+                                            for p in probs])
+    assert main(["--dataset", "mbpp", "--input", str(inp), "--limit", "2", "--workers", "1", "--n-boot", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "pass@1=1.0000" in out
+    assert json.loads((tmp_path / "progs.summary.json").read_text())["n_problems"] == 2
+    bad = _write(tmp_path / "bad.jsonl", [{"problem_id": "Mbpp/11", "code": "x"}])
+    with pytest.raises(Exception, match="bad.jsonl"):
+        main(["--dataset", "mbpp", "--input", str(bad)])
+    with pytest.raises(FileNotFoundError, match="generate"):
+        main(["--dataset", "mbpp", "--model", "org/none", "--results-dir", str(tmp_path)])

@@ -1,0 +1,450 @@
+"""Stage: iterative first-order Taylor head pruning (Michel, Levy & Neubig 2019, "Are Sixteen Heads Really Better
+than One?") for decoder-only (GQA) models, on the scored tokens of code samples.
+
+`python -m btp.taylor --source reference --num-samples 32 --num-iters 9` writes
+`results/<model-slug>/<dataset>/taylor/<stem>.jsonl`, one record per iteration, and `<stem>.samples.npz`
+(the sample fields, so every number can be recomputed). A killed run resumes after its last complete iteration.
+
+Importance. A gate m (one per query head, at the o_proj input, value 1; pruned heads are gates fixed at 0) and
+the loss L_s of a sample (mean CE over its scored tokens). Estimators:
+- `gate` (the paper's): I(l, h) = sum_s |dL_s/dm_lh|;
+- `token` (the original code's): I(l, h) = sum_s sum_t |<dL_s/da_t, a_t>| over positions t, a_t the head's
+  o_proj-input slice; the signed per-token sum is the gate gradient, so signed scores exist for `gate` only;
+- `--signed`: I = -sum_s dL_s/dm, the first-order estimate of the loss increase when the head is removed
+  (m: 1 -> 0), so that the lowest are still pruned first;
+- `--normalize`: divide each layer's scores by their L2 norm over the layer's alive heads (as the paper).
+Gradients and sums are fp32 (fp64 for an fp64 model) whatever the model dtype; weights get no gradient.
+
+Iteration i: one forward+backward per scoring sample under the heads pruned so far (this also yields the
+scoring loss after iteration i-1's pruning: no separate loss pass), prune the `--prune-per-iter` lowest alive
+heads (keeping `--min-heads-per-layer`), one forward per held-out sample (held-out loss after pruning), append
+the record. The base held-out loss is computed once. Stops after `--num-iters` or when the held-out loss exceeds
+`--stop-factor` x base.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .arch import Adapter, adapter
+from .heads import Head, gates_for, head_gates, o_proj_input_grads
+from .samples import Sample, SampleSet
+from .scoring import scored_ce
+
+ESTIMATORS = ("gate", "token")
+# Settings that define a history: a resumed file must have been written with the same ones.
+HISTORY_KEYS = ("estimator", "signed", "normalize", "prune_per_iter", "min_heads_per_layer")
+
+
+@dataclass
+class TaylorConfig:
+    prune_per_iter: int | None = None    # None: 10% of all heads (rounded, at least 1), the paper's step
+    num_iters: int = 9
+    min_heads_per_layer: int = 1
+    stop_factor: float | None = None     # stop once held-out loss > stop_factor x base held-out loss
+    estimator: str = "gate"
+    signed: bool = False
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.signed and self.estimator == "token":
+            raise ValueError("signed per-token scores sum to the signed gate gradient: use estimator 'gate' "
+                             "with signed=True")
+        if self.prune_per_iter is not None and self.prune_per_iter < 1:
+            raise ValueError("prune_per_iter must be >= 1")
+        if self.num_iters < 0 or self.min_heads_per_layer < 0:
+            raise ValueError("num_iters and min_heads_per_layer must be >= 0")
+        if self.stop_factor is not None and self.stop_factor <= 0:
+            raise ValueError("stop_factor must be > 0")
+
+    def step(self, n_heads_total: int) -> int:
+        return self.prune_per_iter or max(1, round(0.1 * n_heads_total))
+
+    @property
+    def suffix(self) -> str:
+        """File-stem suffix naming the non-default importance options, so variants never share a file."""
+        return "".join(s for s, on in (("-token", self.estimator == "token"), ("-signed", self.signed),
+                                       ("-l2norm", self.normalize)) if on)
+
+
+# ---------------------------------------------------------------- importance of one sample
+
+@contextmanager
+def checkpointing_active(model: torch.nn.Module) -> Iterator[None]:
+    """HF checkpoints a decoder layer only while that layer is in training mode, so
+    `model.gradient_checkpointing_enable()` alone does nothing to an eval model. Turn the flag on for the
+    checkpointed layers themselves, not recursively: attention dropout and every submodule stay in eval mode."""
+    flipped = [m for m in adapter(model).layers if getattr(m, "gradient_checkpointing", False) and not m.training]
+    for m in flipped:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.training = False
+
+
+@contextmanager
+def frozen_weights(model: torch.nn.Module) -> Iterator[None]:
+    """No weight gradients (only the gates are differentiated); restores any flag it turned off."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _grad_dtype(model: torch.nn.Module) -> torch.dtype:
+    return torch.promote_types(torch.float32, next(model.parameters()).dtype)
+
+
+def _tensors(s: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.as_tensor(s.input_ids)[None], torch.as_tensor(s.positions), torch.as_tensor(s.targets))
+
+
+def sample_scores(model: torch.nn.Module, sample: Sample, pruned: Iterable[Head] = (), estimator: str = "gate"
+                  ) -> tuple[float, np.ndarray]:
+    """One forward+backward. Returns the sample's loss (mean CE of its scored tokens, pruned heads gated to 0)
+    and [L, Hmax] float64: the gate gradient dL/dm (`gate`) or sum_t |<dL/da_t, a_t>| (`token`).
+    Padding entries are 0; entries of pruned heads are meaningless (the caller masks them)."""
+    ad = adapter(model)
+    dt = _grad_dtype(model)
+    pruned = list(pruned)
+    gates = gates_for(ad, pruned, value=0.0, dtype=dt, device=ad.device)
+    if estimator == "gate":
+        gates.requires_grad_(True)
+    acc = torch.zeros(ad.n_layers, ad.max_heads, dtype=dt)
+
+    def on_grad(l: int, x: torch.Tensor, grad: torch.Tensor) -> None:
+        lay = ad.heads[l]
+        dots = (grad.to(dt) * x.to(dt)).view(*x.shape[:-1], lay.n_heads, lay.head_dim).sum(-1)  # [B, T, H]
+        acc[l, :lay.n_heads] += dots.abs().sum(dim=(0, 1)).cpu()
+
+    ids, pos, tgt = _tensors(sample)
+    with ExitStack() as stack:
+        stack.enter_context(frozen_weights(model))
+        stack.enter_context(torch.enable_grad())
+        if estimator == "gate" or pruned:
+            stack.enter_context(head_gates(model, gates))
+        if estimator == "token":
+            stack.enter_context(o_proj_input_grads(model, on_grad))
+        stack.enter_context(checkpointing_active(model))
+        loss = scored_ce(model, ids, pos, tgt).mean()
+        loss.backward()
+    if estimator == "gate":
+        out = gates.grad[0].detach().to(torch.float64).cpu().numpy()
+    else:
+        out = acc.to(torch.float64).numpy()
+    return float(loss.detach()), out
+
+
+@torch.no_grad()
+def sample_losses(model: torch.nn.Module, samples: Sequence[Sample], pruned: Iterable[Head] = (),
+                  progress: bool = False, desc: str = "held-out") -> list[float]:
+    """Forward only: each sample's loss (mean CE of its scored tokens) with the given heads gated to 0."""
+    ad = adapter(model)
+    pruned = list(pruned)
+    out = []
+    with ExitStack() as stack:
+        if pruned:
+            stack.enter_context(head_gates(model, gates_for(ad, pruned, value=0.0, device=ad.device)))
+        for s in tqdm(samples, desc=desc, disable=not progress, leave=False):
+            out.append(float(scored_ce(model, *_tensors(s)).mean()))
+    return out
+
+
+# ---------------------------------------------------------------- scores of all heads
+
+def alive_mask(ad: Adapter, pruned: Iterable[Head]) -> np.ndarray:
+    """[L, Hmax] bool: heads that exist and are not pruned."""
+    m = np.zeros((ad.n_layers, ad.max_heads), dtype=bool)
+    for l, lay in enumerate(ad.heads):
+        m[l, :lay.n_heads] = True
+    for l, h in pruned:
+        m[l, h] = False
+    return m
+
+
+def score_heads(model: torch.nn.Module, samples: Sequence[Sample], pruned: Iterable[Head], cfg: TaylorConfig,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Importance of the alive heads over `samples`: (scores used for ranking, raw scores before any
+    normalisation, per-sample losses). Both matrices [L, Hmax], NaN at pruned heads and padding."""
+    ad = adapter(model)
+    pruned = list(pruned)
+    total = np.zeros((ad.n_layers, ad.max_heads))
+    losses = []
+    for s in tqdm(samples, desc="scoring", disable=not progress, leave=False):
+        loss, g = sample_scores(model, s, pruned, cfg.estimator)
+        losses.append(loss)
+        if cfg.estimator == "token":
+            total += g
+        elif cfg.signed:
+            total -= g           # estimated loss increase when the head is removed
+        else:
+            total += np.abs(g)
+    alive = alive_mask(ad, pruned)
+    raw = np.where(alive, total, np.nan)
+    scores = raw.copy()
+    if cfg.normalize:
+        for l in range(ad.n_layers):
+            if alive[l].any():
+                scores[l] = raw[l] / (np.sqrt(np.nansum(raw[l] ** 2)) + 1e-20)
+    return scores, raw, losses
+
+
+def choose_pruned(scores: np.ndarray, alive: np.ndarray, k: int, min_per_layer: int) -> list[Head]:
+    """The k lowest-scoring alive heads (ties: lower layer, then lower head), never leaving a layer with fewer
+    than `min_per_layer` alive heads; fewer than k when the constraint allows no more."""
+    left = alive.sum(1)
+    order = sorted(zip(*np.nonzero(alive)), key=lambda lh: (scores[lh], lh[0], lh[1]))
+    out: list[Head] = []
+    for l, h in order:
+        if len(out) == k:
+            break
+        if left[l] - 1 >= min_per_layer:
+            out.append((int(l), int(h)))
+            left[l] -= 1
+    return out
+
+
+def n_prunable(alive: np.ndarray, min_per_layer: int) -> int:
+    return int(np.clip(alive.sum(1) - min_per_layer, 0, None).sum())
+
+
+# ---------------------------------------------------------------- iterative pruning
+
+def _matrix(a: np.ndarray) -> list[list[float | None]]:
+    """JSON form of a score matrix: NaN (pruned head or padding) becomes null."""
+    return [[None if math.isnan(x) else float(x) for x in row] for row in a]
+
+
+def importance_matrix(rec: dict, key: str = "importance") -> np.ndarray:
+    """A record's [L, Hmax] matrix back as float64 with NaN at pruned heads and padding."""
+    return np.array([[np.nan if x is None else x for x in row] for row in rec[key]], dtype=np.float64)
+
+
+def _ids(samples: Sequence[Sample]) -> list[list]:
+    return [[s.problem_id, int(s.sample)] for s in samples]
+
+
+def check_history(history: list[dict], cfg: TaylorConfig, ad: Adapter, scoring: Sequence[Sample],
+                  heldout: Sequence[Sample], where: str = "history") -> None:
+    """A resumed history must be contiguous and made with the same settings, samples and head layout."""
+    want = {k: v for k, v in asdict(cfg).items() if k in HISTORY_KEYS}
+    for i, rec in enumerate(history):
+        at = f"{where}:{i + 1}"
+        if rec.get("iteration") != i + 1:
+            raise ValueError(f"{at}: expected iteration {i + 1}, found {rec.get('iteration')} "
+                             f"(records must be 1, 2, ...; rerun with --force)")
+        if rec.get("settings") != want:
+            raise ValueError(f"{at}: written with settings {rec.get('settings')}, this run has {want}; "
+                             f"use --tag, another --results-dir, or --force")
+        if rec.get("scoring_samples") != _ids(scoring) or rec.get("heldout_samples") != _ids(heldout):
+            raise ValueError(f"{at}: written for other scoring/held-out samples; use the same sample flags and "
+                             f"--split-seed/--heldout, or --force")
+        if np.shape(rec.get("importance")) != (ad.n_layers, ad.max_heads):
+            raise ValueError(f"{at}: importance shape {np.shape(rec.get('importance'))} does not fit the model "
+                             f"[{ad.n_layers}, {ad.max_heads}]")
+
+
+def run_taylor(model: torch.nn.Module, scoring: SampleSet | Sequence[Sample], heldout: SampleSet | Sequence[Sample],
+               cfg: TaylorConfig, *, history: Sequence[dict] = (), on_record: Callable[[dict], None] | None = None,
+               progress: bool = False) -> list[dict]:
+    """Iterative Taylor pruning; returns the full history (given `history` + the new records). With a history
+    (e.g. read back from the jsonl after a kill) it continues from its last iteration, exactly as an
+    uninterrupted run would. `on_record` is called with each new record as soon as it exists."""
+    ad = adapter(model)
+    scoring = list(getattr(scoring, "samples", scoring))
+    heldout = list(getattr(heldout, "samples", heldout))
+    if not scoring or not heldout:
+        raise ValueError("run_taylor needs scoring and held-out samples")
+    history = list(history)
+    check_history(history, cfg, ad, scoring, heldout)
+    settings = {k: v for k, v in asdict(cfg).items() if k in HISTORY_KEYS}
+    k = cfg.step(ad.n_heads_total)
+    if history:
+        last = history[-1]
+        pruned = [tuple(p) for p in last["pruned_total"]]
+        base_heldout = last["base_heldout_loss"]
+        if last.get("stop_reason"):
+            return history
+    else:
+        pruned = []
+        base_heldout = float(np.mean(sample_losses(model, heldout, progress=progress, desc="base held-out")))
+    for it in range(len(history) + 1, cfg.num_iters + 1):
+        alive = alive_mask(ad, pruned)
+        if n_prunable(alive, cfg.min_heads_per_layer) == 0:
+            break
+        t0 = time.perf_counter()
+        scores, raw, s_losses = score_heads(model, scoring, pruned, cfg, progress)
+        t1 = time.perf_counter()
+        new = choose_pruned(scores, alive, k, cfg.min_heads_per_layer)
+        before = list(pruned)
+        pruned = sorted(set(pruned) | set(new))
+        h_losses = sample_losses(model, heldout, pruned, progress=progress)
+        t2 = time.perf_counter()
+        h_loss = float(np.mean(h_losses))
+        stop = None
+        if cfg.stop_factor is not None and h_loss > cfg.stop_factor * base_heldout:
+            stop = "stop_factor"
+        elif n_prunable(alive_mask(ad, pruned), cfg.min_heads_per_layer) == 0:
+            stop = "no_prunable_heads"
+        alive_after = alive_mask(ad, pruned)
+        rec = {
+            "iteration": it,
+            "n_alive_before": int(alive.sum()),
+            "n_alive": int(alive_after.sum()),
+            "alive_per_layer": alive_after.sum(1).tolist(),
+            "pruned": [list(h) for h in new],                 # this iteration, lowest score first
+            "pruned_before": [list(h) for h in before],       # the heads gated to 0 while scoring
+            "pruned_total": [list(h) for h in pruned],
+            "importance": _matrix(scores),
+            **({"importance_raw": _matrix(raw)} if cfg.normalize else {}),
+            "scoring_loss": float(np.mean(s_losses)),         # with `pruned_before` (from the scoring pass)
+            "scoring_losses": s_losses,
+            "heldout_loss": h_loss,                           # with `pruned_total`
+            "heldout_losses": h_losses,
+            "base_heldout_loss": base_heldout,
+            "base_scoring_loss": history[0]["scoring_loss"] if history else float(np.mean(s_losses)),
+            "stop_reason": stop,
+            "settings": settings,
+            "scoring_samples": _ids(scoring),
+            "heldout_samples": _ids(heldout),
+            "time_scoring_s": round(t1 - t0, 3),
+            "time_heldout_s": round(t2 - t1, 3),
+        }
+        history.append(rec)
+        if on_record is not None:
+            on_record(rec)
+        if stop:
+            break
+    return history
+
+
+# ---------------------------------------------------------------- CLI
+
+def _heldout_arg(v: str) -> float | int:
+    """`0.25` (a fraction of the problems) or `8` (a number of problems)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"--heldout must be a fraction (0.25) or a count (8), got {v!r}") from None
+    if "." in str(v) or "e" in str(v).lower():
+        if not 0 < x < 1:
+            raise ValueError(f"--heldout fraction must be in (0, 1), got {v}")
+        return x
+    return int(x)
+
+
+def _device_map_arg(v: str | dict | None) -> str | dict | None:
+    if v is None or isinstance(v, dict):
+        return v
+    if v.lstrip().startswith("{"):
+        import json
+
+        return json.loads(v)
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    from . import cli
+    from .models import load_model
+    from .samples import add_sample_args, config_from_args, load_samples
+    from .store import JsonlStore, dataset_dir, provenance, write_npz
+
+    p = cli.parser("taylor", "Iterative first-order Taylor head pruning (Michel et al. 2019)")
+    cli.add_common(p)
+    add_sample_args(p)
+    p.add_argument("--prune-per-iter", type=int, default=None, help="heads pruned per iteration (default: 10%% of all)")
+    p.add_argument("--num-iters", type=int, default=9)
+    p.add_argument("--min-heads-per-layer", type=int, default=1)
+    p.add_argument("--stop-factor", type=float, default=None,
+                   help="stop when held-out loss exceeds this factor x the unpruned held-out loss")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="gate",
+                   help="gate: sum_s |dL_s/dm| (paper); token: sum_s sum_t |<dL_s/da_t, a_t>| (original code)")
+    p.add_argument("--signed", action="store_true", help="signed scores: -sum_s dL_s/dm (estimated loss increase)")
+    p.add_argument("--normalize", action="store_true", help="per-layer L2 normalisation of the scores (paper)")
+    p.add_argument("--heldout", default="0.25", help="held-out problems: a fraction (0.25) or a count (8)")
+    p.add_argument("--split-seed", type=int, default=None, help="seed of the scoring/held-out split (default --seed)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 GPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--device-map", default=None, help='e.g. "auto" or a JSON object {"model.layers.0": 0, ...}')
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
+    p.add_argument("--tag", default=None, help="suffix of the output stem (keeps variants apart)")
+    p.add_argument("--force", action="store_true", help="discard an existing history and start over")
+    args = cli.parse(p, argv)
+    try:
+        cfg = TaylorConfig(prune_per_iter=args.prune_per_iter, num_iters=args.num_iters,
+                           min_heads_per_layer=args.min_heads_per_layer, stop_factor=args.stop_factor,
+                           estimator=args.estimator, signed=args.signed, normalize=args.normalize)
+        heldout_n = _heldout_arg(str(args.heldout))
+    except ValueError as e:
+        p.error(str(e))
+
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, device_map=_device_map_arg(args.device_map))
+    if args.gradient_checkpointing:
+        lm.model.gradient_checkpointing_enable()
+    scfg = config_from_args(args)
+    ss = load_samples(args.results_dir, lm.model_id, args.dataset, scfg, lm.tokenizer)
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    scoring, heldout = ss.split(heldout_n, seed=split_seed)
+    stem = scfg.stem + cfg.suffix + (f"-{args.tag}" if args.tag else "")
+    out_dir = dataset_dir(args.results_dir, lm.model_id, args.dataset) / "taylor"
+    path = out_dir / f"{stem}.jsonl"
+    npz_path = out_dir / f"{stem}.samples.npz"
+    if args.force and path.exists():
+        path.unlink()  # the runs file keeps the provenance of the discarded run
+    store = JsonlStore(path, key_fields=("iteration",))
+    history = store.read()
+    check_history(history, cfg, adapter(lm.model), scoring.samples, heldout.samples, where=str(path))
+    if history and (history[-1].get("stop_reason") or len(history) >= cfg.num_iters):
+        print(f"[btp.taylor] {path}: complete ({len(history)} iterations"
+              f"{', stopped: ' + history[-1]['stop_reason'] if history[-1].get('stop_reason') else ''})")
+        _summary(history)
+        return history
+    stamp = provenance(stage="taylor", model=lm.model_id, revision=lm.revision, dataset=args.dataset,
+                       mode=args.mode, seed=args.seed, config=cli.config_dict(args), samples=ss.describe(),
+                       split={"seed": split_seed, "heldout": heldout_n, "scoring": scoring.problem_ids,
+                              "heldout_problems": heldout.problem_ids},
+                       taylor=asdict(cfg), dtype=str(lm.dtype), device=str(lm.device))
+    store.begin_run(stamp)
+    if args.force or not npz_path.exists():
+        hold = set(heldout.problem_ids)
+        write_npz(npz_path, provenance=stamp, **ss.fields(),
+                  heldout=np.array([pid in hold for pid in ss.problem_ids], dtype=bool))
+    if history:
+        print(f"[btp.taylor] resuming {path} after iteration {len(history)}")
+    print(f"[btp.taylor] {len(scoring)} scoring / {len(heldout)} held-out samples, "
+          f"{cfg.step(adapter(lm.model).n_heads_total)} heads per iteration, up to {cfg.num_iters} iterations")
+    history = run_taylor(lm.model, scoring, heldout, cfg, history=history, on_record=store.append, progress=True)
+    _summary(history)
+    print(f"[btp.taylor] wrote {path}")
+    return history
+
+
+def _summary(history: list[dict]) -> None:
+    if not history:
+        print("[btp.taylor] no iterations (nothing prunable)")
+        return
+    base = history[0]["base_heldout_loss"]
+    print(f"  iter  alive  scoring_loss(before)  heldout_loss(after)  x base   (base held-out {base:.4f})")
+    for r in history:
+        print(f"  {r['iteration']:4d}  {r['n_alive']:5d}  {r['scoring_loss']:20.4f}  {r['heldout_loss']:19.4f}"
+              f"  {r['heldout_loss'] / base:6.3f}" + (f"  stop: {r['stop_reason']}" if r.get("stop_reason") else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,8 @@ context manager removes exactly the hooks it added, also on exceptions.
 - `zero_heads_` / `pruned_copy` / `save_pruned`: the same zeroing as weight surgery (o_proj columns).
 - `start_at_layer`: resume the forward pass at layer l from a cached residual stream (the prefix of the
   network is not recomputed).
+- `fixed_attention`: a layer's attention returns o_proj of a cached o_proj input (its attention is not
+  recomputed when only that layer's heads are gated).
 - `record`: capture residual streams at layer inputs and o_proj inputs.
 """
 from __future__ import annotations
@@ -160,6 +162,32 @@ def start_at_layer(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterat
         for m in skipped:
             if "forward" in m.__dict__:
                 del m.forward
+
+
+@contextmanager
+def fixed_attention(model: nn.Module, layer: int, o_proj_input: torch.Tensor) -> Iterator[None]:
+    """Within the block, layer `layer`'s attention skips its own computation and returns
+    `o_proj(o_proj_input)` ([1 or B, T, heads*head_dim], e.g. from `record`). Exact whenever nothing below the
+    layer differs from the run that recorded it (e.g. with `start_at_layer` at the same layer); head gates on
+    this layer still apply, since they hook o_proj. Relies on HF attention modules returning
+    (attn_output, attn_weights), as every supported architecture does."""
+    ad = adapter(model)
+    attn, o_proj = ad.attns[layer], ad.o_projs[layer]
+
+    def forward(*args, **kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        inp = o_proj_input.to(device=x.device, dtype=x.dtype)
+        if inp.dim() != 3 or inp.shape[0] not in (1, x.shape[0]) or inp.shape[1] != x.shape[1]:
+            raise ValueError(f"cached o_proj input {tuple(o_proj_input.shape)} does not fit activations "
+                             f"{tuple(x.shape)}")
+        return o_proj(inp.expand(x.shape[0], -1, -1)), None
+
+    attn.forward = forward  # instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        if "forward" in attn.__dict__:
+            del attn.forward
 
 
 @contextmanager

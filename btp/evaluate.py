@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 from tqdm import tqdm
 
 from .data import DATASETS, Problem, load_problems
-from .sandbox import Limits, Program, Result, Sandbox
+from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
 from .stats import ks_up_to, pass_at_k_summary
 from .store import JsonlStore, MalformedFileError, dataset_dir, iter_jsonl, model_slug, provenance, read_json, \
     write_json
@@ -359,7 +359,7 @@ def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: 
         if sandbox is None:
             sb.close()
     levels = sb.levels
-    if levels and levels != {"netns+pidns+mountns+ro-root+unpriv-uid"} and cfg.isolation == "auto":
+    if levels and levels != {FULL_ISOLATION} and cfg.isolation == "auto":
         warnings.warn(f"sandbox isolation on this machine: {sorted(levels)} (less than full; recorded per record)")
 
 

@@ -591,7 +591,7 @@ class Limits:
     max_output: int = 1 << 20   # bytes of stdout+stderr per test before the child is killed
     fsize_mb: int = 16          # largest file a program may write
     nofile: int = 256
-    nproc: int = 64             # processes + threads of the sandbox uid
+    nproc: int = 32             # processes + threads of the sandbox uid (each may use memory_mb)
 
 
 @dataclass(frozen=True)

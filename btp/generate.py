@@ -116,7 +116,8 @@ class VllmBackend:
 
         params = [SamplingParams(n=1, seed=j.seed, temperature=cfg.temperature, top_p=cfg.top_p,
                                  max_tokens=cfg.max_tokens) for j in jobs]
-        outs = self.llm.generate([{"prompt_token_ids": j.prompt_token_ids} for j in jobs], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": j.prompt_token_ids} for j in jobs], params,
+                                 use_tqdm=len(jobs) > 1)  # vLLM's bar shows live tokens/s
         res = []
         for o in outs:
             c = o.outputs[0]
@@ -151,9 +152,10 @@ class HfBackend:
             ids[i, width - len(j.prompt_token_ids):] = torch.tensor(j.prompt_token_ids)
             mask[i, width - len(j.prompt_token_ids):] = 1
         sample = cfg.temperature > 0
+        # explicit values: HF fills unset ones from the model's generation_config (top_k, penalties), vLLM does not
+        kw = dict(top_k=0, top_p=cfg.top_p, temperature=cfg.temperature) if sample else {}
         gc = GenerationConfig(max_new_tokens=cfg.max_tokens, do_sample=sample, eos_token_id=self.eos,
-                              pad_token_id=self.pad, top_k=0, top_p=cfg.top_p if sample else 1.0,
-                              temperature=cfg.temperature if sample else 1.0)
+                              pad_token_id=self.pad, repetition_penalty=1.0, **kw)
         if sample:
             torch.manual_seed(jobs[0].seed)  # one generator per batch: reproducible for the same batches
         dev = self.model.device

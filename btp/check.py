@@ -1,0 +1,444 @@
+"""Progress of every model x dataset under a results tree: what is generated, evaluated and analysed, what is
+stale, what is broken.
+
+`python -m btp.check [--results-dir results] [--model M] [--dataset D] [--json] [--deep]` (or `run_check.sh`)
+prints one row per `results/<model-slug>/<dataset>/`; `--json` prints the same as JSON. Exit status 1 when a
+file is broken (an unparseable JSONL line other than a torn last line, an unreadable npz/json), else 0.
+
+Fast on large trees: JSONL files are read line by line and only the few fields a row needs are pulled out of
+each line with a byte pattern (a JSON string never contains an unescaped `"`, so `"key": ` only matches a
+real key); a line is handed to the JSON parser only when a pattern fails. npz files are opened (zip directory)
+but their arrays are not decompressed. `--deep` parses every JSONL line and CRC-checks every npz member.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+MODES = ("regular", "chain_code")          # as btp.samples.MODES (not imported: check stays light)
+STAGE_DIRS = ("entropy", "ablation", "taylor", "cmaes")
+# problems per benchmark as generated without --limit (btp.data); LiveCodeBench v6's default window
+KNOWN_SIZES = {("humaneval", None): 164, ("mbpp", None): 500, ("mbpp", "full"): 500, ("mbpp", "sanitized"): 257}
+LCB_V6 = 175
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass
+class Issue:
+    path: str         # relative to the results dir
+    kind: str         # broken | stale | torn | incomplete
+    detail: str
+
+
+@dataclass
+class Row:
+    model: str
+    dataset: str
+    problems: int | None = None        # distinct problems generated
+    n: int | None = None               # samples per problem asked
+    total: int | None = None           # problems x n asked (None: unknown)
+    generated: int = 0                 # distinct (problem, sample) records
+    finish: dict = field(default_factory=dict)   # finish_reason -> count
+    evaluated: int | None = None       # evaluated (problem, sample) pairs that are in generations
+    passed: int | None = None
+    pass1: float | None = None
+    pass1_ci: list | None = None
+    statuses: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)   # stage dir -> {stem: note}
+    pruned: list | None = None
+    issues: list = field(default_factory=list)
+
+    @property
+    def broken(self) -> bool:
+        return any(i.kind == "broken" for i in self.issues)
+
+
+# ---------------------------------------------------------------- fast JSONL scan
+
+_PATTERNS: dict[str, re.Pattern] = {}
+
+
+def _pattern(key: str) -> re.Pattern:
+    if key not in _PATTERNS:
+        _PATTERNS[key] = re.compile(rb'"' + re.escape(key.encode()) +
+                                    rb'"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|true|false|null)')
+    return _PATTERNS[key]
+
+
+@dataclass
+class Scan:
+    lines: int = 0                               # non-empty lines
+    values: list = field(default_factory=list)   # per good line: tuple of the asked fields
+    bad: list = field(default_factory=list)      # (line number, reason) of unparseable lines
+    torn: bool = False                           # last line cut short (a killed writer; resume drops it)
+
+
+def scan_jsonl(path: Path, keys: Sequence[str], deep: bool = False) -> Scan:
+    """Count a JSONL file's records and pull `keys` out of each, without parsing whole lines unless needed."""
+    s = Scan()
+    pats = [_pattern(k) for k in keys]
+    last_no, last_raw = 0, b""
+    with open(path, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            raw = raw.strip()
+            if not raw:
+                continue
+            s.lines += 1
+            last_no, last_raw = no, raw
+            vals = None
+            if not deep and raw[:1] == b"{" and raw[-1:] == b"}":
+                ms = [p.search(raw) for p in pats]
+                if all(ms):
+                    try:
+                        vals = tuple(json.loads(m.group(1)) for m in ms)
+                    except ValueError:
+                        vals = None
+            if vals is None:
+                try:
+                    rec = json.loads(raw)
+                    if not isinstance(rec, dict):
+                        raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+                    vals = tuple(rec.get(k) for k in keys)
+                except ValueError as e:
+                    s.bad.append((no, str(e).split(":")[0][:80]))
+                    continue
+            s.values.append(vals)
+    if s.bad and s.bad[-1][0] == last_no and not last_raw.endswith(b"}"):
+        s.bad.pop()                 # the store's definition of a torn tail: last line, not closed
+        s.torn = True
+        s.lines -= 1
+    return s
+
+
+# ---------------------------------------------------------------- other files
+
+def check_npz(path: Path, deep: bool = False) -> str | None:
+    """None when the npz opens (zip directory and member headers); the reason otherwise. `deep` CRC-checks."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if not names or not all(n.endswith(".npy") for n in names):
+                return "not an npz archive of .npy arrays"
+            if deep:
+                bad = z.testzip()
+                if bad is not None:
+                    return f"member {bad} fails its CRC"
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"unreadable npz ({e})"
+    return None
+
+
+def load_json(path: Path) -> tuple[Any, str | None]:
+    try:
+        return json.loads(path.read_text()), None
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        return None, f"unreadable JSON ({str(e)[:80]})"
+
+
+def stem_source(stem: str) -> tuple[str, str]:
+    """(source, select) of an analysis output stem: `regular` -> generations/correct, `chain_code-reference` ->
+    reference/all, `regular-incorrect` -> generations/incorrect (SampleConfig.stem's naming)."""
+    mode = next((m for m in MODES if stem == m or stem.startswith(m + "-")), None)
+    pop = stem[len(mode) + 1:] if mode else ""
+    if pop == "reference":
+        return "reference", "all"
+    return "generations", pop or "correct"
+
+
+def short_stem(stem: str) -> str:
+    """`regular` -> `R`, `chain_code-reference` -> `C-ref` (the table's legend explains)."""
+    for m, a in (("chain_code", "C"), ("regular", "R")):
+        if stem == m or stem.startswith(m + "-"):
+            rest = stem[len(m):].replace("-reference", "-ref").replace("-incorrect", "-inc")
+            return a + rest
+    return stem
+
+
+# ---------------------------------------------------------------- one dataset dir
+
+def _rel(root: Path, p: Path) -> str:
+    try:
+        return str(p.relative_to(root))
+    except ValueError:
+        return str(p)
+
+
+def _mtime(p: Path) -> float | None:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _expected_total(runs: list, dataset: str, problems: int) -> tuple[int | None, int | None]:
+    """(samples per problem, problems x n) the latest generation run asked for; None when unknown."""
+    if not runs:
+        return None, None
+    last = runs[-1]
+    cfg = last.get("config") or {}
+    n = cfg.get("n")
+    size = last.get("n_problems")
+    if size is None:
+        variant = cfg.get("variant")
+        if dataset == "livecodebench":
+            plain = not cfg.get("data_file") and not cfg.get("start_date") and not cfg.get("end_date")
+            size = LCB_V6 if plain and cfg.get("release", "v6") in ("v6", "release_v6") else None
+        else:
+            size = KNOWN_SIZES.get((dataset, variant))
+        limit = cfg.get("limit")
+        if limit is not None:
+            size = min(limit, size) if size is not None else limit
+    if size is not None:
+        size = max(size, problems)
+    return n, (size * n if size is not None and n else None)
+
+
+def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
+    row = Row(model=d.parent.name, dataset=d.name)
+    issue = lambda p, kind, detail: row.issues.append(Issue(_rel(root, p), kind, detail))
+
+    def jsonl(p: Path, keys: Sequence[str]) -> Scan | None:
+        if not p.exists():
+            return None
+        s = scan_jsonl(p, keys, deep)
+        for no, why in s.bad[:3]:
+            issue(p, "broken", f"line {no}: not valid JSON ({why})")
+        if len(s.bad) > 3:
+            issue(p, "broken", f"... and {len(s.bad) - 3} more bad lines")
+        if s.torn:
+            issue(p, "torn", "last line cut short (a killed writer); the next run drops and redoes it")
+        return s
+
+    gen, ev = d / "generations.jsonl", d / "evaluations.jsonl"
+    t_gen, t_ev = _mtime(gen), _mtime(ev)
+    keys: set = set()
+    g = jsonl(gen, ("problem_id", "sample", "finish_reason"))
+    if g is not None:
+        for pid, smp, fin in g.values:
+            keys.add((pid, smp))
+            row.finish[str(fin)] = row.finish.get(str(fin), 0) + 1
+        row.generated = len(keys)
+        row.problems = len({k[0] for k in keys})
+        runs_p = d / "generations.runs.json"
+        runs, err = load_json(runs_p) if runs_p.exists() else ([], None)
+        if err:
+            issue(runs_p, "broken", err)
+        row.n, row.total = _expected_total(runs if isinstance(runs, list) else [], d.name, row.problems)
+
+    e = jsonl(ev, ("problem_id", "sample", "passed", "status"))
+    if e is not None:
+        seen: dict = {}
+        for pid, smp, ok, status in e.values:
+            if g is None or (pid, smp) in keys:
+                seen[(pid, smp)] = (bool(ok), str(status))
+        row.evaluated, row.passed = len(seen), sum(ok for ok, _ in seen.values())
+        for _, st in seen.values():
+            row.statuses[st] = row.statuses.get(st, 0) + 1
+        if t_gen and t_ev and t_ev < t_gen:
+            issue(ev, "stale", "older than generations.jsonl")
+
+    summ = d / "summary.json"
+    if summ.exists():
+        s, err = load_json(summ)
+        if err:
+            issue(summ, "broken", err)
+        else:
+            row.pass1, row.pass1_ci = _pass1(s)
+            if t_ev and _mtime(summ) < t_ev:
+                issue(summ, "stale", "older than evaluations.jsonl")
+
+    for stage in STAGE_DIRS:
+        sd = d / stage
+        if sd.is_dir():
+            row.stages[stage] = _check_stage(root, sd, stage, t_gen, t_ev, issue, deep)
+    pr = d / "pruned"
+    if pr.is_dir():
+        row.pruned = sorted(p.name for p in pr.iterdir() if not p.name.startswith("."))
+    return row
+
+
+def _pass1(summary: Any) -> tuple[float | None, list | None]:
+    """pass@1 and its CI from summary.json, tolerating the shapes `{"pass@k": {"1": {...}}}`,
+    `{"pass_at_k": {"1": value}}` and flat `pass@1` / `pass@1_ci` keys."""
+    if not isinstance(summary, dict):
+        return None, None
+    for key in ("pass_at_k", "pass@k"):
+        pk = summary.get(key)
+        if isinstance(pk, dict):
+            v = pk.get("1", pk.get(1, pk.get("pass@1")))
+            if isinstance(v, dict):
+                ci = v.get("ci") or ([v["ci_low"], v["ci_high"]] if "ci_low" in v else None)
+                return v.get("estimate", v.get("value", v.get("mean"))), ci
+            if isinstance(v, (int, float)):
+                ci = (summary.get("ci") or {}).get("1") if isinstance(summary.get("ci"), dict) else None
+                return float(v), ci
+    if "pass@1" in summary:
+        return summary["pass@1"], summary.get("pass@1_ci")
+    return None, None
+
+
+def _check_stage(root: Path, sd: Path, stage: str, t_gen, t_ev, issue, deep: bool) -> dict:
+    """{stem: note} of the finished analysis outputs in one stage dir (note: '', '+ko', '(k it)').
+
+    Done means: entropy/ablation `<stem>.npz` and `<stem>.json` both readable; taylor `<stem>.jsonl` with at
+    least one complete iteration; cmaes any readable `<stem>.*`."""
+    ok: dict[str, set] = {}          # stem -> readable file suffixes
+    iters: dict[str, int] = {}
+    for p in sorted(p for p in sd.iterdir() if p.is_file() and not p.name.startswith(".")):
+        stem, _, suffix = p.name.partition(".")
+        if suffix.endswith("npz"):
+            why = check_npz(p, deep)
+        elif suffix == "jsonl":
+            s = scan_jsonl(p, ("iteration",), deep=True)   # small files: one line per iteration
+            why = f"line {s.bad[0][0]}: not valid JSON ({s.bad[0][1]})" if s.bad else None
+            if s.torn:
+                issue(p, "torn", "last line cut short (a killed writer); the next run drops and redoes it")
+            iters[stem] = s.lines
+        elif suffix == "json":
+            why = load_json(p)[1]
+        else:
+            continue
+        if why:
+            issue(p, "broken", why)
+            continue
+        ok.setdefault(stem, set()).add(suffix)
+        base = stem[: -len("_knockout")] if stem.endswith("_knockout") else stem
+        source, select = stem_source(base)
+        t = _mtime(p)
+        if source == "generations" and t_gen and t < t_gen:
+            issue(p, "stale", "older than generations.jsonl")
+        elif source == "generations" and select != "all" and t_ev and t < t_ev:
+            issue(p, "stale", "older than evaluations.jsonl")
+        elif base != stem and (sd / f"{base}.npz").exists() and t < _mtime(sd / f"{base}.npz"):
+            issue(p, "stale", f"older than {base}.npz")
+    done: dict[str, str] = {}
+    for stem, suf in ok.items():
+        if stem.endswith("_knockout"):
+            continue
+        if stage in ("entropy", "ablation"):
+            if {"npz", "json"} <= suf:
+                done[stem] = "+ko" if "json" in ok.get(f"{stem}_knockout", ()) else ""
+            elif suf & {"npz", "json"}:   # cut off between the two writes
+                missing = f"{stem}.json" if "npz" in suf else f"{stem}.npz"
+                if not (sd / missing).exists():
+                    issue(sd / missing, "incomplete", "missing: rerun the stage")
+        elif stage == "taylor":
+            if "jsonl" in suf and iters.get(stem):
+                done[stem] = f"({iters[stem]} it)"
+        else:
+            done[stem] = ""
+    return done
+
+
+# ---------------------------------------------------------------- the tree
+
+def dataset_dirs(root: Path, model: str | None = None, dataset: str | None = None) -> list[Path]:
+    """`<root>/<model-slug>/<dataset>/` dirs that hold any btp output."""
+    out = []
+    markers = ("generations.jsonl", "evaluations.jsonl", "summary.json", *STAGE_DIRS, "pruned")
+    for m in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if model and m.name not in (model, model.replace("/", "--")):
+            continue
+        for d in sorted(p for p in m.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if (dataset is None or d.name == dataset) and any((d / x).exists() for x in markers):
+                out.append(d)
+    return out
+
+
+def check_tree(results_dir: str | Path, model: str | None = None, dataset: str | None = None,
+               deep: bool = False) -> list[Row]:
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results dir {root} not found")
+    return [check_dataset(root, d, deep) for d in dataset_dirs(root, model, dataset)]
+
+
+# ---------------------------------------------------------------- output
+
+def _cells(r: Row) -> list[str]:
+    gen = "-"
+    if r.generated or r.total:
+        gen = f"{r.generated}/{r.total if r.total is not None else '?'}"
+        if r.n:
+            gen += f" ({r.total // r.n if r.total else '?'}x{r.n})"
+    fin = "/".join(str(r.finish.get(k, 0)) for k in ("stop", "length")) if r.finish else "-"
+    extra = sum(v for k, v in r.finish.items() if k not in ("stop", "length"))
+    if extra:
+        fin += f" +{extra}?"
+    ev = "-" if r.evaluated is None else f"{r.evaluated}/{r.generated}"
+    p1 = "-"
+    if r.pass1 is not None:
+        p1 = f"{100 * r.pass1:.1f}%"
+        if r.pass1_ci and len(r.pass1_ci) == 2 and None not in r.pass1_ci:
+            p1 += f" [{100 * r.pass1_ci[0]:.1f}, {100 * r.pass1_ci[1]:.1f}]"
+    elif r.passed is not None and r.evaluated:
+        p1 = f"({r.passed}/{r.evaluated} passed; no summary)"
+    st = [" ".join(short_stem(s) + note for s, note in sorted(r.stages[k].items())) or "-" if k in r.stages else "-"
+          for k in STAGE_DIRS]
+    pr = "-" if r.pruned is None else (f"{len(r.pruned)}: " + ",".join(r.pruned) if r.pruned else "0")
+    return [r.dataset, gen, fin, ev, p1, *st, pr]
+
+
+HEADER = ["dataset", "generated", "stop/len", "evaluated", "pass@1 [95% CI]", "entropy", "ablation", "taylor",
+          "cmaes", "pruned"]
+
+
+def format_table(rows: list[Row]) -> str:
+    if not rows:
+        return "no results found"
+    out = []
+    for model in dict.fromkeys(r.model for r in rows):
+        cells = [HEADER] + [_cells(r) for r in rows if r.model == model]
+        w = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+        out.append(f"model {model}")
+        for i, c in enumerate(cells):
+            out.append("  " + "  ".join(x.ljust(w[j]) for j, x in enumerate(c)).rstrip())
+            if i == 0:
+                out.append("  " + "  ".join("-" * x for x in w))
+        out.append("")
+    out.append("R = regular, C = chain_code; no suffix: correct generations, -ref: reference solutions, "
+               "-inc: incorrect, -all: all generations; +ko: knockout curves; (k it): Taylor iterations")
+    issues = [(r, i) for r in rows for i in r.issues]
+    if issues:
+        out.append("")
+        order = {"broken": 0, "incomplete": 1, "stale": 2, "torn": 3}
+        for r, i in sorted(issues, key=lambda x: (order.get(x[1].kind, 9), x[1].path)):
+            out.append(f"{i.kind.upper():<10} {i.path}: {i.detail}")
+    return "\n".join(out)
+
+
+def to_json(rows: list[Row]) -> dict:
+    return {"rows": [{**asdict(r), "broken": r.broken} for r in rows],
+            "broken": sum(r.broken for r in rows),
+            "issues": [asdict(i) | {"model": r.model, "dataset": r.dataset} for r in rows for i in r.issues]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m btp.check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--model", default=None, help="only this model (slug or HF id)")
+    p.add_argument("--dataset", default=None, help="only this dataset")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--deep", action="store_true", help="parse every JSONL line and CRC-check every npz member")
+    args = p.parse_args(argv)
+    try:
+        rows = check_tree(args.results_dir, args.model, args.dataset, args.deep)
+    except FileNotFoundError as e:
+        print(f"[btp.check] {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(to_json(rows), indent=1))
+    else:
+        print(format_table(rows))
+    return 1 if any(r.broken for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,786 @@
+"""Figures of btp results: loaders that read a results tree (never compute anything), pure plotting functions
+that take loaded data and return matplotlib Figures, and `python -m btp.plots` that writes a PNG (and with
+`--pdf` a PDF) for everything present:
+
+`python -m btp.plots --results-dir results --model smollm2-135m --out figures [--dataset humaneval] [--pdf]`
+
+Figures are built as `matplotlib.figure.Figure` objects (no pyplot state, nothing shown); the CLI uses the Agg
+backend. Every analysis figure names its population (source/select of the analysis samples) in its title.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm, ListedColormap, TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from .store import iter_jsonl, model_slug, read_json, read_npz
+
+MODES = ("regular", "chain_code")
+MODE_LABEL = {"regular": "regular (reasoning + code)", "chain_code": "chain_code (code only)"}
+STATUS_COLORS = {"passed": "#2a9d8f", "failed": "#e76f51", "timeout": "#f4a261", "error": "#9b2226",
+                 "no_code": "#8d99ae"}
+
+
+# ================================================================ locating results
+
+def model_dir(results_dir: str | Path, model: str | None) -> Path:
+    """`results/<slug>` of `model` (a slug, an HF id, or a name btp.models resolves, e.g. `smollm2-135m`);
+    with `model=None` the only model under `results_dir`."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results dir {root} not found")
+    if model is None:
+        models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if len(models) != 1:
+            raise ValueError(f"{root} holds {len(models)} models ({', '.join(p.name for p in models)}): pass --model")
+        return models[0]
+    for cand in (model, model_slug(model)):
+        if (root / cand).is_dir():
+            return root / cand
+    try:  # an embedded name or a folder: the id results are filed under
+        from .models import resolve_model
+
+        d = root / model_slug(resolve_model(model).model_id)
+        if d.is_dir():
+            return d
+    except Exception:  # noqa: BLE001  (unresolvable names fall through to the error below)
+        pass
+    raise FileNotFoundError(f"no results for model {model!r} under {root}")
+
+
+def datasets(results_dir: str | Path, model: str | None) -> list[str]:
+    md = model_dir(results_dir, model)
+    order = {"humaneval": 0, "mbpp": 1, "livecodebench": 2}
+    return sorted((p.name for p in md.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda d: (order.get(d, 9), d))
+
+
+def stems(results_dir: str | Path, model: str | None, dataset: str, stage: str) -> list[str]:
+    """Finished outputs of a stage dir (`entropy`, `ablation`, `taylor`): their names without suffix."""
+    d = model_dir(results_dir, model) / dataset / stage
+    if not d.is_dir():
+        return []
+    if stage == "taylor":
+        names = [p.name[: -len(".jsonl")] for p in d.glob("*.jsonl")]
+    else:
+        names = [p.stem for p in d.glob("*.npz") if ".partial" not in p.name and (d / f"{p.stem}.json").exists()]
+    return sorted(names, key=_stem_order)
+
+
+def _stem_order(stem: str) -> tuple:
+    mode, pop, extra = split_stem(stem)
+    return (pop != "generations/correct", pop, MODES.index(mode) if mode in MODES else 9, extra)
+
+
+def split_stem(stem: str) -> tuple[str, str, str]:
+    """(mode, "source/select", extra) of an output name as `SampleConfig.stem` (plus a stage's own suffixes
+    such as ablation's `-mean`/`-layers..`) writes it: `regular` -> correct generations,
+    `chain_code-reference-mean` -> reference solutions, extra `mean`."""
+    mode = next((m for m in MODES if stem == m or stem.startswith(m + "-")), stem)
+    rest = [t for t in stem[len(mode):].split("-") if t]
+    source, select = "generations", "correct"
+    if rest and rest[0] == "reference":
+        source, select, rest = "reference", "all", rest[1:]
+    elif rest and rest[0] in ("correct", "incorrect", "all"):
+        select, rest = rest[0], rest[1:]
+    return mode, f"{source}/{select}", "-".join(rest)
+
+
+# ================================================================ loaded analyses
+
+@dataclass
+class Analysis:
+    """One analysis output: its arrays (npz) or records (Taylor), and its JSON metadata."""
+
+    stage: str
+    dataset: str
+    name: str                      # file stem, e.g. `chain_code-reference`
+    data: Any                      # dict of arrays, or a list of records for Taylor
+    meta: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)   # e.g. ablation knockout curves
+
+    @property
+    def mode(self) -> str:
+        return self.meta.get("mode") or split_stem(self.name)[0]
+
+    @property
+    def population(self) -> str:
+        """`source/select` of the analysis samples, from the output's provenance when present."""
+        s = self.meta.get("samples") or {}
+        cfg = s.get("config") or {}
+        if cfg.get("source"):
+            return f"{cfg['source']}/{cfg.get('select', '?')}"
+        if s.get("population"):
+            return str(s["population"]).replace(":", "/")
+        return split_stem(self.name)[1]
+
+    @property
+    def n_samples(self) -> int | None:
+        s = self.meta.get("samples") or {}
+        return s.get("used") or (len(s["samples"]) if "samples" in s else None)
+
+    @property
+    def label(self) -> str:
+        extra = split_stem(self.name)[2]
+        return f"{self.dataset} · {self.mode} · {self.population}" + (f" · {extra}" if extra else "")
+
+    def title(self, what: str) -> str:
+        n = self.n_samples
+        return f"{what}\n{self.label}" + (f" (n={n} samples)" if n else "")
+
+
+def load_entropy(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
+    d = model_dir(results_dir, model) / dataset / "entropy"
+    arrays = read_npz(d / f"{name}.npz")
+    meta = read_json(d / f"{name}.json") if (d / f"{name}.json").exists() else arrays.get("provenance", {})
+    return Analysis("entropy", dataset, name, arrays, meta)
+
+
+def load_ablation(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
+    d = model_dir(results_dir, model) / dataset / "ablation"
+    arrays = read_npz(d / f"{name}.npz")
+    meta = read_json(d / f"{name}.json") if (d / f"{name}.json").exists() else arrays.get("provenance", {})
+    ko = d / f"{name}_knockout.json"
+    return Analysis("ablation", dataset, name, arrays, meta, {"knockout": read_json(ko) if ko.exists() else None})
+
+
+def load_taylor(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
+    """Taylor pruning records (one per iteration, in order) and the provenance of the run that wrote the last
+    of them (`<name>.runs.json`; else the `<name>.samples.npz` stamp)."""
+    d = model_dir(results_dir, model) / dataset / "taylor"
+    recs = sorted(iter_jsonl(d / f"{name}.jsonl"), key=lambda r: r["iteration"])
+    meta: dict = {}
+    runs = d / f"{name}.runs.json"
+    if runs.exists() and (stamps := read_json(runs)):
+        meta = stamps[-1]
+    elif (d / f"{name}.samples.npz").exists():
+        with np.load(d / f"{name}.samples.npz", allow_pickle=False) as z:   # the stamp only, not the arrays
+            meta = json.loads(str(z["provenance"])) if "provenance" in z.files else {}
+    return Analysis("taylor", dataset, name, recs, meta)
+
+
+def load_generations(results_dir: str | Path, model: str | None, dataset: str) -> list[dict]:
+    """Light generation records: problem_id, sample, finish_reason, output/prompt token counts, has_code."""
+    p = model_dir(results_dir, model) / dataset / "generations.jsonl"
+    if not p.exists():
+        return []
+    return [{"problem_id": r["problem_id"], "sample": r["sample"], "finish_reason": r.get("finish_reason"),
+             "n_output_tokens": len(r.get("output_token_ids") or ()), "n_prompt_tokens": len(r.get("prompt_token_ids") or ()),
+             "has_code": bool(r.get("code"))} for r in iter_jsonl(p)]
+
+
+def load_evaluations(results_dir: str | Path, model: str | None, dataset: str) -> list[dict]:
+    p = model_dir(results_dir, model) / dataset / "evaluations.jsonl"
+    if not p.exists():
+        return []
+    return [{k: r.get(k) for k in ("problem_id", "sample", "passed", "status", "duration")} for r in iter_jsonl(p)]
+
+
+def load_summary(results_dir: str | Path, model: str | None, dataset: str) -> dict | None:
+    p = model_dir(results_dir, model) / dataset / "summary.json"
+    return read_json(p) if p.exists() else None
+
+
+# ================================================================ helpers
+
+def new_figure(w: float = 7.0, h: float = 4.0, **kw: Any) -> Figure:
+    return Figure(figsize=(w, h), layout="constrained", **kw)
+
+
+def to_png(fig: Figure, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def show(fig: Figure, dpi: int = 90) -> None:
+    """Display a Figure in a notebook as a PNG (independent of the notebook's matplotlib backend)."""
+    from IPython.display import Image, display
+
+    display(Image(data=to_png(fig, dpi)))
+
+
+_FACETS = (("dataset", lambda a: a.dataset), ("mode", lambda a: a.mode), ("population", lambda a: a.population),
+           ("extra", lambda a: split_stem(a.name)[2]))
+
+
+def _common_title(items: Sequence[Analysis], what: str) -> str:
+    """A title naming what all `items` share (dataset, mode, population, variant) so that legends name the rest."""
+    parts = []
+    for _, f in _FACETS:
+        vals = {f(a) for a in items}
+        if len(vals) == 1 and (v := vals.pop()):
+            parts.append(v)
+    return what + ("\n" + " · ".join(parts) if parts else "")
+
+
+def _legend_label(a: Analysis, items: Sequence[Analysis]) -> str:
+    parts = [f(a) for _, f in _FACETS if len({f(b) for b in items}) > 1]
+    return " · ".join(p or "-" for p in parts) or a.name
+
+
+def _heat_cmap(name: str = "RdBu_r"):
+    cmap = colormaps[name].copy()
+    cmap.set_bad((1, 1, 1, 0))  # NaN (padding heads, layers not computed): blank
+    return cmap
+
+
+def _head_axes(ax, L: int, H: int) -> None:
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer (0-based, as in the head ids)")
+    ax.set_xticks(range(0, H, max(1, H // 16)))
+    ax.set_yticks(range(0, L, max(1, L // 16)))
+
+
+# ================================================================ entropy lens
+
+METRIC_LABEL = {"entropy": "entropy H (nats)", "ce": "cross-entropy of next token (nats)",
+                "kl": "KL(final || layer) (nats)"}
+
+
+def _band(a: Analysis, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = a.data
+    mean = np.asarray(d[f"{metric}_mean"], dtype=float) if f"{metric}_mean" in d else np.asarray(d[metric]).mean(0)
+    if band == "sd":
+        sd = np.asarray(d[f"{metric}_std"], dtype=float) if f"{metric}_std" in d else np.asarray(d[metric]).std(0)
+        return mean, np.maximum(mean - sd, 0), mean + sd
+    if band == "iqr":
+        q = np.quantile(np.asarray(d[metric], dtype=float), [0.25, 0.75], axis=0)
+        return mean, q[0], q[1]
+    if band == "ci":  # bootstrap over samples of the per-sample means, weighted by their token counts
+        x = np.asarray(d[f"sample_{metric}_mean"], dtype=float)
+        w = np.asarray(d.get("sample_n_tokens", np.ones(len(x))), dtype=float)
+        rng = np.random.default_rng(0)
+        idx = rng.integers(0, len(x), size=(1000, len(x)))
+        boots = np.einsum("bs,bsl->bl", w[idx], x[idx]) / w[idx].sum(1, keepdims=True)
+        lo, hi = np.quantile(boots, [0.025, 0.975], axis=0)
+        return mean, lo, hi
+    raise ValueError(f"band must be sd, iqr or ci, got {band!r}")
+
+
+BAND_LABEL = {"sd": "band: ±1 sd over tokens", "iqr": "band: interquartile range over tokens",
+              "ci": "band: 95% bootstrap CI over samples"}
+
+
+def entropy_by_layer(items: Analysis | Sequence[Analysis], metrics: Sequence[str] = ("entropy", "ce"),
+                     band: str = "sd") -> Figure:
+    """Mean (line) and band of each metric vs layer, one panel per metric, one line per analysis."""
+    items = [items] if isinstance(items, Analysis) else list(items)
+    fig = new_figure(4.2 * len(metrics) + 0.6, 3.8)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        for i, a in enumerate(items):
+            layer = np.asarray(a.data.get("layer", np.arange(1, len(a.data[f"{metric}_mean"]) + 1)))
+            mean, lo, hi = _band(a, metric, band)
+            c = f"C{i}"
+            ax.plot(layer, mean, color=c, lw=1.8, label=_legend_label(a, items) if len(items) > 1 else "mean")
+            ax.fill_between(layer, lo, hi, color=c, alpha=0.18, lw=0)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(METRIC_LABEL.get(metric, metric))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title=BAND_LABEL[band], title_fontsize=7)
+    what = " and ".join({"entropy": "Entropy", "ce": "CE", "kl": "KL"}.get(m, m) for m in metrics) + " vs layer"
+    fig.suptitle(items[0].title(what) if len(items) == 1 else _common_title(items, what), fontsize=10)
+    return fig
+
+
+def entropy_histograms(items: Analysis | Sequence[Analysis], metric: str = "entropy",
+                       layers: Sequence[int] | None = None, bins: int = 40) -> Figure:
+    """Per-layer histograms of a per-token metric (density), analyses overlaid; `layers` are 1-based."""
+    items = [items] if isinstance(items, Analysis) else list(items)
+    L = int(np.asarray(items[0].data[metric]).shape[1])
+    if layers is None:
+        layers = sorted({int(round(x)) for x in np.linspace(1, L, min(L, 8))})
+    n = len(layers)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig = new_figure(3.0 * cols, 2.3 * rows + 0.7)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    vals = [np.asarray(a.data[metric], dtype=float) for a in items]
+    hi = max(float(np.nanmax(v[:, [l - 1 for l in layers]])) if v.size else 1.0 for v in vals)
+    edges = np.linspace(0, hi if hi > 0 else 1.0, bins + 1)
+    for ax, l in zip(axes, layers):
+        for i, (a, v) in enumerate(zip(items, vals)):
+            ax.hist(v[:, l - 1], bins=edges, density=True, histtype="stepfilled", alpha=0.35, color=f"C{i}",
+                    label=_legend_label(a, items) if len(items) > 1 else None)
+            ax.axvline(np.mean(v[:, l - 1]), color=f"C{i}", lw=1)
+        ax.set_title(f"layer {l}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    for ax in axes[(rows - 1) * cols:n]:
+        ax.set_xlabel(METRIC_LABEL.get(metric, metric), fontsize=8)
+    for ax in axes[::cols]:
+        ax.set_ylabel("density", fontsize=8)
+    if len(items) > 1:
+        axes[0].legend(fontsize=7)
+    what = f"Per-layer histograms of {metric} over scored tokens (vertical line: mean)"
+    fig.suptitle(items[0].title(what) if len(items) == 1 else _common_title(items, what), fontsize=10)
+    return fig
+
+
+# ================================================================ head ablation
+
+def head_heatmap(matrix: np.ndarray, title: str, label: str = "mean ΔCE (nats)", cmap: str = "RdBu_r") -> Figure:
+    """Layer x head map with a diverging colour scale centred at zero; NaN (padding heads) left blank."""
+    m = np.asarray(matrix, dtype=float)
+    L, H = m.shape
+    fig = new_figure(min(max(6.0, 2.5 + 0.32 * H), 14), min(max(3.5, 1.6 + 0.2 * L), 14))
+    ax = fig.subplots()
+    lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+    lim = lim if lim > 0 else 1.0
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=_heat_cmap(cmap), norm=TwoSlopeNorm(0.0, -lim, lim),
+                   aspect="auto", interpolation="nearest", origin="lower")
+    _head_axes(ax, L, H)
+    fig.colorbar(im, ax=ax, label=label, shrink=0.9)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def ablation_heatmap(a: Analysis) -> Figure:
+    kind = a.meta.get("ablation") or ("mean" if "mean" in split_stem(a.name)[2] else "zero")
+    return head_heatmap(a.data["delta_mean"], a.title(f"Single-head {kind} ablation: mean ΔCE over samples"),
+                        label="ΔCE (nats): ablated − base")
+
+
+def top_heads(matrix: np.ndarray, k: int) -> set[tuple[int, int]]:
+    """The k heads with the largest finite values."""
+    m = np.asarray(matrix, dtype=float)
+    ls, hs = np.nonzero(np.isfinite(m))
+    order = np.argsort(-m[ls, hs], kind="stable")[:k]
+    return {(int(ls[i]), int(hs[i])) for i in order}
+
+
+def jaccard_matrix(matrices: Sequence[np.ndarray], k: int) -> np.ndarray:
+    sets = [top_heads(m, k) for m in matrices]
+    out = np.ones((len(sets), len(sets)))
+    for i, a in enumerate(sets):
+        for j, b in enumerate(sets):
+            out[i, j] = len(a & b) / len(a | b) if a | b else np.nan
+    return out
+
+
+def top_head_overlap(items: Sequence[Analysis], k: int = 10) -> Figure:
+    """Jaccard overlap of the top-k heads (largest mean ΔCE) across datasets / modes / populations."""
+    labels = [_legend_label(a, items) for a in items]
+    J = jaccard_matrix([a.data["delta_mean"] for a in items], k)
+    n = len(items)
+    w = max(5.5, 2.2 + 0.8 * n + 0.06 * max(map(len, labels)))
+    fig = new_figure(w, max(3.5, 1.6 + 0.6 * n + 0.05 * max(map(len, labels))))
+    ax = fig.subplots()
+    im = ax.imshow(J, cmap="viridis", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{J[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if J[i, j] < 0.6 else "black")
+    ax.set_xticks(range(n), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    fig.colorbar(im, ax=ax, label="Jaccard |A∩B| / |A∪B|", shrink=0.8)
+    fig.suptitle(_common_title(items, f"Overlap of the top-{k} heads by mean ΔCE"), fontsize=10)
+    return fig
+
+
+def knockout_curves(ko: dict, title: str = "Cumulative head knockout") -> Figure:
+    """Mean CE vs heads removed: matrix ranking, greedy (if run) and random controls, with bootstrap CIs."""
+    fig = new_figure(6.5, 4.2)
+    ax = fig.subplots()
+    base = ko.get("base") or {}
+
+    def curve(points: list[dict], color: str, label: str, band: bool = True, **kw: Any) -> None:
+        pts = ([{"k": 0, **base}] if base else []) + list(points)
+        k = np.array([p["k"] for p in pts], dtype=float)
+        m = np.array([p["mean_ce"] for p in pts], dtype=float)
+        ax.plot(k, m, color=color, label=label, marker="o", ms=3, **kw)
+        if band and all("ci_low" in p for p in pts):
+            ax.fill_between(k, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], color=color, alpha=0.18, lw=0)
+
+    curve(ko.get("top", []), "C3", "top-k by ablation matrix")
+    if ko.get("greedy"):
+        curve(ko["greedy"]["curve"], "C1", "greedy (re-ranked each step)")
+    rnd = ko.get("random") or {}
+    for i, ps in enumerate(rnd.get("per_seed", [])):
+        curve(ps, "0.6", "random heads (per seed)" if i == 0 else None, band=False, lw=0.8, alpha=0.7)
+    if rnd.get("mean_over_seeds"):
+        curve(rnd["mean_over_seeds"], "C0", f"random control (mean of {len(rnd.get('per_seed', []))} seeds)")
+    if base:
+        ax.axhline(base["mean_ce"], color="k", lw=0.8, ls=":", label="no heads removed")
+    ks = [0] + [p["k"] for p in ko.get("top", [])]
+    if max(ks) >= 8:
+        ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("heads removed (k)")
+    ax.set_ylabel("mean CE over scored tokens (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="bands: 95% bootstrap CI over samples", title_fontsize=7)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def ablation_knockout(a: Analysis) -> Figure:
+    return knockout_curves(a.extra["knockout"], a.title("Cumulative head knockout"))
+
+
+def layer_importance(matrix: np.ndarray, title: str, label: str = "mean ΔCE (nats)") -> Figure:
+    """Per layer: mean over its heads (bar) and the largest head (dot); NaN heads ignored."""
+    m = np.asarray(matrix, dtype=float)
+    ok = np.isfinite(m).any(1)
+    L = m.shape[0]
+    mean = np.full(L, np.nan)
+    mx = np.full(L, np.nan)
+    mean[ok] = np.nanmean(m[ok], 1)
+    mx[ok] = np.nanmax(m[ok], 1)
+    fig = new_figure(max(5.0, 0.18 * L + 2), 3.6)
+    ax = fig.subplots()
+    x = np.arange(L)
+    ax.bar(x[ok], mean[ok], color="C0", alpha=0.8, label="mean over heads")
+    ax.plot(x[ok], mx[ok], "o", color="C3", ms=3.5, label="largest head")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("layer (0-based)")
+    ax.set_ylabel(label)
+    ax.set_xticks(range(0, L, max(1, L // 16)))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def ablation_layers(a: Analysis) -> Figure:
+    return layer_importance(a.data["delta_mean"], a.title("Ablation importance by layer"))
+
+
+# ================================================================ Taylor pruning
+
+def taylor_title(a: Analysis, what: str) -> str:
+    r = a.data[0] if a.data else {}
+    n_s, n_h = len(r.get("scoring_samples") or ()), len(r.get("heldout_samples") or ())
+    split = f" ({n_s} scoring / {n_h} held-out samples)" if n_s or n_h else ""
+    return f"{what}\n{a.label}{split}"
+
+
+def taylor_loss(a: Analysis) -> Figure:
+    """Scoring and held-out loss vs pruning iterations applied and vs alive heads. The scoring loss of
+    iteration i comes from its scoring pass (heads pruned before i); the held-out loss after its pruning."""
+    from matplotlib.ticker import MaxNLocator
+
+    recs = a.data
+    fig = new_figure(10, 3.8)
+    ax1, ax2 = fig.subplots(1, 2)
+    it = np.array([r["iteration"] for r in recs])
+    s_loss = np.array([r["scoring_loss"] for r in recs])
+    h_loss = np.array([recs[0]["base_heldout_loss"]] + [r["heldout_loss"] for r in recs])
+    before = np.array([r["n_alive_before"] for r in recs])
+    after = np.array([recs[0]["n_alive_before"]] + [r["n_alive"] for r in recs])
+    kw = dict(marker="o", ms=3.5)
+    ax1.plot(it - 1, s_loss, color="C0", label="scoring samples", **kw)
+    ax1.plot(np.concatenate([[0], it]), h_loss, color="C3", label="held-out samples", **kw)
+    ax2.plot(before, s_loss, color="C0", label="scoring samples", **kw)
+    ax2.plot(after, h_loss, color="C3", label="held-out samples", **kw)
+    ax1.set_xlabel("pruning iterations applied")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.set_xlabel("alive heads")
+    ax2.invert_xaxis()
+    for ax in (ax1, ax2):
+        ax.set_ylabel("mean CE over scored tokens (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    stop = recs[-1].get("stop_reason")
+    fig.suptitle(taylor_title(a, "Iterative Taylor pruning: loss" + (f" (stopped: {stop})" if stop else "")),
+                 fontsize=10)
+    return fig
+
+
+def _importance(r: dict, key: str = "importance") -> np.ndarray:
+    return np.array([[np.nan if x is None else x for x in row] for row in r[key]], dtype=float)
+
+
+def pruned_at(recs: Sequence[dict], shape: tuple[int, int]) -> np.ndarray:
+    """[L, Hmax]: the iteration (1-based) that pruned each head; 0 for survivors."""
+    out = np.zeros(shape, dtype=int)
+    for r in recs:
+        for l, h in r["pruned"]:
+            out[l, h] = r["iteration"]
+    return out
+
+
+def taylor_heads(a: Analysis) -> Figure:
+    """Surviving heads after the last iteration (dark green); pruned heads shaded by the iteration that pruned
+    them; padding heads of narrower layers blank."""
+    recs = a.data
+    first = _importance(recs[0])            # all heads alive: NaN only at padding
+    L, H = first.shape
+    P = pruned_at(recs, (L, H)).astype(float)
+    P[np.isnan(first)] = np.nan
+    n_it = int(recs[-1]["iteration"])
+    shades = colormaps["YlOrBr"](np.linspace(0.15, 0.85, n_it))
+    cmap = ListedColormap([(0.1, 0.45, 0.2, 1.0)] + [tuple(c) for c in shades])
+    cmap.set_bad((1, 1, 1, 0))
+    fig = new_figure(min(max(6.5, 2.8 + 0.32 * H), 14), min(max(3.5, 1.6 + 0.2 * L), 14))
+    ax = fig.subplots()
+    im = ax.imshow(np.ma.masked_invalid(P), cmap=cmap, norm=BoundaryNorm(np.arange(n_it + 2) - 0.5, n_it + 1),
+                   aspect="auto", interpolation="nearest", origin="lower")
+    _head_axes(ax, L, H)
+    cb = fig.colorbar(im, ax=ax, shrink=0.9)
+    ticks = [0] + list(range(1, n_it + 1, max(1, n_it // 8)))
+    cb.set_ticks(ticks, labels=["alive"] + [f"pruned at {t}" for t in ticks[1:]])
+    alive = int((P == 0).sum())
+    ax.set_title(taylor_title(a, f"Taylor pruning: surviving heads after {n_it} iterations ({alive} alive)"),
+                 fontsize=10)
+    return fig
+
+
+def taylor_layers(a: Analysis) -> Figure:
+    """Importance by layer from the first iteration's (all heads alive) importance matrix."""
+    r = a.data[0]
+    s = r.get("settings") or {}
+    what = ("-Σ ∂L/∂m (signed)" if s.get("signed") else "Σ|∂L/∂m|") if s.get("estimator", "gate") == "gate" \
+        else "Σ|<∂L/∂a, a>|"
+    return layer_importance(_importance(r), taylor_title(a, "Taylor importance by layer (first iteration, all "
+                                                            "heads alive)"),
+                            label=f"importance {what}" + (" (L2-normalised per layer)" if s.get("normalize") else ""))
+
+
+# ================================================================ generation and evaluation
+
+def pass_at_k_points(summary: dict) -> list[tuple[int, float, float | None, float | None]]:
+    """[(k, estimate, ci_low, ci_high)] from summary.json, whatever of its known shapes it has."""
+    pk = summary.get("pass_at_k", summary.get("pass@k"))
+    out = []
+    if isinstance(pk, dict):
+        for k, v in pk.items():
+            kk = int(str(k).replace("pass@", ""))
+            if isinstance(v, dict):
+                ci = v.get("ci") or [v.get("ci_low"), v.get("ci_high")]
+                out.append((kk, float(v.get("estimate", v.get("value", v.get("mean")))), ci[0], ci[1]))
+            else:
+                ci = (summary.get("ci") or {}).get(str(k), [None, None])
+                out.append((kk, float(v), ci[0], ci[1]))
+    elif isinstance(pk, list):
+        for v in pk:
+            ci = v.get("ci") or [v.get("ci_low"), v.get("ci_high")]
+            out.append((int(v["k"]), float(v.get("estimate", v.get("value", v.get("mean")))), ci[0], ci[1]))
+    return sorted(out)
+
+
+def pass_at_k(summaries: dict[str, dict], title: str = "pass@k with 95% bootstrap CI over problems") -> Figure:
+    """pass@k per dataset with its CI; the denominator (problems) in the legend."""
+    fig = new_figure(6.0, 3.8)
+    ax = fig.subplots()
+    for i, (ds, s) in enumerate(summaries.items()):
+        pts = pass_at_k_points(s)
+        if not pts:
+            continue
+        k = np.array([p[0] for p in pts])
+        est = np.array([p[1] for p in pts]) * 100
+        lo = np.array([np.nan if p[2] is None else p[2] for p in pts], dtype=float) * 100
+        hi = np.array([np.nan if p[3] is None else p[3] for p in pts], dtype=float) * 100
+        n = s.get("n_problems", s.get("problems"))
+        lab = ds + (f" ({n} problems)" if n else "")
+        ax.errorbar(k + 0.04 * i, est, yerr=[np.nan_to_num(est - lo), np.nan_to_num(hi - est)], marker="o", ms=4,
+                    capsize=3, color=f"C{i}", label=lab)
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def _stacked(ax, rows: dict[str, dict[str, int]], order: Sequence[str], colors: dict[str, str]) -> None:
+    names = list(rows)
+    cats = [c for c in order if any(c in r for r in rows.values())] + \
+        sorted({c for r in rows.values() for c in r} - set(order))
+    left = np.zeros(len(names))
+    for j, c in enumerate(cats):
+        tot = np.array([max(sum(rows[n].values()), 1) for n in names], dtype=float)
+        v = np.array([rows[n].get(c, 0) for n in names], dtype=float)
+        ax.barh(names, v / tot * 100, left=left, color=colors.get(c, f"C{j + 4}"), label=c)
+        for y, (x0, vv, t) in enumerate(zip(left, v, tot)):
+            if vv / t > 0.06:
+                ax.text(x0 + vv / t * 50, y, f"{int(vv)}", ha="center", va="center", fontsize=8, color="white")
+        left += v / tot * 100
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of samples")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, ncols=min(len(cats), 5), loc="upper center", bbox_to_anchor=(0.5, -0.25))
+
+
+def statuses(evals: dict[str, list[dict]]) -> Figure:
+    """Evaluation statuses per dataset (share of samples; counts inside the bars)."""
+    rows = {ds: _count(r["status"] for r in recs) for ds, recs in evals.items() if recs}
+    fig = new_figure(6.5, 1.6 + 0.5 * len(rows))
+    _stacked(fig.subplots(), rows, list(STATUS_COLORS), STATUS_COLORS)
+    fig.suptitle("Evaluation statuses (every generated sample; no code counts as failed)", fontsize=10)
+    return fig
+
+
+def finish_reasons(gens: dict[str, list[dict]]) -> Figure:
+    rows = {ds: _count(r["finish_reason"] for r in recs) for ds, recs in gens.items() if recs}
+    fig = new_figure(6.5, 1.6 + 0.5 * len(rows))
+    _stacked(fig.subplots(), rows, ["stop", "length"], {"stop": "#2a9d8f", "length": "#e76f51"})
+    fig.suptitle("Finish reasons (length: cut at --max-tokens)", fontsize=10)
+    return fig
+
+
+def output_lengths(gens: dict[str, list[dict]], bins: int = 30) -> Figure:
+    """Output token counts per dataset, split by finish reason."""
+    items = [(ds, recs) for ds, recs in gens.items() if recs]
+    fig = new_figure(4.0 * len(items) + 0.5, 3.4)
+    axes = fig.subplots(1, len(items), squeeze=False)[0]
+    for ax, (ds, recs) in zip(axes, items):
+        n = np.array([r["n_output_tokens"] for r in recs])
+        edges = np.histogram_bin_edges(n, bins=bins)
+        for reason, c in (("stop", "#2a9d8f"), ("length", "#e76f51")):
+            sel = [r["n_output_tokens"] for r in recs if r["finish_reason"] == reason]
+            if sel:
+                ax.hist(sel, bins=edges, color=c, alpha=0.7, label=f"{reason} ({len(sel)})")
+        ax.set_title(f"{ds}: median {int(np.median(n))} tokens", fontsize=9)
+        ax.set_xlabel("output tokens")
+        ax.set_ylabel("samples")
+        ax.legend(fontsize=8)
+    fig.suptitle("Output lengths", fontsize=10)
+    return fig
+
+
+def _count(vals: Iterable[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in vals:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
+# ================================================================ everything present
+
+def generation_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+                       ) -> Iterator[tuple[str, Figure]]:
+    dss = [d for d in datasets(results_dir, model) if not only or d in only]
+    summ = {d: s for d in dss if (s := load_summary(results_dir, model, d)) and pass_at_k_points(s)}
+    if summ:
+        yield "generation_pass_at_k", pass_at_k(summ)
+    ev = {d: e for d in dss if (e := load_evaluations(results_dir, model, d))}
+    if ev:
+        yield "generation_statuses", statuses(ev)
+    gens = {d: g for d in dss if (g := load_generations(results_dir, model, d))}
+    if gens:
+        yield "generation_finish_reasons", finish_reasons(gens)
+        yield "generation_output_lengths", output_lengths(gens)
+
+
+def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+                    ) -> Iterator[tuple[str, Figure]]:
+    """Per output: entropy/CE vs layer and per-layer histograms; per dataset and population: regular vs
+    chain_code; per dataset and mode: populations against each other; per output name: datasets compared."""
+    loaded: list[Analysis] = []
+    for d in datasets(results_dir, model):
+        if only and d not in only:
+            continue
+        for name in stems(results_dir, model, d, "entropy"):
+            a = load_entropy(results_dir, model, d, name)
+            loaded.append(a)
+            yield f"entropy_{d}_{name}_layers", entropy_by_layer(a)
+            yield f"entropy_{d}_{name}_histograms", entropy_histograms(a)
+    for d in dict.fromkeys(a.dataset for a in loaded):
+        mine = [a for a in loaded if a.dataset == d]
+        for pop in dict.fromkeys(a.population for a in mine):
+            both = [a for a in mine if a.population == pop]
+            if len({a.mode for a in both}) > 1:
+                yield f"entropy_{d}_modes_{pop.replace('/', '-')}", entropy_by_layer(both)
+        for mode in dict.fromkeys(a.mode for a in mine):
+            pops = [a for a in mine if a.mode == mode]
+            if len({a.population for a in pops}) > 1:
+                yield f"entropy_{d}_populations_{mode}", entropy_by_layer(pops, band="ci")
+                yield f"entropy_{d}_populations_{mode}_histograms", entropy_histograms(pops, metric="ce")
+    for name in dict.fromkeys(a.name for a in loaded):
+        same = [a for a in loaded if a.name == name]
+        if len(same) > 1:
+            yield f"entropy_datasets_{name}", entropy_by_layer(same)
+
+
+def ablation_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None, k: int = 10
+                     ) -> Iterator[tuple[str, Figure]]:
+    loaded = []
+    for d in datasets(results_dir, model):
+        if only and d not in only:
+            continue
+        for name in stems(results_dir, model, d, "ablation"):
+            a = load_ablation(results_dir, model, d, name)
+            loaded.append(a)
+            yield f"ablation_{d}_{name}_heatmap", ablation_heatmap(a)
+            yield f"ablation_{d}_{name}_layers", ablation_layers(a)
+            if a.extra.get("knockout"):
+                yield f"ablation_{d}_{name}_knockout", ablation_knockout(a)
+    shapes = {np.shape(a.data["delta_mean"]) for a in loaded}
+    if len(loaded) > 1 and len(shapes) == 1:
+        yield "ablation_top_head_overlap", top_head_overlap(loaded, k=k)
+
+
+def taylor_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+                   ) -> Iterator[tuple[str, Figure]]:
+    for d in datasets(results_dir, model):
+        if only and d not in only:
+            continue
+        for name in stems(results_dir, model, d, "taylor"):
+            a = load_taylor(results_dir, model, d, name)
+            if not a.data:
+                continue
+            yield f"taylor_{d}_{name}_loss", taylor_loss(a)
+            yield f"taylor_{d}_{name}_heads", taylor_heads(a)
+            yield f"taylor_{d}_{name}_layers", taylor_layers(a)
+
+
+FAMILIES = {"generation": generation_figures, "entropy": entropy_figures, "ablation": ablation_figures,
+            "taylor": taylor_figures}
+
+
+def write_figures(results_dir: str | Path, model: str | None, out: str | Path, *, only: Sequence[str] | None = None,
+                  families: Sequence[str] = tuple(FAMILIES), pdf: bool = False, dpi: int = 130) -> list[Path]:
+    """Write every figure the results allow; returns the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fam in families:
+        for name, fig in FAMILIES[fam](results_dir, model, only):
+            for ext in ("png", "pdf") if pdf else ("png",):
+                p = out / f"{name}.{ext}"
+                fig.savefig(p, dpi=dpi)
+                written.append(p)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    p = argparse.ArgumentParser(prog="python -m btp.plots", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--model", default=None, help="slug, HF id or embedded name (default: the only model)")
+    p.add_argument("--dataset", action="append", default=None, help="only this dataset (repeatable)")
+    p.add_argument("--out", default="figures", help="output folder")
+    p.add_argument("--only", choices=list(FAMILIES), action="append", default=None, help="only these figure families")
+    p.add_argument("--pdf", action="store_true", help="also write PDFs")
+    p.add_argument("--dpi", type=int, default=130)
+    args = p.parse_args(argv)
+    try:
+        files = write_figures(args.results_dir, args.model, args.out, only=args.dataset,
+                              families=args.only or tuple(FAMILIES), pdf=args.pdf, dpi=args.dpi)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"[btp.plots] {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for f in files:
+        print(f)
+    print(f"[btp.plots] {len(files)} files in {args.out}", file=sys.stderr)
+    return files
+
+
+if __name__ == "__main__":
+    main()

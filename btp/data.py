@@ -204,7 +204,15 @@ def lcb_release_files(release: str) -> list[str]:
 def _lcb_hub_paths(release: str) -> list[Path]:
     from huggingface_hub import hf_hub_download
 
-    return [Path(hf_hub_download(LCB_REPO, f, repo_type="dataset")) for f in lcb_release_files(release)]
+    paths = []
+    for f in lcb_release_files(release):
+        try:
+            paths.append(Path(hf_hub_download(LCB_REPO, f, repo_type="dataset")))
+        except Exception as e:  # noqa: BLE001 - offline, gated, renamed: all need the same hint
+            raise RuntimeError(f"could not fetch {f} of the dataset {LCB_REPO} from the Hugging Face hub "
+                               f"({type(e).__name__}: {e}); download it elsewhere and pass it as data_file "
+                               f"(--data-file)") from e
+    return paths
 
 
 def _date(s: str | None, what: str) -> str | None:

@@ -136,3 +136,11 @@ def test_lcb_release_files_follow_livecodebench_naming():
         lcb_release_files("v9")
     with pytest.raises(ValueError):
         lcb_release_files("latest-ish")
+
+
+def test_lcb_hub_failure_names_file_and_fallback(monkeypatch):
+    hub = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # no network wait; an empty cache cannot answer
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", "/nonexistent-btp-hf-cache")
+    with pytest.raises(RuntimeError, match=r"test6\.jsonl.*--data-file"):
+        load_problems("livecodebench", release="v6")

@@ -5,21 +5,19 @@ stale, what is broken.
 prints one row per `results/<model-slug>/<dataset>/`; `--json` prints the same as JSON. Exit status 1 when a
 file is broken (an unparseable JSONL line other than a torn last line, an unreadable npz/json), else 0.
 
-Fast on large trees: JSONL files are read line by line and only the few fields a row needs are pulled out of
-each line with a byte pattern (a JSON string never contains an unescaped `"`, so `"key": ` only matches a
-real key); a line is handed to the JSON parser only when a pattern fails. npz files are opened (zip directory)
-but their arrays are not decompressed. `--deep` parses every JSONL line and CRC-checks every npz member.
+Fast on large trees: every JSONL line is validated, but only the few fields a row needs are built (msgspec,
+which comes with vLLM, skips the rest of a record while checking its syntax; json.loads otherwise). npz files are
+opened (zip directory) without decompressing their arrays; `--deep` also CRC-checks every npz member.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 MODES = ("regular", "chain_code")          # as btp.samples.MODES (not imported: check stays light)
 STAGE_DIRS = ("entropy", "ablation", "taylor", "cmaes")
@@ -62,58 +60,60 @@ class Row:
 
 # ---------------------------------------------------------------- fast JSONL scan
 
-_PATTERNS: dict[str, re.Pattern] = {}
+def _decoder(keys: tuple[str, ...]) -> Callable[[bytes], tuple]:
+    """bytes of one line -> the values of `keys` (None when absent); raises ValueError on a line that is not a
+    JSON object. msgspec (present with vLLM) validates the whole line but builds only these fields, several
+    times faster than json.loads on generation records; without it, or when it refuses a line that the
+    standard parser accepts (NaN), json.loads decides."""
+    def std(raw: bytes) -> tuple:
+        rec = json.loads(raw)
+        if not isinstance(rec, dict):
+            raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        return tuple(rec.get(k) for k in keys)
 
+    try:
+        import msgspec
+    except ImportError:
+        return std
+    dec = msgspec.json.Decoder(msgspec.defstruct("Rec", [(k, Any, None) for k in keys]))
 
-def _pattern(key: str) -> re.Pattern:
-    if key not in _PATTERNS:
-        _PATTERNS[key] = re.compile(rb'"' + re.escape(key.encode()) +
-                                    rb'"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|true|false|null)')
-    return _PATTERNS[key]
+    def fast(raw: bytes) -> tuple:
+        try:
+            r = dec.decode(raw)
+        except msgspec.DecodeError:
+            return std(raw)
+        return tuple(getattr(r, k) for k in keys)
+
+    return fast
 
 
 @dataclass
 class Scan:
-    lines: int = 0                               # non-empty lines
+    lines: int = 0                               # complete records
     values: list = field(default_factory=list)   # per good line: tuple of the asked fields
     bad: list = field(default_factory=list)      # (line number, reason) of unparseable lines
     torn: bool = False                           # last line cut short (a killed writer; resume drops it)
 
 
-def scan_jsonl(path: Path, keys: Sequence[str], deep: bool = False) -> Scan:
-    """Count a JSONL file's records and pull `keys` out of each, without parsing whole lines unless needed."""
+def scan_jsonl(path: Path, keys: Sequence[str]) -> Scan:
+    """Every line of a JSONL file validated, and only `keys` of each record built."""
     s = Scan()
-    pats = [_pattern(k) for k in keys]
+    decode = _decoder(tuple(keys))
     last_no, last_raw = 0, b""
     with open(path, "rb") as f:
         for no, raw in enumerate(f, 1):
             raw = raw.strip()
             if not raw:
                 continue
-            s.lines += 1
             last_no, last_raw = no, raw
-            vals = None
-            if not deep and raw[:1] == b"{" and raw[-1:] == b"}":
-                ms = [p.search(raw) for p in pats]
-                if all(ms):
-                    try:
-                        vals = tuple(json.loads(m.group(1)) for m in ms)
-                    except ValueError:
-                        vals = None
-            if vals is None:
-                try:
-                    rec = json.loads(raw)
-                    if not isinstance(rec, dict):
-                        raise ValueError(f"a JSON {type(rec).__name__}, not an object")
-                    vals = tuple(rec.get(k) for k in keys)
-                except ValueError as e:
-                    s.bad.append((no, str(e).split(":")[0][:80]))
-                    continue
-            s.values.append(vals)
+            try:
+                s.values.append(decode(raw))
+                s.lines += 1
+            except ValueError as e:
+                s.bad.append((no, str(e).split(":")[0][:80]))
     if s.bad and s.bad[-1][0] == last_no and not last_raw.endswith(b"}"):
         s.bad.pop()                 # the store's definition of a torn tail: last line, not closed
         s.torn = True
-        s.lines -= 1
     return s
 
 
@@ -143,13 +143,14 @@ def load_json(path: Path) -> tuple[Any, str | None]:
 
 
 def stem_source(stem: str) -> tuple[str, str]:
-    """(source, select) of an analysis output stem: `regular` -> generations/correct, `chain_code-reference` ->
-    reference/all, `regular-incorrect` -> generations/incorrect (SampleConfig.stem's naming)."""
-    mode = next((m for m in MODES if stem == m or stem.startswith(m + "-")), None)
-    pop = stem[len(mode) + 1:] if mode else ""
+    """(source, select) of an analysis output name (SampleConfig.stem plus any stage suffix such as ablation's
+    `-mean`/`-layers..`): `regular` -> generations/correct, `chain_code-reference-mean` -> reference/all,
+    `regular-incorrect` -> generations/incorrect."""
+    mode = next((m for m in MODES if stem == m or stem.startswith(m + "-")), "")
+    pop = stem[len(mode):].lstrip("-").split("-")[0]
     if pop == "reference":
         return "reference", "all"
-    return "generations", pop or "correct"
+    return "generations", pop if pop in ("correct", "incorrect", "all") else "correct"
 
 
 def short_stem(stem: str) -> str:
@@ -207,7 +208,7 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
     def jsonl(p: Path, keys: Sequence[str]) -> Scan | None:
         if not p.exists():
             return None
-        s = scan_jsonl(p, keys, deep)
+        s = scan_jsonl(p, keys)
         for no, why in s.bad[:3]:
             issue(p, "broken", f"line {no}: not valid JSON ({why})")
         if len(s.bad) > 3:
@@ -251,6 +252,8 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
             issue(summ, "broken", err)
         else:
             row.pass1, row.pass1_ci = _pass1(s)
+            if row.total is None and row.n and isinstance(s, dict) and s.get("n_problems"):
+                row.total = int(s["n_problems"]) * row.n   # the problems evaluate judged against
             if t_ev and _mtime(summ) < t_ev:
                 issue(summ, "stale", "older than evaluations.jsonl")
 
@@ -285,23 +288,23 @@ def _pass1(summary: Any) -> tuple[float | None, list | None]:
 
 
 def _check_stage(root: Path, sd: Path, stage: str, t_gen, t_ev, issue, deep: bool) -> dict:
-    """{stem: note} of the finished analysis outputs in one stage dir (note: '', '+ko', '(k it)').
-
-    Done means: entropy/ablation `<stem>.npz` and `<stem>.json` both readable; taylor `<stem>.jsonl` with at
-    least one complete iteration; cmaes any readable `<stem>.*`."""
-    ok: dict[str, set] = {}          # stem -> readable file suffixes
-    iters: dict[str, int] = {}
+    """{name: note} of the analysis outputs in one stage dir. Done means: entropy/ablation `<name>.npz` and
+    `<name>.json` both readable (note '+ko' with knockout curves); taylor `<name>.jsonl` with at least one
+    iteration (note '(i/N it)', N from its runs file, ', stop' when it stopped early); cmaes any readable
+    `<name>.*`. A `.partial.` file without the finished output shows as '(partial)'."""
+    ok: dict[str, set] = {}          # name -> readable file suffixes
+    taylor: dict[str, tuple] = {}    # name -> (iterations, last stop_reason)
     for p in sorted(p for p in sd.iterdir() if p.is_file() and not p.name.startswith(".")):
         stem, _, suffix = p.name.partition(".")
         if suffix.endswith("npz"):
             why = check_npz(p, deep)
         elif suffix == "jsonl":
-            s = scan_jsonl(p, ("iteration",), deep=True)   # small files: one line per iteration
+            s = scan_jsonl(p, ("iteration", "stop_reason"))
             why = f"line {s.bad[0][0]}: not valid JSON ({s.bad[0][1]})" if s.bad else None
             if s.torn:
                 issue(p, "torn", "last line cut short (a killed writer); the next run drops and redoes it")
-            iters[stem] = s.lines
-        elif suffix == "json":
+            taylor[stem] = (s.lines, s.values[-1][1] if s.values else None)
+        elif suffix.endswith("json"):
             why = load_json(p)[1]
         else:
             continue
@@ -309,6 +312,8 @@ def _check_stage(root: Path, sd: Path, stage: str, t_gen, t_ev, issue, deep: boo
             issue(p, "broken", why)
             continue
         ok.setdefault(stem, set()).add(suffix)
+        if suffix.startswith(("partial", "runs")):
+            continue
         base = stem[: -len("_knockout")] if stem.endswith("_knockout") else stem
         source, select = stem_source(base)
         t = _mtime(p)
@@ -327,14 +332,26 @@ def _check_stage(root: Path, sd: Path, stage: str, t_gen, t_ev, issue, deep: boo
                 done[stem] = "+ko" if "json" in ok.get(f"{stem}_knockout", ()) else ""
             elif suf & {"npz", "json"}:   # cut off between the two writes
                 missing = f"{stem}.json" if "npz" in suf else f"{stem}.npz"
-                if not (sd / missing).exists():
-                    issue(sd / missing, "incomplete", "missing: rerun the stage")
+                issue(sd / missing, "incomplete", "missing: rerun the stage")
+            elif suf & {"partial.npz"}:
+                done[stem] = "(partial)"
         elif stage == "taylor":
-            if "jsonl" in suf and iters.get(stem):
-                done[stem] = f"({iters[stem]} it)"
-        else:
+            n, stop = taylor.get(stem, (0, None))
+            if "jsonl" in suf and n:
+                want = _taylor_iters(sd / f"{stem}.runs.json")
+                done[stem] = f"({n}{'/' + str(want) if want else ''} it{', stop' if stop else ''})"
+        elif any(not s.startswith(("partial", "runs")) for s in suf):
             done[stem] = ""
     return done
+
+
+def _taylor_iters(runs_path: Path) -> int | None:
+    """--num-iters of the last Taylor run on this file (its runs file holds the stamps)."""
+    runs, err = load_json(runs_path) if runs_path.exists() else (None, "missing")
+    if err or not isinstance(runs, list) or not runs:
+        return None
+    return ((runs[-1].get("taylor") or {}).get("num_iters")
+            or (runs[-1].get("config") or {}).get("num_iters"))
 
 
 # ---------------------------------------------------------------- the tree
@@ -343,13 +360,30 @@ def dataset_dirs(root: Path, model: str | None = None, dataset: str | None = Non
     """`<root>/<model-slug>/<dataset>/` dirs that hold any btp output."""
     out = []
     markers = ("generations.jsonl", "evaluations.jsonl", "summary.json", *STAGE_DIRS, "pruned")
+    names = _model_names(root, model) if model else set()
     for m in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if model and m.name not in (model, model.replace("/", "--")):
+        if model and m.name not in names:
             continue
         for d in sorted(p for p in m.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if (dataset is None or d.name == dataset) and any((d / x).exists() for x in markers):
                 out.append(d)
     return out
+
+
+def _model_names(root: Path, model: str) -> set[str]:
+    """Dir names `model` may be filed under: itself, its slug, or (embedded names like smollm2-135m, folders)
+    the slug of the id btp.models resolves it to (imported only then: it loads torch)."""
+    from .store import model_slug
+
+    names = {model, model_slug(model)}
+    if not any((root / n).is_dir() for n in names):
+        try:
+            from .models import resolve_model
+
+            names.add(model_slug(resolve_model(model).model_id))
+        except Exception:  # noqa: BLE001  (an unknown name simply matches nothing)
+            pass
+    return names
 
 
 def check_tree(results_dir: str | Path, model: str | None = None, dataset: str | None = None,
@@ -372,7 +406,7 @@ def _cells(r: Row) -> list[str]:
     extra = sum(v for k, v in r.finish.items() if k not in ("stop", "length"))
     if extra:
         fin += f" +{extra}?"
-    ev = "-" if r.evaluated is None else f"{r.evaluated}/{r.generated}"
+    ev = "-" if r.evaluated is None else (f"{r.evaluated}/{r.generated}" if r.generated else str(r.evaluated))
     p1 = "-"
     if r.pass1 is not None:
         p1 = f"{100 * r.pass1:.1f}%"
@@ -426,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="only this model (slug or HF id)")
     p.add_argument("--dataset", default=None, help="only this dataset")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--deep", action="store_true", help="parse every JSONL line and CRC-check every npz member")
+    p.add_argument("--deep", action="store_true", help="also CRC-check every npz member (reads them whole)")
     args = p.parse_args(argv)
     try:
         rows = check_tree(args.results_dir, args.model, args.dataset, args.deep)

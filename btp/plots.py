@@ -661,6 +661,40 @@ def _count(vals: Iterable[Any]) -> dict[str, int]:
 
 # ================================================================ everything present
 
+LOADERS = {"entropy": load_entropy, "ablation": load_ablation, "taylor": load_taylor}
+
+
+def load_all(results_dir: str | Path, model: str | None, stage: str, only: Sequence[str] | None = None
+             ) -> list[Analysis]:
+    """Every finished output of a stage (`entropy`, `ablation`, `taylor`) over the datasets (or `only` these)."""
+    out = []
+    for d in datasets(results_dir, model):
+        if not only or d in only:
+            for name in stems(results_dir, model, d, stage):
+                a = LOADERS[stage](results_dir, model, d, name)
+                if stage != "taylor" or a.data:
+                    out.append(a)
+    return out
+
+
+def facet(a: Analysis, name: str) -> str:
+    return dict(_FACETS)[name](a)
+
+
+def compare(items: Sequence[Analysis], vary: str) -> list[list[Analysis]]:
+    """Groups of analyses equal in every facet (dataset, mode, population, extra) but `vary`, with at least two
+    values of `vary`: regular vs chain_code (`mode`), correct vs incorrect (`population`), across `dataset`."""
+    groups: dict[tuple, list[Analysis]] = {}
+    for a in items:
+        groups.setdefault(tuple(f(a) for n, f in _FACETS if n != vary), []).append(a)
+    return [g for g in groups.values() if len({facet(a, vary) for a in g}) > 1]
+
+
+def _group_name(g: Sequence[Analysis], vary: str) -> str:
+    keep = [f(g[0]) for n, f in _FACETS if n != vary and f(g[0])]
+    return "_".join(k.replace("/", "-") for k in keep)
+
+
 def generation_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
                        ) -> Iterator[tuple[str, Figure]]:
     dss = [d for d in datasets(results_dir, model) if not only or d in only]
@@ -678,64 +712,43 @@ def generation_figures(results_dir: str | Path, model: str | None, only: Sequenc
 
 def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
                     ) -> Iterator[tuple[str, Figure]]:
-    """Per output: entropy/CE vs layer and per-layer histograms; per dataset and population: regular vs
-    chain_code; per dataset and mode: populations against each other; per output name: datasets compared."""
-    loaded: list[Analysis] = []
-    for d in datasets(results_dir, model):
-        if only and d not in only:
-            continue
-        for name in stems(results_dir, model, d, "entropy"):
-            a = load_entropy(results_dir, model, d, name)
-            loaded.append(a)
-            yield f"entropy_{d}_{name}_layers", entropy_by_layer(a)
-            yield f"entropy_{d}_{name}_histograms", entropy_histograms(a)
-    for d in dict.fromkeys(a.dataset for a in loaded):
-        mine = [a for a in loaded if a.dataset == d]
-        for pop in dict.fromkeys(a.population for a in mine):
-            both = [a for a in mine if a.population == pop]
-            if len({a.mode for a in both}) > 1:
-                yield f"entropy_{d}_modes_{pop.replace('/', '-')}", entropy_by_layer(both)
-        for mode in dict.fromkeys(a.mode for a in mine):
-            pops = [a for a in mine if a.mode == mode]
-            if len({a.population for a in pops}) > 1:
-                yield f"entropy_{d}_populations_{mode}", entropy_by_layer(pops, band="ci")
-                yield f"entropy_{d}_populations_{mode}_histograms", entropy_histograms(pops, metric="ce")
-    for name in dict.fromkeys(a.name for a in loaded):
-        same = [a for a in loaded if a.name == name]
-        if len(same) > 1:
-            yield f"entropy_datasets_{name}", entropy_by_layer(same)
+    """Per output: entropy/CE vs layer and per-layer histograms; then regular vs chain_code, populations
+    against each other (CE histograms too) and datasets against each other wherever the results allow."""
+    items = load_all(results_dir, model, "entropy", only)
+    for a in items:
+        yield f"entropy_{a.dataset}_{a.name}_layers", entropy_by_layer(a)
+        yield f"entropy_{a.dataset}_{a.name}_histograms", entropy_histograms(a)
+    for g in compare(items, "mode"):
+        yield f"entropy_modes_{_group_name(g, 'mode')}", entropy_by_layer(g)
+    for g in compare(items, "population"):
+        yield f"entropy_populations_{_group_name(g, 'population')}", entropy_by_layer(g, band="ci")
+        yield f"entropy_populations_{_group_name(g, 'population')}_histograms", entropy_histograms(g, metric="ce")
+    for g in compare(items, "dataset"):
+        yield f"entropy_datasets_{_group_name(g, 'dataset')}", entropy_by_layer(g)
 
 
 def ablation_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None, k: int = 10
                      ) -> Iterator[tuple[str, Figure]]:
-    loaded = []
-    for d in datasets(results_dir, model):
-        if only and d not in only:
-            continue
-        for name in stems(results_dir, model, d, "ablation"):
-            a = load_ablation(results_dir, model, d, name)
-            loaded.append(a)
-            yield f"ablation_{d}_{name}_heatmap", ablation_heatmap(a)
-            yield f"ablation_{d}_{name}_layers", ablation_layers(a)
-            if a.extra.get("knockout"):
-                yield f"ablation_{d}_{name}_knockout", ablation_knockout(a)
-    shapes = {np.shape(a.data["delta_mean"]) for a in loaded}
-    if len(loaded) > 1 and len(shapes) == 1:
-        yield "ablation_top_head_overlap", top_head_overlap(loaded, k=k)
+    items = load_all(results_dir, model, "ablation", only)
+    for a in items:
+        yield f"ablation_{a.dataset}_{a.name}_heatmap", ablation_heatmap(a)
+        yield f"ablation_{a.dataset}_{a.name}_layers", ablation_layers(a)
+        if a.extra.get("knockout"):
+            yield f"ablation_{a.dataset}_{a.name}_knockout", ablation_knockout(a)
+    by_shape: dict[tuple, list[Analysis]] = {}
+    for a in items:
+        by_shape.setdefault(np.shape(a.data["delta_mean"]), []).append(a)
+    groups = [g for g in by_shape.values() if len(g) > 1]   # one per model shape (always one for a model)
+    for i, g in enumerate(groups):
+        yield "ablation_top_head_overlap" + (f"_{i}" if i else ""), top_head_overlap(g, k=k)
 
 
 def taylor_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
                    ) -> Iterator[tuple[str, Figure]]:
-    for d in datasets(results_dir, model):
-        if only and d not in only:
-            continue
-        for name in stems(results_dir, model, d, "taylor"):
-            a = load_taylor(results_dir, model, d, name)
-            if not a.data:
-                continue
-            yield f"taylor_{d}_{name}_loss", taylor_loss(a)
-            yield f"taylor_{d}_{name}_heads", taylor_heads(a)
-            yield f"taylor_{d}_{name}_layers", taylor_layers(a)
+    for a in load_all(results_dir, model, "taylor", only):
+        yield f"taylor_{a.dataset}_{a.name}_loss", taylor_loss(a)
+        yield f"taylor_{a.dataset}_{a.name}_heads", taylor_heads(a)
+        yield f"taylor_{a.dataset}_{a.name}_layers", taylor_layers(a)
 
 
 FAMILIES = {"generation": generation_figures, "entropy": entropy_figures, "ablation": ablation_figures,

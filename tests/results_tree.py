@@ -14,6 +14,7 @@ Use: `from results_tree import results_tree, tree_copy` in a test module; `resul
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import warnings
@@ -73,7 +74,10 @@ def model_dir(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def results_tree(tmp_path_factory) -> Path:
-    """Built once per session (a module importing this fixture reuses the tree another built)."""
+    """Built once per session (a module importing this fixture reuses the tree another built). For quick local
+    iterations, BTP_TEST_RESULTS_TREE=DIR reuses a tree built earlier by `python tests/results_tree.py DIR`."""
+    if os.environ.get("BTP_TEST_RESULTS_TREE"):
+        return Path(os.environ["BTP_TEST_RESULTS_TREE"])
     base = tmp_path_factory.getbasetemp() / "results_tree"
     done = base / ".built"
     if not done.exists():

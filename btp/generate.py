@@ -15,12 +15,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
+from . import cli
 from .data import DATASETS, Problem, load_problems
 from .prompts import STYLES, build_prompt, encode_prompt, extract
 from .store import JsonlStore, dataset_dir, provenance, read_json
@@ -294,19 +295,16 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
 # ---------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m btp.generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="JSON preset whose keys are flag names; flags override it")
+    ap = cli.parser("generate", __doc__.split("\n\n")[0])
+    cli.add_common(ap, dataset=False)  # --model, --results-dir, --seed
     d = GenerateConfig()
-    ap.add_argument("--model", default=d.model, help="HF id, local folder or smollm2-135m")
     ap.add_argument("--dataset", default=d.dataset, help=f"one of {DATASETS}, or several comma-separated")
     ap.add_argument("--limit", type=int, default=None, help="first N problems")
     ap.add_argument("--n", type=int, default=d.n, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=d.temperature)
     ap.add_argument("--top-p", type=float, default=d.top_p)
     ap.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--backend", default=d.backend, choices=("auto", "vllm", "hf"))
-    ap.add_argument("--results-dir", default=d.results_dir)
+    ap.add_argument("--backend", default=d.backend, choices=("auto", "vllm", "hf"), help="auto: vllm if importable")
     ap.add_argument("--prompt-style", default=d.prompt_style, choices=STYLES)
     ap.add_argument("--chat-template-kwargs", type=json.loads, default={},
                     help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'')
@@ -318,30 +316,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--end-date", default=None, help="LiveCodeBench contest_date <= YYYY-MM[-DD]")
     ap.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="default 0.9 on GPU, 0.3 on CPU")
     ap.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16")
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM: skip compilation (faster start)")
-    ap.add_argument("--chunk-size", type=int, default=d.chunk_size, help="vLLM sequences per call and write")
+    ap.add_argument("--chunk-size", type=int, default=d.chunk_size, help="vLLM sequences per call and write; 0: all")
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="HF backend batch size")
     ap.add_argument("--device", default=None, help="HF backend device")
     return ap
 
 
 def parse_config(argv: Sequence[str] | None = None) -> GenerateConfig:
-    ap = _parser()
-    pre, _ = ap.parse_known_args(argv)
-    if pre.config:
-        try:
-            preset = json.loads(Path(pre.config).read_text())
-        except json.JSONDecodeError as e:
-            ap.error(f"{pre.config}:{e.lineno}: not valid JSON ({e.msg})")
-        names = {f.name for f in fields(GenerateConfig)}
-        preset = {k.replace("-", "_"): v for k, v in preset.items()}
-        unknown = sorted(set(preset) - names)
-        if unknown:
-            ap.error(f"{pre.config}: unknown keys {unknown}")
-        ap.set_defaults(**preset)
-    args = vars(ap.parse_args(argv))
+    args = vars(cli.parse(_parser(), argv))
     args.pop("config")
     return GenerateConfig(**args)
 

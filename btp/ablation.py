@@ -563,12 +563,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if args.per_token:
             arrays.update(token_delta=res["token_delta"], base_token_ce=res["base_token_ce"])
         full = provenance(**stamp, run_key=mkey, seconds=round(secs, 2))
+        # json first: a kill between the two writes leaves no npz, so the rerun redoes it (from the partial)
+        write_json(json_path, {
+            **full, "npz": npz_path.name, "layers": layers or list(range(len(res["layer_num_heads"]))),
+            "n_boot": args.n_boot,
+            "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed",
+            "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
+            if args.ablation == "mean" else None,
+            "base_ce_mean": float(np.mean(res["base_ce"])), "top_heads": _top(res, 20)})
         write_npz(npz_path, provenance=full, **arrays, **ss.fields())
-        write_json(json_path, {**full, "npz": npz_path.name, "layers": layers or list(range(len(res["layer_num_heads"]))), "n_boot": args.n_boot,
-                   "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed",
-                   "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
-                   if args.ablation == "mean" else None,
-                   "base_ce_mean": float(np.mean(res["base_ce"])), "top_heads": _top(res, 20)})
         mpart.unlink(missing_ok=True)
         res["replacement"] = rep
         n_heads = int(np.isfinite(res["delta_mean"]).sum())

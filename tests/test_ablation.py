@@ -3,6 +3,8 @@ weight-surgery copy (full logits); `fixed_attention` is exact; interrupted runs 
 Tiny random models of several architectures, incl. gemma2 (soft-capping) and the mixed-head model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from btp.store import read_json, read_npz
 from conftest import ARCH_NAMES, make_mixed, make_tiny
 
 TOL = 1e-5
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -286,6 +289,11 @@ def test_cli_parsing_errors():
     with pytest.raises(ValueError, match="scored span"):
         abl.run_matrix(make_tiny("llama"), tiny_set(specs=((10, 0),)), abl.MatrixConfig(progress=False))
     assert abl.output_name("regular", "mean", [0, 2]) == "regular-mean-layers0_2"
+    from btp import cli
+
+    for name in ("greedy", "mean"):
+        args = cli.parse(abl.build_parser(), ["--config", str(ROOT / "configs" / f"ablation_{name}.json"), "--random-seeds", "5"])
+        assert args.random_seeds == 5 and (args.greedy if name == "greedy" else args.ablation == "mean")
 
 
 @pytest.mark.slow
@@ -295,14 +303,15 @@ def test_main_embedded_model(tmp_path):
     from btp.models import load_model
     from btp.samples import load_samples
 
-    path = abl.main(["--source", "reference", "--num-samples", "2", "--layers", "28,29", "--random-seeds", "1",
+    path = abl.main(["--source", "reference", "--num-samples", "2", "--seed", "1", "--layers", "28,29",
+                     "--random-seeds", "1",
                      "--results-dir", str(tmp_path), "--no-progress"])
     z = read_npz(path)
     assert path.name == "regular-reference-layers28_29.npz"
     assert z["delta"].shape == (2, 30, 9) and np.isfinite(z["delta"][:, 28:]).all()
     assert np.isnan(z["delta"][:, :28]).all()
     lm = load_model()
-    ss = load_samples(tmp_path, lm.model_id, "humaneval", SampleConfig(source="reference", num_samples=2),
+    ss = load_samples(tmp_path, lm.model_id, "humaneval", SampleConfig(source="reference", num_samples=2, seed=1),
                       lm.tokenizer)
     l, h = np.unravel_index(np.nanargmax(z["delta"][0]), z["delta"][0].shape)
     s = ss.samples[0]

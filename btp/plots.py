@@ -230,9 +230,7 @@ def _legend_label(a: Analysis, items: Sequence[Analysis]) -> str:
 
 
 def _heat_cmap(name: str = "RdBu_r"):
-    cmap = colormaps[name].copy()
-    cmap.set_bad((1, 1, 1, 0))  # NaN (padding heads, layers not computed): blank
-    return cmap
+    return colormaps[name].with_extremes(bad=(1, 1, 1, 0))  # NaN (padding heads, layers not computed): blank
 
 
 def _head_axes(ax, L: int, H: int) -> None:
@@ -522,8 +520,7 @@ def taylor_heads(a: Analysis) -> Figure:
     P[np.isnan(first)] = np.nan
     n_it = int(recs[-1]["iteration"])
     shades = colormaps["YlOrBr"](np.linspace(0.15, 0.85, n_it))
-    cmap = ListedColormap([(0.1, 0.45, 0.2, 1.0)] + [tuple(c) for c in shades])
-    cmap.set_bad((1, 1, 1, 0))
+    cmap = ListedColormap([(0.1, 0.45, 0.2, 1.0)] + [tuple(c) for c in shades]).with_extremes(bad=(1, 1, 1, 0))
     fig = new_figure(min(max(6.5, 2.8 + 0.32 * H), 14), min(max(3.5, 1.6 + 0.2 * L), 14))
     ax = fig.subplots()
     im = ax.imshow(np.ma.masked_invalid(P), cmap=cmap, norm=BoundaryNorm(np.arange(n_it + 2) - 0.5, n_it + 1),
@@ -585,7 +582,7 @@ def pass_at_k(summaries: dict[str, dict], title: str = "pass@k with 95% bootstra
         hi = np.array([np.nan if p[3] is None else p[3] for p in pts], dtype=float) * 100
         n = s.get("n_problems", s.get("problems"))
         lab = ds + (f" ({n} problems)" if n else "")
-        ax.errorbar(k + 0.04 * i, est, yerr=[np.nan_to_num(est - lo), np.nan_to_num(hi - est)], marker="o", ms=4,
+        ax.errorbar(k + 0.04 * i, est, yerr=np.vstack([np.nan_to_num(est - lo), np.nan_to_num(hi - est)]), marker="o", ms=4,
                     capsize=3, color=f"C{i}", label=lab)
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (%)")

@@ -1,0 +1,154 @@
+"""btp.plots on a real results tree (tests/results_tree.py): `python -m btp.plots` writes every figure the tree
+allows as non-trivial PNG/PDF files; titles state the population; the plotted numbers are the stored ones
+(heatmap NaN blank and centred at zero, Jaccard overlaps, knockout and Taylor curves, pass@k)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.text import Text
+
+from btp import plots as bp
+from btp.store import read_npz
+from results_tree import model_dir, results_tree  # noqa: F401  (session fixture)
+
+MODEL = "smollm2-135m"
+
+
+def texts(fig) -> str:
+    fig.draw_without_rendering()   # materialise tick labels
+    return "\n".join(t.get_text() for t in fig.findobj(Text))
+
+
+@pytest.mark.slow
+def test_cli_writes_every_figure(results_tree, tmp_path):
+    out = tmp_path / "figs"
+    files = bp.main(["--results-dir", str(results_tree), "--model", MODEL, "--out", str(out), "--pdf"])
+    names = {p.name for p in files}
+    he, mb = "humaneval", "mbpp"
+    want = {"generation_pass_at_k", "generation_statuses", "generation_finish_reasons", "generation_output_lengths",
+            *(f"entropy_{d}_{n}_{kind}" for d, n in ((he, "regular-all"), (he, "chain_code-all"),
+                                                     (he, "regular-incorrect"), (mb, "regular-all"))
+              for kind in ("layers", "histograms")),
+            "entropy_modes_humaneval_generations-all",            # regular vs chain_code
+            "entropy_populations_humaneval_regular",              # all vs incorrect generations
+            "entropy_populations_humaneval_regular_histograms",
+            "entropy_datasets_regular_generations-all",           # humaneval vs mbpp
+            *(f"ablation_{d}_regular-all-layers28_29_{kind}" for d in (he, mb)
+              for kind in ("heatmap", "layers", "knockout")),
+            "ablation_top_head_overlap",
+            *(f"taylor_{he}_regular-all_{kind}" for kind in ("loss", "heads", "layers"))}
+    assert names == {f"{w}.{ext}" for w in want for ext in ("png", "pdf")}
+    for p in files:
+        data = p.read_bytes()
+        assert len(data) > 8000, p
+        assert data.startswith(b"\x89PNG" if p.suffix == ".png" else b"%PDF"), p
+
+
+@pytest.mark.slow
+def test_titles_state_population(results_tree):
+    for fam in ("entropy", "ablation", "taylor"):
+        for name, fig in bp.FAMILIES[fam](results_tree, MODEL):
+            t = texts(fig)
+            assert "generations/all" in t or "generations/incorrect" in t, (name, t)
+    a = bp.load_entropy(results_tree, MODEL, "humaneval", "regular-incorrect")
+    assert a.population == "generations/incorrect" and a.n_samples == 2 and a.mode == "regular"
+    assert "humaneval · regular · generations/incorrect (n=2 samples)" in texts(bp.entropy_by_layer(a))
+
+
+@pytest.mark.slow
+def test_entropy_lines_are_the_stored_means(results_tree):
+    a = bp.load_entropy(results_tree, MODEL, "humaneval", "regular-all")
+    fig = bp.entropy_by_layer(a)
+    ent_ax, ce_ax = fig.axes[:2]
+    np.testing.assert_allclose(ent_ax.lines[0].get_ydata(), a.data["entropy_mean"], rtol=1e-6)
+    np.testing.assert_allclose(ce_ax.lines[0].get_ydata(), a.data["ce_mean"], rtol=1e-6)
+    assert list(ent_ax.lines[0].get_xdata()) == list(range(1, 31))
+    _, lo, hi = bp._band(a, "ce", "ci")
+    assert np.all(lo <= a.data["ce_mean"] + 1e-6) and np.all(a.data["ce_mean"] <= hi + 1e-6)
+    groups = bp.compare(bp.load_all(results_tree, MODEL, "entropy"), "mode")
+    assert [[x.name for x in g] for g in groups] == [["regular-all", "chain_code-all"]]
+
+
+@pytest.mark.slow
+def test_ablation_heatmap_knockout_and_overlap(results_tree):
+    a = bp.load_ablation(results_tree, MODEL, "humaneval", "regular-all-layers28_29")
+    dm = a.data["delta_mean"]
+    fig = bp.ablation_heatmap(a)
+    im = fig.axes[0].images[0]
+    arr = im.get_array()
+    assert np.array_equal(arr.mask, ~np.isfinite(dm)) and arr.mask[:28].all() and not arr.mask[28:].any()
+    assert im.cmap.get_bad()[3] == 0                           # NaN drawn transparent (blank)
+    assert im.norm.vcenter == 0 and im.norm.vmin == -im.norm.vmax == -np.nanmax(np.abs(dm))
+    ko = a.extra["knockout"]
+    fig = bp.ablation_knockout(a)
+    top = next(l for l in fig.axes[0].lines if l.get_label().startswith("top-k"))
+    assert list(top.get_xdata()) == [0, 1, 2, 4]
+    np.testing.assert_allclose(top.get_ydata(), [ko["base"]["mean_ce"]] + [p["mean_ce"] for p in ko["top"]])
+    labels = {l.get_label() for l in fig.axes[0].lines}
+    assert {"greedy (re-ranked each step)", "random control (mean of 2 seeds)"} <= labels
+    b = bp.load_ablation(results_tree, MODEL, "mbpp", "regular-all-layers28_29")
+    J = bp.jaccard_matrix([dm, b.data["delta_mean"]], 10)
+    sa, sb = bp.top_heads(dm, 10), bp.top_heads(b.data["delta_mean"], 10)
+    assert J[0, 1] == pytest.approx(len(sa & sb) / len(sa | sb)) and J[0, 0] == 1
+    ranked = [tuple(t["head"]) for t in a.meta["top_heads"][:10]]   # the stage's own ranking
+    assert sa == set(ranked)
+
+
+def test_jaccard_and_top_heads_on_known_matrices():
+    m1 = np.array([[3.0, 2.0, np.nan], [1.0, 0.0, -1.0]])
+    m2 = np.array([[0.0, 5.0, np.nan], [4.0, 1.0, -2.0]])
+    assert bp.top_heads(m1, 2) == {(0, 0), (0, 1)} and bp.top_heads(m2, 2) == {(0, 1), (1, 0)}
+    assert bp.jaccard_matrix([m1, m2], 2)[0, 1] == pytest.approx(1 / 3)
+    fig = bp.head_heatmap(np.array([[np.nan, 1.0], [-0.25, 0.0]]), "t")
+    assert fig.axes[0].images[0].norm.vmin == -1.0
+
+
+@pytest.mark.slow
+def test_taylor_figures(results_tree):
+    a = bp.load_taylor(results_tree, MODEL, "humaneval", "regular-all")
+    recs = a.data
+    assert [r["iteration"] for r in recs] == [1, 2, 3] and a.population == "generations/all"
+    fig = bp.taylor_loss(a)
+    it_ax, alive_ax = fig.axes[:2]
+    scoring, held = it_ax.lines[:2]
+    assert list(scoring.get_xdata()) == [0, 1, 2] and list(held.get_xdata()) == [0, 1, 2, 3]
+    np.testing.assert_allclose(held.get_ydata(), [recs[0]["base_heldout_loss"]] + [r["heldout_loss"] for r in recs])
+    assert list(alive_ax.lines[1].get_xdata()) == [270, 250, 230, 210]
+    P = bp.pruned_at(recs, (30, 9))
+    assert (P == 0).sum() == recs[-1]["n_alive"] == 210
+    assert sorted(map(tuple, np.argwhere(P > 0).tolist())) == sorted(map(tuple, recs[-1]["pruned_total"]))
+    assert "(210 alive)" in texts(bp.taylor_heads(a))
+    assert "2 scoring / 2 held-out samples" in texts(bp.taylor_layers(a))
+
+
+@pytest.mark.slow
+def test_generation_figures_use_stored_numbers(results_tree):
+    md = model_dir(results_tree)
+    s = json.loads((md / "humaneval/summary.json").read_text())
+    pts = bp.pass_at_k_points(s)
+    assert [p[0] for p in pts] == [1, 2]
+    assert pts[0][1:] == (s["pass_at_k"]["pass@1"]["estimate"], s["pass_at_k"]["pass@1"]["ci_low"],
+                          s["pass_at_k"]["pass@1"]["ci_high"])
+    gens = {d: bp.load_generations(results_tree, MODEL, d) for d in ("humaneval", "mbpp")}
+    assert len(gens["humaneval"]) == 4 and all(1 <= g["n_output_tokens"] <= 16 for g in gens["humaneval"])
+    fig = bp.finish_reasons(gens)
+    widths = [p.get_width() for p in fig.axes[0].patches]
+    assert sum(widths) == pytest.approx(200)                 # two datasets, 100% each
+    fig = bp.statuses({d: bp.load_evaluations(results_tree, MODEL, d) for d in ("humaneval", "mbpp")})
+    assert "humaneval" in texts(fig) and "no code counts as failed" in texts(fig)
+
+
+def test_model_dir_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        bp.model_dir(tmp_path / "nope", None)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match="2 models"):
+        bp.model_dir(tmp_path, None)
+    with pytest.raises(FileNotFoundError, match="no results for model"):
+        bp.model_dir(tmp_path, "org/other")
+    assert bp.model_dir(tmp_path, "a") == tmp_path / "a"
+    assert bp.split_stem("chain_code-reference-mean") == ("chain_code", "reference/all", "mean")
+    assert bp.split_stem("regular") == ("regular", "generations/correct", "")

@@ -7,7 +7,7 @@ writes `results/<model-slug>/<dataset>/entropy/<stem>.npz` (+ `<stem>.json`). La
 logits: its normed last hidden state is unembedded without a second norm.
 
 Memory: one forward pass per sample keeps the residual streams ([L, T, d], small); vocabulary-sized tensors exist
-only for `chunk_tokens` (layer, position) rows at a time, in fp32, so [layers x tokens x vocab] is never held.
+only for `chunk_tokens` (layer, position) rows at a time (a few buffers), in fp32, so [layers x tokens x vocab] is never held.
 """
 from __future__ import annotations
 
@@ -33,33 +33,45 @@ METRICS = ("entropy", "ce", "kl")
 
 @dataclass
 class LensConfig:
-    chunk_tokens: int = 256   # (layer, position) rows whose vocab-sized fp32 logits may exist at once
+    chunk_tokens: int | None = None  # rows (layer x position) of vocab-sized fp32 logits at once; None: auto
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.chunk_tokens < 1:
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+
+
+def auto_chunk(vocab_size: int, device: torch.device) -> int:
+    """Default rows per chunk: one fp32 [rows, V] buffer of <= 128 MiB on CPU (about 3 such buffers live at
+    once; larger matmuls amortise the unembedding's packing, measured flat from ~500 rows for V = 49k), <= 512 MiB
+    on CUDA."""
+    budget = (512 if device.type == "cuda" else 128) * 2 ** 20
+    return int(min(4096, max(8, budget // (4 * vocab_size))))
 
 
 # ---------------------------------------------------------------- the lens
 
-def _stats(logits: torch.Tensor, targets: torch.Tensor, final_p: torch.Tensor | None, final_neg_h: torch.Tensor | None
-           ) -> tuple[torch.Tensor, ...]:
-    """Entropy, CE of `targets`, KL(final || this) per row of `logits` [..., P, V], in fp32, and the probabilities
-    (kept by the caller for the final layer). softmax, not logp.exp(): torch's exp kernel is ~4x slower on CPU."""
+def _stats(logits: torch.Tensor, targets: torch.Tensor, final_p: torch.Tensor | None,
+           final_neg_h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                      torch.Tensor | None]:
+    """Entropy, CE of `targets` and KL(final || this) per row of `logits` [..., P, V], in fp32. Without `final_p`
+    these are the final layer's rows and their probabilities are returned for the KL of the other layers.
+    softmax, not logp.exp() (torch's exp kernel is ~4x slower on CPU); products in place (no extra buffers)."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     p = torch.softmax(logits, dim=-1)
     del logits
-    ent = -torch.linalg.vecdot(p, logp)
     ce = -logp.gather(-1, targets.expand(*logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-    kl = None if final_p is None else final_neg_h - torch.linalg.vecdot(final_p, logp)
-    return ent, ce, kl, p
+    if final_p is None:
+        return -logp.mul_(p).sum(-1), ce, None, p
+    ent = -p.mul_(logp).sum(-1)
+    kl = final_neg_h - logp.mul_(final_p).sum(-1)   # KL = sum p_f log p_f - sum p_f log p_l
+    return ent, ce, kl, None
 
 
 @torch.no_grad()
 def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                chunk_tokens: int = 256) -> dict[str, torch.Tensor]:
+                chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """Entropy, CE and KL(final || layer) as fp32 [P, L] (CPU) for one sequence `input_ids` [T], at `positions` [P]
     whose logits predict `targets` [P]. Column l-1 is layer l; column L-1 is the model's own output."""
     ad = adapter(model)
@@ -69,6 +81,8 @@ def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
     tgt = torch.as_tensor(targets, dtype=torch.long).to(dev)
     if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= ids.shape[1]):
         raise IndexError(f"positions outside the sequence of {ids.shape[1]} tokens")
+    if pos.numel():
+        ids = ids[:, :int(pos.max()) + 1]   # causal: later tokens cannot change the scored positions
     with record(model, layer_inputs=range(1, L)) as rec:
         out = ad.base(input_ids=ids, use_cache=False)
         # residual after layer l (1-indexed) = input of layer index l; keep only the scored positions
@@ -77,17 +91,17 @@ def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
     final = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0].index_select(0, pos)
     del out
     P = pos.numel()
-    res = {m: torch.empty(P, L, dtype=torch.float32) for m in METRICS}
-    c = max(1, min(P, chunk_tokens // 2))           # positions per chunk: the final layer's p stays alongside
-    g = max(1, (chunk_tokens - c) // c)             # layers per group
+    res = {m: torch.zeros(P, L, dtype=torch.float32) for m in METRICS}
+    rows = chunk_tokens or auto_chunk(ad.vocab_size, dev)
+    c = max(1, min(P, rows))   # positions per chunk
+    g = max(1, rows // c)      # layers per unembedding matmul: g * c <= rows (short samples batch layers)
     for s in range(0, P, c):
         sl = slice(s, min(s + c, P))
         t = tgt[sl]
-        # the model's own logits: normed state, unembedded (norm not applied twice)
+        # the model's own logits: its normed last state, unembedded (norm not applied twice)
         ent, ce, _, p_f = _stats(ad.logits_from_normed(final[sl]), t, None, None)
+        res["entropy"][sl, L - 1], res["ce"][sl, L - 1] = ent.cpu(), ce.cpu()   # kl stays 0
         neg_h_f = -ent
-        res["entropy"][sl, L - 1], res["ce"][sl, L - 1] = ent.cpu(), ce.cpu()
-        res["kl"][sl, L - 1] = 0.0
         for l0 in range(0, L - 1, g):
             ls = range(l0, min(l0 + g, L - 1))
             h = torch.stack([resid[l][sl] for l in ls])            # [g, c, d]
@@ -139,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(STAGE, "Entropy lens: per-layer entropy, next-token CE and KL(final || layer) at scored tokens")
     cli.add_common(p)
     add_sample_args(p)
-    p.add_argument("--chunk-tokens", type=int, default=LensConfig.chunk_tokens,
-                   help="(layer, position) rows of vocab-sized fp32 logits held at once (bounds memory)")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="(layer, position) rows of vocab-sized fp32 logits held at once, bounds memory "
+                        "(default: auto, <= 128 MiB per buffer on CPU, <= 512 MiB on CUDA)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="recompute even if the output exists")

@@ -7,28 +7,32 @@ The PARENT half starts that interpreter, feeds it programs, times them, reads th
 
 Process tree (as root, the usual case; `isolation` in every result records what was achieved):
 
-    Sandbox ──► zygote: python -I -S -B, root, one per Sandbox; imports, then only forks; runs no program
-                  └─► outer: a pristine fork per program (fd 0 config, fd 2 reports), child subreaper
+    Sandbox ──► zygote: python -I -S -B, root, one per Sandbox; imports, then only forks
+                  └─► server, one per worker slot (a fork of the zygote; fd 0 programs, fd 2 reports)
                         └─► harness: PID 1 of new pid+net+mount namespaces, root; `/` read-only except the
-                            │   program's empty temp dir; fresh /proc; never runs program code
+                            │   slot's dir, fresh /proc; a new SysV IPC namespace and an empty dir (mode
+                            │   0700, the slot's uid) per program; runs no program code
                             └─► one child per test: setsid, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE),
-                                an unprivileged uid of its own, no_new_privs, fds 0-3 only, clean env,
-                                then exec() of the program (stdin: the test's input; a fresh one per test)
+                                the slot's own unprivileged uid, no_new_privs, fds 0-3 only, clean env,
+                                then exec() of the program (stdin mode: the test's input on fd 0)
 
-* Fresh interpreter: every program gets an interpreter no other program has touched (a fork of the
-  zygote, which never runs program code), without paying ~10 ms of interpreter start each time.
+* Fresh interpreter: every program runs in a fork of a harness that has never run program code, so it
+  gets an interpreter no other program touched, without paying ~10 ms of interpreter start; namespaces
+  and mounts are made once per slot, and a slot runs one program at a time.
 * Verdicts: a test child proves that the program *and its tests* ran to the end by writing a random
   nonce (made by the harness for that child only) to its private verdict pipe after `exec` returns.
   Exiting early (`os._exit(0)`, `sys.exit(0)`), killing its parent, printing "passed" or flooding stdout
   therefore never passes. Outputs of stdin/functional tests are judged in the parent, which alone holds
-  the expected outputs. The harness reports one line per test on a pipe no program process holds.
+  the expected outputs; it tells the harness after each test whether to go on. The harness reports one
+  line per test on a pipe no program process holds.
 * Limits: `timeout` is CPU seconds per test (RLIMIT_CPU); the harness also kills a test child at a wall
   deadline (`wall_factor` x timeout + 1 s: sleepers, a starved host) and when its output passes a cap.
   No alarm inside the program is relied on; the parent has its own backstop deadline.
 * Cleanup: after each test the harness kills everything the program started: as PID 1 of the namespace
   `kill(-1, SIGKILL)` reaches every process in it, including daemons that double-forked and left the
   session; without a pid namespace it kills the uid's processes (root) and sweeps orphans re-parented to
-  it (subreaper). Exiting PID 1 makes the kernel kill whatever is left.
+  it (subreaper). Then the program's dir is removed and its IPC namespace dropped, and only then is the
+  program reported done. A server that falls out of step is killed (its namespace with it) and replaced.
 * Degrading: without root or without namespaces the same code runs with what the machine allows, down to
   "rlimits-only"; the level reached is reported with every result.
 * Limit of the threat model: code that deliberately inspects its own interpreter (frames, memory) can
@@ -49,7 +53,7 @@ import sys
 import time
 
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
-_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWIPC = 0x00020000, 0x20000000, 0x40000000, 0x08000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
 _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 _SYS_MOUNT_SETATTR, _AT_RECURSIVE, _AT_FDCWD = 442, 0x8000, -100  # mount_setattr: Linux >= 5.12
@@ -270,6 +274,7 @@ def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
         hi = v + 1 if res == resource.RLIMIT_CPU and (hard == resource.RLIM_INFINITY or v < hard) else v
         resource.setrlimit(res, (v, hi))  # CPU: SIGXCPU at the soft limit, SIGKILL a second later
     os.chdir(cfg["work"])
+    os.environ.update(HOME=cfg["work"], TMPDIR=cfg["work"])
     os.umask(0o077)
     if _STATE["uid"] is not None:
         os.setgroups([])
@@ -428,50 +433,121 @@ def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> 
     return rep
 
 
-def _harness(cfg: dict, feats: list[str], libc: _Libc, init: bool) -> None:
-    """Run each test in a fresh child and report it; stops at the first test that is not ok."""
-    libc.prctl(_PR_SET_DUMPABLE, 0)  # same-uid children can neither ptrace us nor open our fds
-    root = os.geteuid() == 0
-    uid = cfg["uid"] if root and cfg["uid"] is not None else None
-    if uid is not None and not init and any(_blocked(p, uid) for p in sys.path if os.path.isdir(p)):
-        uid = None  # no mount namespace to expose the interpreter in: stay root, and say so
-    _STATE.update(init=init, uid=uid, child=None, source=cfg["code"])
-    if uid is not None:
-        feats.append("unpriv-uid")
-    elif not root:  # RLIMIT_NPROC counts all of this user's tasks
-        cfg["nproc"] += _user_tasks(os.getuid())
-    _frame(t="hello", isolation="+".join(feats) or "rlimits-only")
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n and (chunk := os.read(fd, n - len(buf))):
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv() -> dict | None:
+    """The next length-prefixed, marshalled message from the parent on fd 0; None at EOF."""
+    head = _read_exact(0, 8)
+    return marshal.loads(_read_exact(0, int.from_bytes(head, "little"))) if len(head) == 8 else None
+
+
+def _program(cfg: dict, libc: _Libc) -> None:
+    """Run one program's tests, each in a fresh child; stop at the first test that is not ok, or when
+    the parent (which alone knows the expected outputs) says a test's output was wrong."""
+    import gc
+
+    _STATE["source"] = cfg["code"]
     try:
         code = compile(cfg["code"], "<program>", "exec", dont_inherit=True)
     except BaseException as e:  # noqa: BLE001 - SyntaxError, ValueError (NUL bytes), RecursionError ...
         _frame(t="test", i=0, status="error", err=f"{type(e).__name__}: {e}"[:1500], dt=0.0)
-        _frame(t="done")
         return
-    prelude = None
-    if cfg["mode"] != "script":
-        for m in _LCB_MODULES:  # imported once here, inherited by every test child
-            __import__(m)
-        prelude = compile(_LCB_PRELUDE, "<prelude>", "exec")
-    import gc
-
+    prelude = compile(_LCB_PRELUDE, "<prelude>", "exec") if cfg["mode"] != "script" else None
+    n = len(cfg["tests"])
     gc.freeze()  # children's collections skip our objects: fewer copy-on-write page faults after fork
-    for i in range(len(cfg["tests"])):
-        rep = _run_test(cfg, i, code, prelude, libc)
-        _frame(**rep)
-        if rep["status"] != "ok":
-            break
-    _frame(t="done")
+    try:
+        for i in range(n):
+            rep = _run_test(cfg, i, code, prelude, libc)
+            _frame(**rep)
+            if rep["status"] != "ok" or (i < n - 1 and _read_exact(0, 1) != b"c"):
+                return
+    finally:
+        gc.unfreeze()
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _harness(init: dict, feats: list[str], libc: _Libc, is_init: bool) -> None:
+    """Serve programs one at a time: a fresh work dir (and SysV IPC namespace) for each, everything the
+    program started killed after each test, the dir removed, then a "done" report. Runs no program code."""
+    import shutil
+
+    libc.prctl(_PR_SET_DUMPABLE, 0)  # same-uid children can neither ptrace us nor open our fds
+    root = os.geteuid() == 0
+    uid = init["uid"] if root else None
+    if uid is not None and not is_init and any(_blocked(p, uid) for p in sys.path if os.path.isdir(p)):
+        uid = None  # no mount namespace to expose the interpreter in: stay root, and say so
+    _STATE.update(init=is_init, uid=uid, child=None)
+    if uid is not None:
+        feats.append("unpriv-uid")
+    ipc = False
+    if is_init:
+        try:
+            libc.unshare(_CLONE_NEWIPC)
+            ipc = True
+            feats.insert(3, "ipcns")
+        except OSError:
+            pass
+    _frame(t="hello", isolation="+".join(feats) or "rlimits-only")
+    count = 0
+    while (cfg := _recv()) is not None:
+        count += 1
+        work = os.path.join(init["root"], f"p{count}")
+        os.mkdir(work, 0o700)
+        if uid is not None:
+            os.chown(work, uid, uid)
+        if not root:  # RLIMIT_NPROC counts every task of this user: leave the program its share on top
+            cfg["nproc"] += _user_tasks(os.getuid())
+        cfg.update(work=work, site=init["site"])
+        try:
+            _program(cfg, libc)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if ipc:
+                libc.unshare(_CLONE_NEWIPC)  # SysV objects of this program go now, with its namespace
+            _frame(t="done")
 
 
 def _main() -> None:
-    _outer(marshal.loads(_read_all(0)))
+    """A sandbox server (a fresh fork of the zygote): fd 0 brings programs, fd 2 takes reports."""
+    init = _recv()
+    if init is None:
+        os._exit(0)
+    libc = _STATE.get("libc") or _Libc()
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    feats: list[str] = []
+    if init["isolate"] and os.geteuid() == 0:
+        try:
+            libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET)
+            feats += ["netns", "pidns", "mountns"]
+        except OSError:
+            pass  # no namespaces here: degrade, and say so in the hello report
+    if "pidns" not in feats:
+        signal.signal(signal.SIGTERM, _on_term)
+        _harness(init, feats, libc, is_init=False)
+        os._exit(0)
+    pid = os.fork()
+    if pid == 0:  # PID 1 of the new namespaces; when it exits the kernel kills the rest
+        _exit = os._exit
+        try:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            try:
+                feats += _lock_fs(libc, init["root"], init["uid"])
+            except OSError:
+                pass
+            _harness(init, feats, libc, is_init=True)
+        except BaseException:  # noqa: BLE001 - report, the parent calls it a sandbox error
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            _exit(0)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+    os.waitpid(pid, 0)
+    os._exit(0)
 
 
 def _reap(*_: object) -> None:
@@ -484,14 +560,14 @@ def _reap(*_: object) -> None:
 
 
 def _zygote(fd: int) -> None:
-    """The one fresh interpreter a Sandbox starts: it imports what programs and harnesses need, then
-    forks a pristine copy of itself for each program (fd 0: config, fd 2: reports) and sends back the
-    copy's pid and a pidfd. It never runs program code, so every program gets an interpreter no other
-    program touched, without paying ~10 ms of interpreter start."""
+    """The one fresh interpreter a Sandbox starts: it imports what servers and programs need, then forks
+    a pristine copy of itself for each sandbox server (fd 0: programs, fd 2: reports) and sends back its
+    pid and a pidfd. It never runs program code, nor does a server, so every program gets an interpreter
+    no other program touched, without paying ~10 ms of interpreter start."""
     import gc
     import socket
 
-    for m in _LCB_MODULES + ("resource", "traceback", "linecache", "ctypes"):
+    for m in _LCB_MODULES + ("resource", "traceback", "linecache", "ctypes", "shutil"):
         __import__(m)
     _STATE["libc"] = _Libc()
     sock = socket.socket(fileno=fd)
@@ -504,7 +580,7 @@ def _zygote(fd: int) -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the outer waits for its own children
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server waits for its own children
                 sock.close()
                 os.dup2(fds[0], 0)
                 os.dup2(fds[1], 2)
@@ -518,46 +594,6 @@ def _zygote(fd: int) -> None:
         socket.send_fds(sock, [b"%d" % pid], [pidfd])
         for f in fds + [pidfd]:
             os.close(f)
-
-
-def _outer(cfg: dict) -> None:
-    """One program: namespaces if allowed, then the harness (as PID 1 of the new pid namespace)."""
-    fd = os.open(os.devnull, os.O_RDONLY)  # the config pipe is drained and gone
-    os.dup2(fd, 0)
-    os.close(fd)
-    os.environ.update(HOME=cfg["work"], TMPDIR=cfg["work"])
-    libc = _STATE.get("libc") or _Libc()
-    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    feats: list[str] = []
-    if cfg["isolate"] and os.geteuid() == 0:
-        try:
-            libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET)
-            feats += ["netns", "pidns", "mountns"]
-        except OSError:
-            pass  # no namespaces here: degrade, and say so in the hello frame
-    if "pidns" not in feats:
-        signal.signal(signal.SIGTERM, _on_term)
-        _harness(cfg, feats, libc, init=False)
-        os._exit(0)
-    pid = os.fork()
-    if pid == 0:  # PID 1 of the new namespaces; when it exits the kernel kills the rest
-        _exit = os._exit
-        try:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-            try:
-                feats += _lock_fs(libc, cfg["work"], cfg["uid"])
-            except OSError:
-                pass
-            _harness(cfg, feats, libc, init=True)
-        except BaseException:  # noqa: BLE001 - report, the parent calls it a sandbox error
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            _exit(0)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
-    os.waitpid(pid, 0)
-    os._exit(0)
 # ==== END OF CHILD HALF ====
 
 
@@ -579,8 +615,8 @@ from typing import Callable, Iterable, Iterator  # noqa: E402
 MODES = ("script", "stdin", "functional")
 ISOLATION = ("auto", "rlimits-only")
 STATUSES = ("passed", "failed", "error", "timeout", "output_limit", "exited", "sandbox_error")
-FULL_ISOLATION = "netns+pidns+mountns+ro-root+unpriv-uid"
-UID_BASE = 200_000_000  # sandbox uids: UID_BASE + (pid % 100000) * 256 + slot; no passwd entry needed
+FULL_ISOLATION = "netns+pidns+mountns+ipcns+ro-root+unpriv-uid"
+UID_BASE = 200_000_000  # sandbox uids: UID_BASE + (pid % 100000) * 256 + worker slot; no passwd entry
 
 
 @dataclass(frozen=True)
@@ -640,7 +676,7 @@ def child_code() -> bytes:
 
 
 class _Zygote:
-    """Parent end of the zygote: one fresh `python -I -S -B` per Sandbox; `spawn` gets a program process."""
+    """Parent end of the zygote: one fresh `python -I -S -B` per Sandbox; `spawn` gets a server process."""
 
     def __init__(self, python: str) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -654,14 +690,14 @@ class _Zygote:
         self.proc.stdin.close()
         self.sock, self.lock = mine, threading.Lock()
 
-    def spawn(self, cfg_fd: int, report_fd: int) -> tuple[int, int]:
-        """A new program process with the given fds as its 0 and 2: (pid, pidfd)."""
+    def spawn(self, cmd_fd: int, report_fd: int) -> int:
+        """A new server process with the given fds as its 0 and 2; returns a pidfd of it."""
         with self.lock:
-            socket.send_fds(self.sock, [b"run"], [cfg_fd, report_fd])
+            socket.send_fds(self.sock, [b"run"], [cmd_fd, report_fd])
             msg, fds, _, _ = socket.recv_fds(self.sock, 64, 1)
         if not msg or not fds:
             raise RuntimeError("the sandbox zygote died")
-        return int(msg), fds[0]
+        return fds[0]
 
     def close(self) -> None:
         self.sock.close()  # the zygote exits on EOF
@@ -670,6 +706,71 @@ class _Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class _Server:
+    """One sandbox server (a worker slot): its namespaces, read-only root and uid are made once; it runs
+    one program at a time and kills everything a program started before it reports the program done."""
+
+    def __init__(self, sb: "Sandbox", slot: int) -> None:
+        self.slot, self.uid = slot, sb._uid_base + slot if sb._drop else None
+        self.root = tempfile.mkdtemp(prefix="btp-sbx-", dir=sb.tmp_root)  # program dirs go inside
+        os.chmod(self.root, 0o711)
+        cmd_r, self.cmd = os.pipe()
+        self.rep, rep_w = os.pipe()
+        self.pidfd, self.level, self.buf, self.junk = -1, "", bytearray(), bytearray()
+        try:
+            self.pidfd = sb._spawn(cmd_r, rep_w)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(cmd_r)
+            os.close(rep_w)
+        self.send({"root": self.root, "uid": self.uid, "isolate": sb.isolation == "auto", "site": sb._site})
+
+    def send(self, obj: dict) -> None:
+        data = marshal.dumps(obj)
+        data = len(data).to_bytes(8, "little") + data
+        while data:
+            data = data[os.write(self.cmd, data[:1 << 20]):]
+
+    def frames(self, deadline: float) -> Iterator[dict]:
+        """Report lines as they come; TimeoutError past `deadline`, EOFError if the server is gone."""
+        poll = select.poll()
+        poll.register(self.rep, select.POLLIN)
+        while True:
+            while (k := self.buf.find(b"\n")) >= 0:
+                line, self.buf = bytes(self.buf[:k]), self.buf[k + 1:]
+                try:
+                    fr = ast.literal_eval(line.decode("utf-8", "replace"))
+                    assert isinstance(fr, dict) and "t" in fr
+                except Exception:  # noqa: BLE001 - interpreter noise, a server traceback
+                    self.junk += line[:4000] + b"\n"
+                    continue
+                yield fr
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if poll.poll(left * 1000):
+                chunk = os.read(self.rep, 1 << 16)
+                if not chunk:
+                    raise EOFError
+                self.buf += chunk
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the server (EOF on its command pipe; SIGTERM/SIGKILL when `kill` or if it lingers),
+        wait until it is gone, remove its dir."""
+        if self.cmd >= 0:
+            os.close(self.cmd)
+            self.cmd = -1
+        if self.pidfd >= 0:
+            _stop(self.pidfd, ask=kill)
+            self.pidfd = -1
+        if self.rep >= 0:
+            os.close(self.rep)
+            self.rep = -1
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _wall(lim: Limits) -> float:
@@ -682,13 +783,24 @@ def _site_dirs() -> list[str]:
     return [d for d in site.getsitepackages() if os.path.isdir(d)]
 
 
+def _close_all(servers: list, zyg: list) -> None:
+    for s in servers:
+        s.close()
+    servers.clear()
+    for z in zyg:
+        z.close()
+    zyg.clear()
+
+
 class Sandbox:
     """Runs programs in the isolation described at the top of this module.
 
-    `run(program)` runs one; `map(programs)` runs many on `workers` threads (each drives one sandbox
-    at a time) and yields `(index, Result)` as they finish, holding at most 2 x workers programs.
+    `run(program)` runs one; `map(programs)` runs many on `workers` threads, each with its own sandbox
+    server, and yields `(index, Result)` as they finish, holding at most 2 x workers programs at once.
+    When either returns a result, nothing that program started is running and its dir is gone.
     `isolation="rlimits-only"` forces the level a machine without root or namespaces gets.
-    Use as a context manager, or call `close()`, to stop its zygote (also done when it is collected)."""
+    Use as a context manager, or call `close()`, to stop the servers and the zygote (also done when the
+    Sandbox is collected or the interpreter exits)."""
 
     def __init__(self, limits: Limits = Limits(), *, isolation: str = "auto", workers: int | None = None,
                  tmp_root: str | None = None) -> None:
@@ -696,17 +808,18 @@ class Sandbox:
             raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
         self.limits, self.isolation, self.tmp_root = limits, isolation, tmp_root
         self.python = sys.executable  # the same interpreter: the child half travels as its bytecode
-        self.workers = max(1, min(workers or os.cpu_count() or 1, 128))
-        self._slots: queue.Queue[int] = queue.Queue()
-        for s in range(2 * self.workers):  # twice: a slot waits for its teardown while the next runs
+        self.workers = max(1, min(workers or os.cpu_count() or 1, 256))
+        self._slots: queue.Queue = queue.Queue()  # a started _Server, or the slot number of one to start
+        for s in range(self.workers):
             self._slots.put(s)
         self._uid_base = UID_BASE + (os.getpid() % 100000) * 256
         self._drop = os.geteuid() == 0 and isolation == "auto"
         self._site = _site_dirs()
         self._levels: set[str] = set()
         self._lock = threading.Lock()
-        self._zyg: _Zygote | None = None
-        self._fin: weakref.finalize | None = None
+        self._servers: list[_Server] = []
+        self._zyg: list[_Zygote] = []
+        self._fin = weakref.finalize(self, _close_all, self._servers, self._zyg)
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -715,10 +828,12 @@ class Sandbox:
         self.close()
 
     def close(self) -> None:
+        """Stop every server and the zygote; call when no run is in progress."""
         with self._lock:
-            if self._fin is not None:
-                self._fin()
-            self._zyg, self._fin = None, None
+            _close_all(self._servers, self._zyg)
+            self._slots = queue.Queue()
+            for s in range(self.workers):
+                self._slots.put(s)
 
     @property
     def levels(self) -> set[str]:
@@ -726,17 +841,16 @@ class Sandbox:
         with self._lock:
             return set(self._levels)
 
-    def _spawn(self, cfg_fd: int, report_fd: int) -> tuple[int, int]:
+    def _spawn(self, cmd_fd: int, report_fd: int) -> int:
         for attempt in range(2):  # a zygote that died (killed by someone) is replaced once
             with self._lock:
-                if self._zyg is None or self._zyg.proc.poll() is not None:
-                    if self._fin is not None:
-                        self._fin()
-                    self._zyg = _Zygote(self.python)
-                    self._fin = weakref.finalize(self, self._zyg.close)
-                zyg = self._zyg
+                if not self._zyg or self._zyg[0].proc.poll() is not None:
+                    for z in self._zyg:
+                        z.close()
+                    self._zyg[:] = [_Zygote(self.python)]
+                zyg = self._zyg[0]
             try:
-                return zyg.spawn(cfg_fd, report_fd)
+                return zyg.spawn(cmd_fd, report_fd)
             except (OSError, RuntimeError):
                 if attempt:
                     raise
@@ -744,41 +858,27 @@ class Sandbox:
         raise AssertionError("unreachable")
 
     def run(self, prog: Program, limits: Limits | None = None) -> Result:
-        """Run one program; when this returns, nothing it started is running and its temp dir is gone."""
-        return self._run(prog, limits or self.limits, None)
+        """Run one program; when this returns, nothing it started is running and its dir is gone."""
+        return self._run(prog, limits or self.limits)
 
     def map(self, progs: Iterable[Program], limits: Limits | None = None) -> Iterator[tuple[int, Result]]:
-        """Run many on `workers` threads; yields (index, result) as they finish. Tearing a sandbox down
-        (namespace exit, temp dir) is left to a reaper thread so the next program need not wait for it;
-        all of it is done when the iterator ends."""
-        reaper: queue.Queue = queue.Queue()
-
-        def reap() -> None:
-            while (job := reaper.get()) is not None:
-                job()
-
-        th = threading.Thread(target=reap, name="btp-sandbox-reaper", daemon=True)
-        th.start()
-        try:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="btp-sandbox") as ex:
-                pending: dict = {}
-                for i, p in enumerate(progs):
-                    pending[ex.submit(self._run, p, limits or self.limits, reaper.put)] = i
-                    if len(pending) >= 2 * self.workers:
-                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            yield pending.pop(f), f.result()
-                while pending:
+        """Run many on `workers` threads; yields (index, result) as they finish."""
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="btp-sandbox") as ex:
+            pending: dict = {}
+            for i, p in enumerate(progs):
+                pending[ex.submit(self._run, p, limits or self.limits)] = i
+                if len(pending) >= 2 * self.workers:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         yield pending.pop(f), f.result()
-        finally:
-            reaper.put(None)
-            th.join()
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield pending.pop(f), f.result()
 
     # ------------------------------------------------------------ one program
 
-    def _run(self, prog: Program, lim: Limits, defer: Callable | None) -> Result:
+    def _run(self, prog: Program, lim: Limits) -> Result:
         if prog.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {prog.mode!r}")
         if prog.mode == "functional" and not prog.fn_name:
@@ -789,129 +889,94 @@ class Sandbox:
         caps = list(prog.out_caps) if prog.out_caps else [lim.max_output] * n
         if len(caps) != n:
             raise ValueError(f"out_caps has {len(caps)} entries for {n} tests")
-        t0 = time.monotonic()
-        slot = self._slots.get()  # released only after teardown: a slot's uid is never shared by two runs
-        uid = self._uid_base + slot if self._drop else None
-        work, pidfd, rep_r, res = "", -1, -1, Result(status="sandbox_error", tests_total=n)
-
-        def teardown() -> None:
-            try:
-                if pidfd >= 0:
-                    _stop(pidfd, ask=res.status != "passed")  # a passed run ends by itself
-                if rep_r >= 0:
-                    os.close(rep_r)
-                if work:
-                    shutil.rmtree(work, ignore_errors=True)
-            finally:
-                self._slots.put(slot)
-
+        cfg = {"mode": prog.mode, "code": prog.code, "tests": list(prog.tests), "caps": caps,
+               "fn_name": prog.fn_name, "module_name": "__main__" if prog.mode == "stdin" else "__solution__",
+               "timeout": float(lim.timeout), "wall": _wall(lim), "memory_mb": lim.memory_mb,
+               "fsize_mb": lim.fsize_mb, "nofile": lim.nofile, "nproc": lim.nproc}
         try:
-            work = tempfile.mkdtemp(prefix="btp-sbx-", dir=self.tmp_root)
-            if uid is not None:
-                os.chown(work, uid, uid)
-            cfg = {"mode": prog.mode, "code": prog.code, "tests": list(prog.tests), "caps": caps,
-                   "fn_name": prog.fn_name, "module_name": "__main__" if prog.mode == "stdin" else "__solution__",
-                   "timeout": float(lim.timeout), "wall": _wall(lim), "memory_mb": lim.memory_mb,
-                   "fsize_mb": lim.fsize_mb,
-                   "nofile": lim.nofile, "nproc": lim.nproc, "work": work, "uid": uid,
-                   "isolate": self.isolation == "auto", "site": self._site}
-            try:
-                data = marshal.dumps(cfg)
-            except ValueError as e:
-                raise ValueError(f"test inputs must be plain data (str, numbers, lists, dicts): {e}") from None
-            cfg_r, cfg_w = os.pipe()
-            rep_r, rep_w = os.pipe()
-            try:
-                _, pidfd = self._spawn(cfg_r, rep_w)
-            finally:
-                os.close(cfg_r)
-                os.close(rep_w)
-            try:
-                while data:
-                    data = data[os.write(cfg_w, data[:1 << 20]):]
-            except BrokenPipeError:
-                pass
-            finally:
-                os.close(cfg_w)
-            res = self._talk(rep_r, prog, lim, t0)
-        except BaseException:
-            teardown()
-            raise
-        res.duration = round(time.monotonic() - t0, 4)
-        if res.isolation:
-            with self._lock:
-                self._levels.add(res.isolation)
-        if defer is None:
-            teardown()
-        else:
-            defer(teardown)
-        return res
-
-    def _talk(self, r: int, prog: Program, lim: Limits, t0: float) -> Result:
-        """Read report lines until a verdict; judge outputs as they come."""
-        n = len(prog.tests)
-        res = Result(status="sandbox_error", tests_total=n)
-        deadline = t0 + 10.0 + n * (_wall(lim) + 1.0)  # backstop; the harness enforces per-test limits
-        cap = sum(prog.out_caps or [lim.max_output] * n) * 2 + (1 << 20)
-        poll = select.poll()
-        poll.register(r, select.POLLIN)
-        buf, junk, got = bytearray(), bytearray(), 0
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                res.status, res.error = "timeout", "no verdict before the parent's wall-clock backstop"
-                return res
-            if not poll.poll(left * 1000):
-                continue
-            chunk = os.read(r, 1 << 16)
-            if not chunk:
-                break
-            got += len(chunk)
-            if got > cap:
-                res.error = "the harness sent more than its output caps allow"
-                return res
-            buf += chunk
-            while (k := buf.find(b"\n")) >= 0:
-                line, buf = bytes(buf[:k]), buf[k + 1:]
+            marshal.dumps(cfg)
+        except ValueError as e:
+            raise ValueError(f"test inputs must be plain data (str, numbers, lists, dicts): {e}") from None
+        t0 = time.monotonic()
+        slot = self._slots.get()
+        try:
+            for attempt in range(2):  # a server found dead before it got the program is replaced once
+                if not isinstance(slot, _Server):
+                    srv = _Server(self, slot)
+                    with self._lock:
+                        self._servers.append(srv)
+                    slot = srv
                 try:
-                    fr = ast.literal_eval(line.decode("utf-8", "replace"))
-                    assert isinstance(fr, dict) and "t" in fr
-                except Exception:  # noqa: BLE001 - interpreter noise, a harness traceback
-                    junk += line[:4000] + b"\n"
-                    continue
-                if self._frame(fr, res, prog):
-                    return res
-        if junk:
-            res.error = junk.decode("utf-8", "replace")[-1500:]
-        else:
-            res.status, res.error = "exited", "the sandbox ended without a verdict (its harness was killed?)"
+                    slot.send(cfg)
+                    break
+                except BrokenPipeError:
+                    slot = self._retire(slot, kill=True)
+                    if attempt:
+                        raise
+            res, in_step = self._talk(slot, prog, lim, t0)
+            if not in_step:
+                slot = self._retire(slot, kill=True)
+        except BaseException:
+            if isinstance(slot, _Server):
+                slot = self._retire(slot, kill=True)
+            raise
+        finally:
+            self._slots.put(slot)
+        res.duration = round(time.monotonic() - t0, 4)
         return res
 
-    @staticmethod
-    def _frame(fr: dict, res: Result, prog: Program) -> bool:
-        """Apply one report; True when the verdict is final."""
-        if fr["t"] == "hello":
-            res.isolation = fr["isolation"]
-        elif fr["t"] == "test":
-            if fr["status"] != "ok":
-                res.status, res.error = fr["status"], fr.get("err", "")
-                return True
-            why = prog.check(fr["i"], fr.get("out", "")) if prog.check else None
-            if why:
-                res.status, res.error = "failed", f"test {fr['i']}: {why}"
-                return True
-            res.tests_passed += 1
-        elif fr["t"] == "done":
-            ok = res.tests_passed == res.tests_total
-            res.status = "passed" if ok else "sandbox_error"
-            res.error = "" if ok else f"harness finished after {res.tests_passed}/{res.tests_total} tests"
-            return True
-        return False
+    def _retire(self, srv: _Server, kill: bool) -> int:
+        """Stop a server that cannot be trusted to be in step; its slot starts a new one when next used."""
+        srv.close(kill=kill)
+        with self._lock:
+            if srv in self._servers:
+                self._servers.remove(srv)
+        return srv.slot
+
+    def _talk(self, srv: _Server, prog: Program, lim: Limits, t0: float) -> tuple[Result, bool]:
+        """Read reports until the server says the program is done; judge outputs as they come and tell
+        the server after each test whether to go on. Returns (result, whether the server is in step)."""
+        n = len(prog.tests)
+        res = Result(status="sandbox_error", tests_total=n, isolation=srv.level)
+        final = False
+        deadline = t0 + 10.0 + n * (_wall(lim) + 1.0)  # backstop; the server enforces per-test limits
+        try:
+            for fr in srv.frames(deadline):
+                if fr["t"] == "hello":
+                    srv.level = res.isolation = fr["isolation"]
+                    with self._lock:
+                        self._levels.add(srv.level)
+                elif fr["t"] == "test" and not final:
+                    if fr["status"] != "ok":
+                        res.status, res.error, final = fr["status"], fr.get("err", ""), True
+                        continue
+                    why = prog.check(fr["i"], fr.get("out", "")) if prog.check else None
+                    if why:
+                        res.status, res.error, final = "failed", f"test {fr['i']}: {why}", True
+                    else:
+                        res.tests_passed += 1
+                    if fr["i"] < n - 1:
+                        os.write(srv.cmd, b"s" if why else b"c")
+                elif fr["t"] == "done":
+                    if not final:
+                        ok = res.tests_passed == n
+                        res.status = "passed" if ok else "sandbox_error"
+                        res.error = "" if ok else f"server finished after {res.tests_passed}/{n} tests"
+                    return res, res.status != "sandbox_error" and not srv.junk
+        except TimeoutError:
+            if not final:
+                res.status, res.error = "timeout", "no verdict before the parent's wall-clock backstop"
+        except (EOFError, BrokenPipeError):
+            if not final:
+                res.status = "sandbox_error" if srv.junk else "exited"
+                res.error = (srv.junk.decode("utf-8", "replace")[-1500:] if srv.junk
+                             else "the sandbox server ended without a verdict (killed?)")
+        return res, False
 
 
 def _stop(pidfd: int, ask: bool = True) -> None:
-    """End a sandbox and wait until it is gone: SIGTERM (`ask`) lets its outer process kill the namespace
-    (or sweep); SIGKILL if it has not ended 2 s later. Closes the pidfd."""
+    """Wait until a server is gone and close its pidfd: SIGTERM first when `ask` (its outer process then
+    kills the namespace, or sweeps), SIGKILL if it has not ended 2 s later."""
     try:
         if ask:
             try:

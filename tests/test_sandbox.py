@@ -25,28 +25,49 @@ TESTS = "\nassert add(1, 2) == 3\nassert add(2, 2) == 4\n"
 RIGHT = "def add(a, b):\n    return a + b\n"
 
 
-def _strays(zygotes: set[int]) -> list[str]:
-    """Sandbox processes still alive: any of a sandbox uid, or any child of a zygote (zombies included)."""
-    out = []
+def _procs() -> dict[int, tuple[int, int, bytes]]:
+    out = {}
     for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            st = os.stat(f"/proc/{d}")
-            ppid = int(Path(f"/proc/{d}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if UID_BASE <= st.st_uid < UID_BASE + 100_000 * 256 or ppid in zygotes:
-            out.append(f"{d} uid={st.st_uid} ppid={ppid} {cmd[:80]!r}")
+        if d.isdigit():
+            try:
+                st = os.stat(f"/proc/{d}")
+                ppid = int(Path(f"/proc/{d}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+                out[int(d)] = (ppid, st.st_uid, Path(f"/proc/{d}/cmdline").read_bytes())
+            except (OSError, ValueError, IndexError):
+                pass
     return out
 
 
-def _no_strays(sb: Sandbox, wait: float = 3.0) -> list[str]:
-    zyg = {sb._zyg.proc.pid} if sb._zyg else set()
+def _ns_init(pid: int, ppid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") != os.readlink(f"/proc/{ppid}/ns/pid")
+    except OSError:
+        return False
+
+
+def _strays() -> list[str]:
+    """Processes a program left behind: any of a sandbox uid; any sandbox process that is not a zygote,
+    a server, or a server's namespace init; any marked process no zygote accounts for (an escapee)."""
+    procs = _procs()
+    bad = []
+    for pid, (ppid, uid, cmd) in procs.items():
+        chain, p = [], pid
+        while p in procs and len(chain) < 12 and MARK in procs[p][2]:
+            chain.append(p)
+            p = procs[p][0]
+        depth = len(chain)  # 1: a zygote, 2: a server, 3: its namespace init, more: program processes
+        if UID_BASE <= uid < UID_BASE + 100_000 * 256:
+            bad.append(f"{pid} sandbox uid {uid} {cmd[:60]!r}")
+        elif MARK in cmd and (depth > 3 or (depth == 3 and not _ns_init(pid, ppid))
+                              or (depth == 1 and ppid != os.getpid())):
+            bad.append(f"{pid} depth {depth} ppid {ppid} {cmd[:60]!r}")
+    return bad
+
+
+def _no_strays(sb: Sandbox | None = None, wait: float = 3.0) -> list[str]:
     deadline = time.monotonic() + wait
-    while (left := _strays(zyg)) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the zygote reaps exited outers on SIGCHLD
+    while (left := _strays()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the zygote reaps exited servers on SIGCHLD
     return left
 
 
@@ -211,6 +232,8 @@ def _attacks(arena: dict, hostile_root: bool) -> dict[str, str]:
                                 + TESTS),
             "network to a local listener": (WRONG + f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), 1)\n"
                                             "s.sendall(b'pwned')\n" + TESTS),
+            "SysV shared memory left behind": (WRONG + "import ctypes\nlibc = ctypes.CDLL(None)\n"
+                                               "assert libc.shmget(0, 1 << 20, 0o1600) >= 0\n" + TESTS),
             "reading environment secrets": ("import os\ndata = str(os.environ)\nfor f in ('/proc/self/environ', "
                                             "'/proc/1/environ'):\n    try:\n        data += open(f, 'rb').read()"
                                             ".decode(errors='ignore')\n    except OSError:\n        pass\n"
@@ -229,8 +252,8 @@ def attacked(arena):
         progs += [Program(code), Program(RIGHT + TESTS)]
     with Sandbox(Limits(timeout=1.5, memory_mb=512, nproc=32), workers=2) as s:
         res = {names[i]: r for i, r in s.map(progs)}
+        strays = _no_strays(s)  # right when the last result is in: nothing may be left
         time.sleep(2.0)  # give an escaped daemon time to act
-        strays = _no_strays(s)
     return res, strays
 
 
@@ -257,6 +280,8 @@ def test_attack_specifics(attacked, arena):
     assert "SystemExit" in res["sys.exit(0)"].error
     assert res["memory bomb"].status in ("error", "timeout")
     assert arena["hits"] == [], "a sandboxed program reached a listener on the host"
+    shm = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    assert not [ln for ln in shm if UID_BASE <= int(ln.split()[7]) < UID_BASE + 100_000 * 256], shm
     assert "no secret" in res["reading environment secrets"].error
     assert "hf_token" not in res["reading environment secrets"].error
     if res["killing the parent"].isolation == FULL_ISOLATION:
@@ -275,8 +300,8 @@ def test_rlimits_only_still_judges_correctly(arena):
     progs = [Program(attacks[n]) for n in names] + [Program(RIGHT + TESTS)]
     with Sandbox(Limits(timeout=1.5, memory_mb=512), workers=2, isolation="rlimits-only") as s:
         res = dict(s.map(progs))
+        strays = _no_strays(s)
         time.sleep(2.0)
-        strays = [x for x in _no_strays(s)]
     assert all(r.isolation == "rlimits-only" for r in res.values())
     for i, n in enumerate(names):
         assert not res[i].passed, (n, res[i])

@@ -1,0 +1,255 @@
+"""Analysis samples from a (fake, store-written) results tree and from reference solutions, with the real
+SmolLM2 tokenizer: populations, deterministic choice, code spans, left cuts, notes and errors."""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import numpy as np
+import pytest
+
+from btp.samples import (SampleConfig, SampleSet, add_sample_args, config_from_args, load_samples)
+from btp.store import JsonlStore, MalformedFileError, dataset_dir, provenance
+
+MODEL = "org/tiny-coder"
+DS = "humaneval"
+PIDS = ["HumanEval/3", "HumanEval/1", "HumanEval/7", "HumanEval/2"]   # file order, not sorted
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from btp.models import load_tokenizer
+
+    return load_tokenizer()
+
+
+def _code(pid: str, k: int) -> str:
+    n = pid.split("/")[1]
+    return f"def f{n}(x):\n    y = x * {k + 2}\n    return y + {n}\n"
+
+
+def _output(pid: str, k: int) -> str:
+    return (f"Let me think about problem {pid}. I multiply by {k + 2} and add.\n"
+            f"```python\n{_code(pid, k)}```\nThat is all.")
+
+
+def _passed(pid: str, k: int) -> bool:
+    return (PIDS.index(pid) + k) % 2 == 0
+
+
+def write_tree(root, tok, *, evaluations=True, extra: list[dict] | None = None):
+    """generations.jsonl (2 samples per problem) and evaluations.jsonl, written through the store."""
+    d = dataset_dir(root, MODEL, DS)
+    gens = JsonlStore(d / "generations.jsonl")
+    gens.begin_run(provenance(stage="generate", model=MODEL, dataset=DS))
+    recs = []
+    for pid in PIDS:
+        p_ids = tok(f"<|im_start|>user\nSolve {pid}<|im_end|>\n<|im_start|>assistant\n",
+                    add_special_tokens=False)["input_ids"]
+        for k in range(2):
+            out, code = _output(pid, k), _code(pid, k)
+            start = out.index(code)
+            recs.append({"problem_id": pid, "sample": k, "prompt_token_ids": p_ids, "output": out,
+                         "output_token_ids": tok(out, add_special_tokens=False)["input_ids"], "code": code,
+                         "code_start": start, "code_end": start + len(code)})
+    gens.append(recs + (extra or []))
+    if evaluations:
+        ev = JsonlStore(d / "evaluations.jsonl")
+        ev.begin_run(provenance(stage="evaluate", model=MODEL, dataset=DS))
+        ev.append([{"problem_id": r["problem_id"], "sample": r["sample"], "passed": _passed(r["problem_id"], r["sample"])}
+                   for r in recs])
+    return d
+
+
+def load(root, tok, **kw) -> SampleSet:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_samples(root, MODEL, DS, SampleConfig(**kw), tok)
+
+
+def keys(ss: SampleSet) -> list[tuple[str, int]]:
+    return [(s.problem_id, s.sample) for s in ss.samples]
+
+
+# ---------------------------------------------------------------- populations and choice
+
+def test_select_populations(tmp_path, tok):
+    write_tree(tmp_path, tok)
+    allk = [(p, k) for p in PIDS for k in range(2)]
+    correct, incorrect, every = (load(tmp_path, tok, select=s) for s in ("correct", "incorrect", "all"))
+    assert keys(correct) == [k for k in allk if _passed(*k)]
+    assert keys(incorrect) == [k for k in allk if not _passed(*k)]
+    assert keys(every) == allk                         # in file order
+    assert correct.config.stem == "regular" and incorrect.config.stem == "regular-incorrect"
+    assert every.info["population"] == "generations:all" and every.describe()["problem_ids"] == [p for p, _ in allk]
+
+
+def test_choice_is_deterministic_and_spreads_over_problems(tmp_path, tok):
+    write_tree(tmp_path, tok)
+    picks = [keys(load(tmp_path, tok, select="all", num_samples=3, seed=s)) for s in range(8)]
+    assert picks[0] == keys(load(tmp_path, tok, select="all", num_samples=3, seed=0))
+    assert len({tuple(p) for p in picks}) > 1          # the seed matters
+    for p in picks:
+        assert len(p) == 3 and len({pid for pid, _ in p}) == 3   # one sample per problem before a second
+        assert p == sorted(p, key=lambda k: (PIDS.index(k[0]), k[1]))
+    five = keys(load(tmp_path, tok, select="all", num_samples=5, seed=0))
+    assert set(picks[0]) <= set(five) and len({pid for pid, _ in five}) == 4
+
+
+def test_fewer_than_asked_says_so(tmp_path, tok):
+    write_tree(tmp_path, tok)
+    with pytest.warns(UserWarning, match="asked for 10 samples, only 4 exist"):
+        ss = load_samples(tmp_path, MODEL, DS, SampleConfig(select="incorrect", num_samples=10), tok)
+    assert len(ss) == 4 and ss.info["asked"] == 10 and any("asked for 10" in n for n in ss.info["notes"])
+
+
+# ---------------------------------------------------------------- scored spans
+
+def test_chain_code_scores_exactly_the_code(tmp_path, tok):
+    write_tree(tmp_path, tok)
+    reg = {(s.problem_id, s.sample): s for s in load(tmp_path, tok, select="all").samples}
+    for s in load(tmp_path, tok, select="all", mode="chain_code").samples:
+        assert tok.decode(s.targets) == _code(s.problem_id, s.sample)
+        r = reg[(s.problem_id, s.sample)]
+        assert np.array_equal(s.input_ids, r.input_ids)     # same context, only the scored span differs
+        assert r.score_start < s.score_start and s.score_end < r.score_end
+        assert tok.decode(r.targets) == _output(s.problem_id, s.sample)   # regular: the whole answer
+        assert "Let me think" in tok.decode(s.input_ids[:s.score_start])  # reasoning stays in context
+        assert np.array_equal(s.positions + 1, np.arange(s.score_start, s.score_end))
+
+
+def test_max_tokens_cuts_context_from_the_left(tmp_path, tok):
+    write_tree(tmp_path, tok)
+    full = load(tmp_path, tok, select="all", mode="chain_code", num_samples=1)
+    s0 = full.samples[0]
+    cap = len(s0.input_ids) - 5
+    cut = load(tmp_path, tok, select="all", mode="chain_code", num_samples=1, max_tokens=cap).samples[0]
+    assert len(cut.input_ids) == cap and cut.cut_left == 5
+    assert np.array_equal(cut.input_ids, s0.input_ids[5:])
+    assert np.array_equal(cut.targets, s0.targets) and cut.score_start == s0.score_start - 5
+    # too small to keep the scored span plus its predicting position: left out, with a note
+    with pytest.warns(UserWarning, match="scored span longer than max_tokens"):
+        with pytest.raises(ValueError, match="no analysis samples"):
+            load_samples(tmp_path, MODEL, DS, SampleConfig(select="all", mode="chain_code", max_tokens=s0.n_scored), tok)
+
+
+def test_too_long_samples_are_replaced_by_eligible_ones(tmp_path, tok):
+    """A chosen sample that cannot fit max_tokens gives way to the next eligible one: the count asked for is
+    met whenever enough samples exist."""
+    long_out = "Thinking. " * 60 + "\n```python\n" + "x = 1\n" * 40 + "```"
+    code = "x = 1\n" * 40
+    extra = [{"problem_id": "HumanEval/9", "sample": 0, "prompt_token_ids": [1, 2, 3], "output": long_out,
+              "output_token_ids": tok(long_out, add_special_tokens=False)["input_ids"], "code": code,
+              "code_start": long_out.index(code), "code_end": long_out.index(code) + len(code)}]
+    write_tree(tmp_path, tok, evaluations=False, extra=extra)
+    cap = 70
+    every = load(tmp_path, tok, select="all", mode="chain_code", max_tokens=cap)
+    assert "HumanEval/9" not in every.problem_ids and len(every) == 8
+    for seed in range(6):
+        ss = load(tmp_path, tok, select="all", mode="chain_code", max_tokens=cap, num_samples=5, seed=seed)
+        assert len(ss) == 5 and all(len(s.input_ids) <= cap for s in ss.samples)
+
+
+def test_fields_recompute_tokens(tmp_path, tok):
+    write_tree(tmp_path, tok)
+    ss = load(tmp_path, tok, select="all", mode="chain_code", num_samples=3)
+    f = ss.fields()
+    assert f["sample_offsets"].tolist() == np.cumsum([0] + [len(s.input_ids) for s in ss.samples]).tolist()
+    for i, pos, t in zip(f["sample_index"], f["position"], f["token_id"]):
+        ids = f["input_ids"][f["sample_offsets"][i]:f["sample_offsets"][i + 1]]
+        assert ids[pos + 1] == t
+    assert list(f["sample_problem_id"]) == ss.problem_ids and len(f["token_id"]) == ss.describe()["n_scored_tokens"]
+
+
+def test_split_is_by_problem(tmp_path, tok):
+    write_tree(tmp_path, tok)
+    a, b = load(tmp_path, tok, select="all").split(0.25, seed=1)
+    assert set(a.problem_ids).isdisjoint(b.problem_ids) and len(set(b.problem_ids)) == 1 and len(a) + len(b) == 8
+
+
+# ---------------------------------------------------------------- notes and errors
+
+def test_left_out_generations_are_noted(tmp_path, tok):
+    nocode = {"problem_id": "HumanEval/8", "sample": 0, "prompt_token_ids": [1, 2], "output": "No idea.",
+              "output_token_ids": tok("No idea.", add_special_tokens=False)["input_ids"], "code": "",
+              "code_start": -1, "code_end": -1}
+    write_tree(tmp_path, tok, extra=[nocode])          # not evaluated either
+    with pytest.warns(UserWarning, match="1 generations have no evaluation"):
+        load_samples(tmp_path, MODEL, DS, SampleConfig(select="correct"), tok)
+    ss = load(tmp_path, tok, select="all", mode="chain_code")
+    assert "HumanEval/8" not in ss.problem_ids and any("no code block" in n for n in ss.info["notes"])
+    assert "HumanEval/8" in load(tmp_path, tok, select="all").problem_ids   # regular mode scores it
+
+
+def test_code_not_found_in_output_is_noted(tmp_path, tok):
+    bad = {"problem_id": "HumanEval/8", "sample": 0, "prompt_token_ids": [1, 2], "output": "print(1)",
+           "output_token_ids": tok("print(1)", add_special_tokens=False)["input_ids"], "code": "print(2)"}
+    write_tree(tmp_path, tok, extra=[bad])
+    ss = load(tmp_path, tok, select="all", mode="chain_code")
+    assert "HumanEval/8" not in ss.problem_ids and any("no code block" in n for n in ss.info["notes"])
+
+
+def test_clear_errors(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="generations.jsonl not found.*btp.generate"):
+        load_samples(tmp_path, MODEL, DS, SampleConfig(), tok)
+    write_tree(tmp_path, tok, evaluations=False)
+    with pytest.raises(FileNotFoundError, match="evaluations.jsonl not found.*--select all"):
+        load_samples(tmp_path, MODEL, DS, SampleConfig(select="correct"), tok)
+    assert len(load(tmp_path, tok, select="all")) == 8
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        load_samples(tmp_path, MODEL, DS, SampleConfig(select="all", mode="chain_code"), None)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SampleConfig(mode="code_only")
+    with pytest.raises(ValueError, match="num_samples"):
+        SampleConfig(num_samples=0)
+    with pytest.raises(ValueError, match="reference solutions are all correct"):
+        load_samples(tmp_path, MODEL, DS, SampleConfig(source="reference", select="incorrect"), tok)
+    gpath = dataset_dir(tmp_path, MODEL, DS) / "generations.jsonl"
+    lines = gpath.read_text().splitlines()
+    gpath.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    with pytest.raises(MalformedFileError, match=r"generations.jsonl:3"):
+        load(tmp_path, tok, select="all")
+
+
+def test_no_eligible_samples_is_an_error(tmp_path, tok):
+    d = write_tree(tmp_path, tok, evaluations=False)
+    ev = JsonlStore(d / "evaluations.jsonl")
+    ev.append([{"problem_id": p, "sample": k, "passed": False} for p in PIDS for k in range(2)])
+    with pytest.raises(ValueError, match="no analysis samples.*select=correct"):
+        load(tmp_path, tok)
+
+
+# ---------------------------------------------------------------- reference source
+
+def test_reference_samples(tok):
+    from btp.data import load_problems
+    from btp.prompts import build_prompt, encode_prompt
+
+    probs = {p.problem_id: p for p in load_problems(DS)}
+    reg = load(None, tok, source="reference", num_samples=2, seed=3)
+    cc = load(None, tok, source="reference", mode="chain_code", num_samples=2, seed=3)
+    assert reg.problem_ids == cc.problem_ids and len(reg) == 2 and reg.config.stem == "regular-reference"
+    assert cc.info["population"] == "reference:correct"
+    for r, c in zip(reg.samples, cc.samples):
+        p = probs[r.problem_id]
+        prompt, style = build_prompt(p, tok, "auto")
+        p_ids = encode_prompt(prompt, tok, style)
+        assert style == "chat" and r.input_ids[:r.score_start].tolist() == p_ids   # the generator's prompt
+        assert r.targets[-1] == tok.eos_token_id
+        assert tok.decode(r.targets[:-1]) == f"```python\n{p.reference}\n```"
+        assert tok.decode(c.targets).strip() == p.reference.strip()
+        assert np.array_equal(r.input_ids, c.input_ids) and r.sample == c.sample == -1
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        load_samples(None, MODEL, DS, SampleConfig(source="reference"), None)
+
+
+def test_cli_flags_round_trip():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=0)
+    add_sample_args(p)
+    cfg = config_from_args(p.parse_args(["--source", "reference", "--mode", "chain_code", "--num-samples", "4",
+                                         "--max-tokens", "900", "--seed", "7"]))
+    assert cfg == SampleConfig(source="reference", mode="chain_code", num_samples=4, max_tokens=900, seed=7)
+    assert cfg.stem == "chain_code-reference"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--select", "best"])

@@ -133,6 +133,7 @@ def _expose(libc: _Libc, paths: list[str], uid: int | None) -> None:
         if os.path.isdir(p) and (b := _blocked(p, uid)):
             hidden.setdefault(b, []).append(p)
     for top, inner in hidden.items():
+        inner = [p for p in inner if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in inner)]
         fds = [os.open(p, os.O_PATH) for p in inner]  # handles that survive the cover
         libc.mount(b"tmpfs", top.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=755,size=64k")
         for p, fd in zip(inner, fds):
@@ -250,8 +251,7 @@ def _excerpt(e: BaseException, limit: int = 1500) -> bytes:
         te = traceback.TracebackException(type(e), e, e.__traceback__)
         te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename == "<program>"][-4:])
         text = "".join(te.format())
-    except BaseException as ee:  # noqa: BLE001 - a hostile __str__ must not take the child's verdict with it
-        return repr(ee).encode()
+    except BaseException:  # noqa: BLE001 - a hostile __str__ must not take the child's verdict with it
         text = type(e).__name__
     return text[-limit:].encode("utf-8", "backslashreplace")
 

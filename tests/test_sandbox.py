@@ -365,10 +365,23 @@ def test_bad_programs_are_refused(sb):
         Sandbox(isolation="none")
 
 
-def test_sigterm_during_a_run_leaves_nothing(sb):
-    """An early verdict (wrong answer on test 0) stops the sandbox while later tests would still run."""
+def test_wrong_answer_stops_the_program_and_leaves_nothing(sb):
+    """A wrong answer on test 0 (judged in the parent) stops the program before its later tests."""
     code = "import os, time\nif os.fork() == 0:\n    time.sleep(30)\nprint(1)\n"
-    r = sb.run(Program(code, mode="stdin", tests=("", "", ""), check=lambda i, out: "always wrong"))
-    assert r.status == "failed" and r.tests_passed == 0
-    assert not _no_strays(sb)
-    assert signal.SIGTERM  # the stop path is SIGTERM to the outer process, then SIGKILL
+    seen = []
+    r = sb.run(Program(code, mode="stdin", tests=("", "", ""), check=lambda i, out: seen.append(i) or "always wrong"))
+    assert r.status == "failed" and r.tests_passed == 0 and seen == [0]
+    assert not _no_strays()
+
+
+def test_a_killed_server_is_replaced(sb):
+    assert sb.run(Program(RIGHT + TESTS)).passed
+    zyg = sb._zyg[0].proc.pid
+    servers = [int(x) for x in Path(f"/proc/{zyg}/task/{zyg}/children").read_text().split()]
+    assert servers
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    results = [sb.run(Program(RIGHT + TESTS)) for _ in range(3)]
+    assert [r.status for r in results] == ["passed"] * 3, results  # found dead on send: replaced, no loss
+    assert not _no_strays()

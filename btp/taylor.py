@@ -359,11 +359,9 @@ def _device_map_arg(v: str | dict | None) -> str | dict | None:
     return v
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def build_parser():
     from . import cli
-    from .models import load_model
-    from .samples import add_sample_args, config_from_args, load_samples
-    from .store import JsonlStore, dataset_dir, provenance, write_npz
+    from .samples import add_sample_args
 
     p = cli.parser("taylor", "Iterative first-order Taylor head pruning (Michel et al. 2019)")
     cli.add_common(p)
@@ -385,6 +383,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
     p.add_argument("--tag", default=None, help="suffix of the output stem (keeps variants apart)")
     p.add_argument("--force", action="store_true", help="discard an existing history and start over")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    from . import cli
+    from .models import load_model
+    from .samples import config_from_args, load_samples
+    from .store import JsonlStore, dataset_dir, provenance, write_npz
+
+    p = build_parser()
     args = cli.parse(p, argv)
     try:
         cfg = TaylorConfig(prune_per_iter=args.prune_per_iter, num_iters=args.num_iters,

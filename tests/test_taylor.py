@@ -285,3 +285,20 @@ def test_main_on_embedded_model(tmp_path):
     assert z["heldout"].sum() == 1 and len(z["sample_offsets"]) == 5 and z["provenance"]["stage"] == "taylor"
     assert main(argv) == recs  # complete: nothing recomputed, nothing appended
     assert read_jsonl(files[0]) == recs
+
+
+def test_cli_presets_and_flags():
+    from pathlib import Path
+
+    from btp import cli
+    from btp.taylor import _heldout_arg, build_parser
+
+    root = Path(__file__).resolve().parent.parent
+    a = cli.parse(build_parser(), ["--config", str(root / "configs/taylor_paper.json"), "--num-iters", "3"])
+    assert a.normalize and a.estimator == "gate" and a.num_iters == 3 and _heldout_arg(str(a.heldout)) == 0.25
+    a = cli.parse(build_parser(), ["--config", str(root / "configs/taylor_smoke.json")])
+    assert a.source == "reference" and a.num_samples == 4 and a.num_iters == 2
+    assert _heldout_arg("8") == 8 and isinstance(_heldout_arg("8"), int)
+    for bad in ("1.5", "x"):
+        with pytest.raises(ValueError, match="--heldout"):
+            _heldout_arg(bad)

@@ -163,9 +163,10 @@ def _read_programs(path: Path) -> list[dict]:
     for i, rec in enumerate(iter_jsonl(path), 1):
         missing = [k for k in ("problem_id", "sample", "code") if k not in rec]
         if missing:
-            raise MalformedFileError(f"{path}: record {i} lacks fields {missing}")
+            raise MalformedFileError(f"{path}: record {i} (of its non-blank lines) lacks fields {missing}")
         if not isinstance(rec["code"], str) or not isinstance(rec["sample"], int):
-            raise MalformedFileError(f"{path}: record {i}: code must be a string and sample an integer")
+            raise MalformedFileError(f"{path}: record {i} (of its non-blank lines): code must be a string "
+                                     "and sample an integer")
         out.append({"problem_id": str(rec["problem_id"]), "sample": rec["sample"], "code": rec["code"]})
     return out
 
@@ -249,10 +250,14 @@ def _record(prog: dict, res: Result | None) -> dict:
             "isolation": res.isolation}
 
 
-def _check_same_run(store: JsonlStore, conf: dict) -> None:
-    if not store.runs_path.exists() or not store.path.exists():
+def _check_same_run(store: JsonlStore, conf: dict, current: dict[tuple, dict]) -> None:
+    """Refuse to mix verdicts judged under other limits into a file (those of runs still in use)."""
+    if not store.runs_path.exists() or not current:
         return
+    in_use = {(r.get("provenance") or {}).get("run") for r in current.values()}
     for run in read_json(store.runs_path):
+        if run.get("run") not in in_use:
+            continue
         old = run.get("config") or {}
         diff = {k: (old.get(k), conf.get(k)) for k in RUN_KEY if k in old and old.get(k) != conf.get(k)}
         if diff:
@@ -302,9 +307,8 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
     timeout = cfg.timeout or DEFAULT_TIMEOUT[cfg.dataset]
     store = JsonlStore(out, ("problem_id", "sample"))
     conf = {**asdict(cfg), "timeout": timeout}
-    if not cfg.fresh:
-        _check_same_run(store, conf)
     old = {} if cfg.fresh else latest(store.read())
+    _check_same_run(store, conf, old)
     todo = [r for r in programs
             if old.get((r["problem_id"], r["sample"]), {}).get("code_sha") != code_sha(r["code"])]
     print(f"[evaluate] {model} {cfg.dataset} ({source}): {len(problems)} problems, {len(programs)} programs, "

@@ -152,6 +152,13 @@ def test_generations_summary_denominator_and_resume(tmp_path, sb):
     # other judging settings may not be mixed into the same file
     with pytest.raises(ValueError, match="other settings"):
         evaluate(EvalConfig(dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0))
+    # --fresh judges everything again under the new limits; later runs with those limits resume
+    s3 = evaluate(EvalConfig(dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0,
+                             fresh=True, n_boot=300), sandbox=sb)
+    assert s3["timeout_s"] == 7.0 and s3["pass_at_k"]["pass@1"]["estimate"] == pytest.approx(1.5 / 3)
+    n_lines = len(read_jsonl(ev_path))
+    evaluate(EvalConfig(dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0, n_boot=300))
+    assert len(read_jsonl(ev_path)) == n_lines
 
 
 def test_cli(tmp_path, capsys):

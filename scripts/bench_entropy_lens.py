@@ -170,7 +170,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-tokens", type=int, default=None, help="btp's chunk (default: its auto choice)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default="float32", help="fp32 (also on GPU) so that the numbers compare at 1e-4")
     p.add_argument("--repeats", type=int, default=1, help="runs per method (alternating); the fastest is reported")
     p.add_argument("--worker", choices=("btp", "naive"), help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)

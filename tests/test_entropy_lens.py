@@ -131,6 +131,17 @@ def test_bad_positions_raise():
         LensConfig(chunk_tokens=0)
 
 
+def test_config_preset_parses():
+    from pathlib import Path
+
+    from btp import cli
+    from btp.entropy_lens import build_parser
+
+    preset = Path(__file__).resolve().parent.parent / "configs" / "entropy_reference.json"
+    args = cli.parse(build_parser(), ["--config", str(preset), "--num-samples", "3"])
+    assert (args.source, args.mode, args.num_samples, args.chunk_tokens) == ("reference", "chain_code", 3, None)
+
+
 @pytest.mark.slow
 def test_main_reference_run_on_embedded_model(tmp_path, capsys):
     from btp.entropy_lens import main
@@ -165,3 +176,6 @@ def test_main_reference_run_on_embedded_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == path
     assert "skipping" in capsys.readouterr().out
+    # other samples under the same stem: refuse rather than mix or silently overwrite
+    with pytest.raises(SystemExit, match="exists for other samples"):
+        main([a if a != "2" else "1" for a in argv])

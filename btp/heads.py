@@ -12,6 +12,7 @@ context manager removes exactly the hooks it added, also on exceptions.
 - `fixed_attention`: a layer's attention returns o_proj of a cached o_proj input (its attention is not
   recomputed when only that layer's heads are gated).
 - `record`: capture residual streams at layer inputs and o_proj inputs.
+- `o_proj_input_grads`: the gradient of a loss w.r.t. each o_proj input, with that input (per-token Taylor).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import copy
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -78,14 +79,17 @@ def _gate_hook(gates: torch.Tensor, l: int, n_heads: int, head_dim: int, replace
         x = args[0]
         shape = x.shape
         xs = x.view(*shape[:-1], n_heads, head_dim)
-        g = gates[:, l, :n_heads].to(device=x.device, dtype=x.dtype)
+        # Taylor gates: the product, hence dL/dg (a sum over tokens x head_dim), in the gates' precision or
+        # wider, never in a bf16 model's; plain masks keep the model dtype.
+        dt = torch.promote_types(gates.dtype, x.dtype) if gates.requires_grad else x.dtype
+        g = gates[:, l, :n_heads].to(device=x.device, dtype=dt)
         if g.shape[0] != 1 and g.shape[0] != shape[0]:
             raise ValueError(f"gates batch {g.shape[0]} does not match activations batch {shape[0]}")
         g = g.view(g.shape[0], *([1] * (xs.dim() - 3)), n_heads, 1)
-        out = xs * g
+        out = xs.to(dt) * g
         if replacement is not None:
-            out = out + (1 - g) * replacement[l, :n_heads].to(device=x.device, dtype=x.dtype)
-        return (out.reshape(shape), *args[1:])
+            out = out + (1 - g) * replacement[l, :n_heads].to(device=x.device, dtype=dt)
+        return (out.to(x.dtype).reshape(shape), *args[1:])
     return hook
 
 
@@ -211,6 +215,40 @@ def record(model: nn.Module, *, layer_inputs: Iterable[int] = (), o_proj_inputs:
         for l in o_proj_inputs:
             handles.append(ad.o_projs[l].register_forward_pre_hook(keep(("o_proj_in", l)), with_kwargs=True))
         yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def o_proj_input_grads(model: nn.Module, fn: Callable[[int, torch.Tensor, torch.Tensor], None],
+                       layers: Iterable[int] | None = None) -> Iterator[None]:
+    """During backward passes through forwards run in the block, call `fn(l, x, grad)` once per listed layer:
+    x [B, T, heads*head_dim] the o_proj input of layer l as o_proj receives it (after the gates of an enclosing
+    `head_gates`), detached, and grad = dLoss/dx (same shape, the model's dtype). Per-token Taylor scores
+    <grad[t, h], x[t, h]> come from this. Where x needs no gradient (layer 0 of a frozen model) it is made a
+    leaf that does: no value and no other gradient changes. Under gradient checkpointing (reentrant or not)
+    fn still fires once per backward: only the forward that gradients flow through calls it."""
+    ad = adapter(model)
+    layers = range(ad.n_layers) if layers is None else list(layers)
+    handles = []
+
+    def pre(l: int):
+        def hook(module: nn.Module, args: tuple):
+            if not torch.is_grad_enabled():  # reentrant checkpointing's first forward, or inference
+                return None
+            x = args[0]
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            xd = x.detach()
+            x.register_hook(lambda grad: fn(l, xd, grad))  # returns None: the gradient is not changed
+            return (x, *args[1:])
+        return hook
+
+    try:
+        for l in layers:
+            handles.append(ad.o_projs[l].register_forward_pre_hook(pre(l)))
+        yield
     finally:
         for h in handles:
             h.remove()

@@ -217,3 +217,59 @@ def test_start_at_layer_skips_the_prefix(tiny_ids):
     assert ran == [2]
     for h in hs:
         h.remove()
+
+
+# ---------------------------------------------------------------- o_proj input gradients (Taylor)
+
+def _direct_input_grad(model, ids, l):
+    """Independent route: make only layer l's o_proj input a leaf and differentiate the loss w.r.t. it."""
+    ad = adapter(model)
+    box = {}
+
+    def pre(mod, args):
+        box["x"] = args[0].detach().requires_grad_(True)
+        return (box["x"], *args[1:])
+    h = ad.o_projs[l].register_forward_pre_hook(pre)
+    try:
+        loss = model(input_ids=ids, labels=ids).loss
+    finally:
+        h.remove()
+    return box["x"].detach(), torch.autograd.grad(loss, box["x"])[0]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_o_proj_input_grads_equal_direct(mixed, tiny_ids):
+    from btp.heads import o_proj_input_grads
+
+    model = make_mixed() if mixed else make_tiny("llama")
+    ad = adapter(model)
+    got = {}
+    with o_proj_input_grads(model, lambda l, x, g: got.setdefault(l, []).append((x, g))):
+        model(input_ids=tiny_ids, labels=tiny_ids).loss.backward()
+    assert sorted(got) == list(range(ad.n_layers)) and all(len(v) == 1 for v in got.values())  # once each
+    for l in range(ad.n_layers):
+        x, g = _direct_input_grad(model, tiny_ids, l)
+        assert g.abs().max() > 0
+        torch.testing.assert_close(got[l][0][0], x, atol=0, rtol=0)
+        torch.testing.assert_close(got[l][0][1], g, atol=1e-7, rtol=1e-5)
+    assert all(len(o._forward_pre_hooks) == 0 for o in ad.o_projs)
+    with torch.no_grad(), o_proj_input_grads(model, lambda *a: got.clear()):
+        model(input_ids=tiny_ids)  # no graph: nothing registered, nothing fires
+    assert got
+
+
+def test_gate_gradient_accumulates_in_fp32_for_bf16_models(tiny_ids):
+    """dL/dg of a bf16 model is the fp32 sum of bf16 grad * activation, not a bf16 reduction."""
+    from btp.heads import o_proj_input_grads
+
+    model = make_tiny("llama").to(torch.bfloat16)
+    ad = adapter(model)
+    g = torch.ones(1, ad.n_layers, ad.max_heads, requires_grad=True)
+    dots = torch.zeros(ad.n_layers, ad.max_heads)
+
+    def on(l, x, grad):
+        dots[l] = (grad.float() * x.float()).view(*x.shape[:-1], 4, 16).sum((0, 1, 3))
+    with head_gates(model, g), o_proj_input_grads(model, on):
+        model(input_ids=tiny_ids, labels=tiny_ids).loss.float().backward()
+    assert g.grad.dtype == torch.float32 and dots.abs().min() > 0
+    torch.testing.assert_close(g.grad[0], dots, atol=1e-6, rtol=1e-4)

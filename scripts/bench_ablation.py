@@ -4,11 +4,12 @@ same model and samples.
 straightforward: for every head, a full forward of the whole sequence with that head gated to zero (one head per
 batch row, `--batch-rows` rows per pass, heads of any layers mixed), full logits [rows, T, vocab], CE at the
 scored positions.
-btp (`ablation.run_matrix`): one base pass per sample; heads of layer l resume at layer l from the recorded
-residual, reuse layer l's recorded o_proj input, and unembed only the scored positions.
+btp (`ablation.SampleRun`, the engine of `ablation.run_matrix`): one base pass per sample; heads of layer l resume
+at layer l from the recorded residual, reuse layer l's recorded o_proj input, and unembed only the scored
+positions.
 
-Both run with the same rows per pass and torch threads, sample by sample alternating (so that load from other
-processes hits both alike); the script prints both times, the ratio (goal <= 0.5) and the largest difference
+Both run with the same rows per pass and torch threads, interleaved layer by layer with alternating order (so
+that load from other processes hits both alike); the script prints both times, the ratio (goal <= 0.5) and the largest difference
 between the two matrices.
 
     .venv/bin/python scripts/bench_ablation.py                      # embedded model, 2 HumanEval references
@@ -30,27 +31,25 @@ from btp.models import load_model
 from btp.samples import SampleConfig, SampleSet, load_samples
 
 
-@torch.no_grad()
-def straightforward(model, sample, heads, rows: int) -> np.ndarray:
-    """delta per head: full forward, full logits, one head per batch row."""
-    ad = adapter(model)
-    ids = torch.as_tensor(sample.input_ids, dtype=torch.long)[None].to(ad.device)
-    pos = torch.as_tensor(sample.positions).to(ad.device)
-    tgt = torch.as_tensor(sample.targets).to(ad.device)
+class Straightforward:
+    """Full forward of the whole sequence per head (one head per batch row), full logits, CE at scored positions."""
 
-    def ce(logits):  # mean CE over scored tokens, per row
-        lg = logits[:, pos].float()
-        return F.cross_entropy(lg.flatten(0, 1), tgt.repeat(lg.shape[0]), reduction="none").view(lg.shape[0], -1
-                                                                                               ).double().mean(1)
-    base = ce(model(input_ids=ids).logits)
-    out = np.full((ad.n_layers, ad.max_heads), np.nan)
-    for i in range(0, len(heads), rows):
-        chunk = heads[i:i + rows]
-        with head_gates(model, gates_for(ad, [[h] for h in chunk], device=ad.device)):
-            d = (ce(model(input_ids=ids.expand(len(chunk), -1)).logits) - base).cpu().numpy()
-        for (l, h), v in zip(chunk, d):
-            out[l, h] = v
-    return out
+    def __init__(self, model, sample):
+        self.model, self.ad = model, adapter(model)
+        self.ids = torch.as_tensor(sample.input_ids, dtype=torch.long)[None].to(self.ad.device)
+        self.pos = torch.as_tensor(sample.positions).to(self.ad.device)
+        self.tgt = torch.as_tensor(sample.targets).to(self.ad.device)
+        self.base = self._ce(self.ids)
+
+    @torch.no_grad()
+    def _ce(self, ids) -> torch.Tensor:  # mean CE over scored tokens, per row
+        lg = self.model(input_ids=ids).logits[:, self.pos].float()
+        return F.cross_entropy(lg.flatten(0, 1), self.tgt.repeat(lg.shape[0]), reduction="none"
+                               ).view(lg.shape[0], -1).double().mean(1)
+
+    def deltas(self, heads) -> np.ndarray:
+        with head_gates(self.model, gates_for(self.ad, [[h] for h in heads], device=self.ad.device)):
+            return (self._ce(self.ids.expand(len(heads), -1)) - self.base).cpu().numpy()
 
 
 def main() -> None:
@@ -76,25 +75,44 @@ def main() -> None:
     layers = abl.parse_layers(args.layers)
     heads = [(l, h) for l, h in ad.all_heads() if layers is None or l in layers]
     rows = args.batch_rows or ad.max_heads
-    cfg = abl.MatrixConfig(layers=layers, batch_rows=rows, reuse_attention=not args.no_reuse_attention,
-                           n_boot=1, progress=False)
     print(f"{lm.model_id} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads; {len(ss)} "
           f"{args.dataset} reference samples, {len(heads)} heads, {rows} rows per pass")
     t_btp = t_ref = 0.0
     worst = 0.0
+    clock = time.perf_counter
     for i, s in enumerate(ss.samples):
-        one = SampleSet([s], ss.config, ss.dataset, ss.model_id)
-        t0 = time.perf_counter()
-        mine = abl.run_matrix(model, one, cfg)["delta"][0]
-        t1 = time.perf_counter()
-        ref = straightforward(model, s, heads, rows)
-        t2 = time.perf_counter()
-        diff = float(np.nanmax(np.abs(mine - ref)))
+        # interleaved per layer (alternating which goes first), so that load from other processes hits both alike
+        t0 = clock()
+        run = abl.SampleRun(model, s, layers or range(ad.n_layers), batch_rows=rows,
+                            reuse_attention=not args.no_reuse_attention)
+        base = run.base.double().mean()
+        tb = clock() - t0
+        t0 = clock()
+        ref = Straightforward(model, s)
+        tr = clock() - t0
+        mine = np.full((ad.n_layers, ad.max_heads), np.nan)
+        theirs = mine.copy()
+        by_layer = {}
+        for l, h in heads:
+            by_layer.setdefault(l, []).append((l, h))
+        for j, (l, hs) in enumerate(sorted(by_layer.items())):
+            for which in ((0, 1) if j % 2 == 0 else (1, 0)):
+                for c in range(0, len(hs), rows):
+                    chunk = hs[c:c + rows]
+                    t0 = clock()
+                    if which == 0:
+                        mine[l, [h for _, h in chunk]] = (run.ce([[x] for x in chunk]).double().mean(1)
+                                                          - base).cpu().numpy()
+                        tb += clock() - t0
+                    else:
+                        theirs[l, [h for _, h in chunk]] = ref.deltas(chunk)
+                        tr += clock() - t0
+        diff = float(np.nanmax(np.abs(mine - theirs)))
         worst = max(worst, diff)
-        t_btp += t1 - t0
-        t_ref += t2 - t1
-        print(f"  sample {i} ({s.problem_id}: {len(s.input_ids)} tokens, {s.n_scored} scored): btp {t1 - t0:8.1f}s"
-              f"   straightforward {t2 - t1:8.1f}s   ratio {(t1 - t0) / (t2 - t1):.3f}   max|diff| {diff:.2e}")
+        t_btp += tb
+        t_ref += tr
+        print(f"  sample {i} ({s.problem_id}: {len(s.input_ids)} tokens, {s.n_scored} scored): btp {tb:8.1f}s"
+              f"   straightforward {tr:8.1f}s   ratio {tb / tr:.3f}   max|diff| {diff:.2e}", flush=True)
     print(f"total: btp {t_btp:.1f}s, straightforward {t_ref:.1f}s, ratio {t_btp / t_ref:.3f} (goal <= 0.5); "
           f"largest |delta difference| {worst:.2e} nats")
     tol = 1e-4 if lm.dtype == torch.float32 else 5e-2

@@ -268,23 +268,11 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
 
 
 def _pass1(summary: Any) -> tuple[float | None, list | None]:
-    """pass@1 and its CI from summary.json, tolerating the shapes `{"pass@k": {"1": {...}}}`,
-    `{"pass_at_k": {"1": value}}` and flat `pass@1` / `pass@1_ci` keys."""
-    if not isinstance(summary, dict):
+    """pass@1 and its CI from summary.json (`{"pass_at_k": {"pass@1": {estimate, ci_low, ci_high}}}`)."""
+    v = (summary.get("pass_at_k") or {}).get("pass@1") if isinstance(summary, dict) else None
+    if not isinstance(v, dict):
         return None, None
-    for key in ("pass_at_k", "pass@k"):
-        pk = summary.get(key)
-        if isinstance(pk, dict):
-            v = pk.get("1", pk.get(1, pk.get("pass@1")))
-            if isinstance(v, dict):
-                ci = v.get("ci") or ([v["ci_low"], v["ci_high"]] if "ci_low" in v else None)
-                return v.get("estimate", v.get("value", v.get("mean"))), ci
-            if isinstance(v, (int, float)):
-                ci = (summary.get("ci") or {}).get("1") if isinstance(summary.get("ci"), dict) else None
-                return float(v), ci
-    if "pass@1" in summary:
-        return summary["pass@1"], summary.get("pass@1_ci")
-    return None, None
+    return v.get("estimate"), [v.get("ci_low"), v.get("ci_high")]
 
 
 def _check_stage(root: Path, sd: Path, stage: str, t_gen, t_ev, issue, deep: bool) -> dict:

@@ -175,8 +175,9 @@ def load_generations(results_dir: str | Path, model: str | None, dataset: str) -
     if not p.exists():
         return []
     return [{"problem_id": r["problem_id"], "sample": r["sample"], "finish_reason": r.get("finish_reason"),
-             "n_output_tokens": len(r.get("output_token_ids") or ()), "n_prompt_tokens": len(r.get("prompt_token_ids") or ()),
-             "has_code": bool(r.get("code"))} for r in iter_jsonl(p)]
+             "n_output_tokens": len(r.get("output_token_ids") or ()),
+             "n_prompt_tokens": len(r.get("prompt_token_ids") or ()), "has_code": bool(r.get("code"))}
+            for r in iter_jsonl(p)]
 
 
 def load_evaluations(results_dir: str | Path, model: str | None, dataset: str) -> list[dict]:
@@ -548,24 +549,10 @@ def taylor_layers(a: Analysis) -> Figure:
 
 # ================================================================ generation and evaluation
 
-def pass_at_k_points(summary: dict) -> list[tuple[int, float, float | None, float | None]]:
-    """[(k, estimate, ci_low, ci_high)] from summary.json, whatever of its known shapes it has."""
-    pk = summary.get("pass_at_k", summary.get("pass@k"))
-    out = []
-    if isinstance(pk, dict):
-        for k, v in pk.items():
-            kk = int(str(k).replace("pass@", ""))
-            if isinstance(v, dict):
-                ci = v.get("ci") or [v.get("ci_low"), v.get("ci_high")]
-                out.append((kk, float(v.get("estimate", v.get("value", v.get("mean")))), ci[0], ci[1]))
-            else:
-                ci = (summary.get("ci") or {}).get(str(k), [None, None])
-                out.append((kk, float(v), ci[0], ci[1]))
-    elif isinstance(pk, list):
-        for v in pk:
-            ci = v.get("ci") or [v.get("ci_low"), v.get("ci_high")]
-            out.append((int(v["k"]), float(v.get("estimate", v.get("value", v.get("mean")))), ci[0], ci[1]))
-    return sorted(out)
+def pass_at_k_points(summary: dict) -> list[tuple[int, float, float, float]]:
+    """[(k, estimate, ci_low, ci_high)] from summary.json's `pass_at_k` ({"pass@k": {estimate, ci_low, ...}})."""
+    pk = summary.get("pass_at_k") or {}
+    return sorted((int(k.split("@")[1]), v["estimate"], v["ci_low"], v["ci_high"]) for k, v in pk.items())
 
 
 def pass_at_k(summaries: dict[str, dict], title: str = "pass@k with 95% bootstrap CI over problems") -> Figure:
@@ -578,15 +565,16 @@ def pass_at_k(summaries: dict[str, dict], title: str = "pass@k with 95% bootstra
             continue
         k = np.array([p[0] for p in pts])
         est = np.array([p[1] for p in pts]) * 100
-        lo = np.array([np.nan if p[2] is None else p[2] for p in pts], dtype=float) * 100
-        hi = np.array([np.nan if p[3] is None else p[3] for p in pts], dtype=float) * 100
-        n = s.get("n_problems", s.get("problems"))
+        lo = np.array([p[2] for p in pts], dtype=float) * 100
+        hi = np.array([p[3] for p in pts], dtype=float) * 100
+        n = s.get("n_problems")
         lab = ds + (f" ({n} problems)" if n else "")
-        ax.errorbar(k + 0.04 * i, est, yerr=np.vstack([np.nan_to_num(est - lo), np.nan_to_num(hi - est)]), marker="o", ms=4,
-                    capsize=3, color=f"C{i}", label=lab)
+        ax.errorbar(k + 0.04 * i, est, yerr=np.vstack([est - lo, hi - est]), marker="o", ms=4, capsize=3,
+                    color=f"C{i}", label=lab)
+    top = max([p[3] for s in summaries.values() for p in pass_at_k_points(s)] or [0])
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (%)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, min(100, max(5, 115 * top)))   # a 0% result sits on a readable 0-5% axis
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -755,14 +743,19 @@ FAMILIES = {"generation": generation_figures, "entropy": entropy_figures, "ablat
 def write_figures(results_dir: str | Path, model: str | None, out: str | Path, *, only: Sequence[str] | None = None,
                   families: Sequence[str] = tuple(FAMILIES), pdf: bool = False, dpi: int = 130) -> list[Path]:
     """Write every figure the results allow; returns the files written."""
+    from .store import provenance
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stamp = provenance(stage="plots")
+    where = f"{model_dir(results_dir, model)} (btp {stamp['versions']['btp']}, git {stamp['git_commit'] or '?'})"
     written = []
     for fam in families:
         for name, fig in FAMILIES[fam](results_dir, model, only):
             for ext in ("png", "pdf") if pdf else ("png",):
                 p = out / f"{name}.{ext}"
-                fig.savefig(p, dpi=dpi)
+                meta = {"Title": name, "Description" if ext == "png" else "Subject": f"btp.plots from {where}"}
+                fig.savefig(p, dpi=dpi, metadata=meta)
                 written.append(p)
     return written
 

@@ -54,15 +54,25 @@ def build(root: Path, log: list | None = None) -> Path:
     """Run the stages into `root`; returns `root`. `log` receives (stage, seconds)."""
     import importlib
 
+    import torch
+
     root.mkdir(parents=True, exist_ok=True)
-    for stage, argv in _stages(root):
-        mod = importlib.import_module(f"btp.{stage}")
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mod.main(argv)
-        if log is not None:
-            log.append((stage, round(time.perf_counter() - t0, 1)))
+    threads = torch.get_num_threads()
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        # an oversubscribed machine (shared CI runners): OpenMP threads spin-waiting for a core cost far more
+        # than a second thread gains (measured 3-6x slower forwards with 2 threads at load 10 on 2 cores)
+        torch.set_num_threads(1)
+    try:
+        for stage, argv in _stages(root):
+            mod = importlib.import_module(f"btp.{stage}")
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod.main(argv)
+            if log is not None:
+                log.append((stage, round(time.perf_counter() - t0, 1)))
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 

@@ -10,7 +10,6 @@ import pytest
 from matplotlib.text import Text
 
 from btp import plots as bp
-from btp.store import read_npz
 from results_tree import model_dir, results_tree  # noqa: F401  (session fixture)
 
 MODEL = "smollm2-135m"

@@ -171,3 +171,28 @@ def test_stem_names_and_expected_totals():
     assert check._expected_total(runs(), "livecodebench", 7) == (3, 175 * 3)
     assert check._expected_total(runs(data_file="x.jsonl"), "livecodebench", 7) == (3, None)
     assert check._expected_total([], "humaneval", 2) == (None, None)
+
+
+def test_reference_evaluations_wave2_dirs_and_partial_outputs(tmp_path, capsys):
+    """Rows for `evaluate --reference` (evaluations without generations), CMA-ES and pruned dirs (wave 2) and an
+    ablation still in progress, written through btp.store as the stages write them."""
+    from btp.store import JsonlStore, dataset_dir, provenance, write_json, write_npz
+
+    ref = dataset_dir(tmp_path, "reference", "humaneval")
+    st = JsonlStore(ref / "evaluations.jsonl")
+    st.begin_run(provenance(stage="evaluate", model="reference", dataset="humaneval"))
+    st.append([{"problem_id": f"HumanEval/{i}", "sample": 0, "passed": True, "status": "passed"} for i in range(3)])
+    write_json(ref / "summary.json", {"pass_at_k": {"pass@1": {"estimate": 1.0, "ci_low": 1.0, "ci_high": 1.0}}})
+    d = dataset_dir(tmp_path, "org/m", "mbpp")
+    write_json(d / "cmaes" / "chain_code-reference.json", {"best": [[0, 1]]})
+    write_json(d / "cmaes" / "chain_code-reference.runs.json", [])
+    (d / "pruned" / "taylor-k20").mkdir(parents=True)
+    write_npz(d / "ablation" / "regular-reference.partial.npz", key="x", done=[[True, False]])
+    rc, out = run(["--results-dir", tmp_path], capsys)
+    assert rc == 0, out
+    ref_row = next(l for l in out.splitlines() if l.strip().startswith("humaneval"))
+    assert ref_row.split()[1:5] == ["-", "-", "3", "100.0%"], ref_row
+    row = next(l for l in out.splitlines() if l.strip().startswith("mbpp")).split()
+    assert row[-5:] == ["R-ref(partial)", "-", "C-ref", "1:", "taylor-k20"], row
+    doc = json.loads(run(["--results-dir", tmp_path, "--json", "--model", "org/m"], capsys)[1])
+    assert doc["rows"][0]["stages"]["cmaes"] == {"chain_code-reference": ""} and doc["rows"][0]["pruned"] == ["taylor-k20"]

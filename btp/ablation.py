@@ -35,6 +35,7 @@ from .heads import Head, fixed_attention, gates_for, head_gates, record, start_a
 from .samples import Sample, SampleSet, add_sample_args, config_from_args, load_samples
 from .scoring import final_hidden, token_ce
 from .store import dataset_dir, provenance, read_json, read_npz, write_json, write_npz
+from .stats import bootstrap_ci
 
 STAGE = "ablation"
 ABLATIONS = ("zero", "mean")
@@ -195,18 +196,16 @@ def mean_o_proj_inputs(model: torch.nn.Module, sample_set: SampleSet) -> torch.T
 
 def bootstrap_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over axis 0 (samples) and a percentile bootstrap CI over samples, elementwise over the other axes.
-    Entries NaN in any sample stay NaN. (Local: btp.stats did not exist yet when this was written.)"""
+    """Mean over axis 0 (samples) and a percentile bootstrap CI over samples (`stats.bootstrap_ci`),
+    elementwise over the other axes. Entries NaN in any sample (padding heads) stay NaN."""
     x = np.asarray(x, dtype=np.float64)
     S = x.shape[0]
     flat = x.reshape(S, -1)
     ok = np.isfinite(flat).all(0) if S else np.zeros(flat.shape[1], bool)
     mean, lo, hi = (np.full(flat.shape[1], np.nan) for _ in range(3))
     if S and ok.any():
-        w = np.random.default_rng(seed).multinomial(S, np.full(S, 1.0 / S), size=n_boot) / S  # [B, S]
-        boots = w @ flat[:, ok]
-        mean[ok] = flat[:, ok].mean(0)
-        lo[ok], hi[ok] = np.quantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
+        ci = bootstrap_ci(flat[:, ok], n_boot=n_boot, alpha=alpha, seed=seed)
+        mean[ok], lo[ok], hi[ok] = ci.estimate, ci.low, ci.high
     shape = x.shape[1:]
     return mean.reshape(shape), lo.reshape(shape), hi.reshape(shape)
 

@@ -6,8 +6,9 @@ entropy of that distribution, the cross-entropy of the actual next token and KL(
 writes `results/<model-slug>/<dataset>/entropy/<stem>.npz` (+ `<stem>.json`). Layer L is exactly the model's own
 logits: its normed last hidden state is unembedded without a second norm.
 
-Memory: one forward pass per sample keeps the residual streams ([L, T, d], small); vocabulary-sized tensors exist
-only for `chunk_tokens` (layer, position) rows at a time (a few buffers), in fp32, so [layers x tokens x vocab] is never held.
+Memory: one forward pass per sample captures the residual streams ([L, T, d], small next to [L, T, V]) and keeps
+them at the scored positions only; vocab-sized fp32 tensors exist only for `chunk_tokens` (layer, position) rows at
+a time (three reused buffers), so [layers x tokens x vocab] is never held.
 """
 from __future__ import annotations
 
@@ -51,29 +52,51 @@ def auto_chunk(vocab_size: int, device: torch.device) -> int:
 
 # ---------------------------------------------------------------- the lens
 
-def _stats(logits: torch.Tensor, targets: torch.Tensor, final_p: torch.Tensor | None,
-           final_neg_h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                      torch.Tensor | None]:
-    """Entropy, CE of `targets` and KL(final || this) per row of `logits` [..., P, V], in fp32. Without `final_p`
-    these are the final layer's rows and their probabilities are returned for the KL of the other layers.
-    softmax, not logp.exp() (torch's exp kernel is ~4x slower on CPU); products in place (no extra buffers)."""
-    logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    p = torch.softmax(logits, dim=-1)
-    del logits
-    ce = -logp.gather(-1, targets.expand(*logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+class _Pool:
+    """Reusable flat buffers by name: vocab-sized blocks are allocated once, not once per chunk (on CPU each fresh
+    block is mmapped and page-faulted anew: that cost ~35% of the lens' CPU time, measured)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bufs = device, {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = int(np.prod(shape))
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = self.bufs[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return b[:n].view(shape)
+
+
+def _stats(logits: torch.Tensor, targets: torch.Tensor, pool: _Pool, final_p: torch.Tensor | None = None,
+           final_neg_h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                             torch.Tensor | None]:
+    """Entropy, CE of `targets` and KL(final || this) per row of `logits` z [..., P, V], in fp32. Without `final_p`
+    these are the final layer's rows and their probabilities are returned (in their own buffer) for the KL of the
+    other layers. Destroys `logits`.
+
+    One softmax pass and no log-probabilities: with z shifted by its max (z_j at j = argmax p, as log_softmax does,
+    so that the sums below do not cancel), lse = -log p_j, H = lse - sum p z, CE = lse - z_t and
+    KL(f || l) = sum p_f log p_f - sum p_f z_l + lse_l. (softmax rather than exp: torch's exp kernel is ~4x slower
+    on CPU.)"""
+    z = logits if logits.dtype == torch.float32 else pool.get("z32", tuple(logits.shape)).copy_(logits)
+    p = torch.softmax(z, -1, out=pool.get("p" if final_p is not None else "p_final", tuple(z.shape)))
+    p_max, j = p.max(-1, keepdim=True)
+    z.sub_(z.gather(-1, j))
+    lse = -p_max.log().squeeze(-1)
+    ce = lse - z.gather(-1, targets.expand(*z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     if final_p is None:
-        return -logp.mul_(p).sum(-1), ce, None, p
-    ent = -p.mul_(logp).sum(-1)
-    kl = final_neg_h - logp.mul_(final_p).sum(-1)   # KL = sum p_f log p_f - sum p_f log p_l
+        return lse - z.mul_(p).sum(-1), ce, None, p
+    ent = lse - p.mul_(z).sum(-1)                       # products in place: no extra buffers
+    kl = final_neg_h + lse - z.mul_(final_p).sum(-1)
     return ent, ce, kl, None
 
 
 @torch.no_grad()
 def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                chunk_tokens: int | None = None) -> dict[str, torch.Tensor]:
+                chunk_tokens: int | None = None, *, pool: _Pool | None = None) -> dict[str, torch.Tensor]:
     """Entropy, CE and KL(final || layer) as fp32 [P, L] (CPU) for one sequence `input_ids` [T], at `positions` [P]
-    whose logits predict `targets` [P]. Column l-1 is layer l; column L-1 is the model's own output."""
+    whose logits predict `targets` [P]. Column l-1 is layer l; column L-1 is the model's own output.
+    `pool`: buffers shared across calls (run_entropy_lens passes one for all samples)."""
     ad = adapter(model)
     L, dev = ad.n_layers, ad.device
     ids = torch.as_tensor(input_ids, dtype=torch.long).view(1, -1).to(dev)
@@ -86,29 +109,33 @@ def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
     with record(model, layer_inputs=range(1, L)) as rec:
         out = ad.base(input_ids=ids, use_cache=False)
         # residual after layer l (1-indexed) = input of layer index l; keep only the scored positions
-        resid = [rec["layer_in", l][0].index_select(0, pos) for l in range(1, L)]
+        # (moved to the unembedding's device: layers may sit on other GPUs under a device_map)
+        pick = lambda x: x[0].index_select(0, pos.to(x.device)).to(dev)
+        resid = [pick(rec["layer_in", l]) for l in range(1, L)]
         rec.clear()
-    final = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0].index_select(0, pos)
+    final = pick(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
     del out
-    P = pos.numel()
+    P, V, wdt = pos.numel(), ad.vocab_size, ad.unembed.weight.dtype
     res = {m: torch.zeros(P, L, dtype=torch.float32) for m in METRICS}
-    rows = chunk_tokens or auto_chunk(ad.vocab_size, dev)
+    rows = chunk_tokens or auto_chunk(V, dev)
     c = max(1, min(P, rows))   # positions per chunk
     g = max(1, rows // c)      # layers per unembedding matmul: g * c <= rows (short samples batch layers)
+    pool = pool or _Pool(dev)
     for s in range(0, P, c):
         sl = slice(s, min(s + c, P))
-        t = tgt[sl]
+        t, n = tgt[sl], sl.stop - sl.start
         # the model's own logits: its normed last state, unembedded (norm not applied twice)
-        ent, ce, _, p_f = _stats(ad.logits_from_normed(final[sl]), t, None, None)
+        z = ad.logits_from_normed(final[sl], out=pool.get("z", (n, V), wdt))
+        ent, ce, _, p_f = _stats(z, t, pool)
         res["entropy"][sl, L - 1], res["ce"][sl, L - 1] = ent.cpu(), ce.cpu()   # kl stays 0
         neg_h_f = -ent
         for l0 in range(0, L - 1, g):
             ls = range(l0, min(l0 + g, L - 1))
             h = torch.stack([resid[l][sl] for l in ls])            # [g, c, d]
-            ent, ce, kl, _ = _stats(ad.lens_logits(h), t, p_f, neg_h_f)
+            z = ad.lens_logits(h, out=pool.get("z", (len(ls), n, V), wdt))
+            ent, ce, kl, _ = _stats(z, t, pool, p_f, neg_h_f)
             for k, v in (("entropy", ent), ("ce", ce), ("kl", kl)):
                 res[k][sl, l0:l0 + len(ls)] = v.T.cpu()
-        del p_f
     return res
 
 
@@ -135,9 +162,10 @@ def run_entropy_lens(model: torch.nn.Module, sample_set: SampleSet, config: Lens
     config = config or LensConfig()
     L = adapter(model).n_layers
     parts: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    pool = _Pool(adapter(model).device)
     for s in tqdm(sample_set.samples, desc="entropy lens", unit="sample", disable=not config.progress):
         r = lens_sample(model, torch.from_numpy(s.input_ids), torch.from_numpy(s.positions),
-                        torch.from_numpy(s.targets), config.chunk_tokens)
+                        torch.from_numpy(s.targets), config.chunk_tokens, pool=pool)
         for m in METRICS:
             parts[m].append(r[m].numpy())
     fields = sample_set.fields()
@@ -180,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     desc = ss.describe()
     if npz_path.exists() and json_path.exists() and not args.force:
         old = read_json(json_path)
-        if old.get("samples", {}).get("samples") == desc["samples"] and old.get("revision") == ref.revision:
+        prev = old.get("samples", {})
+        if (prev.get("samples"), prev.get("cut_left"), old.get("revision")) == (desc["samples"], desc["cut_left"],
+                                                                              ref.revision):
             print(f"[btp.entropy_lens] {npz_path} exists for these samples; skipping (use --force to recompute)")
             return npz_path
         raise SystemExit(f"{npz_path} exists for other samples or another model revision; "

@@ -2,7 +2,7 @@
 
 straightforward: `model(ids, output_hidden_states=True)`, full-vocab fp32 logits, log-probabilities and
 probabilities at every position of every layer ([L, T, V] each), then selection of the scored positions.
-btp: `btp.entropy_lens.lens_sample` (scored positions only, (layer, position) rows in chunks).
+btp: `btp.entropy_lens.run_entropy_lens` (scored positions only, (layer, position) rows in chunks).
 
 Each (method, mode) runs in a fresh subprocess so that peak memory is its own:
 - CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs after the model is loaded, so that "above
@@ -88,12 +88,14 @@ def naive_sample(model, ids, positions, targets) -> dict:
 def worker(args) -> None:
     import torch
 
-    from btp.entropy_lens import lens_sample
+    from btp.entropy_lens import LensConfig, run_entropy_lens
     from btp.models import load_model
     from btp.samples import SampleConfig, load_samples
 
     from btp.data import load_problems
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     chosen = args.problems.split(",")
     by_id = {p.problem_id: p for p in load_problems("humaneval")}
@@ -111,19 +113,20 @@ def worker(args) -> None:
         reset = _reset_hwm()
         base = (_rss_kb() if reset else _hwm_kb()) * 1024
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    parts = []
-    for s in ss.samples:
-        a = (torch.from_numpy(s.input_ids), torch.from_numpy(s.positions), torch.from_numpy(s.targets))
-        r = (lens_sample(lm.model, *a, chunk_tokens=args.chunk_tokens) if args.worker == "btp"
-             else naive_sample(lm.model, *a))
-        parts.append(r)
+    if args.worker == "btp":   # as `python -m btp.entropy_lens` runs it
+        out = run_entropy_lens(lm.model, ss, LensConfig(chunk_tokens=args.chunk_tokens, progress=False))
+    else:
+        parts = [naive_sample(lm.model, torch.from_numpy(s.input_ids), torch.from_numpy(s.positions),
+                              torch.from_numpy(s.targets)) for s in ss.samples]
+        out = {m: np.concatenate([p[m].numpy() for p in parts]) for m in ("entropy", "ce", "kl")}
     if cuda:
         torch.cuda.synchronize()
     secs, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     peak = torch.cuda.max_memory_allocated() if cuda else _hwm_kb() * 1024
-    np.savez(args.out, **{m: np.concatenate([p[m].numpy() for p in parts]) for m in ("entropy", "ce", "kl")})
+    np.savez(args.out, **{m: out[m] for m in ("entropy", "ce", "kl")})
     print(json.dumps({"seconds": secs, "cpu_seconds": cpu, "peak": peak, "base": base, "device": str(lm.device),
+                      "threads": torch.get_num_threads(),
                       "n_samples": len(ss), "n_tokens": int(sum(s.n_scored for s in ss.samples)),
                       "n_positions": int(sum(len(s.input_ids) for s in ss.samples)),
                       "problems": ss.problem_ids, "probe": "cuda" if cuda else ("VmHWM" if reset else "ru_maxrss")}))
@@ -150,7 +153,8 @@ def choose_problems(args) -> list[str]:
 def run_one(method: str, mode: str, problems: list[str], args, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--mode", mode, "--out", str(out),
            "--model", args.model, "--problems", ",".join(problems), "--seed", str(args.seed)]
-    for flag, v in (("--chunk-tokens", args.chunk_tokens), ("--device", args.device), ("--dtype", args.dtype)):
+    for flag, v in (("--chunk-tokens", args.chunk_tokens), ("--device", args.device), ("--dtype", args.dtype),
+                    ("--threads", args.threads)):
         if v is not None:
             cmd += [flag, str(v)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -171,6 +175,8 @@ def main() -> None:
     p.add_argument("--chunk-tokens", type=int, default=None, help="btp's chunk (default: its auto choice)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", help="fp32 (also on GPU) so that the numbers compare at 1e-4")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per worker (1: steady timings on a shared machine; 0: torch's default)")
     p.add_argument("--repeats", type=int, default=1, help="runs per method (alternating); the fastest is reported")
     p.add_argument("--worker", choices=("btp", "naive"), help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -198,7 +204,7 @@ def main() -> None:
             n, nv = res["btp"], res["naive"]
             print(f"\n== mode {mode}: {n['n_samples']} HumanEval reference samples {n['problems']}, "
                   f"{n['n_tokens']} scored tokens of {n['n_positions']} positions, device {n['device']}, "
-                  f"memory probe {n['probe']}")
+                  f"{n['threads']} torch thread(s), memory probe {n['probe']}")
             print(f"{'method':<16}{'wall s':>9}{'CPU s':>9}{'peak GiB':>10}{'above base GiB':>16}")
             for name, r in (("straightforward", nv), ("btp", n)):
                 print(f"{name:<16}{r['seconds']:>9.2f}{r['cpu_seconds']:>9.2f}{r['peak'] / gib:>10.3f}"

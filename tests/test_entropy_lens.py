@@ -88,11 +88,26 @@ def test_gemma2_softcap_applied():
     assert (got["entropy"].numpy() >= floor - 1e-4).all()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_lens_logits_into_preallocated_buffer(arch):
+    """`Adapter.lens_logits(h, out=buf)` (used to reuse vocab-sized buffers) equals the plain call, softcap too."""
+    model = make_tiny(arch)
+    ad = adapter(model)
+    h = torch.randn(2, 5, model.config.hidden_size)
+    buf = torch.full((2, 5, ad.vocab_size), float("nan"))
+    got = ad.lens_logits(h, out=buf)
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(got, ad.lens_logits(h), rtol=0, atol=1e-6)
+
+
 def test_chunk_sizes_give_identical_numbers():
     model = make_tiny("qwen3")
     s = _samples(model.config.vocab_size)["regular"][0]
     args = (torch.from_numpy(s.input_ids), torch.from_numpy(s.positions), torch.from_numpy(s.targets))
     base = lens_sample(model, *args, chunk_tokens=10_000)
+    from btp.entropy_lens import auto_chunk
+
+    assert auto_chunk(151_936, torch.device("cpu")) * 151_936 * 4 <= 128 * 2 ** 20
     for ct in (1, 2, 5, 13, 64):
         got = lens_sample(model, *args, chunk_tokens=ct)
         for m in base:

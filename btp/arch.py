@@ -159,17 +159,27 @@ class Adapter:
         return self.unembed.weight.device
 
     # ------------------------------------------------------------------ lens
-    def logits_from_normed(self, h: torch.Tensor) -> torch.Tensor:
-        """Unembed an already-normed hidden state, with soft-capping as the model does."""
-        logits = self.unembed(h.to(self.unembed.weight.dtype))
+    def logits_from_normed(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Unembed an already-normed hidden state, with soft-capping as the model does. `out`: a preallocated
+        tensor of the logits' shape and the weights' dtype to write into (reused across chunks, it spares CPU
+        runs fresh page-faulted memory for every vocab-sized block)."""
+        w = self.unembed.weight
+        if out is None or type(self.unembed) is not nn.Linear:
+            logits = self.unembed(h.to(w.dtype))
+            if out is not None:
+                logits = out.copy_(logits)
+        else:
+            logits = torch.matmul(h.to(w.dtype), w.t(), out=out)   # what nn.Linear computes
+            if self.unembed.bias is not None:
+                logits.add_(self.unembed.bias)
         cap = self.softcap
         if cap:
-            logits = torch.tanh(logits / cap) * cap
+            logits = logits.div_(cap).tanh_().mul_(cap) if out is not None else torch.tanh(logits / cap) * cap
         return logits
 
-    def lens_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def lens_logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logit lens of a residual-stream state: unembed(final_norm(h)), soft-capped."""
-        return self.logits_from_normed(self.final_norm(h.to(self.device)))
+        return self.logits_from_normed(self.final_norm(h.to(self.device)), out=out)
 
 
 def adapter(model: nn.Module) -> Adapter:

@@ -159,21 +159,22 @@ def char_to_token_span(tokenizer: Any, ids: list[int], start: int, end: int, tex
 
 # ---------------------------------------------------------------- building samples
 
-def _choose(cands: list[tuple[str, int]], problem_order: dict[str, int], n: int | None, seed: int
-            ) -> list[tuple[str, int]]:
-    """Deterministic choice: problems in a seeded random order, one sample per problem first, then more."""
-    if n is None or n >= len(cands):
-        chosen = cands
-    else:
-        pids = sorted({p for p, _ in cands}, key=problem_order.__getitem__)
-        perm = {p: r for r, p in enumerate(np.random.default_rng(seed).permutation(pids))}
-        rank: dict[str, int] = {}
-        keyed = []
-        for p, s in sorted(cands, key=lambda c: (problem_order[c[0]], c[1])):
-            keyed.append(((rank.get(p, 0), perm[p]), (p, s)))
-            rank[p] = rank.get(p, 0) + 1
-        chosen = [c for _, c in sorted(keyed)[:n]]
-    return sorted(chosen, key=lambda c: (problem_order[c[0]], c[1]))
+def _ranked(cands: list[tuple[str, int]], problem_order: dict[str, int], seed: int) -> list[tuple[str, int]]:
+    """Deterministic preference order: problems in a seeded random order, one sample per problem first, then
+    more. The first n usable candidates are the choice, so a candidate left out (too long, no code) gives way
+    to the next instead of shrinking the set."""
+    pids = sorted({p for p, _ in cands}, key=problem_order.__getitem__)
+    perm = {p: r for r, p in enumerate(np.random.default_rng(seed).permutation(pids))}
+    rank: dict[str, int] = {}
+    keyed = []
+    for p, s in sorted(cands, key=lambda c: (problem_order[c[0]], c[1])):
+        keyed.append(((rank.get(p, 0), perm[p]), (p, s)))
+        rank[p] = rank.get(p, 0) + 1
+    return [c for _, c in sorted(keyed)]
+
+
+def _in_order(samples: list["Sample"], problem_order: dict[str, int]) -> list["Sample"]:
+    return sorted(samples, key=lambda s: (problem_order[s.problem_id], s.sample))
 
 
 def _fit(ids: np.ndarray, s0: int, s1: int, max_tokens: int | None) -> tuple[np.ndarray, int, int, int] | None:
@@ -228,15 +229,15 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
         by_key[key] = g
     if n_unevaluated:
         notes.append(f"{n_unevaluated} generations have no evaluation and were left out")
-    if n_nocode:
-        notes.append(f"{n_nocode} generations have no code block to score in chain_code mode and were left out")
-    chosen = _choose(list(by_key), order, cfg.num_samples, cfg.seed)
     samples = []
-    n_too_long = 0
-    for key in chosen:
+    n_too_long = n_empty = 0
+    for key in _ranked(list(by_key), order, cfg.seed):
+        if cfg.num_samples is not None and len(samples) >= cfg.num_samples:
+            break
         g = by_key[key]
         p_ids, o_ids = list(g["prompt_token_ids"]), list(g["output_token_ids"])
         if not o_ids:
+            n_empty += 1
             continue
         if cfg.mode == "regular":
             a, b = 0, len(o_ids)
@@ -250,6 +251,7 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
             end = g.get("code_end", start + len(g["code"]))
             a, b = char_to_token_span(tokenizer, o_ids, start, end)
             if b <= a:
+                n_nocode += 1
                 continue
         ids = np.array(p_ids + o_ids, dtype=np.int64)
         fit = _fit(ids, len(p_ids) + a, len(p_ids) + b, cfg.max_tokens)
@@ -257,9 +259,13 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
             n_too_long += 1
             continue
         samples.append(Sample(key[0], key[1], *fit))
+    if n_nocode:
+        notes.append(f"{n_nocode} generations have no code block to score in chain_code mode and were left out")
+    if n_empty:
+        notes.append(f"{n_empty} generations have no output tokens and were left out")
     if n_too_long:
         notes.append(f"{n_too_long} samples left out: scored span longer than max_tokens={cfg.max_tokens}")
-    return _finish(samples, cfg, dataset, model_id, len(by_key), notes, source_file=str(gpath))
+    return _finish(_in_order(samples, order), cfg, dataset, model_id, len(by_key), notes, source_file=str(gpath))
 
 
 def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -> SampleSet:
@@ -272,10 +278,11 @@ def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -
     if not probs:
         raise ValueError(f"{dataset} has no reference solutions; use --source generations")
     order = {p.problem_id: i for i, p in enumerate(probs)}
-    chosen = _choose([(p.problem_id, -1) for p in probs], order, cfg.num_samples, cfg.seed)
     by_id = {p.problem_id: p for p in probs}
     samples, notes, n_too_long = [], [], 0
-    for pid, _ in chosen:
+    for pid, _ in _ranked([(p.problem_id, -1) for p in probs], order, cfg.seed):
+        if cfg.num_samples is not None and len(samples) >= cfg.num_samples:
+            break
         p = by_id[pid]
         prompt, style = build_prompt(p, tokenizer, cfg.prompt_style)
         p_ids = encode_prompt(prompt, tokenizer, style)
@@ -296,7 +303,7 @@ def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -
         samples.append(Sample(pid, -1, *fit))
     if n_too_long:
         notes.append(f"{n_too_long} samples left out: scored span longer than max_tokens={cfg.max_tokens}")
-    return _finish(samples, cfg, dataset, model_id, len(probs), notes, source_file="btp.benchmarks")
+    return _finish(_in_order(samples, order), cfg, dataset, model_id, len(probs), notes, source_file="btp.benchmarks")
 
 
 def _finish(samples, cfg, dataset, model_id, available, notes, source_file) -> SampleSet:

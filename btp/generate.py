@@ -125,6 +125,12 @@ class VllmBackend:
             res.append((c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length"))
         return res
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now, not in an atexit hook after the streams are closed."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
 
 class HfBackend:
     """transformers `generate` on left-padded batches with their attention masks; stops at EOS."""
@@ -340,10 +346,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if bad or not names:
         raise SystemExit(f"--dataset: unknown {bad or cfg.dataset!r}; choose from {DATASETS}")
     sess, outs = Session(), []
-    for ds in names:
-        data_file = cfg.data_file if len(names) == 1 or ds == "livecodebench" else None
-        outs.append(generate(replace(cfg, dataset=ds, data_file=data_file), session=sess))
-        print(outs[-1])
+    try:
+        for ds in names:
+            data_file = cfg.data_file if len(names) == 1 or ds == "livecodebench" else None
+            outs.append(generate(replace(cfg, dataset=ds, data_file=data_file), session=sess))
+            print(outs[-1])
+    finally:
+        if hasattr(sess.engine, "close"):
+            sess.engine.close()
     return outs
 
 

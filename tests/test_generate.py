@@ -126,8 +126,10 @@ def smol():
     ref = resolve_model_path("smollm2-135m")
     lm = load_model("smollm2-135m", dtype="float32", attn_implementation="sdpa")
     cfg = GenerateConfig(dtype="float32", enforce_eager=True, max_model_len=2048)
-    return {"info": (ref.path, ref.model_id, ref.revision), "tok": lm.tokenizer,
-            "hf": HfBackend(lm.model, lm.tokenizer), "vllm": VllmBackend(ref.path, cfg)}
+    engines = {"info": (ref.path, ref.model_id, ref.revision), "tok": lm.tokenizer,
+               "hf": HfBackend(lm.model, lm.tokenizer), "vllm": VllmBackend(ref.path, cfg)}
+    yield engines
+    engines["vllm"].close()
 
 
 def _gen(smol, backend, tmp_path, **kw):

@@ -275,16 +275,24 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     return sorted(set(int(l) for l in layers))
 
 
-def _load_partial(path: Path | None, key: str) -> dict | None:
+def _read_partial(path: Path | None, key: str, read) -> dict | None:
+    """A partial-progress file's state if it exists, is readable and belongs to this configuration (`key`)."""
     if path is None or not path.exists():
         return None
     try:
-        st = read_npz(path)
+        st = read(path)
     except Exception as e:
         warnings.warn(f"[btp.ablation] ignoring unreadable partial file {path}: {e}")
         return None
     if str(st.pop("key", "")) != key:
         warnings.warn(f"[btp.ablation] {path} belongs to another configuration; starting afresh")
+        return None
+    return st
+
+
+def _load_partial(path: Path | None, key: str) -> dict | None:
+    st = _read_partial(path, key, read_npz)
+    if st is None:
         return None
     st.pop("provenance", None)
     print(f"[btp.ablation] resuming from {path}: {int(st['done'].sum())} (sample, layer) units done")
@@ -407,15 +415,8 @@ def _greedy(model, sample_set, ranked, ks, config: KnockoutConfig, st: dict, par
 
 
 def _load_json_partial(path: Path | None, key: str) -> dict | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        st = read_json(path)
-    except Exception as e:
-        warnings.warn(f"[btp.ablation] ignoring unreadable partial file {path}: {e}")
-        return None
-    if st.pop("key", None) != key:
-        warnings.warn(f"[btp.ablation] {path} belongs to another configuration; starting afresh")
+    st = _read_partial(path, key, read_json)
+    if st is None:
         return None
     for part in ("top", "random"):
         if part in st:

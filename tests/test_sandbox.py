@@ -174,6 +174,21 @@ def test_functional_expected_values_are_judged_in_the_sandbox(sb):
         sb.run(Program(cls, mode="functional", fn_name="f", tests=tests, expected=("1",)))
 
 
+def test_expected_values_never_reach_the_program(sb):
+    """A program that searches every object of its interpreter (the harness's too, as a fork) finds the
+    harness's program config but no expected value: each reaches the harness only after its test."""
+    code = ("import gc\ndef f(x):\n    gc.unfreeze()\n    seen, found = False, []\n"
+            "    for o in gc.get_objects():\n        if isinstance(o, dict):\n"
+            "            seen = seen or ('expect' in o and 'caps' in o)\n            vals = list(o.values())\n"
+            "        elif isinstance(o, (list, tuple)):\n            vals = list(o)\n        else:\n            continue\n"
+            "        found += [v for v in vals if isinstance(v, str) and v.startswith('[') and 'sentinel' in v]\n"
+            "    return [seen, found, x]\n")
+    tests = (["sentinel-0"], ["sentinel-1"], ["sentinel-2"])
+    r = sb.run(Program(code, mode="functional", fn_name="f", tests=tests,
+                       expected=tuple(f'[true, [], "sentinel-{i}"]' for i in range(3))))
+    assert r.passed, r
+
+
 def test_assembly_head_tail_complete_prelude(sb):
     head, tail = 'def add(a, b):\n    """Add."""\n', "\nassert add(1, 2) == 3\n"
     for code in ("    return a + b\n", "return a + b\n", "def add(a, b):\n    return b + a\n"):

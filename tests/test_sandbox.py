@@ -180,7 +180,8 @@ def test_expected_values_never_reach_the_program(sb):
     code = ("import gc\ndef f(x):\n    gc.unfreeze()\n    seen, found = False, []\n"
             "    for o in gc.get_objects():\n        if isinstance(o, dict):\n"
             "            seen = seen or ('expect' in o and 'caps' in o)\n            vals = list(o.values())\n"
-            "        elif isinstance(o, (list, tuple)):\n            vals = list(o)\n        else:\n            continue\n"
+            "        elif isinstance(o, (list, tuple)):\n            vals = list(o)\n"
+            "        else:\n            continue\n"
             "        found += [v for v in vals if isinstance(v, str) and v.startswith('[') and 'sentinel' in v]\n"
             "    return [seen, found, x]\n")
     tests = (["sentinel-0"], ["sentinel-1"], ["sentinel-2"])

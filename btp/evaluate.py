@@ -10,15 +10,14 @@ Benchmark semantics: HumanEval runs prompt + solution + test + `check(entry_poin
 is completed with the prompt); MBPP runs code + setup + asserts; LiveCodeBench runs stdin programs per
 test and compares output lines as LiveCodeBench does, and calls `Solution().<func_name>(*args)` for
 functional tests, each test with its own time limit. Every problem of the dataset counts in pass@k: no
-code, or no program at all, is a failure.
+code, or no program at all, is a failure. Model code is only ever parsed inside the sandbox: the
+Programs built here say how to assemble and judge it, as data.
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import sys
-import textwrap
 import time
 import warnings
 from collections import Counter
@@ -66,37 +65,15 @@ class EvalConfig:
 
 # ---------------------------------------------------------------- programs per benchmark
 
-def _defines(code: str, name: str | None) -> bool:
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return False
-    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
-
-
-def _compiles(src: str) -> bool:
-    try:
-        compile(src, "<candidate>", "exec", dont_inherit=True)
-        return True
-    except (SyntaxError, ValueError):
-        return False
-
-
-def humaneval_program(p: Problem, code: str) -> str:
+def humaneval_program(p: Problem, code: str) -> Program:
     """Prompt + solution + test + check(entry_point). A full solution keeps the prompt's imports and
     helpers (its own def of the entry point replaces the stub); a bare body completes the prompt."""
-    if _defines(code, p.entry_point):
-        head = p.text + "\n" + code
-    else:
-        head = p.text + code
-        if not _compiles(head) and _compiles(p.text + textwrap.indent(code, "    ")):
-            head = p.text + textwrap.indent(code, "    ")  # an unindented body
-    return f"{head}\n\n{p.test_code}\n\ncheck({p.entry_point})\n"
+    return Program(code, head=p.text, tail=f"\n\n{p.test_code}\n\ncheck({p.entry_point})\n", complete=p.entry_point)
 
 
-def mbpp_program(p: Problem, code: str) -> str:
+def mbpp_program(p: Problem, code: str) -> Program:
     """Code + setup + the test asserts (MBPP's own way of running its tests)."""
-    return f"{code}\n\n{p.test_code}\n"
+    return Program(code, tail=f"\n\n{p.test_code}\n")
 
 
 def lcb_lines_equal(got: str, expected: str) -> str | None:
@@ -118,22 +95,20 @@ def lcb_lines_equal(got: str, expected: str) -> str | None:
     return None
 
 
-def lcb_value_equal(got_repr: str, expected_json: str) -> str | None:
-    """LiveCodeBench's functional rule: the returned value (tuples as lists) == json.loads(expected)."""
-    try:
-        got = ast.literal_eval(got_repr)
-    except Exception:  # noqa: BLE001 - an object with no literal form cannot equal a JSON value
-        return f"wrong answer: returned a non-literal value {got_repr[:100]}"
-    exp = json.loads(expected_json)
-    return None if got == exp else f"wrong answer: got {got_repr[:100]}, expected {expected_json[:100]}"
+# LiveCodeBench runs stdin/functional programs after these imports; the same here, so programs that rely
+# on them (e.g. `List`, `deque`, `inf` without importing) behave as under LCB's own harness.
+_LCB_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
+                "statistics", "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
+LCB_PRELUDE = "".join(f"from {m} import *\n" for m in _LCB_MODULES) + "".join(
+    f"import {m}\n" for m in _LCB_MODULES if m not in ("builtins", "typing")) + "sys.setrecursionlimit(50000)\n"
 
 
 def build_program(p: Problem, code: str) -> Program:
     """The sandbox program that judges `code` as a solution of `p`."""
     if p.dataset == "humaneval":
-        return Program(humaneval_program(p, code))
+        return humaneval_program(p, code)
     if p.dataset == "mbpp":
-        return Program(mbpp_program(p, code))
+        return mbpp_program(p, code)
     tests = p.test_cases
     if not tests:
         raise ValueError(f"{p.problem_id}: LiveCodeBench problem without test cases")
@@ -146,16 +121,17 @@ def build_program(p: Problem, code: str) -> Program:
             args = tuple([json.loads(line) for line in t["input"].split("\n")] for t in tests)
         except json.JSONDecodeError as e:
             raise ValueError(f"{p.problem_id}: functional test input is not JSON lines ({e})") from None
+        # LCB's functional rule, judged in the sandbox: the returned value (tuples as lists) == json.loads(expected)
         return Program(code, mode="functional", tests=args, fn_name=p.entry_point, out_caps=caps,
-                       check=lambda i, out: lcb_value_equal(out, expected[i]))
-    return Program(code, mode="stdin", tests=tuple(t["input"] for t in tests), out_caps=caps,
+                       prelude=LCB_PRELUDE, solution_class="Solution", expected=tuple(expected))
+    return Program(code, mode="stdin", tests=tuple(t["input"] for t in tests), out_caps=caps, prelude=LCB_PRELUDE,
                    check=lambda i, out: lcb_lines_equal(out, expected[i]))
 
 
 # ---------------------------------------------------------------- where programs come from
 
 def code_sha(code: str) -> str:
-    return hashlib.sha256(code.encode()).hexdigest()[:16]
+    return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()[:16]  # total: lone surrogates too
 
 
 def _read_programs(path: Path) -> list[dict]:

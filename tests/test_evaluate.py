@@ -1,15 +1,18 @@
 """The evaluate stage: every reference solution passes, benchmark semantics, LCB rules, summaries, resume."""
 from __future__ import annotations
 
+import ast
+import builtins
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from btp.data import load_problems
-from btp.evaluate import EvalConfig, build_program, evaluate, humaneval_program, lcb_lines_equal, \
-    lcb_value_equal, main
+from btp.evaluate import EvalConfig, build_program, code_sha, evaluate, humaneval_program, lcb_lines_equal, main
 from btp.sandbox import Limits, Sandbox
+from btp.sandbox_child import assemble, value_equal
 from btp.store import read_jsonl, write_json
 
 LCB = str(Path(__file__).parent / "fixtures" / "lcb_mini.jsonl")
@@ -47,10 +50,11 @@ def test_lcb_comparison_rules():
     assert lcb_lines_equal("0.30000000000000004", "0.3") is not None  # no float tolerance beyond Decimal
     assert "lines" in lcb_lines_equal("1\n2", "1")
     assert lcb_lines_equal("a b", "a  b") is not None  # not numbers, and not equal as lines
-    assert lcb_value_equal("[0, 1]", "[0, 1]") is None
-    assert lcb_value_equal("3", "3") is None and lcb_value_equal("True", "true") is None
-    assert lcb_value_equal("[0, 2]", "[0, 1]") is not None
-    assert lcb_value_equal("<object at 0x1>", "1") is not None
+    # the functional rule is a sandbox primitive now (run in the harness, never in the evaluator)
+    assert value_equal("[0, 1]", "[0, 1]") is None
+    assert value_equal("3", "3") is None and value_equal("True", "true") is None
+    assert value_equal("[0, 2]", "[0, 1]") is not None
+    assert value_equal("<object at 0x1>", "1") is not None
 
 
 def test_humaneval_semantics(sb):
@@ -64,9 +68,46 @@ def test_humaneval_semantics(sb):
     p38 = probs["HumanEval/38"]
     full = "def decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n"
     assert sb.run(build_program(p38, full)).passed
-    assert "check(decode_cyclic)" in humaneval_program(p38, full)
+    assert "check(decode_cyclic)" in humaneval_program(p38, full).tail
     wrong = sb.run(build_program(p0, "def has_close_elements(numbers, threshold):\n    return True\n"))
     assert wrong.status == "failed" and "assert" in wrong.error
+
+
+def _old_humaneval_source(p, code: str) -> str:
+    """The assembly evaluate did in its own process before (kept here to pin the bytes)."""
+    def defines(c):
+        try:
+            tree = ast.parse(c)
+        except SyntaxError:
+            return False
+        return any(isinstance(n, ast.FunctionDef) and n.name == p.entry_point for n in tree.body)
+
+    def compiles(src):
+        try:
+            compile(src, "<candidate>", "exec", dont_inherit=True)
+            return True
+        except (SyntaxError, ValueError):
+            return False
+
+    if defines(code):
+        head = p.text + "\n" + code
+    else:
+        head = p.text + code
+        if not compiles(head) and compiles(p.text + textwrap.indent(code, "    ")):
+            head = p.text + textwrap.indent(code, "    ")
+    return f"{head}\n\n{p.test_code}\n\ncheck({p.entry_point})\n"
+
+
+def test_assembled_sources_are_unchanged():
+    """The sandbox assembles exactly the bytes evaluate assembled before, for HumanEval and MBPP."""
+    for p in load_problems("humaneval"):
+        body = p.reference[len(p.text):]
+        for code in (body, textwrap.dedent(body), p.reference, "def nothing():\n    pass\n", "x(", ""):
+            prog = humaneval_program(p, code)
+            assert assemble(prog.code, prog.head, prog.tail, prog.complete) == _old_humaneval_source(p, code)
+    for p in load_problems("mbpp", limit=50):
+        prog = build_program(p, p.reference)
+        assert assemble(prog.code, prog.head, prog.tail, prog.complete) == f"{p.reference}\n\n{p.test_code}\n"
 
 
 def test_mbpp_semantics(sb):
@@ -108,6 +149,46 @@ def test_livecodebench_stdin_and_functional(tmp_path):
     assert (tmp_path / "lcb_programs.summary.json").exists()
     with pytest.raises(ValueError, match="no reference"):
         evaluate(EvalConfig(dataset="livecodebench", reference=True, data_file=LCB, results_dir=str(tmp_path)))
+
+
+def _no_parsing(*a, **k):
+    raise AssertionError("the evaluator's process parsed or compiled text")
+
+
+def test_the_evaluator_never_parses_model_code(sb, monkeypatch):
+    """With ast.parse, ast.literal_eval and compile unusable in this process, HumanEval (bodies, full
+    solutions, pathological sources), MBPP and LiveCodeBench (functional and stdin) still get right verdicts."""
+    he = {p.problem_id: p for p in load_problems("humaneval", limit=3)}
+    mb = load_problems("mbpp", limit=2)
+    lcb = {p.problem_id: p for p in load_problems("livecodebench", data_file=LCB, release="v6")}
+    p0 = he["HumanEval/0"]
+    body = p0.reference[len(p0.text):]
+    cases = [(p0, body, "passed"), (p0, textwrap.dedent(body), "passed"), (p0, p0.reference, "passed"),
+             (p0, "    return True\n", "failed"), (mb[0], mb[0].reference, "passed"), (mb[1], "x = (", "error"),
+             (p0, "x = " + "(" * 200_000 + ")" * 200_000 + "\n", "error"),
+             (p0, "x = " + "-" * 200_000 + "1\n", "error"),
+             (p0, body + "# " + "a" * (50 << 20) + "\n", "passed"), (p0, body + "'\udc80'\n", "error")]
+    cases += [(lcb[pid], codes[0], "passed") for pid, codes in LCB_PROGRAMS.items()]
+    cases += [(lcb["9001"], LCB_PROGRAMS["9001"][1], "failed"), (lcb["2044A"], LCB_PROGRAMS["2044A"][1], "failed")]
+    sb.run(build_program(p0, body))  # the sandbox's own (trusted) child code is compiled before the patch
+    for mod, name in ((ast, "parse"), (ast, "literal_eval"), (builtins, "compile")):
+        monkeypatch.setattr(mod, name, _no_parsing)
+    got = dict(sb.map(build_program(p, code) for p, code, _ in cases))
+    assert [got[i].status for i in range(len(cases))] == [want for _, _, want in cases], \
+        [(i, got[i].status, got[i].error[:200]) for i in range(len(cases))]
+
+
+def test_code_sha_is_total_and_odd_code_gets_a_verdict(tmp_path):
+    assert code_sha("x = '\udc80'") != code_sha("x = '\udc81'")
+    probs = load_problems("humaneval", limit=1)
+    odd = ["x = '\udc80'\n", "x = " + "(" * 200_000 + ")" * 200_000 + "\n", probs[0].reference]
+    recs = [{"problem_id": probs[0].problem_id, "sample": i, "code": c} for i, c in enumerate(odd)]
+    inp = tmp_path / "odd.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = evaluate(EvalConfig(dataset="humaneval", input=str(inp), limit=1, n_boot=100, workers=1))
+    ev = {r["sample"]: r for r in read_jsonl(tmp_path / "odd.evaluations.jsonl")}
+    assert [ev[i]["status"] for i in range(3)] == ["error", "error", "passed"], ev
+    assert s["n_programs"] == 3 and s["status_counts"] == {"error": 2, "passed": 1}
 
 
 def _fake_generations(root: Path, model: str, limit: int | None) -> Path:

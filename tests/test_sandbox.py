@@ -2,6 +2,7 @@
 (judged not passed, nothing left running, nothing written outside, the run goes on)."""
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from btp import sandbox, sandbox_child
 from btp.sandbox import FULL_ISOLATION, UID_BASE, Limits, Program, Sandbox
+from btp.sandbox_child import assemble, decode_report, encode_msg, encode_report, read_msg, value_equal
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 ROOT = os.geteuid() == 0
@@ -116,7 +119,8 @@ def test_stdin_mode_is_a_real_process(sb):
                  "import sys\nprint(sum(map(int, input().split())))\nsys.exit(0)\n",          # exit() is normal here
                  "if __name__ == '__main__':\n    print(sum(map(int, input().split())))\n",
                  "print(sum(map(int, input().split())), file=__import__('sys').stdout)\nexit()\n"):
-        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check))
+        # `exit` is site's (absent under -S); LiveCodeBench's prelude brings it with `from sys import *`
+        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check, prelude="from sys import *\n"))
         assert r.passed and r.tests_passed == 2, (code, r)
     wrong = sb.run(Program("print(7)\n", mode="stdin", tests=("1\n", "2\n"), check=check))
     assert wrong.status == "failed" and wrong.tests_passed == 0 and "got" in wrong.error
@@ -139,14 +143,137 @@ def test_functional_mode(sb):
            "                return (seen[t - x], i)\n            seen[x] = i\n")
     exp = ["[0, 1]", "[1, 2]"]
     check = lambda i, out: None if out == exp[i] else f"got {out}"  # noqa: E731
-    r = sb.run(Program(cls, mode="functional", fn_name="pair", tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check))
+    r = sb.run(Program(cls, mode="functional", fn_name="pair", tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check,
+                       solution_class="Solution"))
     assert r.passed and r.tests_passed == 2  # a tuple counts as a list, as in LiveCodeBench
     plain = sb.run(Program("def pair(a, t):\n    return [0, 1]\n", mode="functional", fn_name="pair",
                            tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check))
     assert plain.status == "failed" and plain.tests_passed == 1
     missing = sb.run(Program("class Solution:\n    pass\n", mode="functional", fn_name="pair",
-                             tests=([[1], 1],), check=check))
+                             tests=([[1], 1],), check=check, solution_class="Solution"))
     assert missing.status == "error" and "AttributeError" in missing.error
+
+
+def test_functional_expected_values_are_judged_in_the_sandbox(sb):
+    """With `expected`, the harness compares the returned value (tuples as lists) to the JSON value."""
+    cls = "class Solution:\n    def f(self, a, b):\n        return (a, b) if a else {'k': [b, None]}\n"
+    tests = ([1, 2], [0, True], [3, 4])
+    run = lambda code, exp, **kw: sb.run(Program(code, mode="functional", fn_name="f", tests=tests,  # noqa: E731
+                                                 expected=exp, **kw))
+    ok = run(cls, ("[1, 2]", '{"k": [true, null]}', "[3, 4]"), solution_class="Solution")
+    assert ok.passed and ok.tests_passed == 3, ok
+    wrong = run(cls, ("[1, 2]", '{"k": [false, null]}', "[3, 4]"), solution_class="Solution")
+    assert wrong.status == "failed" and wrong.tests_passed == 1 and wrong.error.startswith("test 1: wrong answer")
+    top = run("def f(a, b):\n    return [a, b]\nclass Solution:\n    pass\n", ("[1, 2]",) * 3)
+    assert top.status == "failed" and top.tests_passed == 1  # without solution_class: the top-level function
+    odd = run("def f(a, b):\n    return object()\n", ("1",) * 3)
+    assert odd.status == "failed" and "non-literal" in odd.error
+    deep = run("def f(a, b):\n    x = []\n    for _ in range(100000):\n        x = [x]\n    return x\n", ("[]",) * 3)
+    assert deep.status in ("failed", "error") and not deep.passed  # repr or literal_eval give up: a verdict
+    with pytest.raises(ValueError, match="expected"):
+        sb.run(Program(cls, mode="functional", fn_name="f", tests=tests, expected=("1",)))
+
+
+def test_expected_values_never_reach_the_program(sb):
+    """A program that searches every object of its interpreter (the harness's too, as a fork) finds the
+    harness's program config but no expected value: each reaches the harness only after its test."""
+    code = ("import gc\ndef f(x):\n    gc.unfreeze()\n    seen, found = False, []\n"
+            "    for o in gc.get_objects():\n        if isinstance(o, dict):\n"
+            "            seen = seen or ('expect' in o and 'caps' in o)\n            vals = list(o.values())\n"
+            "        elif isinstance(o, (list, tuple)):\n            vals = list(o)\n"
+            "        else:\n            continue\n"
+            "        found += [v for v in vals if isinstance(v, str) and v.startswith('[') and 'sentinel' in v]\n"
+            "    return [seen, found, x]\n")
+    tests = (["sentinel-0"], ["sentinel-1"], ["sentinel-2"])
+    r = sb.run(Program(code, mode="functional", fn_name="f", tests=tests,
+                       expected=tuple(f'[true, [], "sentinel-{i}"]' for i in range(3))))
+    assert r.passed, r
+
+
+def test_assembly_head_tail_complete_prelude(sb):
+    head, tail = 'def add(a, b):\n    """Add."""\n', "\nassert add(1, 2) == 3\n"
+    for code in ("    return a + b\n", "return a + b\n", "def add(a, b):\n    return b + a\n"):
+        assert sb.run(Program(code, head=head, tail=tail, complete="add")).passed, code
+    assert sb.run(Program("return a - b\n", head=head, tail=tail, complete="add")).status == "failed"
+    assert sb.run(Program("x = 1\n", tail="\nassert x == 1\n")).passed
+    assert sb.run(Program("y = x + 1\nassert y == 3\n", prelude="x = 2\n")).passed
+    assert assemble("return a + b\n", head, tail, "add") == head + "    return a + b\n" + tail  # unindented body
+    assert assemble("    pass\n", head, tail, "add") == head + "    pass\n" + tail
+    assert assemble("def add(a, b):\n    pass\n", head, tail, "add") == head + "\ndef add(a, b):\n    pass\n" + tail
+    assert assemble("x(", head, tail, "add") == head + "x(" + tail  # neither compiles: as it is, an error later
+    assert assemble("x", "h", "t") == "hxt"
+
+
+def _deep(n: int) -> list[str]:
+    return ["x = " + "(" * n + ")" * n + "\n", "x = " + "-" * n + "1\n", "x = " + "not " * (n // 2) + "1\n",
+            "x = 1" + "+1" * n + "\n"]
+
+
+def test_hostile_sources_get_verdicts(sb):
+    """Sources that break parsers (deep nesting, 50 MB, lone surrogates, NUL) are each judged, among ordinary
+    programs, and the run goes on. A 50 MB comment or string in a correct solution still passes."""
+    big = "a" * (50 << 20)
+    progs = {"deep " + str(i): Program(RIGHT + c + TESTS) for i, c in enumerate(_deep(200_000))}
+    progs.update({
+        "50 MB comment": Program(RIGHT + "# " + big + "\n" + TESTS),
+        "50 MB string": Program(RIGHT + "s = '" + big + "'\n" + TESTS),
+        "50 MB garbage": Program(RIGHT + big + " " + big[:1000] + "\n" + TESTS),
+        "lone surrogate": Program(RIGHT + "s = '\udc80'\n" + TESTS),
+        "NUL byte": Program(RIGHT + "\0" + TESTS),
+        "deep body": Program(_deep(200_000)[0], head="def add(a, b):\n", tail=TESTS, complete="add"),
+    })
+    names = list(progs)
+    order = [p for n in names for p in (progs[n], Program(RIGHT + TESTS))]  # an ordinary program after each
+    res = dict(sb.map(order))
+    got = {n: res[2 * i] for i, n in enumerate(names)}
+    assert all(res[2 * i + 1].passed for i in range(len(names))), "the run must go on"
+    assert got["50 MB comment"].passed and got["50 MB string"].passed
+    bad = {n: r for n, r in got.items() if not n.startswith("50 MB c") and not n.startswith("50 MB s")}
+    assert all(r.status == "error" and r.error for r in bad.values()), bad
+    assert "SyntaxError" in got["deep 0"].error and "UnicodeEncodeError" in got["lone surrogate"].error
+    assert {got[f"deep {i}"].error.split(":")[0] for i in range(4)} <= {"SyntaxError", "MemoryError", "RecursionError"}
+    assert not _no_strays()
+
+
+def test_parsing_is_memory_bounded(sb):
+    """A source whose parse needs more than memory_mb ends in MemoryError, a verdict, in the harness."""
+    r = sb.run(Program("x = [" + "1," * (20 << 20) + "]\n"), Limits(timeout=2.0, memory_mb=256))
+    assert r.status == "error" and "MemoryError" in r.error
+    assert sb.run(Program(RIGHT + TESTS)).passed
+
+
+def test_child_side_is_one_stdlib_only_file():
+    """The child side is a whole file of the standard library only; no sliced halves remain."""
+    path = Path(sandbox_child.__file__)
+    tops = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            tops |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports on the child side"
+            tops.add(node.module.split(".")[0])
+    assert tops and tops <= set(sys.stdlib_module_names) | {"__future__"}, tops - set(sys.stdlib_module_names)
+    parent_src = Path(sandbox.__file__).read_text()
+    assert "CHILD HALF" not in parent_src and not hasattr(sandbox, "child_code")
+    assert sandbox.child_bytecode()  # the whole file, compiled as it is
+    r = subprocess.run([sys.executable, "-c", "import btp.sandbox_child as c; print(c.CHILD_NAME)"],
+                       capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and r.stdout.strip() == sandbox_child.CHILD_NAME, r.stderr  # importing starts nothing
+
+
+def test_wire_protocol_round_trip():
+    r, w = os.pipe()
+    msg = {"code": "x = '\udc80'", "tests": [None, [1, "a"]], "n": 2 ** 70}
+    os.write(w, encode_msg(msg) + encode_msg("x"))
+    os.close(w)
+    assert read_msg(r) == msg and read_msg(r) == "x" and read_msg(r) is None
+    os.close(r)
+    line = encode_report(t="test", i=0, status="error", err="bad \udc80 \u00e9")
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and line.isascii()
+    assert decode_report(line[:-1]) == {"t": "test", "i": 0, "status": "error", "err": "bad \udc80 \u00e9"}
+    for junk in (b"Traceback (most recent call last):", b"[" * 100_000, b'{"no": "kind"}', b"\xff"):
+        assert decode_report(junk) is None
+    assert value_equal("[0, 1]", "[0, 1]") is None and value_equal("(0, 1)", "[0, 1]") is not None
 
 
 def test_work_dir_is_private_writable_and_removed(sb):

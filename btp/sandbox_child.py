@@ -1,0 +1,702 @@
+"""The child side of the sandbox: everything that runs on the far side of `btp.sandbox`. Standard library only.
+
+The parent compiles this whole file once and hands it, as marshalled bytecode on stdin, to a fresh
+`python -I -S -B` (see `BOOT`), where it runs as `CHILD_NAME` and becomes the zygote; the process tree and
+its guarantees are described at the top of btp/sandbox.py. Imported as a module (the parent does, for the
+wire protocol and for nothing else), it only defines names and starts nothing.
+
+Wire protocol, defined here once:
+* parent -> server (fd 0 of the server): messages, each an 8-byte little-endian length and a marshalled
+  value (`encode_msg`, `read_msg`): first the server's init dict, then one program dict at a time. Between
+  two tests of a program, one byte: GO_ON or STOP. In reply to an EXPECT report, a message holding the
+  expected value (JSON text) of that test.
+* server -> parent (fd 2 of the server, a pipe no program process holds): reports, one JSON object per line
+  (`encode_report`, `decode_report`); "t" is HELLO (isolation level), TEST (one test's status, error
+  excerpt, output), EXPECT (test i returned a value: send its expected value) or DONE (the program's
+  processes and dir are gone).
+
+Untrusted source is parsed and compiled here only, in the harness (`assemble`, `value_equal`), which runs no
+program code and bounds the memory parsing may take; whatever that raises is the program's verdict.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import marshal
+import math
+import os
+import select
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+CHILD_NAME = "__btp_sandbox_child__"  # the namespace the zygote runs in; only there does this file start one
+MARK = "btp-sandbox-child"  # on the zygote's command line, so its processes can be told apart
+BOOT = f"import marshal,sys;exec(marshal.loads(sys.stdin.buffer.read()),{{'__name__':{CHILD_NAME!r}}})#{MARK}"
+HELLO, TEST, EXPECT, DONE = "hello", "test", "expect", "done"  # report kinds
+GO_ON, STOP = b"c", b"s"  # the parent's word between two tests
+# stdlib modules that the harness needs or programs commonly import: loaded once in the zygote, so that
+# every fork has them without paying the import
+PRELOAD = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
+           "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing", "resource",
+           "traceback", "linecache", "ctypes", "shutil")
+
+
+def encode_msg(obj: object) -> bytes:
+    """A parent -> server message; ValueError if `obj` is not plain data (str, numbers, lists, dicts ...).
+    marshal keeps lone surrogates, so any str the parent holds reaches the harness unchanged."""
+    data = marshal.dumps(obj)
+    return len(data).to_bytes(8, "little") + data
+
+
+def read_msg(fd: int) -> object | None:
+    """The next message on `fd`; None at EOF."""
+    head = _read_exact(fd, 8)
+    return marshal.loads(_read_exact(fd, int.from_bytes(head, "little"))) if len(head) == 8 else None
+
+
+def encode_report(**kw: object) -> bytes:
+    """One report line (ASCII JSON: a lone surrogate in an error text travels escaped)."""
+    return (json.dumps(kw) + "\n").encode()
+
+
+def decode_report(line: bytes) -> dict | None:
+    """A report line as sent by `encode_report`; None for anything else (interpreter noise, a traceback)."""
+    try:
+        rep = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return rep if isinstance(rep, dict) and rep.get("t") in (HELLO, TEST, EXPECT, DONE) else None
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n and (chunk := os.read(fd, n - len(buf))):
+        buf += chunk
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------- primitives on untrusted text (harness only)
+
+def _defines(code: str, name: str) -> bool:
+    """Whether `code` defines function `name` at top level (False when it does not parse)."""
+    try:
+        tree = ast.parse(code)
+    except Exception:  # noqa: BLE001 - SyntaxError, and MemoryError/RecursionError of deep nesting
+        return False
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
+
+
+def _compiles(src: str) -> bool:
+    try:
+        compile(src, "<candidate>", "exec", dont_inherit=True)
+        return True
+    except Exception:  # noqa: BLE001 - SyntaxError, ValueError (NUL), UnicodeEncodeError, deep nesting
+        return False
+
+
+def assemble(code: str, head: str = "", tail: str = "", complete: str | None = None) -> str:
+    """The source to run: head + code + tail. With `complete` (a function name): when `code` defines it at
+    top level, head + "\\n" + code + tail; else `code` is a body completing `head`: head + code + tail, or
+    head + indented code + tail when only that compiles. Parses untrusted code: only inside the sandbox."""
+    if complete is None:
+        return head + code + tail
+    if _defines(code, complete):
+        return head + "\n" + code + tail
+    if not _compiles(head + code) and _compiles(head + textwrap.indent(code, "    ")):
+        return head + textwrap.indent(code, "    ") + tail
+    return head + code + tail
+
+
+def value_equal(got_repr: str, expected_json: str) -> str | None:
+    """A returned value (its repr; tuples already lists) against the expected value as JSON text: None if
+    equal, else why not. Parses untrusted text: only inside the sandbox."""
+    try:
+        got = ast.literal_eval(got_repr)
+    except Exception:  # noqa: BLE001 - an object with no literal form cannot equal a JSON value
+        return f"wrong answer: returned a non-literal value {got_repr[:100]}"
+    return None if got == json.loads(expected_json) else \
+        f"wrong answer: got {got_repr[:100]}, expected {expected_json[:100]}"
+
+
+@contextmanager
+def _memory_bound(mb: int) -> Iterator[None]:
+    """Parsing untrusted source may want any amount of memory: while it runs, the harness's address space
+    may grow by `mb` at most (soft RLIMIT_AS, restored after), so excess ends in MemoryError, a verdict,
+    and not in the OOM killer."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        cap = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE") + (mb << 20)
+    for lim in (soft, hard):
+        if lim != resource.RLIM_INFINITY:
+            cap = min(cap, lim)  # may only go down
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# ---------------------------------------------------------------- the processes
+
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWIPC = 0x00020000, 0x20000000, 0x40000000, 0x08000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
+_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
+_SYS_MOUNT_SETATTR, _AT_RECURSIVE, _AT_FDCWD = 442, 0x8000, -100  # mount_setattr: Linux >= 5.12
+
+_STATE: dict = {}  # the harness's current test child etc., for the SIGTERM handler
+
+
+class _Libc:
+    """The few syscalls Python 3.11's os module lacks (prctl, unshare, mount, mount_setattr)."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.c = ctypes
+        self.lib = ctypes.CDLL(None, use_errno=True)
+        self.lib.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+
+    def _ok(self, ret: int, what: str) -> None:
+        if ret != 0:
+            e = self.c.get_errno()
+            raise OSError(e, f"{what}: {os.strerror(e)}")
+
+    def prctl(self, option: int, arg: int) -> None:
+        u = self.c.c_ulong
+        self._ok(self.lib.prctl(self.c.c_int(option), u(arg), u(0), u(0), u(0)), f"prctl({option})")
+
+    def unshare(self, flags: int) -> None:
+        self._ok(self.lib.unshare(self.c.c_int(flags)), "unshare")
+
+    def mount(self, src: bytes | None, dst: bytes, fstype: bytes | None, flags: int, data: bytes | None = None) -> None:
+        self._ok(self.lib.mount(src, dst, fstype, flags, data), f"mount {dst!r}")
+
+    def readonly_tree(self, path: bytes) -> None:
+        """Every mount at and below `path` read-only and nosuid, in one call."""
+        c = self.c
+
+        class Attr(c.Structure):
+            _fields_ = [("set", c.c_uint64), ("clr", c.c_uint64), ("prop", c.c_uint64), ("userns", c.c_uint64)]
+
+        a = Attr(1 | 2, 0, 0, 0)  # MOUNT_ATTR_RDONLY | NOSUID (not NODEV: /dev/null must keep working)
+        self._ok(self.lib.syscall(c.c_long(_SYS_MOUNT_SETATTR), c.c_int(_AT_FDCWD), c.c_char_p(path),
+                                  c.c_uint(_AT_RECURSIVE), c.byref(a), c.c_size_t(c.sizeof(a))), "mount_setattr")
+
+
+def _report(**kw: object) -> None:
+    """One report line to the parent (fd 2 of the harness; no program process holds it)."""
+    data = encode_report(**kw)
+    while data:
+        data = data[os.write(2, data):]
+
+
+def _blocked(path: str, uid: int | None) -> str | None:
+    """The first directory on the way to `path` that `uid` (no groups) may not enter, if any."""
+    if uid is None:
+        return None
+    cur = "/"
+    for part in [""] + path.strip("/").split("/"):
+        cur = os.path.join(cur, part)
+        st = os.stat(cur)
+        if st.st_uid != uid and not st.st_mode & 0o001:
+            return cur
+    return None
+
+
+def _expose(libc: _Libc, paths: list[str], uid: int | None) -> None:
+    """Make the interpreter's own trees reachable for the sandbox uid (e.g. a Python under a 0700
+    /root): a fresh 0755 tmpfs hides the closed directory, and only the needed trees are bound back."""
+    hidden: dict[str, list[str]] = {}
+    for p in paths:
+        if os.path.isdir(p) and (b := _blocked(p, uid)):
+            hidden.setdefault(b, []).append(p)
+    for top, inner in hidden.items():
+        inner = [p for p in inner if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in inner)]
+        fds = [os.open(p, os.O_PATH) for p in inner]  # handles that survive the cover
+        libc.mount(b"tmpfs", top.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=755,size=64k")
+        for p, fd in zip(inner, fds):
+            os.makedirs(p, mode=0o755, exist_ok=True)
+            libc.mount(f"/proc/self/fd/{fd}".encode(), p.encode(), None, _MS_BIND | _MS_REC)
+            os.close(fd)
+
+
+def _lock_fs(libc: _Libc, work: str, uid: int | None) -> list[str]:
+    """In the new mount namespace: fresh /proc for the new pid namespace, `/` read-only except `work`."""
+    w = work.encode()
+    libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE)  # nothing done here reaches the host
+    libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    os.umask(0o022)
+    _expose(libc, [sys.base_prefix, sys.prefix] + [p for p in sys.path if p], uid)
+    libc.mount(w, w, None, _MS_BIND)  # the work dir becomes a mount of its own ...
+    try:
+        libc.readonly_tree(b"/")
+    except OSError:  # kernel < 5.12: remount each mount point read-only
+        with open("/proc/self/mountinfo") as f:
+            points = [ln.split()[4].encode().decode("unicode_escape").encode() for ln in f]
+        for p in points:
+            libc.mount(None, p, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID)
+    libc.mount(None, w, None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV)  # ... that stays writable
+    return ["ro-root"]
+
+
+def _children() -> list[int]:
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:  # kernel without CONFIG_PROC_CHILDREN: scan
+        me, out = os.getpid(), []
+        for d in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == me:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+        return out
+
+
+def _sweep() -> None:
+    """Kill everything the last test child left behind (daemons, fork bombs) and reap it."""
+    if _STATE["init"]:
+        try:
+            os.kill(-1, signal.SIGKILL)  # PID 1 of the namespace: every other process in it
+        except ProcessLookupError:
+            pass
+    else:
+        if _STATE["uid"] is not None:  # every process of the sandbox uid, wherever it went
+            k = os.fork()
+            if k == 0:
+                try:
+                    os.setuid(_STATE["uid"])
+                    os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(k, 0)
+        for _ in range(10000):  # orphans were re-parented to us (subreaper): kill until none is left
+            kids = _children()
+            if not kids:
+                return
+            for k in kids:
+                try:
+                    os.kill(k, signal.SIGKILL)
+                except OSError:
+                    pass
+            for k in kids:
+                try:
+                    os.waitpid(k, 0)
+                except ChildProcessError:
+                    pass
+        return
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def _on_term(*_: object) -> None:
+    pid = _STATE.get("child")
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    _sweep()
+    os._exit(1)
+
+
+def _user_tasks(uid: int) -> int:
+    """Tasks the user already runs; RLIMIT_NPROC counts them, so a shared uid needs headroom."""
+    n = 0
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and os.stat(f"/proc/{d}").st_uid == uid:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    n += int(f.read().rsplit(b")", 1)[1].split()[17])
+        except (OSError, ValueError, IndexError):
+            pass
+    return n
+
+
+def _excerpt(e: BaseException, limit: int = 1500) -> bytes:
+    """The program's part of a traceback, short."""
+    try:
+        import linecache
+        import traceback
+
+        src = _STATE["source"]
+        linecache.cache["<program>"] = (len(src), None, src.splitlines(True), "<program>")
+        te = traceback.TracebackException(type(e), e, e.__traceback__)
+        te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename == "<program>"][-4:])
+        text = "".join(te.format())
+    except BaseException:  # noqa: BLE001 - a hostile __str__ must not take the child's verdict with it
+        text = type(e).__name__
+    return text[-limit:].encode("utf-8", "backslashreplace")
+
+
+def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
+    """In the forked test child, before any program code: the process the program gets."""
+    import resource
+
+    os.setsid()
+    for target, fd in enumerate(fds):  # 0 stdin, 1 stdout, 2 stderr, 3 verdict
+        os.dup2(fd, target)
+    os.closerange(4, 1 << 20)  # the report pipe, config, everything else: gone
+    cpu = max(1, math.ceil(cfg["timeout"]))  # RLIMIT_CPU counts whole seconds
+    for res, v in ((resource.RLIMIT_AS, cfg["memory_mb"] << 20), (resource.RLIMIT_CPU, cpu),
+                   (resource.RLIMIT_FSIZE, cfg["fsize_mb"] << 20), (resource.RLIMIT_NOFILE, cfg["nofile"]),
+                   (resource.RLIMIT_NPROC, cfg["nproc"]), (resource.RLIMIT_CORE, 0)):
+        hard = resource.getrlimit(res)[1]
+        if hard != resource.RLIM_INFINITY:  # may only go down
+            v = min(v, hard)
+        hi = v + 1 if res == resource.RLIMIT_CPU and (hard == resource.RLIM_INFINITY or v < hard) else v
+        resource.setrlimit(res, (v, hi))  # CPU: SIGXCPU at the soft limit, SIGKILL a second later
+    os.chdir(cfg["work"])
+    os.environ.update(HOME=cfg["work"], TMPDIR=cfg["work"])
+    os.umask(0o077)
+    if _STATE["uid"] is not None:
+        os.setgroups([])
+        os.setgid(_STATE["uid"])
+        os.setuid(_STATE["uid"])
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)  # no setuid binaries to climb back with
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # set after setuid, which clears it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False,
+                                       buffering=1)
+    _STATE["streams"] = (sys.stdout, sys.stderr)  # flushed at the end even if the program swaps them
+    sys.argv = ["main.py"]
+    sys.path.extend(cfg["site"])
+    if "random" in sys.modules:  # imported by the zygote: reseed, or every program draws the same numbers
+        sys.modules["random"].seed()
+
+
+def _run_program(cfg: dict, code: object, prelude: object, test: object, nonce: bytes) -> None:
+    """In the test child: run the program, then write the verdict. Never returns."""
+    import builtins
+
+    _exit, _write = os._exit, os.write  # the program may rebind os.*; these references stay ours
+    mode = cfg["mode"]
+    ns = {"__name__": cfg["module_name"], "__builtins__": builtins}
+    try:
+        if prelude is not None:
+            exec(prelude, ns)
+        if mode == "functional":
+            exec(code, ns)
+            cls = cfg["solution_class"]  # decided on the text, as LiveCodeBench does
+            target = ns[cls]() if cls and f"class {cls}" in cfg["code"] else None
+            fn = getattr(target, cfg["fn_name"]) if target is not None else ns[cfg["fn_name"]]
+            value = fn(*test)
+            value = list(value) if isinstance(value, tuple) else value  # as LCB: tuples count as lists
+            verdict = b"=" + repr(value).encode("utf-8", "backslashreplace")
+        else:
+            try:
+                exec(code, ns)
+            except SystemExit:
+                if mode == "script":  # a script that exits has not run its tests to the end
+                    raise
+            verdict = nonce
+    except BaseException as e:  # noqa: BLE001 - everything the program raises is a verdict
+        verdict = (b"failed\n" if isinstance(e, AssertionError) else b"error\n") + _excerpt(e)
+    for stream in (sys.stdout, sys.stderr) + _STATE["streams"]:
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    try:
+        while verdict:
+            verdict = verdict[_write(3, verdict):]
+    finally:
+        _exit(0)
+
+
+def _collect(pid: int, fds: list[int], deadline: float, cap: int) -> tuple[list[bytearray], str | None, int]:
+    """Read the child's stdout, stderr and verdict pipes until it exits, times out or floods them;
+    kill it and everything it started; return (contents, why stopped early, wait status)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    bufs = {fd: bytearray() for fd in fds}
+    live, why, status = set(fds), None, None
+    while status is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            why = "timeout"
+            break
+        watch = list(live) + ([pidfd] if pidfd is not None else [])
+        ready = select.select(watch, [], [], left if pidfd is not None else min(left, 0.005))[0]
+        for fd in ready:
+            if fd == pidfd:
+                status = os.waitpid(pid, 0)[1]
+                continue
+            data = os.read(fd, 1 << 16)
+            if data:
+                bufs[fd] += data
+            else:
+                live.discard(fd)
+        if sum(len(b) for b in bufs.values()) > cap:
+            why = "output_limit"
+            break
+        if pidfd is None:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            status = st if done else None
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        status = os.waitpid(pid, 0)[1]
+    _STATE["child"] = None
+    _sweep()  # now every writer of the pipes is dead: what is left in them ends in EOF
+    for fd in live:
+        os.set_blocking(fd, False)
+        try:
+            while len(bufs[fd]) <= cap and (data := os.read(fd, 1 << 16)):
+                bufs[fd] += data
+        except BlockingIOError:
+            pass
+    if pidfd is not None:
+        os.close(pidfd)
+    return [bufs[fd] for fd in fds], why, status
+
+
+def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> dict:
+    """One test in a fresh child; returns the report for the parent."""
+    test = cfg["tests"][i]
+    if cfg["mode"] == "stdin":
+        stdin = os.memfd_create("stdin")
+        data = test.encode()
+        while data:
+            data = data[os.write(stdin, data):]
+        os.lseek(stdin, 0, os.SEEK_SET)
+    else:
+        stdin = os.open(os.devnull, os.O_RDONLY)
+    pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, verdict
+    nonce = os.urandom(16).hex().encode()
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        _exit = os._exit
+        try:
+            _enter_child(cfg, [stdin] + [w for _, w in pipes], libc)
+            _run_program(cfg, code, prelude, test, nonce)
+        except BaseException as e:  # noqa: BLE001 - setup failed: say why, never return into the harness
+            os.write(2, f"sandbox child setup failed: {e!r}\n".encode())
+        finally:
+            _exit(70)
+    _STATE["child"] = pid
+    os.close(stdin)
+    for _, w in pipes:
+        os.close(w)
+    (out, err, verdict), why, st = _collect(pid, [r for r, _ in pipes], t0 + cfg["wall"], cfg["caps"][i])
+    for r, _ in pipes:
+        os.close(r)
+    rep = {"t": TEST, "i": i, "dt": round(time.monotonic() - t0, 4)}
+    code_ok = os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+    errtail = err[-1500:].decode("utf-8", "replace")
+    if why:
+        rep.update(status=why, err=(f"wall-clock limit ({cfg['wall']:g} s)\n" if why == "timeout" else "") + errtail)
+    elif os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGXCPU:
+        rep.update(status="timeout", err=f"CPU time limit ({math.ceil(cfg['timeout'])} s)")
+    elif verdict[:7] == b"failed\n" or verdict[:6] == b"error\n":
+        kind, _, text = bytes(verdict).partition(b"\n")
+        rep.update(status=kind.decode(), err=text.decode("utf-8", "replace"))
+    elif cfg["mode"] == "script" and verdict == nonce and code_ok:
+        rep.update(status="ok")
+    elif cfg["mode"] == "stdin" and code_ok:  # a judge accepts exit 0 even without our epilogue
+        rep.update(status="ok", out=out.decode("utf-8", "replace"))
+    elif cfg["mode"] == "functional" and verdict[:1] == b"=" and code_ok:
+        rep.update(status="ok", out=verdict[1:].decode("utf-8", "replace"))
+    else:
+        how = (f"exit code {os.WEXITSTATUS(st)}" if os.WIFEXITED(st) else f"signal {os.WTERMSIG(st)}")
+        rep.update(status="exited", err=f"ended ({how}) before the tests finished\n{errtail}")
+    return rep
+
+
+def _program(cfg: dict, libc: _Libc) -> None:
+    """Run one program's tests, each in a fresh child; stop at the first test that is not ok, or when
+    the parent (which alone knows the expected outputs) says a test's output was wrong."""
+    import gc
+
+    try:
+        with _memory_bound(cfg["memory_mb"]):
+            source = assemble(cfg["code"], cfg["head"], cfg["tail"], cfg["complete"])
+            code = compile(source, "<program>", "exec", dont_inherit=True)
+    except BaseException as e:  # noqa: BLE001 - SyntaxError, ValueError (NUL bytes), MemoryError, RecursionError ...
+        _report(t=TEST, i=0, status="error", err=_why(e), dt=0.0)
+        return
+    _STATE["source"] = source
+    prelude = compile(cfg["prelude"], "<prelude>", "exec", dont_inherit=True) if cfg["prelude"] else None
+    n = len(cfg["tests"])
+    gc.freeze()  # children's collections skip our objects: fewer copy-on-write page faults after fork
+    try:
+        for i in range(n):
+            rep = _run_test(cfg, i, code, prelude, libc)
+            if rep["status"] == "ok" and cfg["expect"] and not _judge_value(cfg, rep):
+                return  # the parent is gone
+            _report(**rep)
+            if rep["status"] != "ok" or (i < n - 1 and _read_exact(0, 1) != GO_ON):
+                return
+    finally:
+        gc.unfreeze()
+
+
+def _why(e: BaseException) -> str:
+    try:
+        return (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)[:1500]
+    except BaseException:  # noqa: BLE001 - str() of a MemoryError's context may fail again
+        return type(e).__name__
+
+
+def _judge_value(cfg: dict, rep: dict) -> bool:
+    """Functional mode: now that the test's processes are gone, ask the parent for the expected value and
+    judge the returned one against it (the program never holds an expected value). False at EOF."""
+    _report(t=EXPECT, i=rep["i"])
+    expected = read_msg(0)
+    if not isinstance(expected, str):
+        return False
+    try:
+        with _memory_bound(cfg["memory_mb"]):
+            why = value_equal(rep["out"], expected)
+    except BaseException as e:  # noqa: BLE001 - expected values that are not JSON: the caller's mistake
+        rep.update(status="sandbox_error", err=f"test {rep['i']}: expected value: {_why(e)}")
+        return True
+    if why:
+        rep.update(status="failed", err=f"test {rep['i']}: {why}")
+    return True
+
+
+def _harness(init: dict, feats: list[str], libc: _Libc, is_init: bool) -> None:
+    """Serve programs one at a time: a fresh work dir (and SysV IPC namespace) for each, everything the
+    program started killed after each test, the dir removed, then a "done" report. Runs no program code."""
+    import shutil
+
+    libc.prctl(_PR_SET_DUMPABLE, 0)  # same-uid children can neither ptrace us nor open our fds
+    root = os.geteuid() == 0
+    uid = init["uid"] if root else None
+    if uid is not None and not is_init and any(_blocked(p, uid) for p in sys.path if os.path.isdir(p)):
+        uid = None  # no mount namespace to expose the interpreter in: stay root, and say so
+    _STATE.update(init=is_init, uid=uid, child=None)
+    if uid is not None:
+        feats.append("unpriv-uid")
+    ipc = False
+    if is_init:
+        try:
+            libc.unshare(_CLONE_NEWIPC)
+            ipc = True
+            feats.insert(3, "ipcns")
+        except OSError:
+            pass
+    _report(t=HELLO, isolation="+".join(feats) or "rlimits-only")
+    count = 0
+    while (cfg := read_msg(0)) is not None:
+        count += 1
+        work = os.path.join(init["root"], f"p{count}")
+        os.mkdir(work, 0o700)
+        if uid is not None:
+            os.chown(work, uid, uid)
+        if not root:  # RLIMIT_NPROC counts every task of this user: leave the program its share on top
+            cfg["nproc"] += _user_tasks(os.getuid())
+        cfg.update(work=work, site=init["site"])
+        try:
+            _program(cfg, libc)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if ipc:
+                libc.unshare(_CLONE_NEWIPC)  # SysV objects of this program go now, with its namespace
+            _report(t=DONE)
+
+
+def _main() -> None:
+    """A sandbox server (a fresh fork of the zygote): fd 0 brings programs, fd 2 takes reports."""
+    init = read_msg(0)
+    if init is None:
+        os._exit(0)
+    libc = _STATE.get("libc") or _Libc()
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    feats: list[str] = []
+    if init["isolate"] and os.geteuid() == 0:
+        try:
+            libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET)
+            feats += ["netns", "pidns", "mountns"]
+        except OSError:
+            pass  # no namespaces here: degrade, and say so in the hello report
+    if "pidns" not in feats:
+        signal.signal(signal.SIGTERM, _on_term)
+        _harness(init, feats, libc, is_init=False)
+        os._exit(0)
+    pid = os.fork()
+    if pid == 0:  # PID 1 of the new namespaces; when it exits the kernel kills the rest
+        _exit = os._exit
+        try:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            try:
+                feats += _lock_fs(libc, init["root"], init["uid"])
+            except OSError:
+                pass
+            _harness(init, feats, libc, is_init=True)
+        except BaseException:  # noqa: BLE001 - report, the parent calls it a sandbox error
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            _exit(0)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+    os.waitpid(pid, 0)
+    os._exit(0)
+
+
+def _reap(*_: object) -> None:
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+def _zygote(fd: int) -> None:
+    """The one fresh interpreter a Sandbox starts: it imports what servers and programs need, then forks
+    a pristine copy of itself for each sandbox server (fd 0: programs, fd 2: reports) and sends back its
+    pid and a pidfd. It never runs program code, nor does a server, so every program gets an interpreter
+    no other program touched, without paying ~10 ms of interpreter start."""
+    import gc
+    import socket
+
+    for m in PRELOAD:
+        __import__(m)
+    _STATE["libc"] = _Libc()
+    sock = socket.socket(fileno=fd)
+    signal.signal(signal.SIGCHLD, _reap)
+    gc.freeze()
+    while True:
+        msg, fds, _, _ = socket.recv_fds(sock, 64, 2)
+        if not msg:  # the Sandbox closed (or its process died)
+            os._exit(0)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server waits for its own children
+                sock.close()
+                os.dup2(fds[0], 0)
+                os.dup2(fds[1], 2)
+                os.closerange(3, 1 << 20)
+                os.setsid()
+                _STATE["libc"].prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+                _main()
+            finally:
+                os._exit(1)
+        pidfd = os.pidfd_open(pid)
+        socket.send_fds(sock, [b"%d" % pid], [pidfd])
+        for f in fds + [pidfd]:
+            os.close(f)
+
+
+if __name__ == CHILD_NAME:  # run by BOOT in the fresh interpreter; never on import
+    _zygote(int(sys.argv[1]))

@@ -58,12 +58,9 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
 _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 _SYS_MOUNT_SETATTR, _AT_RECURSIVE, _AT_FDCWD = 442, 0x8000, -100  # mount_setattr: Linux >= 5.12
 
-# LiveCodeBench runs stdin/functional programs after these imports; same names here, so programs that
-# rely on them (e.g. `List`, `deque`, `inf` without importing) behave as under LCB's own harness.
-_LCB_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
-                "statistics", "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
-_LCB_PRELUDE = "".join(f"from {m} import *\n" for m in _LCB_MODULES) + "".join(
-    f"import {m}\n" for m in _LCB_MODULES if m not in ("builtins", "typing")) + "sys.setrecursionlimit(50000)\n"
+# Imported once by the zygote, so a prelude that imports them (LiveCodeBench's) costs nothing per test.
+_WARM_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
+                 "statistics", "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
 
 _STATE: dict = {}  # the harness's current test child etc., for the SIGTERM handler
 
@@ -306,7 +303,8 @@ def _run_program(cfg: dict, code: object, prelude: object, test: object, nonce: 
             exec(prelude, ns)
         if mode == "functional":
             exec(code, ns)
-            target = ns["Solution"]() if "class Solution" in _STATE["source"] else None  # LCB's rule
+            cls = cfg["solution_class"]
+            target = ns[cls]() if cls and f"class {cls}" in _STATE["source"] else None
             fn = getattr(target, cfg["fn_name"]) if target is not None else ns[cfg["fn_name"]]
             value = fn(*test)
             value = list(value) if isinstance(value, tuple) else value  # as LCB: tuples count as lists
@@ -457,7 +455,7 @@ def _program(cfg: dict, libc: _Libc) -> None:
     except BaseException as e:  # noqa: BLE001 - SyntaxError, ValueError (NUL bytes), RecursionError ...
         _frame(t="test", i=0, status="error", err=f"{type(e).__name__}: {e}"[:1500], dt=0.0)
         return
-    prelude = compile(_LCB_PRELUDE, "<prelude>", "exec") if cfg["mode"] != "script" else None
+    prelude = compile(cfg["prelude"], "<prelude>", "exec") if cfg["prelude"] else None
     n = len(cfg["tests"])
     gc.freeze()  # children's collections skip our objects: fewer copy-on-write page faults after fork
     try:
@@ -567,7 +565,7 @@ def _zygote(fd: int) -> None:
     import gc
     import socket
 
-    for m in _LCB_MODULES + ("resource", "traceback", "linecache", "ctypes", "shutil"):
+    for m in _WARM_MODULES + ("resource", "traceback", "linecache", "ctypes", "shutil"):
         __import__(m)
     _STATE["libc"] = _Libc()
     sock = socket.socket(fileno=fd)
@@ -599,6 +597,7 @@ def _zygote(fd: int) -> None:
 
 # ==== PARENT HALF ====
 import ast  # noqa: E402
+import json  # noqa: E402
 import queue  # noqa: E402
 import shutil  # noqa: E402
 import site  # noqa: E402
@@ -606,6 +605,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import textwrap  # noqa: E402
 import weakref  # noqa: E402
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -632,10 +632,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class Program:
-    """One program to run. `script`: run `code` (program + its tests), passing = it ran to the end.
-    `stdin`: per test, run `code` with the test's text as stdin; `check(i, stdout)` judges.
-    `functional`: per test, call `fn_name` (a method of `Solution()` when the code defines that class,
-    as LiveCodeBench does) with the test's argument list; `check(i, repr(return value))` judges."""
+    """One program to run: `code` (untrusted) between trusted `head` and `tail` (see `assemble`), after the
+    trusted `prelude`. `script`: run it (program + its tests), passing = it ran to the end.
+    `stdin`: per test, run it with the test's text as stdin; `check(i, stdout)` judges.
+    `functional`: per test, call `fn_name` (a method of `solution_class()` when the code defines that
+    class) with the test's argument list; the value must equal `expected[i]` (JSON text; tuples count as
+    lists), or `check(i, repr(value))` judges."""
 
     code: str
     mode: str = "script"
@@ -643,6 +645,55 @@ class Program:
     check: Callable[[int, str], str | None] | None = field(default=None, compare=False)  # None = ok, else why not
     fn_name: str | None = None
     out_caps: tuple[int, ...] = ()   # per-test output caps (default: limits.max_output)
+    head: str = ""                   # trusted source before the code
+    tail: str = ""                   # trusted source after the code
+    complete: str | None = None      # a function `head` stubs: code that does not define it is its body
+    prelude: str = ""                # trusted source run before the program, in its namespace
+    solution_class: str | None = None  # functional: fn_name is a method of this class when the code defines it
+    expected: tuple[str, ...] = ()   # functional: expected return values as JSON text
+
+
+def _defines(code: str, name: str) -> bool:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
+
+
+def _compiles(src: str) -> bool:
+    try:
+        compile(src, "<candidate>", "exec", dont_inherit=True)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def assemble(prog: Program) -> str:
+    """The source that runs: head + code + tail. With `complete`, code that does not define that function
+    at top level is a body completing `head` (indented when only that compiles); code that does define it
+    follows `head` on a new line (its def replaces the stub, `head`'s imports and helpers stay).
+    Parses untrusted code: to move into the sandbox child."""
+    if prog.complete is None:
+        return prog.head + prog.code + prog.tail
+    if _defines(prog.code, prog.complete):
+        body = prog.head + "\n" + prog.code
+    else:
+        body = prog.head + prog.code
+        if not _compiles(body) and _compiles(prog.head + textwrap.indent(prog.code, "    ")):
+            body = prog.head + textwrap.indent(prog.code, "    ")  # an unindented body
+    return body + prog.tail
+
+
+def value_equal(got_repr: str, expected_json: str) -> str | None:
+    """Judge of `expected`: the returned value (its repr, tuples already lists) == json.loads(expected).
+    None = ok. Parses program output: to move into the judge."""
+    try:
+        got = ast.literal_eval(got_repr)
+    except Exception:  # noqa: BLE001 - an object with no literal form cannot equal a JSON value
+        return f"wrong answer: returned a non-literal value {got_repr[:100]}"
+    exp = json.loads(expected_json)
+    return None if got == exp else f"wrong answer: got {got_repr[:100]}, expected {expected_json[:100]}"
 
 
 @dataclass
@@ -889,7 +940,10 @@ class Sandbox:
         caps = list(prog.out_caps) if prog.out_caps else [lim.max_output] * n
         if len(caps) != n:
             raise ValueError(f"out_caps has {len(caps)} entries for {n} tests")
-        cfg = {"mode": prog.mode, "code": prog.code, "tests": list(prog.tests), "caps": caps,
+        if prog.expected and len(prog.expected) != n:
+            raise ValueError(f"expected has {len(prog.expected)} entries for {n} tests")
+        cfg = {"mode": prog.mode, "code": assemble(prog), "tests": list(prog.tests), "caps": caps,
+               "prelude": prog.prelude, "solution_class": prog.solution_class,
                "fn_name": prog.fn_name, "module_name": "__main__" if prog.mode == "stdin" else "__solution__",
                "timeout": float(lim.timeout), "wall": _wall(lim), "memory_mb": lim.memory_mb,
                "fsize_mb": lim.fsize_mb, "nofile": lim.nofile, "nproc": lim.nproc}
@@ -950,7 +1004,9 @@ class Sandbox:
                     if fr["status"] != "ok":
                         res.status, res.error, final = fr["status"], fr.get("err", ""), True
                         continue
-                    why = prog.check(fr["i"], fr.get("out", "")) if prog.check else None
+                    out = fr.get("out", "")
+                    why = (prog.check(fr["i"], out) if prog.check
+                           else value_equal(out, prog.expected[fr["i"]]) if prog.expected else None)
                     if why:
                         res.status, res.error, final = "failed", f"test {fr['i']}: {why}", True
                     else:

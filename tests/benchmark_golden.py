@@ -74,9 +74,11 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def records(load: Callable, api: dict[str, Callable]) -> dict:
+def records(load: Callable, api: dict[str, Callable], only: str | None = None) -> dict:
     out: dict[str, Any] = {}
     for ds, variant in SUITES:
+        if only is not None and f"{ds}/{variant}" != only:
+            continue
         kw = {"data_file": str(FIX)} if ds == "livecodebench" else {"variant": variant}
         probs = load(ds, **kw)
         out[f"{ds}/{variant}"] = {p.problem_id: digest(record(p, api)) for p in probs}

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from btp.benchmarks.livecodebench import lines_equal as lcb_lines_equal
 from btp.data import load_problems
-from btp.evaluate import EvalConfig, build_program, evaluate, humaneval_program, lcb_lines_equal, \
-    lcb_value_equal, main
-from btp.sandbox import Limits, Sandbox
+from btp.evaluate import EvalConfig, build_program, evaluate, main
+from btp.sandbox import Limits, Sandbox, assemble
+from btp.sandbox import value_equal as lcb_value_equal
 from btp.store import read_jsonl, write_json
 
 LCB = str(Path(__file__).parent / "fixtures" / "lcb_mini.jsonl")
@@ -64,7 +65,7 @@ def test_humaneval_semantics(sb):
     p38 = probs["HumanEval/38"]
     full = "def decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n"
     assert sb.run(build_program(p38, full)).passed
-    assert "check(decode_cyclic)" in humaneval_program(p38, full)
+    assert "check(decode_cyclic)" in assemble(build_program(p38, full))
     wrong = sb.run(build_program(p0, "def has_close_elements(numbers, threshold):\n    return True\n"))
     assert wrong.status == "failed" and "assert" in wrong.error
 

@@ -116,7 +116,8 @@ def test_stdin_mode_is_a_real_process(sb):
                  "import sys\nprint(sum(map(int, input().split())))\nsys.exit(0)\n",          # exit() is normal here
                  "if __name__ == '__main__':\n    print(sum(map(int, input().split())))\n",
                  "print(sum(map(int, input().split())), file=__import__('sys').stdout)\nexit()\n"):
-        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check))
+        # `exit` comes from the prelude (LCB's imports `from sys import *`): python -S has no site.exit
+        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check, prelude="from sys import *\n"))
         assert r.passed and r.tests_passed == 2, (code, r)
     wrong = sb.run(Program("print(7)\n", mode="stdin", tests=("1\n", "2\n"), check=check))
     assert wrong.status == "failed" and wrong.tests_passed == 0 and "got" in wrong.error
@@ -139,14 +140,19 @@ def test_functional_mode(sb):
            "                return (seen[t - x], i)\n            seen[x] = i\n")
     exp = ["[0, 1]", "[1, 2]"]
     check = lambda i, out: None if out == exp[i] else f"got {out}"  # noqa: E731
-    r = sb.run(Program(cls, mode="functional", fn_name="pair", tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check))
+    r = sb.run(Program(cls, mode="functional", fn_name="pair", tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check,
+                       solution_class="Solution"))
     assert r.passed and r.tests_passed == 2  # a tuple counts as a list, as in LiveCodeBench
     plain = sb.run(Program("def pair(a, t):\n    return [0, 1]\n", mode="functional", fn_name="pair",
                            tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check))
     assert plain.status == "failed" and plain.tests_passed == 1
     missing = sb.run(Program("class Solution:\n    pass\n", mode="functional", fn_name="pair",
-                             tests=([[1], 1],), check=check))
+                             tests=([[1], 1],), check=check, solution_class="Solution"))
     assert missing.status == "error" and "AttributeError" in missing.error
+    # `expected` (JSON text) judges without a check callable
+    by_value = sb.run(Program(cls, mode="functional", fn_name="pair", tests=([[2, 7, 11], 9], [[3, 2, 4], 6]),
+                              solution_class="Solution", expected=("[0, 1]", "[0, 2]")))
+    assert by_value.status == "failed" and by_value.tests_passed == 1 and "expected [0, 2]" in by_value.error
 
 
 def test_work_dir_is_private_writable_and_removed(sb):

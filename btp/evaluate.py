@@ -13,7 +13,6 @@ all, is a failure.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 import warnings
@@ -36,7 +35,7 @@ RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must 
 
 @dataclass
 class EvalConfig:
-    dataset: str = "humaneval"
+    dataset: str = benchmarks.DEFAULT
     model: str | None = None              # whose generations; not needed with --reference / --input
     results_dir: str = "results"
     input: str | None = None              # any JSONL of {problem_id, sample, code}

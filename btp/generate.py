@@ -34,7 +34,7 @@ SAMPLE_KEY = ("temperature", "top_p", "max_tokens", "seed", "prompt_style", "cha
 @dataclass
 class GenerateConfig:
     model: str = "smollm2-135m"
-    dataset: str = "humaneval"
+    dataset: str = benchmarks.DEFAULT
     limit: int | None = None
     n: int = 1
     temperature: float = 0.0

@@ -274,7 +274,8 @@ def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -
 
     if cfg.select != "all" and cfg.select != "correct":
         raise ValueError("reference solutions are all correct: use --select correct or all with --source reference")
-    probs = [p for p in (problems if problems is not None else benchmarks.get(dataset).load()) if p.reference is not None]
+    probs = problems if problems is not None else benchmarks.get(dataset).load()
+    probs = [p for p in probs if p.reference is not None]
     if not probs:
         raise ValueError(f"{dataset} has no reference solutions; use --source generations")
     order = {p.problem_id: i for i, p in enumerate(probs)}

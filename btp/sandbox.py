@@ -604,8 +604,8 @@ import site  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import textwrap  # noqa: E402
+import threading  # noqa: E402
 import weakref  # noqa: E402
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +110,8 @@ def test_benchmark_programs():
     assert (f.mode, f.solution_class, f.check, f.prelude) == ("functional", "Solution", None, livecodebench.PRELUDE)
     assert f.expected == tuple(t["output"] for t in fn.test_cases)
     s = benchmarks.get("livecodebench").program(sd, "pass")
-    assert (s.mode, s.solution_class, s.expected) == ("stdin", None, ()) and s.check(0, sd.test_cases[0]["output"]) is None
+    assert (s.mode, s.solution_class, s.expected) == ("stdin", None, ())
+    assert s.check(0, sd.test_cases[0]["output"]) is None and "wrong answer" in s.check(0, "nope")
 
 
 def test_value_equal_rule():
@@ -142,4 +142,4 @@ def test_benchmark_modules_are_beside_their_data():
     d = Path(benchmarks.__file__).parent
     assert {"humaneval.py", "mbpp.py", "livecodebench.py", "HumanEval.jsonl.gz", "mbpp.jsonl",
             "sanitized-mbpp.json"} <= {p.name for p in d.iterdir()}
-    assert textwrap.dedent(livecodebench.PRELUDE).startswith("from string import *\n")
+    assert livecodebench.PRELUDE.startswith("from string import *\n")

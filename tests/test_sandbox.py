@@ -117,7 +117,8 @@ def test_stdin_mode_is_a_real_process(sb):
                  "if __name__ == '__main__':\n    print(sum(map(int, input().split())))\n",
                  "print(sum(map(int, input().split())), file=__import__('sys').stdout)\nexit()\n"):
         # `exit` comes from the prelude (LCB's imports `from sys import *`): python -S has no site.exit
-        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check, prelude="from sys import *\n"))
+        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check,
+                           prelude="from sys import *\n"))
         assert r.passed and r.tests_passed == 2, (code, r)
     wrong = sb.run(Program("print(7)\n", mode="stdin", tests=("1\n", "2\n"), check=check))
     assert wrong.status == "failed" and wrong.tests_passed == 0 and "got" in wrong.error

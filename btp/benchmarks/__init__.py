@@ -12,6 +12,7 @@ from .base import BENCH_DIR, LOAD_OPTIONS, Benchmark, Problem
 _MODULES = (humaneval, mbpp, livecodebench)
 _REGISTRY: dict[str, Benchmark] = {b.name: b for b in sorted((m.BENCHMARK for m in _MODULES), key=lambda b: b.order)}
 NAMES: tuple[str, ...] = tuple(_REGISTRY)  # display order: tables, plots, CLI choices
+DEFAULT: str = humaneval.BENCHMARK.name  # what `--dataset` means when not given
 VARIANTS: tuple[str, ...] = tuple(v for b in _REGISTRY.values() for v in b.variants)  # every `--variant` choice
 # sha256 of the vendored files (also in README.md); tests check them.
 VENDORED_SHA256 = {
@@ -34,4 +35,5 @@ def all() -> tuple[Benchmark, ...]:  # noqa: A001 - `benchmarks.all()` reads as 
     return tuple(_REGISTRY.values())
 
 
-__all__ = ["BENCH_DIR", "LOAD_OPTIONS", "NAMES", "VARIANTS", "VENDORED_SHA256", "Benchmark", "Problem", "all", "get"]
+__all__ = ["BENCH_DIR", "DEFAULT", "LOAD_OPTIONS", "NAMES", "VARIANTS", "VENDORED_SHA256", "Benchmark", "Problem",
+           "all", "get"]

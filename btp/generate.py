@@ -21,8 +21,8 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from . import cli
-from .data import DATASETS, Problem, load_problems
+from . import benchmarks, cli
+from .benchmarks import Problem
 from .prompts import STYLES, build_prompt, encode_prompt, extract
 from .store import JsonlStore, dataset_dir, provenance, read_json
 
@@ -34,7 +34,7 @@ SAMPLE_KEY = ("temperature", "top_p", "max_tokens", "seed", "prompt_style", "cha
 @dataclass
 class GenerateConfig:
     model: str = "smollm2-135m"
-    dataset: str = "humaneval"
+    dataset: str = benchmarks.DEFAULT
     limit: int | None = None
     n: int = 1
     temperature: float = 0.0
@@ -258,14 +258,13 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
     and `model_info` (path, model id, revision), or a `session`, let callers reuse a loaded model."""
     sess = session or Session(model_info, tokenizer, engine)
     cfg = replace(cfg, backend=resolve_backend(cfg.backend) if sess.engine is None else sess.engine.name)
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose from {DATASETS}")
+    bench = benchmarks.get(cfg.dataset)
     if cfg.prompt_style not in STYLES:
         raise ValueError(f"prompt style must be one of {STYLES}")
     if cfg.n < 1 or cfg.max_tokens < 1:
         raise ValueError("--n and --max-tokens must be >= 1")
-    problems = load_problems(cfg.dataset, limit=cfg.limit, variant=cfg.variant, data_file=cfg.data_file,
-                             release=cfg.release, start_date=cfg.start_date, end_date=cfg.end_date)
+    problems = bench.load(limit=cfg.limit, variant=cfg.variant, data_file=cfg.data_file, release=cfg.release,
+                          start_date=cfg.start_date, end_date=cfg.end_date)
     _open(cfg, sess)
     path, model_id, revision = sess.model_info
     out = dataset_dir(cfg.results_dir, model_id, cfg.dataset) / "generations.jsonl"
@@ -304,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = cli.parser("generate", __doc__.split("\n\n")[0])
     cli.add_common(ap, dataset=False)  # --model, --results-dir, --seed
     d = GenerateConfig()
-    ap.add_argument("--dataset", default=d.dataset, help=f"one of {DATASETS}, or several comma-separated")
+    ap.add_argument("--dataset", default=d.dataset, help=f"one of {benchmarks.NAMES}, or several comma-separated")
     ap.add_argument("--limit", type=int, default=None, help="first N problems")
     ap.add_argument("--n", type=int, default=d.n, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=d.temperature)
@@ -315,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--chat-template-kwargs", type=json.loads, default={},
                     help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'')
     ap.add_argument("--system-prompt", default=None)
-    ap.add_argument("--variant", default=None, choices=("full", "sanitized"), help="mbpp variant")
+    ap.add_argument("--variant", default=None, choices=benchmarks.VARIANTS, help="mbpp variant")
     ap.add_argument("--data-file", default=None, help="local benchmark file (LiveCodeBench JSONL)")
     ap.add_argument("--release", default=d.release, help="LiveCodeBench release: vN, vA_vB, release_vN")
     ap.add_argument("--start-date", default=None, help="LiveCodeBench contest_date >= YYYY-MM[-DD]")
@@ -339,16 +338,16 @@ def parse_config(argv: Sequence[str] | None = None) -> GenerateConfig:
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """`--dataset a,b,c` runs several benchmarks on one loaded engine (`--data-file` then only
-    applies to livecodebench)."""
+    applies to those whose data is not vendored: livecodebench)."""
     cfg = parse_config(argv)
     names = [d.strip() for d in cfg.dataset.split(",") if d.strip()]
-    bad = [d for d in names if d not in DATASETS]
+    bad = [d for d in names if d not in benchmarks.NAMES]
     if bad or not names:
-        raise SystemExit(f"--dataset: unknown {bad or cfg.dataset!r}; choose from {DATASETS}")
+        raise SystemExit(f"--dataset: unknown {bad or cfg.dataset!r}; choose from {benchmarks.NAMES}")
     sess, outs = Session(), []
     try:
         for ds in names:
-            data_file = cfg.data_file if len(names) == 1 or ds == "livecodebench" else None
+            data_file = cfg.data_file if len(names) == 1 or not benchmarks.get(ds).vendored else None
             outs.append(generate(replace(cfg, dataset=ds, data_file=data_file), session=sess))
             print(outs[-1])
     finally:

@@ -1,10 +1,9 @@
-"""Prompts per benchmark (chat template or plain completion) and code extraction from outputs.
+"""Prompt rendering (chat template or plain completion) and code extraction from outputs.
 
 Chat prompts go through the model's own chat template (`add_generation_prompt=True`, extra template
-options such as `enable_thinking` passed through). Completion prompts are the benchmarks' usual
-base-model prompts: HumanEval's own prompt, MBPP's docstring + one test (as in bigcode's harness),
-LiveCodeBench's question/starter-code/answer layout ending in an opened ```python block. A completion
-output continues code that the prompt opened, so it is cut at the benchmark's stop sequences.
+options such as `enable_thinking` passed through). What a prompt says, and where a completion's code
+stops, is the benchmark's (`btp.benchmarks`): its user message, system message, completion prompt and
+stop strings. A completion output continues code that the prompt opened, so it is cut at those stops.
 """
 from __future__ import annotations
 
@@ -12,72 +11,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .data import Problem
+from . import benchmarks
+from .benchmarks import Problem
 
 STYLES = ("auto", "chat", "completion")
-
-# LiveCodeBench's own wording (lcb_runner/prompts/code_generation.py, generic chat style).
-LCB_SYSTEM = ("You are an expert Python programmer. You will be given a question (problem specification) and will "
-              "generate a correct Python program that matches the specification and passes all tests.")
-LCB_WITH_STARTER = ("You will use the following starter code to write the solution to the problem and enclose your "
-                    "code within delimiters.")
-LCB_WITHOUT_STARTER = ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly "
-                       "test on the sample inputs). Enclose your code within delimiters as follows. Ensure that when "
-                       "the python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.")
-
-# Stop sequences of completion prompts (bigcode-evaluation-harness / Codex paper conventions). MBPP drops
-# the harness's "\nclass": a reference defines a class after other code (Mbpp/342, a heap Node).
-HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
-MBPP_STOPS = ("\nassert", '\n"""', "\nprint", "\nif", "\n```")
-LCB_STOPS = ("\n```",)
-
 PY_LANGS = ("", "python", "py", "python3")
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*$", re.M)
 
 
 # ---------------------------------------------------------------- prompt text
-
-def user_message(problem: Problem) -> str:
-    """The instruction an instruct model sees for a problem."""
-    if problem.dataset == "humaneval":
-        return ("Complete the following Python function. Reply with the complete function, including its "
-                "signature and any imports it needs, in a single ```python code block.\n\n"
-                f"```python\n{problem.text.rstrip()}\n```\n")
-    if problem.dataset == "mbpp":
-        tests = "\n".join(problem.meta.get("test_list", []))
-        return (f"You are an expert Python programmer, and here is your task: {problem.text.strip()} "
-                f"Your code should pass these tests:\n\n{tests}\n\n"
-                "Write the solution in a single ```python code block.\n")
-    if problem.dataset == "livecodebench":
-        p = f"### Question:\n{problem.text}\n\n"
-        if problem.starter_code:
-            p += f"### Format: {LCB_WITH_STARTER}\n```python\n{problem.starter_code}\n```\n\n"
-        else:
-            p += f"### Format: {LCB_WITHOUT_STARTER}\n```python\n# YOUR CODE HERE\n```\n\n"
-        return p + "### Answer: (use the provided format with backticks)\n\n"
-    raise ValueError(f"no prompt for dataset {problem.dataset!r}")
-
-
-def completion_prompt(problem: Problem) -> str:
-    """Plain prompt for a base model; its output continues the code the prompt opens."""
-    if problem.dataset == "humaneval":
-        return problem.text
-    if problem.dataset == "mbpp":
-        tests = problem.meta.get("test_list") or [""]
-        return f'"""\n{problem.text.strip()}\n{tests[0]}\n"""\n'
-    if problem.dataset == "livecodebench":
-        p = f"### Question\n{problem.text}\n\n"
-        if problem.starter_code:
-            p += f"### Starter Code\n{problem.starter_code}\n\n"
-        else:
-            p += "### Format\nRead the inputs from stdin, solve the problem and write the answer to stdout.\n\n"
-        return p + "### Answer\n\n```python\n"
-    raise ValueError(f"no prompt for dataset {problem.dataset!r}")
-
-
-def completion_stops(problem: Problem) -> tuple[str, ...]:
-    return {"humaneval": HUMANEVAL_STOPS, "mbpp": MBPP_STOPS, "livecodebench": LCB_STOPS}[problem.dataset]
-
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
@@ -85,18 +27,19 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 def build_prompt(problem: Problem, tokenizer: Any, style: str = "auto", chat_template_kwargs: dict | None = None,
                  system_prompt: str | None = None) -> tuple[str, str]:
-    """(prompt text, style used). `auto` is chat when the tokenizer has a chat template.
-    LiveCodeBench chat prompts carry LCB's system message unless `system_prompt` replaces it."""
+    """(prompt text, style used). `auto` is chat when the tokenizer has a chat template. Chat prompts
+    carry the benchmark's system message (LiveCodeBench has one) unless `system_prompt` replaces it."""
     if style not in STYLES:
         raise ValueError(f"prompt style must be one of {STYLES}, got {style!r}")
     if style == "auto":
         style = "chat" if has_chat_template(tokenizer) else "completion"
     if style == "completion":
-        return completion_prompt(problem), style
+        return benchmarks.get(problem.dataset).completion_prompt(problem), style
     if not has_chat_template(tokenizer):
         raise ValueError("style 'chat' needs a tokenizer with a chat template; use --prompt-style completion")
-    system = system_prompt if system_prompt is not None else (LCB_SYSTEM if problem.dataset == "livecodebench" else None)
-    user = user_message(problem)
+    bench = benchmarks.get(problem.dataset)
+    system = system_prompt if system_prompt is not None else bench.system_prompt
+    user = bench.user_message(problem)
     kw = dict(chat_template_kwargs or {})
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     try:
@@ -129,8 +72,18 @@ def _opens_think(prompt: str) -> bool:
     return prompt.rfind("<think>") > prompt.rfind("</think>")
 
 
-def _blocks(text: str, base: int) -> list[tuple[str, int, int, int, bool]]:
-    """Fenced blocks of `text`: (lang, fence_start, content_start, content_end, complete); offsets + base."""
+@dataclass(frozen=True)
+class _Block:
+    """A fenced block; offsets into the whole output."""
+    lang: str
+    fence: int       # where its opening fence starts
+    start: int       # its content
+    end: int
+    complete: bool   # it has a closing fence
+
+
+def _blocks(text: str, base: int) -> list[_Block]:
+    """Fenced blocks of `text`; offsets + base."""
     out = []
     pos = 0
     while True:
@@ -141,10 +94,10 @@ def _blocks(text: str, base: int) -> list[tuple[str, int, int, int, bool]]:
         cs = m.end() + 1 if m.end() < len(text) else m.end()
         close = re.compile(r"^[ \t]*```[ \t\r]*$", re.M).search(text, cs)
         if close is None:
-            out.append((lang, base + m.start(), base + cs, base + len(text), False))
+            out.append(_Block(lang, base + m.start(), base + cs, base + len(text), False))
             return out
         ce = max(cs, close.start() - 1)  # drop the newline before the closing fence
-        out.append((lang, base + m.start(), base + cs, base + ce, True))
+        out.append(_Block(lang, base + m.start(), base + cs, base + ce, True))
         pos = close.end()
 
 
@@ -174,28 +127,21 @@ def extract_code(output: str, *, stops: Sequence[str] | None = None, in_think: b
             if 0 <= i < cut:
                 cut = i
         return Extracted(output[:start], region[:cut], start, start + cut)
-    blocks = [b for b in _blocks(region, start) if b[0] in PY_LANGS]
-    complete = [b for b in blocks if b[4]]
-    pick = complete[-1] if complete else (blocks[-1] if blocks and not blocks[-1][4] else None)
+    blocks = [b for b in _blocks(region, start) if b.lang in PY_LANGS]
+    complete = [b for b in blocks if b.complete]
+    pick = complete[-1] if complete else (blocks[-1] if blocks and not blocks[-1].complete else None)
     if pick is None:
         return Extracted(output, "", -1, -1)
-    _, fence, cs, ce, _ = pick
-    return Extracted(output[:fence], output[cs:ce], cs, ce)
+    return Extracted(output[:pick.fence], output[pick.start:pick.end], pick.start, pick.end)
 
 
 def extract(problem: Problem, output: str, style: str, prompt: str = "") -> Extracted:
     """`extract_code` with the rules of the prompt style and whether the prompt opened a <think>."""
-    stops = completion_stops(problem) if style == "completion" else None
+    stops = benchmarks.get(problem.dataset).stops if style == "completion" else None
     return extract_code(output, stops=stops, in_think=_opens_think(prompt))
 
 
 def reference_output(problem: Problem, style: str = "chat") -> str:
     """The assistant answer that teacher-forces the benchmark's reference solution; `extract`
     (same style) returns exactly the reference (HumanEval completion: its canonical body)."""
-    if problem.reference is None:
-        raise ValueError(f"{problem.problem_id}: {problem.dataset} has no reference solution")
-    if style == "completion":
-        if problem.dataset == "humaneval":
-            return problem.reference[len(problem.text):]
-        return problem.reference
-    return f"```python\n{problem.reference}\n```"
+    return benchmarks.get(problem.dataset).reference_output(problem, style)

@@ -269,12 +269,13 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
 
 
 def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -> SampleSet:
-    from .data import load_problems
+    from . import benchmarks
     from .prompts import build_prompt, encode_prompt, extract, reference_output
 
     if cfg.select != "all" and cfg.select != "correct":
         raise ValueError("reference solutions are all correct: use --select correct or all with --source reference")
-    probs = [p for p in (problems if problems is not None else load_problems(dataset)) if p.reference is not None]
+    probs = problems if problems is not None else benchmarks.get(dataset).load()
+    probs = [p for p in probs if p.reference is not None]
     if not probs:
         raise ValueError(f"{dataset} has no reference solutions; use --source generations")
     order = {p.problem_id: i for i, p in enumerate(probs)}

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from btp.data import (BENCH_DIR, VENDORED_SHA256, Problem, _parse, decode_lcb_tests, lcb_release_files,
-                      load_problems, mbpp_entry_point)
+from btp.benchmarks.mbpp import _parse
+from btp.data import (BENCH_DIR, VENDORED_SHA256, Problem, decode_lcb_tests, lcb_release_files, load_problems,
+                      mbpp_entry_point)
 from btp.store import MalformedFileError
 
 FIX = Path(__file__).parent / "fixtures" / "lcb_mini.jsonl"

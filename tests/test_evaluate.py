@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from btp.benchmarks.livecodebench import lines_equal as lcb_lines_equal
 from btp.data import load_problems
-from btp.evaluate import EvalConfig, build_program, code_sha, evaluate, humaneval_program, lcb_lines_equal, main
+from btp.evaluate import EvalConfig, build_program, code_sha, evaluate, main
 from btp.sandbox import Limits, Sandbox
 from btp.sandbox_child import assemble, value_equal
 from btp.store import read_jsonl, write_json
@@ -68,7 +69,7 @@ def test_humaneval_semantics(sb):
     p38 = probs["HumanEval/38"]
     full = "def decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n"
     assert sb.run(build_program(p38, full)).passed
-    assert "check(decode_cyclic)" in humaneval_program(p38, full).tail
+    assert "check(decode_cyclic)" in build_program(p38, full).tail
     wrong = sb.run(build_program(p0, "def has_close_elements(numbers, threshold):\n    return True\n"))
     assert wrong.status == "failed" and "assert" in wrong.error
 
@@ -103,7 +104,7 @@ def test_assembled_sources_are_unchanged():
     for p in load_problems("humaneval"):
         body = p.reference[len(p.text):]
         for code in (body, textwrap.dedent(body), p.reference, "def nothing():\n    pass\n", "x(", ""):
-            prog = humaneval_program(p, code)
+            prog = build_program(p, code)
             assert assemble(prog.code, prog.head, prog.tail, prog.complete) == _old_humaneval_source(p, code)
     for p in load_problems("mbpp", limit=50):
         prog = build_program(p, p.reference)

@@ -115,6 +115,20 @@ def test_config_preset_and_flag_override(tmp_path):
         parse_config(["--config", str(preset)])  # shipped presets parse
 
 
+def test_main_gives_data_file_to_the_benchmark_that_is_not_vendored(monkeypatch):
+    import btp.generate as gen
+
+    seen = []
+    monkeypatch.setattr(gen, "generate", lambda cfg, session=None: seen.append((cfg.dataset, cfg.data_file)) or "out")
+    gen.main(["--dataset", "humaneval,livecodebench", "--data-file", "lcb.jsonl"])
+    assert seen == [("humaneval", None), ("livecodebench", "lcb.jsonl")]
+    seen.clear()
+    gen.main(["--dataset", "mbpp", "--data-file", "m.jsonl"])  # a single benchmark takes it whatever it is
+    assert seen == [("mbpp", "m.jsonl")]
+    with pytest.raises(SystemExit, match="unknown"):
+        gen.main(["--dataset", "humaneval,apps"])
+
+
 # ---------------------------------------------------------------- real engines on the embedded model
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from btp.benchmarks.livecodebench import SYSTEM as LCB_SYSTEM
+from btp.benchmarks.livecodebench import WITH_STARTER as LCB_WITH_STARTER
+from btp.benchmarks.livecodebench import WITHOUT_STARTER as LCB_WITHOUT_STARTER
 from btp.data import load_problems
-from btp.prompts import (LCB_SYSTEM, LCB_WITH_STARTER, LCB_WITHOUT_STARTER, build_prompt, encode_prompt, extract,
-                         extract_code, reference_output)
+from btp.prompts import build_prompt, encode_prompt, extract, extract_code, reference_output
 
 FIX = Path(__file__).parent / "fixtures" / "lcb_mini.jsonl"
 

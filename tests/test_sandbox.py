@@ -119,8 +119,9 @@ def test_stdin_mode_is_a_real_process(sb):
                  "import sys\nprint(sum(map(int, input().split())))\nsys.exit(0)\n",          # exit() is normal here
                  "if __name__ == '__main__':\n    print(sum(map(int, input().split())))\n",
                  "print(sum(map(int, input().split())), file=__import__('sys').stdout)\nexit()\n"):
-        # `exit` is site's (absent under -S); LiveCodeBench's prelude brings it with `from sys import *`
-        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check, prelude="from sys import *\n"))
+        # `exit` comes from the prelude (LCB's imports `from sys import *`): python -S has no site.exit
+        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check,
+                           prelude="from sys import *\n"))
         assert r.passed and r.tests_passed == 2, (code, r)
     wrong = sb.run(Program("print(7)\n", mode="stdin", tests=("1\n", "2\n"), check=check))
     assert wrong.status == "failed" and wrong.tests_passed == 0 and "got" in wrong.error
@@ -152,6 +153,10 @@ def test_functional_mode(sb):
     missing = sb.run(Program("class Solution:\n    pass\n", mode="functional", fn_name="pair",
                              tests=([[1], 1],), check=check, solution_class="Solution"))
     assert missing.status == "error" and "AttributeError" in missing.error
+    # `expected` (JSON text) judges without a check callable
+    by_value = sb.run(Program(cls, mode="functional", fn_name="pair", tests=([[2, 7, 11], 9], [[3, 2, 4], 6]),
+                              solution_class="Solution", expected=("[0, 1]", "[0, 2]")))
+    assert by_value.status == "failed" and by_value.tests_passed == 1 and "expected [0, 2]" in by_value.error
 
 
 def test_functional_expected_values_are_judged_in_the_sandbox(sb):

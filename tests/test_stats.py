@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from btp.stats import (bootstrap_ci, bootstrap_mean, ks_up_to, mcnemar, paired_bootstrap, pass_at_k,
-                       pass_at_k_summary)
+from btp.stats import bootstrap_ci, bootstrap_mean, ks_up_to, mcnemar, paired_bootstrap, pass_at_k, pass_at_k_summary
 
 
 def _brute(n: int, c: int, k: int) -> float:

@@ -35,9 +35,9 @@ from .scoring import final_hidden, token_ce
 
 HeadSet = Sequence[Head]
 
-__all__ = ["Head", "HeadSet", "HeadSetScorer", "SetLossCache", "SetLosses", "auto_rows", "check_sample",
-           "keep_mask", "logits_chunk", "lowest_layer", "mean_o_proj_inputs", "removed_heads", "removed_sets",
-           "set_losses"]
+__all__ = ["Head", "HeadSet", "HeadSetScorer", "RowBudget", "SetLossCache", "SetLosses", "auto_rows",
+           "check_sample", "keep_mask", "logits_chunk", "lowest_layer", "mean_o_proj_inputs", "removed_heads",
+           "removed_sets", "set_losses"]
 
 
 # ---------------------------------------------------------------- memory
@@ -54,7 +54,12 @@ def _free_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
-def auto_rows(model: torch.nn.Module, seq_len: int) -> tuple[int, float]:
+class RowBudget(NamedTuple):
+    rows: int        # head sets (batch rows) per pass
+    budget: float    # bytes of memory the passes may use
+
+
+def auto_rows(model: torch.nn.Module, seq_len: int) -> RowBudget:
     """(rows per batched pass that fit, memory budget in bytes): 60% of free memory on a GPU, 25% on a CPU
     (shared machines). Per row: a layer's live activations plus eager attention scores, within two thirds of the
     budget; the logits of the scored positions get the last third (see `logits_chunk`)."""
@@ -66,7 +71,7 @@ def auto_rows(model: torch.nn.Module, seq_len: int) -> tuple[int, float]:
     qkv = max(lay.n_heads * lay.head_dim + 2 * lay.n_kv_heads * lay.head_dim for lay in ad.heads)
     budget = _free_bytes(ad.device) * (0.6 if ad.device.type == "cuda" else 0.25)
     per_row = elem * seq_len * (6 * d + 3 * inter + qkv) + 4 * 3 * ad.max_heads * seq_len * seq_len
-    return int(max(1, min(4096, (2 * budget / 3) // max(per_row, 1)))), budget
+    return RowBudget(int(max(1, min(4096, (2 * budget / 3) // max(per_row, 1)))), budget)
 
 
 def logits_chunk(model: torch.nn.Module, rows: int, budget: float) -> int:

@@ -187,6 +187,7 @@ def test_sample_check():
 def test_memory_sizing():
     model = make_tiny("llama")
     rows, budget = hs.auto_rows(model, 32)
+    assert hs.auto_rows(model, 32).rows == rows
     assert 1 <= rows <= 4096 and budget > 0
     assert hs.auto_rows(model, 4096)[0] <= rows
     assert hs.logits_chunk(model, 1, budget) >= hs.logits_chunk(model, 64, budget) >= 1

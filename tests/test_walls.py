@@ -1,6 +1,6 @@
 """Walls of the house (docs: /work/shared/DESIGN.md), checked on the sources so that a regression fails here:
 only `heads` registers hooks on models or tensors (or swaps a module's forward), only `arch` and `scoring` unpack
-what a Hugging Face model returns, and core rooms never import a stage."""
+what a Hugging Face model returns, core rooms never import a stage and stages never import each other."""
 from __future__ import annotations
 
 import ast
@@ -95,6 +95,12 @@ def _imports(p: Path) -> set[str]:
 def test_core_never_imports_a_stage():
     bad = [f"{_rel(p)} imports {sorted(_imports(p) & STAGES)}" for p in SOURCES
            if p.parent == BTP and p.stem in CORE and _imports(p) & STAGES]
+    assert not bad, "\n".join(bad)
+
+
+def test_stages_never_import_each_other():
+    bad = [f"{_rel(p)} imports {sorted((_imports(p) & STAGES) - {p.stem})}" for p in SOURCES
+           if p.parent == BTP and p.stem in STAGES and (_imports(p) & STAGES) - {p.stem}]
     assert not bad, "\n".join(bad)
 
 

@@ -11,7 +11,9 @@ the residual stream entering every layer a set starts at (and that layer's o_pro
 lowest layer from that residual (`heads.start_at_layer`), reuses the recorded o_proj input instead of recomputing
 layer l's attention (`heads.fixed_attention`), runs in its own batch row (`heads.gates_for`, one mask per row) and
 unembeds only the scored positions (`scoring.token_ce`). Batches are sized from free memory (`auto_rows`,
-`logits_chunk`) unless `batch_rows` is given; a batch holds sets of one start layer only.
+`logits_chunk`) unless `batch_rows` is given; a batch holds sets of one start layer only (`common_start`: every
+set starts at the lowest layer any set touches, one group of full batches, e.g. for a CMA-ES population).
+`SetLossCache` memoises losses by the frozen set of heads, for searches that revisit sets.
 
 Masks: a keep-mask is [L, Hmax] bool, True where a head exists and is kept (padding heads of narrower layers are
 False); `keep_mask` and `removed_heads` convert between masks and head lists, `removed_sets` a population

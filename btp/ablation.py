@@ -7,11 +7,8 @@ writes `results/<model-slug>/<dataset>/ablation/<name>.npz` (+ `<name>.json`) an
 <name> is the sample stem (`regular`, `chain_code-reference`, ...) plus `-mean` for mean ablation and `-layers..`
 when `--layers` restricts the matrix.
 
-Why it is fast and still exact: for the heads of layer l nothing below l changes, so one base pass per sample
-records the residual stream entering every layer and every layer's o_proj input; an ablation of layer-l heads
-resumes at layer l from that residual (`heads.start_at_layer`), reuses the recorded o_proj input instead of
-recomputing layer l's attention (`heads.fixed_attention`), gates one head per batch row (`heads.gates_for`), and
-unembeds only the scored positions (`scoring.token_ce`). Knockout sets start at the lowest layer they touch.
+The exact batched loss of head sets (one base pass per sample, prefix and attention reuse, one set per batch row,
+logits at scored positions only) is the engine `btp.headsets`; this module holds the stage around it.
 """
 from __future__ import annotations
 
@@ -20,10 +17,9 @@ import hashlib
 import json
 import time
 import warnings
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,14 +27,16 @@ from tqdm import tqdm
 
 from . import cli
 from .arch import adapter
-from .heads import Head, fixed_attention, gates_for, head_gates, record, start_at_layer
-from .samples import Sample, SampleSet, add_sample_args, config_from_args, load_samples
-from .scoring import final_hidden, token_ce
+from .heads import Head
+from .headsets import HeadSetScorer, mean_o_proj_inputs
+from .headsets import set_losses as eval_sets
+from .samples import SampleSet, add_sample_args, config_from_args, load_samples
 from .store import dataset_dir, provenance, read_json, read_npz, write_json, write_npz
-from .stats import bootstrap_ci
+from .stats import bootstrap_mean
 
 STAGE = "ablation"
 ABLATIONS = ("zero", "mean")
+SampleRun = HeadSetScorer  # the engine's former name here (tests and scripts patch and call it)
 
 
 @dataclass
@@ -75,141 +73,6 @@ class KnockoutConfig:
     progress: bool = True
 
 
-# ---------------------------------------------------------------- memory
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
-def auto_rows(model: torch.nn.Module, seq_len: int) -> tuple[int, float]:
-    """(rows per batched pass that fit, memory budget in bytes): 60% of free memory on a GPU, 25% on a CPU
-    (shared machines). Per row: a layer's live activations plus eager attention scores, within two thirds of the
-    budget; the logits of the scored positions get the last third (see `logits_chunk`)."""
-    ad = adapter(model)
-    cfg = ad.config
-    elem = ad.unembed.weight.element_size()
-    d = cfg.hidden_size
-    inter = getattr(cfg, "intermediate_size", None) or 4 * d
-    qkv = max(lay.n_heads * lay.head_dim + 2 * lay.n_kv_heads * lay.head_dim for lay in ad.heads)
-    budget = _free_bytes(ad.device) * (0.6 if ad.device.type == "cuda" else 0.25)
-    per_row = elem * seq_len * (6 * d + 3 * inter + qkv) + 4 * 3 * ad.max_heads * seq_len * seq_len
-    return int(max(1, min(4096, (2 * budget / 3) // max(per_row, 1)))), budget
-
-
-def logits_chunk(model: torch.nn.Module, rows: int, budget: float) -> int:
-    """Scored positions per logits chunk: [rows, chunk, vocab] fp32 logits (and the CE's temporaries, ~3x)
-    within a third of the budget."""
-    return int(max(1, (budget / 3) // (rows * adapter(model).vocab_size * 4 * 3)))
-
-
-# ---------------------------------------------------------------- one sample
-
-class SampleRun:
-    """One sample's base pass (per-token base CE; residual streams entering `layers` and, for attention reuse,
-    their o_proj inputs) and exact batched CE of head sets, each set in its own batch row."""
-
-    def __init__(self, model: torch.nn.Module, sample: Sample, layers: Iterable[int], *,
-                 replacement: torch.Tensor | None = None, batch_rows: int | None = None,
-                 reuse_attention: bool = True):
-        self.model, self.ad = model, adapter(model)
-        _check_sample(sample)
-        dev = self.ad.device
-        self.ids = torch.as_tensor(sample.input_ids, dtype=torch.long).view(1, -1).to(dev)
-        self.pos = torch.as_tensor(sample.positions, dtype=torch.long).to(dev)
-        self.tgt = torch.as_tensor(sample.targets, dtype=torch.long).to(dev)
-        self.rows, self.budget = auto_rows(model, self.ids.shape[1])
-        self.rows = batch_rows or self.rows
-        self.replacement, self.reuse = replacement, reuse_attention
-        layers = sorted(set(layers))
-        with torch.no_grad(), record(model, layer_inputs=layers,
-                                     o_proj_inputs=layers if reuse_attention else ()) as rec:
-            self.base = token_ce(model, final_hidden(model, self.ids), self.pos, self.tgt,
-                                 logits_chunk(model, 1, self.budget))[0]
-        self.cache = dict(rec)
-
-    def ce(self, head_sets: Sequence[Sequence[Head]]) -> torch.Tensor:
-        """Per-token CE [len(head_sets), P] (fp32) with each set's heads ablated; sets run grouped by their lowest
-        layer, which must be one of the recorded layers (the empty set is the base CE)."""
-        out = torch.empty(len(head_sets), self.pos.numel(), dtype=torch.float32, device=self.base.device)
-        groups: dict[int, list[int]] = {}
-        for i, hs in enumerate(head_sets):
-            if hs:
-                groups.setdefault(min(l for l, _ in hs), []).append(i)
-            else:
-                out[i] = self.base
-        for start, idx in sorted(groups.items()):
-            if ("layer_in", start) not in self.cache:
-                raise KeyError(f"layer {start} was not recorded in the base pass")
-            for j in range(0, len(idx), self.rows):
-                rows = idx[j:j + self.rows]
-                out[rows] = self._pass(start, [head_sets[i] for i in rows])
-        return out
-
-    @torch.no_grad()
-    def _pass(self, start: int, sets: list[Sequence[Head]]) -> torch.Tensor:
-        gates = gates_for(self.ad, [list(s) for s in sets], device=self.ad.device)
-        with ExitStack() as stack:
-            stack.enter_context(start_at_layer(self.model, start, self.cache["layer_in", start]))
-            if self.reuse:
-                stack.enter_context(fixed_attention(self.model, start, self.cache["o_proj_in", start]))
-            stack.enter_context(head_gates(self.model, gates, replacement=self.replacement))
-            h = final_hidden(self.model, self.ids.expand(len(sets), -1))
-            return token_ce(self.model, h, self.pos, self.tgt, logits_chunk(self.model, len(sets), self.budget))
-
-
-def _check_sample(s: Sample) -> None:
-    if not 1 <= s.score_start <= s.score_end <= len(s.input_ids):
-        raise ValueError(f"sample {s.problem_id}#{s.sample}: scored span [{s.score_start}, {s.score_end}) does not "
-                         f"fit its {len(s.input_ids)} tokens with a predicting position before it")
-
-
-@torch.no_grad()
-def mean_o_proj_inputs(model: torch.nn.Module, sample_set: SampleSet) -> torch.Tensor:
-    """Each head's mean o_proj-input slice over every token of every sample, [L, Hmax, head_dim] fp32 (zeros for
-    padding heads): the replacement for mean ablation."""
-    ad = adapter(model)
-    dims = {lay.head_dim for lay in ad.heads}
-    if len(dims) != 1:
-        raise ValueError(f"mean ablation needs one head_dim across layers, got {sorted(dims)}")
-    hd = dims.pop()
-    acc = torch.zeros(ad.n_layers, ad.max_heads, hd, dtype=torch.float64)
-    n = 0
-    for s in sample_set.samples:
-        ids = torch.as_tensor(s.input_ids, dtype=torch.long).view(1, -1)
-        with record(model, o_proj_inputs=range(ad.n_layers)) as rec:
-            final_hidden(model, ids)
-        for l, lay in enumerate(ad.heads):
-            acc[l, :lay.n_heads] += rec["o_proj_in", l][0].view(-1, lay.n_heads, hd).double().sum(0).cpu()
-        n += ids.shape[1]
-    return (acc / max(n, 1)).float()
-
-
-# ---------------------------------------------------------------- statistics
-
-def bootstrap_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over axis 0 (samples) and a percentile bootstrap CI over samples (`stats.bootstrap_ci`),
-    elementwise over the other axes. Entries NaN in any sample (padding heads) stay NaN."""
-    x = np.asarray(x, dtype=np.float64)
-    S = x.shape[0]
-    flat = x.reshape(S, -1)
-    ok = np.isfinite(flat).all(0) if S else np.zeros(flat.shape[1], bool)
-    mean, lo, hi = (np.full(flat.shape[1], np.nan) for _ in range(3))
-    if S and ok.any():
-        ci = bootstrap_ci(flat[:, ok], n_boot=n_boot, alpha=alpha, seed=seed)
-        mean[ok], lo[ok], hi[ok] = ci.estimate, ci.low, ci.high
-    shape = x.shape[1:]
-    return mean.reshape(shape), lo.reshape(shape), hi.reshape(shape)
-
-
 # ---------------------------------------------------------------- the matrix
 
 def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConfig, *,
@@ -241,7 +104,7 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
             if not todo:
                 continue
             bar.set_postfix_str(f"sample {s + 1}/{S} ({len(sample.input_ids)} tok)")
-            run = SampleRun(model, sample, todo, replacement=rep, batch_rows=config.batch_rows,
+            run = HeadSetScorer(model, sample, todo, replacement=rep, batch_rows=config.batch_rows,
                             reuse_attention=config.reuse_attention)
             base = run.base.double()
             st["base_ce"][s] = base.mean().item()
@@ -318,22 +181,6 @@ def default_ks(n: int) -> list[int]:
         ks.append(k)
         k *= 2
     return ks
-
-
-def eval_sets(model: torch.nn.Module, sample_set: SampleSet, head_sets: Sequence[Sequence[Head]], *,
-              replacement: torch.Tensor | None = None, batch_rows: int | None = None, reuse_attention: bool = True,
-              progress: bool = True, desc: str = "knockout") -> tuple[np.ndarray, np.ndarray]:
-    """Mean CE over scored tokens per (set, sample) [n_sets, S] with each set's heads ablated, and the base CE [S]."""
-    starts = {min(l for l, _ in hs) for hs in head_sets if hs}
-    ce = np.empty((len(head_sets), len(sample_set)))
-    base = np.empty(len(sample_set))
-    for s, sample in enumerate(tqdm(sample_set.samples, desc=desc, unit="sample", disable=not progress,
-                                    dynamic_ncols=True, leave=False)):
-        run = SampleRun(model, sample, starts, replacement=replacement, batch_rows=batch_rows,
-                        reuse_attention=reuse_attention)
-        ce[:, s] = run.ce(head_sets).double().mean(1).cpu().numpy()
-        base[s] = run.base.double().mean().item()
-    return ce, base
 
 
 def _curve(ks: Sequence[int], sets: Sequence[Sequence[Head]], ce: np.ndarray, n_boot: int, seed: int) -> list[dict]:

@@ -26,6 +26,7 @@ from . import cli
 from .arch import adapter
 from .heads import record
 from .samples import SampleSet, add_sample_args, config_from_args, load_samples
+from .scoring import final_hidden
 from .store import dataset_dir, provenance, read_json, write_json, write_npz
 
 STAGE = "entropy_lens"
@@ -107,14 +108,14 @@ def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
     if pos.numel():
         ids = ids[:, :int(pos.max()) + 1]   # causal: later tokens cannot change the scored positions
     with record(model, layer_inputs=range(1, L)) as rec:
-        out = ad.base(input_ids=ids, use_cache=False)
+        last = final_hidden(model, ids)
         # residual after layer l (1-indexed) = input of layer index l; keep only the scored positions
         # (moved to the unembedding's device: layers may sit on other GPUs under a device_map)
         pick = lambda x: x[0].index_select(0, pos.to(x.device)).to(dev)
         resid = [pick(rec["layer_in", l]) for l in range(1, L)]
         rec.clear()
-    final = pick(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
-    del out
+    final = pick(last)
+    del last
     P, V, wdt = pos.numel(), ad.vocab_size, ad.unembed.weight.dtype
     res = {m: torch.zeros(P, L, dtype=torch.float32) for m in METRICS}
     rows = chunk_tokens or auto_chunk(V, dev)

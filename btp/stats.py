@@ -1,4 +1,4 @@
-"""Pure statistics: unbiased pass@k, bootstrap confidence intervals over problems, paired tests.
+"""Pure statistics: unbiased pass@k, bootstrap confidence intervals over problems (or samples), paired tests.
 
 Every function takes arrays and returns numbers; nothing here reads files or runs code, so stages
 (evaluate, ablation, taylor) share one implementation of each estimate and its interval.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -92,6 +92,29 @@ def bootstrap_ci(values: Sequence | np.ndarray, stat: Callable[[np.ndarray], np.
     scalar = est.ndim == 0
     return CI(float(est) if scalar else est, float(lo) if scalar else lo, float(hi) if scalar else hi,
               alpha, n_boot)
+
+
+class MeanCI(NamedTuple):
+    """Elementwise mean over samples and its percentile bootstrap interval (`bootstrap_mean`)."""
+
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+def bootstrap_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> MeanCI:
+    """Mean over axis 0 (samples) and a percentile bootstrap CI over samples (`bootstrap_ci`), elementwise over
+    the other axes. Entries NaN in any sample (padding heads) stay NaN; no samples gives all NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    S = x.shape[0]
+    flat = x.reshape(S, math.prod(x.shape[1:]))   # not -1: it cannot be inferred for S = 0
+    ok = np.isfinite(flat).all(0) if S else np.zeros(flat.shape[1], bool)
+    mean, lo, hi = (np.full(flat.shape[1], np.nan) for _ in range(3))
+    if S and ok.any():
+        ci = bootstrap_ci(flat[:, ok], n_boot=n_boot, alpha=alpha, seed=seed)
+        mean[ok], lo[ok], hi[ok] = ci.estimate, ci.low, ci.high
+    shape = x.shape[1:]
+    return MeanCI(mean.reshape(shape), lo.reshape(shape), hi.reshape(shape))
 
 
 def pass_at_k_summary(n: Sequence[int], c: Sequence[int], ks: Sequence[int], n_boot: int = 10000,

@@ -27,8 +27,7 @@ import math
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from .arch import Adapter, adapter
 from .heads import Head, gates_for, head_gates, o_proj_input_grads
+from .headsets import keep_mask
 from .samples import Sample, SampleSet
 from .scoring import scored_ce
 
@@ -115,8 +115,13 @@ def _tensors(s: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.as_tensor(s.input_ids)[None], torch.as_tensor(s.positions), torch.as_tensor(s.targets))
 
 
+class SampleScores(NamedTuple):
+    loss: float              # mean CE of the sample's scored tokens, pruned heads gated to 0
+    scores: np.ndarray       # [L, Hmax] float64, see `sample_scores`
+
+
 def sample_scores(model: torch.nn.Module, sample: Sample, pruned: Iterable[Head] = (), estimator: str = "gate"
-                  ) -> tuple[float, np.ndarray]:
+                  ) -> SampleScores:
     """One forward+backward. Returns the sample's loss (mean CE of its scored tokens, pruned heads gated to 0)
     and [L, Hmax] float64: the gate gradient dL/dm (`gate`) or sum_t |<dL/da_t, a_t>| (`token`).
     Padding entries are 0; entries of pruned heads are meaningless (the caller masks them)."""
@@ -148,7 +153,7 @@ def sample_scores(model: torch.nn.Module, sample: Sample, pruned: Iterable[Head]
         out = gates.grad[0].detach().to(torch.float64).cpu().numpy()
     else:
         out = acc.to(torch.float64).numpy()
-    return float(loss.detach()), out
+    return SampleScores(float(loss.detach()), out)
 
 
 @torch.no_grad()
@@ -169,17 +174,18 @@ def sample_losses(model: torch.nn.Module, samples: Sequence[Sample], pruned: Ite
 # ---------------------------------------------------------------- scores of all heads
 
 def alive_mask(ad: Adapter, pruned: Iterable[Head]) -> np.ndarray:
-    """[L, Hmax] bool: heads that exist and are not pruned."""
-    m = np.zeros((ad.n_layers, ad.max_heads), dtype=bool)
-    for l, lay in enumerate(ad.heads):
-        m[l, :lay.n_heads] = True
-    for l, h in pruned:
-        m[l, h] = False
-    return m
+    """[L, Hmax] bool: heads that exist and are not pruned (the keep-mask of `headsets`)."""
+    return keep_mask(ad, pruned)
+
+
+class HeadScores(NamedTuple):
+    scores: np.ndarray       # [L, Hmax] used for ranking (normalised if asked), NaN at pruned heads and padding
+    raw: np.ndarray          # [L, Hmax] before any normalisation
+    losses: list[float]      # per-sample losses under the pruned heads
 
 
 def score_heads(model: torch.nn.Module, samples: Sequence[Sample], pruned: Iterable[Head], cfg: TaylorConfig,
-                progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[float]]:
+                progress: bool = False) -> HeadScores:
     """Importance of the alive heads over `samples`: (scores used for ranking, raw scores before any
     normalisation, per-sample losses). Both matrices [L, Hmax], NaN at pruned heads and padding."""
     ad = adapter(model)
@@ -202,7 +208,7 @@ def score_heads(model: torch.nn.Module, samples: Sequence[Sample], pruned: Itera
         for l in range(ad.n_layers):
             if alive[l].any():
                 scores[l] = raw[l] / (np.sqrt(np.nansum(raw[l] ** 2)) + 1e-20)
-    return scores, raw, losses
+    return HeadScores(scores, raw, losses)
 
 
 def choose_pruned(scores: np.ndarray, alive: np.ndarray, k: int, min_per_layer: int) -> list[Head]:

@@ -4,7 +4,7 @@ same model and samples.
 straightforward: for every head, a full forward of the whole sequence with that head gated to zero (one head per
 batch row, `--batch-rows` rows per pass, heads of any layers mixed), full logits [rows, T, vocab], CE at the
 scored positions.
-btp (`ablation.SampleRun`, the engine of `ablation.run_matrix`): one base pass per sample; heads of layer l resume
+btp (`headsets.HeadSetScorer`, the engine of `ablation.run_matrix`): one base pass per sample; heads of layer l resume
 at layer l from the recorded residual, reuse layer l's recorded o_proj input, and unembed only the scored
 positions.
 
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from btp import ablation as abl
 from btp.arch import adapter
 from btp.heads import gates_for, head_gates
+from btp.headsets import HeadSetScorer
 from btp.models import load_model
-from btp.samples import SampleConfig, SampleSet, load_samples
+from btp.samples import SampleConfig, load_samples
 
 
 class Straightforward:
@@ -83,8 +84,8 @@ def main() -> None:
     for i, s in enumerate(ss.samples):
         # interleaved per layer (alternating which goes first), so that load from other processes hits both alike
         t0 = clock()
-        run = abl.SampleRun(model, s, layers or range(ad.n_layers), batch_rows=rows,
-                            reuse_attention=not args.no_reuse_attention)
+        run = HeadSetScorer(model, s, layers or range(ad.n_layers), batch_rows=rows,
+                               reuse_attention=not args.no_reuse_attention)
         base = run.base.double().mean()
         tb = clock() - t0
         t0 = clock()

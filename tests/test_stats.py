@@ -1,4 +1,4 @@
-"""pass@k against brute force, bootstrap intervals, paired tests."""
+"""pass@k against brute force, bootstrap intervals (incl. elementwise means with NaN padding), paired tests."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from btp.stats import bootstrap_ci, ks_up_to, mcnemar, paired_bootstrap, pass_at_k, pass_at_k_summary
+from btp.stats import bootstrap_ci, bootstrap_mean, ks_up_to, mcnemar, paired_bootstrap, pass_at_k, pass_at_k_summary
 
 
 def _brute(n: int, c: int, k: int) -> float:
@@ -115,3 +115,24 @@ def test_paired_bootstrap_generic_stat_shapes():
     assert r.diff.shape == (2,) and np.all(r.low > 0)
     with pytest.raises(ValueError):
         paired_bootstrap(a, b[:10])
+
+
+def test_bootstrap_mean_elementwise_with_nan_padding():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3, 4))
+    x[:, 1, 3] = np.nan      # a padding head: NaN in every sample
+    x[5, 2, 0] = np.nan      # NaN in one sample only: the entry has no mean either
+    r = bootstrap_mean(x, n_boot=300, seed=4)
+    m, lo, hi = r                                    # unpacks as (mean, low, high)
+    assert m.shape == lo.shape == hi.shape == (3, 4) and r.mean is m and r.high is hi
+    ok = np.isfinite(x).all(0)
+    assert ok.sum() == 10 and np.isnan(m[~ok]).all() and np.isnan(lo[~ok]).all() and np.isnan(hi[~ok]).all()
+    ci = bootstrap_ci(x.reshape(12, -1)[:, ok.ravel()], n_boot=300, seed=4)
+    np.testing.assert_array_equal(m[ok], ci.estimate)
+    np.testing.assert_array_equal(lo[ok], ci.low)
+    np.testing.assert_array_equal(hi[ok], ci.high)
+    np.testing.assert_allclose(m[ok], x.mean(0)[ok])
+    one = bootstrap_mean(x[:, 0, 0], n_boot=300, seed=4)    # one value per sample: 0-d arrays
+    assert one.mean.shape == () and float(one.low) <= float(one.mean) <= float(one.high)
+    empty = bootstrap_mean(np.zeros((0, 2)))
+    assert np.isnan(empty.mean).all() and empty.mean.shape == (2,)

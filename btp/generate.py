@@ -24,7 +24,8 @@ from tqdm import tqdm
 from . import cli
 from .data import DATASETS, Problem, load_problems
 from .prompts import STYLES, build_prompt, encode_prompt, extract
-from .store import JsonlStore, dataset_dir, provenance, read_json
+from .results import GENERATIONS, check_runs, dataset_dir
+from .store import JsonlStore, provenance
 
 # Config fields that change what a sample is; a resumed file must not mix values of these.
 SAMPLE_KEY = ("temperature", "top_p", "max_tokens", "seed", "prompt_style", "chat_template_kwargs",
@@ -190,14 +191,9 @@ def _resolve_model(name: str) -> tuple[str, str, str | None]:
 
 def _check_same_sampling(store: JsonlStore, cfg: dict) -> None:
     """Refuse to append samples drawn with other sampling settings to an existing file."""
-    if not store.runs_path.exists() or not store.path.exists():
-        return
-    for run in read_json(store.runs_path):
-        old = run.get("config") or {}
-        diff = {k: (old.get(k), cfg.get(k)) for k in SAMPLE_KEY if k in old and old.get(k) != cfg.get(k)}
-        if diff:
-            raise ValueError(f"{store.path} holds samples of run {run.get('run')} with other settings "
-                             f"{diff} (old, new); use another --results-dir or delete the file")
+    if store.path.exists():
+        check_runs(store.path, cfg, SAMPLE_KEY, what="samples",
+                   hint="use another --results-dir or delete the file")
 
 
 def plan_jobs(problems: Sequence[Problem], tokenizer: Any, cfg: GenerateConfig, done: set) -> tuple[list[Job], str]:
@@ -268,7 +264,7 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
                              release=cfg.release, start_date=cfg.start_date, end_date=cfg.end_date)
     _open(cfg, sess)
     path, model_id, revision = sess.model_info
-    out = dataset_dir(cfg.results_dir, model_id, cfg.dataset) / "generations.jsonl"
+    out = dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
     store = JsonlStore(out, ("problem_id", "sample"))
     conf = asdict(cfg)
     _check_same_sampling(store, conf)

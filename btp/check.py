@@ -149,8 +149,8 @@ def short_stem(stem: str) -> str:
     st = results.try_parse_stem(stem)
     if st is None:
         return stem
-    pop = {"reference": "-ref"} if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all"}
-    return {"regular": "R", "chain_code": "C"}[st.mode] + pop.get(st.select, "") + "".join(f"-{v}" for v in st.variant)
+    pop = "-ref" if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all"}[st.select]
+    return {"regular": "R", "chain_code": "C"}[st.mode] + pop + "".join(f"-{v}" for v in st.variant)
 
 
 # ---------------------------------------------------------------- one dataset dir

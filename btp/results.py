@@ -349,23 +349,25 @@ def stored_identity(record: Path) -> dict | None:
 
 
 def claim(out: Output, identity: dict, *, force: bool, files: Sequence[str], record: str = "json",
-          part: str = "", partials: Sequence[str] = (), complete: Callable[[], bool] | None = None) -> Claim:
+          part: str = "", partials: Sequence[str] = (), complete: Callable[[], bool] | None = None,
+          append: bool = False) -> Claim:
     """The one check every stage makes before it loads weights.
 
     `files`: extensions of the output's files (all present: it exists); `record`: the extension of the file
     holding its identity (`json`, or `runs.json` for a JSONL output); `partials`: extensions of progress files
-    (`npz` for `<stem>.partial.npz`); `complete`: whether an existing output is finished (default: it is).
-    With `force` the output's files and progress files are removed (a runs file is kept: it is history).
+    (`npz` for `<stem>.partial.npz`); `complete`: whether an existing output is finished (default: it is);
+    `append`: the output grows by appending (JSONL), so `--force` must remove it.
+    With `force` the progress files (and an append-only output) are removed and the claim is fresh; other files
+    are replaced atomically when the new ones are written, so a failed forced run leaves the old output intact.
     An existing output of another identity raises IdentityError naming the field that differs."""
     paths = [out.path(e, part) for e in files]
     progress = [out.partial(e, part) for e in partials]
     if force:
-        for p in paths + progress:
+        for p in progress + (paths if append else []):
             p.unlink(missing_ok=True)
         return Claim(FRESH, out, identity, part)
     if all(p.exists() for p in paths):
-        rec = out.path(record, part)
-        diff = identity_diff(stored_identity(rec), identity)
+        diff = identity_diff(stored_identity(out.path(record, part)), identity)
         if diff is not None:
             raise IdentityError(paths[0], *diff)
         return Claim(DONE if complete is None or complete() else RESUME, out, identity, part)

@@ -389,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         return bool(h) and (bool(h[-1].get("stop_reason")) or len(h) >= cfg.num_iters)
 
     # --force removes the history; the runs file keeps the provenance of the discarded run
-    claim = run.claim(out, identity, files=("jsonl",), record="runs.json", complete=complete)
+    claim = run.claim(out, identity, files=("jsonl",), record="runs.json", complete=complete, append=True)
     history = store.read()
     if claim.done:
         print(f"[btp.taylor] {path}: complete ({len(history)} iterations"

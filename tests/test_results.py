@@ -163,7 +163,8 @@ def test_claim_fresh_resume_done_and_refusals(tmp_path):
     with pytest.raises(R.IdentityError, match="other identity"):
         R.claim(out, IDENT, force=False, **kw)
     c = R.claim(out, {**IDENT, "dtype": "torch.bfloat16"}, force=True, **kw)
-    assert c.state == R.FRESH and not out.path("npz").exists() and not out.partial("npz").exists()
+    # forced: progress discarded; the old output stays until the new one replaces it
+    assert c.state == R.FRESH and out.path("npz").exists() and not out.partial("npz").exists()
 
 
 def test_claim_jsonl_with_runs_file(tmp_path):
@@ -171,7 +172,7 @@ def test_claim_jsonl_with_runs_file(tmp_path):
 
     out = R.output(tmp_path, "m", "d", "taylor", "regular")
     store = JsonlStore(out.path("jsonl"), key_fields=("iteration",))
-    kw = dict(files=("jsonl",), record="runs.json")
+    kw = dict(files=("jsonl",), record="runs.json", append=True)
     assert R.claim(out, IDENT, force=False, **kw).state == R.FRESH
     store.begin_run({"stage": "taylor", "identity": IDENT})
     store.append({"iteration": 1})

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .cli import add_flags, config_from, opt
-from .results import MODES, SELECTS, SOURCES, Stem, dataset_dir
+from .results import EVALUATIONS, GENERATIONS, MODES, SELECTS, SOURCES, Stem, dataset_dir
 from .store import read_jsonl
 
 
@@ -202,7 +202,7 @@ def load_samples(results_dir: str | Path, model_id: str, dataset: str, config: S
 
 def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokenizer) -> SampleSet:
     d = dataset_dir(results_dir, model_id, dataset)
-    gpath, epath = d / "generations.jsonl", d / "evaluations.jsonl"
+    gpath, epath = d / GENERATIONS, d / EVALUATIONS
     if not gpath.exists():
         raise FileNotFoundError(f"{gpath} not found: run `python -m btp.generate` first, or use --source reference")
     gens = read_jsonl(gpath)

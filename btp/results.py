@@ -310,6 +310,16 @@ def identity_diff(old: dict | None, new: dict) -> tuple[str, Any, Any] | None:
     return (extra[0], old[extra[0]], None) if extra else None
 
 
+def check_record(rec: dict, expect: dict, where: str, *, hint: str) -> None:
+    """A record of a resumed file (e.g. a Taylor iteration) must carry the values this run has for `expect`'s
+    fields; the ValueError names the first field that differs."""
+    diff = identity_diff({k: rec.get(k) for k in expect}, expect)
+    if diff is not None:
+        k, old, new = diff
+        short = lambda v: (s if len(s := json.dumps(v, default=str)) <= 80 else s[:77] + "...")
+        raise ValueError(f"{where}: written with other {k} ({short(old)}, this run has {short(new)}); {hint}")
+
+
 FRESH, RESUME, DONE = "fresh", "resume", "done"
 
 

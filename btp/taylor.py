@@ -37,6 +37,7 @@ from . import cli
 from .arch import Adapter, adapter
 from .cli import opt
 from .heads import Head, gates_for, head_gates, o_proj_input_grads
+from .results import check_record
 from .results import importance_matrix  # noqa: F401  (the reader of a record's matrices lives with the layout)
 from .samples import Sample, SampleSet
 from .scoring import scored_ce
@@ -248,12 +249,9 @@ def check_history(history: list[dict], cfg: TaylorConfig, ad: Adapter, scoring: 
         if rec.get("iteration") != i + 1:
             raise ValueError(f"{at}: expected iteration {i + 1}, found {rec.get('iteration')} "
                              f"(records must be 1, 2, ...; rerun with --force)")
-        if rec.get("settings") != want:
-            raise ValueError(f"{at}: written with settings {rec.get('settings')}, this run has {want}; "
-                             f"use --tag, another --results-dir, or --force")
-        if rec.get("scoring_samples") != _ids(scoring) or rec.get("heldout_samples") != _ids(heldout):
-            raise ValueError(f"{at}: written for other scoring/held-out samples; use the same sample flags and "
-                             f"--split-seed/--heldout, or --force")
+        check_record(rec, {"settings": want, "scoring_samples": _ids(scoring), "heldout_samples": _ids(heldout)},
+                     at, hint="use the same settings, sample flags and --split-seed/--heldout, --tag, another "
+                     "--results-dir, or --force")
         if np.shape(rec.get("importance")) != (ad.n_layers, ad.max_heads):
             raise ValueError(f"{at}: importance shape {np.shape(rec.get('importance'))} does not fit the model "
                              f"[{ad.n_layers}, {ad.max_heads}]")

@@ -252,7 +252,7 @@ OWNED = [
     (r"\b(stem_source|split_stem|_stem_order|_model_names|_resolve_model_dir)\b", "a second name parser/resolver"),
     (r"st_mtime", "staleness by modification time"),
     (r"""["']-reference["']|["']-incorrect["']""", "population words of a name"),
-    (r"\bold\.get\(k\) != ", "comparing stored settings"),
+    (r"\bold\.get\(k\) != |rec\.get\([\"']settings[\"']\) != ", "comparing stored settings"),
     (r"hashlib\.sha1\(json\.dumps", "hashing a settings key"),
     (r"""["']key["']\s*:|key=np\.array""", "tagging a partial file"),
 ]

@@ -32,8 +32,16 @@ from tqdm import tqdm
 from . import cli
 from .cli import opt
 from .data import DATASETS, Problem, load_problems
-from .results import (EVALUATIONS, GENERATIONS, check_runs, dataset_dir, evaluations_path, generations_dir, read_runs,
-                      summary_path)
+from .results import (
+    EVALUATIONS,
+    GENERATIONS,
+    check_runs,
+    dataset_dir,
+    evaluations_path,
+    generations_dir,
+    read_runs,
+    summary_path,
+)
 from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
 from .stats import ks_up_to, pass_at_k_summary
 from .store import JsonlStore, MalformedFileError, iter_jsonl, provenance, write_json

@@ -17,14 +17,14 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from .store import (MalformedFileError, iter_jsonl, read_json, read_npz, runs_path, write_json,  # noqa: F401
-                    write_npz)
+from .store import MalformedFileError, iter_jsonl, read_json, read_npz, runs_path, write_json, write_npz  # noqa: F401
 
 MODES = ("regular", "chain_code")
 SOURCES = ("generations", "reference")
@@ -153,12 +153,12 @@ class Stem:
         """The variant words joined, e.g. `mean-layers0_5` ('' when none)."""
         return "-".join(self.variant)
 
-    def with_variant(self, *words: str | None) -> "Stem":
+    def with_variant(self, *words: str | None) -> Stem:
         """This stem with more variant words (None and '' skipped)."""
         return Stem(self.mode, self.source, self.select, self.variant + tuple(w for w in words if w))
 
     @property
-    def base(self) -> "Stem":
+    def base(self) -> Stem:
         """The samples' part of the name: mode and population only."""
         return Stem(self.mode, self.source, self.select)
 
@@ -396,11 +396,11 @@ def read_partial(path: Path | None, key: str, *, quiet: bool = False) -> dict | 
         st = read_npz(path) if path.name.endswith(".npz") else read_json(path)
     except Exception as e:  # noqa: BLE001  (a partial file is a cache: unreadable means start afresh)
         if not quiet:
-            warnings.warn(f"[btp.results] ignoring unreadable partial file {path}: {e}")
+            warnings.warn(f"[btp.results] ignoring unreadable partial file {path}: {e}", stacklevel=2)
         return None
     if not isinstance(st, dict) or str(st.pop("key", "")) != key:
         if not quiet:
-            warnings.warn(f"[btp.results] {path} belongs to another configuration; starting afresh")
+            warnings.warn(f"[btp.results] {path} belongs to another configuration; starting afresh", stacklevel=2)
         return None
     st.pop("provenance", None)
     return st

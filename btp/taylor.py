@@ -37,8 +37,7 @@ from . import cli
 from .arch import Adapter, adapter
 from .cli import opt
 from .heads import Head, gates_for, head_gates, o_proj_input_grads
-from .results import check_record
-from .results import importance_matrix  # noqa: F401  (the reader of a record's matrices lives with the layout)
+from .results import check_record, importance_matrix  # noqa: F401  (importance_matrix: re-exported reader)
 from .samples import Sample, SampleSet
 from .scoring import scored_ce
 

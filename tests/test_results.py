@@ -277,8 +277,9 @@ def test_no_name_parsing_or_settings_comparison_outside_results():
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny random Llama with the embedded tokenizer's vocabulary, saved as a HF folder."""
-    from btp.models import load_tokenizer
     from conftest import make_tiny
+
+    from btp.models import load_tokenizer
 
     tok = load_tokenizer()
     model = make_tiny("llama", vocab_size=len(tok))

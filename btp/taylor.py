@@ -348,7 +348,7 @@ def _heldout_arg(v: str | float | int) -> float | int:
 @dataclass
 class SplitConfig:
     """The stage's run options besides the pruning itself: the scoring/held-out split, memory, the output tag."""
-    heldout: float | int = opt("0.25", "held-out problems: a fraction (0.25) or a count (8)",
+    heldout: float | int = opt(0.25, "held-out problems: a fraction (0.25) or a count (8)",
                                parse=lambda v: _heldout_arg(str(v)))
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed)")
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")

@@ -316,3 +316,41 @@ def test_stage_refuses_other_dtype_and_settings_force_overrides(tiny_folder, tmp
         ablation.main(ab[:-1] + ["30"])
     with pytest.raises(SystemExit, match="exists for other dtype"):
         ablation.main(ab + ["--dtype", "bfloat16"])
+
+
+# ---------------------------------------------------------------- the skeleton's flags
+
+def test_flags_come_from_the_config_dataclasses():
+    import dataclasses
+    import json
+
+    from btp import ablation, cli, entropy_lens, evaluate, generate, taylor
+    from btp.samples import SampleConfig
+
+    for spec in (entropy_lens.SPEC, ablation.SPEC, taylor.SPEC):
+        p = cli.stage_parser(spec)
+        dests = [a.dest for a in p._actions]
+        assert len(dests) == len(set(dests)), spec.name                      # shared flags declared once
+        args = cli.parse(p, [])
+        for cls in (*spec.configs, SampleConfig):                           # one default each: the dataclass's
+            cfg = cli.config_from(cls, args)
+            for f in dataclasses.fields(cls):
+                if f.metadata and f.name != "seed":
+                    assert getattr(cfg, f.name) == getattr(cls(), f.name), (cls.__name__, f.name)
+    args = cli.parse(cli.stage_parser(ablation.SPEC), ["--no-reuse-attention", "--layers", "3,1-2", "--no-knockout",
+                                                       "--knockout-ks", "1,4"])
+    m, k = cli.config_from(ablation.MatrixConfig, args), cli.config_from(ablation.KnockoutConfig, args)
+    assert (m.reuse_attention, m.layers, k.enabled, k.ks) == (False, [1, 2, 3], False, [1, 4])
+    assert generate.parse_config([]) == generate.GenerateConfig()
+    assert evaluate.parse_config([]) == evaluate.EvalConfig()
+    # every preset parses with its stage (keys are flag names)
+    stage = {"ablation": ablation.SPEC, "entropy": entropy_lens.SPEC, "taylor": taylor.SPEC}
+    for preset in sorted((ROOT / "configs").glob("*.json")):
+        kind = preset.name.split("_")[0]
+        if kind in stage:
+            cli.parse(cli.stage_parser(stage[kind]), ["--config", str(preset)])
+        elif kind == "generate":
+            generate.parse_config(["--config", str(preset)])
+        elif kind == "evaluate":
+            evaluate.parse_config(["--config", str(preset)])
+        assert json.loads(preset.read_text())

@@ -354,3 +354,21 @@ def test_flags_come_from_the_config_dataclasses():
         elif kind == "evaluate":
             evaluate.parse_config(["--config", str(preset)])
         assert json.loads(preset.read_text())
+
+
+def test_taylor_done_without_weights_and_refusals(tiny_folder, tmp_path, monkeypatch):
+    from btp import cli, taylor
+
+    argv = ["--model", str(tiny_folder), "--dataset", "mbpp", "--source", "reference", "--num-samples", "3",
+            "--max-tokens", "200", "--results-dir", str(tmp_path), "--no-progress", "--num-iters", "1",
+            "--prune-per-iter", "2", "--heldout", "1"]
+    taylor.main(argv)
+    path = next(tmp_path.rglob("taylor/regular-reference.jsonl"))
+    recs = list(iter_jsonl(path))
+    monkeypatch.setattr(cli.Run, "load", lambda self: (_ for _ in ()).throw(AssertionError("weights loaded")))
+    assert taylor.main(argv) == recs                                           # complete: no weights loaded
+    with pytest.raises(SystemExit, match="exists for other dtype"):
+        taylor.main(argv + ["--dtype", "bfloat16"])
+    with pytest.raises(SystemExit, match="exists for other settings"):
+        taylor.main(argv[:-6] + ["--num-iters", "1", "--prune-per-iter", "3", "--heldout", "1"])
+    assert R.read_runs(path)[-1]["identity"]["settings"]["prune_per_iter"] == 2

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -522,10 +522,3 @@ def rank_heads(delta_mean: np.ndarray) -> list[tuple[int, int]]:
     ls, hs = np.nonzero(np.isfinite(m))
     order = np.argsort(-m[ls, hs], kind="stable")
     return [(int(ls[i]), int(hs[i])) for i in order]
-
-
-def iter_records(path: str | os.PathLike, fields: Sequence[str] | None = None) -> Iterator[dict]:
-    """Records of a results JSONL (torn last line tolerated), reduced to `fields` when given."""
-    for r in iter_jsonl(path):
-        yield r if fields is None else {k: r.get(k) for k in fields}
-

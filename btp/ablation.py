@@ -13,10 +13,7 @@ logits at scored positions only) is the engine `btp.headsets`; this module holds
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,12 +24,14 @@ from tqdm import tqdm
 
 from . import cli
 from .arch import adapter
+from .cli import opt, parse_ks, parse_layers
 from .heads import Head
 from .headsets import HeadSetScorer, mean_o_proj_inputs
 from .headsets import set_losses as eval_sets
-from .samples import SampleSet, add_sample_args, config_from_args, load_samples
-from .store import dataset_dir, provenance, read_json, read_npz, write_json, write_npz
+from .results import KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, write_partial
+from .samples import SampleSet
 from .stats import bootstrap_mean
+from .store import read_npz, write_json, write_npz
 
 STAGE = "ablation"
 ABLATIONS = ("zero", "mean")
@@ -41,14 +40,20 @@ SampleRun = HeadSetScorer  # the engine's former name here (tests and scripts pa
 
 @dataclass
 class MatrixConfig:
-    ablation: str = "zero"              # zero | mean (the head's mean o_proj-input slice over all sample tokens)
-    layers: list[int] | None = None     # None: every layer (the default; no shortcut to a subset)
-    batch_rows: int | None = None       # ablations per batched pass; None: from free memory and sequence length
-    per_token: bool = False             # also keep per-token deltas [tokens, L, Hmax]
-    reuse_attention: bool = True        # reuse layer l's recorded o_proj input for layer-l ablations (exact)
-    n_boot: int = 1000
+    ablation: str = opt("zero", "zero the head, or replace it by its mean o_proj-input slice over all sample tokens",
+                        choices=ABLATIONS)
+    # None: every layer (the default; no shortcut to a subset)
+    layers: list[int] | None = opt(None, "restrict the matrix to these layers, e.g. 0,5,10-12 (default: all)",
+                                   parse=parse_layers)
+    batch_rows: int | None = opt(None, "ablations per batched pass (default: from free memory and sequence length)")
+    per_token: bool = opt(False, "also store per-token deltas")   # [tokens, L, Hmax]
+    # reuse layer l's recorded o_proj input for layer-l ablations (exact)
+    reuse_attention: bool = opt(True, "recompute layer l's attention for layer-l ablations (slower, same numbers)",
+                                flag="no-reuse-attention", invert=True)
+    n_boot: int = opt(1000, "bootstrap resamples over samples for CIs")
     seed: int = 0
-    save_every: float = 60.0            # seconds between partial saves (0: after every (sample, layer))
+    # 0: after every (sample, layer)
+    save_every: float = opt(60.0, "seconds between partial saves (resume)")
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -62,11 +67,16 @@ class MatrixConfig:
 
 @dataclass
 class KnockoutConfig:
-    ks: list[int] | None = None         # None: 1, 2, 4, ... up to the number of ranked heads
-    random_seeds: int = 3
-    greedy: bool = False
-    greedy_candidates: int | None = None  # greedy picks among the top-N heads of the matrix (None: all)
-    batch_rows: int | None = None
+    enabled: bool = opt(True, "matrix only", flag="no-knockout", invert=True)
+    # None: 1, 2, 4, ... up to the number of ranked heads
+    ks: list[int] | None = opt(None, "knockout counts, e.g. 1,2,4,8 (default: powers of 2)", flag="knockout-ks",
+                               parse=parse_ks)
+    random_seeds: int = opt(3, "random-head control curves")
+    greedy: bool = opt(False, "also the greedy curve (re-rank remaining heads after each removal: one matrix-like "
+                       "pass per step)")
+    greedy_candidates: int | None = opt(None, "greedy picks among the top-N heads of the matrix (default: all; costly "
+                                        "for big models)")
+    batch_rows: int | None = None       # these as the matrix's (the stage passes them on)
     reuse_attention: bool = True
     n_boot: int = 1000
     seed: int = 0
@@ -119,7 +129,7 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
                 st["done"][s, l] = True
                 bar.update(1)
                 if partial is not None and time.time() - last_save >= config.save_every:
-                    _save_partial(partial, key, st)
+                    write_partial(partial, key, st)
                     last_save = time.time()
             del run
     out = {k: v for k, v in st.items() if k != "done"}
@@ -138,42 +148,14 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     return sorted(set(int(l) for l in layers))
 
 
-def _read_partial(path: Path | None, key: str, read) -> dict | None:
-    """A partial-progress file's state if it exists, is readable and belongs to this configuration (`key`)."""
-    if path is None or not path.exists():
-        return None
-    try:
-        st = read(path)
-    except Exception as e:
-        warnings.warn(f"[btp.ablation] ignoring unreadable partial file {path}: {e}")
-        return None
-    if str(st.pop("key", "")) != key:
-        warnings.warn(f"[btp.ablation] {path} belongs to another configuration; starting afresh")
-        return None
-    return st
-
-
 def _load_partial(path: Path | None, key: str) -> dict | None:
-    st = _read_partial(path, key, read_npz)
-    if st is None:
-        return None
-    st.pop("provenance", None)
-    print(f"[btp.ablation] resuming from {path}: {int(st['done'].sum())} (sample, layer) units done")
+    st = read_partial(path, key)
+    if st is not None:
+        print(f"[btp.ablation] resuming from {path}: {int(st['done'].sum())} (sample, layer) units done")
     return st
-
-
-def _save_partial(path: Path, key: str, st: dict) -> None:
-    write_npz(path, key=np.array(key), **st)
 
 
 # ---------------------------------------------------------------- knockout
-
-def rank_heads(delta_mean: np.ndarray) -> list[Head]:
-    """Heads with a finite mean delta, largest first (ties in (layer, head) order)."""
-    ls, hs = np.nonzero(np.isfinite(delta_mean))
-    order = np.argsort(-delta_mean[ls, hs], kind="stable")
-    return [(int(ls[i]), int(hs[i])) for i in order]
-
 
 def default_ks(n: int) -> list[int]:
     ks, k = [], 1
@@ -213,7 +195,7 @@ def run_knockout(model: torch.nn.Module, sample_set: SampleSet, delta_mean: np.n
         ce, base = eval_sets(model, sample_set, top_sets + rand_sets, desc="knockout top/random", **kw)
         st.update(base=base.tolist(), top={"sets": top_sets, "ce": ce[:len(ks)].tolist()},
                   random={"sets": rand_sets, "ce": ce[len(ks):].tolist()})
-        _save_json_partial(partial, key, st)
+        write_partial(partial, key, st)
     base = np.array(st["base"])
     bm, blo, bhi = bootstrap_mean(base, config.n_boot, config.seed)
     out: dict = {"ks": ks, "n_ranked": n, "ranking": "matrix delta_mean, largest first",
@@ -253,7 +235,7 @@ def _greedy(model, sample_set, ranked, ks, config: KnockoutConfig, st: dict, par
         chosen.append(rest[best])
         g["chosen"].append(list(rest[best]))
         g["ce"].append(ce[best].tolist())
-        _save_json_partial(partial, key, st)
+        write_partial(partial, key, st)
     return {"candidates": len(cands), "candidate_rule": "top-N of the matrix ranking" if config.greedy_candidates
             else "all ranked heads", "selection": "in-sample (the same samples the curve reports)",
             "order": [list(h) for h in chosen],
@@ -262,7 +244,7 @@ def _greedy(model, sample_set, ranked, ks, config: KnockoutConfig, st: dict, par
 
 
 def _load_json_partial(path: Path | None, key: str) -> dict | None:
-    st = _read_partial(path, key, read_json)
+    st = read_partial(path, key)
     if st is None:
         return None
     for part in ("top", "random"):
@@ -271,152 +253,69 @@ def _load_json_partial(path: Path | None, key: str) -> dict | None:
     return st
 
 
-def _save_json_partial(path: Path | None, key: str, st: dict) -> None:
-    if path is not None:
-        write_json(path, {"key": key, **st})
-
-
 # ---------------------------------------------------------------- CLI
 
-def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
-    """`"0,5,10-12"` -> [0, 5, 10, 11, 12]; None/""/"all" -> None (every layer)."""
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
-        return None
-    if not isinstance(spec, str):
-        return [int(x) for x in spec]
-    out = []
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = part.split("-")
-                out += list(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise ValueError(f"bad layer list {spec!r}: use e.g. 0,5,10-12") from None
-    return out
-
-
-def parse_ks(spec: str | Sequence[int] | None) -> list[int] | None:
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "auto")):
-        return None
-    try:
-        return [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
-    except ValueError:
-        raise ValueError(f"bad --knockout-ks {spec!r}: use e.g. 1,2,4,8") from None
+SPEC = cli.StageSpec(STAGE, "Exact single-head ablation matrix and cumulative knockout curves",
+                     configs=(MatrixConfig, KnockoutConfig))
+MATRIX_FILES = ("npz", "json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser(STAGE, "Exact single-head ablation matrix and cumulative knockout curves")
-    cli.add_common(p)
-    add_sample_args(p)
-    p.add_argument("--ablation", choices=ABLATIONS, default="zero",
-                   help="zero the head, or replace it by its mean o_proj-input slice over all sample tokens")
-    p.add_argument("--layers", default=None, help="restrict the matrix to these layers, e.g. 0,5,10-12 (default: all)")
-    p.add_argument("--batch-rows", type=int, default=None,
-                   help="ablations per batched pass (default: from free memory and sequence length)")
-    p.add_argument("--per-token", action="store_true", help="also store per-token deltas")
-    p.add_argument("--no-reuse-attention", action="store_true",
-                   help="recompute layer l's attention for layer-l ablations (slower, same numbers)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over samples for CIs")
-    p.add_argument("--save-every", type=float, default=60.0, help="seconds between partial saves (resume)")
-    p.add_argument("--no-knockout", action="store_true", help="matrix only")
-    p.add_argument("--knockout-ks", default=None, help="knockout counts, e.g. 1,2,4,8 (default: powers of 2)")
-    p.add_argument("--random-seeds", type=int, default=3, help="random-head control curves")
-    p.add_argument("--greedy", action="store_true",
-                   help="also the greedy curve (re-rank remaining heads after each removal: one matrix-like "
-                        "pass per step)")
-    p.add_argument("--greedy-candidates", type=int, default=None,
-                   help="greedy picks among the top-N heads of the matrix (default: all; costly for big models)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--force", action="store_true", help="recompute even if the outputs exist")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    return cli.stage_parser(SPEC)
+
+
+def output_stem(stem: Stem, ablation: str, layers: list[int] | None) -> Stem:
+    """The samples' stem plus `mean` for mean ablation and `layers..` when the matrix is restricted."""
+    return stem.with_variant("mean" if ablation == "mean" else None,
+                             "layers" + "_".join(map(str, layers)) if layers is not None else None)
 
 
 def output_name(stem: str, ablation: str, layers: list[int] | None) -> str:
-    name = stem + ("-mean" if ablation == "mean" else "")
-    return name + ("-layers" + "_".join(map(str, layers)) if layers is not None else "")
-
-
-def _key(obj: dict) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _matches(json_path: Path, key: str) -> bool:
-    try:
-        return json_path.exists() and read_json(json_path).get("run_key") == key
-    except Exception:
-        return False
+    return str(output_stem(parse_stem(stem), ablation, layers))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from .models import default_device, default_dtype, load_model, load_tokenizer, parse_dtype, resolve_model
-
-    args = cli.parse(build_parser(), argv)
-    scfg = config_from_args(args)
-    layers = parse_layers(args.layers)
-    if layers is not None:
-        layers = sorted(set(layers))
-    mcfg = MatrixConfig(ablation=args.ablation, layers=layers, batch_rows=args.batch_rows, per_token=args.per_token,
-                        reuse_attention=not args.no_reuse_attention, n_boot=args.n_boot, seed=args.seed,
-                        save_every=args.save_every, progress=not args.no_progress)
-    kcfg = KnockoutConfig(ks=parse_ks(args.knockout_ks), random_seeds=args.random_seeds, greedy=args.greedy,
-                          greedy_candidates=args.greedy_candidates, batch_rows=args.batch_rows,
-                          reuse_attention=not args.no_reuse_attention, n_boot=args.n_boot, seed=args.seed,
-                          progress=not args.no_progress)
-    ref = resolve_model(args.model)
-    ss = load_samples(args.results_dir, ref.model_id, args.dataset, scfg, load_tokenizer(args.model))
-    desc = ss.describe()
-    dev = torch.device(args.device) if args.device else default_device()
-    dtype = parse_dtype(args.dtype) or default_dtype(dev)
-    out_dir = dataset_dir(args.results_dir, ref.model_id, args.dataset) / "ablation"
-    name = output_name(scfg.stem, args.ablation, layers)
-    npz_path, json_path = out_dir / f"{name}.npz", out_dir / f"{name}.json"
-    ko_path = out_dir / f"{name}_knockout.json"
-    mpart, kpart = out_dir / f"{name}.partial.npz", out_dir / f"{name}_knockout.partial.json"
-    mkey = _key({"model": ref.model_id, "revision": ref.revision, "dtype": str(dtype), "samples": desc["samples"],
-                 "n_scored": [s.n_scored for s in ss.samples], "stem": scfg.stem, "ablation": args.ablation,
-                 "layers": layers, "per_token": args.per_token, "max_tokens": scfg.max_tokens})
-    kkey = _key({"matrix": mkey, "ks": kcfg.ks, "seeds": kcfg.random_seeds, "greedy": kcfg.greedy,
-                 "cands": kcfg.greedy_candidates, "seed": kcfg.seed})
-    if args.force:
-        for p in (mpart, kpart):
-            p.unlink(missing_ok=True)
-    m_done = not args.force and npz_path.exists() and _matches(json_path, mkey)
-    k_done = args.no_knockout or (not args.force and m_done and _matches(ko_path, kkey))
-    if m_done and k_done:
+    run = cli.prepare(SPEC, argv)
+    mcfg, ss = run.config(MatrixConfig), run.samples
+    kcfg = run.config(KnockoutConfig, batch_rows=mcfg.batch_rows, reuse_attention=mcfg.reuse_attention,
+                      n_boot=mcfg.n_boot)
+    out = run.output(output_stem(run.sample_config.output_stem, mcfg.ablation, mcfg.layers))
+    npz_path, json_path, ko_path = out.path("npz"), out.path("json"), out.path("json", KNOCKOUT)
+    # batch_rows, reuse_attention and save_every change speed and memory, not numbers: not part of the identity
+    mid = run.identity(ablation=mcfg.ablation, layers=mcfg.layers, per_token=mcfg.per_token, n_boot=mcfg.n_boot,
+                       seed=mcfg.seed)
+    m_claim = run.claim(out, mid, files=MATRIX_FILES, partials=("npz",))
+    kid = {"matrix": m_claim.key, "ks": kcfg.ks, "random_seeds": kcfg.random_seeds, "greedy": kcfg.greedy,
+           "greedy_candidates": kcfg.greedy_candidates, "n_boot": kcfg.n_boot, "seed": kcfg.seed}
+    k_claim = run.claim(out, kid, files=("json",), part=KNOCKOUT, partials=("json",)) if kcfg.enabled else None
+    k_done = k_claim is None or (k_claim.done and m_claim.done)   # curves of a recomputed matrix are redone
+    if m_claim.done and k_done:
         print(f"[btp.ablation] {npz_path} exists for this configuration; skipping (use --force to recompute)")
         return npz_path
-    if not args.force and npz_path.exists() and not m_done:
-        raise SystemExit(f"{npz_path} exists for other samples or settings; use --force to overwrite or another "
-                         f"--results-dir")
-    lm = load_model(args.model, dtype=dtype, device=dev)
-    stamp = dict(stage=STAGE, model=lm.model_id, revision=lm.revision, dataset=args.dataset, mode=scfg.mode,
-                 seed=args.seed, config=cli.config_dict(args), samples=desc, dtype=str(lm.dtype),
-                 device=str(lm.device), stem=scfg.stem, ablation=args.ablation)
+    lm = run.load()
+    stamp = dict(dtype=str(lm.dtype), device=str(lm.device), stem=str(run.sample_config.output_stem),
+                 ablation=mcfg.ablation)
     t0 = time.time()
-    if m_done:
+    if m_claim.done:
         res = read_npz(npz_path)
         print(f"[btp.ablation] matrix {npz_path} exists for this configuration; knockout only")
     else:
-        res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=mkey)
+        mpart = out.partial("npz")
+        res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key)
         secs = time.time() - t0
         rep = res.pop("replacement", None)
         arrays = {k: res[k] for k in ("delta", "delta_mean", "delta_ci_low", "delta_ci_high", "base_ce",
                                       "layer_num_heads")}
-        if args.per_token:
+        if mcfg.per_token:
             arrays.update(token_delta=res["token_delta"], base_token_ce=res["base_token_ce"])
-        full = provenance(**stamp, run_key=mkey, seconds=round(secs, 2))
+        full = run.stamp(lm, **stamp, seconds=round(secs, 2), **m_claim.stamp)
         # json first: a kill between the two writes leaves no npz, so the rerun redoes it (from the partial)
         write_json(json_path, {
-            **full, "npz": npz_path.name, "layers": layers or list(range(len(res["layer_num_heads"]))),
-            "n_boot": args.n_boot,
+            **full, "npz": npz_path.name, "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
+            "n_boot": mcfg.n_boot,
             "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed",
             "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
-            if args.ablation == "mean" else None,
+            if mcfg.ablation == "mean" else None,
             "base_ce_mean": float(np.mean(res["base_ce"])), "top_heads": _top(res, 20)})
         write_npz(npz_path, provenance=full, **arrays, **ss.fields())
         mpart.unlink(missing_ok=True)
@@ -425,13 +324,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(f"[btp.ablation] matrix: {len(ss)} samples x {n_heads} heads in {secs:.1f}s -> {npz_path}")
     _print_top(res)
     if not k_done:
-        rep = res.get("replacement") if args.ablation == "mean" else None
-        if args.ablation == "mean" and rep is None:
+        rep = res.get("replacement") if mcfg.ablation == "mean" else None
+        if mcfg.ablation == "mean" and rep is None:
             rep = mean_o_proj_inputs(lm.model, ss)
         t1 = time.time()
+        kpart = out.partial("json", KNOCKOUT)
         ko = run_knockout(lm.model, ss, res["delta_mean"], kcfg,
-                          replacement=None if rep is None else torch.as_tensor(rep), partial=kpart, key=kkey)
-        write_json(ko_path, {**provenance(**stamp, run_key=kkey, seconds=round(time.time() - t1, 2)),
+                          replacement=None if rep is None else torch.as_tensor(rep), partial=kpart, key=k_claim.key)
+        write_json(ko_path, {**run.stamp(lm, **stamp, seconds=round(time.time() - t1, 2), **k_claim.stamp),
                              "matrix": npz_path.name, **ko})
         kpart.unlink(missing_ok=True)
         _print_knockout(ko, ko_path)

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-MODES = ("regular", "chain_code")          # as btp.samples.MODES (not imported: check stays light)
-STAGE_DIRS = ("entropy", "ablation", "taylor", "cmaes")
+from . import benchmarks, results
+from .results import EVALUATIONS, GENERATIONS, SUMMARY
+
+STAGE_DIRS = tuple(results.STAGE_DIRS.values())
 # problems per benchmark as generated without --limit (btp.data); LiveCodeBench v6's default window
-KNOWN_SIZES = {("humaneval", None): 164, ("mbpp", None): 500, ("mbpp", "full"): 500, ("mbpp", "sanitized"): 257}
-LCB_V6 = 175
 
 
 # ---------------------------------------------------------------- results
@@ -142,24 +142,13 @@ def load_json(path: Path) -> tuple[Any, str | None]:
         return None, f"unreadable JSON ({str(e)[:80]})"
 
 
-def stem_source(stem: str) -> tuple[str, str]:
-    """(source, select) of an analysis output name (SampleConfig.stem plus any stage suffix such as ablation's
-    `-mean`/`-layers..`): `regular` -> generations/correct, `chain_code-reference-mean` -> reference/all,
-    `regular-incorrect` -> generations/incorrect."""
-    mode = next((m for m in MODES if stem == m or stem.startswith(m + "-")), "")
-    pop = stem[len(mode):].lstrip("-").split("-")[0]
-    if pop == "reference":
-        return "reference", "all"
-    return "generations", pop if pop in ("correct", "incorrect", "all") else "correct"
-
-
 def short_stem(stem: str) -> str:
     """`regular` -> `R`, `chain_code-reference` -> `C-ref` (the table's legend explains)."""
-    for m, a in (("chain_code", "C"), ("regular", "R")):
-        if stem == m or stem.startswith(m + "-"):
-            rest = stem[len(m):].replace("-reference", "-ref").replace("-incorrect", "-inc")
-            return a + rest
-    return stem
+    st = results.try_parse_stem(stem)
+    if st is None:
+        return stem
+    pop = "-ref" if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all"}[st.select]
+    return {"regular": "R", "chain_code": "C"}[st.mode] + pop + "".join(f"-{v}" for v in st.variant)
 
 
 # ---------------------------------------------------------------- one dataset dir
@@ -171,13 +160,6 @@ def _rel(root: Path, p: Path) -> str:
         return str(p)
 
 
-def _mtime(p: Path) -> float | None:
-    try:
-        return p.stat().st_mtime
-    except OSError:
-        return None
-
-
 def _expected_total(runs: list, dataset: str, problems: int) -> tuple[int | None, int | None]:
     """(samples per problem, problems x n) the latest generation run asked for; None when unknown."""
     if not runs:
@@ -187,12 +169,9 @@ def _expected_total(runs: list, dataset: str, problems: int) -> tuple[int | None
     n = cfg.get("n")
     size = last.get("n_problems")
     if size is None:
-        variant = cfg.get("variant")
-        if dataset == "livecodebench":
-            plain = not cfg.get("data_file") and not cfg.get("start_date") and not cfg.get("end_date")
-            size = LCB_V6 if plain and cfg.get("release", "v6") in ("v6", "release_v6") else None
-        else:
-            size = KNOWN_SIZES.get((dataset, variant))
+        bench = benchmarks.get(dataset) if dataset in benchmarks.NAMES else None
+        size = bench.size(cfg.get("variant"), release=cfg.get("release"), data_file=cfg.get("data_file"),
+                          start_date=cfg.get("start_date"), end_date=cfg.get("end_date")) if bench else None
         limit = cfg.get("limit")
         if limit is not None:
             size = min(limit, size) if size is not None else limit
@@ -217,8 +196,7 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
             issue(p, "torn", "last line cut short (a killed writer); the next run drops and redoes it")
         return s
 
-    gen, ev = d / "generations.jsonl", d / "evaluations.jsonl"
-    t_gen, t_ev = _mtime(gen), _mtime(ev)
+    gen, ev = d / GENERATIONS, d / EVALUATIONS
     keys: set = set()
     g = jsonl(gen, ("problem_id", "sample", "finish_reason"))
     if g is not None:
@@ -227,7 +205,7 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
             row.finish[str(fin)] = row.finish.get(str(fin), 0) + 1
         row.generated = len(keys)
         row.problems = len({k[0] for k in keys})
-        runs_p = d / "generations.runs.json"
+        runs_p = results.runs_path(gen)
         runs, err = load_json(runs_p) if runs_p.exists() else ([], None)
         if err:
             issue(runs_p, "broken", err)
@@ -242,10 +220,10 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
         row.evaluated, row.passed = len(seen), sum(ok for ok, _ in seen.values())
         for _, st in seen.values():
             row.statuses[st] = row.statuses.get(st, 0) + 1
-        if t_gen and t_ev and t_ev < t_gen:
-            issue(ev, "stale", "older than generations.jsonl")
+        if results.is_stale(ev, gen):
+            issue(ev, "stale", f"older than {GENERATIONS}")
 
-    summ = d / "summary.json"
+    summ = d / SUMMARY
     if summ.exists():
         s, err = load_json(summ)
         if err:
@@ -254,13 +232,13 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
             row.pass1, row.pass1_ci = _pass1(s)
             if row.total is None and row.n and isinstance(s, dict) and s.get("n_problems"):
                 row.total = int(s["n_problems"]) * row.n   # the problems evaluate judged against
-            if t_ev and _mtime(summ) < t_ev:
-                issue(summ, "stale", "older than evaluations.jsonl")
+            if results.is_stale(summ, ev):
+                issue(summ, "stale", f"older than {EVALUATIONS}")
 
     for stage in STAGE_DIRS:
         sd = d / stage
         if sd.is_dir():
-            row.stages[stage] = _check_stage(root, sd, stage, t_gen, t_ev, issue, deep)
+            row.stages[stage] = _check_stage(d, sd, stage, issue, deep)
     pr = d / "pruned"
     if pr.is_dir():
         row.pruned = sorted(p.name for p in pr.iterdir() if not p.name.startswith("."))
@@ -275,68 +253,62 @@ def _pass1(summary: Any) -> tuple[float | None, list | None]:
     return v.get("estimate"), [v.get("ci_low"), v.get("ci_high")]
 
 
-def _check_stage(root: Path, sd: Path, stage: str, t_gen, t_ev, issue, deep: bool) -> dict:
+def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
     """{name: note} of the analysis outputs in one stage dir. Done means: entropy/ablation `<name>.npz` and
     `<name>.json` both readable (note '+ko' with knockout curves); taylor `<name>.jsonl` with at least one
     iteration (note '(i/N it)', N from its runs file, ', stop' when it stopped early); cmaes any readable
     `<name>.*`. A `.partial.` file without the finished output shows as '(partial)'."""
-    ok: dict[str, set] = {}          # name -> readable file suffixes
-    taylor: dict[str, tuple] = {}    # name -> (iterations, last stop_reason)
+    ok: dict[tuple[str, str], set] = {}   # (stem, part) -> readable file extensions
+    taylor: dict[str, tuple] = {}         # stem -> (iterations, last stop_reason)
     for p in sorted(p for p in sd.iterdir() if p.is_file() and not p.name.startswith(".")):
-        stem, _, suffix = p.name.partition(".")
-        if suffix.endswith("npz"):
+        f = results.parse_file_name(p.name)
+        if f.ext.endswith("npz"):
             why = check_npz(p, deep)
-        elif suffix == "jsonl":
+        elif f.ext == "jsonl":
             s = scan_jsonl(p, ("iteration", "stop_reason"))
             why = f"line {s.bad[0][0]}: not valid JSON ({s.bad[0][1]})" if s.bad else None
             if s.torn:
                 issue(p, "torn", "last line cut short (a killed writer); the next run drops and redoes it")
-            taylor[stem] = (s.lines, s.values[-1][1] if s.values else None)
-        elif suffix.endswith("json"):
+            taylor[f.stem] = (s.lines, s.values[-1][1] if s.values else None)
+        elif f.ext.endswith("json"):
             why = load_json(p)[1]
         else:
             continue
         if why:
             issue(p, "broken", why)
             continue
-        ok.setdefault(stem, set()).add(suffix)
-        if suffix.startswith(("partial", "runs")):
-            continue
-        base = stem[: -len("_knockout")] if stem.endswith("_knockout") else stem
-        source, select = stem_source(base)
-        t = _mtime(p)
-        if source == "generations" and t_gen and t < t_gen:
-            issue(p, "stale", "older than generations.jsonl")
-        elif source == "generations" and select != "all" and t_ev and t < t_ev:
-            issue(p, "stale", "older than evaluations.jsonl")
-        elif base != stem and (sd / f"{base}.npz").exists() and t < _mtime(sd / f"{base}.npz"):
-            issue(p, "stale", f"older than {base}.npz")
+        ok.setdefault((f.stem, f.part), set()).add(f.ext)
+        if (stale := results.staleness(d, sd, p.name)) is not None:
+            issue(p, "stale", stale)
     done: dict[str, str] = {}
-    for stem, suf in ok.items():
-        if stem.endswith("_knockout"):
+    for (stem, part), suf in ok.items():
+        if part:
             continue
         if stage in ("entropy", "ablation"):
             if {"npz", "json"} <= suf:
-                done[stem] = "+ko" if "json" in ok.get(f"{stem}_knockout", ()) else ""
+                done[stem] = "+ko" if "json" in ok.get((stem, results.KNOCKOUT), ()) else ""
             elif suf & {"npz", "json"}:   # cut off between the two writes
-                missing = f"{stem}.json" if "npz" in suf else f"{stem}.npz"
+                missing = results.file_name(stem, "json" if "npz" in suf else "npz")
                 issue(sd / missing, "incomplete", "missing: rerun the stage")
             elif suf & {"partial.npz"}:
                 done[stem] = "(partial)"
         elif stage == "taylor":
             n, stop = taylor.get(stem, (0, None))
             if "jsonl" in suf and n:
-                want = _taylor_iters(sd / f"{stem}.runs.json")
+                want = _taylor_iters(sd / results.file_name(stem, "jsonl"))
                 done[stem] = f"({n}{'/' + str(want) if want else ''} it{', stop' if stop else ''})"
-        elif any(not s.startswith(("partial", "runs")) for s in suf):
+        elif any(not e.startswith(("partial", "runs")) for e in suf):
             done[stem] = ""
     return done
 
 
-def _taylor_iters(runs_path: Path) -> int | None:
+def _taylor_iters(path: Path) -> int | None:
     """--num-iters of the last Taylor run on this file (its runs file holds the stamps)."""
-    runs, err = load_json(runs_path) if runs_path.exists() else (None, "missing")
-    if err or not isinstance(runs, list) or not runs:
+    try:
+        runs = results.read_runs(path)
+    except (ValueError, OSError):
+        return None
+    if not runs:
         return None
     return ((runs[-1].get("taylor") or {}).get("num_iters")
             or (runs[-1].get("config") or {}).get("num_iters"))
@@ -347,8 +319,8 @@ def _taylor_iters(runs_path: Path) -> int | None:
 def dataset_dirs(root: Path, model: str | None = None, dataset: str | None = None) -> list[Path]:
     """`<root>/<model-slug>/<dataset>/` dirs that hold any btp output."""
     out = []
-    markers = ("generations.jsonl", "evaluations.jsonl", "summary.json", *STAGE_DIRS, "pruned")
-    names = _model_names(root, model) if model else set()
+    markers = (GENERATIONS, EVALUATIONS, SUMMARY, *STAGE_DIRS, "pruned")
+    names = set(results.model_dir_names(root, model)) if model else set()
     for m in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if model and m.name not in names:
             continue
@@ -356,22 +328,6 @@ def dataset_dirs(root: Path, model: str | None = None, dataset: str | None = Non
             if (dataset is None or d.name == dataset) and any((d / x).exists() for x in markers):
                 out.append(d)
     return out
-
-
-def _model_names(root: Path, model: str) -> set[str]:
-    """Dir names `model` may be filed under: itself, its slug, or (embedded names like smollm2-135m, folders)
-    the slug of the id btp.models resolves it to (imported only then: it loads torch)."""
-    from .store import model_slug
-
-    names = {model, model_slug(model)}
-    if not any((root / n).is_dir() for n in names):
-        try:
-            from .models import resolve_model
-
-            names.add(model_slug(resolve_model(model).model_id))
-        except Exception:  # noqa: BLE001  (an unknown name simply matches nothing)
-            pass
-    return names
 
 
 def check_tree(results_dir: str | Path, model: str | None = None, dataset: str | None = None,

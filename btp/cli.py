@@ -1,13 +1,127 @@
-"""Command-line plumbing shared by every stage: `--config FILE` presets (JSON under configs/) whose keys are
-flag names; flags given on the command line override them."""
+"""Command-line plumbing and the one skeleton every analysis stage stands on.
+
+- `--config FILE` presets (JSON under configs/) whose keys are flag names; flags given on the command line
+  override them.
+- Flags come from config dataclasses (`add_flags`, `config_from`): a field's default and help (`opt(...)`) are
+  written once, in the dataclass. Shared flags are declared once: `Common` (model, dataset, results dir, seed),
+  `Runtime` (dtype, device, device map, force, progress) and the sample flags (`SampleConfig`).
+- The analysis stage path (`prepare` -> `Run.claim` -> `Run.load`): parse, resolve the model id, build the samples,
+  claim the output (fresh / resume / done, refusing another identity), and load weights only when there is work.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
-from .models import DEFAULT_MODEL
+from . import benchmarks, results
+
+
+def opt(default: Any = None, help: str | None = None, *, flag: str | None = None, choices: Sequence | None = None,
+        parse: Callable[[Any], Any] | None = None, invert: bool = False, factory: Callable[[], Any] | None = None
+        ) -> Any:
+    """A dataclass field that is also a command-line flag: `--<name>` (or `flag`), its help, its choices;
+    `parse` turns the flag's string (or a preset's value) into the field's value; `invert` makes a boolean field
+    the negation of a store-true flag (`reuse_attention` <- `--no-reuse-attention`)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "parse": parse, "invert": invert}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or f.name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """`int | None` -> int; other unions and containers as they are."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return typing.get_origin(tp) or tp
+
+
+def add_flags(p: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = ()) -> None:
+    """One flag per `opt` field of the dataclass `cls`, except `skip` and flags the parser already has. Plain
+    fields are no flags: the skeleton sets them (seed, progress), or a stage passes a value shared between its
+    configs."""
+    hints = typing.get_type_hints(cls)
+    have = {a.dest for a in p._actions}
+    for f in dataclasses.fields(cls):
+        name = _flag(f)
+        dest = name.replace("-", "_")
+        if not f.metadata or f.name in skip or dest in have:
+            continue
+        m, tp = f.metadata, _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = {"help": m.get("help")}
+        if tp is bool:
+            kw.update(action="store_true")
+            if not m.get("invert") and default:
+                raise TypeError(f"{cls.__name__}.{f.name}: a store-true flag needs the default False")
+        else:
+            kw.update(default=default, type=json.loads if tp is dict else (tp if tp in (int, float) and
+                                                                           not m.get("parse") else str))
+            if m.get("choices"):
+                kw["choices"] = tuple(m["choices"])
+        p.add_argument(f"--{name}", dest=dest, **kw)
+
+
+def config_from(cls: type, args: argparse.Namespace, **override: Any) -> Any:
+    """An instance of the dataclass `cls` from parsed flags (fields without a flag keep their default unless
+    given in `override`). Parsers and inversions of `opt` apply here, so preset values get them too."""
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in override:
+            kw[f.name] = override[f.name]
+            continue
+        dest = _flag(f).replace("-", "_")
+        if not hasattr(args, dest):
+            continue
+        v = getattr(args, dest)
+        if f.metadata.get("invert"):
+            v = not v
+        elif f.metadata.get("parse") is not None:
+            v = f.metadata["parse"](v)
+        kw[f.name] = v
+    return cls(**kw)
+
+
+# ================================================================ shared flags
+
+def _default_model() -> str:
+    from .models import DEFAULT_MODEL  # at parser build time: importing this module stays light (no torch)
+
+    return DEFAULT_MODEL
+
+
+@dataclass
+class Common:
+    model: str = opt(help="HF id, local folder, or an embedded name", factory=_default_model)
+    dataset: str = opt(benchmarks.DEFAULT, None, choices=benchmarks.NAMES)
+    results_dir: str = opt("results", "root of the results tree")
+    seed: int = opt(0, None)
+
+
+def _device_map(v: str | dict | None) -> str | dict | None:
+    if v is None or isinstance(v, dict):
+        return v
+    return json.loads(v) if v.lstrip().startswith("{") else v
+
+
+@dataclass
+class Runtime:
+    dtype: str | None = opt(None, "float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
+    device: str | None = opt(None, "cpu | cuda | cuda:1 (default: cuda when available)")
+    device_map: str | None = opt(None, 'e.g. "auto" or a JSON object {"model.layers.0": 0, ...}', parse=_device_map)
+    force: bool = opt(False, "recompute: discard existing outputs and progress files")
+    no_progress: bool = opt(False, "no progress bars")
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -19,11 +133,13 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local folder, or an embedded name")
-    if dataset:
-        p.add_argument("--dataset", default="humaneval", choices=("humaneval", "mbpp", "livecodebench"))
-    p.add_argument("--results-dir", default="results", help="root of the results tree")
-    p.add_argument("--seed", type=int, default=0)
+    """--model, --dataset (unless a stage declares its own), --results-dir, --seed."""
+    add_flags(p, Common, skip=() if dataset else ("dataset",))
+
+
+def add_runtime(p: argparse.ArgumentParser, *, device_map: bool = False) -> None:
+    """--dtype, --device, [--device-map], --force, --no-progress."""
+    add_flags(p, Runtime, skip=() if device_map else ("device_map",))
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,3 +170,149 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
 def config_dict(args: argparse.Namespace) -> dict:
     """The effective configuration of a run, for provenance."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+# ================================================================ list flags
+
+def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
+    """`"0,5,10-12"` -> [0, 5, 10, 11, 12] (sorted, unique); None/""/"all" -> None (every layer)."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return None
+    if not isinstance(spec, str):
+        return sorted({int(x) for x in spec})
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = part.split("-")
+                out += list(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"bad layer list {spec!r}: use e.g. 0,5,10-12") from None
+    return sorted(set(out))
+
+
+def parse_ks(spec: str | Sequence[int] | None) -> list[int] | None:
+    """`"1,2,4,8"` -> [1, 2, 4, 8]; None/""/"auto" -> None."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "auto")):
+        return None
+    try:
+        return [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+    except ValueError:
+        raise ValueError(f"bad --knockout-ks {spec!r}: use e.g. 1,2,4,8") from None
+
+
+# ================================================================ the analysis stage skeleton
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What an analysis stage declares: its name (module, provenance, key of its folder in results.STAGE_DIRS), a
+    description, the config dataclasses its own flags come from (their `opt` fields), and whether it takes a
+    device map."""
+
+    name: str
+    description: str
+    configs: tuple[type, ...] = ()
+    device_map: bool = False
+
+
+def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
+    """--config, the shared flags, the sample flags, the stage's own flags, then the runtime flags."""
+    from .samples import add_sample_args
+
+    p = parser(spec.name, spec.description)
+    add_common(p)
+    add_sample_args(p)
+    for cls in spec.configs:
+        add_flags(p, cls)
+    add_runtime(p, device_map=spec.device_map)
+    return p
+
+
+@dataclass
+class Run:
+    """One invocation of an analysis stage: parsed flags, the resolved model (no weights yet), device and dtype,
+    the analysis samples. `claim` an output, then `load` the weights only when there is work."""
+
+    spec: StageSpec
+    parser: argparse.ArgumentParser
+    args: argparse.Namespace
+    ref: Any                      # models.ModelRef
+    device: Any                   # torch.device
+    dtype: Any                    # torch.dtype
+    sample_config: Any            # samples.SampleConfig
+    samples: Any                  # samples.SampleSet
+    tokenizer: Any
+    _loaded: Any = None
+
+    @property
+    def progress(self) -> bool:
+        return not self.args.no_progress
+
+    def config(self, cls: type, **override: Any) -> Any:
+        """The stage's config dataclass from the flags; an invalid value is a usage error naming it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        shared = {"seed": self.args.seed, "progress": self.progress}
+        override = {**{k: v for k, v in shared.items() if k in names}, **override}
+        try:
+            return config_from(cls, self.args, **override)
+        except ValueError as e:
+            self.parser.error(str(e))
+
+    def output(self, stem: results.Stem | str) -> results.Output:
+        return results.output(self.args.results_dir, self.ref.model_id, self.args.dataset, self.spec.name, stem)
+
+    def identity(self, sample_set: Any = None, **settings: Any) -> dict:
+        """Model, revision, samples (which and their exact tokens), dtype, then every setting that changes
+        numbers: what an output must have been written with to be reused or resumed."""
+        ss = self.samples if sample_set is None else sample_set
+        return {"model": self.ref.model_id, "revision": self.ref.revision, **results.sample_identity(ss.fields()),
+                "dtype": str(self.dtype), **settings}
+
+    def claim(self, out: results.Output, identity: dict, **kw: Any) -> results.Claim:
+        """`results.claim` with `--force`; another identity ends the run with a message naming the field."""
+        try:
+            return results.claim(out, identity, force=self.args.force, **kw)
+        except results.IdentityError as e:
+            raise SystemExit(str(e)) from None
+
+    def load(self) -> Any:
+        """The model (models.LoadedModel), loaded once, on the resolved device and dtype."""
+        if self._loaded is None:
+            from .models import load_model
+
+            dm = _device_map(getattr(self.args, "device_map", None))
+            self._loaded = load_model(self.args.model, dtype=self.dtype, device=self.device, device_map=dm)
+        return self._loaded
+
+    def stamp(self, lm: Any, **extra: Any) -> dict:
+        """The provenance stamp of an output of this run (`lm`: the loaded model)."""
+        from .store import provenance
+
+        return provenance(stage=self.spec.name, model=lm.model_id, revision=lm.revision, dataset=self.args.dataset,
+                          mode=self.sample_config.mode, seed=self.args.seed, config=config_dict(self.args),
+                          samples=self.samples.describe(), **extra)
+
+
+def prepare(spec: StageSpec, argv: Sequence[str] | None = None) -> Run:
+    """Parse, resolve the model id (no weights), resolve device and dtype, and build the analysis samples with
+    the model's tokenizer: everything a stage needs to claim its output before it loads weights."""
+    import torch
+
+    from .models import default_device, default_dtype, load_tokenizer, parse_dtype, resolve_model
+    from .samples import config_from_args, load_samples
+
+    p = stage_parser(spec)
+    args = parse(p, argv)
+    try:
+        scfg = config_from_args(args)
+        dev = torch.device(args.device) if args.device else default_device()
+        dtype = parse_dtype(args.dtype) or default_dtype(dev)
+    except (ValueError, RuntimeError) as e:
+        p.error(str(e))
+    ref = resolve_model(args.model)
+    tok = load_tokenizer(args.model)
+    ss = load_samples(args.results_dir, ref.model_id, args.dataset, scfg, tok)
+    return Run(spec, p, args, ref, dev, dtype, scfg, ss, tok)

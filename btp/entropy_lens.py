@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from . import cli
 from .arch import adapter
+from .cli import opt
 from .heads import record
-from .samples import SampleSet, add_sample_args, config_from_args, load_samples
+from .samples import SampleSet
 from .scoring import final_hidden
-from .store import dataset_dir, provenance, read_json, write_json, write_npz
+from .store import write_json, write_npz
 
 STAGE = "entropy_lens"
 METRICS = ("entropy", "ce", "kl")
@@ -35,7 +36,8 @@ METRICS = ("entropy", "ce", "kl")
 
 @dataclass
 class LensConfig:
-    chunk_tokens: int | None = None  # rows (layer x position) of vocab-sized fp32 logits at once; None: auto
+    chunk_tokens: int | None = opt(None, "(layer, position) rows of vocab-sized fp32 logits held at once, bounds "
+                                   "memory (default: auto, <= 128 MiB per buffer on CPU, <= 512 MiB on CUDA)")
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -178,61 +180,41 @@ def run_entropy_lens(model: torch.nn.Module, sample_set: SampleSet, config: Lens
 
 # ---------------------------------------------------------------- CLI
 
+SPEC = cli.StageSpec(STAGE, "Entropy lens: per-layer entropy, next-token CE and KL(final || layer) at scored tokens",
+                     configs=(LensConfig,), device_map=True)
+FILES = ("npz", "json")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser(STAGE, "Entropy lens: per-layer entropy, next-token CE and KL(final || layer) at scored tokens")
-    cli.add_common(p)
-    add_sample_args(p)
-    p.add_argument("--chunk-tokens", type=int, default=None,
-                   help="(layer, position) rows of vocab-sized fp32 logits held at once, bounds memory "
-                        "(default: auto, <= 128 MiB per buffer on CPU, <= 512 MiB on CUDA)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda when available)")
-    p.add_argument("--force", action="store_true", help="recompute even if the output exists")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def output_paths(results_dir: str | Path, model_id: str, dataset: str, stem: str) -> tuple[Path, Path]:
-    d = dataset_dir(results_dir, model_id, dataset) / "entropy"
-    return d / f"{stem}.npz", d / f"{stem}.json"
+    return cli.stage_parser(SPEC)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from .models import load_model, load_tokenizer, resolve_model
-
-    args = cli.parse(build_parser(), argv)
-    cfg = config_from_args(args)
-    ref = resolve_model(args.model)
-    tok = load_tokenizer(args.model)  # samples first: a finished output is skipped without loading weights
-    ss = load_samples(args.results_dir, ref.model_id, args.dataset, cfg, tok)
-    npz_path, json_path = output_paths(args.results_dir, ref.model_id, args.dataset, cfg.stem)
-    desc = ss.describe()
-    if npz_path.exists() and json_path.exists() and not args.force:
-        old = read_json(json_path)
-        prev = old.get("samples", {})
-        if (prev.get("samples"), prev.get("cut_left"), old.get("revision")) == (desc["samples"], desc["cut_left"],
-                                                                              ref.revision):
-            print(f"[btp.entropy_lens] {npz_path} exists for these samples; skipping (use --force to recompute)")
-            return npz_path
-        raise SystemExit(f"{npz_path} exists for other samples or another model revision; "
-                         f"use --force to overwrite or another --results-dir")
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    run = cli.prepare(SPEC, argv)
+    cfg, ss = run.config(LensConfig), run.samples
+    out = run.output(run.sample_config.output_stem)
+    npz_path, json_path = out.path("npz"), out.path("json")
+    # chunk_tokens bounds memory only: not part of the identity
+    claim = run.claim(out, run.identity(), files=FILES)
+    if claim.done:
+        print(f"[btp.entropy_lens] {npz_path} exists for these samples; skipping (use --force to recompute)")
+        return npz_path
+    lm = run.load()
     t0 = time.time()
-    out = run_entropy_lens(lm.model, ss, LensConfig(chunk_tokens=args.chunk_tokens, progress=not args.no_progress))
+    res = run_entropy_lens(lm.model, ss, cfg)
     secs = time.time() - t0
-    stamp = provenance(stage=STAGE, model=lm.model_id, revision=lm.revision, dataset=args.dataset, mode=cfg.mode,
-                       seed=args.seed, config=cli.config_dict(args), samples=desc, dtype=str(lm.dtype),
-                       device=str(lm.device), seconds=round(secs, 2), stem=cfg.stem)
-    write_npz(npz_path, provenance=stamp, **out)
-    summary = {k: out[k].tolist() for k in ("layer", "entropy_mean", "entropy_std", "ce_mean", "ce_std", "kl_mean")}
-    write_json(json_path, {**stamp, "problem_ids": ss.problem_ids, "n_tokens": int(len(out["token_id"])),
-                           "n_layers": int(len(out["layer"])), "npz": npz_path.name, "summary": summary})
-    L = len(out["layer"])
-    print(f"[btp.entropy_lens] {len(ss)} samples, {len(out['token_id'])} scored tokens, {L} layers, {secs:.1f}s "
+    stamp = run.stamp(lm, dtype=str(lm.dtype), device=str(lm.device), seconds=round(secs, 2), stem=out.name,
+                      **claim.stamp)
+    write_npz(npz_path, provenance=stamp, **res)
+    summary = {k: res[k].tolist() for k in ("layer", "entropy_mean", "entropy_std", "ce_mean", "ce_std", "kl_mean")}
+    write_json(json_path, {**stamp, "problem_ids": ss.problem_ids, "n_tokens": int(len(res["token_id"])),
+                           "n_layers": int(len(res["layer"])), "npz": npz_path.name, "summary": summary})
+    L = len(res["layer"])
+    print(f"[btp.entropy_lens] {len(ss)} samples, {len(res['token_id'])} scored tokens, {L} layers, {secs:.1f}s "
           f"-> {npz_path}")
     for l in sorted({1, L // 4, L // 2, 3 * L // 4, L} - {0}):
-        print(f"  layer {l:3d}: entropy {out['entropy_mean'][l - 1]:.3f}  ce {out['ce_mean'][l - 1]:.3f}  "
-              f"kl {out['kl_mean'][l - 1]:.3f} nats")
+        print(f"  layer {l:3d}: entropy {res['entropy_mean'][l - 1]:.3f}  ce {res['ce_mean'][l - 1]:.3f}  "
+              f"kl {res['kl_mean'][l - 1]:.3f} nats")
     return npz_path
 
 

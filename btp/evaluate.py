@@ -24,36 +24,48 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
-from . import benchmarks
+from . import benchmarks, cli
 from .benchmarks import LOAD_OPTIONS, Problem
+from .cli import opt
+from .results import (
+    EVALUATIONS,
+    GENERATIONS,
+    check_runs,
+    dataset_dir,
+    evaluations_path,
+    generations_dir,
+    read_runs,
+    summary_path,
+)
 from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
 from .stats import ks_up_to, pass_at_k_summary
-from .store import JsonlStore, MalformedFileError, dataset_dir, iter_jsonl, model_slug, provenance, read_json, \
-    write_json
+from .store import JsonlStore, MalformedFileError, iter_jsonl, provenance, write_json
 
 RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must not mix
 
 
 @dataclass
 class EvalConfig:
-    dataset: str = benchmarks.DEFAULT
+    dataset: str = benchmarks.DEFAULT     # these four: the shared flags (btp.cli.Common)
     model: str | None = None              # whose generations; not needed with --reference / --input
     results_dir: str = "results"
-    input: str | None = None              # any JSONL of {problem_id, sample, code}
-    reference: bool = False               # the benchmark's reference solutions
-    workers: int | None = None            # parallel sandboxes (default: CPU cores)
-    timeout: float | None = None          # CPU seconds per test (default: the benchmark's timeout)
-    memory_mb: int = 4096
-    isolation: str = "auto"               # auto | rlimits-only
-    limit: int | None = None              # first N problems (default: as the generation run had it)
-    variant: str | None = None            # dataset options, default: those of the generation run
-    data_file: str | None = None
-    release: str | None = None
-    start_date: str | None = None
-    end_date: str | None = None
-    n_boot: int = 10000
+    input: str | None = opt(None, "JSONL of {problem_id, sample, code} to judge instead")
+    reference: bool = opt(False, "judge the benchmark's reference solutions")
+    workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)")
+    timeout: float | None = opt(None, "CPU seconds per test; the wall limit is 3x + 1 s (default: "
+                                + ", ".join(f"{b.name} {b.timeout:g}" for b in benchmarks.all()) + " per test)")
+    memory_mb: int = opt(4096, "address-space limit of each program process")
+    isolation: str = opt("auto", None, choices=("auto", "rlimits-only"))
+    limit: int | None = opt(None, "first N problems (default: as generated)")
+    # dataset options, default: those of the generation run
+    variant: str | None = opt(None, "mbpp variant", choices=benchmarks.VARIANTS)
+    data_file: str | None = opt(None, "local benchmark file (LiveCodeBench JSONL)")
+    release: str | None = opt(None, "LiveCodeBench release (default: as generated, else v6)")
+    start_date: str | None = opt(None, None)
+    end_date: str | None = opt(None, None)
+    n_boot: int = opt(10000, "bootstrap resamples for the CIs")
     seed: int = 0
-    fresh: bool = False                   # judge everything again (new records supersede old ones)
+    fresh: bool = opt(False, "judge everything again")   # new records supersede old ones
 
 
 def build_program(p: Problem, code: str) -> Program:
@@ -82,27 +94,13 @@ def _read_programs(path: Path) -> list[dict]:
 
 def _generation_options(gen_path: Path) -> dict:
     """Dataset options of the run(s) that wrote a generations file: which problems it covers."""
-    runs_path = gen_path.with_name(gen_path.stem + ".runs.json")
-    if not runs_path.exists():
-        return {}
-    confs = [r.get("config") or {} for r in read_json(runs_path)]
+    confs = [r.get("config") or {} for r in read_runs(gen_path)]
     if not confs:
         return {}
     opts = {k: confs[-1].get(k) for k in LOAD_OPTIONS if k != "limit"}
     limits = [c.get("limit") for c in confs]
     opts["limit"] = None if any(x is None for x in limits) else max(limits)
     return opts
-
-
-def _resolve_model_dir(cfg: EvalConfig) -> tuple[Path, str]:
-    """The folder holding the model's generations, and the model id it is filed under."""
-    d = Path(cfg.results_dir) / model_slug(cfg.model) / cfg.dataset
-    if (d / "generations.jsonl").exists():
-        return d, cfg.model
-    from .models import resolve_model  # embedded names file results under their resolved id
-
-    ref = resolve_model(cfg.model)
-    return dataset_dir(cfg.results_dir, ref.model_id, cfg.dataset), ref.model_id
 
 
 def plan(cfg: EvalConfig) -> tuple[list[Problem], list[dict], Path, str, str]:
@@ -116,24 +114,24 @@ def plan(cfg: EvalConfig) -> tuple[list[Problem], list[dict], Path, str, str]:
             works = " and ".join(b.name for b in benchmarks.all() if b.has_references)
             raise ValueError(f"{cfg.dataset} has no reference solutions; --reference works for {works}")
         source, model = "reference", "reference"
-        out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / "evaluations.jsonl"
+        out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / EVALUATIONS
         programs = None
     elif cfg.input:
         source, model = "input", cfg.model or Path(cfg.input).stem
         inp = Path(cfg.input)
         if not inp.is_file():
             raise FileNotFoundError(f"--input {inp} does not exist")
-        out = inp.with_name("evaluations.jsonl" if inp.name == "generations.jsonl" else inp.stem + ".evaluations.jsonl")
+        out = evaluations_path(inp)
         programs = _read_programs(inp)
     else:
         if not cfg.model:
             raise ValueError("give --model (whose generations to judge), --reference or --input FILE")
-        d, model = _resolve_model_dir(cfg)
-        gen = d / "generations.jsonl"
+        d, model = generations_dir(cfg.results_dir, cfg.model, cfg.dataset)
+        gen = d / GENERATIONS
         if not gen.exists():
             raise FileNotFoundError(f"{gen} does not exist; run `python -m btp.generate --model {cfg.model} "
                                     f"--dataset {cfg.dataset}` first, or pass --input FILE")
-        source, out = "generations", d / "evaluations.jsonl"
+        source, out = "generations", d / EVALUATIONS
         for k, v in _generation_options(gen).items():
             if opts.get(k) is None:
                 opts[k] = v
@@ -158,17 +156,10 @@ def _record(prog: dict, res: Result | None) -> dict:
 
 def _check_same_run(store: JsonlStore, conf: dict, current: dict[tuple, dict]) -> None:
     """Refuse to mix verdicts judged under other limits into a file (those of runs still in use)."""
-    if not store.runs_path.exists() or not current:
-        return
-    in_use = {(r.get("provenance") or {}).get("run") for r in current.values()}
-    for run in read_json(store.runs_path):
-        if run.get("run") not in in_use:
-            continue
-        old = run.get("config") or {}
-        diff = {k: (old.get(k), conf.get(k)) for k in RUN_KEY if k in old and old.get(k) != conf.get(k)}
-        if diff:
-            raise ValueError(f"{store.path} holds results judged with other settings {diff} (old, new); "
-                             "rerun with --fresh to judge everything again, or use another --results-dir")
+    if current:
+        check_runs(store.path, conf, RUN_KEY, what="results judged", runs={(r.get("provenance") or {}).get("run")
+                                                                           for r in current.values()},
+                   hint="rerun with --fresh to judge everything again, or use another --results-dir")
 
 
 def latest(records: Iterable[dict]) -> dict[tuple, dict]:
@@ -231,8 +222,7 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
                **summarize(problems, records, n_boot=cfg.n_boot, seed=cfg.seed),
                "provenance": provenance(stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed,
                                         config=conf, source=source)}
-    name = "summary.json" if out.name == "evaluations.jsonl" else out.name.replace(".evaluations.jsonl", ".summary.json")
-    write_json(out.with_name(name), summary)
+    write_json(summary_path(out), summary)
     return summary
 
 
@@ -276,30 +266,11 @@ def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: 
 # ---------------------------------------------------------------- CLI
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
-    from . import cli
-
     ap = cli.parser("evaluate", __doc__.split("\n\n")[0])
     cli.add_common(ap)
     ap.set_defaults(model=None)
-    ap.add_argument("--input", default=None, help="JSONL of {problem_id, sample, code} to judge instead")
-    ap.add_argument("--reference", action="store_true", help="judge the benchmark's reference solutions")
-    ap.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU cores)")
-    ap.add_argument("--timeout", type=float, default=None,
-                    help="CPU seconds per test; the wall limit is 3x + 1 s (default: "
-                         + ", ".join(f"{b.name} {b.timeout:g}" for b in benchmarks.all()) + " per test)")
-    ap.add_argument("--memory-mb", type=int, default=4096, help="address-space limit of each program process")
-    ap.add_argument("--isolation", default="auto", choices=("auto", "rlimits-only"))
-    ap.add_argument("--limit", type=int, default=None, help="first N problems (default: as generated)")
-    ap.add_argument("--variant", default=None, choices=benchmarks.VARIANTS, help="mbpp variant")
-    ap.add_argument("--data-file", default=None, help="local benchmark file (LiveCodeBench JSONL)")
-    ap.add_argument("--release", default=None, help="LiveCodeBench release (default: as generated, else v6)")
-    ap.add_argument("--start-date", default=None)
-    ap.add_argument("--end-date", default=None)
-    ap.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples for the CIs")
-    ap.add_argument("--fresh", action="store_true", help="judge everything again")
-    args = vars(cli.parse(ap, argv))
-    args.pop("config")
-    return EvalConfig(**args)
+    cli.add_flags(ap, EvalConfig)
+    return cli.config_from(EvalConfig, cli.parse(ap, argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -23,8 +22,11 @@ from tqdm import tqdm
 
 from . import benchmarks, cli
 from .benchmarks import Problem
+from .cli import opt
+from .models import DEFAULT_MODEL
 from .prompts import STYLES, build_prompt, encode_prompt, extract
-from .store import JsonlStore, dataset_dir, provenance, read_json
+from .results import GENERATIONS, check_runs, dataset_dir
+from .store import JsonlStore, provenance
 
 # Config fields that change what a sample is; a resumed file must not mix values of these.
 SAMPLE_KEY = ("temperature", "top_p", "max_tokens", "seed", "prompt_style", "chat_template_kwargs",
@@ -33,34 +35,36 @@ SAMPLE_KEY = ("temperature", "top_p", "max_tokens", "seed", "prompt_style", "cha
 
 @dataclass
 class GenerateConfig:
-    model: str = "smollm2-135m"
-    dataset: str = benchmarks.DEFAULT
-    limit: int | None = None
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 512
-    seed: int = 0
-    backend: str = "auto"                 # vllm | hf | auto (vllm when importable)
-    results_dir: str = "results"
-    prompt_style: str = "auto"            # auto | chat | completion
-    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": false}
-    system_prompt: str | None = None
-    variant: str | None = None            # mbpp: full | sanitized
-    data_file: str | None = None
-    release: str = "v6"
-    start_date: str | None = None
-    end_date: str | None = None
+    model: str = opt(DEFAULT_MODEL, "HF id, local folder, or an embedded name")
+    dataset: str = opt(benchmarks.DEFAULT, f"one of {benchmarks.NAMES}, or several comma-separated")
+    limit: int | None = opt(None, "first N problems")
+    n: int = opt(1, "samples per problem")
+    temperature: float = opt(0.0, None)
+    top_p: float = opt(1.0, None)
+    max_tokens: int = opt(512, None)
+    seed: int = opt(0, None)
+    backend: str = opt("auto", "auto: vllm if importable", choices=("auto", "vllm", "hf"))   # vllm | hf | auto
+    results_dir: str = opt("results", "root of the results tree")
+    prompt_style: str = opt("auto", None, choices=STYLES)            # auto | chat | completion
+    chat_template_kwargs: dict = opt(help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'',
+                                     factory=dict)
+    system_prompt: str | None = opt(None, None)
+    variant: str | None = opt(None, "mbpp variant", choices=benchmarks.VARIANTS)
+    data_file: str | None = opt(None, "local benchmark file (LiveCodeBench JSONL)")
+    release: str = opt("v6", "LiveCodeBench release: vN, vA_vB, release_vN")
+    start_date: str | None = opt(None, "LiveCodeBench contest_date >= YYYY-MM[-DD]")
+    end_date: str | None = opt(None, "LiveCodeBench contest_date <= YYYY-MM[-DD]")
     # vLLM engine
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, 0.3 on CPU
-    dtype: str = "auto"
-    enforce_eager: bool = False
-    chunk_size: int = 512                 # sequences per engine call / write; 0 = all at once
+    tensor_parallel_size: int = opt(1, None)
+    max_model_len: int | None = opt(None, None)
+    gpu_memory_utilization: float | None = opt(None, "default 0.9 on GPU, 0.3 on CPU")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
+    enforce_eager: bool = opt(False, "vLLM: skip compilation (faster start)")
+    # sequences per engine call / write; 0 = all at once
+    chunk_size: int = opt(512, "vLLM sequences per call and write; 0: all")
     # transformers backend
-    batch_size: int = 8
-    device: str | None = None
+    batch_size: int = opt(8, "HF backend batch size")
+    device: str | None = opt(None, "HF backend device")
 
 
 @dataclass
@@ -190,14 +194,9 @@ def _resolve_model(name: str) -> tuple[str, str, str | None]:
 
 def _check_same_sampling(store: JsonlStore, cfg: dict) -> None:
     """Refuse to append samples drawn with other sampling settings to an existing file."""
-    if not store.runs_path.exists() or not store.path.exists():
-        return
-    for run in read_json(store.runs_path):
-        old = run.get("config") or {}
-        diff = {k: (old.get(k), cfg.get(k)) for k in SAMPLE_KEY if k in old and old.get(k) != cfg.get(k)}
-        if diff:
-            raise ValueError(f"{store.path} holds samples of run {run.get('run')} with other settings "
-                             f"{diff} (old, new); use another --results-dir or delete the file")
+    if store.path.exists():
+        check_runs(store.path, cfg, SAMPLE_KEY, what="samples",
+                   hint="use another --results-dir or delete the file")
 
 
 def plan_jobs(problems: Sequence[Problem], tokenizer: Any, cfg: GenerateConfig, done: set) -> tuple[list[Job], str]:
@@ -267,7 +266,7 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
                           start_date=cfg.start_date, end_date=cfg.end_date)
     _open(cfg, sess)
     path, model_id, revision = sess.model_info
-    out = dataset_dir(cfg.results_dir, model_id, cfg.dataset) / "generations.jsonl"
+    out = dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
     store = JsonlStore(out, ("problem_id", "sample"))
     conf = asdict(cfg)
     _check_same_sampling(store, conf)
@@ -302,38 +301,12 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
 def _parser() -> argparse.ArgumentParser:
     ap = cli.parser("generate", __doc__.split("\n\n")[0])
     cli.add_common(ap, dataset=False)  # --model, --results-dir, --seed
-    d = GenerateConfig()
-    ap.add_argument("--dataset", default=d.dataset, help=f"one of {benchmarks.NAMES}, or several comma-separated")
-    ap.add_argument("--limit", type=int, default=None, help="first N problems")
-    ap.add_argument("--n", type=int, default=d.n, help="samples per problem")
-    ap.add_argument("--temperature", type=float, default=d.temperature)
-    ap.add_argument("--top-p", type=float, default=d.top_p)
-    ap.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    ap.add_argument("--backend", default=d.backend, choices=("auto", "vllm", "hf"), help="auto: vllm if importable")
-    ap.add_argument("--prompt-style", default=d.prompt_style, choices=STYLES)
-    ap.add_argument("--chat-template-kwargs", type=json.loads, default={},
-                    help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'')
-    ap.add_argument("--system-prompt", default=None)
-    ap.add_argument("--variant", default=None, choices=benchmarks.VARIANTS, help="mbpp variant")
-    ap.add_argument("--data-file", default=None, help="local benchmark file (LiveCodeBench JSONL)")
-    ap.add_argument("--release", default=d.release, help="LiveCodeBench release: vN, vA_vB, release_vN")
-    ap.add_argument("--start-date", default=None, help="LiveCodeBench contest_date >= YYYY-MM[-DD]")
-    ap.add_argument("--end-date", default=None, help="LiveCodeBench contest_date <= YYYY-MM[-DD]")
-    ap.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="default 0.9 on GPU, 0.3 on CPU")
-    ap.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16")
-    ap.add_argument("--enforce-eager", action="store_true", help="vLLM: skip compilation (faster start)")
-    ap.add_argument("--chunk-size", type=int, default=d.chunk_size, help="vLLM sequences per call and write; 0: all")
-    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="HF backend batch size")
-    ap.add_argument("--device", default=None, help="HF backend device")
+    cli.add_flags(ap, GenerateConfig)   # the rest, with its defaults and help from the dataclass
     return ap
 
 
 def parse_config(argv: Sequence[str] | None = None) -> GenerateConfig:
-    args = vars(cli.parse(_parser(), argv))
-    args.pop("config")
-    return GenerateConfig(**args)
+    return cli.config_from(GenerateConfig, cli.parse(_parser(), argv))
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

@@ -30,7 +30,7 @@ class ModelRef:
     """Where a model's weights are, and what to call it in results."""
 
     name: str          # as asked: "smollm2-135m", "Qwen/Qwen2.5-1.5B", "/path/to/folder"
-    model_id: str      # the id results are filed under (slugged by store.model_slug)
+    model_id: str      # the id results are filed under (slugged by results.model_slug)
     path: str          # local folder or hub id that transformers/vLLM load
     revision: str | None
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -23,9 +22,11 @@ from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .store import iter_jsonl, model_slug, read_json, read_npz
+from . import benchmarks, results
+from .results import EVALUATIONS, GENERATIONS, SUMMARY, find_model_dir, importance_matrix, parse_stem, rank_heads
+from .store import iter_jsonl, read_json
 
-MODES = ("regular", "chain_code")
+MODES = results.MODES
 MODE_LABEL = {"regular": "regular (reasoning + code)", "chain_code": "chain_code (code only)"}
 STATUS_COLORS = {"passed": "#2a9d8f", "failed": "#e76f51", "timeout": "#f4a261", "error": "#9b2226",
                  "no_code": "#8d99ae"}
@@ -36,64 +37,18 @@ STATUS_COLORS = {"passed": "#2a9d8f", "failed": "#e76f51", "timeout": "#f4a261",
 def model_dir(results_dir: str | Path, model: str | None) -> Path:
     """`results/<slug>` of `model` (a slug, an HF id, or a name btp.models resolves, e.g. `smollm2-135m`);
     with `model=None` the only model under `results_dir`."""
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"results dir {root} not found")
-    if model is None:
-        models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if len(models) != 1:
-            raise ValueError(f"{root} holds {len(models)} models ({', '.join(p.name for p in models)}): pass --model")
-        return models[0]
-    for cand in (model, model_slug(model)):
-        if (root / cand).is_dir():
-            return root / cand
-    try:  # an embedded name or a folder: the id results are filed under
-        from .models import resolve_model
-
-        d = root / model_slug(resolve_model(model).model_id)
-        if d.is_dir():
-            return d
-    except Exception:  # noqa: BLE001  (unresolvable names fall through to the error below)
-        pass
-    raise FileNotFoundError(f"no results for model {model!r} under {root}")
+    return find_model_dir(results_dir, model)
 
 
 def datasets(results_dir: str | Path, model: str | None) -> list[str]:
     md = model_dir(results_dir, model)
-    order = {"humaneval": 0, "mbpp": 1, "livecodebench": 2}
     return sorted((p.name for p in md.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda d: (order.get(d, 9), d))
+                  key=lambda d: (benchmarks.get(d).order if d in benchmarks.NAMES else 9, d))
 
 
 def stems(results_dir: str | Path, model: str | None, dataset: str, stage: str) -> list[str]:
     """Finished outputs of a stage dir (`entropy`, `ablation`, `taylor`): their names without suffix."""
-    d = model_dir(results_dir, model) / dataset / stage
-    if not d.is_dir():
-        return []
-    if stage == "taylor":
-        names = [p.name[: -len(".jsonl")] for p in d.glob("*.jsonl")]
-    else:
-        names = [p.stem for p in d.glob("*.npz") if ".partial" not in p.name and (d / f"{p.stem}.json").exists()]
-    return sorted(names, key=_stem_order)
-
-
-def _stem_order(stem: str) -> tuple:
-    mode, pop, extra = split_stem(stem)
-    return (pop != "generations/correct", pop, MODES.index(mode) if mode in MODES else 9, extra)
-
-
-def split_stem(stem: str) -> tuple[str, str, str]:
-    """(mode, "source/select", extra) of an output name as `SampleConfig.stem` (plus a stage's own suffixes
-    such as ablation's `-mean`/`-layers..`) writes it: `regular` -> correct generations,
-    `chain_code-reference-mean` -> reference solutions, extra `mean`."""
-    mode = next((m for m in MODES if stem == m or stem.startswith(m + "-")), stem)
-    rest = [t for t in stem[len(mode):].split("-") if t]
-    source, select = "generations", "correct"
-    if rest and rest[0] == "reference":
-        source, select, rest = "reference", "all", rest[1:]
-    elif rest and rest[0] in ("correct", "incorrect", "all"):
-        select, rest = rest[0], rest[1:]
-    return mode, f"{source}/{select}", "-".join(rest)
+    return results.list_outputs(model_dir(results_dir, model) / dataset / stage, stage)
 
 
 # ================================================================ loaded analyses
@@ -111,7 +66,7 @@ class Analysis:
 
     @property
     def mode(self) -> str:
-        return self.meta.get("mode") or split_stem(self.name)[0]
+        return self.meta.get("mode") or parse_stem(self.name).mode
 
     @property
     def population(self) -> str:
@@ -122,7 +77,7 @@ class Analysis:
             return f"{cfg['source']}/{cfg.get('select', '?')}"
         if s.get("population"):
             return str(s["population"]).replace(":", "/")
-        return split_stem(self.name)[1]
+        return parse_stem(self.name).population
 
     @property
     def n_samples(self) -> int | None:
@@ -131,7 +86,7 @@ class Analysis:
 
     @property
     def label(self) -> str:
-        extra = split_stem(self.name)[2]
+        extra = parse_stem(self.name).extra
         return f"{self.dataset} · {self.mode} · {self.population}" + (f" · {extra}" if extra else "")
 
     def title(self, what: str) -> str:
@@ -140,38 +95,26 @@ class Analysis:
 
 
 def load_entropy(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
-    d = model_dir(results_dir, model) / dataset / "entropy"
-    arrays = read_npz(d / f"{name}.npz")
-    meta = read_json(d / f"{name}.json") if (d / f"{name}.json").exists() else arrays.get("provenance", {})
+    arrays, meta = results.read_analysis(model_dir(results_dir, model) / dataset / "entropy", name)
     return Analysis("entropy", dataset, name, arrays, meta)
 
 
 def load_ablation(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
     d = model_dir(results_dir, model) / dataset / "ablation"
-    arrays = read_npz(d / f"{name}.npz")
-    meta = read_json(d / f"{name}.json") if (d / f"{name}.json").exists() else arrays.get("provenance", {})
-    ko = d / f"{name}_knockout.json"
-    return Analysis("ablation", dataset, name, arrays, meta, {"knockout": read_json(ko) if ko.exists() else None})
+    arrays, meta = results.read_analysis(d, name)
+    return Analysis("ablation", dataset, name, arrays, meta, {"knockout": results.read_knockout(d, name)})
 
 
 def load_taylor(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
     """Taylor pruning records (one per iteration, in order) and the provenance of the run that wrote the last
     of them (`<name>.runs.json`; else the `<name>.samples.npz` stamp)."""
-    d = model_dir(results_dir, model) / dataset / "taylor"
-    recs = sorted(iter_jsonl(d / f"{name}.jsonl"), key=lambda r: r["iteration"])
-    meta: dict = {}
-    runs = d / f"{name}.runs.json"
-    if runs.exists() and (stamps := read_json(runs)):
-        meta = stamps[-1]
-    elif (d / f"{name}.samples.npz").exists():
-        with np.load(d / f"{name}.samples.npz", allow_pickle=False) as z:   # the stamp only, not the arrays
-            meta = json.loads(str(z["provenance"])) if "provenance" in z.files else {}
+    recs, meta = results.read_taylor(model_dir(results_dir, model) / dataset / "taylor", name)
     return Analysis("taylor", dataset, name, recs, meta)
 
 
 def load_generations(results_dir: str | Path, model: str | None, dataset: str) -> list[dict]:
     """Light generation records: problem_id, sample, finish_reason, output/prompt token counts, has_code."""
-    p = model_dir(results_dir, model) / dataset / "generations.jsonl"
+    p = model_dir(results_dir, model) / dataset / GENERATIONS
     if not p.exists():
         return []
     return [{"problem_id": r["problem_id"], "sample": r["sample"], "finish_reason": r.get("finish_reason"),
@@ -181,14 +124,14 @@ def load_generations(results_dir: str | Path, model: str | None, dataset: str) -
 
 
 def load_evaluations(results_dir: str | Path, model: str | None, dataset: str) -> list[dict]:
-    p = model_dir(results_dir, model) / dataset / "evaluations.jsonl"
+    p = model_dir(results_dir, model) / dataset / EVALUATIONS
     if not p.exists():
         return []
     return [{k: r.get(k) for k in ("problem_id", "sample", "passed", "status", "duration")} for r in iter_jsonl(p)]
 
 
 def load_summary(results_dir: str | Path, model: str | None, dataset: str) -> dict | None:
-    p = model_dir(results_dir, model) / dataset / "summary.json"
+    p = model_dir(results_dir, model) / dataset / SUMMARY
     return read_json(p) if p.exists() else None
 
 
@@ -212,7 +155,7 @@ def show(fig: Figure, dpi: int = 90) -> None:
 
 
 _FACETS = (("dataset", lambda a: a.dataset), ("mode", lambda a: a.mode), ("population", lambda a: a.population),
-           ("extra", lambda a: split_stem(a.name)[2]))
+           ("extra", lambda a: parse_stem(a.name).extra))
 
 
 def _common_title(items: Sequence[Analysis], what: str) -> str:
@@ -347,17 +290,14 @@ def head_heatmap(matrix: np.ndarray, title: str, label: str = "mean ΔCE (nats)"
 
 
 def ablation_heatmap(a: Analysis) -> Figure:
-    kind = a.meta.get("ablation") or ("mean" if "mean" in split_stem(a.name)[2] else "zero")
+    kind = a.meta.get("ablation") or ("mean" if "mean" in parse_stem(a.name).variant else "zero")
     return head_heatmap(a.data["delta_mean"], a.title(f"Single-head {kind} ablation: mean ΔCE over samples"),
                         label="ΔCE (nats): ablated − base")
 
 
 def top_heads(matrix: np.ndarray, k: int) -> set[tuple[int, int]]:
-    """The k heads with the largest finite values."""
-    m = np.asarray(matrix, dtype=float)
-    ls, hs = np.nonzero(np.isfinite(m))
-    order = np.argsort(-m[ls, hs], kind="stable")[:k]
-    return {(int(ls[i]), int(hs[i])) for i in order}
+    """The k heads with the largest finite values (the ablation ranking)."""
+    return set(rank_heads(matrix)[:k])
 
 
 def jaccard_matrix(matrices: Sequence[np.ndarray], k: int) -> np.ndarray:
@@ -498,10 +438,6 @@ def taylor_loss(a: Analysis) -> Figure:
     return fig
 
 
-def _importance(r: dict, key: str = "importance") -> np.ndarray:
-    return np.array([[np.nan if x is None else x for x in row] for row in r[key]], dtype=float)
-
-
 def pruned_at(recs: Sequence[dict], shape: tuple[int, int]) -> np.ndarray:
     """[L, Hmax]: the iteration (1-based) that pruned each head; 0 for survivors."""
     out = np.zeros(shape, dtype=int)
@@ -515,7 +451,7 @@ def taylor_heads(a: Analysis) -> Figure:
     """Surviving heads after the last iteration (dark green); pruned heads shaded by the iteration that pruned
     them; padding heads of narrower layers blank."""
     recs = a.data
-    first = _importance(recs[0])            # all heads alive: NaN only at padding
+    first = importance_matrix(recs[0])            # all heads alive: NaN only at padding
     L, H = first.shape
     P = pruned_at(recs, (L, H)).astype(float)
     P[np.isnan(first)] = np.nan
@@ -542,7 +478,7 @@ def taylor_layers(a: Analysis) -> Figure:
     s = r.get("settings") or {}
     what = ("-Σ ∂L/∂m (signed)" if s.get("signed") else "Σ|∂L/∂m|") if s.get("estimator", "gate") == "gate" \
         else "Σ|<∂L/∂a, a>|"
-    return layer_importance(_importance(r), taylor_title(a, "Taylor importance by layer (first iteration, all "
+    return layer_importance(importance_matrix(r), taylor_title(a, "Taylor importance by layer (first iteration, all "
                                                             "heads alive)"),
                             label=f"importance {what}" + (" (L2-normalised per layer)" if s.get("normalize") else ""))
 

@@ -18,22 +18,24 @@ from typing import Any
 
 import numpy as np
 
-from .store import dataset_dir, read_jsonl
-
-SOURCES = ("generations", "reference")
-SELECTS = ("correct", "incorrect", "all")
-MODES = ("regular", "chain_code")
+from .cli import add_flags, config_from, opt
+from .results import EVALUATIONS, GENERATIONS, MODES, SELECTS, SOURCES, Stem, dataset_dir
+from .store import read_jsonl
 
 
 @dataclass
 class SampleConfig:
-    source: str = "generations"
-    select: str = "correct"
-    mode: str = "regular"
-    num_samples: int | None = None   # None: all that exist
-    seed: int = 0
-    max_tokens: int | None = None    # cap on a sample's length: cut context from the left, keep the scored span
-    prompt_style: str = "auto"       # for the reference source: as the generator would prompt
+    source: str = opt("generations", "generations: the model's own outputs; reference: the benchmark's reference "
+                      "solutions", choices=SOURCES)
+    select: str = opt("correct", "which generations (by evaluation)", choices=SELECTS)
+    mode: str = opt("regular", "regular: score reasoning + code; chain_code: reasoning in context, score code only",
+                    choices=MODES)
+    num_samples: int | None = opt(None, "how many samples (default: all)")
+    seed: int = 0                    # the stage's --seed
+    # cap on a sample's length: cut context from the left, keep the scored span
+    max_tokens: int | None = opt(None, "cap per-sample length (cut context from left)")
+    # for the reference source: as the generator would prompt
+    prompt_style: str = opt("auto", None, choices=("auto", "chat", "completion"))
 
     def __post_init__(self) -> None:
         for name, allowed in (("source", SOURCES), ("select", SELECTS), ("mode", MODES)):
@@ -43,12 +45,13 @@ class SampleConfig:
             raise ValueError("num_samples must be >= 1")
 
     @property
+    def output_stem(self) -> Stem:
+        """The output name of these samples (btp.results grammar): `chain_code`, `regular-reference`, ..."""
+        return Stem(self.mode, self.source, self.select)
+
+    @property
     def stem(self) -> str:
-        """Output file stem: the mode alone for the default population (correct generations), else
-        mode-population, e.g. `chain_code`, `regular-reference`, `regular-incorrect`, `regular-all`."""
-        if self.source == "reference":
-            return f"{self.mode}-reference"
-        return self.mode if self.select == "correct" else f"{self.mode}-{self.select}"
+        return str(self.output_stem)
 
 
 @dataclass
@@ -199,7 +202,7 @@ def load_samples(results_dir: str | Path, model_id: str, dataset: str, config: S
 
 def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokenizer) -> SampleSet:
     d = dataset_dir(results_dir, model_id, dataset)
-    gpath, epath = d / "generations.jsonl", d / "evaluations.jsonl"
+    gpath, epath = d / GENERATIONS, d / EVALUATIONS
     if not gpath.exists():
         raise FileNotFoundError(f"{gpath} not found: run `python -m btp.generate` first, or use --source reference")
     gens = read_jsonl(gpath)
@@ -324,17 +327,9 @@ def _finish(samples, cfg, dataset, model_id, available, notes, source_file) -> S
 
 
 def add_sample_args(p) -> None:
-    """The sample flags shared by every analysis stage's CLI."""
-    p.add_argument("--source", choices=SOURCES, default="generations",
-                   help="generations: the model's own outputs; reference: the benchmark's reference solutions")
-    p.add_argument("--select", choices=SELECTS, default="correct", help="which generations (by evaluation)")
-    p.add_argument("--mode", choices=MODES, default="regular",
-                   help="regular: score reasoning + code; chain_code: reasoning in context, score code only")
-    p.add_argument("--num-samples", type=int, default=None, help="how many samples (default: all)")
-    p.add_argument("--max-tokens", type=int, default=None, help="cap per-sample length (cut context from left)")
-    p.add_argument("--prompt-style", choices=("auto", "chat", "completion"), default="auto")
+    """The sample flags shared by every analysis stage's CLI (`--seed` is the stage's own)."""
+    add_flags(p, SampleConfig, skip=("seed",))
 
 
 def config_from_args(args) -> SampleConfig:
-    return SampleConfig(source=args.source, select=args.select, mode=args.mode, num_samples=args.num_samples,
-                        seed=args.seed, max_tokens=args.max_tokens, prompt_style=args.prompt_style)
+    return config_from(SampleConfig, args)

@@ -1,10 +1,11 @@
-"""Results layout, append-only JSONL with resume, atomic writes, provenance stamps.
+"""Bytes on disk: atomic writes, append-only JSONL with torn-tail recovery, the one JSONL reader, provenance stamps.
 
-Only this module writes result files. Every stage goes through it so that a killed run loses nothing,
-a restarted run skips what is done, and every output says where it came from.
+Every file btp writes goes through here so that a killed run loses nothing and every output says where it came
+from. Where an output lives and what its name means is `btp.results`.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -21,23 +22,6 @@ import numpy as np
 
 class MalformedFileError(ValueError):
     """An input file that cannot be parsed; the message names the file and line."""
-
-
-# ---------------------------------------------------------------- layout
-
-def model_slug(model_id: str) -> str:
-    """`Qwen/Qwen2.5-1.5B` -> `Qwen--Qwen2.5-1.5B`; local folders use their last path parts."""
-    s = str(model_id).rstrip("/")
-    if os.path.isabs(s) or s.startswith("."):
-        s = "--".join(Path(s).parts[-2:])
-    return s.replace("/", "--").replace(" ", "_")
-
-
-def dataset_dir(results_dir: str | os.PathLike, model_id: str, dataset: str) -> Path:
-    """`results/<model-slug>/<dataset>/`, created if missing."""
-    d = Path(results_dir) / model_slug(model_id) / dataset
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 # ---------------------------------------------------------------- provenance
@@ -161,12 +145,20 @@ def _json_default(o: Any) -> Any:
 
 # ---------------------------------------------------------------- JSONL
 
-def iter_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> Iterator[dict]:
-    """Records of a JSONL file. A torn last line (a killed writer) is skipped with a warning;
-    a bad line anywhere else raises MalformedFileError naming file and line."""
+def iter_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True, line_numbers: bool = False
+               ) -> Iterator[Any]:
+    """Records of a JSONL file, plain or gzipped (`.gz`): benchmark data and results alike. Blank lines are
+    skipped; a bad line raises MalformedFileError naming file and line, except a torn last line (a killed
+    writer: not closed by `}`), which is skipped with a warning when `tolerate_torn_tail` (results; benchmark
+    data is read strictly). With `line_numbers`, yields (line number, record)."""
     path = Path(path)
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    lines = data.split(b"\n")
     last = len(lines) - 1
     while last >= 0 and not lines[last].strip():
         last -= 1
@@ -175,18 +167,25 @@ def iter_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> I
             continue
         try:
             rec = json.loads(raw)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if i == last and tolerate_torn_tail and not raw.endswith(b"}"):
                 warnings.warn(f"{path}:{i + 1}: torn last line ignored ({len(raw)} bytes)")
                 return
-            raise MalformedFileError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+            raise MalformedFileError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(rec, dict):
             raise MalformedFileError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
-        yield rec
+        yield (i + 1, rec) if line_numbers else rec
 
 
 def read_jsonl(path: str | os.PathLike, **kw: Any) -> list[dict]:
     return list(iter_jsonl(path, **kw))
+
+
+def runs_path(path: str | os.PathLike) -> Path:
+    """The sidecar of a JSONL output holding the provenance of every run that appended to it:
+    `generations.jsonl` -> `generations.runs.json` (read through `btp.results.read_runs`)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".runs.json")
 
 
 class JsonlStore:
@@ -204,7 +203,7 @@ class JsonlStore:
 
     @property
     def runs_path(self) -> Path:
-        return self.path.with_name(self.path.stem + ".runs.json")
+        return runs_path(self.path)
 
     def begin_run(self, stamp: dict) -> str:
         """Record a run's full provenance in `<stem>.runs.json` (one entry per run that appended);
@@ -262,12 +261,3 @@ class JsonlStore:
             f.write("\n".join(lines) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-def is_stale(output: str | os.PathLike, *inputs: str | os.PathLike) -> bool:
-    """True when `output` is older than any existing input (it should be recomputed)."""
-    out = Path(output)
-    if not out.exists():
-        return False
-    t = out.stat().st_mtime
-    return any(Path(i).exists() and Path(i).stat().st_mtime > t for i in inputs)

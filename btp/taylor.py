@@ -33,9 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import cli
 from .arch import Adapter, adapter
+from .cli import opt
 from .heads import Head, gates_for, head_gates, o_proj_input_grads
 from .headsets import keep_mask
+from .results import check_record, importance_matrix  # noqa: F401  (importance_matrix: re-exported reader)
 from .samples import Sample, SampleSet
 from .scoring import scored_ce
 
@@ -46,13 +49,15 @@ HISTORY_KEYS = ("estimator", "signed", "normalize", "prune_per_iter", "min_heads
 
 @dataclass
 class TaylorConfig:
-    prune_per_iter: int | None = None    # None: 10% of all heads (rounded, at least 1), the paper's step
-    num_iters: int = 9
-    min_heads_per_layer: int = 1
-    stop_factor: float | None = None     # stop once held-out loss > stop_factor x base held-out loss
-    estimator: str = "gate"
-    signed: bool = False
-    normalize: bool = False
+    # None: 10% of all heads (rounded, at least 1), the paper's step
+    prune_per_iter: int | None = opt(None, "heads pruned per iteration (default: 10%% of all)")
+    num_iters: int = opt(9, None)
+    min_heads_per_layer: int = opt(1, None)
+    stop_factor: float | None = opt(None, "stop when held-out loss exceeds this factor x the unpruned held-out loss")
+    estimator: str = opt("gate", "gate: sum_s |dL_s/dm| (paper); token: sum_s sum_t |<dL_s/da_t, a_t>| (original "
+                         "code)", choices=ESTIMATORS)
+    signed: bool = opt(False, "signed scores: -sum_s dL_s/dm (estimated loss increase)")
+    normalize: bool = opt(False, "per-layer L2 normalisation of the scores (paper)")
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -71,10 +76,10 @@ class TaylorConfig:
         return self.prune_per_iter or max(1, round(0.1 * n_heads_total))
 
     @property
-    def suffix(self) -> str:
-        """File-stem suffix naming the non-default importance options, so variants never share a file."""
-        return "".join(s for s, on in (("-token", self.estimator == "token"), ("-signed", self.signed),
-                                       ("-l2norm", self.normalize)) if on)
+    def variant(self) -> tuple[str, ...]:
+        """Output-name variant words naming the non-default importance options, so variants never share a file."""
+        return tuple(w for w, on in (("token", self.estimator == "token"), ("signed", self.signed),
+                                     ("l2norm", self.normalize)) if on)
 
 
 # ---------------------------------------------------------------- importance of one sample
@@ -237,11 +242,6 @@ def _matrix(a: np.ndarray) -> list[list[float | None]]:
     return [[None if math.isnan(x) else float(x) for x in row] for row in a]
 
 
-def importance_matrix(rec: dict, key: str = "importance") -> np.ndarray:
-    """A record's [L, Hmax] matrix back as float64 with NaN at pruned heads and padding."""
-    return np.array([[np.nan if x is None else x for x in row] for row in rec[key]], dtype=np.float64)
-
-
 def _ids(samples: Sequence[Sample]) -> list[list]:
     return [[s.problem_id, int(s.sample)] for s in samples]
 
@@ -255,12 +255,9 @@ def check_history(history: list[dict], cfg: TaylorConfig, ad: Adapter, scoring: 
         if rec.get("iteration") != i + 1:
             raise ValueError(f"{at}: expected iteration {i + 1}, found {rec.get('iteration')} "
                              f"(records must be 1, 2, ...; rerun with --force)")
-        if rec.get("settings") != want:
-            raise ValueError(f"{at}: written with settings {rec.get('settings')}, this run has {want}; "
-                             f"use --tag, another --results-dir, or --force")
-        if rec.get("scoring_samples") != _ids(scoring) or rec.get("heldout_samples") != _ids(heldout):
-            raise ValueError(f"{at}: written for other scoring/held-out samples; use the same sample flags and "
-                             f"--split-seed/--heldout, or --force")
+        check_record(rec, {"settings": want, "scoring_samples": _ids(scoring), "heldout_samples": _ids(heldout)},
+                     at, hint="use the same settings, sample flags and --split-seed/--heldout, --tag, another "
+                     "--results-dir, or --force")
         if np.shape(rec.get("importance")) != (ad.n_layers, ad.max_heads):
             raise ValueError(f"{at}: importance shape {np.shape(rec.get('importance'))} does not fit the model "
                              f"[{ad.n_layers}, {ad.max_heads}]")
@@ -342,7 +339,7 @@ def run_taylor(model: torch.nn.Module, scoring: SampleSet | Sequence[Sample], he
 
 # ---------------------------------------------------------------- CLI
 
-def _heldout_arg(v: str) -> float | int:
+def _heldout_arg(v: str | float | int) -> float | int:
     """`0.25` (a fraction of the problems) or `8` (a number of problems)."""
     try:
         x = float(v)
@@ -355,87 +352,63 @@ def _heldout_arg(v: str) -> float | int:
     return int(x)
 
 
-def _device_map_arg(v: str | dict | None) -> str | dict | None:
-    if v is None or isinstance(v, dict):
-        return v
-    if v.lstrip().startswith("{"):
-        import json
+@dataclass
+class SplitConfig:
+    """The stage's run options besides the pruning itself: the scoring/held-out split, memory, the output tag."""
+    heldout: float | int = opt(0.25, "held-out problems: a fraction (0.25) or a count (8)",
+                               parse=lambda v: _heldout_arg(str(v)))
+    split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed)")
+    gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
+    tag: str | None = opt(None, "suffix of the output stem (keeps variants apart)")
 
-        return json.loads(v)
-    return v
+
+SPEC = cli.StageSpec("taylor", "Iterative first-order Taylor head pruning (Michel et al. 2019)",
+                     configs=(TaylorConfig, SplitConfig), device_map=True)
 
 
 def build_parser():
-    from . import cli
-    from .samples import add_sample_args
-
-    p = cli.parser("taylor", "Iterative first-order Taylor head pruning (Michel et al. 2019)")
-    cli.add_common(p)
-    add_sample_args(p)
-    p.add_argument("--prune-per-iter", type=int, default=None, help="heads pruned per iteration (default: 10%% of all)")
-    p.add_argument("--num-iters", type=int, default=9)
-    p.add_argument("--min-heads-per-layer", type=int, default=1)
-    p.add_argument("--stop-factor", type=float, default=None,
-                   help="stop when held-out loss exceeds this factor x the unpruned held-out loss")
-    p.add_argument("--estimator", choices=ESTIMATORS, default="gate",
-                   help="gate: sum_s |dL_s/dm| (paper); token: sum_s sum_t |<dL_s/da_t, a_t>| (original code)")
-    p.add_argument("--signed", action="store_true", help="signed scores: -sum_s dL_s/dm (estimated loss increase)")
-    p.add_argument("--normalize", action="store_true", help="per-layer L2 normalisation of the scores (paper)")
-    p.add_argument("--heldout", default="0.25", help="held-out problems: a fraction (0.25) or a count (8)")
-    p.add_argument("--split-seed", type=int, default=None, help="seed of the scoring/held-out split (default --seed)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 GPU)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--device-map", default=None, help='e.g. "auto" or a JSON object {"model.layers.0": 0, ...}')
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
-    p.add_argument("--tag", default=None, help="suffix of the output stem (keeps variants apart)")
-    p.add_argument("--force", action="store_true", help="discard an existing history and start over")
-    return p
+    return cli.stage_parser(SPEC)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    from . import cli
-    from .models import load_model
-    from .samples import config_from_args, load_samples
-    from .store import JsonlStore, dataset_dir, provenance, write_npz
+    from .store import JsonlStore, write_npz
 
-    p = build_parser()
-    args = cli.parse(p, argv)
+    run = cli.prepare(SPEC, argv)
+    cfg, opts, ss = run.config(TaylorConfig), run.config(SplitConfig), run.samples
+    split_seed = run.args.seed if opts.split_seed is None else opts.split_seed
     try:
-        cfg = TaylorConfig(prune_per_iter=args.prune_per_iter, num_iters=args.num_iters,
-                           min_heads_per_layer=args.min_heads_per_layer, stop_factor=args.stop_factor,
-                           estimator=args.estimator, signed=args.signed, normalize=args.normalize)
-        heldout_n = _heldout_arg(str(args.heldout))
+        scoring, heldout = ss.split(opts.heldout, seed=split_seed)
+        out = run.output(run.sample_config.output_stem.with_variant(*cfg.variant, opts.tag))
     except ValueError as e:
-        p.error(str(e))
-
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, device_map=_device_map_arg(args.device_map))
-    if args.gradient_checkpointing:
-        lm.model.gradient_checkpointing_enable()
-    scfg = config_from_args(args)
-    ss = load_samples(args.results_dir, lm.model_id, args.dataset, scfg, lm.tokenizer)
-    split_seed = args.seed if args.split_seed is None else args.split_seed
-    scoring, heldout = ss.split(heldout_n, seed=split_seed)
-    stem = scfg.stem + cfg.suffix + (f"-{args.tag}" if args.tag else "")
-    out_dir = dataset_dir(args.results_dir, lm.model_id, args.dataset) / "taylor"
-    path = out_dir / f"{stem}.jsonl"
-    npz_path = out_dir / f"{stem}.samples.npz"
-    if args.force and path.exists():
-        path.unlink()  # the runs file keeps the provenance of the discarded run
+        run.parser.error(str(e))
+    path, npz_path = out.path("jsonl"), out.path("samples.npz")
+    settings = {k: v for k, v in asdict(cfg).items() if k in HISTORY_KEYS}
+    # num_iters and stop_factor say how far to go, not what an iteration computes: a longer run continues a file
+    identity = run.identity(scoring_samples=_ids(scoring.samples), heldout_samples=_ids(heldout.samples),
+                            settings=settings)
     store = JsonlStore(path, key_fields=("iteration",))
+
+    def complete() -> bool:
+        h = store.read()
+        return bool(h) and (bool(h[-1].get("stop_reason")) or len(h) >= cfg.num_iters)
+
+    # --force removes the history; the runs file keeps the provenance of the discarded run
+    claim = run.claim(out, identity, files=("jsonl",), record="runs.json", complete=complete, append=True)
     history = store.read()
-    check_history(history, cfg, adapter(lm.model), scoring.samples, heldout.samples, where=str(path))
-    if history and (history[-1].get("stop_reason") or len(history) >= cfg.num_iters):
+    if claim.done:
         print(f"[btp.taylor] {path}: complete ({len(history)} iterations"
               f"{', stopped: ' + history[-1]['stop_reason'] if history[-1].get('stop_reason') else ''})")
         _summary(history)
         return history
-    stamp = provenance(stage="taylor", model=lm.model_id, revision=lm.revision, dataset=args.dataset,
-                       mode=args.mode, seed=args.seed, config=cli.config_dict(args), samples=ss.describe(),
-                       split={"seed": split_seed, "heldout": heldout_n, "scoring": scoring.problem_ids,
-                              "heldout_problems": heldout.problem_ids},
-                       taylor=asdict(cfg), dtype=str(lm.dtype), device=str(lm.device))
+    lm = run.load()
+    if opts.gradient_checkpointing:
+        lm.model.gradient_checkpointing_enable()
+    check_history(history, cfg, adapter(lm.model), scoring.samples, heldout.samples, where=str(path))
+    stamp = run.stamp(lm, split={"seed": split_seed, "heldout": opts.heldout, "scoring": scoring.problem_ids,
+                                 "heldout_problems": heldout.problem_ids},
+                      taylor=asdict(cfg), dtype=str(lm.dtype), device=str(lm.device), **claim.stamp)
     store.begin_run(stamp)
-    if args.force or not npz_path.exists():
+    if run.args.force or not npz_path.exists():
         hold = set(heldout.problem_ids)
         write_npz(npz_path, provenance=stamp, **ss.fields(),
                   heldout=np.array([pid in hold for pid in ss.problem_ids], dtype=bool))
@@ -443,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         print(f"[btp.taylor] resuming {path} after iteration {len(history)}")
     print(f"[btp.taylor] {len(scoring)} scoring / {len(heldout)} held-out samples, "
           f"{cfg.step(adapter(lm.model).n_heads_total)} heads per iteration, up to {cfg.num_iters} iterations")
-    history = run_taylor(lm.model, scoring, heldout, cfg, history=history, on_record=store.append, progress=True)
+    history = run_taylor(lm.model, scoring, heldout, cfg, history=history, on_record=store.append,
+                         progress=run.progress)
     _summary(history)
     print(f"[btp.taylor] wrote {path}")
     return history

@@ -160,11 +160,14 @@ def test_scan_bad_lines_and_torn_tail(tmp_path, monkeypatch, msgspec):
 
 
 def test_stem_names_and_expected_totals():
-    assert check.stem_source("regular") == ("generations", "correct")
-    assert check.stem_source("chain_code-reference-mean-layers1_2") == ("reference", "all")
-    assert check.stem_source("regular-incorrect") == ("generations", "incorrect")
-    assert check.stem_source("regular-all-layers28_29") == ("generations", "all")
+    from btp.results import parse_stem
+
+    assert parse_stem("regular").population == "generations/correct"
+    assert parse_stem("chain_code-reference-mean-layers1_2").population == "reference/all"
+    assert parse_stem("regular-incorrect").population == "generations/incorrect"
+    assert parse_stem("regular-all-layers28_29").population == "generations/all"
     assert check.short_stem("chain_code-reference") == "C-ref"
+    assert check.short_stem("regular-all-layers28_29") == "R-all-layers28_29"
     runs = lambda **c: [{"config": {"n": 3, **c}}]
     assert check._expected_total(runs(limit=None), "humaneval", 5) == (3, 164 * 3)
     assert check._expected_total(runs(limit=10, variant="sanitized"), "mbpp", 10) == (3, 30)
@@ -176,7 +179,8 @@ def test_stem_names_and_expected_totals():
 def test_reference_evaluations_wave2_dirs_and_partial_outputs(tmp_path, capsys):
     """Rows for `evaluate --reference` (evaluations without generations), CMA-ES and pruned dirs (wave 2) and an
     ablation still in progress, written through btp.store as the stages write them."""
-    from btp.store import JsonlStore, dataset_dir, provenance, write_json, write_npz
+    from btp.results import dataset_dir
+    from btp.store import JsonlStore, provenance, write_json, write_npz
 
     ref = dataset_dir(tmp_path, "reference", "humaneval")
     st = JsonlStore(ref / "evaluations.jsonl")

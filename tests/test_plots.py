@@ -149,5 +149,9 @@ def test_model_dir_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results for model"):
         bp.model_dir(tmp_path, "org/other")
     assert bp.model_dir(tmp_path, "a") == tmp_path / "a"
-    assert bp.split_stem("chain_code-reference-mean") == ("chain_code", "reference/all", "mean")
-    assert bp.split_stem("regular") == ("regular", "generations/correct", "")
+    from btp.results import parse_stem
+
+    s = parse_stem("chain_code-reference-mean")
+    assert (s.mode, s.population, s.extra) == ("chain_code", "reference/all", "mean")
+    s = parse_stem("regular")
+    assert (s.mode, s.population, s.extra) == ("regular", "generations/correct", "")

@@ -8,8 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from btp.samples import (SampleConfig, SampleSet, add_sample_args, config_from_args, load_samples)
-from btp.store import JsonlStore, MalformedFileError, dataset_dir, provenance
+from btp.results import dataset_dir
+from btp.samples import SampleConfig, SampleSet, add_sample_args, config_from_args, load_samples
+from btp.store import JsonlStore, MalformedFileError, provenance
 
 MODEL = "org/tiny-coder"
 DS = "humaneval"

@@ -10,7 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-from btp.store import (JsonlStore, MalformedFileError, dataset_dir, is_stale, model_slug, provenance, read_json,
+from btp.results import dataset_dir, is_stale, model_slug
+from btp.store import (JsonlStore, MalformedFileError, provenance, read_json,
                        read_jsonl, read_npz, write_json, write_npz)
 
 

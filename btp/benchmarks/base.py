@@ -7,14 +7,12 @@ candidate solution becomes a sandbox `Program`, and its default time limit. Noth
 """
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..sandbox import Program
-from ..store import MalformedFileError
+from ..store import MalformedFileError, iter_jsonl
 
 BENCH_DIR = Path(__file__).resolve().parent  # the vendored data files live beside their modules
 LOAD_OPTIONS = ("limit", "variant", "data_file", "release", "start_date", "end_date")  # keywords of `load`
@@ -36,19 +34,8 @@ class Problem:
 # ---------------------------------------------------------------- readers
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a JSONL file, plain or gzipped; bad lines name file and line."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MalformedFileError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise MalformedFileError(f"{path}:{i}: expected a JSON object")
-            yield i, rec
+    """(line number, record) of a benchmark JSONL file, plain or gzipped, read strictly (store's one reader)."""
+    return iter_jsonl(path, tolerate_torn_tail=False, line_numbers=True)
 
 
 def need(rec: dict, keys: tuple[str, ...], where: str) -> None:

@@ -1,0 +1,524 @@
+"""Every output's place and name, and the claim a stage makes on it before it loads weights.
+
+- Layout: `results/<model-slug>/<dataset>/` holds generations/evaluations; analysis stages write under
+  `<stage-dir>/<stem>[_<part>].<ext>` (`entropy/regular.npz`, `ablation/regular-mean_knockout.json`).
+- Stem grammar (`Stem`): `<mode>[-<population>][-<variant>...]`, e.g. `regular`, `chain_code-reference`,
+  `regular-incorrect`, `regular-all-mean-layers0_5`, `regular-token-signed-mytag`. Formatted and parsed here only.
+- Identity and claim (`claim`): an output remembers the identity it was written with (samples, model revision,
+  dtype, every setting that changes numbers); a rerun is fresh, resumes, or is done, and refuses a file of
+  another identity naming the field that differs.
+- Runs files, staleness and the readers that check, plots and notebooks use.
+
+Light on purpose (numpy and the store only): `check` imports it without torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .store import MalformedFileError, iter_jsonl, read_json, read_npz, runs_path, write_json, write_npz  # noqa: F401
+
+MODES = ("regular", "chain_code")
+SOURCES = ("generations", "reference")
+SELECTS = ("correct", "incorrect", "all")
+# stage name -> its folder under results/<model>/<dataset>/
+STAGE_DIRS = {"entropy_lens": "entropy", "ablation": "ablation", "taylor": "taylor", "cmaes": "cmaes"}
+GENERATIONS, EVALUATIONS, SUMMARY = "generations.jsonl", "evaluations.jsonl", "summary.json"   # per dataset dir
+KNOCKOUT = "knockout"          # the part name of ablation's knockout curves: `<stem>_knockout.json`
+PARTIAL = "partial"            # progress files: `<stem>.partial.npz`, `<stem>_knockout.partial.json`
+_POPULATION_WORDS = ("reference", *SELECTS)
+
+
+# ================================================================ layout
+
+def model_slug(model_id: str) -> str:
+    """`Qwen/Qwen2.5-1.5B` -> `Qwen--Qwen2.5-1.5B`; local folders use their last path parts."""
+    s = str(model_id).rstrip("/")
+    if os.path.isabs(s) or s.startswith("."):
+        s = "--".join(Path(s).parts[-2:])
+    return s.replace("/", "--").replace(" ", "_")
+
+
+def dataset_dir(results_dir: str | os.PathLike, model_id: str, dataset: str, *, create: bool = True) -> Path:
+    """`results/<model-slug>/<dataset>/`, created if missing (unless `create=False`)."""
+    d = Path(results_dir) / model_slug(model_id) / dataset
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def stage_dir(results_dir: str | os.PathLike, model_id: str, dataset: str, stage: str) -> Path:
+    """`results/<model-slug>/<dataset>/<stage-dir>/` of a stage (`entropy_lens` -> `entropy`)."""
+    return dataset_dir(results_dir, model_id, dataset) / STAGE_DIRS.get(stage, stage)
+
+
+def model_dir_names(results_dir: str | os.PathLike, model: str) -> list[str]:
+    """Folder names `model` may be filed under, most direct first: itself (a slug), its slug (an HF id), or
+    (embedded names like smollm2-135m, local folders) the slug of the id btp.models resolves it to; the
+    resolution is tried only when neither exists (it imports torch)."""
+    root = Path(results_dir)
+    names = list(dict.fromkeys((model, model_slug(model))))
+    if not any((root / n).is_dir() for n in names):
+        try:
+            from .models import resolve_model
+
+            names.append(model_slug(resolve_model(model).model_id))
+        except Exception:  # noqa: BLE001  (an unknown name simply matches nothing)
+            pass
+    return names
+
+
+def find_model_dir(results_dir: str | os.PathLike, model: str | None) -> Path:
+    """`results/<slug>` of `model` (a slug, an HF id, or a name btp.models resolves); with `model=None` the only
+    model under `results_dir`. FileNotFoundError / ValueError say why none is found."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results dir {root} not found")
+    if model is None:
+        models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if len(models) != 1:
+            raise ValueError(f"{root} holds {len(models)} models ({', '.join(p.name for p in models)}): pass --model")
+        return models[0]
+    for name in model_dir_names(root, model):
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(f"no results for model {model!r} under {root}")
+
+
+def generations_dir(results_dir: str | os.PathLike, model: str, dataset: str) -> tuple[Path, str]:
+    """The folder holding a model's generations and the model id it is filed under: the name as given when
+    its folder has them, else the id btp.models resolves it to (embedded names)."""
+    d = dataset_dir(results_dir, model, dataset, create=False)
+    if (d / GENERATIONS).exists():
+        return d, model
+    from .models import resolve_model
+
+    model_id = resolve_model(model).model_id
+    return dataset_dir(results_dir, model_id, dataset), model_id
+
+
+def evaluations_path(programs: str | os.PathLike) -> Path:
+    """Where the verdicts of a programs file go: `generations.jsonl` -> `evaluations.jsonl` beside it, any other
+    `x.jsonl` -> `x.evaluations.jsonl`."""
+    p = Path(programs)
+    return p.with_name(EVALUATIONS if p.name == GENERATIONS else p.stem + ".evaluations.jsonl")
+
+
+def summary_path(evaluations: str | os.PathLike) -> Path:
+    """`evaluations.jsonl` -> `summary.json`; `x.evaluations.jsonl` -> `x.summary.json`."""
+    p = Path(evaluations)
+    return p.with_name(SUMMARY if p.name == EVALUATIONS else p.name.replace(".evaluations.jsonl", ".summary.json"))
+
+
+# ================================================================ stem grammar
+
+@dataclass(frozen=True)
+class Stem:
+    """The name of an analysis output without its part and extension: the analysis samples' mode and population,
+    then a stage's variant words in order (ablation `mean`, `layers0_5`; Taylor `token`, `signed`, `l2norm`, a
+    tag). The default population (correct generations) is not written; reference solutions are all correct."""
+
+    mode: str = "regular"
+    source: str = "generations"
+    select: str = "correct"
+    variant: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.source == "reference":
+            object.__setattr__(self, "select", "all")
+        for name, allowed in (("mode", MODES), ("source", SOURCES), ("select", SELECTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        words = [w for v in self.variant for w in v.split("-")]
+        bad = [v for v in words if not v or "." in v or "/" in v or v.endswith("_" + KNOCKOUT)]
+        if bad or (words and words[0] in _POPULATION_WORDS):
+            raise ValueError(f"bad output name variant {self.variant!r}: words must be non-empty, without '.', '/', "
+                             f"a trailing _{KNOCKOUT}, nor start with a population name {_POPULATION_WORDS}")
+
+    @property
+    def population(self) -> str:
+        """`source/select`, e.g. `generations/correct`, `reference/all`."""
+        return f"{self.source}/{self.select}"
+
+    @property
+    def extra(self) -> str:
+        """The variant words joined, e.g. `mean-layers0_5` ('' when none)."""
+        return "-".join(self.variant)
+
+    def with_variant(self, *words: str | None) -> Stem:
+        """This stem with more variant words (None and '' skipped)."""
+        return Stem(self.mode, self.source, self.select, self.variant + tuple(w for w in words if w))
+
+    @property
+    def base(self) -> Stem:
+        """The samples' part of the name: mode and population only."""
+        return Stem(self.mode, self.source, self.select)
+
+    def __str__(self) -> str:
+        pop = "-reference" if self.source == "reference" else ("" if self.select == "correct" else f"-{self.select}")
+        return self.mode + pop + "".join(f"-{v}" for v in self.variant)
+
+
+def parse_stem(name: str) -> Stem:
+    """`Stem` of an output name; `str(parse_stem(s)) == s` for every name a stage writes. A name that starts
+    with no known mode raises ValueError."""
+    mode = next((m for m in MODES if name == m or name.startswith(m + "-")), None)
+    if mode is None:
+        raise ValueError(f"output name {name!r} does not start with a mode {MODES}")
+    rest = [t for t in name[len(mode):].split("-")]
+    rest = rest[1:] if rest and rest[0] == "" else rest
+    source, select = "generations", "correct"
+    if rest and rest[0] == "reference":
+        source, select, rest = "reference", "all", rest[1:]
+    elif rest and rest[0] in SELECTS:
+        select, rest = rest[0], rest[1:]
+    return Stem(mode, source, select, tuple(rest))
+
+
+def try_parse_stem(name: str) -> Stem | None:
+    try:
+        return parse_stem(name)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class FileName:
+    """One file of a stage folder: `<stem>[_<part>].<ext>`, e.g. `regular-all_knockout.partial.json`
+    -> stem `regular-all`, part `knockout`, ext `partial.json`."""
+
+    stem: str
+    part: str
+    ext: str
+
+    @property
+    def is_partial(self) -> bool:
+        return self.ext.startswith(PARTIAL + ".")
+
+    @property
+    def is_runs(self) -> bool:
+        return self.ext == "runs.json"
+
+    @property
+    def name(self) -> str:
+        """The output name with its part: what check lists (`regular`, `regular_knockout`)."""
+        return self.stem + (f"_{self.part}" if self.part else "")
+
+
+def file_name(stem: Stem | str, ext: str, part: str = "") -> str:
+    return f"{stem}{'_' + part if part else ''}.{ext}"
+
+
+def parse_file_name(name: str) -> FileName:
+    """`regular-mean_knockout.json` -> FileName('regular-mean', 'knockout', 'json')."""
+    head, _, ext = name.partition(".")
+    part = ""
+    if head.endswith("_" + KNOCKOUT):
+        head, part = head[: -len(KNOCKOUT) - 1], KNOCKOUT
+    return FileName(head, part, ext)
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where one analysis output's files live: `<dir>/<stem>[_<part>].<ext>`."""
+
+    dir: Path
+    stem: Stem
+
+    def path(self, ext: str, part: str = "") -> Path:
+        return self.dir / file_name(self.stem, ext, part)
+
+    def partial(self, ext: str, part: str = "") -> Path:
+        return self.path(f"{PARTIAL}.{ext}", part)
+
+    @property
+    def name(self) -> str:
+        return str(self.stem)
+
+
+def output(results_dir: str | os.PathLike, model_id: str, dataset: str, stage: str, stem: Stem | str) -> Output:
+    return Output(stage_dir(results_dir, model_id, dataset, stage), parse_stem(stem) if isinstance(stem, str)
+                  else stem)
+
+
+def list_outputs(stage_path: str | os.PathLike, stage: str) -> list[str]:
+    """Finished outputs in a stage folder, in plot order (correct generations first, regular before chain_code):
+    Taylor `<stem>.jsonl`; entropy/ablation `<stem>.npz` with its `<stem>.json`."""
+    d = Path(stage_path)
+    if not d.is_dir():
+        return []
+    names = []
+    for p in d.iterdir():
+        f = parse_file_name(p.name)
+        if f.part or try_parse_stem(f.stem) is None:
+            continue
+        if (stage == "taylor" and f.ext == "jsonl") or (stage != "taylor" and f.ext == "npz"
+                                                        and (d / file_name(f.stem, "json")).exists()):
+            names.append(f.stem)
+    return sorted(names, key=stem_order)
+
+
+def stem_order(name: str) -> tuple:
+    s = parse_stem(name)
+    return (s.population != "generations/correct", s.population, MODES.index(s.mode), s.extra)
+
+
+# ================================================================ identity and claim
+
+class IdentityError(ValueError):
+    """An output exists with another identity; the message names the first field that differs."""
+
+    def __init__(self, path: Path, field_name: str, old: Any, new: Any):
+        self.path, self.field, self.old, self.new = path, field_name, old, new
+        short = lambda v: (s if len(s := json.dumps(v, default=str)) <= 80 else s[:77] + "...")
+        super().__init__(f"{path} exists for other {field_name} (written with {short(old)}, this run has "
+                         f"{short(new)}); use --force to overwrite or another --results-dir")
+
+
+def identity_key(identity: dict) -> str:
+    """A short hash of an identity (tags partial-progress files)."""
+    return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sample_identity(fields: dict[str, np.ndarray]) -> dict:
+    """The identity of a sample set from its fields (`SampleSet.fields()`): which samples, and a hash of their
+    exact tokens and scored positions (so a change of mode, max_tokens or the generations themselves shows)."""
+    h = hashlib.sha1()
+    for k in ("input_ids", "sample_offsets", "position", "token_id"):
+        h.update(np.ascontiguousarray(fields[k], dtype=np.int64).tobytes())
+    return {"samples": [[str(p), int(s)] for p, s in zip(fields["sample_problem_id"], fields["sample_number"])],
+            "tokens": h.hexdigest()[:16]}
+
+
+def identity_diff(old: dict | None, new: dict) -> tuple[str, Any, Any] | None:
+    """The first field of `new` (in its order) whose value differs in `old`: (field, old value, new value)."""
+    if old is None:
+        return "identity", None, "(an identity)"
+    norm = lambda v: json.loads(json.dumps(v, sort_keys=True, default=str))
+    for k, v in new.items():
+        if norm(old.get(k)) != norm(v):
+            return k, old.get(k), v
+    extra = [k for k in old if k not in new]
+    return (extra[0], old[extra[0]], None) if extra else None
+
+
+def check_record(rec: dict, expect: dict, where: str, *, hint: str) -> None:
+    """A record of a resumed file (e.g. a Taylor iteration) must carry the values this run has for `expect`'s
+    fields; the ValueError names the first field that differs."""
+    diff = identity_diff({k: rec.get(k) for k in expect}, expect)
+    if diff is not None:
+        k, old, new = diff
+        short = lambda v: (s if len(s := json.dumps(v, default=str)) <= 80 else s[:77] + "...")
+        raise ValueError(f"{where}: written with other {k} ({short(old)}, this run has {short(new)}); {hint}")
+
+
+FRESH, RESUME, DONE = "fresh", "resume", "done"
+
+
+@dataclass
+class Claim:
+    """What a stage does with one output: `fresh` (nothing usable there), `resume` (progress of this identity
+    exists), or `done` (finished with this identity)."""
+
+    state: str
+    output: Output
+    identity: dict
+    part: str = ""
+
+    @property
+    def key(self) -> str:
+        return identity_key(self.identity)
+
+    @property
+    def done(self) -> bool:
+        return self.state == DONE
+
+    @property
+    def stamp(self) -> dict:
+        """The fields an output's provenance carries so that a later claim can compare: the identity and its key."""
+        return {"run_key": self.key, "identity": self.identity}
+
+
+def stored_identity(record: Path) -> dict | None:
+    """The identity an output was written with: the `identity` of its JSON record, or of the last run of a runs
+    file (a list of stamps)."""
+    if not record.exists():
+        return None
+    doc = read_json(record)
+    if isinstance(doc, list):
+        doc = doc[-1] if doc else {}
+    return doc.get("identity") if isinstance(doc, dict) else None
+
+
+def claim(out: Output, identity: dict, *, force: bool, files: Sequence[str], record: str = "json",
+          part: str = "", partials: Sequence[str] = (), complete: Callable[[], bool] | None = None,
+          append: bool = False) -> Claim:
+    """The one check every stage makes before it loads weights.
+
+    `files`: extensions of the output's files (all present: it exists); `record`: the extension of the file
+    holding its identity (`json`, or `runs.json` for a JSONL output); `partials`: extensions of progress files
+    (`npz` for `<stem>.partial.npz`); `complete`: whether an existing output is finished (default: it is);
+    `append`: the output grows by appending (JSONL), so `--force` must remove it.
+    With `force` the progress files (and an append-only output) are removed and the claim is fresh; other files
+    are replaced atomically when the new ones are written, so a failed forced run leaves the old output intact.
+    An existing output of another identity raises IdentityError naming the field that differs."""
+    paths = [out.path(e, part) for e in files]
+    progress = [out.partial(e, part) for e in partials]
+    if force:
+        for p in progress + (paths if append else []):
+            p.unlink(missing_ok=True)
+        return Claim(FRESH, out, identity, part)
+    if all(p.exists() for p in paths):
+        diff = identity_diff(stored_identity(out.path(record, part)), identity)
+        if diff is not None:
+            raise IdentityError(paths[0], *diff)
+        return Claim(DONE if complete is None or complete() else RESUME, out, identity, part)
+    ok = [p for p in progress if read_partial(p, identity_key(identity), quiet=True) is not None]
+    return Claim(RESUME if ok else FRESH, out, identity, part)
+
+
+# ================================================================ partial progress
+
+def read_partial(path: Path | None, key: str, *, quiet: bool = False) -> dict | None:
+    """A progress file's state (npz arrays, or a JSON object) if it exists, is readable and belongs to the
+    identity whose key is `key`; None otherwise (with a warning unless `quiet`)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        st = read_npz(path) if path.name.endswith(".npz") else read_json(path)
+    except Exception as e:  # noqa: BLE001  (a partial file is a cache: unreadable means start afresh)
+        if not quiet:
+            warnings.warn(f"[btp.results] ignoring unreadable partial file {path}: {e}", stacklevel=2)
+        return None
+    if not isinstance(st, dict) or str(st.pop("key", "")) != key:
+        if not quiet:
+            warnings.warn(f"[btp.results] {path} belongs to another configuration; starting afresh", stacklevel=2)
+        return None
+    st.pop("provenance", None)
+    return st
+
+
+def write_partial(path: Path | None, key: str, state: dict) -> None:
+    """Save progress tagged with its identity key (npz arrays or a JSON object, by the file's extension)."""
+    if path is None:
+        return
+    if path.name.endswith(".npz"):
+        write_npz(path, key=np.array(key), **state)
+    else:
+        write_json(path, {"key": key, **state})
+
+
+# ================================================================ runs files and staleness
+
+def read_runs(path: str | os.PathLike) -> list[dict]:
+    """The stamps of the runs that appended to a JSONL output (`<stem>.runs.json`), oldest first; [] if none."""
+    rp = runs_path(path)
+    if not rp.exists():
+        return []
+    runs = read_json(rp)
+    return runs if isinstance(runs, list) else []
+
+
+def check_runs(path: str | os.PathLike, config: dict, keys: Sequence[str], *, what: str, hint: str,
+               runs: set | None = None) -> None:
+    """Refuse to add records made with other settings to a JSONL output: every run in its runs file (or only
+    those in `runs`, the runs whose records are still in use) must agree with `config` on `keys`. The
+    ValueError names the run and each differing setting as (old, new)."""
+    for run in read_runs(path):
+        if runs is not None and run.get("run") not in runs:
+            continue
+        old = run.get("config") or {}
+        diff = {k: (old.get(k), config.get(k)) for k in keys if k in old and old.get(k) != config.get(k)}
+        if diff:
+            raise ValueError(f"{path} holds {what} of run {run.get('run')} with other settings {diff} (old, new); "
+                             f"{hint}")
+
+
+def mtime(p: str | os.PathLike) -> float | None:
+    try:
+        return Path(p).stat().st_mtime
+    except OSError:
+        return None
+
+
+def is_stale(output_path: str | os.PathLike, *inputs: str | os.PathLike) -> bool:
+    """True when `output_path` exists and is older than any existing input (it should be recomputed)."""
+    t = mtime(output_path)
+    return t is not None and any((ti := mtime(i)) is not None and ti > t for i in inputs)
+
+
+def staleness(ds_dir: Path, stage_path: Path, name: str) -> str | None:
+    """Why an analysis file `<stage-dir>/<name>` is stale, or None: older than the generations it was computed
+    from, than the evaluations that chose them (correct / incorrect populations), or (a part such as the knockout
+    curves) than its own matrix."""
+    f = parse_file_name(name)
+    if f.is_partial or f.is_runs:
+        return None
+    s = try_parse_stem(f.stem)
+    p = stage_path / name
+    gen, ev = ds_dir / GENERATIONS, ds_dir / EVALUATIONS
+    if s is not None and s.source == "generations" and is_stale(p, gen):
+        return f"older than {GENERATIONS}"
+    if s is not None and s.source == "generations" and s.select != "all" and is_stale(p, ev):
+        return f"older than {EVALUATIONS}"
+    if f.part and is_stale(p, stage_path / file_name(f.stem, "npz")):
+        return f"older than {file_name(f.stem, 'npz')}"
+    return None
+
+
+# ================================================================ readers
+
+def read_analysis(stage_path: str | os.PathLike, name: str) -> tuple[dict, dict]:
+    """(arrays, metadata) of an npz output (entropy, ablation matrix): metadata from `<name>.json`, else the
+    npz's provenance stamp."""
+    d = Path(stage_path)
+    arrays = read_npz(d / file_name(name, "npz"))
+    meta_p = d / file_name(name, "json")
+    return arrays, (read_json(meta_p) if meta_p.exists() else arrays.get("provenance", {}))
+
+
+def read_knockout(stage_path: str | os.PathLike, name: str) -> dict | None:
+    """Ablation's knockout curves of output `name`, None when not computed."""
+    p = Path(stage_path) / file_name(name, "json", KNOCKOUT)
+    return read_json(p) if p.exists() else None
+
+
+def read_taylor(stage_path: str | os.PathLike, name: str) -> tuple[list[dict], dict]:
+    """Taylor pruning records (one per iteration, in order) and the provenance of the run that wrote the last of
+    them (its runs file; else the `<name>.samples.npz` stamp)."""
+    d = Path(stage_path)
+    path = d / file_name(name, "jsonl")
+    recs = sorted(iter_jsonl(path), key=lambda r: r["iteration"])
+    runs = read_runs(path)
+    meta: dict = runs[-1] if runs else {}
+    npz = d / file_name(name, "samples.npz")
+    if not runs and npz.exists():
+        with np.load(npz, allow_pickle=False) as z:   # the stamp only, not the arrays
+            meta = json.loads(str(z["provenance"])) if "provenance" in z.files else {}
+    return recs, meta
+
+
+def importance_matrix(rec: dict, key: str = "importance") -> np.ndarray:
+    """A Taylor record's [L, Hmax] matrix back as float64 with NaN at pruned heads and padding."""
+    return np.array([[np.nan if x is None else x for x in row] for row in rec[key]], dtype=np.float64)
+
+
+def importance_matrices(recs: Sequence[dict], key: str = "importance") -> np.ndarray:
+    """A Taylor history's matrices stacked: [iterations, L, Hmax]."""
+    return np.stack([importance_matrix(r, key) for r in recs]) if recs else np.zeros((0, 0, 0))
+
+
+def rank_heads(delta_mean: np.ndarray) -> list[tuple[int, int]]:
+    """Ablation ranking: heads with a finite mean delta, largest first (ties in (layer, head) order)."""
+    m = np.asarray(delta_mean, dtype=float)
+    ls, hs = np.nonzero(np.isfinite(m))
+    order = np.argsort(-m[ls, hs], kind="stable")
+    return [(int(ls[i]), int(hs[i])) for i in order]

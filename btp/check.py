@@ -23,7 +23,6 @@ from . import benchmarks, results
 from .results import EVALUATIONS, GENERATIONS, SUMMARY
 
 STAGE_DIRS = tuple(results.STAGE_DIRS.values())
-# problems per benchmark as generated without --limit (btp.data); LiveCodeBench v6's default window
 
 
 # ---------------------------------------------------------------- results

@@ -208,7 +208,7 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
     _check_same_run(store, conf, old)
     todo = [r for r in programs
             if old.get((r["problem_id"], r["sample"]), {}).get("code_sha") != code_sha(r["code"])]
-    print(f"[evaluate] {model} {cfg.dataset} ({source}): {len(problems)} problems, {len(programs)} programs, "
+    print(f"[btp.evaluate] {model} {cfg.dataset} ({source}): {len(problems)} problems, {len(programs)} programs, "
           f"{len(programs) - len(todo)} already judged, {len(todo)} to run -> {out}", file=sys.stderr)
     if todo:
         store.begin_run(provenance(stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed,

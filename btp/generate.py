@@ -272,7 +272,7 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
     _check_same_sampling(store, conf)
     jobs, style = plan_jobs(problems, sess.tokenizer, cfg, store.done())
     total = len(problems) * cfg.n
-    print(f"[generate] {model_id} {cfg.dataset}: {len(problems)} problems x {cfg.n} samples, "
+    print(f"[btp.generate] {model_id} {cfg.dataset}: {len(problems)} problems x {cfg.n} samples, "
           f"{total - len(jobs)} done, {len(jobs)} to generate ({cfg.backend}, {style} prompts) -> {out}",
           file=sys.stderr)
     if not jobs:

@@ -567,8 +567,16 @@ def summary(c: Comparison) -> dict:
     return out
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (many heads sit at cosine 1.0 in near-identical models)."""
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inv, weights=r) / counts)[inv]
+
+
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    rx, ry = _ranks(x), _ranks(y)
     sx, sy = rx.std(), ry.std()
     return float(np.mean((rx - rx.mean()) * (ry - ry.mean())) / (sx * sy)) if sx > 0 and sy > 0 else float("nan")
 
@@ -591,7 +599,8 @@ def importance_join(cos: np.ndarray, importance: np.ndarray, k: int, n_boot: int
     lo, hi = np.quantile(boots, [0.025, 0.975])
     rho = bootstrap_ci(np.stack([imp, c], 1), stat=lambda v: np.asarray(_spearman(v[:, 0], v[:, 1])),
                        n_boot=min(n_boot, 1000), seed=seed)
-    return {"top_k": k, "n_heads": int(c.size), "top_mean": float(top.mean()), "rest_mean": float(rest.mean()),
+    return {"top_k": k, "rule": "the top_k heads by largest importance against the rest", "n_heads": int(c.size),
+            "top_mean": float(top.mean()), "rest_mean": float(rest.mean()),
             "diff": float(top.mean() - rest.mean()), "ci_low": float(lo), "ci_high": float(hi), "ci_level": 0.95,
             "n_boot": n_boot, "spearman": rho.as_dict()}
 

@@ -25,7 +25,6 @@ import torch
 from btp.arch import HeadLayout
 from btp.circuits import Factors, compare_factors, materialised
 
-
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -79,6 +78,7 @@ def worker(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=2, help="layers to compare (Qwen2.5-1.5B has 28)")
+    p.add_argument("--model-layers", type=int, default=28, help="layers of the whole model, for the estimate")
     p.add_argument("--d-model", type=int, default=1536)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=2)
@@ -115,8 +115,9 @@ def main() -> None:
           f"{flops_m / flops_f:.1f}")
     print(f"  reference sizes: one d_model x d_model float64 matrix {dm * dm * 8 / 2**20:.1f} MiB; one d_model x "
           f"d_head factor {dm * dh * 8 / 2**20:.2f} MiB")
-    print(f"  full model estimate ({28} layers): materialised {m['seconds'] / args.layers * 28:.1f} s, factored "
-          f"{f['seconds'] / args.layers * 28:.1f} s")
+    L = args.model_layers
+    print(f"  full model estimate ({L} layers): materialised {m['seconds'] / args.layers * L:.1f} s, factored "
+          f"{f['seconds'] / args.layers * L:.1f} s")
 
 
 if __name__ == "__main__":

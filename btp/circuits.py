@@ -647,6 +647,10 @@ EXPLAIN = {
     "folding": "fold_norms: the input norm scale (Gemma: weight + 1) is folded into the d_model side of W_Q, W_K, "
                "W_V; Qwen3/Gemma3 q_norm/k_norm scales into the d_head side of W_Q/W_K (their RMS division is a "
                "positive per-token factor, left out: the compared form is the score up to that factor).",
+    "scaling": "the score scale (1/sqrt(d_head), Gemma's query_pre_attn_scalar) and Gemma2's attention logit "
+               "soft-capping act on the bilinear form's value, identically in two models of one layout: the "
+               "cosines compare the form before them (a common scale leaves a cosine unchanged; *_rel are of the "
+               "unscaled form).",
 }
 
 

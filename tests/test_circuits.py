@@ -119,6 +119,18 @@ def test_replaced_heads_change_only_there(tmp_path):
     assert {(r["layer"], r["head"]) for r in c.rows if r["o_rel"] > 0} == {(0, 2)}
 
 
+def test_phi3_fused_qkv_is_split_per_head(tmp_path):
+    other = make_tiny("phi3", 0)
+    dh, H = 16, 4
+    with torch.no_grad():   # rows of qkv_proj: [q (H dh) | k (KV dh) | v (KV dh)]; change KV head 1's k, KV head 0's v
+        w = other.model.layers[1].self_attn.qkv_proj.weight
+        w[H * dh + dh:H * dh + 2 * dh] += torch.randn(dh, 64, generator=torch.Generator().manual_seed(1))
+        w[H * dh + 2 * dh:H * dh + 3 * dh] += torch.randn(dh, 64, generator=torch.Generator().manual_seed(2))
+    base = save(make_tiny("phi3", 0), tmp_path / "a")
+    c = C.compare(C.WeightReader(base), C.WeightReader(save(other, tmp_path / "b")))
+    assert changed(c, "qk_cos") == {(1, 2), (1, 3)} and changed(c, "ov_cos") == {(1, 0), (1, 1)}
+
+
 # ---------------------------------------------------------------- norms, biases
 
 def _hand_qk_ov(model: torch.nn.Module, l: int, h: int, arch: str, fold: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -415,14 +415,14 @@ def random_like(w: LayerWeights, gen: torch.Generator) -> LayerWeights:
     return LayerWeights(layout=w.layout, q=r(w.q), k=r(w.k), v=r(w.v), o=r(w.o), norm=torch.ones_like(w.norm))
 
 
-def bias_terms(w: LayerWeights, f: Factors) -> dict[str, torch.Tensor]:
+def bias_terms(w: LayerWeights, f: Factors, fold: bool = True) -> dict[str, torch.Tensor]:
     """Per query head, d_model vectors of the bias terms (folded factors): `qk` the key-side score term
     b_q[h] W_K[kv] (the query-side term x_q W_Q^T b_k and b_q.b_k are constant over keys, so softmax ignores
     them without rotary), `ov` the constant output b_v[kv] W_O[h]^T (attention weights sum to 1)."""
     kv = f.kv_of
     out = {}
     if "q" in w.bias:
-        bq = w.bias["q"] * (w.q_norm if w.q_norm is not None else 1)
+        bq = w.bias["q"] * (w.q_norm if fold and w.q_norm is not None else 1)   # q_norm scales b_q too
         out["qk"] = torch.einsum("hd,hdm->hm", bq, f.k[kv])
     if "v" in w.bias:
         out["ov"] = torch.einsum("hd,hdm->hm", w.bias["v"][kv], f.o)
@@ -513,7 +513,7 @@ def compare(base: WeightReader, other: WeightReader, cfg: CircuitConfig | None =
         if cfg.random_baseline:
             rnd = compare_factors(f1, factors(random_like(w2, gen), fold=False), base.rotary_dim)
             col["ov_cos_random"], col["qk_cos_random"] = rnd.ov_cos, rnd.qk_cos
-        b1, b2 = bias_terms(w1, f1), bias_terms(w2, f2)
+        b1, b2 = bias_terms(w1, f1, cfg.fold_norms), bias_terms(w2, f2, cfg.fold_norms)
         for c in b1:
             col[f"{c}_bias_cos"] = _vec_cos(b1[c], b2[c])
         for n, idx in (("q", torch.arange(H)), ("k", kv), ("v", kv)):

@@ -198,6 +198,17 @@ def test_qwen2_biases_are_their_own_terms(tmp_path):
     assert {(r["layer"], r["head"]) for r in c.rows if r["v_bias_rel"] > 0} == {(2, 0), (2, 1)}
 
 
+def test_reads_only_attention_tensors_one_at_a_time(pair_folders, monkeypatch):
+    """No model is instantiated and nothing but the attention weights and the input norm is read."""
+    seen: list[str] = []
+    real = C.WeightReader.get
+    monkeypatch.setattr(C.WeightReader, "get", lambda self, name: (seen.append(name), real(self, name))[1])
+    r = C.WeightReader(pair_folders["qwen3"][0])
+    C.compare(r, r, C.CircuitConfig(null=False, random_baseline=False))
+    assert seen and all(".self_attn." in n or n.endswith("input_layernorm.weight") for n in seen)
+    assert len(seen) == 2 * 3 * 7      # both sides, 3 layers, q k v o q_norm k_norm input_norm
+
+
 # ---------------------------------------------------------------- layouts and architectures
 
 def test_different_layouts_raise(tmp_path):

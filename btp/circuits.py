@@ -735,8 +735,8 @@ def run(base: str, other: str, results_dir: str | Path = "results", cfg: Circuit
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(STAGE, "OV/QK circuit similarity of each attention head between a base model and another "
                           "(e.g. distilled) model of the same layout")
-    p.add_argument("--base", required=True, help="HF id, local folder, or an embedded name")
-    p.add_argument("--other", required=True, help="HF id, local folder, or an embedded name")
+    p.add_argument("--base", default=None, help="HF id, local folder, or an embedded name (required)")
+    p.add_argument("--other", default=None, help="HF id, local folder, or an embedded name (required)")
     p.add_argument("--results-dir", default="results", help="root of the results tree")
     p.add_argument("--no-fold-norms", dest="fold_norms", action="store_false", help="compare unfolded projections")
     p.add_argument("--no-null", dest="null", action="store_false", help="skip the other-heads null distribution")
@@ -748,7 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    args = cli.parse(build_parser(), argv)
+    p = build_parser()
+    args = cli.parse(p, argv)   # --base/--other may come from a --config preset, so they are checked here
+    if not args.base or not args.other:
+        p.error("--base and --other are required (on the command line or in the --config preset)")
     cfg = CircuitConfig(fold_norms=args.fold_norms, null=args.null, random_baseline=args.random_baseline,
                         seed=args.seed, top_k=args.top_k, n_boot=args.n_boot)
     paths = run(args.base, args.other, args.results_dir, cfg, config=cli.config_dict(args))

@@ -273,6 +273,11 @@ def test_cli(tmp_path, capsys):
     paths = C.main(["--base", str(a), "--other", str(b), "--results-dir", str(tmp_path / "r"), "--no-null"])
     assert paths["csv"].exists() and "OV cos mean" in capsys.readouterr().out
     assert np.isnan(C.read_csv(paths["csv"])[0]["ov_cos_null_max"])
+    with pytest.raises(SystemExit):
+        C.main(["--base", str(a)])
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"base": str(a), "other": str(a), "results-dir": str(tmp_path / "r2")}))
+    assert C.main(["--config", str(preset), "--no-random"])["csv"].name == "m--a__m--a.csv"
 
 
 # ---------------------------------------------------------------- the embedded model

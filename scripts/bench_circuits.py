@@ -4,11 +4,13 @@ with Qwen2.5-1.5B's attention shapes (d_model 1536, 12 query heads, 2 KV heads, 
 
 Materialised: per query head build W_OV = W_V^T W_O^T and W_QK = W_Q^T W_K (d_model x d_model) in both models and
 take their Frobenius cosines. Factored (`btp.circuits.compare_factors`, what the stage runs): d_head x d_head Gram
-products only. Both in float64 on the same weights (the other model = base + 5% noise, as a fine-tune); the script
-checks that the cosines agree and prints time, peak extra memory (VmHWM above the RSS with the weights loaded, each
-method in its own subprocess) and the ratios.
+products only (the self Grams of the norms through BLAS syrk). Both in float64 on the same weights (the other model
+= base + 5% noise, as a fine-tune); the script checks that the cosines agree and prints time, peak extra memory
+(VmHWM above the RSS with the weights loaded, each method in its own subprocess) and the ratios.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_circuits.py --layers 2
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_circuits.py --layers 4
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_circuits.py --layers 1 --d-model 4096 --heads 32 --kv-heads 8 \
+        --model-layers 32      # Llama-3.1-8B's shapes
 """
 from __future__ import annotations
 
@@ -110,8 +112,10 @@ def main() -> None:
           + (f"{m['peak_extra_mb'] / f['peak_extra_mb']:.1f}x less peak memory" if f["peak_extra_mb"] > 0.05
              else "factored peak below the RSS resolution"))
     flops_m = 2 * 2 * args.heads * 2 * dm * dm * dh      # per layer: W_OV and W_QK of each head in both models
-    flops_f = 3 * 2 * dh * dh * dm * 2 * (args.heads + args.kv_heads)   # 3 Gram sets x (L and R factors) x 2 circuits
-    print(f"  flop ratio (materialised / factored Gram products, = 2 d_model / (3 d_head (1 + KV/H))): "
+    # factored: per circuit and per factor set (H and KV of them), one cross Gram (2 dh^2 dm flops) and two self
+    # Grams at syrk's half cost
+    flops_f = 2 * (2 * dh * dh * dm) * 2 * (args.heads + args.kv_heads)
+    print(f"  flop ratio (materialised / factored Gram products, = 2 d_model / (2 d_head (1 + KV/H))): "
           f"{flops_m / flops_f:.1f}")
     print(f"  reference sizes: one d_model x d_model float64 matrix {dm * dm * 8 / 2**20:.1f} MiB; one d_model x "
           f"d_head factor {dm * dh * 8 / 2**20:.2f} MiB")

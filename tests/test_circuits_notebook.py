@@ -11,6 +11,7 @@ import nbformat
 import numpy as np
 import pytest
 from nbclient import NotebookClient
+from results_tree import results_tree, tree_copy  # noqa: F401  (session fixture)
 from test_circuits import perturbed_copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,3 +102,28 @@ def test_plots_family(circuits_tree, tmp_path):
     assert len(names) == 3 and names[0].endswith("_heatmaps") and "importance_0" in names[2]
     files = bp.write_figures(res, "smollm2-135m", tmp_path / "fig", families=["circuits"])
     assert len(files) == 3 and all(f.read_bytes().startswith(b"\x89PNG") for f in files)
+
+
+@pytest.mark.slow
+def test_join_with_real_analyses(results_tree, tmp_path):  # noqa: F811
+    """The real ablation (humaneval, mbpp; layers 28-29 only) and Taylor outputs of the test tree are joined."""
+    import json
+
+    import btp.plots as bp
+    from btp import circuits as C
+    from btp.models import resolve_model
+
+    root = tree_copy(results_tree, tmp_path / "t")          # a circuits dir beside the model would change the tree
+    other = perturbed_copy(resolve_model("smollm2-135m").path, tmp_path / "p")
+    paths = C.run("smollm2-135m", str(other), root, C.CircuitConfig(null=False, random_baseline=False, n_boot=200),
+                  progress=False)
+    joins = json.loads(paths["json"].read_text())["importance"]
+    assert {(j["stage"], j["dataset"]) for j in joins} >= {("ablation", "humaneval"), ("ablation", "mbpp"),
+                                                           ("taylor", "humaneval")}
+    for j in joins:
+        assert "error" not in j and "error" not in j["ov_cos"], j
+        assert j["ov_cos"]["ci_low"] <= j["ov_cos"]["diff"] <= j["ov_cos"]["ci_high"]
+    abl = next(j for j in joins if j["stage"] == "ablation")
+    assert abl["ov_cos"]["n_heads"] == 18                 # the matrix covers layers 28-29 only: NaN rows skipped
+    names = [n for n, _ in bp.FAMILIES["circuits"](root, "smollm2-135m")]
+    assert len(names) == 2 + len(joins)

@@ -280,6 +280,20 @@ def test_cli(tmp_path, capsys):
     assert C.main(["--config", str(preset), "--no-random"])["csv"].name == "m--a__m--a.csv"
 
 
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub
+
+    import btp.models
+
+    def offline(*a, **k):
+        raise OSError("no connection")
+
+    monkeypatch.setattr(btp.models, "_hub_revision", lambda repo, rev: rev)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(RuntimeError, match="cannot get the weights of org/model .*offline.*local folder"):
+        C.local_folder("org/model")
+
+
 # ---------------------------------------------------------------- the embedded model
 
 PERTURBED = {"q": (3, 4), "o": (10, 0), "v": (20, 1)}   # (layer, head) or (layer, KV head) for v

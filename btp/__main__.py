@@ -14,7 +14,7 @@ STAGES = [
     ("Taylor pruning", "btp.taylor", "iterative first-order Taylor head pruning", "taylor/<mode>.jsonl"),
     ("CMA-ES search", "btp.cmaes_search", "black-box head-subset search (pycma)", "cmaes/<mode>.jsonl"),
     ("OV/QK circuits", "btp.circuits", "per-head circuit similarity of a base and a distilled model",
-     "circuits/*.npz"),
+     "circuits/<base>__<other>.csv, .npz, .json"),
     ("pruned inference", "btp.pruned", "generate and evaluate with heads removed, against controls", "pruned/..."),
     ("progress", "btp.check", "table of every model x dataset and stage (run_check.sh)", "stdout / --json"),
     ("plots", "btp.plots", "PNG/PDF figures of every result", "figures/"),

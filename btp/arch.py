@@ -192,3 +192,86 @@ def adapter(model: nn.Module) -> Adapter:
         except Exception:
             pass
     return a
+
+
+# ================================================================ weights on disk (the circuit reader)
+# The attention weights as stored in safetensors shards, so that a reader can take them tensor by tensor without
+# instantiating the model. HF Linear weights are [out, in]: q/k/v are [heads * head_dim, d_model] (d_model is the
+# *input* side), o is [d_model, heads * head_dim] (d_model is the *output* side).
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Safetensors key names of one decoder layer's attention, relative to a layer prefix."""
+
+    layer_prefixes: tuple[str, ...] = ("model.layers.{layer}.", "layers.{layer}.")  # first one present is used
+    q: str = "self_attn.q_proj"            # `.weight` / `.bias` appended
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    qkv: str | None = None                 # a fused projection, rows [q | k | v] (Phi3); then q/k/v are unused
+    input_norm: str = "input_layernorm"    # the norm whose output the attention reads
+    q_norm: str | None = None              # per-head RMSNorm of q and k after projection (Qwen3, Gemma3)
+    k_norm: str | None = None
+    norm_offset: float = 0.0               # RMSNorm scale = weight + offset (Gemma: 1, its weights are stored as w - 1)
+
+
+_W_DEFAULT = WeightSpec()
+_W_QKNORM = WeightSpec(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+_W_GEMMA2 = WeightSpec(norm_offset=1.0)
+_W_GEMMA3 = WeightSpec(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", norm_offset=1.0)
+_W_GEMMA3_MM = WeightSpec(layer_prefixes=("model.language_model.layers.{layer}.",
+                                          "language_model.model.layers.{layer}."),
+                          q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", norm_offset=1.0)
+
+WEIGHT_SPECS: dict[str, WeightSpec] = {
+    "LlamaForCausalLM": _W_DEFAULT,
+    "MistralForCausalLM": _W_DEFAULT,
+    "Qwen2ForCausalLM": _W_DEFAULT,        # q/k/v biases: present as `.bias` keys, found by the reader
+    "Qwen3ForCausalLM": _W_QKNORM,
+    "Gemma2ForCausalLM": _W_GEMMA2,
+    "Gemma3ForCausalLM": _W_GEMMA3,
+    "Gemma3ForConditionalGeneration": _W_GEMMA3_MM,
+    "Phi3ForCausalLM": WeightSpec(qkv="self_attn.qkv_proj"),
+}
+
+
+def text_config(config: dict) -> dict:
+    """The decoder's part of a config.json (multimodal configs nest it under `text_config`)."""
+    return config.get("text_config") or config
+
+
+def config_arch(config: dict) -> str:
+    archs = config.get("architectures") or []
+    if not archs:
+        raise UnsupportedArchitecture("config.json names no `architectures`; cannot tell how its weights are named")
+    return archs[0]
+
+
+def weight_spec(config: dict) -> WeightSpec:
+    """The on-disk attention layout of a config.json's architecture; UnsupportedArchitecture if unknown."""
+    arch = config_arch(config)
+    spec = WEIGHT_SPECS.get(arch)
+    if spec is None:
+        raise UnsupportedArchitecture(f"unsupported architecture {arch} for reading attention weights "
+                                      f"(known: {', '.join(sorted(WEIGHT_SPECS))}); add a WeightSpec in btp/arch.py")
+    return spec
+
+
+def config_head_layout(config: dict) -> HeadLayout:
+    """Query heads, KV heads and head dim as the config states them (uniform over layers; a reader checks them
+    against the weight shapes, which win for pruned or mixed models)."""
+    c = text_config(config)
+    n_heads = int(c["num_attention_heads"])
+    n_kv = int(c.get("num_key_value_heads") or n_heads)
+    head_dim = int(c.get("head_dim") or c["hidden_size"] // n_heads)
+    return HeadLayout(n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim)
+
+
+def config_rotary_dim(config: dict, head_dim: int) -> int:
+    """Dims of a head that rotary embeddings rotate (HF rotate_half: pairs (i, i + rot/2), i < rot/2); the rest
+    (partial rotary) are position-independent."""
+    c = text_config(config)
+    rp = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    factor = c.get("partial_rotary_factor") or (rp.get("partial_rotary_factor") if isinstance(rp, dict) else None)
+    rot = int(head_dim * float(factor or 1.0))
+    return rot - rot % 2

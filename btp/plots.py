@@ -723,3 +723,164 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 if __name__ == "__main__":
     main()
+
+
+# ================================================================ OV/QK circuits (btp.circuits outputs)
+# `results/circuits/<base-slug>__<other-slug>.{csv,npz,json}`: read here, never recomputed.
+
+@dataclass
+class Circuits:
+    """One circuit comparison: [L, Hmax] matrices and per-rotary-pair arrays (npz) and its JSON."""
+
+    name: str                      # `<base-slug>__<other-slug>`
+    data: dict                     # npz arrays
+    meta: dict
+
+    @property
+    def base(self) -> str:
+        return str(self.meta.get("model"))
+
+    @property
+    def other(self) -> str:
+        return str(self.meta.get("other_model"))
+
+    @property
+    def label(self) -> str:
+        return f"{model_slug(self.base)} → {model_slug(self.other)}"
+
+    def matrix(self, col: str) -> np.ndarray:
+        return np.asarray(self.data[col], dtype=float)
+
+
+def circuit_names(results_dir: str | Path) -> list[str]:
+    d = Path(results_dir) / "circuits"
+    return sorted(p.stem for p in d.glob("*.json") if (d / f"{p.stem}.npz").exists()) if d.is_dir() else []
+
+
+def load_circuits(results_dir: str | Path, base: str | None = None, other: str | None = None,
+                  name: str | None = None) -> Circuits:
+    """A circuits output by its name, by the two models (slugs, HF ids, folders or embedded names), or the only one
+    of `base` (or at all) when `other` is None."""
+    d = Path(results_dir) / "circuits"
+    if name is None and other is None:   # the only comparison (of `base`, if given)
+        have = [n for n in circuit_names(results_dir)
+                if base is None or any(n.startswith(f"{b}__") for b in _slugs(base))]
+        if len(have) != 1:
+            raise FileNotFoundError(f"{len(have)} circuit comparisons" + (f" of {base}" if base else "")
+                                    + f" under {d} ({', '.join(have) or 'run python -m btp.circuits'}): pass other=")
+        name = have[0]
+    elif name is None:
+        names = [f"{a}__{b}" for a in _slugs(base or "") for b in _slugs(other)] if base else []
+        name = next((n for n in names if (d / f"{n}.json").exists()), names[0] if names else "?")
+    if not (d / f"{name}.json").exists():
+        raise FileNotFoundError(f"no circuits output {name} under {d} (run python -m btp.circuits)")
+    data = read_npz(d / f"{name}.npz")
+    data.pop("provenance", None)
+    return Circuits(name, data, read_json(d / f"{name}.json"))
+
+
+def _slugs(model: str) -> list[str]:
+    """Slugs a model may be filed under: as given, slugged, and the slug of the id btp.models resolves it to."""
+    out = [model, model_slug(model)]
+    try:
+        from .models import resolve_model
+
+        out.append(model_slug(resolve_model(model).model_id))
+    except Exception:  # noqa: BLE001  (names that do not resolve are taken as ids)
+        pass
+    return list(dict.fromkeys(out))
+
+
+def _cos_heat(ax, fig: Figure, m: np.ndarray, title: str) -> None:
+    lo = min(0.0, float(np.nanmin(m))) if np.isfinite(m).any() else 0.0
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=colormaps["viridis"].with_extremes(bad=(1, 1, 1, 0)), vmin=lo,
+                   vmax=1.0, aspect="auto", interpolation="nearest", origin="lower")
+    _head_axes(ax, *m.shape)
+    fig.colorbar(im, ax=ax, label="cosine (Frobenius)", shrink=0.9)
+    ax.set_title(title, fontsize=9)
+
+
+def circuit_heatmaps(c: Circuits) -> Figure:
+    """Layer x head maps of the OV and static QK cosines, with the baselines in the panel titles."""
+    s = c.meta.get("summary") or {}
+    L, H = c.matrix("ov_cos").shape
+    fig = new_figure(min(max(11.0, 5 + 0.6 * H), 18), min(max(3.8, 1.8 + 0.2 * L), 14))
+    for ax, circ, what in zip(fig.subplots(1, 2), ("ov", "qk"), ("W_OV", "W_QK (static, relative position 0)")):
+        b = s.get(circ) or {}
+        base = "; ".join(x for x in (f"other heads {b['null_mean']:.3f}" if "null_mean" in b else "",
+                                     f"random model {b['random_mean']:+.3f}" if "random_mean" in b else "") if x)
+        _cos_heat(ax, fig, c.matrix(f"{circ}_cos"), f"{what}: mean {b.get('mean', float('nan')):.3f}"
+                  + (f"\nbaselines (mean cos): {base}" if base else ""))
+    fig.suptitle(f"Circuit similarity per head: {c.label}", fontsize=10)
+    return fig
+
+
+def circuit_pairs(c: Circuits) -> Figure:
+    """Per rotary frequency pair: median (line) and interquartile band over heads of the QK cosine of the pair's own
+    form, static and averaged over relative rotation."""
+    fig = new_figure(6.5, 3.8)
+    ax = fig.subplots()
+    for i, (key, lab) in enumerate((("qk_pair_cos", "static (relative position 0)"),
+                                    ("qk_pair_cos_pos_avg", "averaged over relative rotation"))):
+        x = c.matrix(key).reshape(-1, c.matrix(key).shape[-1])
+        x = x[np.isfinite(x).all(1)]
+        if not x.size:
+            continue
+        q = np.quantile(x, [0.25, 0.5, 0.75], axis=0)
+        ax.plot(np.arange(x.shape[1]), q[1], color=f"C{i}", label=lab)
+        ax.fill_between(np.arange(x.shape[1]), q[0], q[2], color=f"C{i}", alpha=0.2, lw=0)
+    ax.set_xlabel("rotary pair i (dims i, i + rot/2): low i rotates fast")
+    ax.set_ylabel("QK cosine of the pair's form")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="median and IQR over heads", title_fontsize=7)
+    ax.set_title(f"QK similarity per rotary frequency pair\n{c.label}", fontsize=10)
+    return fig
+
+
+def circuit_importance_items(c: Circuits) -> list[dict]:
+    """The joins with the base model's analyses that have an importance matrix in the npz."""
+    return [j for j in c.meta.get("importance") or [] if "error" not in j and j.get("npz_key") in c.data]
+
+
+def circuit_vs_importance(c: Circuits, item: dict) -> Figure:
+    """Circuit cosine against the base model's head importance (one analysis); top-k heads marked; the title gives
+    top-k minus rest with its bootstrap CI."""
+    imp = c.matrix(item["npz_key"]).ravel()
+    fig = new_figure(10, 3.9)
+    for ax, col in zip(fig.subplots(1, 2), ("ov_cos", "qk_cos")):
+        cos = c.matrix(col).ravel()
+        ok = np.isfinite(imp) & np.isfinite(cos)
+        j = item.get(col) or {}
+        k = int(j.get("top_k", 0))
+        top = np.zeros(ok.sum(), dtype=bool)
+        top[np.argsort(-imp[ok], kind="stable")[:k]] = True
+        ax.scatter(imp[ok][~top], cos[ok][~top], s=10, alpha=0.6, color="C0", label="other heads")
+        ax.scatter(imp[ok][top], cos[ok][top], s=22, color="C3", label=f"top-{k} by importance")
+        ax.set_xlabel(f"importance: {item.get('what', '')}")
+        ax.set_ylabel(col.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if "diff" in j:
+            ax.set_title(f"top − rest {j['diff']:+.4f} [{j['ci_low']:+.4f}, {j['ci_high']:+.4f}] 95% CI; "
+                         f"Spearman {j['spearman']['estimate']:+.2f}", fontsize=8)
+    fig.suptitle(f"Is importance preserved? {c.label}\n{item['stage']} · {item['dataset']} · {item['name']}",
+                 fontsize=10)
+    return fig
+
+
+def circuit_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+                    ) -> Iterator[tuple[str, Figure]]:
+    """Every circuits output whose base model is `model`: heatmaps, rotary pairs, similarity vs importance."""
+    slug = model_dir(results_dir, model).name
+    for name in circuit_names(results_dir):
+        c = load_circuits(results_dir, name=name)
+        if model_slug(c.base) != slug:
+            continue
+        yield f"circuits_{name}_heatmaps", circuit_heatmaps(c)
+        yield f"circuits_{name}_rotary_pairs", circuit_pairs(c)
+        for i, item in enumerate(circuit_importance_items(c)):
+            if not only or item["dataset"] in only:
+                yield f"circuits_{name}_importance_{i}", circuit_vs_importance(c, item)
+
+
+FAMILIES["circuits"] = circuit_figures

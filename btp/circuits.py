@@ -46,47 +46,13 @@ from .arch import (
     text_config,
     weight_spec,
 )
-from .store import _atomic, iter_jsonl, model_slug, provenance, read_json, read_npz, write_json, write_npz
+from .results import circuits_paths, head_importances
+from .store import provenance, read_json, write_json, write_npz, write_text
 
 STAGE = "circuits"
 
 
 # ---------------------------------------------------------------- output place (moves to btp/results.py at merge)
-
-def output_paths(results_dir: str | Path, base_id: str, other_id: str) -> dict[str, Path]:
-    """`results/circuits/<base-slug>__<other-slug>.{csv,json,npz}`."""
-    stem = f"{model_slug(base_id)}__{model_slug(other_id)}"
-    d = Path(results_dir) / "circuits"
-    return {"csv": d / f"{stem}.csv", "json": d / f"{stem}.json", "npz": d / f"{stem}.npz"}
-
-
-def analysis_importances(results_dir: str | Path, model_id: str) -> tuple[list[dict], list[str]]:
-    """Head-importance matrices [L, Hmax] of a model's finished analyses (moves to btp/results.py at merge):
-    ablation `delta_mean` (larger: ablating hurts more) and Taylor's first-iteration importance (all heads alive).
-    Returns (analyses as {stage, dataset, name, what, importance}, notes on what was found but not read)."""
-    root = Path(results_dir) / model_slug(model_id)
-    found: list[dict] = []
-    notes: list[str] = []
-    if not root.is_dir():
-        return found, [f"no results of the base model under {root}"]
-    for ds in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for npz in sorted((ds / "ablation").glob("*.npz")):
-            if ".partial" in npz.name or not npz.with_suffix(".json").exists():
-                continue
-            imp = np.asarray(read_npz(npz)["delta_mean"], dtype=np.float64)
-            found.append({"stage": "ablation", "dataset": ds.name, "name": npz.stem, "what": "delta_mean (ΔCE)",
-                          "importance": imp})
-        for jl in sorted((ds / "taylor").glob("*.jsonl")):
-            first = next(iter_jsonl(jl), None)
-            if first is None or "importance" not in first:
-                continue
-            imp = np.array([[np.nan if x is None else x for x in row] for row in first["importance"]], dtype=float)
-            found.append({"stage": "taylor", "dataset": ds.name, "name": jl.name[: -len(".jsonl")],
-                          "what": "Taylor importance, first iteration", "importance": imp})
-        if (ds / "cmaes").is_dir() and any((ds / "cmaes").iterdir()):
-            notes.append(f"{ds / 'cmaes'}: CMA-ES outputs present but not joined (no reader for them yet)")
-    return found, notes
-
 
 # ---------------------------------------------------------------- config
 
@@ -691,8 +657,7 @@ def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str] = COLUMNS
     for r in rows:
         w.writerow({k: (repr(v) if isinstance(v, float) and not math.isnan(v) else ("" if isinstance(v, float)
                                                                                     else v)) for k, v in r.items()})
-    data = buf.getvalue().encode()
-    return _atomic(path, lambda f: f.write(data))
+    return write_text(path, buf.getvalue())
 
 
 def read_csv(path: str | Path) -> list[dict]:
@@ -710,8 +675,8 @@ def run(base: str, other: str, results_dir: str | Path = "results", cfg: Circuit
     fb, id_b, rev_b = local_folder(other)
     ra, rb = WeightReader(fa), WeightReader(fb)
     c = compare(ra, rb, cfg, names=(base, other), progress=progress)
-    paths = output_paths(results_dir, id_a, id_b)
-    analyses, notes = analysis_importances(results_dir, id_a)
+    paths = circuits_paths(results_dir, id_a, id_b)
+    analyses, notes = head_importances(results_dir, id_a)
     joins = join_analyses(c, analyses, cfg)
     if not analyses:
         notes.append("no ablation or Taylor outputs of the base model: run python -m btp.ablation / btp.taylor "

@@ -746,49 +746,33 @@ class Circuits:
 
     @property
     def label(self) -> str:
-        return f"{model_slug(self.base)} → {model_slug(self.other)}"
+        return f"{results.model_slug(self.base)} → {results.model_slug(self.other)}"
 
     def matrix(self, col: str) -> np.ndarray:
         return np.asarray(self.data[col], dtype=float)
-
-
-def circuit_names(results_dir: str | Path) -> list[str]:
-    d = Path(results_dir) / "circuits"
-    return sorted(p.stem for p in d.glob("*.json") if (d / f"{p.stem}.npz").exists()) if d.is_dir() else []
 
 
 def load_circuits(results_dir: str | Path, base: str | None = None, other: str | None = None,
                   name: str | None = None) -> Circuits:
     """A circuits output by its name, by the two models (slugs, HF ids, folders or embedded names), or the only one
     of `base` (or at all) when `other` is None."""
-    d = Path(results_dir) / "circuits"
+    d = Path(results_dir) / results.CIRCUITS
     if name is None and other is None:   # the only comparison (of `base`, if given)
-        have = [n for n in circuit_names(results_dir)
-                if base is None or any(n.startswith(f"{b}__") for b in _slugs(base))]
+        have = [n for n in results.circuit_names(results_dir)
+                if base is None or any(n.startswith(f"{b}__") for b in results.model_slugs(base))]
         if len(have) != 1:
             raise FileNotFoundError(f"{len(have)} circuit comparisons" + (f" of {base}" if base else "")
                                     + f" under {d} ({', '.join(have) or 'run python -m btp.circuits'}): pass other=")
         name = have[0]
     elif name is None:
-        names = [f"{a}__{b}" for a in _slugs(base or "") for b in _slugs(other)] if base else []
-        name = next((n for n in names if (d / f"{n}.json").exists()), names[0] if names else "?")
-    if not (d / f"{name}.json").exists():
+        names = [f"{a}__{b}" for a in results.model_slugs(base or "") for b in results.model_slugs(other)] \
+            if base else []
+        name = next((n for n in names if results.read_circuits(results_dir, n) is not None),
+                    names[0] if names else "?")
+    found = results.read_circuits(results_dir, name)
+    if found is None:
         raise FileNotFoundError(f"no circuits output {name} under {d} (run python -m btp.circuits)")
-    data = read_npz(d / f"{name}.npz")
-    data.pop("provenance", None)
-    return Circuits(name, data, read_json(d / f"{name}.json"))
-
-
-def _slugs(model: str) -> list[str]:
-    """Slugs a model may be filed under: as given, slugged, and the slug of the id btp.models resolves it to."""
-    out = [model, model_slug(model)]
-    try:
-        from .models import resolve_model
-
-        out.append(model_slug(resolve_model(model).model_id))
-    except Exception:  # noqa: BLE001  (names that do not resolve are taken as ids)
-        pass
-    return list(dict.fromkeys(out))
+    return Circuits(name, *found)
 
 
 def _cos_heat(ax, fig: Figure, m: np.ndarray, title: str) -> None:
@@ -872,9 +856,9 @@ def circuit_figures(results_dir: str | Path, model: str | None, only: Sequence[s
                     ) -> Iterator[tuple[str, Figure]]:
     """Every circuits output whose base model is `model`: heatmaps, rotary pairs, similarity vs importance."""
     slug = model_dir(results_dir, model).name
-    for name in circuit_names(results_dir):
+    for name in results.circuit_names(results_dir):
         c = load_circuits(results_dir, name=name)
-        if model_slug(c.base) != slug:
+        if results.model_slug(c.base) != slug:
             continue
         yield f"circuits_{name}_heatmaps", circuit_heatmaps(c)
         yield f"circuits_{name}_rotary_pairs", circuit_pairs(c)

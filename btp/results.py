@@ -32,6 +32,7 @@ SELECTS = ("correct", "incorrect", "all")
 # stage name -> its folder under results/<model>/<dataset>/
 STAGE_DIRS = {"entropy_lens": "entropy", "ablation": "ablation", "taylor": "taylor", "cmaes": "cmaes"}
 GENERATIONS, EVALUATIONS, SUMMARY = "generations.jsonl", "evaluations.jsonl", "summary.json"   # per dataset dir
+CIRCUITS = "circuits"          # cross-model outputs: `results/circuits/<base-slug>__<other-slug>.<ext>`
 KNOCKOUT = "knockout"          # the part name of ablation's knockout curves: `<stem>_knockout.json`
 PARTIAL = "partial"            # progress files: `<stem>.partial.npz`, `<stem>_knockout.partial.json`
 _POPULATION_WORDS = ("reference", *SELECTS)
@@ -83,7 +84,7 @@ def find_model_dir(results_dir: str | os.PathLike, model: str | None) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"results dir {root} not found")
     if model is None:
-        models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != CIRCUITS)
         if len(models) != 1:
             raise ValueError(f"{root} holds {len(models)} models ({', '.join(p.name for p in models)}): pass --model")
         return models[0]
@@ -91,6 +92,41 @@ def find_model_dir(results_dir: str | os.PathLike, model: str | None) -> Path:
         if (root / name).is_dir():
             return root / name
     raise FileNotFoundError(f"no results for model {model!r} under {root}")
+
+
+def circuits_paths(results_dir: str | os.PathLike, base_id: str, other_id: str) -> dict[str, Path]:
+    """`results/circuits/<base-slug>__<other-slug>.{csv,json,npz}`: one comparison of two models."""
+    stem = f"{model_slug(base_id)}__{model_slug(other_id)}"
+    d = Path(results_dir) / CIRCUITS
+    return {ext: d / f"{stem}.{ext}" for ext in ("csv", "json", "npz")}
+
+
+def model_slugs(model: str) -> list[str]:
+    """Slugs a model may be filed under: as given, slugged, and the slug of the id btp.models resolves it to."""
+    out = [model, model_slug(model)]
+    try:
+        from .models import resolve_model
+
+        out.append(model_slug(resolve_model(model).model_id))
+    except Exception:  # noqa: BLE001  (names that do not resolve are taken as ids)
+        pass
+    return list(dict.fromkeys(out))
+
+
+def circuit_names(results_dir: str | os.PathLike) -> list[str]:
+    """Finished circuit comparisons (`<base-slug>__<other-slug>`: json and npz written)."""
+    d = Path(results_dir) / CIRCUITS
+    return sorted(p.stem for p in d.glob("*.json") if (d / f"{p.stem}.npz").exists()) if d.is_dir() else []
+
+
+def read_circuits(results_dir: str | os.PathLike, name: str) -> tuple[dict, dict] | None:
+    """(npz arrays without provenance, json metadata) of a circuit comparison; None when it does not exist."""
+    d = Path(results_dir) / CIRCUITS
+    if not (d / f"{name}.json").exists():
+        return None
+    data = read_npz(d / f"{name}.npz")
+    data.pop("provenance", None)
+    return data, read_json(d / f"{name}.json")
 
 
 def generations_dir(results_dir: str | os.PathLike, model: str, dataset: str) -> tuple[Path, str]:
@@ -514,6 +550,32 @@ def importance_matrix(rec: dict, key: str = "importance") -> np.ndarray:
 def importance_matrices(recs: Sequence[dict], key: str = "importance") -> np.ndarray:
     """A Taylor history's matrices stacked: [iterations, L, Hmax]."""
     return np.stack([importance_matrix(r, key) for r in recs]) if recs else np.zeros((0, 0, 0))
+
+
+def head_importances(results_dir: str | os.PathLike, model_id: str) -> tuple[list[dict], list[str]]:
+    """Head-importance matrices [L, Hmax] of a model's finished analyses: ablation `delta_mean` (larger: ablating
+    hurts more) and Taylor's first-iteration importance (all heads alive). Returns (analyses as {stage, dataset,
+    name, what, importance}, notes on what was found but not read)."""
+    root = Path(results_dir) / model_slug(model_id)
+    found: list[dict] = []
+    notes: list[str] = []
+    if not root.is_dir():
+        return found, [f"no results of the base model under {root}"]
+    for ds in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        abl, tay = ds / STAGE_DIRS["ablation"], ds / STAGE_DIRS["taylor"]
+        for name in list_outputs(abl, "ablation"):
+            imp = np.asarray(read_analysis(abl, name)[0]["delta_mean"], dtype=np.float64)
+            found.append({"stage": "ablation", "dataset": ds.name, "name": name, "what": "delta_mean (ΔCE)",
+                          "importance": imp})
+        for name in list_outputs(tay, "taylor"):
+            recs = read_taylor(tay, name)[0]
+            if recs and "importance" in recs[0]:
+                found.append({"stage": "taylor", "dataset": ds.name, "name": name,
+                              "what": "Taylor importance, first iteration", "importance": importance_matrix(recs[0])})
+        cm = ds / STAGE_DIRS["cmaes"]
+        if cm.is_dir() and any(cm.iterdir()):
+            notes.append(f"{cm}: CMA-ES outputs present but not joined (no reader for them yet)")
+    return found, notes
 
 
 def rank_heads(delta_mean: np.ndarray) -> list[tuple[int, int]]:

@@ -103,6 +103,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return _atomic(Path(path), lambda f: f.write(data + b"\n"))
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text file (UTF-8), e.g. a CSV table."""
+    data = text.encode()
+    return _atomic(Path(path), lambda f: f.write(data))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:

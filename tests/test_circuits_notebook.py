@@ -52,7 +52,8 @@ def circuits_tree(tmp_path_factory):
     """results/ with the embedded model against a perturbed copy, and an ablation output of the base."""
     from btp import circuits as C
     from btp.models import resolve_model
-    from btp.store import model_slug, write_json, write_npz
+    from btp.results import model_slug
+    from btp.store import write_json, write_npz
 
     root = tmp_path_factory.mktemp("circ")
     ref = resolve_model("smollm2-135m")

@@ -103,8 +103,20 @@ def _generation_options(gen_path: Path) -> dict:
     return opts
 
 
-def plan(cfg: EvalConfig) -> tuple[list[Problem], list[dict], Path, str, str]:
-    """(problems, programs, evaluations path, model name, source) for a config."""
+@dataclass(frozen=True)
+class EvalPlan:
+    """What a config asks to judge: the problems, the programs ({problem_id, sample, code}), where verdicts go,
+    the model name they are filed under and where the programs came from (generations | reference | input)."""
+
+    problems: list[Problem]
+    programs: list[dict]
+    out: Path
+    model: str
+    source: str
+
+
+def plan(cfg: EvalConfig) -> EvalPlan:
+    """The evaluation plan of a config."""
     bench = benchmarks.get(cfg.dataset)
     if cfg.reference and cfg.input:
         raise ValueError("--reference and --input exclude each other")
@@ -139,7 +151,7 @@ def plan(cfg: EvalConfig) -> tuple[list[Problem], list[dict], Path, str, str]:
     problems = bench.load(**opts)
     if programs is None:
         programs = [{"problem_id": p.problem_id, "sample": 0, "code": p.reference} for p in problems]
-    return problems, programs, out, model, source
+    return EvalPlan(problems, programs, out, model, source)
 
 
 # ---------------------------------------------------------------- the stage
@@ -194,7 +206,8 @@ def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot
 
 def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
     """Run the stage; returns the summary (also written to summary.json next to evaluations.jsonl)."""
-    problems, programs, out, model, source = plan(cfg)
+    p = plan(cfg)
+    problems, programs, out, model, source = p.problems, p.programs, p.out, p.model, p.source
     by_id = {p.problem_id: p for p in problems}
     ignored = [r for r in programs if r["problem_id"] not in by_id]
     programs = [r for r in programs if r["problem_id"] in by_id]

@@ -77,6 +77,15 @@ class Job:
     seed: int
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer: its text, the exact output token ids, and why it ended (stop | length)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
 def sample_seed(seed: int, problem_id: str, sample: int) -> int:
     """A stable per-(problem, sample) seed, independent of which other pairs run alongside."""
     return int.from_bytes(hashlib.sha256(f"{seed}|{problem_id}|{sample}".encode()).digest()[:4], "little") >> 1
@@ -116,7 +125,7 @@ class VllmBackend:
                               max_model_len=cfg.max_model_len, gpu_memory_utilization=gpu_util, dtype=cfg.dtype,
                               seed=cfg.seed, enforce_eager=cfg.enforce_eager)
 
-    def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[tuple[str, list[int], str]]:
+    def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[Completion]:
         from vllm import SamplingParams
 
         params = [SamplingParams(n=1, seed=j.seed, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -126,7 +135,7 @@ class VllmBackend:
         res = []
         for o in outs:
             c = o.outputs[0]
-            res.append((c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length"))
+            res.append(Completion(c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length"))
         return res
 
     def close(self) -> None:
@@ -152,7 +161,7 @@ class HfBackend:
         self.eos = eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
-    def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[tuple[str, list[int], str]]:
+    def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[Completion]:
         import torch
         from transformers import GenerationConfig
 
@@ -176,7 +185,8 @@ class HfBackend:
         for row in out[:, width:].tolist():
             stop = next((k for k, t in enumerate(row) if t in self.eos), None)
             toks = row if stop is None else row[: stop + 1]
-            res.append((self.tok.decode(toks, skip_special_tokens=True), toks, "length" if stop is None else "stop"))
+            res.append(Completion(self.tok.decode(toks, skip_special_tokens=True), toks,
+                                  "length" if stop is None else "stop"))
         return res
 
 
@@ -211,12 +221,12 @@ def plan_jobs(problems: Sequence[Problem], tokenizer: Any, cfg: GenerateConfig, 
     return jobs, style
 
 
-def make_record(job: Job, text: str, token_ids: list[int], finish: str) -> dict:
-    e = extract(job.problem, text, job.style, job.prompt)
+def make_record(job: Job, c: Completion) -> dict:
+    e = extract(job.problem, c.text, job.style, job.prompt)
     return {"problem_id": job.problem.problem_id, "sample": job.sample, "prompt": job.prompt,
-            "prompt_token_ids": job.prompt_token_ids, "output": text, "output_token_ids": token_ids,
+            "prompt_token_ids": job.prompt_token_ids, "output": c.text, "output_token_ids": c.token_ids,
             "reasoning": e.reasoning, "code": e.code, "code_start": e.code_start, "code_end": e.code_end,
-            "finish_reason": finish, "prompt_style": job.style, "seed": job.seed}
+            "finish_reason": c.finish_reason, "prompt_style": job.style, "seed": job.seed}
 
 
 def _chunks(jobs: list[Job], size: int) -> Iterator[list[Job]]:
@@ -289,8 +299,8 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
     with tqdm(total=len(jobs), desc=f"generate {cfg.dataset}", unit="seq", dynamic_ncols=True) as bar:
         for chunk in _chunks(jobs, size):
             res = engine.run(chunk, cfg)
-            store.append([make_record(j, *r) for j, r in zip(chunk, res)])
-            n_tok += sum(len(r[1]) for r in res)
+            store.append([make_record(j, c) for j, c in zip(chunk, res)])
+            n_tok += sum(len(c.token_ids) for c in res)
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
     return out

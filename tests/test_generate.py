@@ -92,7 +92,7 @@ def test_hf_left_padding_matches_unbatched(tiny):
     cfg = GenerateConfig(max_tokens=8)
     batched = HfBackend(m, t).run(jobs, cfg)
     alone = [HfBackend(m, t).run([j], cfg)[0] for j in jobs]
-    assert [b[1] for b in batched] == [a[1] for a in alone]
+    assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
 
 
 def test_sample_seed_is_stable_and_distinct():

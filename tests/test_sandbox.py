@@ -49,9 +49,12 @@ def _ns_init(pid: int, ppid: int) -> bool:
 
 
 def _strays() -> list[str]:
-    """Processes a program left behind: any of a sandbox uid; any sandbox process that is not a zygote,
-    a server, or a server's namespace init; any marked process no zygote accounts for (an escapee)."""
+    """Processes a program left behind: any of this process's sandbox uids; any sandbox process that is not a
+    zygote, a server, or a server's namespace init; any marked process no zygote accounts for (an escapee).
+    Sandboxes of other live processes on the machine (another test run) are theirs, not strays."""
     procs = _procs()
+    me = os.getpid()
+    uid_lo = UID_BASE + (me % 100_000) * 256
     bad = []
     for pid, (ppid, uid, cmd) in procs.items():
         chain, p = [], pid
@@ -59,10 +62,13 @@ def _strays() -> list[str]:
             chain.append(p)
             p = procs[p][0]
         depth = len(chain)  # 1: a zygote, 2: a server, 3: its namespace init, more: program processes
-        if UID_BASE <= uid < UID_BASE + 100_000 * 256:
+        owner = p  # the first unmarked ancestor: the process that started this sandbox (1 for an orphan)
+        if owner not in (me, 1) and owner in procs and not (uid_lo <= uid < uid_lo + 256):
+            continue
+        if uid_lo <= uid < uid_lo + 256:
             bad.append(f"{pid} sandbox uid {uid} {cmd[:60]!r}")
         elif MARK in cmd and (depth > 3 or (depth == 3 and not _ns_init(pid, ppid))
-                              or (depth == 1 and ppid != os.getpid())):
+                              or (depth == 1 and ppid != me)):
             bad.append(f"{pid} depth {depth} ppid {ppid} {cmd[:60]!r}")
     return bad
 

@@ -391,14 +391,14 @@ class Prior:
     """Per-head scores from another stage's output for the same samples: higher = more important."""
 
     source: str                      # e.g. `taylor/regular-reference.jsonl`
-    scores: np.ndarray               # [L, Hmax], NaN at padding
+    values: np.ndarray               # [L, Hmax] per-head scores, NaN at padding
     detail: dict = field(default_factory=dict)
 
     @property
     def tag(self) -> dict:
         import hashlib
 
-        h = hashlib.sha1(np.nan_to_num(self.scores, nan=-1e300).tobytes()).hexdigest()[:16]
+        h = hashlib.sha1(np.nan_to_num(self.values, nan=-1e300).tobytes()).hexdigest()[:16]
         return {"source": self.source, "scores": h, **self.detail}
 
 
@@ -482,7 +482,7 @@ def compare_controls(final: np.ndarray, space: Space, heldout: Fitness, scoring:
         else:
             notes["taylor"] = f"the Taylor history pruned {len(taylor_order)} heads, fewer than the {need} needed"
     if ablation is not None:
-        sets["ablation_topk"] = decode_fixed(warm_mean(ablation.scores, space, n_kept), space, n_kept, min_per_layer)
+        sets["ablation_topk"] = decode_fixed(warm_mean(ablation.values, space, n_kept), space, n_kept, min_per_layer)
     names = list(sets)
     masks = space.masks(np.stack([sets[n] for n in names]))
     h, s = np.asarray(heldout(masks)), np.asarray(scoring(masks))
@@ -612,12 +612,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     ad = adapter(lm.model)
     space = Space(tuple(ad.layer_num_heads))
-    if prior is not None and prior.scores.shape != space.shape:
-        raise SystemExit(f"{prior.source}: scores of shape {prior.scores.shape} do not fit the model {space.shape}")
+    if prior is not None and prior.values.shape != space.shape:
+        raise SystemExit(f"{prior.source}: scores of shape {prior.values.shape} do not fit the model {space.shape}")
     fit = ModelFitness(lm.model, scoring, batch_rows=opts.batch_rows, progress=False)
     hold = ModelFitness(lm.model, heldout, batch_rows=opts.batch_rows, cache=False)
     k = cfg.n_keep(space.n)
-    x0 = warm_mean(prior.scores, space, k) if prior is not None else None
+    x0 = warm_mean(prior.values, space, k) if prior is not None else None
     search = Search(space, cfg, fit, x0=x0, heldout=hold, heldout_problems=heldout.problem_ids,
                     n_boot=opts.n_boot, state=state)
     stamp = run.stamp(lm, split={"seed": split_seed, "heldout": opts.heldout, "scoring": scoring.problem_ids,

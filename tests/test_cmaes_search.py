@@ -236,3 +236,16 @@ def test_main_resumes_into_the_file_an_uninterrupted_run_writes(tmp_path):
     assert one.name == "regular-reference-keep50pct.json" and one.with_suffix(".partial.pkl").exists()
     assert main(base + ["--results-dir", str(tmp_path / "a"), "--max-generations", "2"]) == one   # done: skipped
     assert read_jsonl(one.with_suffix(".jsonl")) == ra
+
+
+def test_clustered_ci_and_state_file(tmp_path):
+    from btp.stats import clustered_mean_ci
+
+    m = clustered_mean_ci([1.0, 1.0, 3.0, 5.0], ["a", "a", "b", "c"], n_boot=500, seed=0)
+    assert m.mean == 2.5 and 1.0 <= m.low <= m.mean <= m.high <= 5.0
+    one = clustered_mean_ci([2.0, 4.0], ["a", "a"], n_boot=50)
+    assert one.low == one.high == one.mean == 3.0          # one problem: no spread over problems
+    p = tmp_path / "x.partial.pkl"
+    write_partial(p, "key1", {"es": {"a": np.arange(3)}, "generation": 2})
+    assert read_partial(p, "key1", quiet=True)["generation"] == 2
+    assert read_partial(p, "other", quiet=True) is None     # another identity's state is not resumed

@@ -249,3 +249,28 @@ def test_clustered_ci_and_state_file(tmp_path):
     write_partial(p, "key1", {"es": {"a": np.arange(3)}, "generation": 2})
     assert read_partial(p, "key1", quiet=True)["generation"] == 2
     assert read_partial(p, "other", quiet=True) is None     # another identity's state is not resumed
+
+
+def test_ablation_prior_uses_the_scoring_samples_only(tmp_path):
+    """The ablation warm start/control reads a matrix of these samples (same tokens) and averages its per-sample
+    deltas over the scoring samples only; a restricted matrix (`-layers..`) or other samples are not used."""
+    from btp.cmaes_search import ablation_prior
+    from btp.results import output, sample_identity
+    from btp.store import write_json, write_npz
+
+    ss = make_samples(4, seed=1)
+    scoring, heldout = ss.split(1, seed=0)
+    ident = {"identity": sample_identity(ss.fields())}
+    delta = np.random.default_rng(0).normal(size=(4, 3, 4))
+    f = ss.fields()
+    for variant, d in (("layers1_2", delta[:, :2]), ("", delta)):
+        out = output(tmp_path, "m", "tiny", "ablation", Stem().with_variant(variant or None))
+        write_npz(out.path("npz"), delta=d, layer_num_heads=np.array([4] * d.shape[1]),
+                  sample_problem_id=f["sample_problem_id"], sample_number=f["sample_number"])
+        write_json(out.path("json"), {**ident, "ablation": "zero"})
+    tokens = ident["identity"]["tokens"]
+    p = ablation_prior(str(tmp_path), "m", "tiny", Stem(), tokens, scoring)
+    rows = [i for i, s in enumerate(ss.samples) if s.problem_id not in set(heldout.problem_ids)]
+    assert p is not None and p.source == "ablation/regular.npz"
+    np.testing.assert_allclose(p.values, delta[rows].mean(0))
+    assert ablation_prior(str(tmp_path), "m", "tiny", Stem(), "other-tokens", scoring) is None

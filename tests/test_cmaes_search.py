@@ -236,6 +236,12 @@ def test_main_resumes_into_the_file_an_uninterrupted_run_writes(tmp_path):
     assert one.name == "regular-reference-keep50pct.json" and one.with_suffix(".partial.pkl").exists()
     assert main(base + ["--results-dir", str(tmp_path / "a"), "--max-generations", "2"]) == one   # done: skipped
     assert read_jsonl(one.with_suffix(".jsonl")) == ra
+    # killed after saving generation 2's state, before appending its line (and before the final file)
+    jl = two.with_suffix(".jsonl")
+    jl.write_text("\n".join(jl.read_text().splitlines()[:1]) + "\n")
+    two.unlink()
+    assert main(base + ["--results-dir", str(tmp_path / "b"), "--max-generations", "2"]) == two
+    assert strip(read_jsonl(jl)) == strip(ra) and json.loads(two.read_text())["final"] == da["final"]
 
 
 def test_clustered_ci_and_state_file(tmp_path):

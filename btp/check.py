@@ -255,8 +255,9 @@ def _pass1(summary: Any) -> tuple[float | None, list | None]:
 def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
     """{name: note} of the analysis outputs in one stage dir. Done means: entropy/ablation `<name>.npz` and
     `<name>.json` both readable (note '+ko' with knockout curves); taylor `<name>.jsonl` with at least one
-    iteration (note '(i/N it)', N from its runs file, ', stop' when it stopped early); cmaes any readable
-    `<name>.*`. A `.partial.` file without the finished output shows as '(partial)'."""
+    iteration (note '(i/N it)', N from its runs file, ', stop' when it stopped early); cmaes `<name>.jsonl` with at
+    least one generation (note '(g/G gen, best f)', G from its runs file, f the best fitness so far), else any
+    readable `<name>.*`. A `.partial.` file without the finished output shows as '(partial)'."""
     ok: dict[tuple[str, str], set] = {}   # (stem, part) -> readable file extensions
     taylor: dict[str, tuple] = {}         # stem -> (iterations, last stop_reason)
     for p in sorted(p for p in sd.iterdir() if p.is_file() and not p.name.startswith(".")):
@@ -264,7 +265,8 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
         if f.ext.endswith("npz"):
             why = check_npz(p, deep)
         elif f.ext == "jsonl":
-            s = scan_jsonl(p, ("iteration", "stop_reason"))
+            keys = ("generation", "best_so_far_fitness") if stage == "cmaes" else ("iteration", "stop_reason")
+            s = scan_jsonl(p, keys)
             why = f"line {s.bad[0][0]}: not valid JSON ({s.bad[0][1]})" if s.bad else None
             if s.torn:
                 issue(p, "torn", "last line cut short (a killed writer); the next run drops and redoes it")
@@ -296,21 +298,27 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
             if "jsonl" in suf and n:
                 want = _taylor_iters(sd / results.file_name(stem, "jsonl"))
                 done[stem] = f"({n}{'/' + str(want) if want else ''} it{', stop' if stop else ''})"
+        elif stage == "cmaes" and "jsonl" in suf and taylor.get(stem, (0,))[0]:
+            n, best = taylor[stem]
+            want = _taylor_iters(sd / results.file_name(stem, "jsonl"), ("search", "max_generations"))
+            done[stem] = f"({n}{'/' + str(want) if want else ''} gen" + \
+                (f", best {best:.3f}" if isinstance(best, (int, float)) else "") + ")"
         elif any(not e.startswith(("partial", "runs")) for e in suf):
             done[stem] = ""
     return done
 
 
-def _taylor_iters(path: Path) -> int | None:
-    """--num-iters of the last Taylor run on this file (its runs file holds the stamps)."""
+def _taylor_iters(path: Path, setting: tuple[str, str] = ("taylor", "num_iters")) -> int | None:
+    """--num-iters of the last Taylor run on this file (its runs file holds the stamps); CMA-ES: --max-generations
+    with `setting` ("search", "max_generations")."""
     try:
         runs = results.read_runs(path)
     except (ValueError, OSError):
         return None
     if not runs:
         return None
-    return ((runs[-1].get("taylor") or {}).get("num_iters")
-            or (runs[-1].get("config") or {}).get("num_iters"))
+    return ((runs[-1].get(setting[0]) or {}).get(setting[1])
+            or (runs[-1].get("config") or {}).get(setting[1]))
 
 
 # ---------------------------------------------------------------- the tree
@@ -381,7 +389,8 @@ def format_table(rows: list[Row]) -> str:
                 out.append("  " + "  ".join("-" * x for x in w))
         out.append("")
     out.append("R = regular, C = chain_code; no suffix: correct generations, -ref: reference solutions, "
-               "-inc: incorrect, -all: all generations; +ko: knockout curves; (k it): Taylor iterations")
+               "-inc: incorrect, -all: all generations; +ko: knockout curves; (k it): Taylor iterations;\n"
+               "(g gen, best f): CMA-ES generations and best fitness (nats)")
     issues = [(r, i) for r in rows for i in r.issues]
     if issues:
         out.append("")

@@ -271,6 +271,16 @@ class SetLossCache:
     def __len__(self) -> int:
         return len(self._ce)
 
+    def state_dict(self) -> dict:
+        """The memoised losses, counters and base, in insertion order (a resumed search continues exactly)."""
+        return {"base": self.base, "sets": [sorted(k) for k in self._ce], "ce": [v for v in self._ce.values()],
+                "hits": self.hits, "misses": self.misses}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.base = st["base"]
+        self._ce = OrderedDict((frozenset(tuple(h) for h in k), np.asarray(v)) for k, v in zip(st["sets"], st["ce"]))
+        self.hits, self.misses = int(st["hits"]), int(st["misses"])
+
     def __call__(self, head_sets: Sequence[HeadSet], *, progress: bool = False, desc: str = "head sets"
                  ) -> SetLosses:
         keys = [frozenset((int(l), int(h)) for l, h in hs) for hs in head_sets]

@@ -112,6 +112,13 @@ def load_taylor(results_dir: str | Path, model: str | None, dataset: str, name: 
     return Analysis("taylor", dataset, name, recs, meta)
 
 
+def load_cmaes(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
+    """CMA-ES records (one per generation) with the final `<name>.json` (`extra["final"]`, None until a run
+    finished); metadata from the final file, else the runs file of the last run."""
+    recs, final, meta = results.read_cmaes(model_dir(results_dir, model) / dataset / "cmaes", name)
+    return Analysis("cmaes", dataset, name, recs, final or meta, {"final": final})
+
+
 def load_generations(results_dir: str | Path, model: str | None, dataset: str) -> list[dict]:
     """Light generation records: problem_id, sample, finish_reason, output/prompt token counts, has_code."""
     p = model_dir(results_dir, model) / dataset / GENERATIONS
@@ -483,6 +490,169 @@ def taylor_layers(a: Analysis) -> Figure:
                             label=f"importance {what}" + (" (L2-normalised per layer)" if s.get("normalize") else ""))
 
 
+# ================================================================ CMA-ES search
+
+def cmaes_title(a: Analysis, what: str) -> str:
+    ident = a.meta.get("identity") or {}
+    n_s, n_h = len(ident.get("scoring_samples") or ()), len(ident.get("heldout_samples") or ())
+    r = a.data[-1] if a.data else {}
+    n = a.meta.get("n_heads")
+    keep = f", keep {r.get('budget')}" + (f" of {n}" if n else "") + " heads" if r.get("budget") else ""
+    split = f" ({n_s} scoring / {n_h} held-out samples{keep})" if n_s or n_h else ""
+    return f"{what}\n{a.label}{split}"
+
+
+def _heldout_band(ax, gens: np.ndarray, pts: Sequence[dict | None], color: str, label: str, **kw: Any) -> None:
+    ok = [i for i, p in enumerate(pts) if p]
+    if not ok:
+        return
+    m = np.array([pts[i]["mean"] for i in ok])
+    lo, hi = np.array([pts[i]["ci_low"] for i in ok]), np.array([pts[i]["ci_high"] for i in ok])
+    ax.plot(gens[ok], m, color=color, label=label, **kw)
+    ax.fill_between(gens[ok], lo, hi, color=color, alpha=0.15, lw=0)
+
+
+def cmaes_fitness(a: Analysis) -> Figure:
+    """Scoring fitness per generation (best, median, worst of the population; best so far) and the held-out CE of
+    each generation's best and of the best so far, with 95% bootstrap CIs over held-out problems."""
+    from matplotlib.ticker import MaxNLocator
+
+    recs = a.data
+    g = np.array([r["generation"] for r in recs])
+    fig = new_figure(8, 4.2)
+    ax = fig.subplots()
+    ax.fill_between(g, [r["best_fitness"] for r in recs], [r["worst_fitness"] for r in recs], color="C0", alpha=0.12,
+                    lw=0, label="population best..worst")
+    ax.plot(g, [r["median_fitness"] for r in recs], color="C0", ls=":", label="population median")
+    ax.plot(g, [r["best_fitness"] for r in recs], color="C0", marker="o", ms=3, label="generation best")
+    ax.step(g, [r["best_so_far_fitness"] for r in recs], where="post", color="k", lw=1.2, label="best so far")
+    _heldout_band(ax, g, [r.get("best_heldout") for r in recs], "C3", "held-out: generation best (95% CI)",
+                  marker="s", ms=3)
+    _heldout_band(ax, g, [r.get("best_so_far_heldout") for r in recs], "C1", "held-out: best so far (95% CI)",
+                  ls="--")
+    ax.set_xlabel("generation")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    pen = (a.meta.get("search") or {}).get("encoding") == "threshold"
+    ax.set_ylabel("mean CE over scored tokens (nats)" + (" + size penalty" if pen else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    stop = (a.extra.get("final") or {}).get("stop_reason")
+    ax.set_title(cmaes_title(a, "CMA-ES head search: fitness per generation" + (f" (stop: {stop})" if stop else "")),
+                 fontsize=10)
+    return fig
+
+
+def cmaes_sigma(a: Analysis) -> Figure:
+    """pycma's step size per generation, and the evaluations it used (all candidates; those not in the cache)."""
+    from matplotlib.ticker import MaxNLocator
+
+    recs = a.data
+    g = np.array([r["generation"] for r in recs])
+    fig = new_figure(8, 3.4)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(g, [r["sigma"] for r in recs], marker="o", ms=3)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("sigma (step size)")
+    ax2.plot(g, [r["evals"] for r in recs], label="candidates")
+    ax2.plot(g, [r.get("evals_computed", r["evals"]) for r in recs], ls="--", label="computed (cache misses)")
+    ax2.set_ylabel("fitness evaluations")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("generation")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.suptitle(cmaes_title(a, "CMA-ES head search: step size and evaluations"), fontsize=10)
+    return fig
+
+
+def cmaes_best_mask(a: Analysis) -> np.ndarray:
+    """The final mask ([L, Hmax]: 1 kept, 0 removed, NaN padding), else the best so far of the last generation."""
+    final = a.extra.get("final")
+    return results.mask_from_rows(final["final"]["mask"] if final else a.data[-1]["best_so_far_mask"])
+
+
+def cmaes_mask(a: Analysis) -> Figure:
+    """The best mask as a layer x head map: kept heads dark, removed light, padding blank."""
+    m = cmaes_best_mask(a)
+    L, H = m.shape
+    fig = new_figure(min(max(6.0, 2.5 + 0.32 * H), 14), min(max(3.5, 1.6 + 0.2 * L), 14))
+    ax = fig.subplots()
+    cmap = ListedColormap([(0.93, 0.87, 0.75, 1.0), (0.1, 0.45, 0.2, 1.0)]).with_extremes(bad=(1, 1, 1, 0))
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5], 2), aspect="auto",
+                   interpolation="nearest", origin="lower")
+    _head_axes(ax, L, H)
+    fig.colorbar(im, ax=ax, shrink=0.9, ticks=[0, 1]).set_ticklabels(["removed", "kept"])
+    final = a.extra.get("final")
+    what = f"CMA-ES best mask: {int(np.nansum(m))} heads kept"
+    if final:
+        h = final["final"]["heldout"]
+        what += f"; held-out CE {h['mean']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}] (95% CI over problems)"
+    ax.set_title(cmaes_title(a, what), fontsize=10)
+    return fig
+
+
+def cmaes_mask_changes(a: Analysis) -> Figure:
+    """How the best mask so far changed: its heads per generation (kept dark), and how many heads changed from the
+    previous generation."""
+    recs = a.data
+    M = np.stack([results.mask_from_rows(r["best_so_far_mask"]) for r in recs])      # [G, L, Hmax]
+    exists = np.isfinite(M[0])
+    flat = M[:, exists]                                                                # [G, heads]
+    g = np.array([r["generation"] for r in recs])
+    fig = new_figure(10, 3.8)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[3, 1])
+    cmap = ListedColormap([(0.93, 0.87, 0.75, 1.0), (0.1, 0.45, 0.2, 1.0)])
+    ax1.imshow(flat, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest", origin="lower",
+               extent=(-0.5, flat.shape[1] - 0.5, g[0] - 0.5, g[-1] + 0.5))
+    starts = np.concatenate([[0], np.cumsum(exists.sum(1))[:-1]])
+    step = max(1, len(starts) // 10)
+    ax1.set_xticks(starts[::step], [str(l) for l in range(0, len(starts), step)])
+    ax1.set_xlabel("head, grouped by layer (tick: first head of the layer)")
+    ax1.set_ylabel("generation")
+    ax1.set_title("best mask so far (dark: kept)", fontsize=9)
+    changed = np.concatenate([[0], (np.diff(flat, axis=0) != 0).sum(1)])
+    ax2.plot(changed, g, marker="o", ms=3)
+    ax2.set_xlabel("heads changed")
+    ax2.set_ylim(g[0] - 0.5, g[-1] + 0.5)
+    ax2.grid(alpha=0.3)
+    fig.suptitle(cmaes_title(a, "CMA-ES head search: how the best mask changed"), fontsize=10)
+    return fig
+
+
+CONTROL_LABEL = {"cmaes": "CMA-ES", "random": "random (same heads per layer)", "taylor": "Taylor-pruned",
+                 "ablation_topk": "ablation top-k", "unpruned": "unpruned"}
+
+
+def cmaes_controls(a: Analysis) -> Figure:
+    """Held-out CE of the final mask against controls of the same size (random masks with the same heads per layer,
+    each draw a dot; the Taylor-pruned set; the ablation top-k set) and the unpruned model, 95% CI over problems."""
+    final = a.extra["final"]
+    sets = final["controls"]["sets"]
+    names = [n for n in ("unpruned", "cmaes", "ablation_topk", "taylor", "random") if n in sets]
+    fig = new_figure(8, 1.4 + 0.55 * len(names))
+    ax = fig.subplots()
+    y = np.arange(len(names))[::-1]
+    for yi, n in zip(y, names):
+        h = sets[n]["heldout"]
+        color = "C2" if n == "cmaes" else "0.5" if n == "unpruned" else "C0"
+        ax.barh(yi, h["mean"], color=color, alpha=0.7)
+        ax.errorbar(h["mean"], yi, xerr=[[h["mean"] - h["ci_low"]], [h["ci_high"] - h["mean"]]], color="k",
+                    capsize=3)
+        if n == "random":
+            draws = [sets[k]["heldout"]["mean"] for k in sets if k.startswith("random_")]
+            ax.plot(draws, [yi] * len(draws), "o", color="k", ms=3, alpha=0.6)
+        d = sets[n].get("diff_vs_cmaes")
+        if d:
+            ax.annotate(f"Δ vs CMA-ES {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", (h["ci_high"], yi),
+                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.set_yticks(y, [CONTROL_LABEL.get(n, n) for n in names])
+    ax.set_xlabel("held-out mean CE over scored tokens (nats), 95% CI over problems")
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title(cmaes_title(a, f"CMA-ES mask vs controls of the same size ({final['final']['n_kept']} heads kept)"),
+                 fontsize=10)
+    return fig
+
+
 # ================================================================ generation and evaluation
 
 def pass_at_k_points(summary: dict) -> list[tuple[int, float, float, float]]:
@@ -582,18 +752,19 @@ def _count(vals: Iterable[Any]) -> dict[str, int]:
 
 # ================================================================ everything present
 
-LOADERS = {"entropy": load_entropy, "ablation": load_ablation, "taylor": load_taylor}
+LOADERS = {"entropy": load_entropy, "ablation": load_ablation, "taylor": load_taylor, "cmaes": load_cmaes}
 
 
 def load_all(results_dir: str | Path, model: str | None, stage: str, only: Sequence[str] | None = None
              ) -> list[Analysis]:
-    """Every finished output of a stage (`entropy`, `ablation`, `taylor`) over the datasets (or `only` these)."""
+    """Every finished output of a stage (`entropy`, `ablation`, `taylor`, `cmaes`) over the datasets (or `only`
+    these)."""
     out = []
     for d in datasets(results_dir, model):
         if not only or d in only:
             for name in stems(results_dir, model, d, stage):
                 a = LOADERS[stage](results_dir, model, d, name)
-                if stage != "taylor" or a.data:
+                if stage not in results.JSONL_STAGES or a.data:
                     out.append(a)
     return out
 
@@ -672,8 +843,19 @@ def taylor_figures(results_dir: str | Path, model: str | None, only: Sequence[st
         yield f"taylor_{a.dataset}_{a.name}_layers", taylor_layers(a)
 
 
+def cmaes_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+                  ) -> Iterator[tuple[str, Figure]]:
+    for a in load_all(results_dir, model, "cmaes", only):
+        yield f"cmaes_{a.dataset}_{a.name}_fitness", cmaes_fitness(a)
+        yield f"cmaes_{a.dataset}_{a.name}_sigma", cmaes_sigma(a)
+        yield f"cmaes_{a.dataset}_{a.name}_mask", cmaes_mask(a)
+        yield f"cmaes_{a.dataset}_{a.name}_mask_changes", cmaes_mask_changes(a)
+        if a.extra.get("final"):
+            yield f"cmaes_{a.dataset}_{a.name}_controls", cmaes_controls(a)
+
+
 FAMILIES = {"generation": generation_figures, "entropy": entropy_figures, "ablation": ablation_figures,
-            "taylor": taylor_figures}
+            "taylor": taylor_figures, "cmaes": cmaes_figures}
 
 
 def write_figures(results_dir: str | Path, model: str | None, out: str | Path, *, only: Sequence[str] | None = None,

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import store
 from .store import MalformedFileError, iter_jsonl, read_json, read_npz, runs_path, write_json, write_npz  # noqa: F401
 
 MODES = ("regular", "chain_code")
@@ -35,6 +36,7 @@ GENERATIONS, EVALUATIONS, SUMMARY = "generations.jsonl", "evaluations.jsonl", "s
 CIRCUITS = "circuits"          # cross-model outputs: `results/circuits/<base-slug>__<other-slug>.<ext>`
 KNOCKOUT = "knockout"          # the part name of ablation's knockout curves: `<stem>_knockout.json`
 PARTIAL = "partial"            # progress files: `<stem>.partial.npz`, `<stem>_knockout.partial.json`
+JSONL_STAGES = ("taylor", "cmaes")   # stages whose output is `<stem>.jsonl` (one record per step)
 _POPULATION_WORDS = ("reference", *SELECTS)
 
 
@@ -287,7 +289,7 @@ def output(results_dir: str | os.PathLike, model_id: str, dataset: str, stage: s
 
 def list_outputs(stage_path: str | os.PathLike, stage: str) -> list[str]:
     """Finished outputs in a stage folder, in plot order (correct generations first, regular before chain_code):
-    Taylor `<stem>.jsonl`; entropy/ablation `<stem>.npz` with its `<stem>.json`."""
+    Taylor and CMA-ES `<stem>.jsonl`; entropy/ablation `<stem>.npz` with its `<stem>.json`."""
     d = Path(stage_path)
     if not d.is_dir():
         return []
@@ -296,8 +298,8 @@ def list_outputs(stage_path: str | os.PathLike, stage: str) -> list[str]:
         f = parse_file_name(p.name)
         if f.part or try_parse_stem(f.stem) is None:
             continue
-        if (stage == "taylor" and f.ext == "jsonl") or (stage != "taylor" and f.ext == "npz"
-                                                        and (d / file_name(f.stem, "json")).exists()):
+        jsonl = stage in JSONL_STAGES
+        if (jsonl and f.ext == "jsonl") or (not jsonl and f.ext == "npz" and (d / file_name(f.stem, "json")).exists()):
             names.append(f.stem)
     return sorted(names, key=stem_order)
 
@@ -424,12 +426,13 @@ def claim(out: Output, identity: dict, *, force: bool, files: Sequence[str], rec
 # ================================================================ partial progress
 
 def read_partial(path: Path | None, key: str, *, quiet: bool = False) -> dict | None:
-    """A progress file's state (npz arrays, or a JSON object) if it exists, is readable and belongs to the
-    identity whose key is `key`; None otherwise (with a warning unless `quiet`)."""
+    """A progress file's state (npz arrays, a pickled dict (`.pkl`), or a JSON object) if it exists, is readable
+    and belongs to the identity whose key is `key`; None otherwise (with a warning unless `quiet`)."""
     if path is None or not path.exists():
         return None
     try:
-        st = read_npz(path) if path.name.endswith(".npz") else read_json(path)
+        st = read_npz(path) if path.name.endswith(".npz") else store.read_pickle(path) if path.name.endswith(".pkl") \
+            else read_json(path)
     except Exception as e:  # noqa: BLE001  (a partial file is a cache: unreadable means start afresh)
         if not quiet:
             warnings.warn(f"[btp.results] ignoring unreadable partial file {path}: {e}", stacklevel=2)
@@ -443,11 +446,14 @@ def read_partial(path: Path | None, key: str, *, quiet: bool = False) -> dict | 
 
 
 def write_partial(path: Path | None, key: str, state: dict) -> None:
-    """Save progress tagged with its identity key (npz arrays or a JSON object, by the file's extension)."""
+    """Save progress tagged with its identity key (npz arrays, a pickle or a JSON object, by the file's
+    extension)."""
     if path is None:
         return
     if path.name.endswith(".npz"):
         write_npz(path, key=np.array(key), **state)
+    elif path.name.endswith(".pkl"):
+        store.write_pickle(path, {"key": key, **state})
     else:
         write_json(path, {"key": key, **state})
 
@@ -573,8 +579,14 @@ def head_importances(results_dir: str | os.PathLike, model_id: str) -> tuple[lis
                 found.append({"stage": "taylor", "dataset": ds.name, "name": name,
                               "what": "Taylor importance, first iteration", "importance": importance_matrix(recs[0])})
         cm = ds / STAGE_DIRS["cmaes"]
-        if cm.is_dir() and any(cm.iterdir()):
-            notes.append(f"{cm}: CMA-ES outputs present but not joined (no reader for them yet)")
+        for name in list_outputs(cm, "cmaes"):
+            final = read_cmaes(cm, name)[1]
+            if final is None or "mask" not in final.get("final", {}):
+                notes.append(f"{cm / name}: CMA-ES search not finished; not joined")
+                continue
+            found.append({"stage": "cmaes", "dataset": ds.name, "name": name,
+                          "what": "CMA-ES final mask (1 kept, 0 removed)",
+                          "importance": mask_from_rows(final["final"]["mask"])})
     return found, notes
 
 
@@ -584,3 +596,25 @@ def rank_heads(delta_mean: np.ndarray) -> list[tuple[int, int]]:
     ls, hs = np.nonzero(np.isfinite(m))
     order = np.argsort(-m[ls, hs], kind="stable")
     return [(int(ls[i]), int(hs[i])) for i in order]
+
+
+def read_cmaes(stage_path: str | os.PathLike, name: str) -> tuple[list[dict], dict | None, dict]:
+    """CMA-ES records (one per generation, in order), the final `<name>.json` (None until a run finished) and the
+    provenance of the run that wrote the last record (its runs file)."""
+    d = Path(stage_path)
+    path = d / file_name(name, "jsonl")
+    recs = sorted(iter_jsonl(path), key=lambda r: r["generation"]) if path.exists() else []
+    final_p = d / file_name(name, "json")
+    runs = read_runs(path)
+    return recs, (read_json(final_p) if final_p.exists() else None), (runs[-1] if runs else {})
+
+
+def mask_from_rows(rows: Sequence[str]) -> np.ndarray:
+    """A keep-mask as CMA-ES files write it (one string per layer, `1` kept, `0` removed, `-` padding) back as
+    [L, Hmax] float: 1 kept, 0 removed, NaN padding."""
+    w = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), w), np.nan)
+    for l, r in enumerate(rows):
+        for h, c in enumerate(r):
+            out[l, h] = 1.0 if c == "1" else 0.0 if c == "0" else np.nan
+    return out

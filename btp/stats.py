@@ -117,6 +117,22 @@ def bootstrap_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: floa
     return MeanCI(mean.reshape(shape), lo.reshape(shape), hi.reshape(shape))
 
 
+def clustered_mean_ci(x: Sequence[float] | np.ndarray, clusters: Sequence, n_boot: int = 1000, seed: int = 0,
+                      alpha: float = 0.05) -> MeanCI:
+    """Mean of per-sample values `x` [S] and a percentile bootstrap CI that resamples whole clusters (problems:
+    several samples of one problem are not independent); each resample's statistic is again the mean over the
+    samples it holds."""
+    x = np.asarray(x, dtype=np.float64)
+    keys, idx = np.unique(np.asarray(clusters, dtype=str), return_inverse=True)
+    sums, counts = np.bincount(idx, x, len(keys)), np.bincount(idx, minlength=len(keys)).astype(np.float64)
+    if not len(x):
+        return MeanCI(np.float64(np.nan), np.float64(np.nan), np.float64(np.nan))
+    draws = np.random.default_rng(seed).multinomial(len(keys), np.full(len(keys), 1.0 / len(keys)), size=n_boot)
+    boots = (draws @ sums) / (draws @ counts)
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return MeanCI(np.float64(x.mean()), np.float64(lo), np.float64(hi))
+
+
 def pass_at_k_summary(n: Sequence[int], c: Sequence[int], ks: Sequence[int], n_boot: int = 10000,
                       alpha: float = 0.05, seed: int = 0) -> dict[str, dict]:
     """{"pass@k": {estimate, ci_low, ci_high, ...}} over problems; one bootstrap draws all k at once."""

@@ -124,6 +124,21 @@ def write_npz(path: str | os.PathLike, provenance: dict | None = None, **arrays:
     return _atomic(Path(path), lambda f: np.savez_compressed(f, **arrays))
 
 
+def write_pickle(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomic pickle: resumable optimizer state (btp's own progress files only; never read untrusted pickles)."""
+    import pickle
+
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _atomic(Path(path), lambda f: f.write(data))
+
+
+def read_pickle(path: str | os.PathLike) -> Any:
+    import pickle
+
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, Any]:
     """All arrays of an npz as a dict; `provenance` decoded back to a dict."""
     path = Path(path)

@@ -4,7 +4,8 @@ process) on the embedded model with tiny settings, built once per test session a
 What it holds (model smollm2-135m, HF backend, 16 new tokens per sample so that nothing is expensive):
 - humaneval: 2 problems x 2 samples (T=0.8), evaluated; entropy lens on all generations (regular, chain_code)
   and on the incorrect ones (regular: a second population); head ablation (regular, all generations, layers
-  28-29, knockout with random controls and greedy); Taylor pruning (regular, all generations, 3 iterations).
+  28-29, knockout with random controls and greedy); Taylor pruning (regular, all generations, 3 iterations);
+  CMA-ES search on the Taylor run's samples and split (2 generations of 4, keep 210 heads: the Taylor set's size).
 - mbpp: 2 problems x 1 sample (greedy), evaluated; entropy lens and head ablation on all generations (regular),
   so that datasets can be compared.
 Generations are used with `--select all`/`incorrect` because the embedded model passes almost nothing.
@@ -47,6 +48,10 @@ def _stages(root: Path) -> list[tuple[str, list[str]]]:
         ("ablation", r + mb + ["--select", "all", "--mode", "regular"] + small + abl),
         ("taylor", r + he + ["--select", "all", "--mode", "regular", "--max-tokens", "48", "--num-iters", "3",
                              "--prune-per-iter", "20", "--heldout", "1"]),
+        # the Taylor run's samples and split: warm start and Taylor-pruned control (210 = 270 - 3 x 20 heads kept)
+        ("cmaes_search", r + he + ["--select", "all", "--mode", "regular", "--max-tokens", "48", "--heldout", "1",
+                                   "--budget", "210", "--popsize", "4", "--max-generations", "2",
+                                   "--control-draws", "2", "--n-boot", "200"] + quiet),
     ]
 
 

@@ -52,9 +52,11 @@ def test_json_output_and_run_check_sh(results_tree):
     he = rows["humaneval"]
     assert (he["generated"], he["total"], he["n"], he["problems"], he["evaluated"]) == (4, 4, 2, 2, 4)
     assert sum(he["statuses"].values()) == 4 and sum(he["finish"].values()) == 4
-    assert set(he["stages"]) == {"entropy", "ablation", "taylor"}
+    assert set(he["stages"]) == {"entropy", "ablation", "taylor", "cmaes"}
     assert set(he["stages"]["entropy"]) == {"regular-all", "chain_code-all", "regular-incorrect"}
     assert he["stages"]["taylor"] == {"regular-all": "(3/3 it)"}
+    assert list(he["stages"]["cmaes"]) == ["regular-all-keep210"]
+    assert he["stages"]["cmaes"]["regular-all-keep210"].startswith("(2/2 gen, best ")
     assert doc["broken"] == 0 and rows["mbpp"]["generated"] == 2
     # the model filter understands the embedded name
     r2 = subprocess.run(["bash", str(ROOT / "run_check.sh"), "--results-dir", str(results_tree), "--model",

@@ -16,9 +16,9 @@ from results_tree import model_dir, results_tree, tree_copy  # noqa: F401  (sess
 NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # notebook -> the smallest number of figures it must show on the test tree (counted from what the tree holds:
 # generation 4; entropy 4 outputs x 3 + modes 1 + populations 2 + datasets 1; ablation 2 x 3 + overlap 1;
-# Taylor 3)
+# Taylor 3; CMA-ES 5: fitness, sigma, mask, mask changes, controls)
 NOTEBOOKS = {"generation_analysis": 4, "entropy_analysis": 16, "head_ablation_analysis": 7,
-             "optimization_analysis": 3}
+             "optimization_analysis": 8}
 
 
 def execute(name: str, results_dir: Path, model: str = "smollm2-135m") -> nbformat.NotebookNode:
@@ -51,7 +51,7 @@ def test_notebook_is_thin_and_parametrised(name):
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "bp.show(" in code and "import btp.plots as bp" in code
     # never runs a stage: no stage imports, no subprocesses, no shell escapes
-    stages = r"(generate|evaluate|entropy_lens|ablation|taylor)\b"
+    stages = r"(generate|evaluate|entropy_lens|ablation|taylor|cmaes_search)\b"
     assert not re.search(rf"(import|from)\s+btp\.{stages}|from\s+btp\s+import\s+.*{stages}|subprocess|os\.system"
                          r"|^\s*[!%]", code, re.M), name
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
@@ -70,12 +70,14 @@ def test_notebook_runs_and_shows_figures(name, results_tree):
 def test_notebooks_say_when_results_are_absent(results_tree, tmp_path):
     root = tree_copy(results_tree, tmp_path / "t")
     for d in model_dir(root).iterdir():                  # generations and evaluations only
-        for stage in ("entropy", "ablation", "taylor"):
+        for stage in ("entropy", "ablation", "taylor", "cmaes"):
             shutil.rmtree(d / stage, ignore_errors=True)
     expect = {"entropy_analysis": "No entropy-lens outputs", "head_ablation_analysis": "No ablation outputs",
               "optimization_analysis": "No Taylor pruning outputs"}
     for name, msg in expect.items():
         nb = execute(name, root)
         assert n_images(nb) == 0 and msg in printed(nb), (name, printed(nb))
+        if name == "optimization_analysis":
+            assert "No CMA-ES search outputs" in printed(nb)
     nb = execute("generation_analysis", tmp_path / "missing")   # no results dir at all
     assert n_images(nb) == 0 and "No results to show" in printed(nb)

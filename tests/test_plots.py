@@ -37,7 +37,9 @@ def test_cli_writes_every_figure(results_tree, tmp_path):
             *(f"ablation_{d}_regular-all-layers28_29_{kind}" for d in (he, mb)
               for kind in ("heatmap", "layers", "knockout")),
             "ablation_top_head_overlap",
-            *(f"taylor_{he}_regular-all_{kind}" for kind in ("loss", "heads", "layers"))}
+            *(f"taylor_{he}_regular-all_{kind}" for kind in ("loss", "heads", "layers")),
+            *(f"cmaes_{he}_regular-all-keep210_{kind}" for kind in ("fitness", "sigma", "mask", "mask_changes",
+                                                                     "controls"))}
     assert names == {f"{w}.{ext}" for w in want for ext in ("png", "pdf")}
     for p in files:
         data = p.read_bytes()
@@ -47,7 +49,7 @@ def test_cli_writes_every_figure(results_tree, tmp_path):
 
 @pytest.mark.slow
 def test_titles_state_population(results_tree):
-    for fam in ("entropy", "ablation", "taylor"):
+    for fam in ("entropy", "ablation", "taylor", "cmaes"):
         for name, fig in bp.FAMILIES[fam](results_tree, MODEL):
             t = texts(fig)
             assert "generations/all" in t or "generations/incorrect" in t, (name, t)

@@ -20,7 +20,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -254,10 +254,22 @@ def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: 
     batch += [_record(r, None) for r in todo if not r["code"].strip()]
     bar = tqdm(total=len(todo), initial=len(batch), desc=f"evaluate {cfg.dataset}", unit="prog", dynamic_ncols=True)
     counts: Counter = Counter()
+    sent: list[dict] = []  # the records of the programs handed to the sandbox, in order
+
+    def programs() -> Iterator[Program]:
+        for r in runnable:
+            try:
+                prog = build_program(by_id[r["problem_id"]], r["code"])
+            except Exception as e:  # noqa: BLE001 - a program that cannot be built is its own verdict
+                batch.append(_record(r, Result(status="error", error=f"not run: {type(e).__name__}: {e}")))
+                bar.update()
+                continue
+            sent.append(r)
+            yield prog
+
     try:
-        progs = (build_program(by_id[r["problem_id"]], r["code"]) for r in runnable)
-        for i, res in sb.map(progs, lim):
-            batch.append(_record(runnable[i], res))
+        for i, res in sb.map(programs(), lim):
+            batch.append(_record(sent[i], res))
             counts[res.status] += 1
             bar.update()
             bar.set_postfix(passed=counts["passed"], failed=sum(counts.values()) - counts["passed"], refresh=False)

@@ -55,7 +55,6 @@ import marshal
 import os
 import queue
 import select
-import shutil
 import signal
 import site
 import socket
@@ -65,13 +64,13 @@ import tempfile
 import threading
 import time
 import weakref
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import sandbox_child
-from .sandbox_child import BOOT, DONE, EXPECT, GO_ON, HELLO, STOP, TEST, decode_report, encode_msg
+from .sandbox_child import BOOT, DONE, EXPECT, GO_ON, HELLO, STOP, TEST, decode_report, encode_msg, remove_tree
 
 MODES = ("script", "stdin", "functional")
 ISOLATION = ("auto", "rlimits-only")
@@ -232,7 +231,7 @@ class _Server:
         if self.rep >= 0:
             os.close(self.rep)
             self.rep = -1
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_tree(self.root)  # iterative: a deep tree left behind must not end the run
 
 
 def _config(prog: Program, lim: Limits) -> dict:
@@ -351,15 +350,15 @@ class Sandbox:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="btp-sandbox") as ex:
             pending: dict = {}
             for i, p in enumerate(progs):
-                pending[ex.submit(self._run, p, limits or self.limits)] = i
+                pending[ex.submit(self._run, p, limits or self.limits)] = (i, p)
                 if len(pending) >= 2 * self.workers:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
-                        yield pending.pop(f), f.result()
+                        yield _outcome(f, *pending.pop(f))
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
-                    yield pending.pop(f), f.result()
+                    yield _outcome(f, *pending.pop(f))
 
     # ------------------------------------------------------------ one program
 
@@ -388,6 +387,10 @@ class Sandbox:
             res, in_step = self._talk(slot, prog, lim, t0)
             if not in_step:
                 slot = self._retire(slot, kill=True)
+        except Exception as e:  # noqa: BLE001 - a slot that failed: this program's verdict, a new slot
+            if isinstance(slot, _Server):
+                slot = self._retire(slot, kill=True)
+            res = Result(status="error", error=f"sandbox failure: {_why(e)}", tests_total=len(prog.tests))
         except BaseException:
             if isinstance(slot, _Server):
                 slot = self._retire(slot, kill=True)
@@ -399,7 +402,10 @@ class Sandbox:
 
     def _retire(self, srv: _Server, kill: bool) -> int:
         """Stop a server that cannot be trusted to be in step; its slot starts a new one when next used."""
-        srv.close(kill=kill)
+        try:
+            srv.close(kill=kill)
+        except OSError:  # already gone; what matters is that the slot starts afresh
+            pass
         with self._lock:
             if srv in self._servers:
                 self._servers.remove(srv)
@@ -432,6 +438,9 @@ class Sandbox:
                     if fr["i"] < n - 1:
                         srv.send(STOP if why else GO_ON)
                 elif fr["t"] == DONE:
+                    if fr.get("err"):  # the harness could not clean up after it: an error, and a new slot
+                        res.status, res.error = "error", fr["err"]
+                        return res, False
                     if not final:
                         ok = res.tests_passed == n
                         res.status = "passed" if ok else "sandbox_error"
@@ -446,6 +455,22 @@ class Sandbox:
                 res.error = (srv.junk.decode("utf-8", "replace")[-1500:] if srv.junk
                              else "the sandbox server ended without a verdict (killed?)")
         return res, False
+
+
+def _outcome(fut: Future, i: int, prog: Program) -> tuple[int, Result]:
+    """(index, result) of one program of `map`: a program no server could take (a bad config) is an error
+    verdict of its own, never the end of the run."""
+    try:
+        return i, fut.result()
+    except Exception as e:  # noqa: BLE001
+        return i, Result(status="error", error=f"not run: {_why(e)}", tests_total=len(prog.tests or ()))
+
+
+def _why(e: BaseException) -> str:
+    try:
+        return f"{type(e).__name__}: {e}"[:1500]
+    except Exception:  # noqa: BLE001 - a str() that fails again
+        return type(e).__name__
 
 
 def _stop(pidfd: int, ask: bool = True) -> None:

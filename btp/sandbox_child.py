@@ -122,6 +122,74 @@ def value_equal(got_repr: str, expected_json: str) -> str | None:
         f"wrong answer: got {got_repr[:100]}, expected {expected_json[:100]}"
 
 
+def remove_tree(path: str) -> bool:
+    """Remove `path` and everything below it without recursion, long paths or one fd per level (a program
+    may leave trees thousands of levels deep, or dirs it made unreadable). Never raises; True if gone."""
+    try:
+        top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return _unlink(path)
+    names: list[str] = []  # the way down from `path`: one name per level, one fd (the deepest) open
+    try:
+        while True:
+            sub = _clear_files(top)
+            if sub is not None:
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                try:
+                    fd = os.open(sub, flags, dir_fd=top)
+                except PermissionError:  # not root: a dir the program closed; open it up once
+                    os.chmod(sub, 0o700, dir_fd=top)
+                    fd = os.open(sub, flags, dir_fd=top)
+                os.close(top)
+                top = fd
+                names.append(sub)
+                continue
+            if not names:
+                break
+            up = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=top)
+            os.close(top)
+            top = up
+            os.rmdir(names.pop(), dir_fd=top)
+    except OSError:
+        pass
+    finally:
+        os.close(top)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _clear_files(dfd: int) -> str | None:
+    """Unlink every non-directory in the dir `dfd`; return the name of one subdirectory left, if any."""
+    try:
+        it = os.scandir(dfd)
+    except PermissionError:  # not root: make it ours again (the program's own dir, same uid)
+        os.fchmod(dfd, 0o700)
+        it = os.scandir(dfd)
+    with it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                return e.name
+            os.unlink(e.name, dir_fd=dfd)
+    return None
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
 @contextmanager
 def _memory_bound(mb: int) -> Iterator[None]:
     """Parsing untrusted source may want any amount of memory: while it runs, the harness's address space
@@ -575,8 +643,6 @@ def _judge_value(cfg: dict, rep: dict) -> bool:
 def _harness(init: dict, feats: list[str], libc: _Libc, is_init: bool) -> None:
     """Serve programs one at a time: a fresh work dir (and SysV IPC namespace) for each, everything the
     program started killed after each test, the dir removed, then a "done" report. Runs no program code."""
-    import shutil
-
     libc.prctl(_PR_SET_DUMPABLE, 0)  # same-uid children can neither ptrace us nor open our fds
     root = os.geteuid() == 0
     uid = init["uid"] if root else None
@@ -607,10 +673,10 @@ def _harness(init: dict, feats: list[str], libc: _Libc, is_init: bool) -> None:
         try:
             _program(cfg, libc)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            gone = remove_tree(work)
             if ipc:
                 libc.unshare(_CLONE_NEWIPC)  # SysV objects of this program go now, with its namespace
-            _report(t=DONE)
+            _report(t=DONE, **({} if gone else {"err": f"cleanup: could not remove the program's dir {work}"}))
 
 
 def _main() -> None:

@@ -192,6 +192,26 @@ def test_code_sha_is_total_and_odd_code_gets_a_verdict(tmp_path):
     assert s["n_programs"] == 3 and s["status_counts"] == {"error": 2, "passed": 1}
 
 
+def test_a_program_that_cannot_be_built_is_a_verdict(tmp_path, monkeypatch):
+    """A failure to build one program's sandbox program is that program's error; the run completes."""
+    import btp.evaluate as ev_mod
+
+    probs = load_problems("humaneval", limit=2)
+    real = ev_mod.build_program
+
+    def build(p, code):
+        if p.problem_id == probs[0].problem_id:
+            raise ValueError("no way to judge this")
+        return real(p, code)
+
+    monkeypatch.setattr(ev_mod, "build_program", build)
+    inp = _write(tmp_path / "b.jsonl", [{"problem_id": p.problem_id, "sample": 0, "code": p.reference} for p in probs])
+    s = evaluate(EvalConfig(dataset="humaneval", input=str(inp), limit=2, n_boot=100, workers=1))
+    ev = {r["problem_id"]: r for r in read_jsonl(tmp_path / "b.evaluations.jsonl")}
+    assert ev[probs[0].problem_id]["status"] == "error" and "no way to judge" in ev[probs[0].problem_id]["error"]
+    assert ev[probs[1].problem_id]["passed"] and s["status_counts"] == {"error": 1, "passed": 1}
+
+
 def _fake_generations(root: Path, model: str, limit: int | None) -> Path:
     probs = load_problems("humaneval", limit=3)
     body = lambda p: p.reference[len(p.text):]  # noqa: E731 - a completion-style body

@@ -521,3 +521,56 @@ def test_a_killed_server_is_replaced(sb):
     results = [sb.run(Program(RIGHT + TESTS)) for _ in range(3)]
     assert [r.status for r in results] == ["passed"] * 3, results  # found dead on send: replaced, no loss
     assert not _no_strays()
+
+
+# ---------------------------------------------------------------- nothing a program does stops the run
+
+DEEP_TREE = ("import os\nfor i in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n    open('f', 'w').write('x')\n"
+             "os.makedirs('a/b/c')\nopen('a/b/c/f', 'w').write('x')\nos.chmod('a/b', 0)\nos.chmod('a', 0)\n")
+
+
+@pytest.mark.parametrize("isolation", ["auto", "rlimits-only"])
+def test_deep_and_closed_trees_are_removed(isolation):
+    """A tree 1 500 levels deep with dirs closed (mode 0) is removed without recursion, and the run goes on."""
+    root = tempfile.mkdtemp(prefix="btp-deep-")
+    try:
+        with Sandbox(Limits(timeout=5.0), workers=1, isolation=isolation, tmp_root=root) as s:
+            res = dict(s.map([Program(DEEP_TREE + WRONG + TESTS), Program(RIGHT + TESTS)]))
+            assert res[0].status == "failed" and res[1].passed, res
+        assert os.listdir(root) == []
+    finally:
+        sandbox_child.remove_tree(root)
+
+
+def test_remove_tree_is_iterative(tmp_path):
+    d = tmp_path / "t"  # 3000 levels: deeper than PATH_MAX allows as one path
+    os.makedirs(d)
+    fd = os.open(d, os.O_RDONLY)
+    for _ in range(3000):
+        os.mkdir("dd", dir_fd=fd)
+        nxt = os.open("dd", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    os.close(fd)
+    assert sandbox_child.remove_tree(str(d)) and not d.exists()
+    assert sandbox_child.remove_tree(str(d))  # already gone: fine
+
+
+def test_a_failing_slot_is_that_programs_verdict(monkeypatch):
+    """A slot that cannot start, or a program no server can take, is one verdict; the run goes on."""
+    with Sandbox(Limits(timeout=2.0), workers=1) as s:
+        real = sandbox._Server.__init__
+        calls = []
+
+        def flaky(self, sb, slot):
+            calls.append(slot)
+            if len(calls) == 1:
+                raise RuntimeError("the sandbox zygote died")
+            real(self, sb, slot)
+
+        monkeypatch.setattr(sandbox._Server, "__init__", flaky)
+        res = dict(s.map([Program(RIGHT + TESTS), Program("x", mode="nope"), Program(RIGHT + TESTS)]))
+    assert res[0].status == "error" and "zygote died" in res[0].error
+    assert res[1].status == "error" and "mode must be" in res[1].error
+    assert res[2].passed

@@ -11,9 +11,11 @@ Process tree (as root, the usual case; `isolation` in every result records what 
 
     Sandbox ──► zygote: python -I -S -B, root, one per Sandbox; imports, then only forks
                   └─► server, one per worker slot (a fork of the zygote; fd 0 programs, fd 2 reports)
-                        └─► harness: PID 1 of new pid+net+mount namespaces, root; `/` read-only except the
-                            │   slot's dir, fresh /proc; a new SysV IPC namespace and an empty dir (mode
-                            │   0700, the slot's uid) per program; runs no program code
+                        └─► harness: PID 1 of new pid+net+mount namespaces, root, pivoted into a minimal
+                            │   read-only root (system libraries, the interpreter and stdlib, the allowed
+                            │   packages, a few /dev nodes, fresh /proc); a new SysV IPC namespace and a
+                            │   fresh tmpfs at /tmp (size- and inode-limited, the slot's uid) per program;
+                            │   runs no program code
                             └─► one child per test: setsid, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE),
                                 the slot's own unprivileged uid, no_new_privs, fds 0-3 only, clean env,
                                 then exec() of the program (stdin mode: the test's input on fd 0)
@@ -35,13 +37,21 @@ Process tree (as root, the usual case; `isolation` in every result records what 
 * Limits: `timeout` is CPU seconds per test (RLIMIT_CPU); the harness also kills a test child at a wall
   deadline (`wall_factor` x timeout + 1 s: sleepers, a starved host) and when its output passes a cap.
   No alarm inside the program is relied on; the parent has its own backstop deadline.
+* Minimal root: a program sees no file of the host beyond `/usr`, `/lib*`, the interpreter, its stdlib and
+  the packages named in `PACKAGES` (the site dirs are covered and only those bound back): not the
+  repository, the benchmarks and their answers, data files, results, home dirs or the host's /tmp. Its
+  writable space is its own tmpfs (`Limits.disk_mb`, `Limits.inodes`), so filling it touches no host disk.
 * Cleanup: after each test the harness kills everything the program started: as PID 1 of the namespace
   `kill(-1, SIGKILL)` reaches every process in it, including daemons that double-forked and left the
   session; without a pid namespace it kills the uid's processes (root) and sweeps orphans re-parented to
-  it (subreaper). Then the program's dir is removed and its IPC namespace dropped, and only then is the
-  program reported done. A server that falls out of step is killed (its namespace with it) and replaced.
+  it (subreaper). Then the program's tmpfs is unmounted (without one: its dir removed iteratively, however
+  deep) and its IPC namespace dropped, and only then is the program reported done. A server that falls
+  out of step is killed (its namespace with it) and replaced.
+* Nothing a program does stops the run: a slot that fails, a cleanup that fails, a program no server can
+  take are that program's `error` verdict, and the slot starts afresh.
 * Degrading: without root or without namespaces the same code runs with what the machine allows, down to
-  "rlimits-only"; the level reached is reported with every result.
+  "rlimits-only" (no minimal root: `ro-root`, the host's root read-only except the slot's dir, when only
+  pivoting fails); the level reached is reported with every result.
 * Limit of the threat model: code that deliberately inspects its own interpreter (frames, memory) can
   find its nonce; the harness and parent are out of its reach (other uid or non-dumpable), and with a
   pid namespace nothing it starts survives the test. Memory is bounded per process (RLIMIT_AS), not per
@@ -75,7 +85,10 @@ from .sandbox_child import BOOT, DONE, EXPECT, GO_ON, HELLO, STOP, TEST, decode_
 MODES = ("script", "stdin", "functional")
 ISOLATION = ("auto", "rlimits-only")
 STATUSES = ("passed", "failed", "error", "timeout", "output_limit", "exited", "sandbox_error")
-FULL_ISOLATION = "netns+pidns+mountns+ipcns+ro-root+unpriv-uid"
+FULL_ISOLATION = "netns+pidns+mountns+ipcns+minroot+tmpfs+unpriv-uid"
+# what programs may import from the site dirs (the minimal root shows nothing else of them): what
+# LiveCodeBench solutions use beyond the standard library; HumanEval and MBPP need only the stdlib
+PACKAGES = ("numpy", "numpy.libs", "sortedcontainers")
 UID_BASE = 200_000_000  # sandbox uids: UID_BASE + (pid % 100000) * 256 + worker slot; no passwd entry
 
 
@@ -88,6 +101,8 @@ class Limits:
     fsize_mb: int = 16          # largest file a program may write
     nofile: int = 256
     nproc: int = 32             # processes + threads of the sandbox uid (each may use memory_mb)
+    disk_mb: int = 64           # size of each program's own tmpfs (minimal root only)
+    inodes: int = 4096          # and its files + dirs
 
 
 @dataclass(frozen=True)
@@ -191,7 +206,7 @@ class _Server:
             os.close(cmd_r)
             os.close(rep_w)
         self.send(encode_msg({"root": self.root, "uid": self.uid, "isolate": sb.isolation == "auto",
-                              "site": sb._site}))
+                              "site": sb._site, "packages": list(sb.packages)}))
 
     def send(self, data: bytes) -> None:
         """Bytes made by `encode_msg` (or GO_ON/STOP) to the server's command pipe."""
@@ -254,7 +269,8 @@ def _config(prog: Program, lim: Limits) -> dict:
             "tests": list(prog.tests), "caps": caps, "fn_name": prog.fn_name,
             "module_name": "__main__" if prog.mode == "stdin" else "__solution__",
             "timeout": float(lim.timeout), "wall": _wall(lim), "memory_mb": lim.memory_mb,
-            "fsize_mb": lim.fsize_mb, "nofile": lim.nofile, "nproc": lim.nproc}
+            "fsize_mb": lim.fsize_mb, "nofile": lim.nofile, "nproc": lim.nproc, "disk_mb": lim.disk_mb,
+            "inodes": lim.inodes}
 
 
 def _wall(lim: Limits) -> float:
@@ -287,10 +303,10 @@ class Sandbox:
     Sandbox is collected or the interpreter exits)."""
 
     def __init__(self, limits: Limits = Limits(), *, isolation: str = "auto", workers: int | None = None,
-                 tmp_root: str | None = None) -> None:
+                 tmp_root: str | None = None, packages: tuple[str, ...] = PACKAGES) -> None:
         if isolation not in ISOLATION:
             raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
-        self.limits, self.isolation, self.tmp_root = limits, isolation, tmp_root
+        self.limits, self.isolation, self.tmp_root, self.packages = limits, isolation, tmp_root, packages
         self.python = sys.executable  # the same interpreter: the child side travels as its bytecode
         self.workers = max(1, min(workers or os.cpu_count() or 1, 256))
         self._slots: queue.Queue = queue.Queue()  # a started _Server, or the slot number of one to start

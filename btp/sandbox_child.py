@@ -217,6 +217,15 @@ _CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWIPC = 0x00020000, 0x200000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
 _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 _SYS_MOUNT_SETATTR, _AT_RECURSIVE, _AT_FDCWD = 442, 0x8000, -100  # mount_setattr: Linux >= 5.12
+_SYS_PIVOT_ROOT, _MNT_DETACH = {"x86_64": 155, "aarch64": 41}, 2
+# The minimal root a program sees: these trees of the host (system libraries, the interpreter), read-only;
+# plus the stdlib, the allowed packages of the site dirs, a few /etc files, /dev nodes, fresh /proc, and a
+# fresh tmpfs at /tmp per program. Not the repository, the benchmarks, data files, results, homes or host /tmp.
+ROOT_TREES = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
+ROOT_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf")
+DEV_NODES = ("null", "zero", "full", "random", "urandom")
+SITE_GLOBS = ("/usr/lib/python3*/*-packages", "/usr/local/lib/python3*/*-packages", "/usr/lib/python3/dist-packages")
+WORK = "/tmp"  # where each program's own tmpfs is mounted inside the minimal root
 
 _STATE: dict = {}  # the harness's current test child etc., for the SIGTERM handler
 
@@ -245,6 +254,15 @@ class _Libc:
 
     def mount(self, src: bytes | None, dst: bytes, fstype: bytes | None, flags: int, data: bytes | None = None) -> None:
         self._ok(self.lib.mount(src, dst, fstype, flags, data), f"mount {dst!r}")
+
+    def umount(self, path: bytes) -> None:
+        self._ok(self.lib.umount2(path, self.c.c_int(_MNT_DETACH)), f"umount {path!r}")
+
+    def pivot_root(self, new: bytes, old: bytes) -> None:
+        nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
+        if nr is None:
+            raise OSError(38, "pivot_root: unknown syscall number on this architecture")
+        self._ok(self.lib.syscall(self.c.c_long(nr), self.c.c_char_p(new), self.c.c_char_p(old)), "pivot_root")
 
     def readonly_tree(self, path: bytes) -> None:
         """Every mount at and below `path` read-only and nosuid, in one call."""
@@ -312,6 +330,114 @@ def _lock_fs(libc: _Libc, work: str, uid: int | None) -> list[str]:
             libc.mount(None, p, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID)
     libc.mount(None, w, None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV)  # ... that stays writable
     return ["ro-root"]
+
+
+def _min_root(libc: _Libc, new: str, site: list[str], packages: list[str]) -> list[str]:
+    """In the new mount namespace: build the minimal root on a tmpfs at `new` and pivot into it; the host's
+    tree is detached. Each program later gets its own tmpfs at WORK (`_mount_work`)."""
+    import glob
+
+    libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE)  # nothing done here reaches the host
+    os.umask(0o022)
+    libc.mount(b"tmpfs", new.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=755,size=4m,nr_inodes=4096")
+    at = lambda p: new + p  # noqa: E731 - a host path's place in the new root
+    trees = [t for t in ROOT_TREES if os.path.isdir(t) and not os.path.islink(t)]
+    for t in ROOT_TREES:
+        if os.path.islink(t):
+            os.symlink(os.readlink(t), at(t))
+    std = [p for p in sys.path if p and os.path.isdir(p) and not _under(p, trees)]
+    for p in trees + std:
+        _bind(libc, p, at(p))
+    exe = os.path.realpath(sys.executable)
+    for f in list(ROOT_FILES) + [exe] + glob.glob(os.path.join(sys.base_prefix, "lib", "libpython*.so*")):
+        if os.path.isfile(f) and not _under(f, trees + std):
+            _bind(libc, f, at(f))
+    if sys.executable != exe and not os.path.lexists(at(sys.executable)):
+        os.makedirs(os.path.dirname(at(sys.executable)), exist_ok=True)
+        os.symlink(exe, at(sys.executable))
+    hide = {p for g in SITE_GLOBS for p in glob.glob(g)} | {os.path.join(p, "site-packages") for p in std}
+    for d in sorted(hide | set(site)):  # site dirs inside a bound tree: covered, then only packages bound
+        if os.path.isdir(d) and (_under(d, trees + std) or d in site):
+            os.makedirs(at(d), exist_ok=True)
+            libc.mount(b"tmpfs", at(d).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=755,size=64k")
+    for d in site:
+        for name in packages:
+            if os.path.exists(os.path.join(d, name)):
+                _bind(libc, os.path.join(d, name), at(os.path.join(d, name)))
+    _dev(libc, at("/dev"))
+    os.makedirs(at("/proc"))
+    os.makedirs(at(WORK), mode=0o755)
+    os.chdir(new)
+    try:
+        libc.pivot_root(b".", b".")  # the old root now lies under the new one: detach it
+        libc.umount(b".")
+    except OSError:
+        os.chroot(".")  # no pivot_root here: the programs' uid cannot chroot back out
+    _STATE["pivoted"] = True
+    os.chdir("/")
+    libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    _read_only(libc)
+    return ["minroot"]
+
+
+def _under(path: str, tops: list[str]) -> bool:
+    return any(path == t or path.startswith(t.rstrip("/") + "/") for t in tops)
+
+
+def _bind(libc: _Libc, src: str, dst: str) -> None:
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        open(dst, "a").close()
+    libc.mount(src.encode(), dst.encode(), None, _MS_BIND | _MS_REC)
+
+
+def _dev(libc: _Libc, dev: str) -> None:
+    """A /dev of a few harmless nodes; /dev/shm is the program's own tmpfs."""
+    os.makedirs(dev)
+    libc.mount(b"tmpfs", dev.encode(), b"tmpfs", _MS_NOSUID, b"mode=755,size=64k")
+    for n in DEV_NODES:
+        if os.path.exists("/dev/" + n):
+            _bind(libc, "/dev/" + n, f"{dev}/{n}")
+    for name, target in (("shm", WORK), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+
+
+def _read_only(libc: _Libc) -> None:
+    try:
+        libc.readonly_tree(b"/")
+    except OSError:  # kernel < 5.12: remount each mount point read-only
+        with open("/proc/self/mountinfo") as f:
+            points = [ln.split()[4].encode().decode("unicode_escape").encode() for ln in f]
+        for p in points:
+            libc.mount(None, p, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID)
+
+
+def _mount_work(libc: _Libc, cfg: dict, uid: int | None) -> None:
+    """A fresh tmpfs for one program, limited in size and inodes; unmounting it is its whole cleanup."""
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    opts = f"mode=700,size={cfg['disk_mb']}m,nr_inodes={cfg['inodes']}{owner}"
+    libc.mount(b"tmpfs", WORK.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts.encode())
+
+
+def _private_fs(libc: _Libc, init: dict) -> list[str]:
+    """The file system of a slot: the minimal root, else (it failed before pivoting) the host's root
+    read-only except the slot's dir, else nothing; returns what was reached."""
+    try:
+        return _min_root(libc, init["root"], init["site"], init["packages"]) + ["tmpfs"]
+    except OSError:
+        if _STATE.get("pivoted"):  # failed after leaving the host's tree: no way back to it
+            return []
+    try:
+        libc.umount(init["root"].encode())
+    except OSError:
+        pass
+    try:
+        return _lock_fs(libc, init["root"], init["uid"])
+    except OSError:
+        return []
 
 
 def _children() -> list[int]:
@@ -660,23 +786,38 @@ def _harness(init: dict, feats: list[str], libc: _Libc, is_init: bool) -> None:
         except OSError:
             pass
     _report(t=HELLO, isolation="+".join(feats) or "rlimits-only")
-    count = 0
+    count, tmpfs = 0, "tmpfs" in feats
     while (cfg := read_msg(0)) is not None:
         count += 1
-        work = os.path.join(init["root"], f"p{count}")
-        os.mkdir(work, 0o700)
-        if uid is not None:
-            os.chown(work, uid, uid)
         if not root:  # RLIMIT_NPROC counts every task of this user: leave the program its share on top
             cfg["nproc"] += _user_tasks(os.getuid())
-        cfg.update(work=work, site=init["site"])
+        work = WORK if tmpfs else os.path.join(init["root"], f"p{count}")
         try:
+            if tmpfs:
+                _mount_work(libc, cfg, uid)
+            else:
+                os.mkdir(work, 0o700)
+                if uid is not None:
+                    os.chown(work, uid, uid)
+            cfg.update(work=work, site=init["site"])
             _program(cfg, libc)
         finally:
-            gone = remove_tree(work)
+            gone = _drop_work(libc, work, tmpfs)
             if ipc:
                 libc.unshare(_CLONE_NEWIPC)  # SysV objects of this program go now, with its namespace
             _report(t=DONE, **({} if gone else {"err": f"cleanup: could not remove the program's dir {work}"}))
+
+
+def _drop_work(libc: _Libc, work: str, tmpfs: bool) -> bool:
+    """Remove a program's dir once its processes are gone: unmount its tmpfs (all of it goes at once, however
+    deep), or remove the dir without recursion."""
+    if not tmpfs:
+        return remove_tree(work)
+    try:
+        libc.umount(WORK.encode())
+        return True
+    except OSError as e:
+        return e.errno == 22  # EINVAL: nothing mounted (mounting it failed): nothing to remove
 
 
 def _main() -> None:
@@ -702,10 +843,7 @@ def _main() -> None:
         _exit = os._exit
         try:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-            try:
-                feats += _lock_fs(libc, init["root"], init["uid"])
-            except OSError:
-                pass
+            feats += _private_fs(libc, init)
             _harness(init, feats, libc, is_init=True)
         except BaseException:  # noqa: BLE001 - report, the parent calls it a sandbox error
             import traceback

@@ -288,9 +288,14 @@ def test_work_dir_is_private_writable_and_removed(sb):
         where.append(out.strip())
         return None
 
-    code = "import os\nopen('f.txt', 'w').write('hi')\nassert open('f.txt').read() == 'hi'\nprint(os.getcwd())\n"
-    assert sb.run(Program(code, mode="stdin", tests=("",), check=check)).passed
-    assert where and where[0].startswith(tempfile.gettempdir()) and not os.path.exists(where[0])
+    name = f"btp-f-{os.getpid()}.txt"
+    code = f"import os\nopen('{name}', 'w').write('hi')\nassert open('{name}').read() == 'hi'\nprint(os.getcwd())\n"
+    r = sb.run(Program(code, mode="stdin", tests=("",), check=check))
+    assert r.passed and where
+    if "tmpfs" in r.isolation:  # its own tmpfs at /tmp of the minimal root, never the host's /tmp
+        assert where[0] == "/tmp" and not os.path.exists(f"/tmp/{name}")
+    else:
+        assert where[0].startswith(tempfile.gettempdir()) and not os.path.exists(where[0])
 
 
 # ---------------------------------------------------------------- the adversarial suite
@@ -574,3 +579,58 @@ def test_a_failing_slot_is_that_programs_verdict(monkeypatch):
     assert res[0].status == "error" and "zygote died" in res[0].error
     assert res[1].status == "error" and "mode must be" in res[1].error
     assert res[2].passed
+
+
+# ---------------------------------------------------------------- the answer key is out of sight
+
+def _oracle(paths: list[str], secret: bytes) -> str:
+    """Passes only if it can read `secret` in one of `paths`, or find it by walking the whole tree."""
+    return (f"import os\npaths = {paths!r}\nfound = []\n"
+            "for p in paths:\n    try:\n        found.append(open(p, 'rb').read())\n    except OSError:\n        pass\n"
+            "for top, dirs, files in os.walk('/'):\n"
+            "    dirs[:] = [d for d in dirs if top + d not in ('/proc', '/sys')]\n"
+            "    for f in files:\n        if 'oracle' in f or f.endswith(('.jsonl', '.gz', '.json')):\n"
+            "            try:\n                found.append(open(os.path.join(top, f), 'rb').read(1 << 20))\n"
+            "            except OSError:\n                pass\n"
+            f"assert any({secret!r} in x for x in found), 'no answer key'\n")
+
+
+def test_the_answer_key_is_out_of_sight(sb, tmp_path):
+    """Benchmark files, a LiveCodeBench data file, a results file and the host's /tmp are not in the
+    program's root (read by path or found by walking)."""
+    level = sb.run(Program("pass")).isolation
+    if "minroot" not in level:
+        pytest.skip(f"no minimal root on this machine ({level})")
+    secret = f"btp-oracle-secret-{os.getpid()}"
+    host_tmp = Path(tempfile.gettempdir()) / f"btp-oracle-{os.getpid()}.txt"
+    results = tmp_path / "results" / "m" / "humaneval" / "evaluations.jsonl"
+    results.parent.mkdir(parents=True)
+    for f in (host_tmp, results):
+        f.write_text(secret)
+    bench = Path(sandbox.__file__).parent / "benchmarks"
+    lcb = Path(__file__).parent / "fixtures" / "lcb_mini.jsonl"
+    try:
+        files = {"host /tmp": host_tmp, "results": results, "HumanEval.jsonl.gz": bench / "HumanEval.jsonl.gz",
+                 "mbpp.jsonl": bench / "mbpp.jsonl", "LCB data file": lcb}
+        cases = {k: (str(f), f.read_bytes()[:60]) for k, f in files.items()}  # the first bytes: the secret
+        progs = [Program(_oracle([p], s)) for p, s in cases.values()]
+        res = dict(sb.map(progs))
+        for i, name in enumerate(cases):
+            assert not res[i].passed and "no answer key" in res[i].error, (name, res[i])
+    finally:
+        host_tmp.unlink()
+
+
+def test_filling_disk_and_inodes_is_contained(sb):
+    """Writing 16 MB files, or empty files, until refused: the program's own tmpfs ends it, within
+    disk_mb and inodes; a correct program in the other slot meanwhile passes."""
+    lim = Limits(timeout=5.0, memory_mb=1024, disk_mb=48, inodes=500)
+    level = sb.run(Program("pass")).isolation
+    if "tmpfs" not in level:
+        pytest.skip(f"no per-program tmpfs on this machine ({level})")
+    disk = ("n = 0\ntry:\n    while n < 1000:\n        open(f'f{n}', 'wb').write(b'x' * (16 << 20))\n        n += 1\n"
+            "except OSError as e:\n    print(e)\nassert n <= 3, n\n")
+    inodes = ("n = 0\ntry:\n    while n < 100000:\n        open(f'f{n}', 'wb').close()\n        n += 1\n"
+              "except OSError as e:\n    print(e)\nassert n <= 500, n\n")
+    res = dict(sb.map([Program(disk + RIGHT + TESTS), Program(RIGHT + TESTS), Program(inodes + RIGHT + TESTS)], lim))
+    assert all(res[i].passed for i in range(3)), res

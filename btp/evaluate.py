@@ -150,10 +150,10 @@ def _record(prog: dict, res: Result | None) -> dict:
     base = {"problem_id": prog["problem_id"], "sample": prog["sample"], "code_sha": code_sha(prog["code"])}
     if res is None:
         return {**base, "passed": False, "status": "no_code", "error": "", "duration": 0.0, "tests_passed": 0,
-                "tests_total": 0, "isolation": ""}
+                "tests_total": 0, "isolation": "", "judge": "", "suspicious": []}
     return {**base, "passed": res.passed, "status": res.status, "error": res.error[-600:],
             "duration": res.duration, "tests_passed": res.tests_passed, "tests_total": res.tests_total,
-            "isolation": res.isolation}
+            "isolation": res.isolation, "judge": res.judge, "suspicious": res.suspicious}
 
 
 def _check_same_run(store: JsonlStore, conf: dict, current: dict[tuple, dict]) -> None:
@@ -197,8 +197,16 @@ def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot
         "bootstrap": {"over": "problems", "n_boot": n_boot, "seed": seed, "method": "percentile"},
         "status_counts": dict(Counter(r["status"] for k, r in records.items() if k[0] in known)),
         "isolation": dict(Counter(r["isolation"] for k, r in records.items() if k[0] in known and r["isolation"])),
+        "judge": dict(Counter(r.get("judge") or "" for k, r in records.items() if k[0] in known and r.get("judge"))),
+        "suspicious": _suspicious(r for k, r in records.items() if k[0] in known),
         "problems_never_passed": [p.problem_id for p, x in zip(problems, cs) if x == 0],
     }
+
+
+def _suspicious(records: Iterable[dict]) -> dict:
+    """Programs that tried what no test needs: how many did anything, and how many did each thing."""
+    flags = [r.get("suspicious") or [] for r in records]
+    return {"programs": sum(1 for f in flags if f), "by_flag": dict(Counter(x for f in flags for x in f))}
 
 
 def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:

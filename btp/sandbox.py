@@ -16,9 +16,12 @@ Process tree (as root, the usual case; `isolation` in every result records what 
                             │   packages, a few /dev nodes, fresh /proc); a new SysV IPC namespace and a
                             │   fresh tmpfs at /tmp (size- and inode-limited, the slot's uid) per program;
                             │   runs no program code
-                            └─► one child per test: setsid, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE),
-                                the slot's own unprivileged uid, no_new_privs, fds 0-3 only, clean env,
-                                then exec() of the program (stdin mode: the test's input on fd 0)
+                            ├─► one child per test: setsid, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE),
+                            │   the slot's own unprivileged uid, no_new_privs, fds 0-4 only, clean env,
+                            │   then exec() of the program (stdin mode: the test's input on fd 0)
+                            └─► judge (programs with `judge`): a fork of the harness, root in the namespaces,
+                                never given the program; runs the test code against stand-ins that call
+                                the program's functions in the child above, with plain values, by pipe
 
 * Fresh interpreter: every program runs in a fork of a harness that has never run program code, so it
   gets an interpreter no other program touched, without paying ~10 ms of interpreter start; namespaces
@@ -26,14 +29,21 @@ Process tree (as root, the usual case; `isolation` in every result records what 
 * Assembly: the source run is `head + code + tail`, decided in the harness when `complete` asks whether the
   code is a whole function or a body (that needs parsing). Untrusted text is parsed only there, with its
   memory bounded: a parse error, deep nesting, a huge or unencodable source is that program's `error`.
-* Verdicts: a test child proves that the program *and its tests* ran to the end by writing a random
-  nonce (made by the harness for that child only) to its private verdict pipe after `exec` returns.
-  Exiting early (`os._exit(0)`, `sys.exit(0)`), killing its parent, printing "passed" or flooding stdout
-  therefore never passes. Outputs of stdin/functional tests are judged in the parent (`check`), which alone
-  holds the expected outputs; it tells the harness after each test whether to go on. Functional tests with
-  `expected` values are judged in the harness, which gets a test's expected value from the parent only
-  after that test's processes are gone. The harness reports one line per test on a pipe no program process
-  holds.
+* Verdicts are never decided in the program's process (`Result.judge` says where they were):
+  - "separate" (HumanEval, MBPP): the program's child runs the program, then only answers calls: the
+    judge process, which holds the test code and never the program, runs the test with each name of
+    `calls` bound to a stand-in that sends the arguments (plain values, `encode_plain`: no pickle) and gets
+    back the plain value returned (and the arguments after the call). Objects of the program never cross,
+    so an `__eq__` that always answers True, or a test's secrets found on the stack, forge nothing; a
+    value that is not plain is an error. The judge's verdict goes to the harness on a pipe of its own.
+  - "parent" (stdin) and "harness" (functional): outputs are compared in the parent (`check`), which
+    alone holds the expected outputs, or in the harness, which gets a test's expected value only after
+    that test's processes are gone; the parent tells the harness after each test whether to go on.
+  - "in-process" (only where a benchmark says its tests cannot be judged apart, with the reason, e.g. tests
+    that build the program's classes): the program *and its tests* prove they ran to the end by writing a
+    random nonce to a private verdict pipe after `exec` returns. Exiting early, killing its parent, printing
+    "passed" or flooding stdout never passes; code that inspects its own stack can find the nonce.
+  The harness reports one line per test on a pipe no program process holds.
 * Limits: `timeout` is CPU seconds per test (RLIMIT_CPU); the harness also kills a test child at a wall
   deadline (`wall_factor` x timeout + 1 s: sleepers, a starved host) and when its output passes a cap.
   No alarm inside the program is relied on; the parent has its own backstop deadline.
@@ -52,10 +62,10 @@ Process tree (as root, the usual case; `isolation` in every result records what 
 * Degrading: without root or without namespaces the same code runs with what the machine allows, down to
   "rlimits-only" (no minimal root: `ro-root`, the host's root read-only except the slot's dir, when only
   pivoting fails); the level reached is reported with every result.
-* Limit of the threat model: code that deliberately inspects its own interpreter (frames, memory) can
-  find its nonce; the harness and parent are out of its reach (other uid or non-dumpable), and with a
-  pid namespace nothing it starts survives the test. Memory is bounded per process (RLIMIT_AS), not per
-  program: up to `nproc` processes may each use `memory_mb`.
+* Limit of the threat model: in-process verdicts can be forged by code that inspects its own interpreter
+  (frames, memory); separate ones cannot. The harness, the judge and the parent are out of its reach
+  (other uid or non-dumpable), and with a pid namespace nothing it starts survives the test. Memory is
+  bounded per process (RLIMIT_AS), not per program: up to `nproc` processes may each use `memory_mb`.
 Needs Linux >= 5.3 (pidfd); namespaces need root; mount_setattr (5.12) has a fallback.
 """
 from __future__ import annotations
@@ -129,6 +139,14 @@ class Program:
     prelude: str = ""                # trusted source executed in the program's namespace before the code
     solution_class: str | None = None  # functional: call fn_name as a method of this class when the code has it
     expected: tuple[str, ...] = ()   # functional: per test, the expected value as JSON text
+    # script mode, judged apart: the trusted test source, run in a separate judge process that never holds
+    # the program; each name in `calls` is bound there to a stub calling the program's function of that
+    # name with plain arguments; `judge_head` (trusted, e.g. a prompt's helpers) runs before they are bound.
+    # Empty `judge`: the tests run in the program's process (`tail`), recorded as "in-process".
+    judge: str = ""
+    judge_head: str = ""
+    calls: tuple[str, ...] = ()
+    fallback: str = ""               # why a script is judged in-process, when it could not be judged apart
 
 
 @dataclass
@@ -139,6 +157,8 @@ class Result:
     tests_passed: int = 0
     tests_total: int = 0
     isolation: str = ""
+    judge: str = ""             # who decided: separate (judge process) | in-process | parent (stdout) | harness
+    suspicious: list[str] = field(default_factory=list)  # what it tried that no test needs
 
     @property
     def passed(self) -> bool:
@@ -261,6 +281,8 @@ def _config(prog: Program, lim: Limits) -> dict:
     caps = list(prog.out_caps) if prog.out_caps else [lim.max_output] * n
     if len(caps) != n:
         raise ValueError(f"out_caps has {len(caps)} entries for {n} tests")
+    if prog.judge and (prog.mode != "script" or n != 1 or not prog.calls):
+        raise ValueError("a judge needs script mode, one test and the names it calls")
     if prog.expected and (prog.mode != "functional" or len(prog.expected) != n
                           or not all(isinstance(e, str) for e in prog.expected)):
         raise ValueError(f"expected needs functional mode and one JSON text per test ({n})")
@@ -270,7 +292,18 @@ def _config(prog: Program, lim: Limits) -> dict:
             "module_name": "__main__" if prog.mode == "stdin" else "__solution__",
             "timeout": float(lim.timeout), "wall": _wall(lim), "memory_mb": lim.memory_mb,
             "fsize_mb": lim.fsize_mb, "nofile": lim.nofile, "nproc": lim.nproc, "disk_mb": lim.disk_mb,
-            "inodes": lim.inodes}
+            "inodes": lim.inodes, "judge": prog.judge, "judge_head": prog.judge_head, "calls": list(prog.calls)}
+
+
+def judge_kind(prog: Program) -> str:
+    """Who decides the verdict of `prog`: "separate" (a judge process that never holds the program),
+    "parent" (stdout, compared here), "harness" (returned values, compared there), or "in-process" (the
+    tests run with the program, with the reason when it could not be judged apart)."""
+    if prog.judge:
+        return "separate"
+    if prog.mode != "script":
+        return "parent" if prog.mode == "stdin" else "harness"
+    return f"in-process ({prog.fallback})" if prog.fallback else "in-process"
 
 
 def _wall(lim: Limits) -> float:
@@ -431,7 +464,7 @@ class Sandbox:
         """Read reports until the server says the program is done; judge outputs as they come and tell
         the server after each test whether to go on. Returns (result, whether the server is in step)."""
         n = len(prog.tests)
-        res = Result(status="sandbox_error", tests_total=n, isolation=srv.level)
+        res = Result(status="sandbox_error", tests_total=n, isolation=srv.level, judge=judge_kind(prog))
         final = False
         deadline = t0 + 10.0 + n * (_wall(lim) + 1.0)  # backstop; the server enforces per-test limits
         try:
@@ -443,6 +476,7 @@ class Sandbox:
                 elif fr["t"] == EXPECT:  # the harness judges the returned value, now that the test is over
                     srv.send(encode_msg(prog.expected[fr["i"]]))
                 elif fr["t"] == TEST and not final:
+                    res.suspicious = sorted(set(res.suspicious) | {str(f)[:60] for f in fr.get("flags", [])[:16]})
                     if fr["status"] != "ok":
                         res.status, res.error, final = fr["status"], fr.get("err", ""), True
                         continue

@@ -190,6 +190,95 @@ def _unlink(path: str) -> bool:
         return False
 
 
+# ---------------------------------------------------------------- plain values between program and judge
+
+PLAIN_DEPTH, PLAIN_ITEMS = 100, 10_000_000  # beyond either, a value is refused (an error, never a pass)
+_STDLIB = frozenset(sys.stdlib_module_names) | {"builtins"}
+
+
+class NotPlain(TypeError):
+    """A value that may not cross from the program to the judge."""
+
+
+def encode_plain(value: object, flags: set | None = None) -> str:
+    """`value` as tagged JSON, if it is made only of None, bool, int, float, complex, str, bytes, bytearray,
+    list, tuple, dict, set, frozenset; NotPlain otherwise. Only exact types and, for subclasses of them,
+    their base type's contents (read through the base type's own methods) cross, so no method of the
+    program's (an `__eq__` that always answers True) ever reaches the judge; such a class is added to
+    `flags` as "custom __eq__"."""
+    budget = [PLAIN_ITEMS]
+    return json.dumps(_enc(value, 0, budget, flags if flags is not None else set()), ensure_ascii=True,
+                      separators=(",", ":"))
+
+
+_BASES = (bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset)
+
+
+def _enc(v: object, depth: int, budget: list, flags: set) -> object:
+    budget[0] -= 1
+    if depth > PLAIN_DEPTH or budget[0] < 0:
+        raise NotPlain("value nested too deep or too large")
+    t = type(v)
+    if v is None or t is bool or t is str:
+        return v
+    if t not in _BASES:
+        base = next((b for b in _BASES if isinstance(v, b)), None)
+        if any("__eq__" in vars(k) for k in t.__mro__ if k.__module__ not in _STDLIB):
+            flags.add("custom __eq__")
+        if base is None:
+            raise NotPlain(f"returned a value of type {t.__name__}, not a plain value")
+        t = base
+    if t is bool:
+        return bool.__bool__(v)  # type: ignore[arg-type]
+    if t is int:
+        n = int.__index__(v)  # type: ignore[arg-type]
+        return n if -(1 << 62) < n < (1 << 62) else {"i": hex(n)}
+    if t is float:
+        x = float.__float__(v)  # type: ignore[arg-type]
+        return x if math.isfinite(x) else {"f": float.hex(x)}
+    if t is complex:
+        c = complex.__complex__(v)  # type: ignore[attr-defined]
+        return {"c": [float.hex(c.real), float.hex(c.imag)]}
+    if t is str:
+        return str.__str__(v)  # type: ignore[arg-type]
+    if t in (bytes, bytearray):
+        return {"b" if t is bytes else "B": bytes(memoryview(v)).hex()}  # type: ignore[arg-type]
+    if t is dict:
+        return {"d": [[_enc(k, depth + 1, budget, flags), _enc(x, depth + 1, budget, flags)]
+                      for k, x in dict.items(v)]}  # type: ignore[arg-type]
+    items = [_enc(x, depth + 1, budget, flags) for x in t.__iter__(v)]  # type: ignore[attr-defined]
+    return items if t is list else {{tuple: "t", set: "s", frozenset: "F"}[t]: items}
+
+
+def decode_plain(text: str) -> object:
+    """The value `encode_plain` wrote; ValueError for anything else (the program wrote its own reply)."""
+    try:
+        return _dec(json.loads(text), 0)
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError) as e:
+        raise ValueError(f"not a plain value ({type(e).__name__})") from None
+
+
+def _dec(v: object, depth: int) -> object:
+    if depth > PLAIN_DEPTH:
+        raise ValueError("too deep")
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    if type(v) is list:
+        return [_dec(x, depth + 1) for x in v]
+    (tag, x), = v.items()  # type: ignore[union-attr]
+    if tag == "i":
+        return int(x, 16)
+    if tag == "f":
+        return float.fromhex(x)
+    if tag == "c":
+        return complex(float.fromhex(x[0]), float.fromhex(x[1]))
+    if tag in ("b", "B"):
+        return (bytes if tag == "b" else bytearray).fromhex(x)
+    if tag == "d":
+        return {_dec(k, depth + 1): _dec(y, depth + 1) for k, y in x}
+    return {"t": tuple, "s": set, "F": frozenset}[tag](_dec(y, depth + 1) for y in x)
+
+
 @contextmanager
 def _memory_bound(mb: int) -> Iterator[None]:
     """Parsing untrusted source may want any amount of memory: while it runs, the harness's address space
@@ -519,20 +608,30 @@ def _user_tasks(uid: int) -> int:
     return n
 
 
-def _excerpt(e: BaseException, limit: int = 1500) -> bytes:
-    """The program's part of a traceback, short."""
+def _excerpt(e: BaseException, limit: int = 1500, name: str = "<program>") -> bytes:
+    """The part of a traceback in `name` (the program's, or the test's in the judge), short."""
     try:
         import linecache
         import traceback
 
-        src = _STATE["source"]
-        linecache.cache["<program>"] = (len(src), None, src.splitlines(True), "<program>")
+        src = _STATE["sources"][name]
+        linecache.cache[name] = (len(src), None, src.splitlines(True), name)
         te = traceback.TracebackException(type(e), e, e.__traceback__)
-        te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename == "<program>"][-4:])
+        te.stack = traceback.StackSummary.from_list([f for f in te.stack if f.filename == name][-4:])
         text = "".join(te.format())
     except BaseException:  # noqa: BLE001 - a hostile __str__ must not take the child's verdict with it
         text = type(e).__name__
     return text[-limit:].encode("utf-8", "backslashreplace")
+
+
+def _place(fds: list[int]) -> None:
+    """Make `fds` the process's fds 0, 1, ... and close every other one (the report pipe, the config)."""
+    import fcntl
+
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]  # out of the way of the targets first
+    for target, fd in enumerate(high):
+        os.dup2(fd, target)
+    os.closerange(len(fds), 1 << 20)
 
 
 def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
@@ -540,9 +639,7 @@ def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
     import resource
 
     os.setsid()
-    for target, fd in enumerate(fds):  # 0 stdin, 1 stdout, 2 stderr, 3 verdict
-        os.dup2(fd, target)
-    os.closerange(4, 1 << 20)  # the report pipe, config, everything else: gone
+    _place(fds)  # 0 stdin, 1 stdout, 2 stderr, 3 verdict (judged: 3 calls, 4 replies)
     cpu = max(1, math.ceil(cfg["timeout"]))  # RLIMIT_CPU counts whole seconds
     for res, v in ((resource.RLIMIT_AS, cfg["memory_mb"] << 20), (resource.RLIMIT_CPU, cpu),
                    (resource.RLIMIT_FSIZE, cfg["fsize_mb"] << 20), (resource.RLIMIT_NOFILE, cfg["nofile"]),
@@ -591,6 +688,10 @@ def _run_program(cfg: dict, code: object, prelude: object, test: object, nonce: 
             value = fn(*test)
             value = list(value) if isinstance(value, tuple) else value  # as LCB: tuples count as lists
             verdict = b"=" + repr(value).encode("utf-8", "backslashreplace")
+        elif cfg["judge"]:
+            exec(code, ns)
+            _serve(ns, cfg["calls"])  # returns when the judge is done; the verdict is the judge's
+            _exit(0)
         else:
             try:
                 exec(code, ns)
@@ -600,6 +701,9 @@ def _run_program(cfg: dict, code: object, prelude: object, test: object, nonce: 
             verdict = nonce
     except BaseException as e:  # noqa: BLE001 - everything the program raises is a verdict
         verdict = (b"failed\n" if isinstance(e, AssertionError) else b"error\n") + _excerpt(e)
+        if cfg["judge"]:  # tell the judge why there is nothing to call
+            _send(4, json.dumps(["died", verdict.decode("utf-8", "replace")]))
+            _exit(0)
     for stream in (sys.stdout, sys.stderr) + _STATE["streams"]:
         try:
             stream.flush()
@@ -612,9 +716,159 @@ def _run_program(cfg: dict, code: object, prelude: object, test: object, nonce: 
         _exit(0)
 
 
-def _collect(pid: int, fds: list[int], deadline: float, cap: int) -> tuple[list[bytearray], str | None, int]:
+# ---------------------------------------------------------------- the judge: the tests, apart from the program
+
+class _ProgramEnded(BaseException):
+    """The program's process ended before the tests did (a BaseException: no test's `except` keeps it)."""
+
+
+def _send(fd: int, text: str) -> None:
+    data = text.encode()
+    data = len(data).to_bytes(4, "little") + data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _recv(fd: int, limit: int = 1 << 28) -> str | None:
+    """One message; None at EOF or when the length says more than `limit` bytes."""
+    head = _read_exact(fd, 4)
+    n = int.from_bytes(head, "little") if len(head) == 4 else -1
+    if not 0 <= n <= limit:
+        return None
+    data = _read_exact(fd, n)
+    return data.decode("utf-8", "surrogatepass") if len(data) == n else None
+
+
+def _serve(ns: dict, names: list[str]) -> None:
+    """In the program's process, after its code ran: call the functions the judge asks for, with the plain
+    arguments it sends, and answer each call with the plain value returned and the arguments after the
+    call (in-place changes), or the exception raised. Returns at EOF: the judge is done."""
+    _send(4, json.dumps(["ready"]))
+    while (text := _recv(3)) is not None:
+        name, args, kwargs = json.loads(text)
+        args, kwargs = _dec(args, 0), _dec(kwargs, 0)
+        flags: set = set()
+        try:
+            if name not in names or name not in ns:
+                raise NameError(f"name {name!r} is not defined")
+            value = ns[name](*args, **kwargs)
+            budget = [PLAIN_ITEMS]
+            reply = ["ok", _enc(value, 0, budget, flags), _enc(args, 0, budget, flags)]
+        except NotPlain as e:
+            reply = ["bad", str(e)]
+        except SystemExit:
+            _send(4, json.dumps(["exit"]))
+            raise
+        except BaseException as e:  # noqa: BLE001 - the judge re-raises it in the test
+            reply = ["raise", type(e).__name__, _text(e)[:1000]]
+        _send(4, json.dumps(reply + [sorted(flags)], ensure_ascii=True))
+
+
+def _stub(name: str, flags: set) -> object:
+    """In the judge: a function standing for the program's `name`; arguments go to the program's process
+    as plain values, the plain value that comes back is returned (in-place changes copied back)."""
+    import builtins
+
+    def call(*args: object, **kwargs: object) -> object:
+        _send(3, json.dumps([name, _enc(list(args), 0, [PLAIN_ITEMS], set()), _enc(kwargs, 0, [PLAIN_ITEMS], set())]))
+        reply = _reply()
+        flags.update(str(f)[:40] for f in reply[-1][:8])
+        if reply[0] == "ok":
+            for a, b in zip(args, _dec(reply[2], 0)):
+                _copy_back(a, b)
+            return _dec(reply[1], 0)
+        if reply[0] == "raise":
+            cls = getattr(builtins, str(reply[1]), None)
+            if not (isinstance(cls, type) and issubclass(cls, Exception)):
+                cls, reply[2] = RuntimeError, f"{reply[1]}: {reply[2]}"
+            raise cls(f"{reply[2]} (raised by the program)")
+        raise TypeError(f"the program's {name}() {reply[1]}")
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def _reply() -> list:
+    """The program's next answer, checked for shape; _ProgramEnded when it is gone or speaks nonsense."""
+    text = _recv(4)
+    if text is None:
+        raise _ProgramEnded("")
+    try:
+        reply = json.loads(text)
+        ok = isinstance(reply, list) and reply and reply[0] in ("ok", "raise", "bad", "died", "exit", "ready")
+    except (ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise _ProgramEnded("the program's process answered with something else than a reply")
+    if reply[0] in ("died", "exit"):
+        raise _ProgramEnded(str(reply[1]) if reply[0] == "died" and len(reply) > 1 else "")
+    if reply[0] != "ready" and (len(reply) < 3 or not isinstance(reply[-1], list)):
+        raise _ProgramEnded("the program's process answered with a malformed reply")
+    return reply
+
+
+def _copy_back(a: object, b: object) -> None:
+    """What the program did to a mutable argument, done to the test's own object (tests that check
+    in-place changes)."""
+    if type(a) is list and type(b) is list or type(a) is bytearray and type(b) is bytearray:
+        a[:] = b  # type: ignore[index]
+    elif type(a) is type(b) and type(a) in (dict, set):
+        a.clear()  # type: ignore[attr-defined]
+        a.update(b)  # type: ignore[attr-defined]
+
+
+def _run_judge(head: object, test: object, names: list[str]) -> None:
+    """In the judge process (root in the namespaces, never given the program's code): run the test code
+    with each name in `names` bound to a stub of the program's function; write the verdict as JSON on
+    fd 5. Never returns."""
+    import builtins
+
+    flags: set = set()
+    out: dict = {"status": "ok"}
+    try:
+        _reply()  # "ready": the program's code ran
+        ns = {"__name__": "__judge__", "__builtins__": builtins}
+        if head is not None:
+            exec(head, ns)
+        ns.update({n: _stub(n, flags) for n in names})
+        exec(test, ns)
+    except _ProgramEnded as e:
+        died = str(e)
+        status = died.split("\n", 1)[0] if died.startswith(("failed\n", "error\n")) else "exited"
+        out = {"status": status, "err": died.split("\n", 1)[-1] if status != "exited" else died}
+    except BaseException as e:  # noqa: BLE001 - a failing assert, or whatever the test raised
+        status = "failed" if isinstance(e, AssertionError) else "error"
+        out = {"status": status, "err": _excerpt(e, name="<test>").decode("utf-8", "replace")}
+    out["flags"] = sorted(flags)
+    try:
+        data = json.dumps(out).encode()
+        while data:
+            data = data[os.write(5, data):]
+    finally:
+        os._exit(0)
+
+
+def _enter_judge(cfg: dict, fds: list[int]) -> None:
+    """In the forked judge, before the test code: /dev/null for 0-2, the pipes as 3-5, rlimits."""
+    import random
+    import resource
+
+    null = os.open(os.devnull, os.O_RDWR)
+    _place([null, null, null] + fds)
+    cfg.pop("code", None)  # the judge never holds the program
+    cpu = max(1, math.ceil(cfg["timeout"]))
+    for res, v in ((resource.RLIMIT_AS, cfg["memory_mb"] << 20), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_CORE, 0)):
+        hard = resource.getrlimit(res)[1]
+        resource.setrlimit(res, (v if hard == resource.RLIM_INFINITY else min(v, hard), hard))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    random.seed()
+
+
+def _collect(pid: int, fds: list[int], deadline: float, cap: int, other: int | None = None
+             ) -> tuple[list[bytearray], str | None, int, int | None]:
     """Read the child's stdout, stderr and verdict pipes until it exits, times out or floods them;
-    kill it and everything it started; return (contents, why stopped early, wait status)."""
+    kill it (and `other`, the program's process when `pid` is its judge) and everything they started;
+    return (contents, why stopped early, wait status, wait status of `other`)."""
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -646,6 +900,7 @@ def _collect(pid: int, fds: list[int], deadline: float, cap: int) -> tuple[list[
     if status is None:
         os.kill(pid, signal.SIGKILL)
         status = os.waitpid(pid, 0)[1]
+    other_status = _end(other) if other else None
     _STATE["child"] = None
     _sweep()  # now every writer of the pipes is dead: what is left in them ends in EOF
     for fd in live:
@@ -657,7 +912,75 @@ def _collect(pid: int, fds: list[int], deadline: float, cap: int) -> tuple[list[
             pass
     if pidfd is not None:
         os.close(pidfd)
-    return [bufs[fd] for fd in fds], why, status
+    return [bufs[fd] for fd in fds], why, status, other_status
+
+
+def _end(pid: int) -> int:
+    """The wait status of a child: as it ended by itself, else as killed now."""
+    done, st = os.waitpid(pid, os.WNOHANG)
+    if done:
+        return st
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+def _run_judged(cfg: dict, code: object, prelude: object, judge: tuple, libc: _Libc) -> dict:
+    """A program whose tests run in a separate judge process: the program's child serves calls, the judge
+    (a fork of the harness, holding the test code) replays the test against the plain values it gets
+    back and alone decides. Returns the report for the parent."""
+    calls, replies, out, err, verdict = os.pipe(), os.pipe(), os.pipe(), os.pipe(), os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    t0 = time.monotonic()
+    pid = _fork_child(cfg, [null, out[1], err[1], calls[0], replies[1]], libc,
+                      lambda: _run_program(cfg, code, prelude, None, b""))
+    _STATE["child"] = pid
+    jpid = os.fork()
+    if jpid == 0:
+        try:
+            _enter_judge(cfg, [calls[1], replies[0], verdict[1]])
+            _run_judge(*judge)
+        finally:
+            os._exit(70)
+    os.close(null)
+    for fd in (calls[0], calls[1], replies[0], replies[1], out[1], err[1], verdict[1]):
+        os.close(fd)
+    (o, e, v), why, st, pst = _collect(jpid, [out[0], err[0], verdict[0]], t0 + cfg["wall"], cfg["caps"][0], pid)
+    for fd in (out[0], err[0], verdict[0]):
+        os.close(fd)
+    rep = {"t": TEST, "i": 0, "dt": round(time.monotonic() - t0, 4)}
+    try:
+        got = json.loads(bytes(v))
+    except ValueError:
+        got = {}
+    errtail = e[-1500:].decode("utf-8", "replace")
+    cpu = any(s is not None and os.WIFSIGNALED(s) and os.WTERMSIG(s) == signal.SIGXCPU for s in (st, pst))
+    if why:
+        rep.update(status=why, err=(f"wall-clock limit ({cfg['wall']:g} s)\n" if why == "timeout" else "") + errtail)
+    elif cpu:
+        rep.update(status="timeout", err=f"CPU time limit ({math.ceil(cfg['timeout'])} s)")
+    elif got.get("status") in ("ok", "failed", "error"):
+        rep.update(status=got["status"], err=got.get("err", ""))
+    else:
+        how = (f"exit code {os.WEXITSTATUS(pst)}" if os.WIFEXITED(pst) else f"signal {os.WTERMSIG(pst)}")
+        why_ = got.get("err") or ""
+        rep.update(status="exited", err=f"the program ended ({how}) before the tests finished\n{why_}{errtail}")
+    rep["flags"] = [f for f in got.get("flags", []) if isinstance(f, str)]
+    return rep
+
+
+def _fork_child(cfg: dict, fds: list[int], libc: _Libc, run: object) -> int:
+    """Fork the program's child: `_enter_child` with `fds` as its 0.., then `run()`; never returns there."""
+    pid = os.fork()
+    if pid == 0:
+        _exit = os._exit
+        try:
+            _enter_child(cfg, fds, libc)
+            run()  # type: ignore[operator]
+        except BaseException as e:  # noqa: BLE001 - setup failed: say why, never return into the harness
+            os.write(2, f"sandbox child setup failed: {e!r}\n".encode())
+        finally:
+            _exit(70)
+    return pid
 
 
 def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> dict:
@@ -672,23 +995,15 @@ def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> 
     else:
         stdin = os.open(os.devnull, os.O_RDONLY)
     pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, verdict
-    nonce = os.urandom(16).hex().encode()
+    nonce = os.urandom(16).hex().encode()  # in-process scripts: proof that the program and its tests ended
     t0 = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        _exit = os._exit
-        try:
-            _enter_child(cfg, [stdin] + [w for _, w in pipes], libc)
-            _run_program(cfg, code, prelude, test, nonce)
-        except BaseException as e:  # noqa: BLE001 - setup failed: say why, never return into the harness
-            os.write(2, f"sandbox child setup failed: {e!r}\n".encode())
-        finally:
-            _exit(70)
+    pid = _fork_child(cfg, [stdin] + [w for _, w in pipes], libc,
+                      lambda: _run_program(cfg, code, prelude, test, nonce))
     _STATE["child"] = pid
     os.close(stdin)
     for _, w in pipes:
         os.close(w)
-    (out, err, verdict), why, st = _collect(pid, [r for r, _ in pipes], t0 + cfg["wall"], cfg["caps"][i])
+    (out, err, verdict), why, st, _ = _collect(pid, [r for r, _ in pipes], t0 + cfg["wall"], cfg["caps"][i])
     for r, _ in pipes:
         os.close(r)
     rep = {"t": TEST, "i": i, "dt": round(time.monotonic() - t0, 4)}
@@ -725,11 +1040,16 @@ def _program(cfg: dict, libc: _Libc) -> None:
     except BaseException as e:  # noqa: BLE001 - SyntaxError, ValueError (NUL bytes), MemoryError, RecursionError ...
         _report(t=TEST, i=0, status="error", err=_why(e), dt=0.0)
         return
-    _STATE["source"] = source
+    _STATE["sources"] = {"<program>": source, "<test>": cfg["judge"]}
     prelude = compile(cfg["prelude"], "<prelude>", "exec", dont_inherit=True) if cfg["prelude"] else None
     n = len(cfg["tests"])
     gc.freeze()  # children's collections skip our objects: fewer copy-on-write page faults after fork
     try:
+        if cfg["judge"]:
+            head = compile(cfg["judge_head"], "<head>", "exec", dont_inherit=True) if cfg["judge_head"] else None
+            test = compile(cfg["judge"], "<test>", "exec", dont_inherit=True)
+            _report(**_run_judged(cfg, code, prelude, (head, test, cfg["calls"]), libc))
+            return
         for i in range(n):
             rep = _run_test(cfg, i, code, prelude, libc)
             if rep["status"] == "ok" and cfg["expect"] and not _judge_value(cfg, rep):
@@ -739,6 +1059,13 @@ def _program(cfg: dict, libc: _Libc) -> None:
                 return
     finally:
         gc.unfreeze()
+
+
+def _text(e: BaseException) -> str:
+    try:
+        return str(e)
+    except BaseException:  # noqa: BLE001 - a hostile __str__
+        return ""
 
 
 def _why(e: BaseException) -> str:

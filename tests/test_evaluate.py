@@ -69,7 +69,7 @@ def test_humaneval_semantics(sb):
     p38 = probs["HumanEval/38"]
     full = "def decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n"
     assert sb.run(build_program(p38, full)).passed
-    assert "check(decode_cyclic)" in build_program(p38, full).tail
+    assert "check(decode_cyclic)" in build_program(p38, full).judge
     wrong = sb.run(build_program(p0, "def has_close_elements(numbers, threshold):\n    return True\n"))
     assert wrong.status == "failed" and "assert" in wrong.error
 
@@ -104,11 +104,13 @@ def test_assembled_sources_are_unchanged():
     for p in load_problems("humaneval"):
         body = p.reference[len(p.text):]
         for code in (body, textwrap.dedent(body), p.reference, "def nothing():\n    pass\n", "x(", ""):
-            prog = build_program(p, code)
-            assert assemble(prog.code, prog.head, prog.tail, prog.complete) == _old_humaneval_source(p, code)
+            prog = build_program(p, code)  # the program's part, then the tests (run apart, by its judge)
+            src = assemble(prog.code, prog.head, prog.tail, prog.complete) + prog.judge
+            assert src == _old_humaneval_source(p, code)
     for p in load_problems("mbpp", limit=50):
         prog = build_program(p, p.reference)
-        assert assemble(prog.code, prog.head, prog.tail, prog.complete) == f"{p.reference}\n\n{p.test_code}\n"
+        src = assemble(prog.code, prog.head, prog.tail, prog.complete) + prog.judge
+        assert src == f"{p.reference}\n\n{p.test_code}\n"
 
 
 def test_mbpp_semantics(sb):

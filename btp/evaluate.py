@@ -150,10 +150,10 @@ def _record(prog: dict, res: Result | None) -> dict:
     base = {"problem_id": prog["problem_id"], "sample": prog["sample"], "code_sha": code_sha(prog["code"])}
     if res is None:
         return {**base, "passed": False, "status": "no_code", "error": "", "duration": 0.0, "tests_passed": 0,
-                "tests_total": 0, "isolation": "", "judge": "", "suspicious": []}
+                "tests_total": 0, "isolation": "", "cgroup": "", "judge": "", "suspicious": []}
     return {**base, "passed": res.passed, "status": res.status, "error": res.error[-600:],
             "duration": res.duration, "tests_passed": res.tests_passed, "tests_total": res.tests_total,
-            "isolation": res.isolation, "judge": res.judge, "suspicious": res.suspicious}
+            "isolation": res.isolation, "cgroup": res.cgroup, "judge": res.judge, "suspicious": res.suspicious}
 
 
 def _check_same_run(store: JsonlStore, conf: dict, current: dict[tuple, dict]) -> None:
@@ -197,6 +197,7 @@ def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot
         "bootstrap": {"over": "problems", "n_boot": n_boot, "seed": seed, "method": "percentile"},
         "status_counts": dict(Counter(r["status"] for k, r in records.items() if k[0] in known)),
         "isolation": dict(Counter(r["isolation"] for k, r in records.items() if k[0] in known and r["isolation"])),
+        "cgroup": dict(Counter(r.get("cgroup") or "" for k, r in records.items() if k[0] in known and r.get("cgroup"))),
         "judge": dict(Counter(r.get("judge") or "" for k, r in records.items() if k[0] in known and r.get("judge"))),
         "suspicious": _suspicious(r for k, r in records.items() if k[0] in known),
         "problems_never_passed": [p.problem_id for p, x in zip(problems, cs) if x == 0],
@@ -291,6 +292,9 @@ def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: 
     levels = sb.levels
     if levels and levels != {FULL_ISOLATION} and cfg.isolation == "auto":
         warnings.warn(f"sandbox isolation on this machine: {sorted(levels)} (less than full; recorded per record)")
+    if sb.cgroup.startswith("none") and cfg.isolation == "auto":
+        warnings.warn(f"no per-slot cgroups on this machine: {sb.cgroup} (memory is bounded per process only)",
+                      stacklevel=2)
 
 
 # ---------------------------------------------------------------- CLI

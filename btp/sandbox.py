@@ -17,8 +17,8 @@ Process tree (as root, the usual case; `isolation` in every result records what 
                             │   fresh tmpfs at /tmp (size- and inode-limited, the slot's uid) per program;
                             │   runs no program code
                             ├─► one child per test: setsid, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE),
-                            │   the slot's own unprivileged uid, no_new_privs, fds 0-4 only, clean env,
-                            │   then exec() of the program (stdin mode: the test's input on fd 0)
+                            │   the slot's own unprivileged uid, no_new_privs, a seccomp filter, fds 0-4
+                            │   only, clean env, then exec() of the program (stdin mode: input on fd 0)
                             └─► judge (programs with `judge`): a fork of the harness, root in the namespaces,
                                 never given the program; runs the test code against stand-ins that call
                                 the program's functions in the child above, with plain values, by pipe
@@ -46,7 +46,14 @@ Process tree (as root, the usual case; `isolation` in every result records what 
   The harness reports one line per test on a pipe no program process holds.
 * Limits: `timeout` is CPU seconds per test (RLIMIT_CPU); the harness also kills a test child at a wall
   deadline (`wall_factor` x timeout + 1 s: sleepers, a starved host) and when its output passes a cap.
-  No alarm inside the program is relied on; the parent has its own backstop deadline.
+  No alarm inside the program is relied on; the parent has its own backstop deadline. Each slot (server,
+  harness, judge, program) lives in a cgroup of its own where the machine allows (v2 where the controllers
+  are delegated, else v1 as root): memory (memfd and tmpfs pages too, which RLIMIT_AS misses; the program
+  is the OOM killer's first choice), tasks, and an equal CPU share, so spinners in one slot do not starve
+  another. `Result.cgroup` says what was reached ("none (why)" otherwise).
+* Seccomp: the test child installs a filter (after no_new_privs) that refuses what no test needs: new
+  namespaces (user ones above all), keyrings, io_uring, bpf, userfaultfd, ptrace, mounts, perf, modules.
+  Files of the host are not in the minimal root, so they cannot be locked (flock) either.
 * Minimal root: a program sees no file of the host beyond `/usr`, `/lib*`, the interpreter, its stdlib and
   the packages named in `PACKAGES` (the site dirs are covered and only those bound back): not the
   repository, the benchmarks and their answers, data files, results, home dirs or the host's /tmp. Its
@@ -64,8 +71,9 @@ Process tree (as root, the usual case; `isolation` in every result records what 
   pivoting fails); the level reached is reported with every result.
 * Limit of the threat model: in-process verdicts can be forged by code that inspects its own interpreter
   (frames, memory); separate ones cannot. The harness, the judge and the parent are out of its reach
-  (other uid or non-dumpable), and with a pid namespace nothing it starts survives the test. Memory is
-  bounded per process (RLIMIT_AS), not per program: up to `nproc` processes may each use `memory_mb`.
+  (other uid or non-dumpable), and with a pid namespace nothing it starts survives the test. Without a
+  memory cgroup, memory is bounded per process (RLIMIT_AS), not per program. The read-only system trees
+  of the minimal root (/usr, /lib) are shared with the host: a program may read or flock those files.
 Needs Linux >= 5.3 (pidfd); namespaces need root; mount_setattr (5.12) has a fallback.
 """
 from __future__ import annotations
@@ -95,7 +103,7 @@ from .sandbox_child import BOOT, DONE, EXPECT, GO_ON, HELLO, STOP, TEST, decode_
 MODES = ("script", "stdin", "functional")
 ISOLATION = ("auto", "rlimits-only")
 STATUSES = ("passed", "failed", "error", "timeout", "output_limit", "exited", "sandbox_error")
-FULL_ISOLATION = "netns+pidns+mountns+ipcns+minroot+tmpfs+unpriv-uid"
+FULL_ISOLATION = "netns+pidns+mountns+ipcns+minroot+tmpfs+unpriv-uid+seccomp"
 # what programs may import from the site dirs (the minimal root shows nothing else of them): what
 # LiveCodeBench solutions use beyond the standard library; HumanEval and MBPP need only the stdlib
 PACKAGES = ("numpy", "numpy.libs", "sortedcontainers")
@@ -158,11 +166,132 @@ class Result:
     tests_total: int = 0
     isolation: str = ""
     judge: str = ""             # who decided: separate (judge process) | in-process | parent (stdout) | harness
+    cgroup: str = ""            # the slot's cgroup: "v2:memory+pids+cpu", "v1:...", or "none (why)"
     suspicious: list[str] = field(default_factory=list)  # what it tried that no test needs
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
+
+
+# ---------------------------------------------------------------- per-slot cgroups
+
+CGROUP_FS = "/sys/fs/cgroup"
+CONTROLLERS = ("memory", "pids", "cpu")
+CGROUP_HEADROOM_MB = 256  # above memory_mb + disk_mb: the harness and the judge live in the slot's group too
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per v1 controller ("" for the v2 hierarchy)."""
+    out = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                for c in ctrls.split(",") if ctrls else [""]:
+                    out[c] = path
+    except OSError:
+        pass
+    return out
+
+
+def cgroup_bases() -> tuple[str, dict[str, str]]:
+    """(version, {controller: the dir under which slot groups are made}) on this machine, or ("none (why)",
+    {}): v2 where the controllers are delegated to this process's group, else v1 where its hierarchies
+    are writable (as root)."""
+    own = _own_cgroups()
+    if os.path.exists(f"{CGROUP_FS}/cgroup.controllers"):  # the unified hierarchy only
+        base = os.path.normpath(CGROUP_FS + own.get("", "/"))
+        try:
+            with open(f"{base}/cgroup.controllers") as f:
+                have = f.read().split()
+            missing = [c for c in CONTROLLERS if c not in have]
+            if missing:
+                return f"none (v2: {'+'.join(missing)} not delegated to {base})", {}
+            with open(f"{base}/cgroup.subtree_control", "w") as f:
+                f.write(" ".join(f"+{c}" for c in CONTROLLERS))
+        except OSError as e:
+            return f"none (v2: {base}: {e.strerror})", {}
+        return "v2", dict.fromkeys(CONTROLLERS, base)
+    bases = {}
+    for c in CONTROLLERS:
+        d = os.path.normpath(f"{CGROUP_FS}/{c}{own.get(c, '/')}")
+        if os.path.isfile(f"{d}/cgroup.procs") and os.access(d, os.W_OK):
+            bases[c] = d
+    if not bases:
+        return "none (no writable cgroup hierarchy)", {}
+    return "v1", bases
+
+
+class _Cgroup:
+    """One slot's cgroup (v2: one group; v1: one per controller): limits memory (shmem and memfd pages
+    included, which RLIMIT_AS does not see), tasks, and gives the slot an equal CPU share."""
+
+    def __init__(self, version: str, bases: dict[str, str], name: str, lim: Limits) -> None:
+        self.version, self.dirs, self.mb = version, [], -1
+        for base in bases.values():
+            d = f"{base}/{name}"
+            if d not in self.dirs:
+                os.mkdir(d)
+                self.dirs.append(d)
+        self.ctrl = {c: f"{bases[c]}/{name}" for c in bases}
+        self.set_memory(lim)
+        if "pids" in self.ctrl:
+            _write(f"{self.ctrl['pids']}/pids.max", str(lim.nproc + 16))
+        if "cpu" in self.ctrl:
+            _write(f"{self.ctrl['cpu']}/" + ("cpu.weight" if version == "v2" else "cpu.shares"),
+                   "100" if version == "v2" else "1024")
+        self.level = f"{version}:{'+'.join(c for c in CONTROLLERS if c in self.ctrl)}"
+
+    @property
+    def procs(self) -> list[str]:
+        return [f"{d}/cgroup.procs" for d in self.dirs]
+
+    def set_memory(self, lim: Limits) -> None:
+        mb = lim.memory_mb + lim.disk_mb + CGROUP_HEADROOM_MB
+        if "memory" not in self.ctrl or mb == self.mb:
+            return
+        d = self.ctrl["memory"]
+        if self.version == "v2":
+            _write(f"{d}/memory.max", str(mb << 20))
+            _write(f"{d}/memory.swap.max", "0", missing_ok=True)
+        else:
+            for f in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):  # both: no way out by swap
+                _write(f"{d}/{f}", str(mb << 20), missing_ok=True)
+        self.mb = mb
+
+    def oom_kills(self) -> int:
+        """How many processes the group's OOM killer has killed so far (0 where the kernel does not say)."""
+        d = self.ctrl.get("memory")
+        name = "memory.events" if self.version == "v2" else "memory.oom_control"
+        try:
+            with open(f"{d}/{name}") as f:
+                return next((int(ln.split()[1]) for ln in f if ln.startswith("oom_kill ")), 0)
+        except (OSError, TypeError, ValueError):
+            return 0
+
+    def remove(self) -> None:
+        """rmdir each group once the slot's processes are gone (they may take a moment to leave)."""
+        for d in self.dirs:
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
+def _write(path: str, text: str, missing_ok: bool = False) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except (FileNotFoundError, PermissionError):
+        if not missing_ok:
+            raise
+    except OSError:  # e.g. EBUSY: a lower memory limit than what is in use; the old one stays
+        pass
 
 
 @functools.cache
@@ -214,10 +343,17 @@ class _Server:
         self.slot, self.uid = slot, sb._uid_base + slot if sb._drop else None
         self.root = tempfile.mkdtemp(prefix="btp-sbx-", dir=sb.tmp_root)  # program dirs go inside
         os.chmod(self.root, 0o711)
+        self.cg, self.cgroup = None, sb._cg_level
         cmd_r, self.cmd = os.pipe()
         self.rep, rep_w = os.pipe()
         self.pidfd, self.level, self.buf, self.junk = -1, "", bytearray(), bytearray()
         try:
+            if sb._cg_bases:
+                try:
+                    self.cg = _Cgroup(sb._cg_version, sb._cg_bases, os.path.basename(self.root), sb.limits)
+                    self.cgroup = self.cg.level
+                except OSError as e:
+                    self.cgroup = f"none ({sb._cg_version}: {e.strerror})"
             self.pidfd = sb._spawn(cmd_r, rep_w)
         except BaseException:
             self.close()
@@ -226,7 +362,8 @@ class _Server:
             os.close(cmd_r)
             os.close(rep_w)
         self.send(encode_msg({"root": self.root, "uid": self.uid, "isolate": sb.isolation == "auto",
-                              "site": sb._site, "packages": list(sb.packages)}))
+                              "site": sb._site, "packages": list(sb.packages),
+                              "cgroup": self.cg.procs if self.cg else []}))
 
     def send(self, data: bytes) -> None:
         """Bytes made by `encode_msg` (or GO_ON/STOP) to the server's command pipe."""
@@ -266,6 +403,9 @@ class _Server:
         if self.rep >= 0:
             os.close(self.rep)
             self.rep = -1
+        if self.cg is not None:
+            self.cg.remove()
+            self.cg = None
         remove_tree(self.root)  # iterative: a deep tree left behind must not end the run
 
 
@@ -348,6 +488,8 @@ class Sandbox:
         self._uid_base = UID_BASE + (os.getpid() % 100000) * 256
         self._drop = os.geteuid() == 0 and isolation == "auto"
         self._site = _site_dirs()
+        self._cg_version, self._cg_bases = cgroup_bases() if self._drop else ("none (not root)", {})
+        self._cg_level = self._cg_version if not self._cg_bases else ""
         self._levels: set[str] = set()
         self._lock = threading.Lock()
         self._servers: list[_Server] = []
@@ -367,6 +509,11 @@ class Sandbox:
             self._slots = queue.Queue()
             for s in range(self.workers):
                 self._slots.put(s)
+
+    @property
+    def cgroup(self) -> str:
+        """The cgroup level slots get on this machine ("v1", "v2", or "none (why)")."""
+        return self._cg_version
 
     @property
     def levels(self) -> set[str]:
@@ -427,13 +574,18 @@ class Sandbox:
                         self._servers.append(srv)
                     slot = srv
                 try:
+                    if slot.cg is not None:
+                        slot.cg.set_memory(lim)
                     slot.send(data)
                     break
                 except BrokenPipeError:
                     slot = self._retire(slot, kill=True)
                     if attempt:
                         raise
+            ooms = slot.cg.oom_kills() if slot.cg else 0
             res, in_step = self._talk(slot, prog, lim, t0)
+            if slot.cg and not res.passed and slot.cg.oom_kills() > ooms:
+                res.status, res.error = "error", f"killed at the slot's memory limit (cgroup {slot.cg.mb} MB)"
             if not in_step:
                 slot = self._retire(slot, kill=True)
         except Exception as e:  # noqa: BLE001 - a slot that failed: this program's verdict, a new slot
@@ -464,13 +616,16 @@ class Sandbox:
         """Read reports until the server says the program is done; judge outputs as they come and tell
         the server after each test whether to go on. Returns (result, whether the server is in step)."""
         n = len(prog.tests)
-        res = Result(status="sandbox_error", tests_total=n, isolation=srv.level, judge=judge_kind(prog))
+        res = Result(status="sandbox_error", tests_total=n, isolation=srv.level, judge=judge_kind(prog),
+                     cgroup=srv.cgroup)
         final = False
         deadline = t0 + 10.0 + n * (_wall(lim) + 1.0)  # backstop; the server enforces per-test limits
         try:
             for fr in srv.frames(deadline):
                 if fr["t"] == HELLO:
                     srv.level = res.isolation = fr["isolation"]
+                    if fr.get("cgroup"):  # the server could not join its group
+                        srv.cgroup = fr["cgroup"]
                     with self._lock:
                         self._levels.add(srv.level)
                 elif fr["t"] == EXPECT:  # the harness judges the returned value, now that the test is over

@@ -365,6 +365,79 @@ class _Libc:
                                   c.c_uint(_AT_RECURSIVE), c.byref(a), c.c_size_t(c.sizeof(a))), "mount_setattr")
 
 
+# ---------------------------------------------------------------- seccomp: what no test needs
+
+# Denied with EPERM: new namespaces (user ones above all), keyrings, io_uring, bpf, userfaultfd, ptrace and
+# its kin, mounts, module loading, perf, swap, reboot. clone is allowed unless it asks for a namespace;
+# clone3 answers ENOSYS (its flags are out of the filter's reach), so libc falls back to clone.
+_DENY = ("ptrace mount umount2 pivot_root chroot unshare setns keyctl add_key request_key io_uring_setup "
+         "io_uring_enter io_uring_register bpf userfaultfd perf_event_open process_vm_readv process_vm_writev "
+         "kexec_load kexec_file_load init_module finit_module delete_module open_by_handle_at name_to_handle_at "
+         "open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr quotactl swapon swapoff reboot acct "
+         "syslog kcmp pidfd_getfd personality").split()
+_SYSCALLS = {  # (audit arch, numbers) per machine
+    "x86_64": (0xC000003E, dict(zip(_DENY + ["clone", "clone3"], (
+        101, 165, 166, 155, 161, 272, 308, 250, 248, 249, 425, 426, 427, 321, 323, 298, 310, 311, 246, 320, 175,
+        313, 176, 304, 303, 428, 429, 430, 431, 432, 433, 442, 179, 167, 168, 169, 163, 103, 312, 438, 135,
+        56, 435)))),
+    "aarch64": (0xC00000B7, dict(zip(_DENY + ["clone", "clone3"], (
+        117, 40, 39, 41, 51, 97, 268, 219, 217, 218, 425, 426, 427, 280, 282, 241, 270, 271, 104, 294, 105, 273,
+        106, 265, 264, 428, 429, 430, 431, 432, 433, 442, 60, 224, 225, 142, 89, 116, 272, 438, 92,
+        220, 435)))),
+}
+_CLONE_NEW = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET (and NEWTIME 0x80)
+
+
+def seccomp_filter(machine: str) -> bytes | None:
+    """The classic-BPF program of the filter (struct sock_filter[]) for `machine`; None if unknown."""
+    import struct
+
+    if machine not in _SYSCALLS:
+        return None
+    arch, nr = _SYSCALLS[machine]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    ins = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, eperm), (ld, 0, 0, 0)]
+    if machine == "x86_64":
+        ins += [(jge, 0, 1, 0x40000000), (ret, 0, 0, eperm)]  # the x32 ABI's numbers
+    for name in _DENY:
+        ins += [(jeq, 0, 1, nr[name]), (ret, 0, 0, eperm)]
+    ins += [(jeq, 0, 1, nr["clone3"]), (ret, 0, 0, enosys), (jeq, 1, 0, nr["clone"]), (ret, 0, 0, allow),
+            (ld, 0, 0, 16), (jset, 0, 1, _CLONE_NEW | 0x80), (ret, 0, 0, eperm), (ret, 0, 0, allow)]
+    return b"".join(struct.pack("HBBI", *i) for i in ins)
+
+
+def _seccomp(libc: _Libc, prog: bytes) -> None:
+    """Install the filter on this process (needs no_new_privs); its children inherit it."""
+    c = libc.c
+
+    class Fprog(c.Structure):
+        _fields_ = [("len", c.c_ushort), ("filter", c.c_char_p)]
+
+    f = Fprog(len(prog) // 8, prog)
+    u = c.c_ulong
+    libc._ok(libc.lib.prctl(c.c_int(22), u(2), c.cast(c.pointer(f), c.c_void_p), u(0), u(0)), "seccomp")
+
+
+def _seccomp_works(libc: _Libc) -> bool:
+    """Whether the filter installs here: tried once in a throwaway child."""
+    prog = seccomp_filter(os.uname().machine)
+    if prog is None:
+        return False
+    pid = os.fork()
+    if pid == 0:
+        try:
+            libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)
+            _seccomp(libc, prog)
+            libc.unshare(_CLONE_NEWNET)  # must be refused now
+            os._exit(1)
+        except OSError as e:
+            os._exit(0 if e.errno == 1 else 1)
+        finally:
+            os._exit(1)
+    return os.waitpid(pid, 0)[1] == 0
+
+
 def _report(**kw: object) -> None:
     """One report line to the parent (fd 2 of the harness; no program process holds it)."""
     data = encode_report(**kw)
@@ -464,8 +537,8 @@ def _min_root(libc: _Libc, new: str, site: list[str], packages: list[str]) -> li
         os.chroot(".")  # no pivot_root here: the programs' uid cannot chroot back out
     _STATE["pivoted"] = True
     os.chdir("/")
-    libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     _read_only(libc)
+    libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)  # /proc/self stays writable
     return ["minroot"]
 
 
@@ -652,12 +725,19 @@ def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
     os.chdir(cfg["work"])
     os.environ.update(HOME=cfg["work"], TMPDIR=cfg["work"])
     os.umask(0o077)
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:  # the slot's OOM killer takes the program first
+            f.write("1000")
+    except OSError:  # not root and not dumpable: /proc/self is not ours to write
+        pass
     if _STATE["uid"] is not None:
         os.setgroups([])
         os.setgid(_STATE["uid"])
         os.setuid(_STATE["uid"])
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)  # no setuid binaries to climb back with
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # set after setuid, which clears it
+    if _STATE.get("seccomp"):
+        _seccomp(libc, _STATE["seccomp"])
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", closefd=False)
     sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
@@ -1112,7 +1192,10 @@ def _harness(init: dict, feats: list[str], libc: _Libc, is_init: bool) -> None:
             feats.insert(3, "ipcns")
         except OSError:
             pass
-    _report(t=HELLO, isolation="+".join(feats) or "rlimits-only")
+    if init["isolate"] and _seccomp_works(libc):
+        _STATE["seccomp"] = seccomp_filter(os.uname().machine)
+        feats.append("seccomp")
+    _report(t=HELLO, isolation="+".join(feats) or "rlimits-only", cgroup=_STATE.get("cgroup", ""))
     count, tmpfs = 0, "tmpfs" in feats
     while (cfg := read_msg(0)) is not None:
         count += 1
@@ -1154,6 +1237,7 @@ def _main() -> None:
         os._exit(0)
     libc = _STATE.get("libc") or _Libc()
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    _STATE["cgroup"] = _join_cgroup(init.get("cgroup") or [])
     feats: list[str] = []
     if init["isolate"] and os.geteuid() == 0:
         try:
@@ -1181,6 +1265,17 @@ def _main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
     os.waitpid(pid, 0)
     os._exit(0)
+
+
+def _join_cgroup(procs: list[str]) -> str:
+    """Move this server (and so all it starts) into the slot's cgroup. Returns "" or why it could not."""
+    try:
+        for f in procs:
+            with open(f, "w") as fh:
+                fh.write("0")
+    except OSError as e:
+        return f"none (joining: {e.strerror})"
+    return ""
 
 
 def _reap(*_: object) -> None:

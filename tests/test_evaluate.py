@@ -39,7 +39,12 @@ def test_all_reference_solutions_pass(tmp_path, dataset, n):
     assert s["pass_at_k"]["pass@1"]["estimate"] == 1.0
     assert s["problems_never_passed"] == []
     recs = read_jsonl(Path(s["evaluations"]))
-    assert len(recs) == n and all(r["isolation"] for r in recs)
+    assert len(recs) == n and all(r["isolation"] and r["cgroup"] for r in recs)
+    # judged apart from the program, except where the benchmark says why not (MBPP's tests that build Node)
+    fallback = [r["problem_id"] for r in recs if r["judge"] != "separate"]
+    assert fallback == ([] if dataset == "humaneval" else ["Mbpp/367"]), fallback
+    assert s["judge"] == {"separate": n - len(fallback), **{r["judge"]: 1 for r in recs if r["judge"] != "separate"}}
+    assert s["suspicious"] == {"programs": 0, "by_flag": {}} and sum(s["cgroup"].values()) == n
     assert (Path(s["evaluations"]).parent / "summary.json").exists()
 
 

@@ -23,6 +23,7 @@ from btp.sandbox_child import assemble, decode_report, encode_msg, encode_report
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 ROOT = os.geteuid() == 0
 MARK = b"btp-sandbox-child"
+ROOT_FILE = str(Path(__file__).resolve().parents[1] / "pyproject.toml")  # a file of the repository
 WRONG = "def add(a, b):\n    return a - b\n"
 TESTS = "\nassert add(1, 2) == 3\nassert add(2, 2) == 4\n"
 RIGHT = "def add(a, b):\n    return a + b\n"
@@ -371,6 +372,18 @@ def _attacks(arena: dict, hostile_root: bool) -> dict[str, str]:
                                             "s.sendall(b'pwned')\n" + TESTS),
             "SysV shared memory left behind": (WRONG + "import ctypes\nlibc = ctypes.CDLL(None)\n"
                                                "assert libc.shmget(0, 1 << 20, 0o1600) >= 0\n" + TESTS),
+            "keyrings": (RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\n"  # a key that outlives the run
+                         "assert libc.syscall(248, b'user', b'btp', b'leak', 4, -3) >= 0, 'keyring denied'\n" + TESTS),
+            "user namespaces": (RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\n"
+                                "assert libc.unshare(0x10000000) == 0, 'userns denied'\n" + TESTS),
+            "io_uring": (RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\nbuf = ctypes.create_string_buffer(120)\n"
+                         "assert libc.syscall(425, 8, buf) >= 0, 'io_uring denied'\n" + TESTS),
+            "flock on host files": (RIGHT + "import fcntl, os\nheld = []\n"
+                                    f"for p in ['/etc/passwd', '/var/lib', '{d}', '{ROOT_FILE}']:\n"
+                                    "    try:\n        fd = os.open(p, os.O_RDONLY)\n"
+                                    "        fcntl.flock(fd, fcntl.LOCK_EX)\n        held.append(p)\n"
+                                    "    except OSError:\n        pass\nassert held, 'no host file to lock'\n"
+                                    + TESTS),
             "reading environment secrets": ("import os\ndata = str(os.environ)\nfor f in ('/proc/self/environ', "
                                             "'/proc/1/environ'):\n    try:\n        data += open(f, 'rb').read()"
                                             ".decode(errors='ignore')\n    except OSError:\n        pass\n"
@@ -425,6 +438,9 @@ def test_attack_specifics(attacked, arena):
     assert not [ln for ln in shm if UID_BASE <= int(ln.split()[7]) < UID_BASE + 100_000 * 256], shm
     assert "no secret" in res["reading environment secrets"].error
     assert "hf_token" not in res["reading environment secrets"].error
+    for name, why in (("keyrings", "keyring denied"), ("user namespaces", "userns denied"),
+                      ("io_uring", "io_uring denied"), ("flock on host files", "no host file to lock")):
+        assert why in res[name].error, (name, res[name])
     if res["killing the parent"].isolation == FULL_ISOLATION:
         assert "PermissionError" in res["killing the parent"].error
         assert "Network is unreachable" in res["network to a local listener"].error
@@ -468,7 +484,7 @@ def _python_for_nobody() -> str | None:
 
 def test_sandbox_as_an_unprivileged_user(tmp_path):
     """The real non-root path: the whole evaluator runs as `nobody`; namespaces and the uid switch are
-    out of reach, so the level is rlimits-only, and verdicts and cleanup must still hold."""
+    out of reach, so the level is seccomp (or rlimits-only), and verdicts and cleanup must still hold."""
     if not ROOT or subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
         pytest.skip("needs root (to become nobody) and setpriv")
     py = _python_for_nobody()
@@ -490,7 +506,9 @@ def test_sandbox_as_an_unprivileged_user(tmp_path):
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", script],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "['passed', 'failed', 'exited', 'timeout', 'failed'] rlimits-only", r.stdout
+    statuses, level = r.stdout.strip().rsplit(" ", 1)
+    assert statuses == "['passed', 'failed', 'exited', 'timeout', 'failed']", r.stdout
+    assert level in ("seccomp", "rlimits-only"), level  # a seccomp filter needs no privilege
     time.sleep(2.0)
     assert not daemon.exists(), "the daemon outlived its sandbox"
     left = subprocess.run(["pgrep", "-u", "65534", "-f", "btp-sandbox-child"], capture_output=True, text=True)
@@ -723,3 +741,37 @@ def test_plain_value_codec():
     for text in ("[" * 100_000, '{"x": 1}', '{"d": [[[], 1]]}', "nonsense"):
         with pytest.raises(ValueError):
             decode_plain(text)
+
+
+# ---------------------------------------------------------------- resources: per-slot cgroups
+
+def _cgroup_level(sb: Sandbox) -> str:
+    return sb.run(Program("pass")).cgroup
+
+
+def test_memfd_memory_is_bounded_per_slot(sb):
+    """memfd pages are not address space (RLIMIT_AS misses them): the slot's cgroup bounds them."""
+    level = _cgroup_level(sb)
+    if not level.startswith(("v1:memory", "v2:memory")):
+        pytest.skip(f"no memory cgroup per slot on this machine ({level})")
+    bomb = ("import os\nfds = []\nwhile len(fds) < 200:\n    fd = os.memfd_create('x')\n"
+            "    for _ in range(16):\n        os.write(fd, b'x' * (1 << 20))\n    fds.append(fd)\n")
+    res = dict(sb.map([Program(bomb + RIGHT + TESTS), Program(RIGHT + TESTS)], Limits(timeout=5.0, memory_mb=512)))
+    assert not res[0].passed and "memory limit" in res[0].error, res[0]
+    assert res[1].passed
+    assert not _no_strays()
+
+
+def test_cpu_hogs_do_not_starve_the_other_slot():
+    """A program that forks setsid spinners gets its slot's CPU share, not the machine: a correct program
+    that needs some CPU in the other slot still passes within its wall-clock limit."""
+    with Sandbox(Limits(timeout=2.0, memory_mb=512, nproc=40), workers=2) as s:
+        level = _cgroup_level(s)
+        if not level.startswith(("v1:", "v2:")) or "cpu" not in level:
+            pytest.skip(f"no cpu cgroup per slot on this machine ({level})")
+        hog = ("import os, time\nfor _ in range(30):\n    if os.fork() == 0:\n        os.setsid()\n"
+               "        while True:\n            pass\ntime.sleep(60)\n")
+        work = "n = 0\nfor i in range(10_000_000):\n    n += i\n" + RIGHT + TESTS  # ~0.7 s of CPU
+        res = dict(s.map([Program(hog), Program(work), Program(work), Program(work)]))
+    assert not res[0].passed and all(res[i].passed for i in (1, 2, 3)), res
+    assert not _no_strays()

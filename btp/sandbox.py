@@ -64,6 +64,12 @@ Process tree (as root, the usual case; `isolation` in every result records what 
   it (subreaper). Then the program's tmpfs is unmounted (without one: its dir removed iteratively, however
   deep) and its IPC namespace dropped, and only then is the program reported done. A server that falls
   out of step is killed (its namespace with it) and replaced.
+* Attempts: `Result.suspicious` lists what a program tried that no test needs (`sandbox_child.SUSPICIOUS`):
+  opening or listing paths outside its dir and the interpreter's, forking or starting processes (seen by
+  an audit hook in its process, written at once to a file the harness reads after the test), exiting
+  before the tests ended (seen by the harness or the judge), returning objects with their own `__eq__`.
+  They are a record, not a verdict (a correct program may fork); a program that tampers with its own
+  interpreter can hide the first kind, never the last two.
 * Nothing a program does stops the run: a slot that fails, a cleanup that fails, a program no server can
   take are that program's `error` verdict, and the slot starts afresh.
 * Degrading: without root or without namespaces the same code runs with what the machine allows, down to

@@ -224,7 +224,7 @@ def _enc(v: object, depth: int, budget: list, flags: set) -> object:
     if t not in _BASES:
         base = next((b for b in _BASES if isinstance(v, b)), None)
         if any("__eq__" in vars(k) for k in t.__mro__ if k.__module__ not in _STDLIB):
-            flags.add("custom __eq__")
+            flags.add(CUSTOM_EQ)
         if base is None:
             raise NotPlain(f"returned a value of type {t.__name__}, not a plain value")
         t = base
@@ -436,6 +436,58 @@ def _seccomp_works(libc: _Libc) -> bool:
         finally:
             os._exit(1)
     return os.waitpid(pid, 0)[1] == 0
+
+
+# ---------------------------------------------------------------- attempts: what no test needs
+
+READS, LISTS, FORKS, EXITS, CUSTOM_EQ = ("reads outside its dir", "lists outside its dir", "forks", "exits early",
+                                         "custom __eq__")
+SUSPICIOUS = (READS, LISTS, FORKS, EXITS, CUSTOM_EQ)  # the flags a verdict may carry
+_FORK_EVENTS = frozenset(("os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
+                          "subprocess.Popen", "pty.spawn"))
+_READABLE = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/full", "/dev/shm", "/dev/fd",
+             "/dev/std", "/proc/self", "/usr/share/zoneinfo", "/etc/localtime")
+
+
+def _flag(name: str) -> None:
+    """Record an attempt at once on the test's flags file (a memfd the harness reads after the test), so
+    a program that dies right after still has it on record; each flag once."""
+    seen = _STATE.setdefault("flagged", set())
+    fd = _STATE.get("flags_fd")
+    if name in seen or fd is None:
+        return
+    seen.add(name)
+    try:
+        os.write(fd, name.encode() + b"\n")
+    except OSError:  # the program closed it: what it does next is not on record
+        pass
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Audit hook of the test child, armed when the program's code starts: flags opening or listing paths
+    outside its dir and the interpreter's, and starting processes."""
+    if not _STATE.get("armed"):
+        return
+    if event == "open" or event in ("os.listdir", "os.scandir"):
+        path = args[0] if args else None
+        if isinstance(path, bytes):
+            path = path.decode("utf-8", "surrogateescape")
+        if isinstance(path, str) and not _inside(os.path.abspath(path)):
+            _flag(READS if event == "open" else LISTS)
+    elif event in _FORK_EVENTS:
+        _flag(FORKS)
+
+
+def _inside(path: str) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in _STATE["readable"])
+
+
+def _flags_of(fd: int) -> list[str]:
+    """The flags a test child wrote to its flags file (known ones only)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = os.read(fd, 4096)
+    os.close(fd)
+    return sorted({f for f in data.decode("ascii", "replace").split("\n") if f in SUSPICIOUS})
 
 
 def _report(**kw: object) -> None:
@@ -712,7 +764,7 @@ def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
     import resource
 
     os.setsid()
-    _place(fds)  # 0 stdin, 1 stdout, 2 stderr, 3 verdict (judged: 3 calls, 4 replies)
+    _place(fds)  # 0 stdin, 1 stdout, 2 stderr, 3 verdict (judged: 3 calls, 4 replies), then the flags file
     cpu = max(1, math.ceil(cfg["timeout"]))  # RLIMIT_CPU counts whole seconds
     for res, v in ((resource.RLIMIT_AS, cfg["memory_mb"] << 20), (resource.RLIMIT_CPU, cpu),
                    (resource.RLIMIT_FSIZE, cfg["fsize_mb"] << 20), (resource.RLIMIT_NOFILE, cfg["nofile"]),
@@ -746,6 +798,9 @@ def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
     _STATE["streams"] = (sys.stdout, sys.stderr)  # flushed at the end even if the program swaps them
     sys.argv = ["main.py"]
     sys.path.extend(cfg["site"])
+    _STATE.update(flags_fd=len(fds) - 1, flagged=set(), armed=False,
+                  readable=[cfg["work"]] + [p for p in sys.path if p] + list(_READABLE))
+    sys.addaudithook(_audit)
     if "random" in sys.modules:  # imported by the zygote: reseed, or every program draws the same numbers
         sys.modules["random"].seed()
 
@@ -760,6 +815,7 @@ def _run_program(cfg: dict, code: object, prelude: object, test: object, nonce: 
     try:
         if prelude is not None:
             exec(prelude, ns)
+        _STATE["armed"] = True  # from here on, the program's doing
         if mode == "functional":
             exec(code, ns)
             cls = cfg["solution_class"]  # decided on the text, as LiveCodeBench does
@@ -780,10 +836,14 @@ def _run_program(cfg: dict, code: object, prelude: object, test: object, nonce: 
                     raise
             verdict = nonce
     except BaseException as e:  # noqa: BLE001 - everything the program raises is a verdict
+        _STATE["armed"] = False
+        if isinstance(e, SystemExit) and mode != "stdin":
+            _flag(EXITS)
         verdict = (b"failed\n" if isinstance(e, AssertionError) else b"error\n") + _excerpt(e)
         if cfg["judge"]:  # tell the judge why there is nothing to call
             _send(4, json.dumps(["died", verdict.decode("utf-8", "replace")]))
             _exit(0)
+    _STATE["armed"] = False
     for stream in (sys.stdout, sys.stderr) + _STATE["streams"]:
         try:
             stream.flush()
@@ -1009,9 +1069,9 @@ def _run_judged(cfg: dict, code: object, prelude: object, judge: tuple, libc: _L
     (a fork of the harness, holding the test code) replays the test against the plain values it gets
     back and alone decides. Returns the report for the parent."""
     calls, replies, out, err, verdict = os.pipe(), os.pipe(), os.pipe(), os.pipe(), os.pipe()
-    null = os.open(os.devnull, os.O_RDONLY)
+    null, flags = os.open(os.devnull, os.O_RDONLY), os.memfd_create("flags")
     t0 = time.monotonic()
-    pid = _fork_child(cfg, [null, out[1], err[1], calls[0], replies[1]], libc,
+    pid = _fork_child(cfg, [null, out[1], err[1], calls[0], replies[1], flags], libc,
                       lambda: _run_program(cfg, code, prelude, None, b""))
     _STATE["child"] = pid
     jpid = os.fork()
@@ -1044,7 +1104,8 @@ def _run_judged(cfg: dict, code: object, prelude: object, judge: tuple, libc: _L
         how = (f"exit code {os.WEXITSTATUS(pst)}" if os.WIFEXITED(pst) else f"signal {os.WTERMSIG(pst)}")
         why_ = got.get("err") or ""
         rep.update(status="exited", err=f"the program ended ({how}) before the tests finished\n{why_}{errtail}")
-    rep["flags"] = [f for f in got.get("flags", []) if isinstance(f, str)]
+    seen = set(_flags_of(flags)) | {f for f in got.get("flags", []) if f in SUSPICIOUS}
+    rep["flags"] = sorted(seen | ({EXITS} if rep["status"] == "exited" else set()))
     return rep
 
 
@@ -1075,9 +1136,10 @@ def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> 
     else:
         stdin = os.open(os.devnull, os.O_RDONLY)
     pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, verdict
+    flags = os.memfd_create("flags")
     nonce = os.urandom(16).hex().encode()  # in-process scripts: proof that the program and its tests ended
     t0 = time.monotonic()
-    pid = _fork_child(cfg, [stdin] + [w for _, w in pipes], libc,
+    pid = _fork_child(cfg, [stdin] + [w for _, w in pipes] + [flags], libc,
                       lambda: _run_program(cfg, code, prelude, test, nonce))
     _STATE["child"] = pid
     os.close(stdin)
@@ -1105,6 +1167,8 @@ def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> 
     else:
         how = (f"exit code {os.WEXITSTATUS(st)}" if os.WIFEXITED(st) else f"signal {os.WTERMSIG(st)}")
         rep.update(status="exited", err=f"ended ({how}) before the tests finished\n{errtail}")
+    early = rep["status"] == "exited" and cfg["mode"] != "stdin"
+    rep["flags"] = sorted(set(_flags_of(flags)) | ({EXITS} if early else set()))
     return rep
 
 
@@ -1135,7 +1199,8 @@ def _program(cfg: dict, libc: _Libc) -> None:
             if rep["status"] == "ok" and cfg["expect"] and not _judge_value(cfg, rep):
                 return  # the parent is gone
             _report(**rep)
-            if rep["status"] != "ok" or (i < n - 1 and _read_exact(0, 1) != GO_ON):
+            ok, rep = rep["status"] == "ok", None  # what this test returned is gone before the next forks
+            if not ok or (i < n - 1 and _read_exact(0, 1) != GO_ON):
                 return
     finally:
         gc.unfreeze()

@@ -199,6 +199,24 @@ def test_code_sha_is_total_and_odd_code_gets_a_verdict(tmp_path):
     assert s["n_programs"] == 3 and s["status_counts"] == {"error": 2, "passed": 1}
 
 
+def test_attempts_are_flagged_and_counted(tmp_path):
+    """What a program tried that no test needs is in its record and counted in summary.json."""
+    p = load_problems("humaneval", limit=1)[0]
+    body = p.reference[len(p.text):].lstrip("\n")
+    codes = [p.reference,
+             "    import os\n    os.listdir('/')\n" + body,
+             "    import os\n    if os.fork() == 0:\n        os._exit(0)\n    os.wait()\n" + body,
+             "    import os\n    os._exit(0)\n"]
+    inp = _write(tmp_path / "a.jsonl", [{"problem_id": p.problem_id, "sample": i, "code": c}
+                                        for i, c in enumerate(codes)])
+    s = evaluate(EvalConfig(dataset="humaneval", input=str(inp), limit=1, n_boot=100, workers=1))
+    ev = {r["sample"]: r for r in read_jsonl(tmp_path / "a.evaluations.jsonl")}
+    assert [ev[i]["suspicious"] for i in range(4)] == [[], ["lists outside its dir"], ["forks"], ["exits early"]]
+    assert [ev[i]["passed"] for i in range(4)] == [True, True, True, False]
+    assert s["suspicious"] == {"programs": 3, "by_flag": {"lists outside its dir": 1, "forks": 1, "exits early": 1}}
+    assert s["judge"] == {"separate": 4}
+
+
 def test_a_program_that_cannot_be_built_is_a_verdict(tmp_path, monkeypatch):
     """A failure to build one program's sandbox program is that program's error; the run completes."""
     import btp.evaluate as ev_mod

@@ -431,6 +431,9 @@ def test_attack_specifics(attacked, arena):
     assert res["infinite loop"].status == "timeout" and res["alarm disabled"].status == "timeout"
     assert res["huge output"].status == "output_limit"
     assert res["early os._exit(0)"].status == "exited" and res["fake success text"].status in ("exited", "failed")
+    assert "exits early" in res["early os._exit(0)"].suspicious and "exits early" in res["sys.exit(0)"].suspicious
+    assert "forks" in res["daemon escaping the group"].suspicious and "forks" in res["fork bomb"].suspicious
+    assert res["infinite loop"].suspicious == [] and res["ok after infinite loop"].suspicious == []
     assert "SystemExit" in res["sys.exit(0)"].error
     assert res["memory bomb"].status in ("error", "timeout")
     assert arena["hits"] == [], "a sandboxed program reached a listener on the host"
@@ -635,6 +638,7 @@ def test_the_answer_key_is_out_of_sight(sb, tmp_path):
         res = dict(sb.map(progs))
         for i, name in enumerate(cases):
             assert not res[i].passed and "no answer key" in res[i].error, (name, res[i])
+            assert {"reads outside its dir", "lists outside its dir"} <= set(res[i].suspicious), res[i]
     finally:
         host_tmp.unlink()
 

@@ -11,12 +11,18 @@ Wire protocol, defined here once:
   two tests of a program, one byte: GO_ON or STOP. In reply to an EXPECT report, a message holding the
   expected value (JSON text) of that test.
 * server -> parent (fd 2 of the server, a pipe no program process holds): reports, one JSON object per line
-  (`encode_report`, `decode_report`); "t" is HELLO (isolation level), TEST (one test's status, error
-  excerpt, output), EXPECT (test i returned a value: send its expected value) or DONE (the program's
-  processes and dir are gone).
+  (`encode_report`, `decode_report`); "t" is HELLO (isolation level, cgroup trouble), TEST (one test's
+  status, error excerpt, output, suspicious flags), EXPECT (test i returned a value: send its expected
+  value) or DONE (the program's processes and dir are gone; "err" when cleaning up failed).
+* judge <-> program's child (judged programs, both forks of the harness): messages of a 4-byte length and
+  JSON (`_send`, `_recv`): the child says ["ready"] once its code ran (or ["died", excerpt]); then per call
+  the judge sends [name, args, kwargs] and the child answers ["ok", value, args after], ["raise", type,
+  message] or ["bad", why], each with its flags, values tagged by `encode_plain` (plain values only). The
+  judge's verdict, one JSON object, goes to the harness on a pipe of its own.
 
 Untrusted source is parsed and compiled here only, in the harness (`assemble`, `value_equal`), which runs no
-program code and bounds the memory parsing may take; whatever that raises is the program's verdict.
+program code and bounds the memory parsing may take; whatever that raises is the program's verdict. What the
+program's process sends the judge is decoded as plain values only (`decode_plain`), never unpickled.
 """
 from __future__ import annotations
 
@@ -559,17 +565,21 @@ def _min_root(libc: _Libc, new: str, site: list[str], packages: list[str]) -> li
     for t in ROOT_TREES:
         if os.path.islink(t):
             os.symlink(os.readlink(t), at(t))
-    std = [p for p in sys.path if p and os.path.isdir(p) and not _under(p, trees)]
+    lib = os.path.join(sys.base_prefix, "lib")  # libpython and the libraries its extension modules link to
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    std = [p for p in [lib] + paths if os.path.isdir(p) and not _under(p, trees)]
+    std = [p for p in std if not any(p != q and _under(p, [q]) for q in std)]
     for p in trees + std:
         _bind(libc, p, at(p))
     exe = os.path.realpath(sys.executable)
-    for f in list(ROOT_FILES) + [exe] + glob.glob(os.path.join(sys.base_prefix, "lib", "libpython*.so*")):
+    for f in list(ROOT_FILES) + [exe]:
         if os.path.isfile(f) and not _under(f, trees + std):
             _bind(libc, f, at(f))
     if sys.executable != exe and not os.path.lexists(at(sys.executable)):
         os.makedirs(os.path.dirname(at(sys.executable)), exist_ok=True)
         os.symlink(exe, at(sys.executable))
-    hide = {p for g in SITE_GLOBS for p in glob.glob(g)} | {os.path.join(p, "site-packages") for p in std}
+    hide = {p for g in SITE_GLOBS for p in glob.glob(g)} | {os.path.join(p, n) for p in paths
+                                                           for n in ("site-packages", "dist-packages")}
     for d in sorted(hide | set(site)):  # site dirs inside a bound tree: covered, then only packages bound
         if os.path.isdir(d) and (_under(d, trees + std) or d in site):
             os.makedirs(at(d), exist_ok=True)

@@ -189,14 +189,15 @@ def test_the_evaluator_never_parses_model_code(sb, monkeypatch):
 def test_code_sha_is_total_and_odd_code_gets_a_verdict(tmp_path):
     assert code_sha("x = '\udc80'") != code_sha("x = '\udc81'")
     probs = load_problems("humaneval", limit=1)
-    odd = ["x = '\udc80'\n", "x = " + "(" * 200_000 + ")" * 200_000 + "\n", probs[0].reference]
+    deep = probs[0].reference + "\nimport os\nfor i in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n"
+    odd = ["x = '\udc80'\n", "x = " + "(" * 200_000 + ")" * 200_000 + "\n", probs[0].reference, deep]
     recs = [{"problem_id": probs[0].problem_id, "sample": i, "code": c} for i, c in enumerate(odd)]
     inp = tmp_path / "odd.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in recs))
     s = evaluate(EvalConfig(dataset="humaneval", input=str(inp), limit=1, n_boot=100, workers=1))
     ev = {r["sample"]: r for r in read_jsonl(tmp_path / "odd.evaluations.jsonl")}
-    assert [ev[i]["status"] for i in range(3)] == ["error", "error", "passed"], ev
-    assert s["n_programs"] == 3 and s["status_counts"] == {"error": 2, "passed": 1}
+    assert [ev[i]["status"] for i in range(4)] == ["error", "error", "passed", "passed"], ev
+    assert s["n_programs"] == 4 and s["status_counts"] == {"error": 2, "passed": 2}
 
 
 def test_attempts_are_flagged_and_counted(tmp_path):

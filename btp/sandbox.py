@@ -477,7 +477,8 @@ class Sandbox:
     `run(program)` runs one; `map(programs)` runs many on `workers` threads, each with its own sandbox
     server, and yields `(index, Result)` as they finish, holding at most 2 x workers programs at once.
     When either returns a result, nothing that program started is running and its dir is gone.
-    `isolation="rlimits-only"` forces the level a machine without root or namespaces gets.
+    `isolation="rlimits-only"` forces the level a machine without root or namespaces gets. `packages`: what
+    programs may import from the site dirs (the minimal root shows nothing else of them).
     Use as a context manager, or call `close()`, to stop the servers and the zygote (also done when the
     Sandbox is collected or the interpreter exits)."""
 
@@ -494,7 +495,8 @@ class Sandbox:
         self._uid_base = UID_BASE + (os.getpid() % 100000) * 256
         self._drop = os.geteuid() == 0 and isolation == "auto"
         self._site = _site_dirs()
-        self._cg_version, self._cg_bases = cgroup_bases() if self._drop else ("none (not root)", {})
+        self._cg_version, self._cg_bases = (cgroup_bases() if self._drop else
+                                            (f"none ({'not root' if os.geteuid() else 'rlimits-only'})", {}))
         self._cg_level = self._cg_version if not self._cg_bases else ""
         self._levels: set[str] = set()
         self._lock = threading.Lock()

@@ -488,6 +488,18 @@ def _inside(path: str) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in _STATE["readable"])
 
 
+def _note_custom_eq(value: object) -> None:
+    """Flag a returned value that carries the program's own `__eq__` (judged by its repr, it forges
+    nothing, but it was tried)."""
+    flags: set = set()
+    try:
+        _enc(value, 0, [PLAIN_ITEMS], flags)
+    except (NotPlain, RecursionError):
+        pass
+    if flags:
+        _flag(CUSTOM_EQ)
+
+
 def _flags_of(fd: int) -> list[str]:
     """The flags a test child wrote to its flags file (known ones only)."""
     os.lseek(fd, 0, os.SEEK_SET)
@@ -832,6 +844,7 @@ def _run_program(cfg: dict, code: object, prelude: object, test: object, nonce: 
             target = ns[cls]() if cls and f"class {cls}" in cfg["code"] else None
             fn = getattr(target, cfg["fn_name"]) if target is not None else ns[cfg["fn_name"]]
             value = fn(*test)
+            _note_custom_eq(value)
             value = list(value) if isinstance(value, tuple) else value  # as LCB: tuples count as lists
             verdict = b"=" + repr(value).encode("utf-8", "backslashreplace")
         elif cfg["judge"]:
@@ -1006,6 +1019,7 @@ def _enter_judge(cfg: dict, fds: list[int]) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     _place([null, null, null] + fds)
     cfg.pop("code", None)  # the judge never holds the program
+    _STATE.get("sources", {}).pop("<program>", None)
     cpu = max(1, math.ceil(cfg["timeout"]))
     for res, v in ((resource.RLIMIT_AS, cfg["memory_mb"] << 20), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_CORE, 0)):
         hard = resource.getrlimit(res)[1]

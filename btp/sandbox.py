@@ -201,24 +201,13 @@ def _own_cgroups() -> dict[str, str]:
     return out
 
 
-def cgroup_bases() -> tuple[str, dict[str, str]]:
+def cgroup_bases(fs: str = CGROUP_FS) -> tuple[str, dict[str, str]]:
     """(version, {controller: the dir under which slot groups are made}) on this machine, or ("none (why)",
-    {}): v2 where the controllers are delegated to this process's group, else v1 where its hierarchies
+    {}): v2 (the unified hierarchy alone) in a group of this process's own, else v1 where its hierarchies
     are writable (as root)."""
     own = _own_cgroups()
-    if os.path.exists(f"{CGROUP_FS}/cgroup.controllers"):  # the unified hierarchy only
-        base = os.path.normpath(CGROUP_FS + own.get("", "/"))
-        try:
-            with open(f"{base}/cgroup.controllers") as f:
-                have = f.read().split()
-            missing = [c for c in CONTROLLERS if c not in have]
-            if missing:
-                return f"none (v2: {'+'.join(missing)} not delegated to {base})", {}
-            with open(f"{base}/cgroup.subtree_control", "w") as f:
-                f.write(" ".join(f"+{c}" for c in CONTROLLERS))
-        except OSError as e:
-            return f"none (v2: {base}: {e.strerror})", {}
-        return "v2", dict.fromkeys(CONTROLLERS, base)
+    if os.path.exists(f"{fs}/cgroup.controllers"):
+        return _v2_base(fs, own.get("", "/"))
     bases = {}
     for c in CONTROLLERS:
         d = os.path.normpath(f"{CGROUP_FS}/{c}{own.get(c, '/')}")
@@ -227,6 +216,32 @@ def cgroup_bases() -> tuple[str, dict[str, str]]:
     if not bases:
         return "none (no writable cgroup hierarchy)", {}
     return "v1", bases
+
+
+def _v2_base(fs: str, own: str) -> tuple[str, dict[str, str]]:
+    """v2: `btp-<pid>`, a group with no process of its own (so its children may have controllers), made
+    under the hierarchy's root, else under this process's group, wherever memory, pids and cpu can be
+    enabled for children; ("none (why)", {}) where neither allows it (controllers not delegated)."""
+    why = "no cgroup to make groups in"
+    for top in dict.fromkeys([fs, os.path.normpath(fs + own)]):
+        group = f"{top}/btp-{os.getpid()}"
+        try:
+            with open(f"{top}/cgroup.controllers") as f:
+                have = f.read().split()
+            missing = [c for c in CONTROLLERS if c not in have]
+            if missing:
+                raise OSError(0, f"{'+'.join(missing)} not available")
+            for d in (top, group):
+                os.makedirs(d, exist_ok=True)
+                _write(f"{d}/cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS), strict=True)
+            return "v2", dict.fromkeys(CONTROLLERS, group)
+        except OSError as e:
+            why = f"{top}: {e.strerror}"
+            try:
+                os.rmdir(group)
+            except OSError:
+                pass
+    return f"none (v2: {why})", {}
 
 
 class _Cgroup:
@@ -289,7 +304,7 @@ class _Cgroup:
                     time.sleep(0.02)
 
 
-def _write(path: str, text: str, missing_ok: bool = False) -> None:
+def _write(path: str, text: str, missing_ok: bool = False, strict: bool = False) -> None:
     try:
         with open(path, "w") as f:
             f.write(text)
@@ -297,7 +312,8 @@ def _write(path: str, text: str, missing_ok: bool = False) -> None:
         if not missing_ok:
             raise
     except OSError:  # e.g. EBUSY: a lower memory limit than what is in use; the old one stays
-        pass
+        if strict:
+            raise
 
 
 @functools.cache
@@ -462,6 +478,17 @@ def _site_dirs() -> list[str]:
     return [d for d in site.getsitepackages() if os.path.isdir(d)]
 
 
+def _rmdir_later(path: str) -> None:
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
 def _close_all(servers: list, zyg: list) -> None:
     for s in servers:
         s.close()
@@ -498,6 +525,8 @@ class Sandbox:
         self._cg_version, self._cg_bases = (cgroup_bases() if self._drop else
                                             (f"none ({'not root' if os.geteuid() else 'rlimits-only'})", {}))
         self._cg_level = self._cg_version if not self._cg_bases else ""
+        if self._cg_version == "v2":  # its own group goes when the Sandbox does (after the servers' groups)
+            weakref.finalize(self, _rmdir_later, next(iter(self._cg_bases.values())))
         self._levels: set[str] = set()
         self._lock = threading.Lock()
         self._servers: list[_Server] = []

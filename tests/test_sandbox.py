@@ -779,3 +779,30 @@ def test_cpu_hogs_do_not_starve_the_other_slot():
         res = dict(s.map([Program(hog), Program(work), Program(work), Program(work)]))
     assert not res[0].passed and all(res[i].passed for i in (1, 2, 3)), res
     assert not _no_strays()
+
+
+def test_cgroup_v2_placement(tmp_path, monkeypatch):
+    """v2 (on a stand-in of the hierarchy): a group of the Sandbox's own under the root, where the
+    controllers can be enabled for children; else under this process's group; else none, with the reason."""
+    root = tmp_path / "cg"
+    (root / "user.slice").mkdir(parents=True)
+    for d in (root, root / "user.slice"):
+        (d / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    monkeypatch.setattr(sandbox, "_own_cgroups", lambda: {"": "/user.slice"})
+    version, bases = sandbox.cgroup_bases(str(root))
+    group = root / f"btp-{os.getpid()}"
+    assert version == "v2" and set(bases.values()) == {str(group)}
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (group / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    group.joinpath("cgroup.subtree_control").unlink()
+    group.rmdir()
+    (root / "cgroup.subtree_control").unlink()
+    (root / "cgroup.subtree_control").mkdir()  # the root refuses (stands for EBUSY): this process's group
+    version, bases = sandbox.cgroup_bases(str(root))
+    assert version == "v2" and set(bases.values()) == {str(root / "user.slice" / f"btp-{os.getpid()}")}
+    (root / "user.slice" / "cgroup.controllers").write_text("cpu io\n")  # memory, pids not delegated
+    import shutil
+
+    shutil.rmtree(root / "user.slice" / f"btp-{os.getpid()}")
+    version, bases = sandbox.cgroup_bases(str(root))
+    assert version.startswith("none (v2: ") and "memory+pids not available" in version and not bases

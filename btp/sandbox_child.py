@@ -885,6 +885,11 @@ class _ProgramEnded(BaseException):
     """The program's process ended before the tests did (a BaseException: no test's `except` keeps it)."""
 
 
+class NotJudgeable(BaseException):
+    """The program answered a call with something that is not a plain value: an error verdict (a
+    BaseException, so that no `except Exception` of a test turns it into a pass)."""
+
+
 def _send(fd: int, text: str) -> None:
     data = text.encode()
     data = len(data).to_bytes(4, "little") + data
@@ -937,15 +942,21 @@ def _stub(name: str, flags: set) -> object:
         reply = _reply()
         flags.update(str(f)[:40] for f in reply[-1][:8])
         if reply[0] == "ok":
-            for a, b in zip(args, _dec(reply[2], 0)):
+            try:
+                value, after = _dec(reply[1], 0), _dec(reply[2], 0)
+                if type(after) is not list:
+                    raise TypeError
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError):
+                raise NotJudgeable(f"the program's {name}() answered with something else than plain values") from None
+            for a, b in zip(args, after):
                 _copy_back(a, b)
-            return _dec(reply[1], 0)
+            return value
         if reply[0] == "raise":
             cls = getattr(builtins, str(reply[1]), None)
             if not (isinstance(cls, type) and issubclass(cls, Exception)):
                 cls, reply[2] = RuntimeError, f"{reply[1]}: {reply[2]}"
             raise cls(f"{reply[2]} (raised by the program)")
-        raise TypeError(f"the program's {name}() {reply[1]}")
+        raise NotJudgeable(f"the program's {name}() {reply[1]}")
 
     call.__name__ = call.__qualname__ = name
     return call

@@ -563,7 +563,9 @@ def test_deep_and_closed_trees_are_removed(isolation):
         with Sandbox(Limits(timeout=5.0), workers=1, isolation=isolation, tmp_root=root) as s:
             res = dict(s.map([Program(DEEP_TREE + WRONG + TESTS), Program(RIGHT + TESTS)]))
             assert res[0].status == "failed" and res[1].passed, res
+            groups = [d for srv in s._servers if srv.cg for d in srv.cg.dirs]
         assert os.listdir(root) == []
+        assert not [d for d in groups if os.path.exists(d)], "a slot's cgroup outlived its Sandbox"
     finally:
         sandbox_child.remove_tree(root)
 
@@ -722,6 +724,9 @@ def test_judge_apart_semantics(sb):
     gen = sb.run(Program("def f():\n    return (i for i in range(3))\n", judge="assert list(f()) == [0, 1, 2]\n",
                          calls=("f",)))
     assert gen.status == "error" and "not a plain value" in gen.error, gen
+    swallow = "try:\n    assert f() == 1\nexcept Exception:\n    pass\n"  # a test that swallows errors ...
+    lax = sb.run(Program("def f():\n    return object()\n", judge=swallow, calls=("f",)))  # ... still errs
+    assert lax.status == "error" and "NotJudgeable" in lax.error, lax
     missing = sb.run(Program("x = 1\n", judge="f()\n", calls=("f",)))
     assert missing.status == "error" and "NameError" in missing.error, missing
     with pytest.raises(ValueError, match="judge"):

@@ -1103,24 +1103,23 @@ def _run_judged(cfg: dict, code: object, prelude: object, judge: tuple, libc: _L
     """A program whose tests run in a separate judge process: the program's child serves calls, the judge
     (a fork of the harness, holding the test code) replays the test against the plain values it gets
     back and alone decides. Returns the report for the parent."""
-    calls, replies, out, err, verdict = os.pipe(), os.pipe(), os.pipe(), os.pipe(), os.pipe()
+    (calls_r, calls_w), (rep_r, rep_w), (out_r, out_w), (err_r, err_w), (ver_r, ver_w) = [os.pipe() for _ in range(5)]
     null, flags = os.open(os.devnull, os.O_RDONLY), os.memfd_create("flags")
     t0 = time.monotonic()
-    pid = _fork_child(cfg, [null, out[1], err[1], calls[0], replies[1], flags], libc,
+    pid = _fork_child(cfg, [null, out_w, err_w, calls_r, rep_w, flags], libc,
                       lambda: _run_program(cfg, code, prelude, None, b""))
     _STATE["child"] = pid
     jpid = os.fork()
     if jpid == 0:
         try:
-            _enter_judge(cfg, [calls[1], replies[0], verdict[1]])
+            _enter_judge(cfg, [calls_w, rep_r, ver_w])
             _run_judge(*judge)
         finally:
             os._exit(70)
-    os.close(null)
-    for fd in (calls[0], calls[1], replies[0], replies[1], out[1], err[1], verdict[1]):
+    for fd in (null, calls_r, calls_w, rep_r, rep_w, out_w, err_w, ver_w):
         os.close(fd)
-    (o, e, v), why, st, pst = _collect(jpid, [out[0], err[0], verdict[0]], t0 + cfg["wall"], cfg["caps"][0], pid)
-    for fd in (out[0], err[0], verdict[0]):
+    (_, e, v), why, st, pst = _collect(jpid, [out_r, err_r, ver_r], t0 + cfg["wall"], cfg["caps"][0], pid)
+    for fd in (out_r, err_r, ver_r):
         os.close(fd)
     rep = {"t": TEST, "i": 0, "dt": round(time.monotonic() - t0, 4)}
     try:

@@ -811,3 +811,30 @@ def test_cgroup_v2_placement(tmp_path, monkeypatch):
     shutil.rmtree(root / "user.slice" / f"btp-{os.getpid()}")
     version, bases = sandbox.cgroup_bases(str(root))
     assert version.startswith("none (v2: ") and "memory+pids not available" in version and not bases
+
+
+def test_a_humaneval_oracle_finds_no_answers(sb):
+    """A generic oracle (load every canonical solution from the benchmark's data file, by its path or by
+    walking the tree) passes any HumanEval problem where the file is in sight (here: rlimits-only), and
+    none in the minimal root."""
+    from btp import benchmarks
+    from btp.data import load_problems
+
+    data = Path(sandbox.__file__).parent / "benchmarks" / "HumanEval.jsonl.gz"
+    oracle = ("import gzip, json, os\ndef _find():\n"
+              f"    if os.path.exists({str(data)!r}):\n        return {str(data)!r}\n"
+              "    for top, dirs, files in os.walk('/'):\n"
+              "        dirs[:] = [d for d in dirs if os.path.join(top, d) not in ('/proc', '/sys')]\n"
+              "        if 'HumanEval.jsonl.gz' in files:\n            return os.path.join(top, 'HumanEval.jsonl.gz')\n"
+              "for line in gzip.open(_find(), 'rt'):\n    r = json.loads(line)\n"
+              "    exec(r['prompt'] + r['canonical_solution'], globals())\n")
+    probs = load_problems("humaneval", limit=3)
+    progs = [benchmarks.get("humaneval").program(p, oracle) for p in probs]
+    lim = Limits(timeout=10.0, memory_mb=1024)
+    with Sandbox(lim, workers=2, isolation="rlimits-only") as open_host:
+        assert all(r.passed for _, r in open_host.map(progs)), "the oracle must work where the file is in sight"
+    if "minroot" not in sb.run(Program("pass")).isolation:
+        pytest.skip("no minimal root on this machine")
+    res = dict(sb.map(progs, lim))
+    assert not any(r.passed for r in res.values()), res
+    assert all("reads outside its dir" in r.suspicious or "lists outside its dir" in r.suspicious for r in res.values())

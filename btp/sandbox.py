@@ -69,12 +69,13 @@ Process tree (as root, the usual case; `isolation` in every result records what 
   an audit hook in its process, written at once to a file the harness reads after the test), exiting
   before the tests ended (seen by the harness or the judge), returning objects with their own `__eq__`.
   They are a record, not a verdict (a correct program may fork); a program that tampers with its own
-  interpreter can hide the first kind, never the last two.
+  interpreter can hide all of them but the early exit, which the harness sees.
 * Nothing a program does stops the run: a slot that fails, a cleanup that fails, a program no server can
   take are that program's `error` verdict, and the slot starts afresh.
 * Degrading: without root or without namespaces the same code runs with what the machine allows, down to
   "rlimits-only" (no minimal root: `ro-root`, the host's root read-only except the slot's dir, when only
-  pivoting fails); the level reached is reported with every result.
+  pivoting fails; not root: `seccomp` alone, which needs no privilege); the level reached is reported with
+  every result, the cgroup level beside it.
 * Limit of the threat model: in-process verdicts can be forged by code that inspects its own interpreter
   (frames, memory); separate ones cannot. The harness, the judge and the parent are out of its reach
   (other uid or non-dumpable), and with a pid namespace nothing it starts survives the test. Without a

@@ -391,7 +391,7 @@ _SYSCALLS = {  # (audit arch, numbers) per machine
         106, 265, 264, 428, 429, 430, 431, 432, 433, 442, 60, 224, 225, 142, 89, 116, 272, 438, 92,
         220, 435)))),
 }
-_CLONE_NEW = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET (and NEWTIME 0x80)
+_CLONE_NEW = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET (NEWTIME: unshare only)
 
 
 def seccomp_filter(machine: str) -> bytes | None:
@@ -409,7 +409,7 @@ def seccomp_filter(machine: str) -> bytes | None:
     for name in _DENY:
         ins += [(jeq, 0, 1, nr[name]), (ret, 0, 0, eperm)]
     ins += [(jeq, 0, 1, nr["clone3"]), (ret, 0, 0, enosys), (jeq, 1, 0, nr["clone"]), (ret, 0, 0, allow),
-            (ld, 0, 0, 16), (jset, 0, 1, _CLONE_NEW | 0x80), (ret, 0, 0, eperm), (ret, 0, 0, allow)]
+            (ld, 0, 0, 16), (jset, 0, 1, _CLONE_NEW), (ret, 0, 0, eperm), (ret, 0, 0, allow)]
     return b"".join(struct.pack("HBBI", *i) for i in ins)
 
 

@@ -838,3 +838,19 @@ def test_a_humaneval_oracle_finds_no_answers(sb):
     res = dict(sb.map(progs, lim))
     assert not any(r.passed for r in res.values()), res
     assert all("reads outside its dir" in r.suspicious or "lists outside its dir" in r.suspicious for r in res.values())
+
+
+def test_the_filter_leaves_ordinary_programs_alone(sb):
+    """Correct controls under the seccomp filter: threads, fork, subprocess, multiprocessing, numpy."""
+    if "seccomp" not in sb.run(Program("pass")).isolation:
+        pytest.skip("no seccomp filter on this machine")
+    assert len(sandbox_child.seccomp_filter("x86_64")) % 8 == 0 and sandbox_child.seccomp_filter("sparc") is None
+    code = ("import os, subprocess, threading, multiprocessing, numpy\nout = []\n"
+            "t = threading.Thread(target=lambda: out.append(1))\nt.start()\nt.join()\n"
+            "pid = os.fork()\nif pid == 0:\n    os._exit(7)\n"
+            "assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7\n"
+            "assert subprocess.run(['/bin/echo', 'x'], capture_output=True).stdout == b'x\\n'\n"
+            "with multiprocessing.Pool(2) as p:\n    assert p.map(abs, [-1, -2]) == [1, 2]\n"
+            "assert int(numpy.arange(4).sum()) == 6 and out == [1]\n")
+    r = sb.run(Program(code + RIGHT + TESTS), Limits(timeout=5.0, memory_mb=1024))
+    assert r.passed, r

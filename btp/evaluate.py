@@ -1,8 +1,10 @@
 """Stage: judge programs in the sandbox; write evaluations.jsonl and summary.json (pass@k with CIs).
 
 `python -m btp.evaluate --model M --dataset humaneval` judges `results/<model>/<dataset>/generations.jsonl`
-and writes `evaluations.jsonl` (one record per program: passed, status, error excerpt, duration, isolation)
-and `summary.json` (pass@k for k up to n with bootstrap CIs over problems, counts by status) beside it.
+and writes `evaluations.jsonl` (one record per program: passed, status, error excerpt, duration, the sandbox's
+isolation and cgroup levels, who judged it, and what it tried that no test needs: `suspicious`) and
+`summary.json` (pass@k for k up to n with bootstrap CIs over problems, counts by status, level, judge and
+suspicious flag) beside it.
 `--reference` judges the benchmark's own solutions (all must pass: a self-check of the harness);
 `--input FILE` judges any JSONL of {problem_id, sample, code}. A rerun judges only what is missing.
 

@@ -1,8 +1,10 @@
 """Stage: judge programs in the sandbox; write evaluations.jsonl and summary.json (pass@k with CIs).
 
 `python -m btp.evaluate --model M --dataset humaneval` judges `results/<model>/<dataset>/generations.jsonl`
-and writes `evaluations.jsonl` (one record per program: passed, status, error excerpt, duration, isolation)
-and `summary.json` (pass@k for k up to n with bootstrap CIs over problems, counts by status) beside it.
+and writes `evaluations.jsonl` (one record per program: passed, status, error excerpt, duration, the sandbox's
+isolation and cgroup levels, who judged it, and what it tried that no test needs: `suspicious`) and
+`summary.json` (pass@k for k up to n with bootstrap CIs over problems, counts by status, level, judge and
+suspicious flag) beside it.
 `--reference` judges the benchmark's own solutions (all must pass: a self-check of the harness);
 `--input FILE` judges any JSONL of {problem_id, sample, code}. A rerun judges only what is missing.
 
@@ -20,7 +22,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -160,10 +162,10 @@ def _record(prog: dict, res: Result | None) -> dict:
     base = {"problem_id": prog["problem_id"], "sample": prog["sample"], "code_sha": code_sha(prog["code"])}
     if res is None:
         return {**base, "passed": False, "status": "no_code", "error": "", "duration": 0.0, "tests_passed": 0,
-                "tests_total": 0, "isolation": ""}
+                "tests_total": 0, "isolation": "", "cgroup": "", "judge": "", "suspicious": []}
     return {**base, "passed": res.passed, "status": res.status, "error": res.error[-600:],
             "duration": res.duration, "tests_passed": res.tests_passed, "tests_total": res.tests_total,
-            "isolation": res.isolation}
+            "isolation": res.isolation, "cgroup": res.cgroup, "judge": res.judge, "suspicious": res.suspicious}
 
 
 def _check_same_run(store: JsonlStore, conf: dict, current: dict[tuple, dict]) -> None:
@@ -200,8 +202,17 @@ def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot
         "bootstrap": {"over": "problems", "n_boot": n_boot, "seed": seed, "method": "percentile"},
         "status_counts": dict(Counter(r["status"] for k, r in records.items() if k[0] in known)),
         "isolation": dict(Counter(r["isolation"] for k, r in records.items() if k[0] in known and r["isolation"])),
+        "cgroup": dict(Counter(r.get("cgroup") or "" for k, r in records.items() if k[0] in known and r.get("cgroup"))),
+        "judge": dict(Counter(r.get("judge") or "" for k, r in records.items() if k[0] in known and r.get("judge"))),
+        "suspicious": _suspicious(r for k, r in records.items() if k[0] in known),
         "problems_never_passed": [p.problem_id for p, x in zip(problems, cs) if x == 0],
     }
+
+
+def _suspicious(records: Iterable[dict]) -> dict:
+    """Programs that tried what no test needs: how many did anything, and how many did each thing."""
+    flags = [r.get("suspicious") or [] for r in records]
+    return {"programs": sum(1 for f in flags if f), "by_flag": dict(Counter(x for f in flags for x in f))}
 
 
 def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
@@ -257,10 +268,22 @@ def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: 
     batch += [_record(r, None) for r in todo if not r["code"].strip()]
     bar = tqdm(total=len(todo), initial=len(batch), desc=f"evaluate {cfg.dataset}", unit="prog", dynamic_ncols=True)
     counts: Counter = Counter()
+    sent: list[dict] = []  # the records of the programs handed to the sandbox, in order
+
+    def programs() -> Iterator[Program]:
+        for r in runnable:
+            try:
+                prog = build_program(by_id[r["problem_id"]], r["code"])
+            except Exception as e:  # noqa: BLE001 - a program that cannot be built is its own verdict
+                batch.append(_record(r, Result(status="error", error=f"not run: {type(e).__name__}: {e}")))
+                bar.update()
+                continue
+            sent.append(r)
+            yield prog
+
     try:
-        progs = (build_program(by_id[r["problem_id"]], r["code"]) for r in runnable)
-        for i, res in sb.map(progs, lim):
-            batch.append(_record(runnable[i], res))
+        for i, res in sb.map(programs(), lim):
+            batch.append(_record(sent[i], res))
             counts[res.status] += 1
             bar.update()
             bar.set_postfix(passed=counts["passed"], failed=sum(counts.values()) - counts["passed"], refresh=False)
@@ -274,6 +297,9 @@ def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: 
     levels = sb.levels
     if levels and levels != {FULL_ISOLATION} and cfg.isolation == "auto":
         warnings.warn(f"sandbox isolation on this machine: {sorted(levels)} (less than full; recorded per record)")
+    if sb.cgroup.startswith("none") and cfg.isolation == "auto":
+        warnings.warn(f"no per-slot cgroups on this machine: {sb.cgroup} (memory is bounded per process only)",
+                      stacklevel=2)
 
 
 # ---------------------------------------------------------------- CLI

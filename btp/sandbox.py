@@ -11,12 +11,17 @@ Process tree (as root, the usual case; `isolation` in every result records what 
 
     Sandbox ──► zygote: python -I -S -B, root, one per Sandbox; imports, then only forks
                   └─► server, one per worker slot (a fork of the zygote; fd 0 programs, fd 2 reports)
-                        └─► harness: PID 1 of new pid+net+mount namespaces, root; `/` read-only except the
-                            │   slot's dir, fresh /proc; a new SysV IPC namespace and an empty dir (mode
-                            │   0700, the slot's uid) per program; runs no program code
-                            └─► one child per test: setsid, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE),
-                                the slot's own unprivileged uid, no_new_privs, fds 0-3 only, clean env,
-                                then exec() of the program (stdin mode: the test's input on fd 0)
+                        └─► harness: PID 1 of new pid+net+mount namespaces, root, pivoted into a minimal
+                            │   read-only root (system libraries, the interpreter and stdlib, the allowed
+                            │   packages, a few /dev nodes, fresh /proc); a new SysV IPC namespace and a
+                            │   fresh tmpfs at /tmp (size- and inode-limited, the slot's uid) per program;
+                            │   runs no program code
+                            ├─► one child per test: setsid, rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE),
+                            │   the slot's own unprivileged uid, no_new_privs, a seccomp filter, fds 0-4
+                            │   only, clean env, then exec() of the program (stdin mode: input on fd 0)
+                            └─► judge (programs with `judge`): a fork of the harness, root in the namespaces,
+                                never given the program; runs the test code against stand-ins that call
+                                the program's functions in the child above, with plain values, by pipe
 
 * Fresh interpreter: every program runs in a fork of a harness that has never run program code, so it
   gets an interpreter no other program touched, without paying ~10 ms of interpreter start; namespaces
@@ -24,28 +29,58 @@ Process tree (as root, the usual case; `isolation` in every result records what 
 * Assembly: the source run is `head + code + tail`, decided in the harness when `complete` asks whether the
   code is a whole function or a body (that needs parsing). Untrusted text is parsed only there, with its
   memory bounded: a parse error, deep nesting, a huge or unencodable source is that program's `error`.
-* Verdicts: a test child proves that the program *and its tests* ran to the end by writing a random
-  nonce (made by the harness for that child only) to its private verdict pipe after `exec` returns.
-  Exiting early (`os._exit(0)`, `sys.exit(0)`), killing its parent, printing "passed" or flooding stdout
-  therefore never passes. Outputs of stdin/functional tests are judged in the parent (`check`), which alone
-  holds the expected outputs; it tells the harness after each test whether to go on. Functional tests with
-  `expected` values are judged in the harness, which gets a test's expected value from the parent only
-  after that test's processes are gone. The harness reports one line per test on a pipe no program process
-  holds.
+* Verdicts are never decided in the program's process (`Result.judge` says where they were):
+  - "separate" (HumanEval, MBPP): the program's child runs the program, then only answers calls: the
+    judge process, which holds the test code and never the program, runs the test with each name of
+    `calls` bound to a stand-in that sends the arguments (plain values, `encode_plain`: no pickle) and gets
+    back the plain value returned (and the arguments after the call). Objects of the program never cross,
+    so an `__eq__` that always answers True, or a test's secrets found on the stack, forge nothing; a
+    value that is not plain is an error. The judge's verdict goes to the harness on a pipe of its own.
+  - "parent" (stdin) and "harness" (functional): outputs are compared in the parent (`check`), which
+    alone holds the expected outputs, or in the harness, which gets a test's expected value only after
+    that test's processes are gone; the parent tells the harness after each test whether to go on.
+  - "in-process" (only where a benchmark says its tests cannot be judged apart, with the reason, e.g. tests
+    that build the program's classes): the program *and its tests* prove they ran to the end by writing a
+    random nonce to a private verdict pipe after `exec` returns. Exiting early, killing its parent, printing
+    "passed" or flooding stdout never passes; code that inspects its own stack can find the nonce.
+  The harness reports one line per test on a pipe no program process holds.
 * Limits: `timeout` is CPU seconds per test (RLIMIT_CPU); the harness also kills a test child at a wall
   deadline (`wall_factor` x timeout + 1 s: sleepers, a starved host) and when its output passes a cap.
-  No alarm inside the program is relied on; the parent has its own backstop deadline.
+  No alarm inside the program is relied on; the parent has its own backstop deadline. Each slot (server,
+  harness, judge, program) lives in a cgroup of its own where the machine allows (v2 where the controllers
+  are delegated, else v1 as root): memory (memfd and tmpfs pages too, which RLIMIT_AS misses; the program
+  is the OOM killer's first choice), tasks, and an equal CPU share, so spinners in one slot do not starve
+  another. `Result.cgroup` says what was reached ("none (why)" otherwise).
+* Seccomp: the test child installs a filter (after no_new_privs) that refuses what no test needs: new
+  namespaces (user ones above all), keyrings, io_uring, bpf, userfaultfd, ptrace, mounts, perf, modules.
+  Files of the host are not in the minimal root, so they cannot be locked (flock) either.
+* Minimal root: a program sees no file of the host beyond `/usr`, `/lib*`, the interpreter, its stdlib and
+  the packages named in `PACKAGES` (the site dirs are covered and only those bound back): not the
+  repository, the benchmarks and their answers, data files, results, home dirs or the host's /tmp. Its
+  writable space is its own tmpfs (`Limits.disk_mb`, `Limits.inodes`), so filling it touches no host disk.
 * Cleanup: after each test the harness kills everything the program started: as PID 1 of the namespace
   `kill(-1, SIGKILL)` reaches every process in it, including daemons that double-forked and left the
   session; without a pid namespace it kills the uid's processes (root) and sweeps orphans re-parented to
-  it (subreaper). Then the program's dir is removed and its IPC namespace dropped, and only then is the
-  program reported done. A server that falls out of step is killed (its namespace with it) and replaced.
+  it (subreaper). Then the program's tmpfs is unmounted (without one: its dir removed iteratively, however
+  deep) and its IPC namespace dropped, and only then is the program reported done. A server that falls
+  out of step is killed (its namespace with it) and replaced.
+* Attempts: `Result.suspicious` lists what a program tried that no test needs (`sandbox_child.SUSPICIOUS`):
+  opening or listing paths outside its dir and the interpreter's, forking or starting processes (seen by
+  an audit hook in its process, written at once to a file the harness reads after the test), exiting
+  before the tests ended (seen by the harness or the judge), returning objects with their own `__eq__`.
+  They are a record, not a verdict (a correct program may fork); a program that tampers with its own
+  interpreter can hide all of them but the early exit, which the harness sees.
+* Nothing a program does stops the run: a slot that fails, a cleanup that fails, a program no server can
+  take are that program's `error` verdict, and the slot starts afresh.
 * Degrading: without root or without namespaces the same code runs with what the machine allows, down to
-  "rlimits-only"; the level reached is reported with every result.
-* Limit of the threat model: code that deliberately inspects its own interpreter (frames, memory) can
-  find its nonce; the harness and parent are out of its reach (other uid or non-dumpable), and with a
-  pid namespace nothing it starts survives the test. Memory is bounded per process (RLIMIT_AS), not per
-  program: up to `nproc` processes may each use `memory_mb`.
+  "rlimits-only" (no minimal root: `ro-root`, the host's root read-only except the slot's dir, when only
+  pivoting fails; not root: `seccomp` alone, which needs no privilege); the level reached is reported with
+  every result, the cgroup level beside it.
+* Limit of the threat model: in-process verdicts can be forged by code that inspects its own interpreter
+  (frames, memory); separate ones cannot. The harness, the judge and the parent are out of its reach
+  (other uid or non-dumpable), and with a pid namespace nothing it starts survives the test. Without a
+  memory cgroup, memory is bounded per process (RLIMIT_AS), not per program. The read-only system trees
+  of the minimal root (/usr, /lib) are shared with the host: a program may read or flock those files.
 Needs Linux >= 5.3 (pidfd); namespaces need root; mount_setattr (5.12) has a fallback.
 """
 from __future__ import annotations
@@ -55,7 +90,6 @@ import marshal
 import os
 import queue
 import select
-import shutil
 import signal
 import site
 import socket
@@ -65,18 +99,21 @@ import tempfile
 import threading
 import time
 import weakref
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import sandbox_child
-from .sandbox_child import BOOT, DONE, EXPECT, GO_ON, HELLO, STOP, TEST, decode_report, encode_msg
+from .sandbox_child import BOOT, DONE, EXPECT, GO_ON, HELLO, STOP, TEST, decode_report, encode_msg, remove_tree
 
 MODES = ("script", "stdin", "functional")
 ISOLATION = ("auto", "rlimits-only")
 STATUSES = ("passed", "failed", "error", "timeout", "output_limit", "exited", "sandbox_error")
-FULL_ISOLATION = "netns+pidns+mountns+ipcns+ro-root+unpriv-uid"
+FULL_ISOLATION = "netns+pidns+mountns+ipcns+minroot+tmpfs+unpriv-uid+seccomp"
+# what programs may import from the site dirs (the minimal root shows nothing else of them): what
+# LiveCodeBench solutions use beyond the standard library; HumanEval and MBPP need only the stdlib
+PACKAGES = ("numpy", "numpy.libs", "sortedcontainers")
 UID_BASE = 200_000_000  # sandbox uids: UID_BASE + (pid % 100000) * 256 + worker slot; no passwd entry
 
 
@@ -89,6 +126,8 @@ class Limits:
     fsize_mb: int = 16          # largest file a program may write
     nofile: int = 256
     nproc: int = 32             # processes + threads of the sandbox uid (each may use memory_mb)
+    disk_mb: int = 64           # size of each program's own tmpfs (minimal root only)
+    inodes: int = 4096          # and its files + dirs
 
 
 @dataclass(frozen=True)
@@ -115,6 +154,14 @@ class Program:
     prelude: str = ""                # trusted source executed in the program's namespace before the code
     solution_class: str | None = None  # functional: call fn_name as a method of this class when the code has it
     expected: tuple[str, ...] = ()   # functional: per test, the expected value as JSON text
+    # script mode, judged apart: the trusted test source, run in a separate judge process that never holds
+    # the program; each name in `calls` is bound there to a stub calling the program's function of that
+    # name with plain arguments; `judge_head` (trusted, e.g. a prompt's helpers) runs before they are bound.
+    # Empty `judge`: the tests run in the program's process (`tail`), recorded as "in-process".
+    judge: str = ""
+    judge_head: str = ""
+    calls: tuple[str, ...] = ()
+    fallback: str = ""               # why a script is judged in-process, when it could not be judged apart
 
 
 @dataclass
@@ -125,10 +172,149 @@ class Result:
     tests_passed: int = 0
     tests_total: int = 0
     isolation: str = ""
+    judge: str = ""             # who decided: separate (judge process) | in-process | parent (stdout) | harness
+    cgroup: str = ""            # the slot's cgroup: "v2:memory+pids+cpu", "v1:...", or "none (why)"
+    suspicious: list[str] = field(default_factory=list)  # what it tried that no test needs
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
+
+
+# ---------------------------------------------------------------- per-slot cgroups
+
+CGROUP_FS = "/sys/fs/cgroup"
+CONTROLLERS = ("memory", "pids", "cpu")
+CGROUP_HEADROOM_MB = 256  # above memory_mb + disk_mb: the harness and the judge live in the slot's group too
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per v1 controller ("" for the v2 hierarchy)."""
+    out = {}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                for c in ctrls.split(",") if ctrls else [""]:
+                    out[c] = path
+    except OSError:
+        pass
+    return out
+
+
+def cgroup_bases(fs: str = CGROUP_FS) -> tuple[str, dict[str, str]]:
+    """(version, {controller: the dir under which slot groups are made}) on this machine, or ("none (why)",
+    {}): v2 (the unified hierarchy alone) in a group of this process's own, else v1 where its hierarchies
+    are writable (as root)."""
+    own = _own_cgroups()
+    if os.path.exists(f"{fs}/cgroup.controllers"):
+        return _v2_base(fs, own.get("", "/"))
+    bases = {}
+    for c in CONTROLLERS:
+        d = os.path.normpath(f"{CGROUP_FS}/{c}{own.get(c, '/')}")
+        if os.path.isfile(f"{d}/cgroup.procs") and os.access(d, os.W_OK):
+            bases[c] = d
+    if not bases:
+        return "none (no writable cgroup hierarchy)", {}
+    return "v1", bases
+
+
+def _v2_base(fs: str, own: str) -> tuple[str, dict[str, str]]:
+    """v2: `btp-<pid>`, a group with no process of its own (so its children may have controllers), made
+    under the hierarchy's root, else under this process's group, wherever memory, pids and cpu can be
+    enabled for children; ("none (why)", {}) where neither allows it (controllers not delegated)."""
+    why = "no cgroup to make groups in"
+    for top in dict.fromkeys([fs, os.path.normpath(fs + own)]):
+        group = f"{top}/btp-{os.getpid()}"
+        try:
+            with open(f"{top}/cgroup.controllers") as f:
+                have = f.read().split()
+            missing = [c for c in CONTROLLERS if c not in have]
+            if missing:
+                raise OSError(0, f"{'+'.join(missing)} not available")
+            for d in (top, group):
+                os.makedirs(d, exist_ok=True)
+                _write(f"{d}/cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS), strict=True)
+            return "v2", dict.fromkeys(CONTROLLERS, group)
+        except OSError as e:
+            why = f"{top}: {e.strerror}"
+            try:
+                os.rmdir(group)
+            except OSError:
+                pass
+    return f"none (v2: {why})", {}
+
+
+class _Cgroup:
+    """One slot's cgroup (v2: one group; v1: one per controller): limits memory (shmem and memfd pages
+    included, which RLIMIT_AS does not see), tasks, and gives the slot an equal CPU share."""
+
+    def __init__(self, version: str, bases: dict[str, str], name: str, lim: Limits) -> None:
+        self.version, self.dirs, self.mb = version, [], -1
+        for base in bases.values():
+            d = f"{base}/{name}"
+            if d not in self.dirs:
+                os.mkdir(d)
+                self.dirs.append(d)
+        self.ctrl = {c: f"{bases[c]}/{name}" for c in bases}
+        self.set_memory(lim)
+        if "pids" in self.ctrl:
+            _write(f"{self.ctrl['pids']}/pids.max", str(lim.nproc + 16))
+        if "cpu" in self.ctrl:
+            _write(f"{self.ctrl['cpu']}/" + ("cpu.weight" if version == "v2" else "cpu.shares"),
+                   "100" if version == "v2" else "1024")
+        self.level = f"{version}:{'+'.join(c for c in CONTROLLERS if c in self.ctrl)}"
+
+    @property
+    def procs(self) -> list[str]:
+        return [f"{d}/cgroup.procs" for d in self.dirs]
+
+    def set_memory(self, lim: Limits) -> None:
+        mb = lim.memory_mb + lim.disk_mb + CGROUP_HEADROOM_MB
+        if "memory" not in self.ctrl or mb == self.mb:
+            return
+        d = self.ctrl["memory"]
+        if self.version == "v2":
+            _write(f"{d}/memory.max", str(mb << 20))
+            _write(f"{d}/memory.swap.max", "0", missing_ok=True)
+        else:
+            for f in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):  # both: no way out by swap
+                _write(f"{d}/{f}", str(mb << 20), missing_ok=True)
+        self.mb = mb
+
+    def oom_kills(self) -> int:
+        """How many processes the group's OOM killer has killed so far (0 where the kernel does not say)."""
+        d = self.ctrl.get("memory")
+        name = "memory.events" if self.version == "v2" else "memory.oom_control"
+        try:
+            with open(f"{d}/{name}") as f:
+                return next((int(ln.split()[1]) for ln in f if ln.startswith("oom_kill ")), 0)
+        except (OSError, TypeError, ValueError):
+            return 0
+
+    def remove(self) -> None:
+        """rmdir each group once the slot's processes are gone (they may take a moment to leave)."""
+        for d in self.dirs:
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
+def _write(path: str, text: str, missing_ok: bool = False, strict: bool = False) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except (FileNotFoundError, PermissionError):
+        if not missing_ok:
+            raise
+    except OSError:  # e.g. EBUSY: a lower memory limit than what is in use; the old one stays
+        if strict:
+            raise
 
 
 @functools.cache
@@ -180,10 +366,17 @@ class _Server:
         self.slot, self.uid = slot, sb._uid_base + slot if sb._drop else None
         self.root = tempfile.mkdtemp(prefix="btp-sbx-", dir=sb.tmp_root)  # program dirs go inside
         os.chmod(self.root, 0o711)
+        self.cg, self.cgroup = None, sb._cg_level
         cmd_r, self.cmd = os.pipe()
         self.rep, rep_w = os.pipe()
         self.pidfd, self.level, self.buf, self.junk = -1, "", bytearray(), bytearray()
         try:
+            if sb._cg_bases:
+                try:
+                    self.cg = _Cgroup(sb._cg_version, sb._cg_bases, os.path.basename(self.root), sb.limits)
+                    self.cgroup = self.cg.level
+                except OSError as e:
+                    self.cgroup = f"none ({sb._cg_version}: {e.strerror})"
             self.pidfd = sb._spawn(cmd_r, rep_w)
         except BaseException:
             self.close()
@@ -192,7 +385,8 @@ class _Server:
             os.close(cmd_r)
             os.close(rep_w)
         self.send(encode_msg({"root": self.root, "uid": self.uid, "isolate": sb.isolation == "auto",
-                              "site": sb._site}))
+                              "site": sb._site, "packages": list(sb.packages),
+                              "cgroup": self.cg.procs if self.cg else []}))
 
     def send(self, data: bytes) -> None:
         """Bytes made by `encode_msg` (or GO_ON/STOP) to the server's command pipe."""
@@ -232,7 +426,10 @@ class _Server:
         if self.rep >= 0:
             os.close(self.rep)
             self.rep = -1
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.cg is not None:
+            self.cg.remove()
+            self.cg = None
+        remove_tree(self.root)  # iterative: a deep tree left behind must not end the run
 
 
 def _config(prog: Program, lim: Limits) -> dict:
@@ -247,6 +444,8 @@ def _config(prog: Program, lim: Limits) -> dict:
     caps = list(prog.out_caps) if prog.out_caps else [lim.max_output] * n
     if len(caps) != n:
         raise ValueError(f"out_caps has {len(caps)} entries for {n} tests")
+    if prog.judge and (prog.mode != "script" or n != 1 or not prog.calls):
+        raise ValueError("a judge needs script mode, one test and the names it calls")
     if prog.expected and (prog.mode != "functional" or len(prog.expected) != n
                           or not all(isinstance(e, str) for e in prog.expected)):
         raise ValueError(f"expected needs functional mode and one JSON text per test ({n})")
@@ -255,7 +454,19 @@ def _config(prog: Program, lim: Limits) -> dict:
             "tests": list(prog.tests), "caps": caps, "fn_name": prog.fn_name,
             "module_name": "__main__" if prog.mode == "stdin" else "__solution__",
             "timeout": float(lim.timeout), "wall": _wall(lim), "memory_mb": lim.memory_mb,
-            "fsize_mb": lim.fsize_mb, "nofile": lim.nofile, "nproc": lim.nproc}
+            "fsize_mb": lim.fsize_mb, "nofile": lim.nofile, "nproc": lim.nproc, "disk_mb": lim.disk_mb,
+            "inodes": lim.inodes, "judge": prog.judge, "judge_head": prog.judge_head, "calls": list(prog.calls)}
+
+
+def judge_kind(prog: Program) -> str:
+    """Who decides the verdict of `prog`: "separate" (a judge process that never holds the program),
+    "parent" (stdout, compared here), "harness" (returned values, compared there), or "in-process" (the
+    tests run with the program, with the reason when it could not be judged apart)."""
+    if prog.judge:
+        return "separate"
+    if prog.mode != "script":
+        return "parent" if prog.mode == "stdin" else "harness"
+    return f"in-process ({prog.fallback})" if prog.fallback else "in-process"
 
 
 def _wall(lim: Limits) -> float:
@@ -266,6 +477,17 @@ def _site_dirs() -> list[str]:
     """Site-packages of this interpreter, so programs can import what the evaluator could (numpy ...),
     without running .pth hooks (the interpreter starts with -S)."""
     return [d for d in site.getsitepackages() if os.path.isdir(d)]
+
+
+def _rmdir_later(path: str) -> None:
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
 
 
 def _close_all(servers: list, zyg: list) -> None:
@@ -283,15 +505,16 @@ class Sandbox:
     `run(program)` runs one; `map(programs)` runs many on `workers` threads, each with its own sandbox
     server, and yields `(index, Result)` as they finish, holding at most 2 x workers programs at once.
     When either returns a result, nothing that program started is running and its dir is gone.
-    `isolation="rlimits-only"` forces the level a machine without root or namespaces gets.
+    `isolation="rlimits-only"` forces the level a machine without root or namespaces gets. `packages`: what
+    programs may import from the site dirs (the minimal root shows nothing else of them).
     Use as a context manager, or call `close()`, to stop the servers and the zygote (also done when the
     Sandbox is collected or the interpreter exits)."""
 
     def __init__(self, limits: Limits = Limits(), *, isolation: str = "auto", workers: int | None = None,
-                 tmp_root: str | None = None) -> None:
+                 tmp_root: str | None = None, packages: tuple[str, ...] = PACKAGES) -> None:
         if isolation not in ISOLATION:
             raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
-        self.limits, self.isolation, self.tmp_root = limits, isolation, tmp_root
+        self.limits, self.isolation, self.tmp_root, self.packages = limits, isolation, tmp_root, packages
         self.python = sys.executable  # the same interpreter: the child side travels as its bytecode
         self.workers = max(1, min(workers or os.cpu_count() or 1, 256))
         self._slots: queue.Queue = queue.Queue()  # a started _Server, or the slot number of one to start
@@ -300,6 +523,11 @@ class Sandbox:
         self._uid_base = UID_BASE + (os.getpid() % 100000) * 256
         self._drop = os.geteuid() == 0 and isolation == "auto"
         self._site = _site_dirs()
+        self._cg_version, self._cg_bases = (cgroup_bases() if self._drop else
+                                            (f"none ({'not root' if os.geteuid() else 'rlimits-only'})", {}))
+        self._cg_level = self._cg_version if not self._cg_bases else ""
+        if self._cg_version == "v2":  # its own group goes when the Sandbox does (after the servers' groups)
+            weakref.finalize(self, _rmdir_later, next(iter(self._cg_bases.values())))
         self._levels: set[str] = set()
         self._lock = threading.Lock()
         self._servers: list[_Server] = []
@@ -319,6 +547,11 @@ class Sandbox:
             self._slots = queue.Queue()
             for s in range(self.workers):
                 self._slots.put(s)
+
+    @property
+    def cgroup(self) -> str:
+        """The cgroup level slots get on this machine ("v1", "v2", or "none (why)")."""
+        return self._cg_version
 
     @property
     def levels(self) -> set[str]:
@@ -351,15 +584,15 @@ class Sandbox:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="btp-sandbox") as ex:
             pending: dict = {}
             for i, p in enumerate(progs):
-                pending[ex.submit(self._run, p, limits or self.limits)] = i
+                pending[ex.submit(self._run, p, limits or self.limits)] = (i, p)
                 if len(pending) >= 2 * self.workers:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
-                        yield pending.pop(f), f.result()
+                        yield _outcome(f, *pending.pop(f))
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
-                    yield pending.pop(f), f.result()
+                    yield _outcome(f, *pending.pop(f))
 
     # ------------------------------------------------------------ one program
 
@@ -379,15 +612,24 @@ class Sandbox:
                         self._servers.append(srv)
                     slot = srv
                 try:
+                    if slot.cg is not None:
+                        slot.cg.set_memory(lim)
                     slot.send(data)
                     break
                 except BrokenPipeError:
                     slot = self._retire(slot, kill=True)
                     if attempt:
                         raise
+            ooms = slot.cg.oom_kills() if slot.cg else 0
             res, in_step = self._talk(slot, prog, lim, t0)
+            if slot.cg and not res.passed and slot.cg.oom_kills() > ooms:
+                res.status, res.error = "error", f"killed at the slot's memory limit (cgroup {slot.cg.mb} MB)"
             if not in_step:
                 slot = self._retire(slot, kill=True)
+        except Exception as e:  # noqa: BLE001 - a slot that failed: this program's verdict, a new slot
+            if isinstance(slot, _Server):
+                slot = self._retire(slot, kill=True)
+            res = Result(status="error", error=f"sandbox failure: {_why(e)}", tests_total=len(prog.tests))
         except BaseException:
             if isinstance(slot, _Server):
                 slot = self._retire(slot, kill=True)
@@ -399,7 +641,10 @@ class Sandbox:
 
     def _retire(self, srv: _Server, kill: bool) -> int:
         """Stop a server that cannot be trusted to be in step; its slot starts a new one when next used."""
-        srv.close(kill=kill)
+        try:
+            srv.close(kill=kill)
+        except OSError:  # already gone; what matters is that the slot starts afresh
+            pass
         with self._lock:
             if srv in self._servers:
                 self._servers.remove(srv)
@@ -409,18 +654,22 @@ class Sandbox:
         """Read reports until the server says the program is done; judge outputs as they come and tell
         the server after each test whether to go on. Returns (result, whether the server is in step)."""
         n = len(prog.tests)
-        res = Result(status="sandbox_error", tests_total=n, isolation=srv.level)
+        res = Result(status="sandbox_error", tests_total=n, isolation=srv.level, judge=judge_kind(prog),
+                     cgroup=srv.cgroup)
         final = False
         deadline = t0 + 10.0 + n * (_wall(lim) + 1.0)  # backstop; the server enforces per-test limits
         try:
             for fr in srv.frames(deadline):
                 if fr["t"] == HELLO:
                     srv.level = res.isolation = fr["isolation"]
+                    if fr.get("cgroup"):  # the server could not join its group
+                        srv.cgroup = fr["cgroup"]
                     with self._lock:
                         self._levels.add(srv.level)
                 elif fr["t"] == EXPECT:  # the harness judges the returned value, now that the test is over
                     srv.send(encode_msg(prog.expected[fr["i"]]))
                 elif fr["t"] == TEST and not final:
+                    res.suspicious = sorted(set(res.suspicious) | {str(f)[:60] for f in fr.get("flags", [])[:16]})
                     if fr["status"] != "ok":
                         res.status, res.error, final = fr["status"], fr.get("err", ""), True
                         continue
@@ -432,6 +681,9 @@ class Sandbox:
                     if fr["i"] < n - 1:
                         srv.send(STOP if why else GO_ON)
                 elif fr["t"] == DONE:
+                    if fr.get("err"):  # the harness could not clean up after it: an error, and a new slot
+                        res.status, res.error = "error", fr["err"]
+                        return res, False
                     if not final:
                         ok = res.tests_passed == n
                         res.status = "passed" if ok else "sandbox_error"
@@ -446,6 +698,22 @@ class Sandbox:
                 res.error = (srv.junk.decode("utf-8", "replace")[-1500:] if srv.junk
                              else "the sandbox server ended without a verdict (killed?)")
         return res, False
+
+
+def _outcome(fut: Future, i: int, prog: Program) -> tuple[int, Result]:
+    """(index, result) of one program of `map`: a program no server could take (a bad config) is an error
+    verdict of its own, never the end of the run."""
+    try:
+        return i, fut.result()
+    except Exception as e:  # noqa: BLE001
+        return i, Result(status="error", error=f"not run: {_why(e)}", tests_total=len(prog.tests or ()))
+
+
+def _why(e: BaseException) -> str:
+    try:
+        return f"{type(e).__name__}: {e}"[:1500]
+    except Exception:  # noqa: BLE001 - a str() that fails again
+        return type(e).__name__
 
 
 def _stop(pidfd: int, ask: bool = True) -> None:

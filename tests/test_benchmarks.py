@@ -23,8 +23,9 @@ from benchmark_golden import SUITES, digest, record, records, sample_outputs
 
 
 def assemble(prog: Program) -> str:
-    """The source the sandbox runs for `prog` (the child's own assembly, called here on trusted test code)."""
-    return _assemble(prog.code, prog.head, prog.tail, prog.complete)
+    """The source the sandbox runs for `prog` (the child's own assembly, called here on trusted test code),
+    followed by the tests its judge runs apart: the same bytes whichever process runs the tests."""
+    return _assemble(prog.code, prog.head, prog.tail, prog.complete) + prog.judge
 
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "benchmark_golden.json").read_text())
@@ -111,9 +112,14 @@ def test_benchmark_programs():
     he = load_problems("humaneval", limit=1)[0]
     prog = benchmarks.get("humaneval").program(he, "    return True\n")
     assert (prog.head, prog.complete, prog.mode) == (he.text, he.entry_point, "script")
-    assert prog.tail == f"\n\n{he.test_code}\n\ncheck({he.entry_point})\n"
+    assert prog.judge == f"\n\n{he.test_code}\n\ncheck({he.entry_point})\n" and prog.tail == ""
+    assert (prog.judge_head, prog.calls) == (he.text, (he.entry_point,))
     mb = load_problems("mbpp", limit=1)[0]
-    assert benchmarks.get("mbpp").program(mb, "x = 1") == Program("x = 1", tail=f"\n\n{mb.test_code}\n")
+    assert benchmarks.get("mbpp").program(mb, "x = 1") == Program("x = 1", judge=f"\n\n{mb.test_code}\n",
+                                                                  calls=(mb.entry_point,))
+    node = {p.problem_id: p for p in load_problems("mbpp")}["Mbpp/367"]  # its tests build the program's Node
+    fb = benchmarks.get("mbpp").program(node, "x = 1")
+    assert fb.judge == "" and fb.tail == f"\n\n{node.test_code}\n" and "class Node" in fb.fallback
     fn, sd = load_problems("livecodebench", data_file=str(Path(__file__).parent / "fixtures" / "lcb_mini.jsonl"))[:2]
     f = benchmarks.get("livecodebench").program(fn, "pass")
     assert (f.mode, f.solution_class, f.check, f.prelude) == ("functional", "Solution", None, livecodebench.PRELUDE)

@@ -39,7 +39,12 @@ def test_all_reference_solutions_pass(tmp_path, dataset, n):
     assert s["pass_at_k"]["pass@1"]["estimate"] == 1.0
     assert s["problems_never_passed"] == []
     recs = read_jsonl(Path(s["evaluations"]))
-    assert len(recs) == n and all(r["isolation"] for r in recs)
+    assert len(recs) == n and all(r["isolation"] and r["cgroup"] for r in recs)
+    # judged apart from the program, except where the benchmark says why not (MBPP's tests that build Node)
+    fallback = [r["problem_id"] for r in recs if r["judge"] != "separate"]
+    assert fallback == ([] if dataset == "humaneval" else ["Mbpp/367"]), fallback
+    assert s["judge"] == {"separate": n - len(fallback), **{r["judge"]: 1 for r in recs if r["judge"] != "separate"}}
+    assert s["suspicious"] == {"programs": 0, "by_flag": {}} and sum(s["cgroup"].values()) == n
     assert (Path(s["evaluations"]).parent / "summary.json").exists()
 
 
@@ -69,7 +74,7 @@ def test_humaneval_semantics(sb):
     p38 = probs["HumanEval/38"]
     full = "def decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n"
     assert sb.run(build_program(p38, full)).passed
-    assert "check(decode_cyclic)" in build_program(p38, full).tail
+    assert "check(decode_cyclic)" in build_program(p38, full).judge
     wrong = sb.run(build_program(p0, "def has_close_elements(numbers, threshold):\n    return True\n"))
     assert wrong.status == "failed" and "assert" in wrong.error
 
@@ -104,11 +109,13 @@ def test_assembled_sources_are_unchanged():
     for p in load_problems("humaneval"):
         body = p.reference[len(p.text):]
         for code in (body, textwrap.dedent(body), p.reference, "def nothing():\n    pass\n", "x(", ""):
-            prog = build_program(p, code)
-            assert assemble(prog.code, prog.head, prog.tail, prog.complete) == _old_humaneval_source(p, code)
+            prog = build_program(p, code)  # the program's part, then the tests (run apart, by its judge)
+            src = assemble(prog.code, prog.head, prog.tail, prog.complete) + prog.judge
+            assert src == _old_humaneval_source(p, code)
     for p in load_problems("mbpp", limit=50):
         prog = build_program(p, p.reference)
-        assert assemble(prog.code, prog.head, prog.tail, prog.complete) == f"{p.reference}\n\n{p.test_code}\n"
+        src = assemble(prog.code, prog.head, prog.tail, prog.complete) + prog.judge
+        assert src == f"{p.reference}\n\n{p.test_code}\n"
 
 
 def test_mbpp_semantics(sb):
@@ -182,14 +189,53 @@ def test_the_evaluator_never_parses_model_code(sb, monkeypatch):
 def test_code_sha_is_total_and_odd_code_gets_a_verdict(tmp_path):
     assert code_sha("x = '\udc80'") != code_sha("x = '\udc81'")
     probs = load_problems("humaneval", limit=1)
-    odd = ["x = '\udc80'\n", "x = " + "(" * 200_000 + ")" * 200_000 + "\n", probs[0].reference]
+    deep = probs[0].reference + "\nimport os\nfor i in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n"
+    odd = ["x = '\udc80'\n", "x = " + "(" * 200_000 + ")" * 200_000 + "\n", probs[0].reference, deep]
     recs = [{"problem_id": probs[0].problem_id, "sample": i, "code": c} for i, c in enumerate(odd)]
     inp = tmp_path / "odd.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in recs))
     s = evaluate(EvalConfig(dataset="humaneval", input=str(inp), limit=1, n_boot=100, workers=1))
     ev = {r["sample"]: r for r in read_jsonl(tmp_path / "odd.evaluations.jsonl")}
-    assert [ev[i]["status"] for i in range(3)] == ["error", "error", "passed"], ev
-    assert s["n_programs"] == 3 and s["status_counts"] == {"error": 2, "passed": 1}
+    assert [ev[i]["status"] for i in range(4)] == ["error", "error", "passed", "passed"], ev
+    assert s["n_programs"] == 4 and s["status_counts"] == {"error": 2, "passed": 2}
+
+
+def test_attempts_are_flagged_and_counted(tmp_path):
+    """What a program tried that no test needs is in its record and counted in summary.json."""
+    p = load_problems("humaneval", limit=1)[0]
+    body = p.reference[len(p.text):].lstrip("\n")
+    codes = [p.reference,
+             "    import os\n    os.listdir('/')\n" + body,
+             "    import os\n    if os.fork() == 0:\n        os._exit(0)\n    os.wait()\n" + body,
+             "    import os\n    os._exit(0)\n"]
+    inp = _write(tmp_path / "a.jsonl", [{"problem_id": p.problem_id, "sample": i, "code": c}
+                                        for i, c in enumerate(codes)])
+    s = evaluate(EvalConfig(dataset="humaneval", input=str(inp), limit=1, n_boot=100, workers=1))
+    ev = {r["sample"]: r for r in read_jsonl(tmp_path / "a.evaluations.jsonl")}
+    assert [ev[i]["suspicious"] for i in range(4)] == [[], ["lists outside its dir"], ["forks"], ["exits early"]]
+    assert [ev[i]["passed"] for i in range(4)] == [True, True, True, False]
+    assert s["suspicious"] == {"programs": 3, "by_flag": {"lists outside its dir": 1, "forks": 1, "exits early": 1}}
+    assert s["judge"] == {"separate": 4}
+
+
+def test_a_program_that_cannot_be_built_is_a_verdict(tmp_path, monkeypatch):
+    """A failure to build one program's sandbox program is that program's error; the run completes."""
+    import btp.evaluate as ev_mod
+
+    probs = load_problems("humaneval", limit=2)
+    real = ev_mod.build_program
+
+    def build(p, code):
+        if p.problem_id == probs[0].problem_id:
+            raise ValueError("no way to judge this")
+        return real(p, code)
+
+    monkeypatch.setattr(ev_mod, "build_program", build)
+    inp = _write(tmp_path / "b.jsonl", [{"problem_id": p.problem_id, "sample": 0, "code": p.reference} for p in probs])
+    s = evaluate(EvalConfig(dataset="humaneval", input=str(inp), limit=2, n_boot=100, workers=1))
+    ev = {r["problem_id"]: r for r in read_jsonl(tmp_path / "b.evaluations.jsonl")}
+    assert ev[probs[0].problem_id]["status"] == "error" and "no way to judge" in ev[probs[0].problem_id]["error"]
+    assert ev[probs[1].problem_id]["passed"] and s["status_counts"] == {"error": 1, "passed": 1}
 
 
 def _fake_generations(root: Path, model: str, limit: int | None) -> Path:

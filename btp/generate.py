@@ -45,6 +45,8 @@ class GenerateConfig:
     seed: int = opt(0, None)
     backend: str = opt("auto", "auto: vllm if importable", choices=("auto", "vllm", "hf"))   # vllm | hf | auto
     results_dir: str = opt("results", "root of the results tree")
+    output: str | None = opt(None, "write to this JSONL instead of results/<model>/<dataset>/generations.jsonl "
+                             "(one dataset; e.g. the arms of btp.pruned)")
     prompt_style: str = opt("auto", None, choices=STYLES)            # auto | chat | completion
     chat_template_kwargs: dict = opt(help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'',
                                      factory=dict)
@@ -266,7 +268,8 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
                           start_date=cfg.start_date, end_date=cfg.end_date)
     _open(cfg, sess)
     path, model_id, revision = sess.model_info
-    out = dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
+    out = Path(cfg.output) if cfg.output else dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
+    out.parent.mkdir(parents=True, exist_ok=True)
     store = JsonlStore(out, ("problem_id", "sample"))
     conf = asdict(cfg)
     _check_same_sampling(store, conf)
@@ -317,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     bad = [d for d in names if d not in benchmarks.NAMES]
     if bad or not names:
         raise SystemExit(f"--dataset: unknown {bad or cfg.dataset!r}; choose from {benchmarks.NAMES}")
+    if cfg.output and len(names) > 1:
+        raise SystemExit("--output takes one --dataset")
     sess, outs = Session(), []
     try:
         for ds in names:

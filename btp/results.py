@@ -154,6 +154,106 @@ def summary_path(evaluations: str | os.PathLike) -> Path:
     return p.with_name(SUMMARY if p.name == EVALUATIONS else p.name.replace(".evaluations.jsonl", ".summary.json"))
 
 
+# ================================================================ pruned inference
+
+PRUNED = "pruned"              # `results/<slug>/<ds>/pruned/`: one folder per setting, and the comparison
+COMPARISON = "comparison.json"  # `pruned/comparison.json`: every arm's pass@k and paired statistics
+HEADSET = "headset.json"       # per arm: the heads removed, their provenance, the held-out CE, the arm's identity
+BASE_ARM = "base"              # `pruned/base/`: the unpruned model, re-run under the same settings
+CONTROL = "random"             # `pruned/<setting>/random<i>/`: control i of a setting
+
+
+def setting_folder(setting: str) -> str:
+    """A setting's folder name: `taylor:10%` -> `taylor-10pct`, `heads:L3H1,L7H0` -> `heads-L3H1_L7H0`,
+    `ablation:top32@regular-reference` -> `ablation-top32@regular-reference`."""
+    name = setting.strip().replace("%", "pct").replace(":", "-").replace(",", "_").replace(" ", "")
+    if not name or name.startswith(".") or "/" in name or name == BASE_ARM:
+        raise ValueError(f"setting {setting!r} does not make a folder name")
+    return name
+
+
+def pruned_dir(results_dir: str | os.PathLike, model_id: str, dataset: str) -> Path:
+    return dataset_dir(results_dir, model_id, dataset, create=False) / PRUNED
+
+
+def arm_dir(pruned: Path, setting: str | None = None, control: int | None = None) -> Path:
+    """`pruned/base/` (no setting), `pruned/<folder>/`, or `pruned/<folder>/random<i>/` (a control)."""
+    if setting is None:
+        return pruned / BASE_ARM
+    d = pruned / setting_folder(setting)
+    return d if control is None else d / f"{CONTROL}{int(control)}"
+
+
+def arm_files(arm: Path) -> dict[str, Path]:
+    """An arm's files: generations, evaluations and summary (as the generate/evaluate stages name them beside
+    each other) and its head set."""
+    return {"generations": arm / GENERATIONS, "evaluations": arm / EVALUATIONS, "summary": arm / SUMMARY,
+            "headset": arm / HEADSET}
+
+
+def checkpoint_dir(results_dir: str | os.PathLike, key: str) -> Path:
+    """Where a pruned checkpoint is cached: `$BTP_CACHE/pruned/<key>/`, else `<results>/.cache/pruned/<key>/`
+    (`key`: `checkpoint_key`)."""
+    root = os.environ.get("BTP_CACHE")
+    return (Path(root) if root else Path(results_dir) / ".cache") / PRUNED / key
+
+
+def checkpoint_key(model_id: str, revision: str | None, dtype: str, heads: Sequence[Sequence[int]]) -> str:
+    """The cache key of a pruned checkpoint: a hash of the model, its revision, the dtype and the sorted heads."""
+    hs = sorted([int(l), int(h)] for l, h in heads)
+    return identity_key({"model": model_id, "revision": revision, "dtype": dtype, "heads": hs})
+
+
+def read_comparison(results_dir: str | os.PathLike, model: str, dataset: str) -> dict | None:
+    """`pruned/comparison.json` of a model x dataset (a slug, an HF id or an embedded name); None if absent."""
+    try:
+        d = find_model_dir(results_dir, model) / dataset / PRUNED
+    except (FileNotFoundError, ValueError):
+        return None
+    return read_json(d / COMPARISON) if (d / COMPARISON).exists() else None
+
+
+def pruned_progress(pruned: Path) -> dict[str, dict]:
+    """{setting folder: {arms, generated, evaluated, summarized}} of a `pruned/` folder: how many arms (the
+    setting and its controls; `base` alone) have their head set, generations, evaluations and summary."""
+    out: dict[str, dict] = {}
+    if not pruned.is_dir():
+        return out
+    for d in sorted(p for p in pruned.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        arms = [d] + sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(CONTROL))
+        out[d.name] = {k: sum((a / f).exists() for a in arms) for k, f in
+                       (("arms", HEADSET), ("generated", GENERATIONS), ("evaluated", EVALUATIONS),
+                        ("summarized", SUMMARY))}
+    return out
+
+
+def cmaes_removed(stage_path: str | os.PathLike, name: str | None = None) -> tuple[list[tuple[int, int]], str]:
+    """(heads removed by the final CMA-ES mask, the output's name) of `cmaes/<name>.json` (default: the only or
+    first finished output). The final mask is `final.mask`: rows of `1` kept / `0` removed / `-` padding, or
+    nested 0/1 lists. FileNotFoundError says when no CMA-ES output exists."""
+    d = Path(stage_path)
+    names = sorted(p.name[:-5] for p in d.glob("*.json") if try_parse_stem(p.name[:-5]) is not None) \
+        if d.is_dir() else []
+    if name is None and not names:
+        raise FileNotFoundError(f"no CMA-ES output under {d}: run `python -m btp.cmaes_search` first")
+    name = name or names[0]
+    p = d / file_name(name, "json")
+    if not p.exists():
+        raise FileNotFoundError(f"no CMA-ES output {p} (have: {', '.join(names) or 'none'})")
+    doc = read_json(p)
+    rows = (doc.get("final") or {}).get("mask") if isinstance(doc.get("final"), dict) else doc.get("final_mask")
+    if rows is None:
+        raise ValueError(f"{p}: no final mask (expected `final.mask`)")
+    out = []
+    for l, row in enumerate(rows):
+        for h, v in enumerate(row):
+            if v in ("0", 0, False):
+                out.append((l, h))
+            elif v not in ("1", "-", 1, True):
+                raise ValueError(f"{p}: final mask entry {v!r} at ({l}, {h}) is not 1, 0 or -")
+    return out, name
+
+
 # ================================================================ stem grammar
 
 @dataclass(frozen=True)

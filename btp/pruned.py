@@ -542,6 +542,7 @@ def run_arms(plan: Plan, *, lm_loader, heldout, gen: GenFlags, cfg: PrunedConfig
             "provenance": provenance(stage="pruned", model=plan.arm_base["model"],
                                      revision=plan.arm_base["revision"], dataset=dataset, seed=seed,
                                      config={**asdict(cfg), **asdict(gen)})}
+    comp["table"] = format_comparison(comp)   # as printed: notebooks show it without importing a stage
     write_json(plan.comparison, comp)
     return comp
 
@@ -601,7 +602,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
             results.identity_diff(read_json(plan.comparison).get("identity"), identity) is None:
         comp = read_json(plan.comparison)
         print(f"[btp.pruned] {plan.comparison} is done for this configuration (use --force to redo)")
-        print(format_comparison(comp))
+        print(comp.get("table") or format_comparison(comp))
         return comp
     lm_loader = lambda: load_model(args.model, dtype=dtype, device=dev)
     try:
@@ -611,7 +612,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     except results.IdentityError as e:
         raise SystemExit(str(e)) from None
     if comp:
-        print(format_comparison(comp))
+        print(comp["table"])
         print(f"[btp.pruned] wrote {plan.comparison}")
     return comp
 

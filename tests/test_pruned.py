@@ -18,7 +18,6 @@ from btp.samples import Sample, SampleConfig, SampleSet
 from btp.stats import paired_bootstrap
 from btp.store import write_json, write_npz
 
-
 # ---------------------------------------------------------------- settings
 
 def test_parse_settings_and_folders():
@@ -254,3 +253,19 @@ def test_vllm_generates_from_a_pruned_embedded_checkpoint(tmp_path):
     P.SubprocessRunner().generate(gen.generate_args(str(ck), "humaneval", out, 0, "float32"))
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs) == 1 and recs[0]["problem_id"] == "HumanEval/0" and 0 < len(recs[0]["output_token_ids"]) <= 8
+
+
+def test_sweep_script_runs_one_grid_per_dataset(tmp_path):
+    import os
+    import subprocess
+
+    fake = tmp_path / "py"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["bash", str(root / "scripts" / "run_pruned_sweep.sh"), "org/m"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHON": str(fake), "DATASETS": "mbpp humaneval",
+                                                     "FRACTIONS": "5 10", "METHODS": "taylor cmaes", "LIMIT": "7"})
+    runs = [l for l in out.stdout.splitlines() if l.startswith("-m btp.pruned")]
+    assert len(runs) == 2 and "--settings taylor:5%,taylor:10%,cmaes:best --controls 3" in runs[0]
+    assert "--dataset humaneval" in runs[1] and "--limit 7" in runs[1]

@@ -580,6 +580,10 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     except ValueError as e:
         p.error(str(e))
     dtype_s = str(dtype).removeprefix("torch.")
+    if gen.backend == "auto":   # one engine for every arm, recorded as resolved (as btp.generate resolves it)
+        import importlib.util
+
+        gen.backend = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
     ref = resolve_model(args.model)
     layer_heads = layer_heads_of(ref.path)
     ds_dir = results.dataset_dir(args.results_dir, ref.model_id, args.dataset)

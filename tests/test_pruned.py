@@ -158,6 +158,7 @@ class FakeRunner:
         self.problems, self.calls = problems, []
 
     def generate(self, args):
+        self.gen_args = args
         a = dict(zip(args[::2], args[1::2]))
         self.calls.append(("generate", a["--model"]))
         Path(a["--output"]).write_text("".join(json.dumps({"problem_id": p, "sample": 0, "code": "x"}) + "\n"
@@ -269,3 +270,51 @@ def test_sweep_script_runs_one_grid_per_dataset(tmp_path):
     runs = [l for l in out.stdout.splitlines() if l.startswith("-m btp.pruned")]
     assert len(runs) == 2 and "--settings taylor:5%,taylor:10%,cmaes:best --controls 3" in runs[0]
     assert "--dataset humaneval" in runs[1] and "--limit 7" in runs[1]
+
+
+# ---------------------------------------------------------------- the CLI
+
+def test_flags_preset_and_defaults():
+    from btp import cli
+
+    p = P.build_parser()
+    dests = [a.dest for a in p._actions]
+    assert len(dests) == len(set(dests))
+    d = cli.parse(p, [])
+    assert cli.config_from(P.GenFlags, d) == P.GenFlags() and cli.config_from(P.PrunedConfig, d) == P.PrunedConfig()
+    assert d.source == "reference" and d.sample_max_tokens is None
+    a = cli.parse(p, ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "pruned_smoke.json"),
+                      "--no-enforce-eager"])
+    gen = cli.config_from(P.GenFlags, a)
+    assert (gen.gen_max_tokens, gen.limit, gen.backend, gen.enforce_eager) == (128, 10, "hf", False)
+    assert a.sample_max_tokens == 256 and cli.config_from(P.PrunedConfig, a).settings == "taylor:10%"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama with the embedded tokenizer's vocabulary, saved as a HF folder."""
+    from btp.models import load_tokenizer
+
+    tok = load_tokenizer()
+    out = tmp_path_factory.mktemp("tinyllama")
+    make_tiny("llama", vocab_size=len(tok)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_main_end_to_end_then_done_without_weights(tiny_folder, tmp_path, monkeypatch, capsys):
+    from btp import benchmarks, models
+
+    problems = [q.problem_id for q in benchmarks.get("mbpp").load(limit=3)]
+    argv = ["--model", str(tiny_folder), "--dataset", "mbpp", "--settings", "heads:L0H1,L2H3", "--controls", "1",
+            "--limit", "3", "--max-tokens", "8", "--num-samples", "4", "--sample-max-tokens", "200",
+            "--results-dir", str(tmp_path), "--backend", "hf"]
+    assert P.main(argv + ["--ce-only"], runner=FakeRunner(problems)) == {}
+    r = FakeRunner(problems)
+    comp = P.main(argv, runner=r)
+    assert len(r.calls) == 6 and comp["n_problems"] == 3 and comp["identity"]["generation"]["backend"] == "hf"
+    assert "--max-tokens" in r.gen_args and r.gen_args[r.gen_args.index("--max-tokens") + 1] == "8"
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    capsys.readouterr()
+    assert P.main(argv, runner=FakeRunner(problems))["run_key"] == comp["run_key"]     # done: no weights loaded
+    assert "is done" in capsys.readouterr().out

@@ -348,7 +348,9 @@ def _cells(r: Row) -> list[str]:
         if r.n:
             gen += f" ({r.total // r.n if r.total else '?'}x{r.n})"
     fin = "/".join(str(r.finish.get(k, 0)) for k in ("stop", "length")) if r.finish else "-"
-    extra = sum(v for k, v in r.finish.items() if k not in ("stop", "length"))
+    if r.finish.get("repetition"):   # cut by the repetition guard (btp.generate --repetition-guard)
+        fin += f" +{r.finish['repetition']}rep"
+    extra = sum(v for k, v in r.finish.items() if k not in ("stop", "length", "repetition"))
     if extra:
         fin += f" +{extra}?"
     ev = "-" if r.evaluated is None else (f"{r.evaluated}/{r.generated}" if r.generated else str(r.evaluated))

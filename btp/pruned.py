@@ -253,6 +253,8 @@ class GenFlags:
     limit: int | None = opt(None, "first N problems (default: all of the dataset)")
     n: int = opt(1, "samples per problem")
     gen_max_tokens: int = opt(512, "new tokens per sample (every arm)", flag="max-tokens")
+    repetition_guard: int = opt(32, "stop a sample once its last N tokens occur 3 times in it (pruned models loop; "
+                                "0: off)")
     temperature: float = opt(0.0, None)
     top_p: float = opt(1.0, None)
     backend: str = opt("auto", "vllm | hf | auto (vllm if importable)", choices=("auto", "vllm", "hf"))
@@ -268,7 +270,7 @@ class GenFlags:
         a = ["--model", model, "--dataset", dataset, "--output", str(output), "--n", str(self.n),
              "--max-tokens", str(self.gen_max_tokens), "--temperature", str(self.temperature), "--top-p",
              str(self.top_p), "--seed", str(seed), "--backend", self.backend, "--prompt-style", self.prompt_style,
-             "--dtype", dtype, "--batch-size", str(self.batch_size)]
+             "--dtype", dtype, "--batch-size", str(self.batch_size), "--repetition-guard", str(self.repetition_guard)]
         a += _opt("--limit", self.limit) + _opt("--variant", self.variant) + \
             _opt("--gpu-memory-utilization", self.gpu_memory_utilization)
         return a + (["--enforce-eager"] if self.enforce_eager else [])

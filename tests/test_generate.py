@@ -179,3 +179,27 @@ def test_vllm_and_hf_greedy_agree_on_first_tokens(smol, tmp_path):
         agree[pid] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     print("greedy tokens in agreement (vLLM vs HF, of 24):", agree)
     assert all(n >= 8 for n in agree.values()), agree
+
+
+def test_repetition_guard_cuts_where_a_loop_starts_and_hf_stops_there():
+    from types import SimpleNamespace
+
+    from conftest import make_tiny
+
+    from btp.generate import GenerateConfig, HfBackend, Job, apply_guard, guard_cut
+
+    assert guard_cut([1, 2, 3, 4], 2) is None and guard_cut([1, 2, 1, 2, 1, 2, 9], 2) == 6
+    assert guard_cut([7, 7, 7, 7], 1) == 3 and guard_cut([7, 7, 7], 0) is None
+    dec = lambda t: ",".join(map(str, t))
+    assert apply_guard("x", [1, 2, 1, 2, 1, 2, 9], "length", 2, dec) == ("1,2,1,2,1,2", [1, 2, 1, 2, 1, 2], "repetition")
+    assert apply_guard("x", [1, 2, 3], "stop", 2, dec) == ("x", [1, 2, 3], "stop")
+    model = make_tiny("llama")   # a random model falls into loops within a few tokens
+    model.generation_config.eos_token_id = 127
+    tok = SimpleNamespace(eos_token_id=127, pad_token_id=None, decode=lambda t, skip_special_tokens=True: dec(t))
+    hf = HfBackend(model, tok)
+    jobs = [Job(None, 0, "", [1, 2, 3, 4], "chat", 0), Job(None, 0, "", [5, 6], "chat", 0)]
+    free = hf.run(jobs, GenerateConfig(max_tokens=40))
+    guarded = hf.run(jobs, GenerateConfig(max_tokens=40, repetition_guard=2))
+    for (_, full, _), (text, toks, why) in zip(free, guarded):
+        cut = guard_cut(full, 2)
+        assert cut is not None and toks == full[:cut] and why == "repetition" and text == dec(toks)

@@ -617,6 +617,9 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
                         runner=runner or SubprocessRunner())
     except results.IdentityError as e:
         raise SystemExit(str(e)) from None
+    except subprocess.CalledProcessError as e:   # finished arms stay done and the checkpoint cached: rerun resumes
+        raise SystemExit(f"[btp.pruned] {' '.join(e.cmd[1:4])} failed (exit {e.returncode}); rerun to resume") \
+            from None
     if comp:
         print(comp["table"])
         print(f"[btp.pruned] wrote {plan.comparison}")

@@ -203,3 +203,22 @@ def test_repetition_guard_cuts_where_a_loop_starts_and_hf_stops_there():
     for (_, full, _), (text, toks, why) in zip(free, guarded):
         cut = guard_cut(full, 2)
         assert cut is not None and toks == full[:cut] and why == "repetition" and text == dec(toks)
+
+
+def test_repetition_guard_cuts_vllm_outputs_afterwards():
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace as NS
+
+    from btp.generate import GenerateConfig, Job, VllmBackend
+
+    class FakeLLM:   # the engine's request outputs, without an engine
+        def generate(self, prompts, params, use_tqdm=False):
+            return [NS(outputs=[NS(text="looped", token_ids=[5, 1, 2, 1, 2, 1, 2, 3], finish_reason="length")]),
+                    NS(outputs=[NS(text="fine", token_ids=[5, 6, 7], finish_reason="stop")])]
+
+        def get_tokenizer(self):
+            return NS(decode=lambda t, skip_special_tokens=True: "|".join(map(str, t)))
+
+    jobs = [Job(None, 0, "", [1], "chat", 0), Job(None, 0, "", [2], "chat", 1)]
+    res = VllmBackend("unused", GenerateConfig(), llm=FakeLLM()).run(jobs, GenerateConfig(repetition_guard=2))
+    assert res == [("5|1|2|1|2|1|2", [5, 1, 2, 1, 2, 1, 2], "repetition"), ("fine", [5, 6, 7], "stop")]

@@ -191,7 +191,8 @@ def test_repetition_guard_cuts_where_a_loop_starts_and_hf_stops_there():
     assert guard_cut([1, 2, 3, 4], 2) is None and guard_cut([1, 2, 1, 2, 1, 2, 9], 2) == 6
     assert guard_cut([7, 7, 7, 7], 1) == 3 and guard_cut([7, 7, 7], 0) is None
     dec = lambda t: ",".join(map(str, t))
-    assert apply_guard("x", [1, 2, 1, 2, 1, 2, 9], "length", 2, dec) == ("1,2,1,2,1,2", [1, 2, 1, 2, 1, 2], "repetition")
+    assert apply_guard("x", [1, 2, 1, 2, 1, 2, 9], "length", 2, dec) == \
+        ("1,2,1,2,1,2", [1, 2, 1, 2, 1, 2], "repetition")
     assert apply_guard("x", [1, 2, 3], "stop", 2, dec) == ("x", [1, 2, 3], "stop")
     model = make_tiny("llama")   # a random model falls into loops within a few tokens
     model.generation_config.eos_token_id = 127

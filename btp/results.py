@@ -8,6 +8,9 @@
   dtype, every setting that changes numbers); a rerun is fresh, resumes, or is done, and refuses a file of
   another identity naming the field that differs.
 - Runs files, staleness and the readers that check, plots and notebooks use.
+- Pruned inference: `pruned/base/`, `pruned/<setting>/` and its controls `pruned/<setting>/random<i>/` (each with
+  generations, evaluations, summary and `headset.json`), `pruned/comparison.json`; surgery checkpoints under
+  `$BTP_CACHE/pruned/<hash>/` (else `<results>/.cache/pruned/<hash>/`).
 
 Light on purpose (numpy and the store only): `check` imports it without torch.
 """

@@ -266,10 +266,11 @@ class GenFlags:
     eval_workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)")
     eval_timeout: float | None = opt(None, "CPU seconds per test (default: the benchmark's)")
 
-    def generate_args(self, model: str, dataset: str, output: Path, seed: int, dtype: str) -> list[str]:
+    def generate_args(self, model: str, dataset: str, output: Path, seed: int, dtype: str, backend: str
+                      ) -> list[str]:
         a = ["--model", model, "--dataset", dataset, "--output", str(output), "--n", str(self.n),
              "--max-tokens", str(self.gen_max_tokens), "--temperature", str(self.temperature), "--top-p",
-             str(self.top_p), "--seed", str(seed), "--backend", self.backend, "--prompt-style", self.prompt_style,
+             str(self.top_p), "--seed", str(seed), "--backend", backend, "--prompt-style", self.prompt_style,
              "--dtype", dtype, "--batch-size", str(self.batch_size), "--repetition-guard", str(self.repetition_guard)]
         a += _opt("--limit", self.limit) + _opt("--variant", self.variant) + \
             _opt("--gpu-memory-utilization", self.gpu_memory_utilization)
@@ -474,7 +475,7 @@ class Plan:
     total_heads: int
     dtype: str
     comparison: Path
-    done: bool = False
+    backend: str = "hf"               # the engine every arm generates with (`--backend auto` resolved)
     notes: list[str] = field(default_factory=list)
 
 
@@ -533,13 +534,21 @@ def run_arms(plan: Plan, *, lm_loader, heldout, gen: GenFlags, cfg: PrunedConfig
     _free_memory()   # the engines run in subprocesses: give them the memory
     for a in todo:
         f = a.files
-        runner.generate(gen.generate_args(str(ckpts[a.label]), dataset, f["generations"], seed, plan.dtype))
+        try:
+            runner.generate(gen.generate_args(str(ckpts[a.label]), dataset, f["generations"], seed, plan.dtype,
+                                              plan.backend))
+        except subprocess.CalledProcessError:
+            if not _fall_back(plan, gen, a):
+                raise
+            runner.generate(gen.generate_args(str(ckpts[a.label]), dataset, f["generations"], seed, plan.dtype,
+                                              plan.backend))
         runner.evaluate(gen.evaluate_args(a.label, dataset, f["generations"], seed, cfg.n_boot))
         if not cfg.keep_checkpoints and all(ckpts[a.label] != ckpts[b.label] for b in todo[todo.index(a) + 1:]):
             shutil.rmtree(ckpts[a.label], ignore_errors=True)
     counts = {a.label: arm_counts(a.files["evaluations"], plan.problems) for a in arms}
     comp = compare(arms, counts, plan.problems, gen.n, plan.total_heads, n_boot=cfg.n_boot, seed=seed)
-    comp = {"model": plan.arm_base["model"], "dataset": dataset, **comp, "identity": plan.identity,
+    comp = {"model": plan.arm_base["model"], "dataset": dataset, **comp, "backend": plan.backend,
+            "notes": plan.notes, "identity": plan.identity,
             "run_key": results.identity_key(plan.identity),
             "provenance": provenance(stage="pruned", model=plan.arm_base["model"],
                                      revision=plan.arm_base["revision"], dataset=dataset, seed=seed,
@@ -547,6 +556,22 @@ def run_arms(plan: Plan, *, lm_loader, heldout, gen: GenFlags, cfg: PrunedConfig
     comp["table"] = format_comparison(comp)   # as printed: notebooks show it without importing a stage
     write_json(plan.comparison, comp)
     return comp
+
+
+def _fall_back(plan: Plan, gen: GenFlags, failed: Arm) -> bool:
+    """`--backend auto`: when vLLM fails before any arm has generations, every arm moves to transformers (one
+    engine for all arms, never a mix). True when it did."""
+    if gen.backend != "auto" or plan.backend != "vllm":
+        return False
+    gens = [a.files["generations"] for a in plan.arms]
+    if any(p.exists() and any(True for _ in iter_jsonl(p)) for p in gens):
+        return False
+    for p in (failed.files["generations"], results.runs_path(failed.files["generations"])):
+        p.unlink(missing_ok=True)
+    plan.backend = "hf"
+    plan.notes.append(f"vLLM failed on arm {failed.label!r} before any generation; every arm uses transformers")
+    print(f"[btp.pruned] {plan.notes[-1]}", file=sys.stderr)
+    return True
 
 
 def build_parser():
@@ -582,10 +607,12 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     except ValueError as e:
         p.error(str(e))
     dtype_s = str(dtype).removeprefix("torch.")
-    if gen.backend == "auto":   # one engine for every arm, recorded as resolved (as btp.generate resolves it)
-        import importlib.util
+    # one engine for every arm: `auto` is vLLM if importable (as btp.generate resolves it), transformers as the
+    # fallback; the identity keeps the flag, the comparison records the engine used
+    import importlib.util
 
-        gen.backend = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    backend = gen.backend if gen.backend != "auto" else \
+        ("vllm" if importlib.util.find_spec("vllm") is not None else "hf")
     ref = resolve_model(args.model)
     layer_heads = layer_heads_of(ref.path)
     ds_dir = results.dataset_dir(args.results_dir, ref.model_id, args.dataset)
@@ -603,7 +630,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     identity = {**arm_base, **results.sample_identity(heldout.fields()), "controls": cfg.controls,
                 "arms": {a.label: [list(h) for h in a.heads] for a in arms}}
     plan = Plan(arms, identity, arm_base, problems, sum(layer_heads), dtype_s,
-                results.pruned_dir(args.results_dir, ref.model_id, args.dataset) / results.COMPARISON)
+                results.pruned_dir(args.results_dir, ref.model_id, args.dataset) / results.COMPARISON, backend)
     if plan.comparison.exists() and not args.force and not cfg.ce_only and \
             results.identity_diff(read_json(plan.comparison).get("identity"), identity) is None:
         comp = read_json(plan.comparison)

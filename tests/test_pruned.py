@@ -174,7 +174,7 @@ class FakeRunner:
         write_json(gen.parent / "summary.json", {"n_programs": len(self.problems)})
 
 
-def _run(tmp_path, runner, gen=None, force=False, loads=None):
+def _run(tmp_path, runner, gen=None, force=False, loads=None, backend="hf"):
     model = make_tiny("llama")
     ss = SampleSet([Sample("a", -1, np.arange(1, 9), 4, 8), Sample("b", -1, np.arange(3, 12), 5, 9)],
                    SampleConfig(source="reference"), "humaneval", "tiny")
@@ -184,7 +184,7 @@ def _run(tmp_path, runner, gen=None, force=False, loads=None):
     base = {"model": "tiny", "revision": "r0", "dtype": "float32", "dataset": "humaneval", "seed": 0,
             "generation": {"max_tokens": gen.gen_max_tokens}}
     plan = P.Plan(arms, {**base, "arms": {a.label: a.heads for a in arms}}, base, runner.problems, 12, "float32",
-                  ds / "pruned" / "comparison.json")
+                  ds / "pruned" / "comparison.json", backend)
 
     def loader():
         loads.append(1)
@@ -251,7 +251,7 @@ def test_vllm_generates_from_a_pruned_embedded_checkpoint(tmp_path):
     del lm
     out = tmp_path / "gen.jsonl"
     gen = P.GenFlags(limit=1, gen_max_tokens=8, backend="vllm", gpu_memory_utilization=0.05)
-    P.SubprocessRunner().generate(gen.generate_args(str(ck), "humaneval", out, 0, "float32"))
+    P.SubprocessRunner().generate(gen.generate_args(str(ck), "humaneval", out, 0, "float32", "vllm"))
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs) == 1 and recs[0]["problem_id"] == "HumanEval/0" and 0 < len(recs[0]["output_token_ids"]) <= 8
 
@@ -312,9 +312,28 @@ def test_main_end_to_end_then_done_without_weights(tiny_folder, tmp_path, monkey
     assert P.main(argv + ["--ce-only"], runner=FakeRunner(problems)) == {}
     r = FakeRunner(problems)
     comp = P.main(argv, runner=r)
-    assert len(r.calls) == 6 and comp["n_problems"] == 3 and comp["identity"]["generation"]["backend"] == "hf"
+    assert len(r.calls) == 6 and comp["n_problems"] == 3 and comp["backend"] == "hf"
     assert "--max-tokens" in r.gen_args and r.gen_args[r.gen_args.index("--max-tokens") + 1] == "8"
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     capsys.readouterr()
     assert P.main(argv, runner=FakeRunner(problems))["run_key"] == comp["run_key"]     # done: no weights loaded
     assert "is done" in capsys.readouterr().out
+
+
+def test_auto_backend_falls_back_to_transformers_for_every_arm(tmp_path):
+    import subprocess
+
+    class VllmFails(FakeRunner):
+        def generate(self, args):
+            if args[args.index("--backend") + 1] == "vllm":
+                self.calls.append(("generate", "vllm failed"))
+                raise subprocess.CalledProcessError(1, ["python", "-m", "btp.generate"])
+            super().generate(args)
+
+    r = VllmFails(["HumanEval/0", "HumanEval/1"])
+    comp = _run(tmp_path, r, gen=P.GenFlags(limit=2, backend="auto"), loads=[], backend="vllm")
+    assert [c[1] for c in r.calls].count("vllm failed") == 1 and len(r.calls) == 7
+    assert comp["backend"] == "hf" and "transformers" in comp["notes"][0]
+    with pytest.raises(subprocess.CalledProcessError):   # an explicit engine is never swapped
+        _run(tmp_path / "x", VllmFails(["HumanEval/0"]), gen=P.GenFlags(limit=1, backend="vllm"), loads=[],
+             backend="vllm")

@@ -49,7 +49,7 @@ class Row:
     pass1_ci: list | None = None
     statuses: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)   # stage dir -> {stem: note}
-    pruned: list | None = None
+    pruned: dict | None = None                   # setting folder -> arms with head set / generated / judged
     issues: list = field(default_factory=list)
 
     @property
@@ -238,9 +238,11 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
         sd = d / stage
         if sd.is_dir():
             row.stages[stage] = _check_stage(d, sd, stage, issue, deep)
-    pr = d / "pruned"
+    pr = d / results.PRUNED
     if pr.is_dir():
-        row.pruned = sorted(p.name for p in pr.iterdir() if not p.name.startswith("."))
+        row.pruned = results.pruned_progress(pr)
+        if (pr / results.COMPARISON).exists() and (err := load_json(pr / results.COMPARISON)[1]):
+            issue(pr / results.COMPARISON, "broken", err)
     return row
 
 
@@ -354,7 +356,9 @@ def _cells(r: Row) -> list[str]:
         if r.n:
             gen += f" ({r.total // r.n if r.total else '?'}x{r.n})"
     fin = "/".join(str(r.finish.get(k, 0)) for k in ("stop", "length")) if r.finish else "-"
-    extra = sum(v for k, v in r.finish.items() if k not in ("stop", "length"))
+    if r.finish.get("repetition"):   # cut by the repetition guard (btp.generate --repetition-guard)
+        fin += f" +{r.finish['repetition']}rep"
+    extra = sum(v for k, v in r.finish.items() if k not in ("stop", "length", "repetition"))
     if extra:
         fin += f" +{extra}?"
     ev = "-" if r.evaluated is None else (f"{r.evaluated}/{r.generated}" if r.generated else str(r.evaluated))
@@ -367,7 +371,8 @@ def _cells(r: Row) -> list[str]:
         p1 = f"({r.passed}/{r.evaluated} passed; no summary)"
     st = [" ".join(short_stem(s) + note for s, note in sorted(r.stages[k].items())) or "-" if k in r.stages else "-"
           for k in STAGE_DIRS]
-    pr = "-" if r.pruned is None else (f"{len(r.pruned)}: " + ",".join(r.pruned) if r.pruned else "0")
+    pr = "-" if r.pruned is None else (" ".join(f"{k}({v['summarized']}/{v['arms']})" for k, v in r.pruned.items())
+                                       or "0")
     return [r.dataset, gen, fin, ev, p1, *st, pr]
 
 
@@ -389,8 +394,9 @@ def format_table(rows: list[Row]) -> str:
                 out.append("  " + "  ".join("-" * x for x in w))
         out.append("")
     out.append("R = regular, C = chain_code; no suffix: correct generations, -ref: reference solutions, "
-               "-inc: incorrect, -all: all generations; +ko: knockout curves; (k it): Taylor iterations;\n"
-               "(g gen, best f): CMA-ES generations and best fitness (nats)")
+                "-inc: incorrect, -all: all generations; +ko: knockout curves; (k it): Taylor iterations;\n"
+                "(g gen, best f): CMA-ES generations and best fitness (nats); pruned <setting>(judged/arms): the "
+                "setting and its random controls")
     issues = [(r, i) for r in rows for i in r.issues]
     if issues:
         out.append("")

@@ -30,7 +30,8 @@ from .store import JsonlStore, provenance
 
 # Config fields that change what a sample is; a resumed file must not mix values of these.
 SAMPLE_KEY = ("temperature", "top_p", "max_tokens", "seed", "prompt_style", "chat_template_kwargs",
-              "system_prompt", "variant", "backend", "dtype")
+              "system_prompt", "variant", "backend", "dtype", "repetition_guard")
+REPEATS = 3   # the repetition guard fires when the output's last N tokens occur this often in it
 
 
 @dataclass
@@ -42,9 +43,13 @@ class GenerateConfig:
     temperature: float = opt(0.0, None)
     top_p: float = opt(1.0, None)
     max_tokens: int = opt(512, None)
+    repetition_guard: int = opt(0, f"stop a sample once its last N tokens occur {REPEATS} times in its output "
+                                "(finish_reason 'repetition'; 0: off); hf stops there, vllm is cut there afterwards")
     seed: int = opt(0, None)
     backend: str = opt("auto", "auto: vllm if importable", choices=("auto", "vllm", "hf"))   # vllm | hf | auto
     results_dir: str = opt("results", "root of the results tree")
+    output: str | None = opt(None, "write to this JSONL instead of results/<model>/<dataset>/generations.jsonl "
+                             "(one dataset; e.g. the arms of btp.pruned)")
     prompt_style: str = opt("auto", None, choices=STYLES)            # auto | chat | completion
     chat_template_kwargs: dict = opt(help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'',
                                      factory=dict)
@@ -108,6 +113,31 @@ def _on_gpu() -> bool:
         return False
 
 
+# ---------------------------------------------------------------- repetition guard
+
+def guard_cut(tokens: Sequence[int], n: int, times: int = REPEATS) -> int | None:
+    """The length of the shortest prefix of `tokens` whose last `n` tokens occur `times` times in it (overlapping
+    occurrences count), or None: where a degenerate loop is cut. n <= 0: never."""
+    if n <= 0:
+        return None
+    seen: dict[tuple, int] = {}
+    for t in range(n, len(tokens) + 1):
+        key = tuple(tokens[t - n:t])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] >= times:
+            return t
+    return None
+
+
+def apply_guard(text: str, tokens: list[int], finish: str, n: int, decode) -> Completion:
+    """An output cut where the repetition guard fires (finish_reason `repetition`), else unchanged."""
+    cut = guard_cut(tokens, n)
+    if cut is None or cut >= len(tokens) and finish == "stop":
+        return Completion(text, tokens, finish)
+    toks = tokens[:cut]
+    return Completion(decode(toks), toks, "repetition")
+
+
 # ---------------------------------------------------------------- backends
 
 class VllmBackend:
@@ -133,9 +163,12 @@ class VllmBackend:
         outs = self.llm.generate([{"prompt_token_ids": j.prompt_token_ids} for j in jobs], params,
                                  use_tqdm=len(jobs) > 1)  # vLLM's bar shows live tokens/s
         res = []
+        decode = lambda t: self.llm.get_tokenizer().decode(t, skip_special_tokens=True)
         for o in outs:
             c = o.outputs[0]
-            res.append(Completion(c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length"))
+            # vLLM has no per-request stopping hook: the guard cuts afterwards, where hf would have stopped
+            res.append(apply_guard(c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length",
+                                   cfg.repetition_guard, decode))
         return res
 
     def close(self) -> None:
@@ -176,18 +209,42 @@ class HfBackend:
         kw = dict(top_k=0, top_p=cfg.top_p, temperature=cfg.temperature) if sample else {}
         gc = GenerationConfig(max_new_tokens=cfg.max_tokens, do_sample=sample, eos_token_id=self.eos,
                               pad_token_id=self.pad, repetition_penalty=1.0, **kw)
+        stops = [_GuardStop(cfg.repetition_guard, width)] if cfg.repetition_guard > 0 else None
         if sample:
             torch.manual_seed(jobs[0].seed)  # one generator per batch: reproducible for the same batches
         dev = self.model.device
         with torch.no_grad():
-            out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc)
+            out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc,
+                                      stopping_criteria=stops)
         res = []
+        decode = lambda t: self.tok.decode(t, skip_special_tokens=True)
         for row in out[:, width:].tolist():
             stop = next((k for k, t in enumerate(row) if t in self.eos), None)
             toks = row if stop is None else row[: stop + 1]
-            res.append(Completion(self.tok.decode(toks, skip_special_tokens=True), toks,
-                                  "length" if stop is None else "stop"))
+            res.append(apply_guard(decode(toks), toks, "length" if stop is None else "stop", cfg.repetition_guard,
+                                   decode))
         return res
+
+
+class _GuardStop:
+    """transformers stopping criterion of the repetition guard: per row, counts each new trailing n-gram once
+    (incremental, so a step costs O(n) per row); a row stops when its trailing n-gram reaches `REPEATS`."""
+
+    def __init__(self, n: int, start: int):
+        self.n, self.start, self.seen, self.done = n, start, [], []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        rows = input_ids[:, self.start:]
+        if not self.seen:
+            self.seen, self.done = [{} for _ in range(rows.shape[0])], [False] * rows.shape[0]
+        if rows.shape[1] >= self.n:
+            for b, tail in enumerate(rows[:, -self.n:].tolist()):
+                key = tuple(tail)
+                self.seen[b][key] = self.seen[b].get(key, 0) + 1
+                self.done[b] = self.done[b] or self.seen[b][key] >= REPEATS
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 # ---------------------------------------------------------------- the stage
@@ -276,7 +333,8 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
                           start_date=cfg.start_date, end_date=cfg.end_date)
     _open(cfg, sess)
     path, model_id, revision = sess.model_info
-    out = dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
+    out = Path(cfg.output) if cfg.output else dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
+    out.parent.mkdir(parents=True, exist_ok=True)
     store = JsonlStore(out, ("problem_id", "sample"))
     conf = asdict(cfg)
     _check_same_sampling(store, conf)
@@ -327,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     bad = [d for d in names if d not in benchmarks.NAMES]
     if bad or not names:
         raise SystemExit(f"--dataset: unknown {bad or cfg.dataset!r}; choose from {benchmarks.NAMES}")
+    if cfg.output and len(names) > 1:
+        raise SystemExit("--output takes one --dataset")
     sess, outs = Session(), []
     try:
         for ds in names:

@@ -854,8 +854,70 @@ def cmaes_figures(results_dir: str | Path, model: str | None, only: Sequence[str
             yield f"cmaes_{a.dataset}_{a.name}_controls", cmaes_controls(a)
 
 
+# ================================================================ pruned inference (btp.pruned outputs)
+
+def load_pruned(results_dir: str | Path, model: str | None, dataset: str) -> dict | None:
+    """`pruned/comparison.json` of a model x dataset; None when there is none."""
+    p = model_dir(results_dir, model) / dataset / results.PRUNED / results.COMPARISON
+    return read_json(p) if p.exists() else None
+
+
+def pruned_points(comp: dict, k: str = "pass@1") -> dict[str, list[tuple[float, float, float, float]]]:
+    """method -> [(fraction removed, pass@k of the setting, controls' min, controls' max)] by fraction; the base
+    is every method's point at fraction 0 (its band is itself)."""
+    b = comp["base"]["pass_at_k"][k]
+    out: dict[str, list] = {}
+    for s in comp.get("settings", []):
+        band = s.get("controls_pass_at_k", {}).get(k)
+        lo, hi = (band["min"], band["max"]) if band else (np.nan, np.nan)
+        out.setdefault(s.get("method") or "heads", [(0.0, b, b, b)]).append((s["fraction"], s["pass_at_k"][k], lo, hi))
+    return {m: sorted(v) for m, v in out.items()}
+
+
+def pruned_curve(comp: dict, k: str = "pass@1", title: str | None = None) -> Figure:
+    """pass@k against the fraction of heads removed, one line per selection method, each with the band of its
+    random controls (same per-layer counts); right: pass@k against the held-out CE of the same head sets (how
+    well the cheap loss predicts the solve rate)."""
+    fig = new_figure(10.5, 4.0)
+    ax, bx = fig.subplots(1, 2)
+    for i, (method, pts) in enumerate(pruned_points(comp, k).items()):
+        f, y, lo, hi = (np.array(v, dtype=float) for v in zip(*pts))
+        ax.plot(f, y, marker="o", color=f"C{i}", label=method)
+        ok = np.isfinite(lo)
+        if ok.sum() > 0:
+            ax.fill_between(f[ok], lo[ok], hi[ok], color=f"C{i}", alpha=0.15, lw=0,
+                            label=f"{method}: random controls (min-max)")
+            ax.scatter(f[ok], lo[ok], marker="_", color=f"C{i}", alpha=0.6)
+            ax.scatter(f[ok], hi[ok], marker="_", color=f"C{i}", alpha=0.6)
+    ax.axhline(comp["base"]["pass_at_k"][k], color="k", lw=0.8, ls=":", label="unpruned")
+    ax.set_xlabel("fraction of heads removed")
+    ax.set_ylabel(f"{k} over {comp.get('n_problems', '?')} problems")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    entries = [comp["base"]] + [e for s in comp.get("settings", []) for e in [s, *s.get("controls", [])]]
+    ce = [(e["heldout_ce"], e["pass_at_k"][k], " " in e["label"]) for e in entries if e.get("heldout_ce") is not None]
+    for is_ctl, color, lab in ((False, "C3", "base and settings"), (True, "0.5", "random controls")):
+        pts = [(x, y) for x, y, c in ce if c == is_ctl]
+        if pts:
+            bx.scatter(*zip(*pts), color=color, label=lab, s=18)
+    bx.set_xlabel("held-out CE with the heads gated (nats)")
+    bx.set_ylabel(k)
+    bx.grid(alpha=0.3)
+    if ce:
+        bx.legend(fontsize=7)
+    fig.suptitle(title or f"Pruned inference: {comp.get('model', '')} {comp.get('dataset', '')}", fontsize=10)
+    return fig
+
+
+def pruned_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+                   ) -> Iterator[tuple[str, Figure]]:
+    for d in datasets(results_dir, model):
+        if (not only or d in only) and (comp := load_pruned(results_dir, model, d)):
+            yield f"pruned_{d}_pass_at_1", pruned_curve(comp)
+
+
 FAMILIES = {"generation": generation_figures, "entropy": entropy_figures, "ablation": ablation_figures,
-            "taylor": taylor_figures, "cmaes": cmaes_figures}
+            "taylor": taylor_figures, "cmaes": cmaes_figures, "pruned": pruned_figures}
 
 
 def write_figures(results_dir: str | Path, model: str | None, out: str | Path, *, only: Sequence[str] | None = None,

@@ -8,6 +8,9 @@
   dtype, every setting that changes numbers); a rerun is fresh, resumes, or is done, and refuses a file of
   another identity naming the field that differs.
 - Runs files, staleness and the readers that check, plots and notebooks use.
+- Pruned inference: `pruned/base/`, `pruned/<setting>/` and its controls `pruned/<setting>/random<i>/` (each with
+  generations, evaluations, summary and `headset.json`), `pruned/comparison.json`; surgery checkpoints under
+  `$BTP_CACHE/pruned/<hash>/` (else `<results>/.cache/pruned/<hash>/`).
 
 Light on purpose (numpy and the store only): `check` imports it without torch.
 """
@@ -156,53 +159,95 @@ def summary_path(evaluations: str | os.PathLike) -> Path:
     return p.with_name(SUMMARY if p.name == EVALUATIONS else p.name.replace(".evaluations.jsonl", ".summary.json"))
 
 
-# ================================================================ stem grammar
+# ================================================================ pruned inference
 
-@dataclass(frozen=True)
-class Stem:
-    """The name of an analysis output without its part and extension: the analysis samples' mode and population,
-    then a stage's variant words in order (ablation `mean`, `layers0_5`; Taylor `token`, `signed`, `l2norm`, a
-    tag). The default population (correct generations) is not written; reference solutions are all correct."""
+PRUNED = "pruned"              # `results/<slug>/<ds>/pruned/`: one folder per setting, and the comparison
+COMPARISON = "comparison.json"  # `pruned/comparison.json`: every arm's pass@k and paired statistics
+HEADSET = "headset.json"       # per arm: the heads removed, their provenance, the held-out CE, the arm's identity
+BASE_ARM = "base"              # `pruned/base/`: the unpruned model, re-run under the same settings
+CONTROL = "random"             # `pruned/<setting>/random<i>/`: control i of a setting
 
-    mode: str = "regular"
-    source: str = "generations"
-    select: str = "correct"
-    variant: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.source == "reference":
-            object.__setattr__(self, "select", "all")
-        for name, allowed in (("mode", MODES), ("source", SOURCES), ("select", SELECTS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        words = [w for v in self.variant for w in v.split("-")]
-        bad = [v for v in words if not v or "." in v or "/" in v or v.endswith("_" + KNOCKOUT)]
-        if bad or (words and words[0] in _POPULATION_WORDS):
-            raise ValueError(f"bad output name variant {self.variant!r}: words must be non-empty, without '.', '/', "
-                             f"a trailing _{KNOCKOUT}, nor start with a population name {_POPULATION_WORDS}")
+def setting_folder(setting: str) -> str:
+    """A setting's folder name: `taylor:10%` -> `taylor-10pct`, `heads:L3H1,L7H0` -> `heads-L3H1_L7H0`,
+    `ablation:top32@regular-reference` -> `ablation-top32@regular-reference`."""
+    name = setting.strip().replace("%", "pct").replace(":", "-").replace(",", "_").replace(" ", "")
+    if not name or name.startswith(".") or "/" in name or name == BASE_ARM:
+        raise ValueError(f"setting {setting!r} does not make a folder name")
+    return name
 
-    @property
-    def population(self) -> str:
-        """`source/select`, e.g. `generations/correct`, `reference/all`."""
-        return f"{self.source}/{self.select}"
 
-    @property
-    def extra(self) -> str:
-        """The variant words joined, e.g. `mean-layers0_5` ('' when none)."""
-        return "-".join(self.variant)
+def pruned_dir(results_dir: str | os.PathLike, model_id: str, dataset: str) -> Path:
+    return dataset_dir(results_dir, model_id, dataset, create=False) / PRUNED
 
-    def with_variant(self, *words: str | None) -> Stem:
-        """This stem with more variant words (None and '' skipped)."""
-        return Stem(self.mode, self.source, self.select, self.variant + tuple(w for w in words if w))
 
-    @property
-    def base(self) -> Stem:
-        """The samples' part of the name: mode and population only."""
-        return Stem(self.mode, self.source, self.select)
+def arm_dir(pruned: Path, setting: str | None = None, control: int | None = None) -> Path:
+    """`pruned/base/` (no setting), `pruned/<folder>/`, or `pruned/<folder>/random<i>/` (a control)."""
+    if setting is None:
+        return pruned / BASE_ARM
+    d = pruned / setting_folder(setting)
+    return d if control is None else d / f"{CONTROL}{int(control)}"
 
-    def __str__(self) -> str:
-        pop = "-reference" if self.source == "reference" else ("" if self.select == "correct" else f"-{self.select}")
-        return self.mode + pop + "".join(f"-{v}" for v in self.variant)
+
+def arm_files(arm: Path) -> dict[str, Path]:
+    """An arm's files: generations, evaluations and summary (as the generate/evaluate stages name them beside
+    each other) and its head set."""
+    return {"generations": arm / GENERATIONS, "evaluations": arm / EVALUATIONS, "summary": arm / SUMMARY,
+            "headset": arm / HEADSET}
+
+
+def checkpoint_dir(results_dir: str | os.PathLike, key: str) -> Path:
+    """Where a pruned checkpoint is cached: `$BTP_CACHE/pruned/<key>/`, else `<results>/.cache/pruned/<key>/`
+    (`key`: `checkpoint_key`)."""
+    root = os.environ.get("BTP_CACHE")
+    return (Path(root) if root else Path(results_dir) / ".cache") / PRUNED / key
+
+
+def checkpoint_key(model_id: str, revision: str | None, dtype: str, heads: Sequence[Sequence[int]]) -> str:
+    """The cache key of a pruned checkpoint: a hash of the model, its revision, the dtype and the sorted heads."""
+    hs = sorted([int(l), int(h)] for l, h in heads)
+    return identity_key({"model": model_id, "revision": revision, "dtype": dtype, "heads": hs})
+
+
+def read_comparison(results_dir: str | os.PathLike, model: str, dataset: str) -> dict | None:
+    """`pruned/comparison.json` of a model x dataset (a slug, an HF id or an embedded name); None if absent."""
+    try:
+        d = find_model_dir(results_dir, model) / dataset / PRUNED
+    except (FileNotFoundError, ValueError):
+        return None
+    return read_json(d / COMPARISON) if (d / COMPARISON).exists() else None
+
+
+def pruned_progress(pruned: Path) -> dict[str, dict]:
+    """{setting folder: {arms, generated, evaluated, summarized}} of a `pruned/` folder: how many arms (the
+    setting and its controls; `base` alone) have their head set, generations, evaluations and summary."""
+    out: dict[str, dict] = {}
+    if not pruned.is_dir():
+        return out
+    for d in sorted(p for p in pruned.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        arms = [d] + sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(CONTROL))
+        out[d.name] = {k: sum((a / f).exists() for a in arms) for k, f in
+                       (("arms", HEADSET), ("generated", GENERATIONS), ("evaluated", EVALUATIONS),
+                        ("summarized", SUMMARY))}
+    return out
+
+
+def cmaes_removed(stage_path: str | os.PathLike, name: str | None = None) -> tuple[list[tuple[int, int]], str]:
+    """(heads removed by the final CMA-ES mask, the output's name) of a finished `cmaes/<name>` (default: the first
+    finished one, in plot order). FileNotFoundError says when no finished CMA-ES output exists."""
+    d = Path(stage_path)
+    names = [n for n in list_outputs(d, "cmaes") if read_cmaes(d, n)[1] is not None]
+    if name is None and not names:
+        raise FileNotFoundError(f"no finished CMA-ES output under {d}: run `python -m btp.cmaes_search` first")
+    name = name or names[0]
+    final = read_cmaes(d, name)[1] if (d / file_name(name, "jsonl")).exists() else None
+    if final is None:
+        raise FileNotFoundError(f"no finished CMA-ES output {d / name} (have: {', '.join(names) or 'none'})")
+    rows = (final.get("final") or {}).get("mask")
+    if rows is None:
+        raise ValueError(f"{d / file_name(name, 'json')}: no final mask (expected `final.mask`)")
+    keep = mask_from_rows(rows)
+    return [(int(l), int(h)) for l, h in zip(*np.nonzero(keep == 0.0))], name
 
 
 def parse_stem(name: str) -> Stem:

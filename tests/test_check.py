@@ -199,6 +199,7 @@ def test_reference_evaluations_wave2_dirs_and_partial_outputs(tmp_path, capsys):
     ref_row = next(l for l in out.splitlines() if l.strip().startswith("humaneval"))
     assert ref_row.split()[1:5] == ["-", "-", "3", "100.0%"], ref_row
     row = next(l for l in out.splitlines() if l.strip().startswith("mbpp")).split()
-    assert row[-5:] == ["R-ref(partial)", "-", "C-ref", "1:", "taylor-k20"], row
+    assert row[-4:] == ["R-ref(partial)", "-", "C-ref", "taylor-k20(0/0)"], row
     doc = json.loads(run(["--results-dir", tmp_path, "--json", "--model", "org/m"], capsys)[1])
-    assert doc["rows"][0]["stages"]["cmaes"] == {"chain_code-reference": ""} and doc["rows"][0]["pruned"] == ["taylor-k20"]
+    assert doc["rows"][0]["stages"]["cmaes"] == {"chain_code-reference": ""}
+    assert doc["rows"][0]["pruned"] == {"taylor-k20": {"arms": 0, "generated": 0, "evaluated": 0, "summarized": 0}}

@@ -179,3 +179,48 @@ def test_vllm_and_hf_greedy_agree_on_first_tokens(smol, tmp_path):
         agree[pid] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     print("greedy tokens in agreement (vLLM vs HF, of 24):", agree)
     assert all(n >= 8 for n in agree.values()), agree
+
+
+def test_repetition_guard_cuts_where_a_loop_starts_and_hf_stops_there():
+    from types import SimpleNamespace
+
+    from conftest import make_tiny
+
+    from btp.generate import Completion, GenerateConfig, HfBackend, Job, apply_guard, guard_cut
+
+    assert guard_cut([1, 2, 3, 4], 2) is None and guard_cut([1, 2, 1, 2, 1, 2, 9], 2) == 6
+    assert guard_cut([7, 7, 7, 7], 1) == 3 and guard_cut([7, 7, 7], 0) is None
+    dec = lambda t: ",".join(map(str, t))
+    assert apply_guard("x", [1, 2, 1, 2, 1, 2, 9], "length", 2, dec) == \
+        Completion("1,2,1,2,1,2", [1, 2, 1, 2, 1, 2], "repetition")
+    assert apply_guard("x", [1, 2, 3], "stop", 2, dec) == Completion("x", [1, 2, 3], "stop")
+    model = make_tiny("llama")   # a random model falls into loops within a few tokens
+    model.generation_config.eos_token_id = 127
+    tok = SimpleNamespace(eos_token_id=127, pad_token_id=None, decode=lambda t, skip_special_tokens=True: dec(t))
+    hf = HfBackend(model, tok)
+    jobs = [Job(None, 0, "", [1, 2, 3, 4], "chat", 0), Job(None, 0, "", [5, 6], "chat", 0)]
+    free = hf.run(jobs, GenerateConfig(max_tokens=40))
+    guarded = hf.run(jobs, GenerateConfig(max_tokens=40, repetition_guard=2))
+    for f, g in zip(free, guarded):
+        cut = guard_cut(f.token_ids, 2)
+        assert cut is not None and g.token_ids == f.token_ids[:cut] and g.finish_reason == "repetition"
+        assert g.text == dec(g.token_ids)
+
+
+def test_repetition_guard_cuts_vllm_outputs_afterwards():
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace as NS
+
+    from btp.generate import Completion, GenerateConfig, Job, VllmBackend
+
+    class FakeLLM:   # the engine's request outputs, without an engine
+        def generate(self, prompts, params, use_tqdm=False):
+            return [NS(outputs=[NS(text="looped", token_ids=[5, 1, 2, 1, 2, 1, 2, 3], finish_reason="length")]),
+                    NS(outputs=[NS(text="fine", token_ids=[5, 6, 7], finish_reason="stop")])]
+
+        def get_tokenizer(self):
+            return NS(decode=lambda t, skip_special_tokens=True: "|".join(map(str, t)))
+
+    jobs = [Job(None, 0, "", [1], "chat", 0), Job(None, 0, "", [2], "chat", 1)]
+    res = VllmBackend("unused", GenerateConfig(), llm=FakeLLM()).run(jobs, GenerateConfig(repetition_guard=2))
+    assert res == [Completion("5|1|2|1|2|1|2", [5, 1, 2, 1, 2, 1, 2], "repetition"), Completion("fine", [5, 6, 7], "stop")]

@@ -250,6 +250,55 @@ def cmaes_removed(stage_path: str | os.PathLike, name: str | None = None) -> tup
     return [(int(l), int(h)) for l, h in zip(*np.nonzero(keep == 0.0))], name
 
 
+# ================================================================ stem grammar
+
+@dataclass(frozen=True)
+class Stem:
+    """The name of an analysis output without its part and extension: the analysis samples' mode and population,
+    then a stage's variant words in order (ablation `mean`, `layers0_5`; Taylor `token`, `signed`, `l2norm`, a
+    tag). The default population (correct generations) is not written; reference solutions are all correct."""
+
+    mode: str = "regular"
+    source: str = "generations"
+    select: str = "correct"
+    variant: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.source == "reference":
+            object.__setattr__(self, "select", "all")
+        for name, allowed in (("mode", MODES), ("source", SOURCES), ("select", SELECTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        words = [w for v in self.variant for w in v.split("-")]
+        bad = [v for v in words if not v or "." in v or "/" in v or v.endswith("_" + KNOCKOUT)]
+        if bad or (words and words[0] in _POPULATION_WORDS):
+            raise ValueError(f"bad output name variant {self.variant!r}: words must be non-empty, without '.', '/', "
+                             f"a trailing _{KNOCKOUT}, nor start with a population name {_POPULATION_WORDS}")
+
+    @property
+    def population(self) -> str:
+        """`source/select`, e.g. `generations/correct`, `reference/all`."""
+        return f"{self.source}/{self.select}"
+
+    @property
+    def extra(self) -> str:
+        """The variant words joined, e.g. `mean-layers0_5` ('' when none)."""
+        return "-".join(self.variant)
+
+    def with_variant(self, *words: str | None) -> Stem:
+        """This stem with more variant words (None and '' skipped)."""
+        return Stem(self.mode, self.source, self.select, self.variant + tuple(w for w in words if w))
+
+    @property
+    def base(self) -> Stem:
+        """The samples' part of the name: mode and population only."""
+        return Stem(self.mode, self.source, self.select)
+
+    def __str__(self) -> str:
+        pop = "-reference" if self.source == "reference" else ("" if self.select == "correct" else f"-{self.select}")
+        return self.mode + pop + "".join(f"-{v}" for v in self.variant)
+
+
 def parse_stem(name: str) -> Stem:
     """`Stem` of an output name; `str(parse_stem(s)) == s` for every name a stage writes. A name that starts
     with no known mode raises ValueError."""

@@ -548,8 +548,7 @@ def run_arms(plan: Plan, *, lm_loader, heldout, gen: GenFlags, cfg: PrunedConfig
     counts = {a.label: arm_counts(a.files["evaluations"], plan.problems) for a in arms}
     comp = compare(arms, counts, plan.problems, gen.n, plan.total_heads, n_boot=cfg.n_boot, seed=seed)
     comp = {"model": plan.arm_base["model"], "dataset": dataset, **comp, "backend": plan.backend,
-            "notes": plan.notes, "identity": plan.identity,
-            "run_key": results.identity_key(plan.identity),
+            "notes": plan.notes, **results.identity_stamp(plan.identity),
             "provenance": provenance(stage="pruned", model=plan.arm_base["model"],
                                      revision=plan.arm_base["revision"], dataset=dataset, seed=seed,
                                      config={**asdict(cfg), **asdict(gen)})}

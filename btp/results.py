@@ -475,8 +475,12 @@ class Claim:
 
     @property
     def stamp(self) -> dict:
-        """The fields an output's provenance carries so that a later claim can compare: the identity and its key."""
-        return {"run_key": self.key, "identity": self.identity}
+        return identity_stamp(self.identity)
+
+
+def identity_stamp(identity: dict) -> dict:
+    """The fields an output's provenance carries so that a later claim can compare: the identity and its key."""
+    return {"run_key": identity_key(identity), "identity": identity}
 
 
 def stored_identity(record: Path) -> dict | None:

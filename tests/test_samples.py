@@ -254,3 +254,21 @@ def test_cli_flags_round_trip():
     assert cfg.stem == "chain_code-reference"
     with pytest.raises(SystemExit):
         p.parse_args(["--select", "best"])
+
+
+def test_mbpp_reference_samples_teacher_force_normalised_text(tok):
+    """Issue 12.1: the model is scored on the program, not on MBPP's carriage returns and trailing blanks."""
+    from btp import benchmarks
+
+    mbpp = benchmarks.get("mbpp")
+    probs = mbpp.load(limit=6)
+    for mode in ("regular", "chain_code"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ss = load_samples(None, MODEL, "mbpp", SampleConfig(source="reference", mode=mode), tok, probs)
+        for s in ss.samples:
+            text = tok.decode(s.targets)
+            assert "\r" not in text and " \n" not in text, s.problem_id
+        if mode == "chain_code":
+            by = {p.problem_id: p for p in probs}
+            assert all(tok.decode(s.targets) == mbpp.teacher_text(by[s.problem_id]) for s in ss.samples)

@@ -30,7 +30,7 @@ from .headsets import HeadSetScorer, mean_o_proj_inputs
 from .headsets import set_losses as eval_sets
 from .results import KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, write_partial
 from .samples import SampleSet
-from .stats import bootstrap_mean
+from .stats import CLUSTERED_CI, clustered_mean
 from .store import read_npz, write_json, write_npz
 
 STAGE = "ablation"
@@ -133,8 +133,9 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
                     last_save = time.time()
             del run
     out = {k: v for k, v in st.items() if k != "done"}
-    out["delta_mean"], out["delta_ci_low"], out["delta_ci_high"] = (
-        a.astype(np.float32) for a in bootstrap_mean(st["delta"], config.n_boot, config.seed))
+    cm = clustered_mean(st["delta"], sample_set.problem_ids, config.n_boot, config.seed)
+    out["delta_mean"], out["delta_ci_low"], out["delta_ci_high"] = (a.astype(np.float32) for a in cm[:3])
+    out["delta_n_problems"] = cm.n
     out["layer_num_heads"] = np.array(ad.layer_num_heads, dtype=np.int64)
     return out
 
@@ -165,8 +166,9 @@ def default_ks(n: int) -> list[int]:
     return ks
 
 
-def _curve(ks: Sequence[int], sets: Sequence[Sequence[Head]], ce: np.ndarray, n_boot: int, seed: int) -> list[dict]:
-    m, lo, hi = bootstrap_mean(ce.T, n_boot, seed)
+def _curve(ks: Sequence[int], sets: Sequence[Sequence[Head]], ce: np.ndarray, n_boot: int, seed: int,
+           problems: Sequence[str]) -> list[dict]:
+    m, lo, hi, _ = clustered_mean(ce.T, problems, n_boot, seed)
     return [{"k": int(k), "heads": [list(h) for h in hs], "mean_ce": float(m[i]), "ci_low": float(lo[i]),
              "ci_high": float(hi[i]), "per_sample_ce": ce[i].tolist()} for i, (k, hs) in enumerate(zip(ks, sets))]
 
@@ -197,19 +199,21 @@ def run_knockout(model: torch.nn.Module, sample_set: SampleSet, delta_mean: np.n
                   random={"sets": rand_sets, "ce": ce[len(ks):].tolist()})
         write_partial(partial, key, st)
     base = np.array(st["base"])
-    bm, blo, bhi = bootstrap_mean(base, config.n_boot, config.seed)
-    out: dict = {"ks": ks, "n_ranked": n, "ranking": "matrix delta_mean, largest first",
+    pids = sample_set.problem_ids
+    bm, blo, bhi, _ = clustered_mean(base, pids, config.n_boot, config.seed)
+    out: dict = {"ks": ks, "n_ranked": n, "ranking": "matrix delta_mean, largest first", "ci": CLUSTERED_CI,
+                 "n_problems": len(set(pids)),
                  "base": {"k": 0, "heads": [], "mean_ce": float(bm), "ci_low": float(blo), "ci_high": float(bhi),
                           "per_sample_ce": base.tolist()},
-                 "top": _curve(ks, st["top"]["sets"], np.array(st["top"]["ce"]), config.n_boot, config.seed)}
+                 "top": _curve(ks, st["top"]["sets"], np.array(st["top"]["ce"]), config.n_boot, config.seed, pids)}
     rce = np.array(st["random"]["ce"]).reshape(config.random_seeds, len(ks), len(sample_set)) \
         if config.random_seeds else np.zeros((0, len(ks), len(sample_set)))
     rsets = st["random"]["sets"]
     out["random"] = {"seeds": [[config.seed, i] for i in range(config.random_seeds)],
                      "per_seed": [_curve(ks, rsets[i * len(ks):(i + 1) * len(ks)], rce[i], config.n_boot,
-                                         config.seed) for i in range(config.random_seeds)]}
+                                         config.seed, pids) for i in range(config.random_seeds)]}
     if config.random_seeds:
-        avg = _curve(ks, [[] for _ in ks], rce.mean(0), config.n_boot, config.seed)
+        avg = _curve(ks, [[] for _ in ks], rce.mean(0), config.n_boot, config.seed, pids)
         for p in avg:
             del p["heads"]
         out["random"]["mean_over_seeds"] = avg
@@ -240,7 +244,7 @@ def _greedy(model, sample_set, ranked, ks, config: KnockoutConfig, st: dict, par
             else "all ranked heads", "selection": "in-sample (the same samples the curve reports)",
             "order": [list(h) for h in chosen],
             "curve": _curve(ks, [chosen[:k] for k in ks], np.array([g["ce"][k - 1] for k in ks]), config.n_boot,
-                            config.seed)}
+                            config.seed, sample_set.problem_ids)}
 
 
 def _load_json_partial(path: Path | None, key: str) -> dict | None:
@@ -304,19 +308,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
         res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key)
         secs = time.time() - t0
         rep = res.pop("replacement", None)
-        arrays = {k: res[k] for k in ("delta", "delta_mean", "delta_ci_low", "delta_ci_high", "base_ce",
-                                      "layer_num_heads")}
+        arrays = {k: res[k] for k in ("delta", "delta_mean", "delta_ci_low", "delta_ci_high", "delta_n_problems",
+                                      "base_ce", "layer_num_heads")}
         if mcfg.per_token:
             arrays.update(token_delta=res["token_delta"], base_token_ce=res["base_token_ce"])
         full = run.stamp(lm, **stamp, seconds=round(secs, 2), **m_claim.stamp)
         # json first: a kill between the two writes leaves no npz, so the rerun redoes it (from the partial)
         write_json(json_path, {
             **full, "npz": npz_path.name, "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
-            "n_boot": mcfg.n_boot,
+            "n_boot": mcfg.n_boot, "ci": CLUSTERED_CI, "n_problems": len(set(ss.problem_ids)),
+            "delta_mean": "mean over problems of the mean over a problem's samples (NaN samples skipped)",
             "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed",
             "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
             if mcfg.ablation == "mean" else None,
-            "base_ce_mean": float(np.mean(res["base_ce"])), "top_heads": _top(res, 20)})
+            "base_ce_mean": float(np.nanmean(res["base_ce"])), "top_heads": _top(res, 20)})
         write_npz(npz_path, provenance=full, **arrays, **ss.fields())
         mpart.unlink(missing_ok=True)
         res["replacement"] = rep

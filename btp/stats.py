@@ -6,6 +6,7 @@ Every function takes arrays and returns numbers; nothing here reads files or run
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -115,6 +116,77 @@ def bootstrap_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: floa
         mean[ok], lo[ok], hi[ok] = ci.estimate, ci.low, ci.high
     shape = x.shape[1:]
     return MeanCI(mean.reshape(shape), lo.reshape(shape), hi.reshape(shape))
+
+
+class ClusteredMean(NamedTuple):
+    """Elementwise mean of cluster means, its percentile bootstrap interval over clusters, and the number of
+    clusters behind each entry (`clustered_mean`)."""
+
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    n: np.ndarray
+
+
+CLUSTERED_CI = ("percentile bootstrap over problems: samples averaged within a problem first, problems resampled; "
+                "NaN samples skipped per entry")
+
+
+def cluster_means(x: np.ndarray, clusters: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([C, ...] NaN-aware mean of each cluster's rows of `x` [S, ...], [C, ...] finite rows behind it), clusters in
+    order of first appearance. An entry with no finite row in a cluster is NaN with count 0."""
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(clusters)
+    if labels.shape[:1] != x.shape[:1]:
+        raise ValueError(f"{labels.shape[0] if labels.ndim else 0} cluster labels for {x.shape[0]} rows")
+    _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))          # cluster index by first appearance
+    C = len(first)
+    flat = x.reshape(x.shape[0], -1)
+    fin = np.isfinite(flat)
+    sums, cnt = np.zeros((C, flat.shape[1])), np.zeros((C, flat.shape[1]))
+    np.add.at(sums, rank[inv.ravel()], np.where(fin, flat, 0.0))
+    np.add.at(cnt, rank[inv.ravel()], fin)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / cnt
+    shape = (C,) + x.shape[1:]
+    return means.reshape(shape), cnt.astype(np.int64).reshape(shape)
+
+
+def clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+                   alpha: float = 0.05, chunk_elems: int = 1 << 23) -> ClusteredMean:
+    """Mean over clusters (problems) of the within-cluster means of `x` [S, ...], elementwise, with a percentile
+    bootstrap CI that resamples clusters, not rows: samples of one problem are not independent, and averaging within
+    a problem first weights every problem equally. NaN-aware per entry: a NaN row (a sample with nothing scored)
+    drops out of that entry only; an entry with no finite value anywhere is NaN (`n` = 0). `clusters` None: every
+    row its own cluster."""
+    x = np.asarray(x, dtype=np.float64)
+    if not 0 < alpha < 1 or n_boot < 1:
+        raise ValueError("need 0 < alpha < 1 and n_boot >= 1")
+    shape = x.shape[1:]
+    clusters = np.arange(x.shape[0]) if clusters is None else clusters
+    cm, cnt = cluster_means(x, clusters)
+    C = cm.shape[0]
+    cm, has = cm.reshape(C, -1), (cnt.reshape(C, -1) > 0)
+    vals, w_has = np.where(has, cm, 0.0), has.astype(np.float64)
+    n = has.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        est = vals.sum(0) / n
+    lo, hi = np.full_like(est, np.nan), np.full_like(est, np.nan)
+    if C and n.any():
+        rng = np.random.default_rng(seed)
+        boots = np.empty((n_boot, vals.shape[1]))
+        step = max(1, chunk_elems // max(C, vals.shape[1], 1))
+        for s in range(0, n_boot, step):
+            m = min(step, n_boot - s)
+            w = rng.multinomial(C, np.full(C, 1.0 / C), size=m).astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                boots[s:s + m] = (w @ vals) / (w @ w_has)
+        ok = n > 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # resamples without any finite cluster of an entry
+            lo[ok], hi[ok] = np.nanquantile(boots[:, ok], [alpha / 2, 1 - alpha / 2], axis=0)
+    return ClusteredMean(est.reshape(shape), lo.reshape(shape), hi.reshape(shape), n.astype(np.int64).reshape(shape))
 
 
 def pass_at_k_summary(n: Sequence[int], c: Sequence[int], ks: Sequence[int], n_boot: int = 10000,

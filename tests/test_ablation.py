@@ -320,3 +320,22 @@ def test_main_embedded_model(tmp_path):
     assert got == pytest.approx(want, abs=1e-4)
     ko = read_json(path.with_name("regular-reference-layers28_29_knockout.json"))
     assert [p["k"] for p in ko["top"]] == [1, 2, 4, 8, 16] and ko["top"][-1]["mean_ce"] > ko["base"]["mean_ce"]
+
+
+def test_matrix_and_knockout_cis_are_over_problems():
+    """Issue 12.7: with several samples per problem the matrix mean is the mean of problem means and its CI
+    resamples problems (said in the output); knockout curves too."""
+    model = make_tiny("llama")
+    ss = tiny_set(((14, 6), (15, 6), (16, 6), (21, 9)))
+    for s, pid in zip(ss.samples, ("a", "a", "a", "b")):
+        s.problem_id = pid
+    res = abl.run_matrix(model, ss, abl.MatrixConfig(n_boot=50, progress=False))
+    d = res["delta"].astype(np.float64)
+    want = (d[:3].mean(0) + d[3]) / 2
+    np.testing.assert_allclose(res["delta_mean"], want, rtol=1e-5)
+    assert res["delta_n_problems"].max() == 2
+    ko = abl.run_knockout(model, ss, res["delta_mean"], abl.KnockoutConfig(ks=[1], random_seeds=1, n_boot=50,
+                                                                          progress=False))
+    assert "over problems" in ko["ci"] and ko["n_problems"] == 2
+    ce = np.array(ko["top"][0]["per_sample_ce"])
+    assert ko["top"][0]["mean_ce"] == pytest.approx((ce[:3].mean() + ce[3]) / 2)

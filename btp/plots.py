@@ -199,7 +199,9 @@ def _band(a: Analysis, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, 
     if band == "iqr":
         q = np.quantile(np.asarray(d[metric], dtype=float), [0.25, 0.75], axis=0)
         return mean, q[0], q[1]
-    if band == "ci":  # bootstrap over samples of the per-sample means, weighted by their token counts
+    if band == "ci" and f"{metric}_ci_low" in d:   # stored: sample-weighted mean, CI over problems
+        return tuple(np.asarray(d[f"{metric}_{k}"], dtype=float) for k in ("sample_mean", "ci_low", "ci_high"))
+    if band == "ci":  # older outputs: bootstrap over samples of the per-sample means, weighted by their token counts
         x = np.asarray(d[f"sample_{metric}_mean"], dtype=float)
         w = np.asarray(d.get("sample_n_tokens", np.ones(len(x))), dtype=float)
         rng = np.random.default_rng(0)
@@ -210,13 +212,16 @@ def _band(a: Analysis, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, 
     raise ValueError(f"band must be sd, iqr or ci, got {band!r}")
 
 
-BAND_LABEL = {"sd": "band: ±1 sd over tokens", "iqr": "band: interquartile range over tokens",
-              "ci": "band: 95% bootstrap CI over samples"}
+BAND_LABEL = {"sd": "token-weighted mean, band: ±1 sd over tokens",
+              "iqr": "token-weighted mean, band: interquartile range over tokens",
+              "ci": "sample-weighted mean, band: 95% bootstrap CI over problems"}
 
 
 def entropy_by_layer(items: Analysis | Sequence[Analysis], metrics: Sequence[str] = ("entropy", "ce"),
-                     band: str = "sd") -> Figure:
-    """Mean (line) and band of each metric vs layer, one panel per metric, one line per analysis."""
+                     band: str = "ci") -> Figure:
+    """Mean (line) and band of each metric vs layer, one panel per metric, one line per analysis. Default: the
+    sample-weighted mean and its CI over problems (a spread over tokens is no uncertainty of a mean, and a token
+    weighting lets long outputs dominate)."""
     items = [items] if isinstance(items, Analysis) else list(items)
     fig = new_figure(4.2 * len(metrics) + 0.6, 3.8)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -642,7 +647,7 @@ def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[s
     for g in compare(items, "mode"):
         yield f"entropy_modes_{_group_name(g, 'mode')}", entropy_by_layer(g)
     for g in compare(items, "population"):
-        yield f"entropy_populations_{_group_name(g, 'population')}", entropy_by_layer(g, band="ci")
+        yield f"entropy_populations_{_group_name(g, 'population')}", entropy_by_layer(g)
         yield f"entropy_populations_{_group_name(g, 'population')}_histograms", entropy_histograms(g, metric="ce")
     for g in compare(items, "dataset"):
         yield f"entropy_datasets_{_group_name(g, 'dataset')}", entropy_by_layer(g)

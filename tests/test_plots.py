@@ -59,13 +59,17 @@ def test_titles_state_population(results_tree):
 @pytest.mark.slow
 def test_entropy_lines_are_the_stored_means(results_tree):
     a = bp.load_entropy(results_tree, MODEL, "humaneval", "regular-all")
-    fig = bp.entropy_by_layer(a)
+    fig = bp.entropy_by_layer(a, band="sd")
     ent_ax, ce_ax = fig.axes[:2]
     np.testing.assert_allclose(ent_ax.lines[0].get_ydata(), a.data["entropy_mean"], rtol=1e-6)
     np.testing.assert_allclose(ce_ax.lines[0].get_ydata(), a.data["ce_mean"], rtol=1e-6)
     assert list(ent_ax.lines[0].get_xdata()) == list(range(1, 31))
     _, lo, hi = bp._band(a, "ce", "ci")
     assert np.all(lo <= a.data["ce_mean"] + 1e-6) and np.all(a.data["ce_mean"] <= hi + 1e-6)
+    # the default: the sample-weighted mean and its stored CI over problems (issue 12.9)
+    ci_ax = bp.entropy_by_layer(a).axes[0]
+    np.testing.assert_allclose(ci_ax.lines[0].get_ydata(), a.data["entropy_sample_mean"], rtol=1e-6)
+    assert "CI over problems" in ci_ax.get_legend().get_title().get_text()
     groups = bp.compare(bp.load_all(results_tree, MODEL, "entropy"), "mode")
     assert [[x.name for x in g] for g in groups] == [["regular-all", "chain_code-all"]]
 

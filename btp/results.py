@@ -123,7 +123,7 @@ def summary_path(evaluations: str | os.PathLike) -> Path:
 @dataclass(frozen=True)
 class Stem:
     """The name of an analysis output without its part and extension: the analysis samples' mode and population,
-    then a stage's variant words in order (ablation `mean`, `layers0_5`; Taylor `token`, `signed`, `l2norm`, a
+    then a stage's variant words in order (ablation `mean`, `layers0_5`; Taylor `token`, `signed`, `nonorm`, a
     tag). The default population (correct generations) is not written; reference solutions are all correct."""
 
     mode: str = "regular"

@@ -34,8 +34,11 @@ class SampleConfig:
     seed: int = 0                    # the stage's --seed
     # cap on a sample's length: cut context from the left, keep the scored span
     max_tokens: int | None = opt(None, "cap per-sample length (cut context from left)")
-    # for the reference source: as the generator would prompt
+    # for the reference source: as the generator would prompt (the same template options and system prompt)
     prompt_style: str = opt("auto", None, choices=("auto", "chat", "completion"))
+    chat_template_kwargs: dict = opt(help="reference source: JSON passed to the chat template, as to generate, e.g. "
+                                     '\'{"enable_thinking": false}\'', factory=dict)
+    system_prompt: str | None = opt(None, "reference source: the system prompt, as given to generate")
 
     def __post_init__(self) -> None:
         for name, allowed in (("source", SOURCES), ("select", SELECTS), ("mode", MODES)):
@@ -273,7 +276,6 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
 
 def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -> SampleSet:
     from . import benchmarks
-    from .prompts import build_prompt, encode_prompt, extract, reference_output
 
     if cfg.select != "all" and cfg.select != "correct":
         raise ValueError("reference solutions are all correct: use --select correct or all with --source reference")
@@ -283,31 +285,47 @@ def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -
         raise ValueError(f"{dataset} has no reference solutions; use --source generations")
     order = {p.problem_id: i for i, p in enumerate(probs)}
     by_id = {p.problem_id: p for p in probs}
-    samples, notes, n_too_long = [], [], 0
+    samples, notes, n_too_long, n_nocode = [], [], 0, 0
     for pid, _ in _ranked([(p.problem_id, -1) for p in probs], order, cfg.seed):
         if cfg.num_samples is not None and len(samples) >= cfg.num_samples:
             break
-        p = by_id[pid]
-        prompt, style = build_prompt(p, tokenizer, cfg.prompt_style)
-        p_ids = encode_prompt(prompt, tokenizer, style)
-        answer = reference_output(p, style)
-        o_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-        if style == "chat" and tokenizer.eos_token_id is not None:
-            o_ids.append(tokenizer.eos_token_id)  # the end of the assistant turn, as the model would emit
-        if cfg.mode == "regular":
-            a, b = 0, len(o_ids)
-        else:
-            ex = extract(p, answer, style, prompt)
-            a, b = char_to_token_span(tokenizer, o_ids, ex.code_start, ex.code_end)
-        ids = np.array(p_ids + o_ids, dtype=np.int64)
-        fit = _fit(ids, len(p_ids) + a, len(p_ids) + b, cfg.max_tokens)
+        ids, a, b = reference_tokens(by_id[pid], tokenizer, cfg)
+        if b <= a:
+            n_nocode += 1
+            continue
+        fit = _fit(ids, a, b, cfg.max_tokens)
         if fit is None:
             n_too_long += 1
             continue
         samples.append(Sample(pid, -1, *fit))
+    if n_nocode:
+        notes.append(f"{n_nocode} references have no tokens to score ({cfg.mode}) and were left out")
     if n_too_long:
         notes.append(f"{n_too_long} samples left out: scored span longer than max_tokens={cfg.max_tokens}")
     return _finish(_in_order(samples, order), cfg, dataset, model_id, len(probs), notes, source_file="btp.benchmarks")
+
+
+def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, int, int]:
+    """(prompt + answer ids, scored start, scored end) of a reference, teacher-forced as the generator would have
+    prompted (template options, system prompt) and as the chat template renders a finished answer: any think block
+    the prompt opened closed empty, the turn closed by the template's own turn end."""
+    from .prompts import assistant_turn, build_prompt, encode_prompt, extract, reference_output
+
+    prompt, style = build_prompt(p, tokenizer, cfg.prompt_style, cfg.chat_template_kwargs or None, cfg.system_prompt)
+    p_ids = encode_prompt(prompt, tokenizer, style)
+    answer = reference_output(p, style)
+    turn_end = ""
+    if style == "chat":
+        answer, turn_end = assistant_turn(p, tokenizer, prompt, answer, cfg.chat_template_kwargs or None,
+                                          cfg.system_prompt)
+    o_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    end_ids = list(tokenizer(turn_end, add_special_tokens=False)["input_ids"]) if turn_end else []
+    if cfg.mode == "regular":
+        a, b = 0, len(o_ids) + len(end_ids)
+    else:
+        ex = extract(p, answer, style, prompt)
+        a, b = char_to_token_span(tokenizer, o_ids, ex.code_start, ex.code_end) if ex.code_start >= 0 else (0, 0)
+    return np.array(p_ids + o_ids + end_ids, dtype=np.int64), len(p_ids) + a, len(p_ids) + b
 
 
 def _finish(samples, cfg, dataset, model_id, available, notes, source_file) -> SampleSet:

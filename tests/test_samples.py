@@ -272,3 +272,60 @@ def test_mbpp_reference_samples_teacher_force_normalised_text(tok):
         if mode == "chain_code":
             by = {p.problem_id: p for p in probs}
             assert all(tok.decode(s.targets) == mbpp.teacher_text(by[s.problem_id]) for s in ss.samples)
+
+
+# a DeepSeek-R1-Distill-like template: the generation prompt opens a think block; a finished assistant turn is
+# rendered without its think part and closed by a turn end that is not the tokenizer's EOS
+R1_LIKE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
+           "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}"
+           "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}{% if '</think>' in c %}"
+           "{% set c = c.split('</think>')[-1] %}{% endif %}<|im_start|>assistant\n{{ c }}<|endoftext|>{% endif %}"
+           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+           "{% if not (no_think is defined and no_think) %}<think>\n{% endif %}{% endif %}")
+
+
+@pytest.fixture
+def r1_tok(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = R1_LIKE
+    assert t.eos_token != "<|endoftext|>"
+    return t
+
+
+def test_think_opening_template_reference_samples(r1_tok):
+    """Issue 12.3: with a template whose generation prompt opens <think>, the reference is teacher-forced as a
+    finished answer (an empty, closed think block), so chain_code finds the code and no sample is empty."""
+    from btp import benchmarks
+    from btp.prompts import extract
+
+    probs = benchmarks.get("humaneval").load(limit=3)
+    by = {p.problem_id: p for p in probs}
+    for mode in ("regular", "chain_code"):
+        ss = load_samples(None, MODEL, DS, SampleConfig(source="reference", mode=mode), r1_tok, probs)
+        assert len(ss) == 3 and all(s.n_scored > 0 for s in ss.samples) and not ss.info["notes"]
+        for s in ss.samples:
+            prompt = r1_tok.decode(s.input_ids[:s.score_start] if mode == "regular" else [])
+            if mode == "regular":
+                out = r1_tok.decode(s.targets[:-1])   # the text, as generate stores it: no turn end
+                assert prompt.endswith("<think>\n") and out.startswith("\n</think>\n\n```python\n")
+                assert extract(by[s.problem_id], out, "chat", prompt).code == by[s.problem_id].reference
+            else:
+                assert r1_tok.decode(s.targets).strip() == by[s.problem_id].reference.strip()
+
+
+def test_reference_turn_end_and_prompt_options_are_the_generators(r1_tok):
+    """Issue 12.4: the reference prompt carries generate's system prompt and template options, and the turn ends
+    with the template's turn end (here <|endoftext|>), not the tokenizer's EOS."""
+    from btp import benchmarks
+    from btp.prompts import build_prompt, encode_prompt
+
+    p = benchmarks.get("humaneval").load(limit=1)
+    cfg = dict(source="reference", system_prompt="SYS", chat_template_kwargs={"no_think": True})
+    s = load_samples(None, MODEL, DS, SampleConfig(**cfg), r1_tok, p).samples[0]
+    prompt, _ = build_prompt(p[0], r1_tok, "auto", {"no_think": True}, "SYS")
+    assert "SYS" in prompt and not prompt.endswith("<think>\n")
+    assert s.input_ids[:s.score_start].tolist() == encode_prompt(prompt, r1_tok, "chat")
+    assert r1_tok.convert_ids_to_tokens(int(s.targets[-1])) == "<|endoftext|>" != r1_tok.eos_token
+    assert r1_tok.decode(s.targets[:-1]) == f"```python\n{p[0].reference}\n```"

@@ -146,7 +146,8 @@ def short_stem(stem: str) -> str:
     st = results.try_parse_stem(stem)
     if st is None:
         return stem
-    pop = "-ref" if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all"}[st.select]
+    pop = "-ref" if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all", "correct_paired": "-cp",
+                                                        "incorrect_paired": "-ip"}[st.select]
     return {"regular": "R", "chain_code": "C"}[st.mode] + pop + "".join(f"-{v}" for v in st.variant)
 
 
@@ -381,7 +382,7 @@ def format_table(rows: list[Row]) -> str:
                 out.append("  " + "  ".join("-" * x for x in w))
         out.append("")
     out.append("R = regular, C = chain_code; no suffix: correct generations, -ref: reference solutions, "
-               "-inc: incorrect, -all: all generations; +ko: knockout curves; (k it): Taylor iterations")
+               "-inc: incorrect, -all: all generations, -cp/-ip: correct/incorrect on problems with both; +ko: knockout curves; (k it): Taylor iterations")
     issues = [(r, i) for r in rows for i in r.issues]
     if issues:
         out.append("")

@@ -616,6 +616,20 @@ def compare(items: Sequence[Analysis], vary: str) -> list[list[Analysis]]:
     return [g for g in groups.values() if len({facet(a, vary) for a in g}) > 1]
 
 
+def paired(items: Sequence[Analysis]) -> list[list[Analysis]]:
+    """Correct vs incorrect generations on the same problems (`--select correct_paired` / `incorrect_paired`), equal
+    in every other facet: the comparison without the difficulty confound of correct vs incorrect."""
+    out = []
+    for g in compare(items, "population"):
+        pair = sorted((a for a in g if a.population in PAIRED_POPULATIONS), key=lambda a: a.population)
+        if {a.population for a in pair} == set(PAIRED_POPULATIONS):
+            out.append(pair)
+    return out
+
+
+PAIRED_POPULATIONS = tuple(f"generations/{s}" for s in results.PAIRED)
+
+
 def _group_name(g: Sequence[Analysis], vary: str) -> str:
     keep = [f(g[0]) for n, f in _FACETS if n != vary and f(g[0])]
     return "_".join(k.replace("/", "-") for k in keep)
@@ -639,7 +653,7 @@ def generation_figures(results_dir: str | Path, model: str | None, only: Sequenc
 def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
                     ) -> Iterator[tuple[str, Figure]]:
     """Per output: entropy/CE vs layer and per-layer histograms; then regular vs chain_code, populations
-    against each other (CE histograms too) and datasets against each other wherever the results allow."""
+    against each other (CE histograms too), correct vs incorrect on the same problems (paired) and datasets against each other wherever the results allow."""
     items = load_all(results_dir, model, "entropy", only)
     for a in items:
         yield f"entropy_{a.dataset}_{a.name}_layers", entropy_by_layer(a)
@@ -649,6 +663,8 @@ def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[s
     for g in compare(items, "population"):
         yield f"entropy_populations_{_group_name(g, 'population')}", entropy_by_layer(g)
         yield f"entropy_populations_{_group_name(g, 'population')}_histograms", entropy_histograms(g, metric="ce")
+    for g in paired(items):
+        yield f"entropy_paired_{_group_name(g, 'population')}", entropy_by_layer(g)
     for g in compare(items, "dataset"):
         yield f"entropy_datasets_{_group_name(g, 'dataset')}", entropy_by_layer(g)
 

@@ -28,7 +28,10 @@ from .store import MalformedFileError, iter_jsonl, read_json, read_npz, runs_pat
 
 MODES = ("regular", "chain_code")
 SOURCES = ("generations", "reference")
-SELECTS = ("correct", "incorrect", "all")
+# `*_paired`: only problems that have both correct and incorrect generations, so that correct vs incorrect compares
+# the same problems (not easy vs hard ones)
+SELECTS = ("correct", "incorrect", "all", "correct_paired", "incorrect_paired")
+PAIRED = {"correct_paired": "correct", "incorrect_paired": "incorrect"}   # paired select -> its verdict
 # stage name -> its folder under results/<model>/<dataset>/
 STAGE_DIRS = {"entropy_lens": "entropy", "ablation": "ablation", "taylor": "taylor", "cmaes": "cmaes"}
 GENERATIONS, EVALUATIONS, SUMMARY = "generations.jsonl", "evaluations.jsonl", "summary.json"   # per dataset dir

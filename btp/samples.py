@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .cli import add_flags, config_from, opt
-from .results import EVALUATIONS, GENERATIONS, MODES, SELECTS, SOURCES, Stem, dataset_dir
+from .results import EVALUATIONS, GENERATIONS, MODES, PAIRED, SELECTS, SOURCES, Stem, dataset_dir
 from .store import read_jsonl
 
 
@@ -27,7 +27,8 @@ from .store import read_jsonl
 class SampleConfig:
     source: str = opt("generations", "generations: the model's own outputs; reference: the benchmark's reference "
                       "solutions", choices=SOURCES)
-    select: str = opt("correct", "which generations (by evaluation)", choices=SELECTS)
+    select: str = opt("correct", "which generations (by evaluation); *_paired: only problems with both correct and "
+                      "incorrect generations", choices=SELECTS)
     mode: str = opt("regular", "regular: score reasoning + code; chain_code: reasoning in context, score code only",
                     choices=MODES)
     num_samples: int | None = opt(None, "how many samples (default: all)")
@@ -221,18 +222,29 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
     notes: list[str] = []
     by_key = {}
     n_unevaluated = n_nocode = 0
+    want = PAIRED.get(cfg.select, cfg.select)
+    both: dict[str, set[bool]] = {}   # verdicts of each problem's eligible generations
     for g in gens:
         key = (g["problem_id"], int(g["sample"]))
+        if cfg.select != "all" and key not in verdict:
+            n_unevaluated += 1
+            continue
+        has_code = cfg.mode != "chain_code" or bool(g.get("code"))
         if cfg.select != "all":
-            if key not in verdict:
-                n_unevaluated += 1
+            if has_code:
+                both.setdefault(key[0], set()).add(verdict[key])
+            if verdict[key] != (want == "correct"):
                 continue
-            if verdict[key] != (cfg.select == "correct"):
-                continue
-        if cfg.mode == "chain_code" and not g.get("code"):
+        if not has_code:
             n_nocode += 1
             continue
         by_key[key] = g
+    if cfg.select in PAIRED:
+        keep = {p for p, v in both.items() if len(v) == 2}
+        n_unpaired = len({p for p, _ in by_key} - keep)
+        by_key = {k: g for k, g in by_key.items() if k[0] in keep}
+        notes.append(f"paired: {len(keep)} problems have both correct and incorrect generations; {n_unpaired} "
+                     f"problems with only {want} ones left out")
     if n_unevaluated:
         notes.append(f"{n_unevaluated} generations have no evaluation and were left out")
     samples = []

@@ -159,3 +159,17 @@ def test_model_dir_errors(tmp_path):
     assert (s.mode, s.population, s.extra) == ("chain_code", "reference/all", "mean")
     s = parse_stem("regular")
     assert (s.mode, s.population, s.extra) == ("regular", "generations/correct", "")
+
+
+def test_paired_populations_get_their_own_figure():
+    """Issue 12.12: correct vs incorrect on the same problems is shown as its own comparison."""
+    L = 3
+    arrays = {"layer": np.arange(1, L + 1), **{f"{m}_{k}": np.ones(L) for m in ("entropy", "ce")
+                                               for k in ("mean", "std", "sample_mean", "ci_low", "ci_high")}}
+    items = [bp.Analysis("entropy", "humaneval", n, arrays) for n in
+             ("regular", "regular-incorrect", "regular-correct_paired", "regular-incorrect_paired", "chain_code")]
+    groups = bp.paired(items)
+    assert [[a.name for a in g] for g in groups] == [["regular-correct_paired", "regular-incorrect_paired"]]
+    title = bp.entropy_by_layer(groups[0]).texts[0].get_text()
+    assert "paired" in " ".join(t.get_text() for t in bp.entropy_by_layer(groups[0]).axes[0].get_legend().texts) \
+        or "paired" in title

@@ -329,3 +329,23 @@ def test_reference_turn_end_and_prompt_options_are_the_generators(r1_tok):
     assert s.input_ids[:s.score_start].tolist() == encode_prompt(prompt, r1_tok, "chat")
     assert r1_tok.convert_ids_to_tokens(int(s.targets[-1])) == "<|endoftext|>" != r1_tok.eos_token
     assert r1_tok.decode(s.targets[:-1]) == f"```python\n{p[0].reference}\n```"
+
+
+def test_paired_selects_keep_problems_with_both_verdicts(tmp_path, tok):
+    """Issue 12.12: `correct_paired` / `incorrect_paired` compare the same problems; a problem with only correct
+    generations is in `correct` but in neither paired population."""
+    d = write_tree(tmp_path, tok)
+    easy = "HumanEval/9"
+    p_ids = tok("<|im_start|>user\nSolve it<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    gens, ev = JsonlStore(d / "generations.jsonl"), JsonlStore(d / "evaluations.jsonl")
+    out, code = _output(easy, 0), _code(easy, 0)
+    gens.append([{"problem_id": easy, "sample": 0, "prompt_token_ids": p_ids, "output": out,
+                  "output_token_ids": tok(out, add_special_tokens=False)["input_ids"], "code": code,
+                  "code_start": out.index(code), "code_end": out.index(code) + len(code)}])
+    ev.append([{"problem_id": easy, "sample": 0, "passed": True}])
+    correct = load(tmp_path, tok, select="correct")
+    cp, ip = load(tmp_path, tok, select="correct_paired"), load(tmp_path, tok, select="incorrect_paired")
+    assert easy in correct.problem_ids and easy not in cp.problem_ids + ip.problem_ids
+    assert sorted(set(cp.problem_ids)) == sorted(set(ip.problem_ids)) == sorted(PIDS)
+    assert cp.config.stem == "regular-correct_paired" and ip.config.stem == "regular-incorrect_paired"
+    assert any("paired" in n for n in cp.info["notes"])

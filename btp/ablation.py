@@ -99,7 +99,7 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
     st = _load_partial(partial, key)
     if st is None:
         st = {"delta": np.full((S, L, H), np.nan, np.float32), "base_ce": np.full(S, np.nan, np.float32),
-              "done": np.zeros((S, L), bool)}
+              "done": np.zeros((S, L), bool), "noop_delta": np.full(S, np.nan, np.float32)}
         if config.per_token:
             st["token_delta"] = np.full((off[-1], L, H), np.nan, np.float32)
             st["base_token_ce"] = np.full(off[-1], np.nan, np.float32)
@@ -115,7 +115,7 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
                 continue
             bar.set_postfix_str(f"sample {s + 1}/{S} ({len(sample.input_ids)} tok)")
             run = HeadSetScorer(model, sample, todo, replacement=rep, batch_rows=config.batch_rows,
-                            reuse_attention=config.reuse_attention)
+                                reuse_attention=config.reuse_attention, noop_row=True)
             base = run.base.double()
             st["base_ce"][s] = base.mean().item()
             if config.per_token:
@@ -127,6 +127,8 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
                 if config.per_token:
                     st["token_delta"][off[s]:off[s + 1], l, :n] = d.T.cpu().numpy()
                 st["done"][s, l] = True
+                st.setdefault("noop_delta", np.full(S, np.nan, np.float32))   # partials of older runs lack it
+                st["noop_delta"][s] = np.fmax(st["noop_delta"][s], run.noop_delta)
                 bar.update(1)
                 if partial is not None and time.time() - last_save >= config.save_every:
                     write_partial(partial, key, st)
@@ -137,7 +139,13 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
     out["delta_mean"], out["delta_ci_low"], out["delta_ci_high"] = (a.astype(np.float32) for a in cm[:3])
     out["delta_n_problems"] = cm.n
     out["layer_num_heads"] = np.array(ad.layer_num_heads, dtype=np.int64)
+    out["noop_delta"] = st.get("noop_delta", np.full(S, np.nan, np.float32))
     return out
+
+
+def _finite_max(x: np.ndarray) -> float | None:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmax(x)) if np.isfinite(x).any() else None
 
 
 def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
@@ -309,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         secs = time.time() - t0
         rep = res.pop("replacement", None)
         arrays = {k: res[k] for k in ("delta", "delta_mean", "delta_ci_low", "delta_ci_high", "delta_n_problems",
-                                      "base_ce", "layer_num_heads")}
+                                      "base_ce", "layer_num_heads", "noop_delta")}
         if mcfg.per_token:
             arrays.update(token_delta=res["token_delta"], base_token_ce=res["base_token_ce"])
         full = run.stamp(lm, **stamp, seconds=round(secs, 2), **m_claim.stamp)
@@ -321,7 +329,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed",
             "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
             if mcfg.ablation == "mean" else None,
-            "base_ce_mean": float(np.nanmean(res["base_ce"])), "top_heads": _top(res, 20)})
+            "base_ce_mean": float(np.nanmean(res["base_ce"])),
+            "noop_max_abs_delta": _finite_max(res["noop_delta"]),
+            "noop": "largest |CE - base CE| of the no-op row (no head removed) every batched pass carries, nats: "
+                    "the noise floor of batching", "top_heads": _top(res, 20)})
         write_npz(npz_path, provenance=full, **arrays, **ss.fields())
         mpart.unlink(missing_ok=True)
         res["replacement"] = rep

@@ -334,6 +334,7 @@ def test_matrix_and_knockout_cis_are_over_problems():
     want = (d[:3].mean(0) + d[3]) / 2
     np.testing.assert_allclose(res["delta_mean"], want, rtol=1e-5)
     assert res["delta_n_problems"].max() == 2
+    assert res["noop_delta"].shape == (4,) and np.all(res["noop_delta"] < 1e-5)    # issue 12.11: recorded
     ko = abl.run_knockout(model, ss, res["delta_mean"], abl.KnockoutConfig(ks=[1], random_seeds=1, n_boot=50,
                                                                           progress=False))
     assert "over problems" in ko["ci"] and ko["n_problems"] == 2

@@ -33,8 +33,10 @@ class SampleConfig:
                     choices=MODES)
     num_samples: int | None = opt(None, "how many samples (default: all)")
     seed: int = 0                    # the stage's --seed
-    # cap on a sample's length: cut context from the left, keep the scored span
-    max_tokens: int | None = opt(None, "cap per-sample length (cut context from left)")
+    # cap on a sample's length: keep the prompt's head (BOS, template start, system prompt) and the scored span, cut
+    # the context right after the head
+    max_tokens: int | None = opt(None, "cap per-sample length (cut the prompt body after BOS and the template "
+                                 "start; a sample whose scored span does not fit is left out)")
     # for the reference source: as the generator would prompt (the same template options and system prompt)
     prompt_style: str = opt("auto", None, choices=("auto", "chat", "completion"))
     chat_template_kwargs: dict = opt(help="reference source: JSON passed to the chat template, as to generate, e.g. "
@@ -65,7 +67,7 @@ class Sample:
     input_ids: np.ndarray       # int64 [T]: the exact context (prompt + answer), after any left cut
     score_start: int            # scored tokens: input_ids[score_start:score_end]
     score_end: int
-    cut_left: int = 0           # tokens removed from the left by max_tokens
+    cut_left: int = 0           # tokens removed by max_tokens, right after the prompt's head (`prompt_head`)
 
     @property
     def positions(self) -> np.ndarray:
@@ -184,14 +186,60 @@ def _in_order(samples: list["Sample"], problem_order: dict[str, int]) -> list["S
     return sorted(samples, key=lambda s: (problem_order[s.problem_id], s.sample))
 
 
-def _fit(ids: np.ndarray, s0: int, s1: int, max_tokens: int | None) -> tuple[np.ndarray, int, int, int] | None:
-    """Cut context from the left so len <= max_tokens, keeping the scored span and its predicting position."""
+def _fit(ids: np.ndarray, s0: int, s1: int, max_tokens: int | None, head: tuple[int, int] = (0, 0)
+         ) -> tuple[np.ndarray, int, int, int] | None:
+    """Cut context so that len <= max_tokens: the prompt's head stays, the tokens right after it (the start of the
+    prompt body, then what follows) go, and the scored span keeps its predicting position. `head`: (the whole head:
+    BOS, template start, system prompt; its leading special tokens only), the second kept where the first leaves
+    too little room. None when even that, the predicting position and the span do not fit."""
     if max_tokens is None or len(ids) <= max_tokens:
         return ids, s0, s1, 0
     cut = len(ids) - max_tokens
-    if cut > s0 - 1:
-        return None  # the scored span (plus one context token) alone is longer than max_tokens
-    return ids[cut:], s0 - cut, s1 - cut, cut
+    for h in head:
+        h = min(h, s0 - 1)
+        if cut <= s0 - 1 - h:
+            return np.concatenate([ids[:h], ids[h + cut:]]), s0 - cut, s1 - cut, cut
+    return None  # the head's special tokens + one context token + the scored span are longer than max_tokens
+
+
+def prompt_head(tokenizer: Any, prompt_ids: list[int], prompt: str | None = None, body: str | None = None
+                ) -> tuple[int, int]:
+    """(tokens of the prompt before its body, its leading special tokens): the body is `body` (e.g. the user
+    message) found in the `prompt` text; before it are BOS, the chat template's start and any system prompt, which a
+    cut keeps (BOS is the attention sink). Without a body to find, both are the leading special tokens."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    lead = next((i for i, t in enumerate(prompt_ids) if t not in special), len(prompt_ids))
+    at = prompt.find(body) if prompt is not None and body else -1
+    if at <= 0:
+        return lead, lead
+    dec = lambda k: len(tokenizer.decode(prompt_ids[:k], skip_special_tokens=False,  # noqa: E731
+                                         clean_up_tokenization_spaces=False))
+    lo, hi = 0, len(prompt_ids)   # the largest k whose decoded prefix ends at or before the body
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if dec(mid) <= at:
+            lo = mid
+        else:
+            hi = mid - 1
+    return max(lo, lead), lead
+
+
+def _bodies(dataset: str) -> dict[str, list[str]]:
+    """problem id -> its chat user messages (one per variant): generations' prompt bodies, when the benchmark's data
+    is vendored."""
+    from . import benchmarks
+
+    bench = benchmarks.get(dataset)
+    if not bench.vendored:
+        return {}
+    try:
+        out: dict[str, list[str]] = {}
+        for v in bench.variants or (None,):
+            for p in bench.load(variant=v):
+                out.setdefault(p.problem_id, []).append(bench.user_message(p))
+        return out
+    except Exception:  # noqa: BLE001 - without them a cut keeps the leading special tokens only
+        return {}
 
 
 def load_samples(results_dir: str | Path, model_id: str, dataset: str, config: SampleConfig,
@@ -249,6 +297,7 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
         notes.append(f"{n_unevaluated} generations have no evaluation and were left out")
     samples = []
     n_too_long = n_empty = 0
+    bodies: dict[str, str] | None = None   # loaded on the first cut
     for key in _ranked(list(by_key), order, cfg.seed):
         if cfg.num_samples is not None and len(samples) >= cfg.num_samples:
             break
@@ -272,7 +321,12 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
                 n_nocode += 1
                 continue
         ids = np.array(p_ids + o_ids, dtype=np.int64)
-        fit = _fit(ids, len(p_ids) + a, len(p_ids) + b, cfg.max_tokens)
+        head = (0, 0)
+        if cfg.max_tokens is not None and len(ids) > cfg.max_tokens:
+            bodies = _bodies(dataset) if bodies is None else bodies
+            body = next((t for t in bodies.get(key[0], []) if t in g.get("prompt", "")), None)
+            head = prompt_head(tokenizer, p_ids, g.get("prompt"), body) if tokenizer is not None else (0, 0)
+        fit = _fit(ids, len(p_ids) + a, len(p_ids) + b, cfg.max_tokens, head)
         if fit is None:
             n_too_long += 1
             continue
@@ -301,11 +355,11 @@ def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -
     for pid, _ in _ranked([(p.problem_id, -1) for p in probs], order, cfg.seed):
         if cfg.num_samples is not None and len(samples) >= cfg.num_samples:
             break
-        ids, a, b = reference_tokens(by_id[pid], tokenizer, cfg)
+        ids, a, b, head = reference_tokens(by_id[pid], tokenizer, cfg)
         if b <= a:
             n_nocode += 1
             continue
-        fit = _fit(ids, a, b, cfg.max_tokens)
+        fit = _fit(ids, a, b, cfg.max_tokens, head)
         if fit is None:
             n_too_long += 1
             continue
@@ -317,9 +371,9 @@ def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -
     return _finish(_in_order(samples, order), cfg, dataset, model_id, len(probs), notes, source_file="btp.benchmarks")
 
 
-def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, int, int]:
-    """(prompt + answer ids, scored start, scored end) of a reference, teacher-forced as the generator would have
-    prompted (template options, system prompt) and as the chat template renders a finished answer: any think block
+def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, int, int, tuple[int, int]]:
+    """(prompt + answer ids, scored start, scored end, prompt head (`prompt_head`)) of a reference, teacher-forced
+    as the generator would have prompted (template options, system prompt) and as the chat template renders a finished answer: any think block
     the prompt opened closed empty, the turn closed by the template's own turn end."""
     from .prompts import assistant_turn, build_prompt, encode_prompt, extract, reference_output
 
@@ -337,7 +391,11 @@ def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, 
     else:
         ex = extract(p, answer, style, prompt)
         a, b = char_to_token_span(tokenizer, o_ids, ex.code_start, ex.code_end) if ex.code_start >= 0 else (0, 0)
-    return np.array(p_ids + o_ids + end_ids, dtype=np.int64), len(p_ids) + a, len(p_ids) + b
+    from . import benchmarks
+
+    body = benchmarks.get(p.dataset).user_message(p) if style == "chat" else None
+    head = prompt_head(tokenizer, p_ids, prompt, body)
+    return np.array(p_ids + o_ids + end_ids, dtype=np.int64), len(p_ids) + a, len(p_ids) + b, head
 
 
 def _finish(samples, cfg, dataset, model_id, available, notes, source_file) -> SampleSet:

@@ -119,14 +119,15 @@ def test_chain_code_scores_exactly_the_code(tmp_path, tok):
         assert np.array_equal(s.positions + 1, np.arange(s.score_start, s.score_end))
 
 
-def test_max_tokens_cuts_context_from_the_left(tmp_path, tok):
+def test_max_tokens_cuts_context_after_the_prompt_head(tmp_path, tok):
     write_tree(tmp_path, tok)
     full = load(tmp_path, tok, select="all", mode="chain_code", num_samples=1)
     s0 = full.samples[0]
     cap = len(s0.input_ids) - 5
     cut = load(tmp_path, tok, select="all", mode="chain_code", num_samples=1, max_tokens=cap).samples[0]
     assert len(cut.input_ids) == cap and cut.cut_left == 5
-    assert np.array_equal(cut.input_ids, s0.input_ids[5:])
+    # no benchmark body in this fake prompt: the leading special token (<|im_start|>) stays, the next 5 go
+    assert np.array_equal(cut.input_ids, np.concatenate([s0.input_ids[:1], s0.input_ids[6:]]))
     assert np.array_equal(cut.targets, s0.targets) and cut.score_start == s0.score_start - 5
     # too small to keep the scored span plus its predicting position: left out, with a note
     with pytest.warns(UserWarning, match="scored span longer than max_tokens"):
@@ -349,3 +350,38 @@ def test_paired_selects_keep_problems_with_both_verdicts(tmp_path, tok):
     assert sorted(set(cp.problem_ids)) == sorted(set(ip.problem_ids)) == sorted(PIDS)
     assert cp.config.stem == "regular-correct_paired" and ip.config.stem == "regular-incorrect_paired"
     assert any("paired" in n for n in cp.info["notes"])
+
+
+def test_max_tokens_keeps_bos_template_start_and_system_prompt(tok):
+    """Issue 12.5: a cut keeps the prompt's head (template start, system prompt) and removes the start of the body
+    (the user message), not the head."""
+    from btp import benchmarks
+    from btp.samples import prompt_head
+
+    probs = benchmarks.get("humaneval").load(limit=1)
+    full = load_samples(None, MODEL, DS, SampleConfig(source="reference", mode="chain_code"), tok, probs).samples[0]
+    cap = len(full.input_ids) - 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cut = load_samples(None, MODEL, DS, SampleConfig(source="reference", mode="chain_code", max_tokens=cap), tok,
+                           probs).samples[0]
+    from btp.prompts import build_prompt, encode_prompt
+
+    prompt, _ = build_prompt(probs[0], tok, "auto")
+    p_ids = encode_prompt(prompt, tok, "chat")
+    head, lead = prompt_head(tok, p_ids, prompt, benchmarks.get("humaneval").user_message(probs[0]))
+    assert lead == 1 < head
+    text = tok.decode(p_ids[:head], skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>user\n"), text
+    assert len(cut.input_ids) == cap and cut.cut_left == 10
+    assert np.array_equal(cut.input_ids[:head], full.input_ids[:head])                 # the head stays
+    assert np.array_equal(cut.input_ids[head:], full.input_ids[head + 10:])            # the body's start goes
+    assert np.array_equal(cut.targets, full.targets)
+    # too little room for the system prompt: the template start's special tokens stay, the rest goes
+    short = full.n_scored + 8   # the fence and turn end after the code stay too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tight = load_samples(None, MODEL, DS, SampleConfig(source="reference", mode="chain_code", max_tokens=short),
+                             tok, probs).samples[0]
+    assert tight.input_ids[0] == full.input_ids[0] and len(tight.input_ids) == short
+    assert np.array_equal(tight.targets, full.targets)

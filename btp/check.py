@@ -146,8 +146,8 @@ def short_stem(stem: str) -> str:
     st = results.try_parse_stem(stem)
     if st is None:
         return stem
-    pop = "-ref" if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all", "correct_paired": "-cp",
-                                                        "incorrect_paired": "-ip"}[st.select]
+    pop = "-ref" if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all",
+                                                   "correct_paired": "-cp", "incorrect_paired": "-ip"}[st.select]
     return {"regular": "R", "chain_code": "C"}[st.mode] + pop + "".join(f"-{v}" for v in st.variant)
 
 

@@ -176,7 +176,9 @@ class HfBackend:
         for row in out[:, width:].tolist():
             stop = next((k for k, t in enumerate(row) if t in self.eos), None)
             toks = row if stop is None else row[: stop + 1]
-            res.append((self.tok.decode(toks, skip_special_tokens=True), toks, "length" if stop is None else "stop"))
+            # decoded as samples.char_to_token_span decodes: character offsets into it are token positions
+            text = self.tok.decode(toks, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            res.append((text, toks, "length" if stop is None else "stop"))
         return res
 
 

@@ -653,7 +653,8 @@ def generation_figures(results_dir: str | Path, model: str | None, only: Sequenc
 def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
                     ) -> Iterator[tuple[str, Figure]]:
     """Per output: entropy/CE vs layer and per-layer histograms; then regular vs chain_code, populations
-    against each other (CE histograms too), correct vs incorrect on the same problems (paired) and datasets against each other wherever the results allow."""
+    against each other (CE histograms too), correct vs incorrect on the same problems (paired) and datasets against
+    each other wherever the results allow."""
     items = load_all(results_dir, model, "entropy", only)
     for a in items:
         yield f"entropy_{a.dataset}_{a.name}_layers", entropy_by_layer(a)

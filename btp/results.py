@@ -276,6 +276,12 @@ def stem_order(name: str) -> tuple:
 
 # ================================================================ identity and claim
 
+def code_sha(code: str) -> str:
+    """The identity of judged code: an evaluation record carries it, so a verdict is matched to the generation whose
+    code it judged (a regenerated sample's old verdict is refused)."""
+    return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()[:16]  # total: lone surrogates too
+
+
 class IdentityError(ValueError):
     """An output exists with another identity; the message names the first field that differs."""
 

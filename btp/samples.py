@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .cli import add_flags, config_from, opt
-from .results import EVALUATIONS, GENERATIONS, MODES, PAIRED, SELECTS, SOURCES, Stem, dataset_dir
+from .results import EVALUATIONS, GENERATIONS, MODES, PAIRED, SELECTS, SOURCES, Stem, code_sha, dataset_dir
 from .store import read_jsonl
 
 
@@ -262,20 +262,26 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
     for g in gens:
         order.setdefault(g["problem_id"], len(order))
     verdict: dict[tuple[str, int], bool] = {}
+    judged: dict[tuple[str, int], str | None] = {}   # the hash of the code each verdict judged
     if cfg.select != "all":
         if not epath.exists():
             raise FileNotFoundError(f"{epath} not found: --select {cfg.select} needs evaluations "
                                     f"(run `python -m btp.evaluate`), or use --select all")
-        verdict = {(e["problem_id"], int(e["sample"])): bool(e["passed"]) for e in read_jsonl(epath)}
+        for e in read_jsonl(epath):   # the last record of a (problem, sample) is its verdict
+            key = (e["problem_id"], int(e["sample"]))
+            verdict[key], judged[key] = bool(e["passed"]), e.get("code_sha")
     notes: list[str] = []
     by_key = {}
-    n_unevaluated = n_nocode = 0
+    n_unevaluated = n_nocode = n_other = 0
     want = PAIRED.get(cfg.select, cfg.select)
     both: dict[str, set[bool]] = {}   # verdicts of each problem's eligible generations
     for g in gens:
         key = (g["problem_id"], int(g["sample"]))
         if cfg.select != "all" and key not in verdict:
             n_unevaluated += 1
+            continue
+        if cfg.select != "all" and judged[key] is not None and judged[key] != code_sha(g.get("code") or ""):
+            n_other += 1   # a verdict of other code (the sample was regenerated since): not this sample's
             continue
         has_code = cfg.mode != "chain_code" or bool(g.get("code"))
         if cfg.select != "all":
@@ -295,8 +301,11 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
                      f"problems with only {want} ones left out")
     if n_unevaluated:
         notes.append(f"{n_unevaluated} generations have no evaluation and were left out")
+    if n_other:
+        notes.append(f"{n_other} generations have a verdict of other code (evaluations older than the generation; "
+                     "rerun btp.evaluate) and were left out")
     samples = []
-    n_too_long = n_empty = 0
+    n_too_long = n_empty = n_mismatch = 0
     bodies: dict[str, str] | None = None   # loaded on the first cut
     for key in _ranked(list(by_key), order, cfg.seed):
         if cfg.num_samples is not None and len(samples) >= cfg.num_samples:
@@ -316,7 +325,11 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
                 n_nocode += 1
                 continue
             end = g.get("code_end", start + len(g["code"]))
-            a, b = char_to_token_span(tokenizer, o_ids, start, end)
+            try:   # the guard: offsets into the stored text only mean token positions if the tokens decode to it
+                a, b = char_to_token_span(tokenizer, o_ids, start, end, text=g.get("output"))
+            except ValueError:
+                n_mismatch += 1
+                continue
             if b <= a:
                 n_nocode += 1
                 continue
@@ -335,6 +348,9 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
         notes.append(f"{n_nocode} generations have no code block to score in chain_code mode and were left out")
     if n_empty:
         notes.append(f"{n_empty} generations have no output tokens and were left out")
+    if n_mismatch:
+        notes.append(f"{n_mismatch} generations left out: their output tokens do not decode to the stored output "
+                     "text, so the code span cannot be located in tokens")
     if n_too_long:
         notes.append(f"{n_too_long} samples left out: scored span longer than max_tokens={cfg.max_tokens}")
     return _finish(_in_order(samples, order), cfg, dataset, model_id, len(by_key), notes, source_file=str(gpath))
@@ -373,8 +389,9 @@ def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -
 
 def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, int, int, tuple[int, int]]:
     """(prompt + answer ids, scored start, scored end, prompt head (`prompt_head`)) of a reference, teacher-forced
-    as the generator would have prompted (template options, system prompt) and as the chat template renders a finished answer: any think block
-    the prompt opened closed empty, the turn closed by the template's own turn end."""
+    as the generator would have prompted (template options, system prompt) and as the chat template renders a
+    finished answer: any think block the prompt opened closed empty, the turn closed by the template's own turn
+    end."""
     from .prompts import assistant_turn, build_prompt, encode_prompt, extract, reference_output
 
     prompt, style = build_prompt(p, tokenizer, cfg.prompt_style, cfg.chat_template_kwargs or None, cfg.system_prompt)

@@ -385,3 +385,35 @@ def test_max_tokens_keeps_bos_template_start_and_system_prompt(tok):
                              tok, probs).samples[0]
     assert tight.input_ids[0] == full.input_ids[0] and len(tight.input_ids) == short
     assert np.array_equal(tight.targets, full.targets)
+
+
+def test_verdicts_of_other_code_are_refused(tmp_path, tok):
+    """Issue 12.6: an evaluation is matched to its generation by the hash of the code it judged; a verdict of other
+    code (the sample was regenerated after evaluation) does not label this sample."""
+    from btp.results import code_sha
+
+    d = write_tree(tmp_path, tok)
+    ev = JsonlStore(d / "evaluations.jsonl")
+    pid = PIDS[0]
+    ev.append([{"problem_id": pid, "sample": 0, "passed": not _passed(pid, 0), "code_sha": code_sha("other code")},
+               {"problem_id": pid, "sample": 1, "passed": _passed(pid, 1), "code_sha": code_sha(_code(pid, 1))}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ss = {s: load_samples(tmp_path, MODEL, DS, SampleConfig(select=s), tok) for s in ("correct", "incorrect")}
+    keys_all = keys(ss["correct"]) + keys(ss["incorrect"])
+    assert (pid, 0) not in keys_all and (pid, 1) in keys_all          # refused / matching hash accepted
+    assert any("verdict of other code" in n for n in ss["correct"].info["notes"])
+
+
+def test_code_span_guard_uses_the_stored_text(tmp_path, tok):
+    """Issue 12.6: offsets into a stored output whose tokens decode to another text are not token positions; such a
+    generation is left out with a note instead of scoring the wrong tokens."""
+    out = "Intro.\n```python\nx = 1\n```"
+    ids = tok("Something else entirely.\n```python\nx = 1\n```", add_special_tokens=False)["input_ids"]
+    bad = {"problem_id": "HumanEval/8", "sample": 0, "prompt_token_ids": [1, 2], "output": out,
+           "output_token_ids": ids, "code": "x = 1", "code_start": out.index("x = 1"),
+           "code_end": out.index("x = 1") + 5}
+    write_tree(tmp_path, tok, extra=[bad])
+    ss = load(tmp_path, tok, select="all", mode="chain_code")
+    assert "HumanEval/8" not in ss.problem_ids and any("do not decode" in n for n in ss.info["notes"])
+    assert len(ss) == 8

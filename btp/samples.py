@@ -4,8 +4,10 @@ tokens are scored.
 - Sources: `generations` (the model's own outputs, exactly the token ids it generated in, filtered by
   correctness from evaluations.jsonl) or `reference` (the benchmark's reference solutions, teacher-forced in
   the same prompt the generator would use).
-- Modes: `regular` scores every answer token (reasoning + code); `chain_code` keeps the reasoning in context
-  and scores the code tokens only. A mode changes which tokens are scored, nothing else.
+- Modes: `regular` scores the answer from its first token to the end of its code (reasoning + code; trailing prose,
+  a closing fence, a continuation past the function are not scored; all of it when there is no code); `chain_code`
+  keeps the reasoning in context and scores the code tokens only. A mode changes which tokens are scored, nothing
+  else.
 - A sample's scored tokens are input_ids[score_start:score_end]; the logits that predict token t sit at
   position t - 1 (`positions`).
 """
@@ -29,7 +31,8 @@ class SampleConfig:
                       "solutions", choices=SOURCES)
     select: str = opt("correct", "which generations (by evaluation); *_paired: only problems with both correct and "
                       "incorrect generations", choices=SELECTS)
-    mode: str = opt("regular", "regular: score reasoning + code; chain_code: reasoning in context, score code only",
+    mode: str = opt("regular", "regular: score reasoning + code (up to the code's end); chain_code: reasoning in "
+                    "context, score code only",
                     choices=MODES)
     num_samples: int | None = opt(None, "how many samples (default: all)")
     seed: int = 0                    # the stage's --seed
@@ -315,24 +318,25 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
         if not o_ids:
             n_empty += 1
             continue
-        if cfg.mode == "regular":
-            a, b = 0, len(o_ids)
-        else:
+        has_code = bool(g.get("code")) and g.get("code_start", 0) >= 0
+        if has_code:
             if tokenizer is None:
-                raise ValueError("chain_code mode needs the model's tokenizer to locate the code tokens")
+                raise ValueError(f"{cfg.mode} mode needs the model's tokenizer to locate the code tokens")
             start = g["output"].find(g["code"]) if "code_start" not in g else g["code_start"]
-            if start < 0:
-                n_nocode += 1
-                continue
             end = g.get("code_end", start + len(g["code"]))
             try:   # the guard: offsets into the stored text only mean token positions if the tokens decode to it
-                a, b = char_to_token_span(tokenizer, o_ids, start, end, text=g.get("output"))
+                i, j = char_to_token_span(tokenizer, o_ids, start, end, text=g.get("output")) if start >= 0 \
+                    else (0, 0)
             except ValueError:
                 n_mismatch += 1
                 continue
-            if b <= a:
-                n_nocode += 1
-                continue
+            has_code = j > i
+        if cfg.mode == "chain_code" and not has_code:
+            n_nocode += 1
+            continue
+        # regular: the output up to the end of its code (trailing prose or a continuation past the function is not
+        # reasoning + code); all of it when there is no code
+        a, b = (i, j) if cfg.mode == "chain_code" else (0, j if has_code else len(o_ids))
         ids = np.array(p_ids + o_ids, dtype=np.int64)
         head = (0, 0)
         if cfg.max_tokens is not None and len(ids) > cfg.max_tokens:
@@ -403,11 +407,9 @@ def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, 
                                           cfg.system_prompt)
     o_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     end_ids = list(tokenizer(turn_end, add_special_tokens=False)["input_ids"]) if turn_end else []
-    if cfg.mode == "regular":
-        a, b = 0, len(o_ids) + len(end_ids)
-    else:
-        ex = extract(p, answer, style, prompt)
-        a, b = char_to_token_span(tokenizer, o_ids, ex.code_start, ex.code_end) if ex.code_start >= 0 else (0, 0)
+    ex = extract(p, answer, style, prompt)
+    i, j = char_to_token_span(tokenizer, o_ids, ex.code_start, ex.code_end) if ex.code_start >= 0 else (0, 0)
+    a, b = (i, j) if cfg.mode == "chain_code" else (0, j if j > i else len(o_ids) + len(end_ids))
     from . import benchmarks
 
     body = benchmarks.get(p.dataset).user_message(p) if style == "chat" else None

@@ -113,8 +113,10 @@ def test_chain_code_scores_exactly_the_code(tmp_path, tok):
         assert tok.decode(s.targets) == _code(s.problem_id, s.sample)
         r = reg[(s.problem_id, s.sample)]
         assert np.array_equal(s.input_ids, r.input_ids)     # same context, only the scored span differs
-        assert r.score_start < s.score_start and s.score_end < r.score_end
-        assert tok.decode(r.targets) == _output(s.problem_id, s.sample)   # regular: the whole answer
+        assert r.score_start < s.score_start and s.score_end == r.score_end
+        out, code = _output(s.problem_id, s.sample), _code(s.problem_id, s.sample)
+        assert tok.decode(r.targets) == out[:out.index(code) + len(code)]   # regular: the answer up to its code's end
+        assert "That is all." in tok.decode(r.input_ids[r.score_end:])       # trailing prose: not scored
         assert "Let me think" in tok.decode(s.input_ids[:s.score_start])  # reasoning stays in context
         assert np.array_equal(s.positions + 1, np.arange(s.score_start, s.score_end))
 
@@ -237,8 +239,9 @@ def test_reference_samples(tok):
         prompt, style = build_prompt(p, tok, "auto")
         p_ids = encode_prompt(prompt, tok, style)
         assert style == "chat" and r.input_ids[:r.score_start].tolist() == p_ids   # the generator's prompt
-        assert r.targets[-1] == tok.eos_token_id
-        assert tok.decode(r.targets[:-1]) == f"```python\n{p.reference}\n```"
+        assert r.input_ids[-1] == tok.eos_token_id      # the turn end follows, unscored (issue 12.2)
+        assert tok.decode(r.input_ids[r.score_start:-1]) == f"```python\n{p.reference}\n```"
+        assert tok.decode(r.targets).startswith("```python\n") and r.score_end == c.score_end
         assert tok.decode(c.targets).strip() == p.reference.strip()
         assert np.array_equal(r.input_ids, c.input_ids) and r.sample == c.sample == -1
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
@@ -309,7 +312,7 @@ def test_think_opening_template_reference_samples(r1_tok):
         for s in ss.samples:
             prompt = r1_tok.decode(s.input_ids[:s.score_start] if mode == "regular" else [])
             if mode == "regular":
-                out = r1_tok.decode(s.targets[:-1])   # the text, as generate stores it: no turn end
+                out = r1_tok.decode(s.input_ids[s.score_start:-1])   # the text, as generate stores it: no turn end
                 assert prompt.endswith("<think>\n") and out.startswith("\n</think>\n\n```python\n")
                 assert extract(by[s.problem_id], out, "chat", prompt).code == by[s.problem_id].reference
             else:
@@ -328,8 +331,8 @@ def test_reference_turn_end_and_prompt_options_are_the_generators(r1_tok):
     prompt, _ = build_prompt(p[0], r1_tok, "auto", {"no_think": True}, "SYS")
     assert "SYS" in prompt and not prompt.endswith("<think>\n")
     assert s.input_ids[:s.score_start].tolist() == encode_prompt(prompt, r1_tok, "chat")
-    assert r1_tok.convert_ids_to_tokens(int(s.targets[-1])) == "<|endoftext|>" != r1_tok.eos_token
-    assert r1_tok.decode(s.targets[:-1]) == f"```python\n{p[0].reference}\n```"
+    assert r1_tok.convert_ids_to_tokens(int(s.input_ids[-1])) == "<|endoftext|>" != r1_tok.eos_token
+    assert r1_tok.decode(s.input_ids[s.score_start:-1]) == f"```python\n{p[0].reference}\n```"
 
 
 def test_paired_selects_keep_problems_with_both_verdicts(tmp_path, tok):
@@ -417,3 +420,22 @@ def test_code_span_guard_uses_the_stored_text(tmp_path, tok):
     ss = load(tmp_path, tok, select="all", mode="chain_code")
     assert "HumanEval/8" not in ss.problem_ids and any("do not decode" in n for n in ss.info["notes"])
     assert len(ss) == 8
+
+
+def test_regular_mode_ends_at_the_code(tmp_path, tok):
+    """Issue 12.2: `regular` scores the output from its first token to the end of its code span; what a model writes
+    after the code (prose, or a completion model's continuation up to --max-tokens) is not scored; an output without
+    code is scored whole."""
+    junk = "\nprint(f(1))\n" + "# more and more text\n" * 30
+    out = "def f(x):\n    return x\n" + junk
+    code = "def f(x):\n    return x\n"
+    rec = {"problem_id": "HumanEval/8", "sample": 0, "prompt_token_ids": [1, 2], "output": out,
+           "output_token_ids": tok(out, add_special_tokens=False)["input_ids"], "code": code, "code_start": 0,
+           "code_end": len(code)}
+    prose = {"problem_id": "HumanEval/9", "sample": 0, "prompt_token_ids": [1, 2], "output": "No idea.",
+             "output_token_ids": tok("No idea.", add_special_tokens=False)["input_ids"], "code": "",
+             "code_start": -1, "code_end": -1}
+    write_tree(tmp_path, tok, extra=[rec, prose])
+    by = {s.problem_id: s for s in load(tmp_path, tok, select="all").samples}
+    assert tok.decode(by["HumanEval/8"].targets) == code
+    assert tok.decode(by["HumanEval/9"].targets) == "No idea."

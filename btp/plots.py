@@ -365,8 +365,11 @@ def knockout_curves(ko: dict, title: str = "Cumulative head knockout") -> Figure
     ax.set_xlabel("heads removed (k)")
     ax.set_ylabel("mean CE over scored tokens (nats)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="bands: 95% bootstrap CI over samples", title_fontsize=7)
-    ax.set_title(title, fontsize=10)
+    sel = ko.get("selection", "in-sample: ranked and reported on the same samples")
+    band = "95% bootstrap CI over problems" if "ci" in ko else "95% bootstrap CI over samples"
+    ax.legend(fontsize=8, title=f"bands: {band}; random: over draws too" if rnd.get("band") else f"bands: {band}",
+              title_fontsize=7)
+    ax.set_title(f"{title}\n{sel.split(':')[0]} curves ({sel.split(':', 1)[-1].strip()})", fontsize=9)
     return fig
 
 

@@ -189,6 +189,27 @@ def clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray | None = None,
     return ClusteredMean(est.reshape(shape), lo.reshape(shape), hi.reshape(shape), n.astype(np.int64).reshape(shape))
 
 
+def draws_clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray, n_boot: int = 1000, seed: int = 0,
+                         alpha: float = 0.05) -> ClusteredMean:
+    """Mean over random draws (e.g. random head sets) and problems of `x` [D, S, ...], with a percentile bootstrap
+    that resamples draws and problems together (samples averaged within a problem first): the band of a random
+    control then holds the spread between draws, not only between samples. `n`: the problems behind each entry."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError("draws_clustered_mean needs a [draws, samples, ...] array with at least one draw")
+    shape = x.shape[2:]
+    cm = np.stack([cluster_means(d, clusters)[0] for d in x])   # [D, C, ...]
+    D, C = cm.shape[:2]
+    flat = cm.reshape(D, C, -1)
+    est = flat.mean((0, 1))
+    rng = np.random.default_rng(seed)
+    wd = rng.multinomial(D, np.full(D, 1.0 / D), size=n_boot) / D
+    wc = rng.multinomial(C, np.full(C, 1.0 / C), size=n_boot) / C
+    boots = np.einsum("bd,dck,bc->bk", wd, flat, wc)
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
+    return ClusteredMean(est.reshape(shape), lo.reshape(shape), hi.reshape(shape), np.full(shape, C, np.int64))
+
+
 def pass_at_k_summary(n: Sequence[int], c: Sequence[int], ks: Sequence[int], n_boot: int = 10000,
                       alpha: float = 0.05, seed: int = 0) -> dict[str, dict]:
     """{"pass@k": {estimate, ci_low, ci_high, ...}} over problems; one bootstrap draws all k at once."""

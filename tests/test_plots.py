@@ -173,3 +173,12 @@ def test_paired_populations_get_their_own_figure():
     title = bp.entropy_by_layer(groups[0]).texts[0].get_text()
     assert "paired" in " ".join(t.get_text() for t in bp.entropy_by_layer(groups[0]).axes[0].get_legend().texts) \
         or "paired" in title
+
+
+def test_knockout_figure_says_whether_its_curves_are_held_out():
+    """Issue 12.8: a knockout figure names its selection (held-out or in-sample)."""
+    pt = {"k": 1, "mean_ce": 1.0, "ci_low": 0.9, "ci_high": 1.1}
+    for sel, word in (("held-out: ranked on 3 problems, curves on 1 other problems", "held-out"),
+                      ("in-sample: ranked and reported on the same samples (optimistic)", "in-sample")):
+        fig = bp.knockout_curves({"top": [pt], "selection": sel, "ci": "over problems"})
+        assert word in fig.axes[0].get_title()

@@ -163,3 +163,17 @@ def test_clustered_mean_resamples_problems_and_skips_nan_samples():
     r = clustered_mean(y, None, n_boot=200, seed=0)
     assert r.mean[0] == pytest.approx(np.nanmean(y[:, 0])) and r.low[0] <= r.mean[0] <= r.high[0]
     assert np.isnan(r.mean[2]) and np.isnan(r.low[2]) and r.n.tolist() == [5, 6, 0]
+
+
+def test_random_control_band_holds_the_spread_between_draws():
+    """Issue 12.8: a band over samples of the draw-averaged curve misses how much random draws differ; resampling
+    draws and problems together does not."""
+    from btp.stats import clustered_mean, draws_clustered_mean
+
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0, 1, (5, 1)) + rng.normal(0, 0.01, (5, 40))   # 5 draws far apart, samples alike
+    pids = [f"p{i}" for i in range(40)]
+    naive = clustered_mean(draws.mean(0), pids, n_boot=500)
+    both = draws_clustered_mean(draws, pids, n_boot=500)
+    assert float(both.mean) == pytest.approx(draws.mean())
+    assert (both.high - both.low) > 20 * (naive.high - naive.low)

@@ -30,7 +30,7 @@ from .headsets import HeadSetScorer, mean_o_proj_inputs
 from .headsets import set_losses as eval_sets
 from .results import KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, write_partial
 from .samples import SampleSet
-from .stats import bootstrap_mean
+from .stats import CLUSTERED_CI, clustered_mean, draws_clustered_mean
 from .store import read_npz, write_json, write_npz
 
 STAGE = "ablation"
@@ -65,13 +65,27 @@ class MatrixConfig:
             raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
 
 
+def parse_heldout(v: str | float | int) -> float | int:
+    """`0.25` (a share of the problems), `8` (a count) or `0` (none: in-sample curves)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"--knockout-heldout must be a fraction (0.25), a count (8) or 0, got {v!r}") from None
+    if f < 0 or (f >= 1 and f != int(f)):
+        raise ValueError(f"--knockout-heldout must be a fraction in [0, 1) or a count, got {v!r}")
+    return int(f) if f >= 1 or f == 0 else f
+
+
 @dataclass
 class KnockoutConfig:
     enabled: bool = opt(True, "matrix only", flag="no-knockout", invert=True)
     # None: 1, 2, 4, ... up to the number of ranked heads
     ks: list[int] | None = opt(None, "knockout counts, e.g. 1,2,4,8 (default: powers of 2)", flag="knockout-ks",
                                parse=parse_ks)
-    random_seeds: int = opt(3, "random-head control curves")
+    random_seeds: int = opt(10, "random-head control curves (their band resamples draws and problems)")
+    heldout: float | int = opt(0.25, "problems held out for the curves: the ranking (and greedy choice) uses the "
+                               "others; a fraction, a count, or 0 for in-sample curves (labelled)",
+                               flag="knockout-heldout", parse=parse_heldout)
     greedy: bool = opt(False, "also the greedy curve (re-rank remaining heads after each removal: one matrix-like "
                        "pass per step)")
     greedy_candidates: int | None = opt(None, "greedy picks among the top-N heads of the matrix (default: all; costly "
@@ -99,7 +113,7 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
     st = _load_partial(partial, key)
     if st is None:
         st = {"delta": np.full((S, L, H), np.nan, np.float32), "base_ce": np.full(S, np.nan, np.float32),
-              "done": np.zeros((S, L), bool)}
+              "done": np.zeros((S, L), bool), "noop_delta": np.full(S, np.nan, np.float32)}
         if config.per_token:
             st["token_delta"] = np.full((off[-1], L, H), np.nan, np.float32)
             st["base_token_ce"] = np.full(off[-1], np.nan, np.float32)
@@ -115,7 +129,7 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
                 continue
             bar.set_postfix_str(f"sample {s + 1}/{S} ({len(sample.input_ids)} tok)")
             run = HeadSetScorer(model, sample, todo, replacement=rep, batch_rows=config.batch_rows,
-                            reuse_attention=config.reuse_attention)
+                                reuse_attention=config.reuse_attention, noop_row=True)
             base = run.base.double()
             st["base_ce"][s] = base.mean().item()
             if config.per_token:
@@ -127,16 +141,25 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
                 if config.per_token:
                     st["token_delta"][off[s]:off[s + 1], l, :n] = d.T.cpu().numpy()
                 st["done"][s, l] = True
+                st.setdefault("noop_delta", np.full(S, np.nan, np.float32))   # partials of older runs lack it
+                st["noop_delta"][s] = np.fmax(st["noop_delta"][s], run.noop_delta)
                 bar.update(1)
                 if partial is not None and time.time() - last_save >= config.save_every:
                     write_partial(partial, key, st)
                     last_save = time.time()
             del run
     out = {k: v for k, v in st.items() if k != "done"}
-    out["delta_mean"], out["delta_ci_low"], out["delta_ci_high"] = (
-        a.astype(np.float32) for a in bootstrap_mean(st["delta"], config.n_boot, config.seed))
+    cm = clustered_mean(st["delta"], sample_set.problem_ids, config.n_boot, config.seed)
+    out["delta_mean"], out["delta_ci_low"], out["delta_ci_high"] = (a.astype(np.float32) for a in cm[:3])
+    out["delta_n_problems"] = cm.n
     out["layer_num_heads"] = np.array(ad.layer_num_heads, dtype=np.int64)
+    out["noop_delta"] = st.get("noop_delta", np.full(S, np.nan, np.float32))
     return out
+
+
+def _finite_max(x: np.ndarray) -> float | None:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmax(x)) if np.isfinite(x).any() else None
 
 
 def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
@@ -165,19 +188,44 @@ def default_ks(n: int) -> list[int]:
     return ks
 
 
-def _curve(ks: Sequence[int], sets: Sequence[Sequence[Head]], ce: np.ndarray, n_boot: int, seed: int) -> list[dict]:
-    m, lo, hi = bootstrap_mean(ce.T, n_boot, seed)
+def knockout_split(sample_set: SampleSet, delta: np.ndarray, heldout: float | int, seed: int
+                   ) -> tuple[SampleSet, SampleSet, np.ndarray, str]:
+    """(samples the curves are reported on, samples the ranking and greedy choice use, the ranking's delta_mean,
+    selection label): the matrix's per-sample `delta` [S, L, H] averaged over the scoring problems only, the curves
+    on held-out problems (no winner's curse). heldout 0, or too few problems to split: in-sample, labelled so."""
+    pids = sample_set.problem_ids
+    if heldout:
+        try:
+            scoring, held = sample_set.split(heldout, seed)
+        except ValueError:
+            scoring = held = None
+        if scoring is not None:
+            rows = [i for i, p in enumerate(pids) if p in set(scoring.problem_ids)]
+            dm = clustered_mean(np.asarray(delta)[rows], [pids[i] for i in rows], 1, seed).mean
+            return held, scoring, dm, (f"held-out: ranked on {len(set(scoring.problem_ids))} problems, curves on "
+                                       f"{len(set(held.problem_ids))} other problems")
+    dm = clustered_mean(np.asarray(delta), pids, 1, seed).mean
+    return sample_set, sample_set, dm, "in-sample: ranked and reported on the same samples (optimistic)"
+
+
+def _curve(ks: Sequence[int], sets: Sequence[Sequence[Head]], ce: np.ndarray, n_boot: int, seed: int,
+           problems: Sequence[str]) -> list[dict]:
+    m, lo, hi, _ = clustered_mean(ce.T, problems, n_boot, seed)
     return [{"k": int(k), "heads": [list(h) for h in hs], "mean_ce": float(m[i]), "ci_low": float(lo[i]),
              "ci_high": float(hi[i]), "per_sample_ce": ce[i].tolist()} for i, (k, hs) in enumerate(zip(ks, sets))]
 
 
 def run_knockout(model: torch.nn.Module, sample_set: SampleSet, delta_mean: np.ndarray, config: KnockoutConfig, *,
-                 replacement: torch.Tensor | None = None, partial: Path | None = None, key: str = "") -> dict:
+                 replacement: torch.Tensor | None = None, partial: Path | None = None, key: str = "",
+                 select_on: SampleSet | None = None, selection: str = "in-sample") -> dict:
     """Cumulative knockout curves: `top` (heads by the matrix ranking, largest mean delta first), `random`
     (nested random orders of the same ranked heads, one per seed, and their seed average), and `greedy` if asked
     (each step adds the remaining candidate that raises the mean CE most, on these same samples). Each point:
-    k, heads removed, mean CE over samples with a bootstrap CI over samples. With `partial`, finished parts and
-    greedy steps are saved there and a rerun resumes."""
+    k, heads removed, mean CE over problems with a bootstrap CI over problems; the random control's average over
+    draws has a band that resamples draws and problems. `delta_mean` ranks (from the scoring problems, see
+    `knockout_split`); the curves are on `sample_set`; greedy chooses on `select_on` (default: `sample_set`, in
+    sample); `selection` says which. With `partial`, finished parts and greedy steps are saved there and a rerun
+    resumes."""
     ranked = rank_heads(delta_mean)
     n = len(ranked)
     ks = sorted(set(config.ks)) if config.ks else default_ks(n)
@@ -197,28 +245,35 @@ def run_knockout(model: torch.nn.Module, sample_set: SampleSet, delta_mean: np.n
                   random={"sets": rand_sets, "ce": ce[len(ks):].tolist()})
         write_partial(partial, key, st)
     base = np.array(st["base"])
-    bm, blo, bhi = bootstrap_mean(base, config.n_boot, config.seed)
-    out: dict = {"ks": ks, "n_ranked": n, "ranking": "matrix delta_mean, largest first",
+    pids = sample_set.problem_ids
+    bm, blo, bhi, _ = clustered_mean(base, pids, config.n_boot, config.seed)
+    out: dict = {"ks": ks, "n_ranked": n, "ranking": "matrix delta_mean, largest first", "ci": CLUSTERED_CI,
+                 "n_problems": len(set(pids)), "selection": selection, "curve_problems": sorted(set(pids)),
                  "base": {"k": 0, "heads": [], "mean_ce": float(bm), "ci_low": float(blo), "ci_high": float(bhi),
                           "per_sample_ce": base.tolist()},
-                 "top": _curve(ks, st["top"]["sets"], np.array(st["top"]["ce"]), config.n_boot, config.seed)}
+                 "top": _curve(ks, st["top"]["sets"], np.array(st["top"]["ce"]), config.n_boot, config.seed, pids)}
     rce = np.array(st["random"]["ce"]).reshape(config.random_seeds, len(ks), len(sample_set)) \
         if config.random_seeds else np.zeros((0, len(ks), len(sample_set)))
     rsets = st["random"]["sets"]
     out["random"] = {"seeds": [[config.seed, i] for i in range(config.random_seeds)],
                      "per_seed": [_curve(ks, rsets[i * len(ks):(i + 1) * len(ks)], rce[i], config.n_boot,
-                                         config.seed) for i in range(config.random_seeds)]}
+                                         config.seed, pids) for i in range(config.random_seeds)]}
     if config.random_seeds:
-        avg = _curve(ks, [[] for _ in ks], rce.mean(0), config.n_boot, config.seed)
-        for p in avg:
+        avg = _curve(ks, [[] for _ in ks], rce.mean(0), config.n_boot, config.seed, pids)
+        band = draws_clustered_mean(rce.transpose(0, 2, 1), pids, config.n_boot, config.seed)  # [draws, S, ks]
+        for i, p in enumerate(avg):
             del p["heads"]
+            p["ci_low"], p["ci_high"] = float(band.low[i]), float(band.high[i])
+        out["random"]["band"] = "percentile bootstrap over draws and problems together"
         out["random"]["mean_over_seeds"] = avg
     if config.greedy:
-        out["greedy"] = _greedy(model, sample_set, ranked, ks, config, st, partial, key, kw)
+        out["greedy"] = _greedy(model, sample_set, ranked, ks, config, st, partial, key, kw, select_on, selection)
     return out
 
 
-def _greedy(model, sample_set, ranked, ks, config: KnockoutConfig, st: dict, partial, key, kw) -> dict:
+def _greedy(model, sample_set, ranked, ks, config: KnockoutConfig, st: dict, partial, key, kw,
+            select_on: SampleSet | None = None, selection: str = "in-sample") -> dict:
+    choose_on = select_on if select_on is not None else sample_set
     cands = ranked[:config.greedy_candidates] if config.greedy_candidates else list(ranked)
     if ks[-1] > len(cands):
         raise ValueError(f"greedy knockout to k={ks[-1]} needs at least that many candidates, got {len(cands)} "
@@ -229,18 +284,21 @@ def _greedy(model, sample_set, ranked, ks, config: KnockoutConfig, st: dict, par
         print(f"[btp.ablation] greedy: resuming after {len(chosen)} steps")
     for step in range(len(chosen), ks[-1]):
         rest = [c for c in cands if c not in chosen]
-        ce, _ = eval_sets(model, sample_set, [chosen + [c] for c in rest],
+        ce, _ = eval_sets(model, choose_on, [chosen + [c] for c in rest],
                           desc=f"greedy step {step + 1}/{ks[-1]} ({len(rest)} candidates)", **kw)
         best = int(np.argmax(ce.mean(1)))
         chosen.append(rest[best])
         g["chosen"].append(list(rest[best]))
         g["ce"].append(ce[best].tolist())
         write_partial(partial, key, st)
+    sets = [chosen[:k] for k in ks]
+    if choose_on is sample_set:
+        ce = np.array([g["ce"][k - 1] for k in ks])
+    else:   # chosen on the scoring problems: report the choice on the held-out ones
+        ce = eval_sets(model, sample_set, sets, desc="greedy on held-out", **kw).ce
     return {"candidates": len(cands), "candidate_rule": "top-N of the matrix ranking" if config.greedy_candidates
-            else "all ranked heads", "selection": "in-sample (the same samples the curve reports)",
-            "order": [list(h) for h in chosen],
-            "curve": _curve(ks, [chosen[:k] for k in ks], np.array([g["ce"][k - 1] for k in ks]), config.n_boot,
-                            config.seed)}
+            else "all ranked heads", "selection": selection, "order": [list(h) for h in chosen],
+            "curve": _curve(ks, sets, ce, config.n_boot, config.seed, sample_set.problem_ids)}
 
 
 def _load_json_partial(path: Path | None, key: str) -> dict | None:
@@ -285,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     mid = run.identity(ablation=mcfg.ablation, layers=mcfg.layers, per_token=mcfg.per_token, n_boot=mcfg.n_boot,
                        seed=mcfg.seed)
     m_claim = run.claim(out, mid, files=MATRIX_FILES, partials=("npz",))
-    kid = {"matrix": m_claim.key, "ks": kcfg.ks, "random_seeds": kcfg.random_seeds, "greedy": kcfg.greedy,
+    kid = {"matrix": m_claim.key, "ks": kcfg.ks, "random_seeds": kcfg.random_seeds, "heldout": kcfg.heldout,
+           "greedy": kcfg.greedy,
            "greedy_candidates": kcfg.greedy_candidates, "n_boot": kcfg.n_boot, "seed": kcfg.seed}
     k_claim = run.claim(out, kid, files=("json",), part=KNOCKOUT, partials=("json",)) if kcfg.enabled else None
     k_done = k_claim is None or (k_claim.done and m_claim.done)   # curves of a recomputed matrix are redone
@@ -304,19 +363,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
         res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key)
         secs = time.time() - t0
         rep = res.pop("replacement", None)
-        arrays = {k: res[k] for k in ("delta", "delta_mean", "delta_ci_low", "delta_ci_high", "base_ce",
-                                      "layer_num_heads")}
+        arrays = {k: res[k] for k in ("delta", "delta_mean", "delta_ci_low", "delta_ci_high", "delta_n_problems",
+                                      "base_ce", "layer_num_heads", "noop_delta")}
         if mcfg.per_token:
             arrays.update(token_delta=res["token_delta"], base_token_ce=res["base_token_ce"])
         full = run.stamp(lm, **stamp, seconds=round(secs, 2), **m_claim.stamp)
         # json first: a kill between the two writes leaves no npz, so the rerun redoes it (from the partial)
         write_json(json_path, {
             **full, "npz": npz_path.name, "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
-            "n_boot": mcfg.n_boot,
+            "n_boot": mcfg.n_boot, "ci": CLUSTERED_CI, "n_problems": len(set(ss.problem_ids)),
+            "delta_mean": "mean over problems of the mean over a problem's samples (NaN samples skipped)",
             "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed",
             "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
             if mcfg.ablation == "mean" else None,
-            "base_ce_mean": float(np.mean(res["base_ce"])), "top_heads": _top(res, 20)})
+            "base_ce_mean": float(np.nanmean(res["base_ce"])),
+            "noop_max_abs_delta": _finite_max(res["noop_delta"]),
+            "noop": "largest |CE - base CE| of the no-op row (no head removed) every batched pass carries, nats: "
+                    "the noise floor of batching", "top_heads": _top(res, 20)})
         write_npz(npz_path, provenance=full, **arrays, **ss.fields())
         mpart.unlink(missing_ok=True)
         res["replacement"] = rep
@@ -329,8 +392,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             rep = mean_o_proj_inputs(lm.model, ss)
         t1 = time.time()
         kpart = out.partial("json", KNOCKOUT)
-        ko = run_knockout(lm.model, ss, res["delta_mean"], kcfg,
-                          replacement=None if rep is None else torch.as_tensor(rep), partial=kpart, key=k_claim.key)
+        ko_ss, select_ss, rank_dm, selection = knockout_split(ss, res["delta"], kcfg.heldout, kcfg.seed)
+        ko = run_knockout(lm.model, ko_ss, rank_dm, kcfg, replacement=None if rep is None else torch.as_tensor(rep),
+                          partial=kpart, key=k_claim.key, select_on=select_ss, selection=selection)
         write_json(ko_path, {**run.stamp(lm, **stamp, seconds=round(time.time() - t1, 2), **k_claim.stamp),
                              "matrix": npz_path.name, **ko})
         kpart.unlink(missing_ok=True)
@@ -354,7 +418,8 @@ def _print_top(res: dict) -> None:
 def _print_knockout(ko: dict, path: Path) -> None:
     rnd = {p["k"]: p["mean_ce"] for p in ko["random"].get("mean_over_seeds", [])}
     gr = {p["k"]: p["mean_ce"] for p in ko.get("greedy", {}).get("curve", [])}
-    print(f"[btp.ablation] knockout -> {path}\n  k   top-k CE   random CE" + ("   greedy CE" if gr else ""))
+    print(f"[btp.ablation] knockout ({ko.get('selection', 'in-sample')}) -> {path}\n  k   top-k CE   random CE"
+          + ("   greedy CE" if gr else ""))
     print(f"  0   {ko['base']['mean_ce']:8.4f}")
     for p in ko["top"]:
         k = p["k"]

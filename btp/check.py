@@ -30,7 +30,7 @@ STAGE_DIRS = tuple(results.STAGE_DIRS.values())
 @dataclass
 class Issue:
     path: str         # relative to the results dir
-    kind: str         # broken | stale | torn | incomplete
+    kind: str         # broken | stale | torn | incomplete | noisy
     detail: str
 
 
@@ -146,7 +146,8 @@ def short_stem(stem: str) -> str:
     st = results.try_parse_stem(stem)
     if st is None:
         return stem
-    pop = "-ref" if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all"}[st.select]
+    pop = "-ref" if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all",
+                                                   "correct_paired": "-cp", "incorrect_paired": "-ip"}[st.select]
     return {"regular": "R", "chain_code": "C"}[st.mode] + pop + "".join(f"-{v}" for v in st.variant)
 
 
@@ -290,6 +291,8 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
         if stage in ("entropy", "ablation"):
             if {"npz", "json"} <= suf:
                 done[stem] = "+ko" if "json" in ok.get((stem, results.KNOCKOUT), ()) else ""
+                if stage == "ablation":
+                    _check_noise(sd / results.file_name(stem, "json"), issue)
             elif suf & {"npz", "json"}:   # cut off between the two writes
                 missing = results.file_name(stem, "json" if "npz" in suf else "npz")
                 issue(sd / missing, "incomplete", "missing: rerun the stage")
@@ -308,6 +311,17 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
         elif any(not e.startswith(("partial", "runs")) for e in suf):
             done[stem] = ""
     return done
+
+
+NOOP_TOLERANCE = 1e-3   # nats: a no-op row's |CE - base| above this makes deltas of that size noise
+
+
+def _check_noise(path: Path, issue) -> None:
+    """Flag an ablation matrix whose no-op rows moved the loss by more than NOOP_TOLERANCE (batching noise)."""
+    noise = (load_json(path)[0] or {}).get("noop_max_abs_delta")
+    if isinstance(noise, (int, float)) and noise > NOOP_TOLERANCE:
+        issue(path, "noisy", f"a no-op row moved the CE by {noise:.2g} nats > {NOOP_TOLERANCE:g} (batched kernels "
+                             "differ by batch size): head deltas of that size are noise")
 
 
 def _taylor_iters(path: Path, setting: tuple[str, str] = ("taylor", "num_iters")) -> int | None:
@@ -394,13 +408,13 @@ def format_table(rows: list[Row]) -> str:
                 out.append("  " + "  ".join("-" * x for x in w))
         out.append("")
     out.append("R = regular, C = chain_code; no suffix: correct generations, -ref: reference solutions, "
-                "-inc: incorrect, -all: all generations; +ko: knockout curves; (k it): Taylor iterations;\n"
-                "(g gen, best f): CMA-ES generations and best fitness (nats); pruned <setting>(judged/arms): the "
-                "setting and its random controls")
+                "-inc: incorrect, -all: all generations, -cp/-ip: correct/incorrect on problems with both; "
+                "+ko: knockout curves; (k it): Taylor iterations;\n(g gen, best f): CMA-ES generations and best "
+                "fitness (nats); pruned <setting>(judged/arms): the setting and its random controls")
     issues = [(r, i) for r in rows for i in r.issues]
     if issues:
         out.append("")
-        order = {"broken": 0, "incomplete": 1, "stale": 2, "torn": 3}
+        order = {"broken": 0, "incomplete": 1, "stale": 2, "torn": 3, "noisy": 4}
         for r, i in sorted(issues, key=lambda x: (order.get(x[1].kind, 9), x[1].path)):
             out.append(f"{i.kind.upper():<10} {i.path}: {i.detail}")
     return "\n".join(out)

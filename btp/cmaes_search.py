@@ -38,7 +38,7 @@ import numpy as np
 
 from . import cli, results
 from .cli import opt
-from .stats import clustered_mean_ci
+from .stats import clustered_mean
 
 STAGE = "cmaes"
 ENCODINGS = ("fixed", "threshold")
@@ -243,7 +243,7 @@ def _rows(mask: np.ndarray, layer_num_heads: Sequence[int]) -> list[str]:
 
 
 def _ci(values: np.ndarray, problems: Sequence[str], n_boot: int, seed: int) -> dict:
-    m = clustered_mean_ci(values, problems, n_boot, seed)
+    m = clustered_mean(np.asarray(values, dtype=np.float64), problems, n_boot, seed)   # problems weigh alike
     return {"mean": float(m.mean), "ci_low": float(m.low), "ci_high": float(m.high)}
 
 

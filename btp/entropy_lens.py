@@ -28,6 +28,7 @@ from .cli import opt
 from .heads import record
 from .samples import SampleSet
 from .scoring import final_hidden
+from .stats import CLUSTERED_CI, clustered_mean
 from .store import write_json, write_npz
 
 STAGE = "entropy_lens"
@@ -142,8 +143,19 @@ def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
     return res
 
 
-def summarize(per_token: dict[str, np.ndarray], sample_index: np.ndarray, n_samples: int) -> dict[str, np.ndarray]:
-    """Token-weighted per-layer means/stds [L] and per-sample means [S, L] of each metric."""
+SUMMARY_LABELS = {
+    "mean": "token-weighted: every scored token weighs the same (long outputs dominate)",
+    "sample_mean": "sample-weighted: mean over problems of the mean over a problem's samples of each sample's token "
+                   "mean (every problem weighs the same; = the mean of sample means with one sample per problem)",
+    "ci": "95% CI of the sample-weighted mean, " + CLUSTERED_CI,
+}
+
+
+def summarize(per_token: dict[str, np.ndarray], sample_index: np.ndarray, n_samples: int,
+              problems: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per metric: token-weighted per-layer `{m}_mean`/`{m}_std` [L], per-sample means `sample_{m}_mean` [S, L], and
+    the sample-weighted `{m}_sample_mean` [L] with its CI `{m}_ci_low`/`{m}_ci_high` over problems
+    (`SUMMARY_LABELS`). A sample without scored tokens has NaN means and drops out of the sample-weighted ones."""
     out: dict[str, np.ndarray] = {}
     counts = np.bincount(sample_index, minlength=n_samples).astype(np.float64)
     for m in METRICS:
@@ -154,6 +166,8 @@ def summarize(per_token: dict[str, np.ndarray], sample_index: np.ndarray, n_samp
         np.add.at(sums, sample_index, x)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[f"sample_{m}_mean"] = (sums / counts[:, None]).astype(np.float32)
+        cm = clustered_mean(out[f"sample_{m}_mean"], problems, n_boot, seed)
+        out[f"{m}_sample_mean"], out[f"{m}_ci_low"], out[f"{m}_ci_high"] = (a.astype(np.float32) for a in cm[:3])
     out["sample_n_tokens"] = counts.astype(np.int64)
     return out
 
@@ -174,7 +188,7 @@ def run_entropy_lens(model: torch.nn.Module, sample_set: SampleSet, config: Lens
     fields = sample_set.fields()
     per_token = {m: (np.concatenate(v) if v else np.zeros((0, L), np.float32)).astype(np.float32)
                  for m, v in parts.items()}
-    return {**per_token, **summarize(per_token, fields["sample_index"], len(sample_set)),
+    return {**per_token, **summarize(per_token, fields["sample_index"], len(sample_set), sample_set.problem_ids),
             "layer": np.arange(1, L + 1, dtype=np.int64), **fields}
 
 
@@ -206,15 +220,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
     stamp = run.stamp(lm, dtype=str(lm.dtype), device=str(lm.device), seconds=round(secs, 2), stem=out.name,
                       **claim.stamp)
     write_npz(npz_path, provenance=stamp, **res)
-    summary = {k: res[k].tolist() for k in ("layer", "entropy_mean", "entropy_std", "ce_mean", "ce_std", "kl_mean")}
+    summary = {k: res[k].tolist() for k in ("layer", "entropy_mean", "entropy_std", "ce_mean", "ce_std", "kl_mean",
+                                            *(f"{m}_{w}" for m in METRICS for w in ("sample_mean", "ci_low",
+                                                                                    "ci_high")))}
     write_json(json_path, {**stamp, "problem_ids": ss.problem_ids, "n_tokens": int(len(res["token_id"])),
-                           "n_layers": int(len(res["layer"])), "npz": npz_path.name, "summary": summary})
+                           "n_layers": int(len(res["layer"])), "npz": npz_path.name, "summary": summary,
+                           "summary_labels": SUMMARY_LABELS, "n_problems": len(set(ss.problem_ids))})
     L = len(res["layer"])
     print(f"[btp.entropy_lens] {len(ss)} samples, {len(res['token_id'])} scored tokens, {L} layers, {secs:.1f}s "
           f"-> {npz_path}")
     for l in sorted({1, L // 4, L // 2, 3 * L // 4, L} - {0}):
         print(f"  layer {l:3d}: entropy {res['entropy_mean'][l - 1]:.3f}  ce {res['ce_mean'][l - 1]:.3f}  "
-              f"kl {res['kl_mean'][l - 1]:.3f} nats")
+              f"kl {res['kl_mean'][l - 1]:.3f} nats (token-weighted); sample-weighted entropy "
+              f"{res['entropy_sample_mean'][l - 1]:.3f}  ce {res['ce_sample_mean'][l - 1]:.3f}")
     return npz_path
 
 

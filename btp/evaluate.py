@@ -15,7 +15,6 @@ the Programs say how to assemble and judge it, as data.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 import warnings
@@ -33,6 +32,7 @@ from .results import (
     EVALUATIONS,
     GENERATIONS,
     check_runs,
+    code_sha,
     dataset_dir,
     evaluations_path,
     generations_dir,
@@ -76,10 +76,6 @@ def build_program(p: Problem, code: str) -> Program:
 
 
 # ---------------------------------------------------------------- where programs come from
-
-def code_sha(code: str) -> str:
-    return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()[:16]  # total: lone surrogates too
-
 
 def _read_programs(path: Path) -> list[dict]:
     out = []

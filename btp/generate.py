@@ -80,6 +80,7 @@ class Job:
     prompt_token_ids: list[int]
     style: str
     seed: int
+    stops: tuple[str, ...] = ()   # the benchmark's stop strings (completion prompts; chat answers end their turn)
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,10 @@ class VllmBackend:
     def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[Completion]:
         from vllm import SamplingParams
 
+        # the stop string stays in the text, so that the text is the decoded token ids (whose last token holds it)
         params = [SamplingParams(n=1, seed=j.seed, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_tokens=cfg.max_tokens) for j in jobs]
+                                 max_tokens=cfg.max_tokens, stop=list(j.stops) or None,
+                                 include_stop_str_in_output=True) for j in jobs]
         outs = self.llm.generate([{"prompt_token_ids": j.prompt_token_ids} for j in jobs], params,
                                  use_tqdm=len(jobs) > 1)  # vLLM's bar shows live tokens/s
         res = []
@@ -207,23 +210,45 @@ class HfBackend:
         sample = cfg.temperature > 0
         # explicit values: HF fills unset ones from the model's generation_config (top_k, penalties), vLLM does not
         kw = dict(top_k=0, top_p=cfg.top_p, temperature=cfg.temperature) if sample else {}
+        stop_strings = sorted({s for j in jobs for s in j.stops})
+        if stop_strings:
+            kw["stop_strings"] = stop_strings
         gc = GenerationConfig(max_new_tokens=cfg.max_tokens, do_sample=sample, eos_token_id=self.eos,
                               pad_token_id=self.pad, repetition_penalty=1.0, **kw)
-        stops = [_GuardStop(cfg.repetition_guard, width)] if cfg.repetition_guard > 0 else None
+        criteria = [_GuardStop(cfg.repetition_guard, width)] if cfg.repetition_guard > 0 else None
         if sample:
             torch.manual_seed(jobs[0].seed)  # one generator per batch: reproducible for the same batches
         dev = self.model.device
         with torch.no_grad():
             out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc,
-                                      stopping_criteria=stops)
+                                      stopping_criteria=criteria, **({"tokenizer": self.tok} if stop_strings else {}))
+        # decoded as samples.char_to_token_span decodes: character offsets into it are token positions
+        decode = lambda t: self.tok.decode(t, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         res = []
-        decode = lambda t: self.tok.decode(t, skip_special_tokens=True)
-        for row in out[:, width:].tolist():
+        for j, row in zip(jobs, out[:, width:].tolist()):
             stop = next((k for k, t in enumerate(row) if t in self.eos), None)
             toks = row if stop is None else row[: stop + 1]
+            at = self._stop_at(toks, j.stops)
+            if at is not None:   # the row stopped at a stop string: what follows it is padding
+                toks, stop = toks[:at], at - 1
             res.append(apply_guard(decode(toks), toks, "length" if stop is None else "stop", cfg.repetition_guard,
                                    decode))
         return res
+
+    def _stop_at(self, toks: list[int], stops: Sequence[str]) -> int | None:
+        """The shortest prefix length of `toks` whose text holds a stop string (as vLLM stops), None if none does."""
+        dec = lambda k: self.tok.decode(toks[:k], skip_special_tokens=True,  # noqa: E731
+                                        clean_up_tokenization_spaces=False)
+        if not stops or not any(s in dec(len(toks)) for s in stops):
+            return None
+        lo, hi = 1, len(toks)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in dec(mid) for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
 
 class _GuardStop:
@@ -274,8 +299,15 @@ def plan_jobs(problems: Sequence[Problem], tokenizer: Any, cfg: GenerateConfig, 
             continue
         text, style = build_prompt(p, tokenizer, cfg.prompt_style, cfg.chat_template_kwargs or None, cfg.system_prompt)
         ids = encode_prompt(text, tokenizer, style)
-        jobs += [Job(p, s, text, ids, style, sample_seed(cfg.seed, p.problem_id, s)) for s in missing]
+        stops = completion_stops(p.dataset, style)
+        jobs += [Job(p, s, text, ids, style, sample_seed(cfg.seed, p.problem_id, s), stops) for s in missing]
     return jobs, style
+
+
+def completion_stops(dataset: str, style: str) -> tuple[str, ...]:
+    """Where the engine stops a completion: the benchmark's stop strings (the code the prompt opened ends there);
+    none for chat prompts, whose answers end their turn."""
+    return tuple(benchmarks.get(dataset).stops) if style == "completion" else ()
 
 
 def make_record(job: Job, c: Completion) -> dict:
@@ -349,7 +381,8 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
         sess.engine = HfBackend(sess.hf_model, sess.tokenizer) if cfg.backend == "hf" else VllmBackend(path, cfg)
     engine = sess.engine
     store.begin_run(provenance(stage="generate", model=model_id, revision=revision, dataset=cfg.dataset,
-                               seed=cfg.seed, config=conf, model_path=path))
+                               seed=cfg.seed, config=conf, model_path=path, prompt_style=style,
+                               stop=list(completion_stops(cfg.dataset, style))))
     if cfg.backend == "hf":  # similar lengths per batch waste less padding
         jobs.sort(key=lambda j: len(j.prompt_token_ids))
     size = cfg.batch_size if cfg.backend == "hf" else cfg.chunk_size

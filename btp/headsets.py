@@ -161,11 +161,14 @@ class HeadSetScorer:
     `replacement`: [L, Hmax, head_dim] per-head vectors for mean ablation (None: zero ablation).
     `batch_rows`: sets per batched pass (None: from free memory and the sample's length).
     `start`: resume every non-empty set at this layer, one of `layers` (at or below each set's lowest layer:
-    still exact), so that sets of different lowest layers share full batches; None: each at its lowest layer."""
+    still exact), so that sets of different lowest layers share full batches; None: each at its lowest layer.
+    `noop_row`: every batched pass carries one more row with no head removed; `noop_delta` is the largest
+    |its CE - base CE| over the passes so far (NaN before one): the noise floor of batching (kernels of another
+    batch size may round otherwise, e.g. bf16 on a GPU), which a delta must exceed to mean anything."""
 
     def __init__(self, model: torch.nn.Module, sample: Sample, layers: Iterable[int], *,
                  replacement: torch.Tensor | None = None, batch_rows: int | None = None,
-                 reuse_attention: bool = True, start: int | None = None):
+                 reuse_attention: bool = True, start: int | None = None, noop_row: bool = False):
         self.model, self.ad = model, adapter(model)
         check_sample(sample)
         dev = self.ad.device
@@ -175,6 +178,7 @@ class HeadSetScorer:
         self.rows, self.budget = auto_rows(model, self.ids.shape[1])
         self.rows = batch_rows or self.rows
         self.replacement, self.reuse, self.start = replacement, reuse_attention, start
+        self.noop_row, self.noop_delta = noop_row, float("nan")
         layers = sorted(set(layers))
         with torch.no_grad(), record(model, layer_inputs=layers,
                                      o_proj_inputs=layers if reuse_attention else ()) as rec:
@@ -199,13 +203,15 @@ class HeadSetScorer:
         for at, idx in sorted(groups.items()):
             if ("layer_in", at) not in self.cache:
                 raise KeyError(f"layer {at} was not recorded in the base pass")
-            for j in range(0, len(idx), self.rows):
-                rows = idx[j:j + self.rows]
+            step = max(1, self.rows - 1) if self.noop_row else self.rows   # the no-op row counts in the budget
+            for j in range(0, len(idx), step):
+                rows = idx[j:j + step]
                 out[rows] = self._pass(at, [head_sets[i] for i in rows])
         return out
 
     @torch.no_grad()
     def _pass(self, start: int, sets: list[HeadSet]) -> torch.Tensor:
+        sets = list(sets) + ([[]] if self.noop_row else [])
         gates = gates_for(self.ad, [list(s) for s in sets], device=self.ad.device)
         with ExitStack() as stack:
             stack.enter_context(start_at_layer(self.model, start, self.cache["layer_in", start]))
@@ -213,7 +219,12 @@ class HeadSetScorer:
                 stack.enter_context(fixed_attention(self.model, start, self.cache["o_proj_in", start]))
             stack.enter_context(head_gates(self.model, gates, replacement=self.replacement))
             h = final_hidden(self.model, self.ids.expand(len(sets), -1))
-            return token_ce(self.model, h, self.pos, self.tgt, logits_chunk(self.model, len(sets), self.budget))
+            ce = token_ce(self.model, h, self.pos, self.tgt, logits_chunk(self.model, len(sets), self.budget))
+        if not self.noop_row:
+            return ce
+        d = float((ce[-1].double() - self.base.double()).abs().max()) if ce.shape[1] else 0.0
+        self.noop_delta = d if not self.noop_delta >= d else self.noop_delta
+        return ce[:-1]
 
 
 # ---------------------------------------------------------------- a sample set

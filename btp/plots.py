@@ -206,7 +206,9 @@ def _band(a: Analysis, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, 
     if band == "iqr":
         q = np.quantile(np.asarray(d[metric], dtype=float), [0.25, 0.75], axis=0)
         return mean, q[0], q[1]
-    if band == "ci":  # bootstrap over samples of the per-sample means, weighted by their token counts
+    if band == "ci" and f"{metric}_ci_low" in d:   # stored: sample-weighted mean, CI over problems
+        return tuple(np.asarray(d[f"{metric}_{k}"], dtype=float) for k in ("sample_mean", "ci_low", "ci_high"))
+    if band == "ci":  # older outputs: bootstrap over samples of the per-sample means, weighted by their token counts
         x = np.asarray(d[f"sample_{metric}_mean"], dtype=float)
         w = np.asarray(d.get("sample_n_tokens", np.ones(len(x))), dtype=float)
         rng = np.random.default_rng(0)
@@ -217,13 +219,16 @@ def _band(a: Analysis, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, 
     raise ValueError(f"band must be sd, iqr or ci, got {band!r}")
 
 
-BAND_LABEL = {"sd": "band: ±1 sd over tokens", "iqr": "band: interquartile range over tokens",
-              "ci": "band: 95% bootstrap CI over samples"}
+BAND_LABEL = {"sd": "token-weighted mean, band: ±1 sd over tokens",
+              "iqr": "token-weighted mean, band: interquartile range over tokens",
+              "ci": "sample-weighted mean, band: 95% bootstrap CI over problems"}
 
 
 def entropy_by_layer(items: Analysis | Sequence[Analysis], metrics: Sequence[str] = ("entropy", "ce"),
-                     band: str = "sd") -> Figure:
-    """Mean (line) and band of each metric vs layer, one panel per metric, one line per analysis."""
+                     band: str = "ci") -> Figure:
+    """Mean (line) and band of each metric vs layer, one panel per metric, one line per analysis. Default: the
+    sample-weighted mean and its CI over problems (a spread over tokens is no uncertainty of a mean, and a token
+    weighting lets long outputs dominate)."""
     items = [items] if isinstance(items, Analysis) else list(items)
     fig = new_figure(4.2 * len(metrics) + 0.6, 3.8)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -367,8 +372,11 @@ def knockout_curves(ko: dict, title: str = "Cumulative head knockout") -> Figure
     ax.set_xlabel("heads removed (k)")
     ax.set_ylabel("mean CE over scored tokens (nats)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="bands: 95% bootstrap CI over samples", title_fontsize=7)
-    ax.set_title(title, fontsize=10)
+    sel = ko.get("selection", "in-sample: ranked and reported on the same samples")
+    band = "95% bootstrap CI over problems" if "ci" in ko else "95% bootstrap CI over samples"
+    ax.legend(fontsize=8, title=f"bands: {band}; random: over draws too" if rnd.get("band") else f"bands: {band}",
+              title_fontsize=7)
+    ax.set_title(f"{title}\n{sel.split(':')[0]} curves ({sel.split(':', 1)[-1].strip()})", fontsize=9)
     return fig
 
 
@@ -782,6 +790,20 @@ def compare(items: Sequence[Analysis], vary: str) -> list[list[Analysis]]:
     return [g for g in groups.values() if len({facet(a, vary) for a in g}) > 1]
 
 
+def paired(items: Sequence[Analysis]) -> list[list[Analysis]]:
+    """Correct vs incorrect generations on the same problems (`--select correct_paired` / `incorrect_paired`), equal
+    in every other facet: the comparison without the difficulty confound of correct vs incorrect."""
+    out = []
+    for g in compare(items, "population"):
+        pair = sorted((a for a in g if a.population in PAIRED_POPULATIONS), key=lambda a: a.population)
+        if {a.population for a in pair} == set(PAIRED_POPULATIONS):
+            out.append(pair)
+    return out
+
+
+PAIRED_POPULATIONS = tuple(f"generations/{s}" for s in results.PAIRED)
+
+
 def _group_name(g: Sequence[Analysis], vary: str) -> str:
     keep = [f(g[0]) for n, f in _FACETS if n != vary and f(g[0])]
     return "_".join(k.replace("/", "-") for k in keep)
@@ -805,7 +827,8 @@ def generation_figures(results_dir: str | Path, model: str | None, only: Sequenc
 def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
                     ) -> Iterator[tuple[str, Figure]]:
     """Per output: entropy/CE vs layer and per-layer histograms; then regular vs chain_code, populations
-    against each other (CE histograms too) and datasets against each other wherever the results allow."""
+    against each other (CE histograms too), correct vs incorrect on the same problems (paired) and datasets against
+    each other wherever the results allow."""
     items = load_all(results_dir, model, "entropy", only)
     for a in items:
         yield f"entropy_{a.dataset}_{a.name}_layers", entropy_by_layer(a)
@@ -813,8 +836,10 @@ def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[s
     for g in compare(items, "mode"):
         yield f"entropy_modes_{_group_name(g, 'mode')}", entropy_by_layer(g)
     for g in compare(items, "population"):
-        yield f"entropy_populations_{_group_name(g, 'population')}", entropy_by_layer(g, band="ci")
+        yield f"entropy_populations_{_group_name(g, 'population')}", entropy_by_layer(g)
         yield f"entropy_populations_{_group_name(g, 'population')}_histograms", entropy_histograms(g, metric="ce")
+    for g in paired(items):
+        yield f"entropy_paired_{_group_name(g, 'population')}", entropy_by_layer(g)
     for g in compare(items, "dataset"):
         yield f"entropy_datasets_{_group_name(g, 'dataset')}", entropy_by_layer(g)
 

@@ -37,19 +37,45 @@ def build_prompt(problem: Problem, tokenizer: Any, style: str = "auto", chat_tem
         return benchmarks.get(problem.dataset).completion_prompt(problem), style
     if not has_chat_template(tokenizer):
         raise ValueError("style 'chat' needs a tokenizer with a chat template; use --prompt-style completion")
+    return _chat(problem, tokenizer, dict(chat_template_kwargs or {}), system_prompt), style
+
+
+def _chat(problem: Problem, tokenizer: Any, kw: dict, system_prompt: str | None, answer: str | None = None) -> str:
+    """The chat template's rendering of the benchmark's messages: with a generation prompt, or (`answer`) with a
+    finished assistant turn holding `answer`."""
     bench = benchmarks.get(problem.dataset)
     system = system_prompt if system_prompt is not None else bench.system_prompt
     user = bench.user_message(problem)
-    kw = dict(chat_template_kwargs or {})
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    tail = [] if answer is None else [{"role": "assistant", "content": answer}]
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}] + tail
     try:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=answer is None, **kw)
     except Exception:  # noqa: BLE001 - some templates (e.g. Gemma) refuse a system role
         if not system:
             raise
-        msgs = [{"role": "user", "content": f"{system}\n\n{user}"}]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
-    return text, style
+        msgs = [{"role": "user", "content": f"{system}\n\n{user}"}] + tail
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=answer is None, **kw)
+
+
+EMPTY_THINK_CLOSE = "\n</think>\n\n"  # closes a think block the generation prompt opened, with nothing in it
+
+
+def assistant_turn(problem: Problem, tokenizer: Any, prompt: str, answer: str,
+                   chat_template_kwargs: dict | None = None, system_prompt: str | None = None) -> tuple[str, str]:
+    """(text, turn end): what follows the generation prompt `prompt` when the model gives `answer` and ends its
+    turn, as the chat template renders a finished answer with the generator's options. `text` holds whatever the
+    template puts before the answer (Qwen3: an empty think block) or, where the prompt opened a think block that the
+    template's rendering of a finished answer omits (DeepSeek-R1-Distill, QwQ), an empty closed one; `turn end` is the
+    template's end of an assistant turn (`<|im_end|>`, `<|eot_id|>`, ..., not always the tokenizer's EOS), without
+    the formatting after it that the model does not generate."""
+    full = _chat(problem, tokenizer, dict(chat_template_kwargs or {}), system_prompt, answer)
+    at = full.rfind(answer)
+    if at < 0:
+        raise ValueError("the chat template does not render the assistant's answer verbatim")
+    turn_end = full[at + len(answer):].rstrip()
+    if full.startswith(prompt) and len(prompt) <= at:
+        return full[len(prompt):at + len(answer)], turn_end
+    return (EMPTY_THINK_CLOSE if _opens_think(prompt) else "") + answer, turn_end
 
 
 def encode_prompt(text: str, tokenizer: Any, style: str) -> list[int]:

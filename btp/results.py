@@ -32,7 +32,10 @@ from .store import MalformedFileError, iter_jsonl, read_json, read_npz, runs_pat
 
 MODES = ("regular", "chain_code")
 SOURCES = ("generations", "reference")
-SELECTS = ("correct", "incorrect", "all")
+# `*_paired`: only problems that have both correct and incorrect generations, so that correct vs incorrect compares
+# the same problems (not easy vs hard ones)
+SELECTS = ("correct", "incorrect", "all", "correct_paired", "incorrect_paired")
+PAIRED = {"correct_paired": "correct", "incorrect_paired": "incorrect"}   # paired select -> its verdict
 # stage name -> its folder under results/<model>/<dataset>/
 STAGE_DIRS = {"entropy_lens": "entropy", "ablation": "ablation", "taylor": "taylor", "cmaes": "cmaes"}
 GENERATIONS, EVALUATIONS, SUMMARY = "generations.jsonl", "evaluations.jsonl", "summary.json"   # per dataset dir
@@ -255,7 +258,7 @@ def cmaes_removed(stage_path: str | os.PathLike, name: str | None = None) -> tup
 @dataclass(frozen=True)
 class Stem:
     """The name of an analysis output without its part and extension: the analysis samples' mode and population,
-    then a stage's variant words in order (ablation `mean`, `layers0_5`; Taylor `token`, `signed`, `l2norm`, a
+    then a stage's variant words in order (ablation `mean`, `layers0_5`; Taylor `token`, `signed`, `nonorm`, a
     tag). The default population (correct generations) is not written; reference solutions are all correct."""
 
     mode: str = "regular"
@@ -404,6 +407,12 @@ def stem_order(name: str) -> tuple:
 
 
 # ================================================================ identity and claim
+
+def code_sha(code: str) -> str:
+    """The identity of judged code: an evaluation record carries it, so a verdict is matched to the generation whose
+    code it judged (a regenerated sample's old verdict is refused)."""
+    return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()[:16]  # total: lone surrogates too
+
 
 class IdentityError(ValueError):
     """An output exists with another identity; the message names the first field that differs."""

@@ -6,6 +6,7 @@ Every function takes arrays and returns numbers; nothing here reads files or run
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -117,20 +118,96 @@ def bootstrap_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: floa
     return MeanCI(mean.reshape(shape), lo.reshape(shape), hi.reshape(shape))
 
 
-def clustered_mean_ci(x: Sequence[float] | np.ndarray, clusters: Sequence, n_boot: int = 1000, seed: int = 0,
-                      alpha: float = 0.05) -> MeanCI:
-    """Mean of per-sample values `x` [S] and a percentile bootstrap CI that resamples whole clusters (problems:
-    several samples of one problem are not independent); each resample's statistic is again the mean over the
-    samples it holds."""
+class ClusteredMean(NamedTuple):
+    """Elementwise mean of cluster means, its percentile bootstrap interval over clusters, and the number of
+    clusters behind each entry (`clustered_mean`)."""
+
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    n: np.ndarray
+
+
+CLUSTERED_CI = ("percentile bootstrap over problems: samples averaged within a problem first, problems resampled; "
+                "NaN samples skipped per entry")
+
+
+def cluster_means(x: np.ndarray, clusters: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([C, ...] NaN-aware mean of each cluster's rows of `x` [S, ...], [C, ...] finite rows behind it), clusters in
+    order of first appearance. An entry with no finite row in a cluster is NaN with count 0."""
     x = np.asarray(x, dtype=np.float64)
-    keys, idx = np.unique(np.asarray(clusters, dtype=str), return_inverse=True)
-    sums, counts = np.bincount(idx, x, len(keys)), np.bincount(idx, minlength=len(keys)).astype(np.float64)
-    if not len(x):
-        return MeanCI(np.float64(np.nan), np.float64(np.nan), np.float64(np.nan))
-    draws = np.random.default_rng(seed).multinomial(len(keys), np.full(len(keys), 1.0 / len(keys)), size=n_boot)
-    boots = (draws @ sums) / (draws @ counts)
-    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return MeanCI(np.float64(x.mean()), np.float64(lo), np.float64(hi))
+    labels = np.asarray(clusters)
+    if labels.shape[:1] != x.shape[:1]:
+        raise ValueError(f"{labels.shape[0] if labels.ndim else 0} cluster labels for {x.shape[0]} rows")
+    _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))          # cluster index by first appearance
+    C = len(first)
+    flat = x.reshape(x.shape[0], -1)
+    fin = np.isfinite(flat)
+    sums, cnt = np.zeros((C, flat.shape[1])), np.zeros((C, flat.shape[1]))
+    np.add.at(sums, rank[inv.ravel()], np.where(fin, flat, 0.0))
+    np.add.at(cnt, rank[inv.ravel()], fin)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / cnt
+    shape = (C,) + x.shape[1:]
+    return means.reshape(shape), cnt.astype(np.int64).reshape(shape)
+
+
+def clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
+                   alpha: float = 0.05, chunk_elems: int = 1 << 23) -> ClusteredMean:
+    """Mean over clusters (problems) of the within-cluster means of `x` [S, ...], elementwise, with a percentile
+    bootstrap CI that resamples clusters, not rows: samples of one problem are not independent, and averaging within
+    a problem first weights every problem equally. NaN-aware per entry: a NaN row (a sample with nothing scored)
+    drops out of that entry only; an entry with no finite value anywhere is NaN (`n` = 0). `clusters` None: every
+    row its own cluster."""
+    x = np.asarray(x, dtype=np.float64)
+    if not 0 < alpha < 1 or n_boot < 1:
+        raise ValueError("need 0 < alpha < 1 and n_boot >= 1")
+    shape = x.shape[1:]
+    clusters = np.arange(x.shape[0]) if clusters is None else clusters
+    cm, cnt = cluster_means(x, clusters)
+    C = cm.shape[0]
+    cm, has = cm.reshape(C, -1), (cnt.reshape(C, -1) > 0)
+    vals, w_has = np.where(has, cm, 0.0), has.astype(np.float64)
+    n = has.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        est = vals.sum(0) / n
+    lo, hi = np.full_like(est, np.nan), np.full_like(est, np.nan)
+    if C and n.any():
+        rng = np.random.default_rng(seed)
+        boots = np.empty((n_boot, vals.shape[1]))
+        step = max(1, chunk_elems // max(C, vals.shape[1], 1))
+        for s in range(0, n_boot, step):
+            m = min(step, n_boot - s)
+            w = rng.multinomial(C, np.full(C, 1.0 / C), size=m).astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                boots[s:s + m] = (w @ vals) / (w @ w_has)
+        ok = n > 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # resamples without any finite cluster of an entry
+            lo[ok], hi[ok] = np.nanquantile(boots[:, ok], [alpha / 2, 1 - alpha / 2], axis=0)
+    return ClusteredMean(est.reshape(shape), lo.reshape(shape), hi.reshape(shape), n.astype(np.int64).reshape(shape))
+
+
+def draws_clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray, n_boot: int = 1000, seed: int = 0,
+                         alpha: float = 0.05) -> ClusteredMean:
+    """Mean over random draws (e.g. random head sets) and problems of `x` [D, S, ...], with a percentile bootstrap
+    that resamples draws and problems together (samples averaged within a problem first): the band of a random
+    control then holds the spread between draws, not only between samples. `n`: the problems behind each entry."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError("draws_clustered_mean needs a [draws, samples, ...] array with at least one draw")
+    shape = x.shape[2:]
+    cm = np.stack([cluster_means(d, clusters)[0] for d in x])   # [D, C, ...]
+    D, C = cm.shape[:2]
+    flat = cm.reshape(D, C, -1)
+    est = flat.mean((0, 1))
+    rng = np.random.default_rng(seed)
+    wd = rng.multinomial(D, np.full(D, 1.0 / D), size=n_boot) / D
+    wc = rng.multinomial(C, np.full(C, 1.0 / C), size=n_boot) / C
+    boots = np.einsum("bd,dck,bc->bk", wd, flat, wc)
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
+    return ClusteredMean(est.reshape(shape), lo.reshape(shape), hi.reshape(shape), np.full(shape, C, np.int64))
 
 
 def pass_at_k_summary(n: Sequence[int], c: Sequence[int], ks: Sequence[int], n_boot: int = 10000,

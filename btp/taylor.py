@@ -7,12 +7,15 @@ than One?") for decoder-only (GQA) models, on the scored tokens of code samples.
 
 Importance. A gate m (one per query head, at the o_proj input, value 1; pruned heads are gates fixed at 0) and
 the loss L_s of a sample (mean CE over its scored tokens). Estimators:
-- `gate` (the paper's): I(l, h) = sum_s |dL_s/dm_lh|;
-- `token` (the original code's): I(l, h) = sum_s sum_t |<dL_s/da_t, a_t>| over positions t, a_t the head's
-  o_proj-input slice; the signed per-token sum is the gate gradient, so signed scores exist for `gate` only;
+- `gate` (default; the paper's, and what the original code computes: it accumulates each sample's |dL/dm| of a
+  head mask, in model dtype): I(l, h) = sum_s |dL_s/dm_lh|;
+- `token` (a finer variant, in neither the paper nor its code): I(l, h) = sum_s sum_t |<dL_s/da_t, a_t>| over
+  positions t, a_t the head's o_proj-input slice; the signed per-token sum is the gate gradient, so signed scores
+  exist for `gate` only;
 - `--signed`: I = -sum_s dL_s/dm, the first-order estimate of the loss increase when the head is removed
   (m: 1 -> 0), so that the lowest are still pruned first;
-- `--normalize`: divide each layer's scores by their L2 norm over the layer's alive heads (as the paper).
+- per-layer L2 normalisation (default, as the paper): divide each layer's scores by their L2 norm over the
+  layer's alive heads; `--no-normalize` keeps the raw sums (output name word `nonorm`).
 Gradients and sums are fp32 (fp64 for an fp64 model) whatever the model dtype; weights get no gradient.
 
 Iteration i: one forward+backward per scoring sample under the heads pruned so far (this also yields the
@@ -54,10 +57,11 @@ class TaylorConfig:
     num_iters: int = opt(9, None)
     min_heads_per_layer: int = opt(1, None)
     stop_factor: float | None = opt(None, "stop when held-out loss exceeds this factor x the unpruned held-out loss")
-    estimator: str = opt("gate", "gate: sum_s |dL_s/dm| (paper); token: sum_s sum_t |<dL_s/da_t, a_t>| (original "
-                         "code)", choices=ESTIMATORS)
+    estimator: str = opt("gate", "gate: sum_s |dL_s/dm| (the paper and its code); token: sum_s sum_t "
+                         "|<dL_s/da_t, a_t>| (a per-token variant)", choices=ESTIMATORS)
     signed: bool = opt(False, "signed scores: -sum_s dL_s/dm (estimated loss increase)")
-    normalize: bool = opt(False, "per-layer L2 normalisation of the scores (paper)")
+    normalize: bool = opt(True, "raw scores: no per-layer L2 normalisation (the paper normalises)",
+                          flag="no-normalize", invert=True)
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -79,7 +83,7 @@ class TaylorConfig:
     def variant(self) -> tuple[str, ...]:
         """Output-name variant words naming the non-default importance options, so variants never share a file."""
         return tuple(w for w, on in (("token", self.estimator == "token"), ("signed", self.signed),
-                                     ("l2norm", self.normalize)) if on)
+                                     ("nonorm", not self.normalize)) if on)
 
 
 # ---------------------------------------------------------------- importance of one sample

@@ -49,7 +49,7 @@ def stages(root: Path) -> list[tuple[str, list[str]]]:
         ("taylor", r + he + ["--select", "all", "--mode", "regular", "--max-tokens", "40", "--num-iters", "2",
                              "--prune-per-iter", "20", "--heldout", "1"]),
         ("taylor", r + mb + ["--mode", "regular", "--source", "reference", "--num-samples", "3", "--max-tokens", "40",
-                             "--num-iters", "2", "--prune-per-iter", "30", "--heldout", "1", "--normalize"]),
+                             "--num-iters", "2", "--prune-per-iter", "30", "--heldout", "1"]),
     ]
 
 

@@ -247,7 +247,8 @@ def test_main_resume_gives_same_npz(tiny_folder, tmp_path, monkeypatch, capsys):
 
     def flaky(self, sets):
         calls["n"] += 1
-        if calls["n"] in (4, 12):  # in the matrix (3 of 6 units done), in greedy step 2 (step 1 done)
+        if calls["n"] in (4, 10):  # in the matrix (3 of 6 units done), in greedy step 2 (step 1 done; one sample
+            # each: the curves on the held-out problem, the greedy choice on the other)
             raise KeyboardInterrupt
         return orig(self, sets)
 
@@ -320,3 +321,46 @@ def test_main_embedded_model(tmp_path):
     assert got == pytest.approx(want, abs=1e-4)
     ko = read_json(path.with_name("regular-reference-layers28_29_knockout.json"))
     assert [p["k"] for p in ko["top"]] == [1, 2, 4, 8, 16] and ko["top"][-1]["mean_ce"] > ko["base"]["mean_ce"]
+
+
+def test_matrix_and_knockout_cis_are_over_problems():
+    """Issue 12.7: with several samples per problem the matrix mean is the mean of problem means and its CI
+    resamples problems (said in the output); knockout curves too."""
+    model = make_tiny("llama")
+    ss = tiny_set(((14, 6), (15, 6), (16, 6), (21, 9)))
+    for s, pid in zip(ss.samples, ("a", "a", "a", "b")):
+        s.problem_id = pid
+    res = abl.run_matrix(model, ss, abl.MatrixConfig(n_boot=50, progress=False))
+    d = res["delta"].astype(np.float64)
+    want = (d[:3].mean(0) + d[3]) / 2
+    np.testing.assert_allclose(res["delta_mean"], want, rtol=1e-5)
+    assert res["delta_n_problems"].max() == 2
+    assert res["noop_delta"].shape == (4,) and np.all(res["noop_delta"] < 1e-5)    # issue 12.11: recorded
+    ko = abl.run_knockout(model, ss, res["delta_mean"], abl.KnockoutConfig(ks=[1], random_seeds=1, n_boot=50,
+                                                                          progress=False))
+    assert "over problems" in ko["ci"] and ko["n_problems"] == 2
+    ce = np.array(ko["top"][0]["per_sample_ce"])
+    assert ko["top"][0]["mean_ce"] == pytest.approx((ce[:3].mean() + ce[3]) / 2)
+
+
+def test_knockout_is_ranked_on_scoring_problems_and_reported_on_held_out_ones():
+    """Issue 12.8: the ranking (and greedy choice) come from the scoring problems, the curves are on held-out ones;
+    in-sample curves say so."""
+    model = make_tiny("llama")
+    ss = tiny_set(((14, 6), (15, 6), (16, 6), (17, 7)))
+    res = abl.run_matrix(model, ss, abl.MatrixConfig(n_boot=20, progress=False))
+    held, scoring, dm, label = abl.knockout_split(ss, res["delta"], 0.5, 0)
+    assert not set(held.problem_ids) & set(scoring.problem_ids) and len(held) == len(scoring) == 2
+    rows = [i for i, p in enumerate(ss.problem_ids) if p in scoring.problem_ids]
+    np.testing.assert_allclose(dm, np.nanmean(res["delta"][rows].astype(np.float64), 0), rtol=1e-5)
+    ko = abl.run_knockout(model, held, dm, abl.KnockoutConfig(ks=[1, 2], random_seeds=2, greedy=True,
+                                                              greedy_candidates=3, n_boot=20, progress=False),
+                          select_on=scoring, selection=label)
+    assert ko["selection"].startswith("held-out") and ko["greedy"]["selection"] == label
+    assert ko["curve_problems"] == sorted(set(held.problem_ids))
+    assert all(len(p["per_sample_ce"]) == 2 for p in ko["top"] + ko["greedy"]["curve"])
+    for p in ko["greedy"]["curve"]:   # reported on the held-out samples
+        assert p["per_sample_ce"] == pytest.approx([direct_ce(model, s, [tuple(h) for h in p["heads"]])
+                                                    for s in held.samples], abs=TOL)
+    assert abl.knockout_split(ss, res["delta"], 0, 0)[3].startswith("in-sample")
+    assert abl.KnockoutConfig().random_seeds >= 10 and abl.KnockoutConfig().heldout == 0.25

@@ -43,8 +43,10 @@ def _program(p: Any, code: str) -> dict:
     return rec
 
 
+# the golden records hold the raw reference's rendering: teacher-forced text is tested in test_reference_*
 API = {"build_prompt": prompts.build_prompt, "stops": lambda p: benchmarks.get(p.dataset).stops,
-       "reference_output": prompts.reference_output, "program": _program}
+       "reference_output": lambda p, s: benchmarks.get(p.dataset).reference_output(p, s, code=p.reference),
+       "program": _program}
 
 
 def test_registry_names_order_and_errors():
@@ -156,3 +158,23 @@ def test_benchmark_modules_are_beside_their_data():
     assert {"humaneval.py", "mbpp.py", "livecodebench.py", "HumanEval.jsonl.gz", "mbpp.jsonl",
             "sanitized-mbpp.json"} <= {p.name for p in d.iterdir()}
     assert livecodebench.PRELUDE.startswith("from string import *\n")
+
+
+def test_mbpp_teacher_text_is_normalised_and_the_same_program():
+    """Issue 12.1: 499 of 500 MBPP references carry CRLF, 73 tabs; the teacher-forced text has Unix newlines, no
+    trailing blanks and space indentation, parses to the same AST, and the evaluator keeps the raw reference."""
+    import ast
+
+    mbpp = benchmarks.get("mbpp")
+    probs = mbpp.load()
+    assert sum("\r\n" in p.reference for p in probs) == 499 and sum("\t" in p.reference for p in probs) == 73
+    for p in probs:
+        t = mbpp.teacher_text(p)
+        assert "\r" not in t and all(ln == ln.rstrip() for ln in t.split("\n")), p.problem_id
+        assert ast.dump(ast.parse(t)) == ast.dump(ast.parse(p.reference.replace("\r\n", "\n"))), p.problem_id
+        assert "\r" not in prompts.reference_output(p, "chat") and "\r" not in prompts.reference_output(p, "completion")
+    assert sum(not ln.startswith("\t") for p in probs for ln in mbpp.teacher_text(p).split("\n")) > 0
+    assert sum(ln.startswith("\t") for p in probs for ln in mbpp.teacher_text(p).split("\n")) == 0
+    assert build_program(probs[0], probs[0].reference).code == probs[0].reference   # judged raw
+    he = benchmarks.get("humaneval").load(limit=3)
+    assert all(benchmarks.get("humaneval").teacher_text(p) == p.reference for p in he)

@@ -203,3 +203,19 @@ def test_reference_evaluations_wave2_dirs_and_partial_outputs(tmp_path, capsys):
     doc = json.loads(run(["--results-dir", tmp_path, "--json", "--model", "org/m"], capsys)[1])
     assert doc["rows"][0]["stages"]["cmaes"] == {"chain_code-reference": ""}
     assert doc["rows"][0]["pruned"] == {"taylor-k20": {"arms": 0, "generated": 0, "evaluated": 0, "summarized": 0}}
+
+
+@pytest.mark.slow
+def test_ablation_noise_floor_is_recorded_and_flagged(results_tree, tmp_path, capsys):
+    """Issue 12.11: the matrix records its no-op rows' largest |delta| (tiny on CPU fp32); check flags a run whose
+    noise floor exceeds the tolerance, without calling it broken."""
+    root = tree_copy(results_tree, tmp_path / "t")
+    p = model_dir(root) / "humaneval/ablation/regular-all-layers28_29.json"
+    doc = json.loads(p.read_text())
+    assert 0 <= doc["noop_max_abs_delta"] < check.NOOP_TOLERANCE
+    rc, out = run(["--results-dir", root], capsys)
+    assert "NOISY" not in out
+    p.write_text(json.dumps({**doc, "noop_max_abs_delta": 0.05}))
+    os.utime(p, (p.stat().st_atime, (p.parent / "regular-all-layers28_29.npz").stat().st_mtime))
+    rc, out = run(["--results-dir", root], capsys)
+    assert rc == 0 and any(l.startswith("NOISY") and "regular-all-layers28_29.json" in l for l in out.splitlines())

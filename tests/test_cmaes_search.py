@@ -5,6 +5,8 @@ what an uninterrupted one writes; controls have the final mask's size and layer 
 on the embedded model resumes a shorter run into the same file an uninterrupted run writes."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import itertools
 
 import numpy as np
@@ -245,11 +247,13 @@ def test_main_resumes_into_the_file_an_uninterrupted_run_writes(tmp_path):
 
 
 def test_clustered_ci_and_state_file(tmp_path):
-    from btp.stats import clustered_mean_ci
+    from btp.cmaes_search import _ci
 
-    m = clustered_mean_ci([1.0, 1.0, 3.0, 5.0], ["a", "a", "b", "c"], n_boot=500, seed=0)
-    assert m.mean == 2.5 and 1.0 <= m.low <= m.mean <= m.high <= 5.0
-    one = clustered_mean_ci([2.0, 4.0], ["a", "a"], n_boot=50)
+    m = _ci(np.array([1.0, 1.0, 3.0, 5.0]), ["a", "a", "b", "c"], n_boot=500, seed=0)
+    m = SimpleNamespace(mean=m["mean"], low=m["ci_low"], high=m["ci_high"])
+    assert m.mean == 3.0 and 1.0 <= m.low <= m.mean <= m.high <= 5.0   # the mean of problem means
+    one = _ci(np.array([2.0, 4.0]), ["a", "a"], n_boot=50)
+    one = SimpleNamespace(mean=one["mean"], low=one["ci_low"], high=one["ci_high"])
     assert one.low == one.high == one.mean == 3.0          # one problem: no spread over problems
     p = tmp_path / "x.partial.pkl"
     write_partial(p, "key1", {"es": {"a": np.arange(3)}, "generation": 2})

@@ -194,3 +194,19 @@ def test_main_reference_run_on_embedded_model(tmp_path, capsys):
     # other samples under the same stem: refuse rather than mix or silently overwrite
     with pytest.raises(SystemExit, match="exists for other samples"):
         main([a if a != "2" else "1" for a in argv])
+
+
+def test_summaries_are_also_sample_weighted_with_a_ci_over_problems():
+    """Issue 12.9 (and 12.7): beside the token-weighted means, the mean of sample means (long samples do not
+    dominate) with a bootstrap CI over problems."""
+    from btp.entropy_lens import summarize
+
+    x = np.concatenate([np.zeros((100, 2)), np.ones((2, 2))]).astype(np.float32)   # long sample 0, short sample 1
+    per_token = {m: x for m in ("entropy", "ce", "kl")}
+    idx = np.array([0] * 100 + [1] * 2)
+    out = summarize(per_token, idx, 2, ["p0", "p1"], n_boot=100)
+    np.testing.assert_allclose(out["entropy_mean"], [2 / 102] * 2, rtol=1e-5)       # token-weighted
+    np.testing.assert_allclose(out["entropy_sample_mean"], [0.5, 0.5])                # sample-weighted
+    assert np.all(out["entropy_ci_low"] <= 0.5) and np.all(out["entropy_ci_high"] >= 0.5)
+    same = summarize(per_token, idx, 2, ["p0", "p0"], n_boot=100)                   # one problem: no spread
+    np.testing.assert_allclose(same["ce_ci_low"], same["ce_ci_high"])

@@ -196,7 +196,7 @@ def test_repetition_guard_cuts_where_a_loop_starts_and_hf_stops_there():
     assert apply_guard("x", [1, 2, 3], "stop", 2, dec) == Completion("x", [1, 2, 3], "stop")
     model = make_tiny("llama")   # a random model falls into loops within a few tokens
     model.generation_config.eos_token_id = 127
-    tok = SimpleNamespace(eos_token_id=127, pad_token_id=None, decode=lambda t, skip_special_tokens=True: dec(t))
+    tok = SimpleNamespace(eos_token_id=127, pad_token_id=None, decode=lambda t, **kw: dec(t))
     hf = HfBackend(model, tok)
     jobs = [Job(None, 0, "", [1, 2, 3, 4], "chat", 0), Job(None, 0, "", [5, 6], "chat", 0)]
     free = hf.run(jobs, GenerateConfig(max_tokens=40))
@@ -224,3 +224,50 @@ def test_repetition_guard_cuts_vllm_outputs_afterwards():
     jobs = [Job(None, 0, "", [1], "chat", 0), Job(None, 0, "", [2], "chat", 1)]
     res = VllmBackend("unused", GenerateConfig(), llm=FakeLLM()).run(jobs, GenerateConfig(repetition_guard=2))
     assert res == [Completion("5|1|2|1|2|1|2", [5, 1, 2, 1, 2, 1, 2], "repetition"), Completion("fine", [5, 6, 7], "stop")]
+
+
+def test_completion_generations_stop_at_the_benchmarks_stop_strings(tiny, tmp_path, monkeypatch):
+    """Issue 12.2: the engines get the benchmark's stop strings (completion prompts) and stop there; the output text
+    is its decoded tokens and ends with the stop string; provenance records them."""
+    import sys
+    import types
+
+    from btp import benchmarks
+    from btp.generate import Job, VllmBackend
+
+    _, t, info = tiny
+    stops = benchmarks.get("humaneval").stops
+    tail = "    return 1\n# trailing prose the model would go on with\ndef more():\n"
+    seen = {}
+
+    class Stub:   # a model whose `generate` writes `tail` (no EOS) after each prompt
+        generation_config = types.SimpleNamespace(eos_token_id=257)
+        device = "cpu"
+
+        def generate(self, input_ids, attention_mask, generation_config, **kw):
+            seen.update(stop_strings=generation_config.stop_strings, tokenizer=kw.get("tokenizer"))
+            new = torch.tensor(t(tail, add_special_tokens=False)["input_ids"]).expand(len(input_ids), -1)
+            return torch.cat([input_ids, new], 1)
+
+    cfg = GenerateConfig(dataset="humaneval", limit=2, max_tokens=64, results_dir=str(tmp_path), backend="hf",
+                         prompt_style="completion")
+    out = generate(cfg, engine=HfBackend(Stub(), t), tokenizer=t, model_info=info)
+    assert seen["stop_strings"] == sorted(stops) and seen["tokenizer"] is t
+    runs = json.loads((out.parent / "generations.runs.json").read_text())
+    assert runs[0]["stop"] == list(stops)
+    for r in read_jsonl(out):
+        assert r["output"] == "    return 1\n#" == t.decode(r["output_token_ids"], skip_special_tokens=True)
+        assert r["finish_reason"] == "stop" and r["code"] == "    return 1"
+    # vLLM: the same stop strings, kept in the text so that it is the decoded token ids
+    params = {}
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: params.update(kw)))
+
+    class LLM:
+        def generate(self, prompts, ps, use_tqdm):
+            c = types.SimpleNamespace(text="x", token_ids=[1], finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[c]) for _ in prompts]
+
+    p = load_problems("humaneval", limit=1)[0]
+    VllmBackend.run(types.SimpleNamespace(llm=LLM()), [Job(p, 0, "", [1], "completion", 0, tuple(stops))],
+                    GenerateConfig())
+    assert params["stop"] == list(stops) and params["include_stop_str_in_output"] is True

@@ -206,3 +206,18 @@ def test_common_start_is_exact(name):
     run = hs.HeadSetScorer(model, ss.samples[0], [2], start=2)
     with pytest.raises(ValueError, match="above a set's lowest layer"):
         run.ce([[(1, 0)]])
+
+
+def test_noop_row_measures_the_batching_noise_floor():
+    """Issue 12.11: with `noop_row`, every batched pass carries a row with no head removed; its distance to the base
+    pass is recorded, and the other rows are unchanged."""
+    from btp.headsets import HeadSetScorer
+
+    model = make_tiny("llama")
+    ss = tiny_set()
+    sets = [[(l, h)] for l in range(3) for h in range(4)]
+    plain = HeadSetScorer(model, ss.samples[0], range(3), batch_rows=3)
+    noop = HeadSetScorer(model, ss.samples[0], range(3), batch_rows=3, noop_row=True)
+    assert np.isnan(noop.noop_delta)
+    np.testing.assert_allclose(noop.ce(sets).numpy(), plain.ce(sets).numpy(), atol=1e-5)
+    assert 0 <= noop.noop_delta < 1e-5 and np.isnan(plain.noop_delta)

@@ -61,13 +61,17 @@ def test_titles_state_population(results_tree):
 @pytest.mark.slow
 def test_entropy_lines_are_the_stored_means(results_tree):
     a = bp.load_entropy(results_tree, MODEL, "humaneval", "regular-all")
-    fig = bp.entropy_by_layer(a)
+    fig = bp.entropy_by_layer(a, band="sd")
     ent_ax, ce_ax = fig.axes[:2]
     np.testing.assert_allclose(ent_ax.lines[0].get_ydata(), a.data["entropy_mean"], rtol=1e-6)
     np.testing.assert_allclose(ce_ax.lines[0].get_ydata(), a.data["ce_mean"], rtol=1e-6)
     assert list(ent_ax.lines[0].get_xdata()) == list(range(1, 31))
     _, lo, hi = bp._band(a, "ce", "ci")
     assert np.all(lo <= a.data["ce_mean"] + 1e-6) and np.all(a.data["ce_mean"] <= hi + 1e-6)
+    # the default: the sample-weighted mean and its stored CI over problems (issue 12.9)
+    ci_ax = bp.entropy_by_layer(a).axes[0]
+    np.testing.assert_allclose(ci_ax.lines[0].get_ydata(), a.data["entropy_sample_mean"], rtol=1e-6)
+    assert "CI over problems" in ci_ax.get_legend().get_title().get_text()
     groups = bp.compare(bp.load_all(results_tree, MODEL, "entropy"), "mode")
     assert [[x.name for x in g] for g in groups] == [["regular-all", "chain_code-all"]]
 
@@ -157,3 +161,26 @@ def test_model_dir_errors(tmp_path):
     assert (s.mode, s.population, s.extra) == ("chain_code", "reference/all", "mean")
     s = parse_stem("regular")
     assert (s.mode, s.population, s.extra) == ("regular", "generations/correct", "")
+
+
+def test_paired_populations_get_their_own_figure():
+    """Issue 12.12: correct vs incorrect on the same problems is shown as its own comparison."""
+    L = 3
+    arrays = {"layer": np.arange(1, L + 1), **{f"{m}_{k}": np.ones(L) for m in ("entropy", "ce")
+                                               for k in ("mean", "std", "sample_mean", "ci_low", "ci_high")}}
+    items = [bp.Analysis("entropy", "humaneval", n, arrays) for n in
+             ("regular", "regular-incorrect", "regular-correct_paired", "regular-incorrect_paired", "chain_code")]
+    groups = bp.paired(items)
+    assert [[a.name for a in g] for g in groups] == [["regular-correct_paired", "regular-incorrect_paired"]]
+    title = bp.entropy_by_layer(groups[0]).texts[0].get_text()
+    assert "paired" in " ".join(t.get_text() for t in bp.entropy_by_layer(groups[0]).axes[0].get_legend().texts) \
+        or "paired" in title
+
+
+def test_knockout_figure_says_whether_its_curves_are_held_out():
+    """Issue 12.8: a knockout figure names its selection (held-out or in-sample)."""
+    pt = {"k": 1, "mean_ce": 1.0, "ci_low": 0.9, "ci_high": 1.1}
+    for sel, word in (("held-out: ranked on 3 problems, curves on 1 other problems", "held-out"),
+                      ("in-sample: ranked and reported on the same samples (optimistic)", "in-sample")):
+        fig = bp.knockout_curves({"top": [pt], "selection": sel, "ci": "over problems"})
+        assert word in fig.axes[0].get_title()

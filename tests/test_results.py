@@ -28,7 +28,7 @@ STEMS = {
     "chain_code-reference-mean-layers0_5": ("chain_code", "reference/all", ("mean", "layers0_5")),
     "regular-layers0_5": ("regular", "generations/correct", ("layers0_5",)),
     "regular-reference-token": ("regular", "reference/all", ("token",)),
-    "regular-incorrect-signed-l2norm-mytag": ("regular", "generations/incorrect", ("signed", "l2norm", "mytag")),
+    "regular-incorrect-signed-nonorm-mytag": ("regular", "generations/incorrect", ("signed", "nonorm", "mytag")),
 }
 
 
@@ -87,9 +87,9 @@ def test_stems_as_the_stages_write_them():
                     w for w in ("mean" if abl == "mean" else None,
                                 "layers" + "_".join(map(str, layers)) if layers else None) if w)
     assert output_name("regular", "mean", [0, 2]) == "regular-mean-layers0_2"
-    t = TaylorConfig(estimator="gate", signed=True, normalize=True)
+    t = TaylorConfig(estimator="gate", signed=True, normalize=False)
     name = str(SampleConfig(source="reference").output_stem.with_variant(*t.variant, "v2"))
-    assert name == "regular-reference-signed-l2norm-v2" and str(R.parse_stem(name)) == name
+    assert name == "regular-reference-signed-nonorm-v2" and str(R.parse_stem(name)) == name
 
 
 def test_bad_names_refused():

@@ -136,3 +136,44 @@ def test_bootstrap_mean_elementwise_with_nan_padding():
     assert one.mean.shape == () and float(one.low) <= float(one.mean) <= float(one.high)
     empty = bootstrap_mean(np.zeros((0, 2)))
     assert np.isnan(empty.mean).all() and empty.mean.shape == (2,)
+
+
+def test_clustered_mean_resamples_problems_and_skips_nan_samples():
+    """Issue 12.7 / 12.3: samples of one problem are one cluster (averaged first, problems resampled), and a NaN
+    sample drops out of its entry only instead of erasing it."""
+    from btp.stats import cluster_means, clustered_mean
+
+    rng = np.random.default_rng(0)
+    level = rng.normal(0, 1, 20)                       # problem difficulty
+    pids = np.repeat([f"p{i}" for i in range(20)], 5)  # 5 near-identical samples per problem
+    x = level[np.repeat(np.arange(20), 5)] + rng.normal(0, 0.01, 100)
+    naive = bootstrap_mean(x, n_boot=2000, seed=1)
+    cl = clustered_mean(x, pids, n_boot=2000, seed=1)
+    assert (cl.high - cl.low) > 1.8 * (naive.high - naive.low)     # ~sqrt(5) wider: 20 problems, not 100 samples
+    assert int(cl.n) == 20
+    # uneven samples per problem: every problem weighs the same
+    m = clustered_mean(np.array([1.0, 1.0, 1.0, 4.0]), ["a", "a", "a", "b"], n_boot=50)
+    assert float(m.mean) == pytest.approx(2.5)
+    cm, cnt = cluster_means(np.array([[1.0, np.nan], [3.0, 5.0], [7.0, 9.0]]), ["b", "b", "a"])
+    np.testing.assert_allclose(cm, [[2.0, 5.0], [7.0, 9.0]]) and np.testing.assert_array_equal(cnt, [[2, 1], [1, 1]])
+    # one NaN sample no longer erases an entry; an all-NaN entry (padding) stays NaN with n = 0
+    y = rng.normal(size=(6, 3))
+    y[2, 0] = np.nan
+    y[:, 2] = np.nan
+    r = clustered_mean(y, None, n_boot=200, seed=0)
+    assert r.mean[0] == pytest.approx(np.nanmean(y[:, 0])) and r.low[0] <= r.mean[0] <= r.high[0]
+    assert np.isnan(r.mean[2]) and np.isnan(r.low[2]) and r.n.tolist() == [5, 6, 0]
+
+
+def test_random_control_band_holds_the_spread_between_draws():
+    """Issue 12.8: a band over samples of the draw-averaged curve misses how much random draws differ; resampling
+    draws and problems together does not."""
+    from btp.stats import clustered_mean, draws_clustered_mean
+
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0, 1, (5, 1)) + rng.normal(0, 0.01, (5, 40))   # 5 draws far apart, samples alike
+    pids = [f"p{i}" for i in range(40)]
+    naive = clustered_mean(draws.mean(0), pids, n_boot=500)
+    both = draws_clustered_mean(draws, pids, n_boot=500)
+    assert float(both.mean) == pytest.approx(draws.mean())
+    assert (both.high - both.low) > 20 * (naive.high - naive.low)

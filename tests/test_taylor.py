@@ -126,7 +126,7 @@ def test_signed_normalized_and_choice():
     ss = make_samples(3)
     pruned = [(0, 0)]
     grads = [sample_scores(model, s, pruned)[1] for s in ss.samples]
-    signed, _, _ = score_heads(model, ss.samples, pruned, TaylorConfig(signed=True))
+    signed, _, _ = score_heads(model, ss.samples, pruned, TaylorConfig(signed=True, normalize=False))
     absd, raw, _ = score_heads(model, ss.samples, pruned, TaylorConfig(normalize=True))
     np.testing.assert_allclose(signed[0, 1:], -sum(grads)[0, 1:], rtol=1e-6)
     np.testing.assert_allclose(raw[1:], sum(np.abs(g) for g in grads)[1:], rtol=1e-6)
@@ -295,10 +295,24 @@ def test_cli_presets_and_flags():
 
     root = Path(__file__).resolve().parent.parent
     a = cli.parse(build_parser(), ["--config", str(root / "configs/taylor_paper.json"), "--num-iters", "3"])
-    assert a.normalize and a.estimator == "gate" and a.num_iters == 3 and _heldout_arg(str(a.heldout)) == 0.25
+    assert not a.no_normalize and a.estimator == "gate" and a.num_iters == 3 and _heldout_arg(str(a.heldout)) == 0.25
     a = cli.parse(build_parser(), ["--config", str(root / "configs/taylor_smoke.json")])
     assert a.source == "reference" and a.num_samples == 4 and a.num_iters == 2
     assert _heldout_arg("8") == 8 and isinstance(_heldout_arg("8"), int)
     for bad in ("1.5", "x"):
         with pytest.raises(ValueError, match="--heldout"):
             _heldout_arg(bad)
+
+
+def test_paper_estimator_is_the_default_and_documented():
+    """Issue 12.10: the default is the paper's estimator (gate gradient, per-layer L2 normalisation) under the plain
+    output name; the docs do not credit the per-token variant to the original code."""
+    import btp.taylor as T
+
+    cfg = TaylorConfig()
+    assert cfg.estimator == "gate" and cfg.normalize and cfg.variant == ()
+    assert TaylorConfig(normalize=False).variant == ("nonorm",)
+    a = T.cli.parse(T.build_parser(), [])
+    assert T.cli.config_from(TaylorConfig, a).normalize
+    assert T.cli.config_from(TaylorConfig, T.cli.parse(T.build_parser(), ["--no-normalize"])).normalize is False
+    assert "token` (the original code" not in T.__doc__ and "what the original code computes" in T.__doc__

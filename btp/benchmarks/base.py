@@ -98,14 +98,21 @@ class Benchmark:
         """Plain prompt for a base model; its output continues the code the prompt opens."""
         raise NotImplementedError
 
-    def reference_output(self, problem: Problem, style: str = "chat") -> str:
-        """The assistant answer that teacher-forces the reference solution; `prompts.extract` (same style)
-        returns exactly the reference."""
+    def teacher_text(self, problem: Problem) -> str:
+        """The reference as teacher-forced for analysis (`reference_output`); the evaluator judges the raw
+        `problem.reference`. A benchmark whose references carry artefacts of their source (line endings, trailing
+        blanks) overrides this to score the model on the program, not on the artefacts."""
         if problem.reference is None:
             raise ValueError(f"{problem.problem_id}: {problem.dataset} has no reference solution")
+        return problem.reference
+
+    def reference_output(self, problem: Problem, style: str = "chat", code: str | None = None) -> str:
+        """The assistant answer that teacher-forces `code` (default: `teacher_text`); `prompts.extract` (same
+        style) returns exactly that code."""
+        code = self.teacher_text(problem) if code is None else code
         if style == "completion":
-            return problem.reference
-        return f"```python\n{problem.reference}\n```"
+            return code
+        return f"```python\n{code}\n```"
 
     # ------------------------------------------------------------ judging
 

@@ -43,10 +43,11 @@ class HumanEval(Benchmark):
     def completion_prompt(self, problem: Problem) -> str:
         return problem.text
 
-    def reference_output(self, problem: Problem, style: str = "chat") -> str:
-        if style == "completion" and problem.reference is not None:  # the prompt already holds the signature
-            return problem.reference[len(problem.text):]
-        return super().reference_output(problem, style)
+    def reference_output(self, problem: Problem, style: str = "chat", code: str | None = None) -> str:
+        code = self.teacher_text(problem) if code is None else code
+        if style == "completion":  # the prompt already holds the signature
+            return code[len(problem.text):]
+        return super().reference_output(problem, style, code)
 
     def program(self, problem: Problem, code: str) -> Program:
         """A full solution keeps the prompt's imports and helpers (its own def of the entry point replaces

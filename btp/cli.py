@@ -194,6 +194,19 @@ def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
     return sorted(set(out))
 
 
+def parse_heldout(v: str | float | int) -> float | int:
+    """`--heldout`: `0.25` (a fraction of the problems, written with a point) or `8` (a number of problems)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"--heldout must be a fraction (0.25) or a count (8), got {v!r}") from None
+    if "." in str(v) or "e" in str(v).lower():
+        if not 0 < x < 1:
+            raise ValueError(f"--heldout fraction must be in (0, 1), got {v}")
+        return x
+    return int(x)
+
+
 def parse_ks(spec: str | Sequence[int] | None) -> list[int] | None:
     """`"1,2,4,8"` -> [1, 2, 4, 8]; None/""/"auto" -> None."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "auto")):

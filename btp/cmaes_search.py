@@ -505,21 +505,11 @@ def compare_controls(final: np.ndarray, space: Space, heldout: Fitness, scoring:
 
 # ---------------------------------------------------------------- CLI
 
-def _heldout_arg(v: str | float | int) -> float | int:
-    s = str(v)
-    x = float(s)
-    if "." in s or "e" in s.lower():
-        if not 0 < x < 1:
-            raise ValueError(f"--heldout fraction must be in (0, 1), got {v}")
-        return x
-    return int(x)
-
-
 @dataclass
 class RunConfig:
     """The stage's options besides the search: the split (Taylor's), controls, memory, the output tag."""
     heldout: float | int = opt(0.25, "held-out problems: a fraction (0.25) or a count (8), as btp.taylor",
-                               parse=_heldout_arg)
+                               parse=lambda v: cli.parse_heldout(str(v)))
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed, as btp.taylor)")
     control_draws: int = opt(5, "random control masks (same heads per layer as the final mask)")
     n_boot: int = opt(1000, "bootstrap resamples over problems for CIs")

@@ -241,7 +241,8 @@ class PrunedConfig:
     controls: int = opt(3, "random head sets of the same per-layer counts per setting")
     ce_only: bool = opt(False, "stop after the held-out CE of every arm (cheap; nothing generated)")
     keep_checkpoints: bool = opt(False, "keep each arm's pruned checkpoint after it is evaluated")
-    heldout: float = opt(0.25, "held-out problems of the analysis samples for the CE (fraction or count, as Taylor)")
+    heldout: float | int = opt(0.25, "held-out problems of the analysis samples for the CE (fraction or count, as Taylor)",
+                               parse=lambda v: cli.parse_heldout(str(v)))
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed, as Taylor)")
     n_boot: int = opt(10000, "bootstrap resamples for the paired CIs")
 
@@ -622,7 +623,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     problems = [q.problem_id for q in benchmarks.get(args.dataset).load(limit=gen.limit, variant=gen.variant)]
     tok = load_tokenizer(args.model)
     ss = load_samples(args.results_dir, ref.model_id, args.dataset, scfg, tok)
-    heldout = ss.split(_heldout(cfg.heldout), seed=args.seed if cfg.split_seed is None else cfg.split_seed)[1]
+    heldout = ss.split(cfg.heldout, seed=args.seed if cfg.split_seed is None else cfg.split_seed)[1]
     gen_id = {k: v for k, v in asdict(gen).items() if k not in ("batch_size", "eval_workers", "gpu_memory_utilization")}
     arm_base = {"model": ref.model_id, "revision": ref.revision, "dtype": dtype_s, "dataset": args.dataset,
                 "seed": args.seed, "generation": gen_id}
@@ -658,10 +659,6 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _heldout(v: float) -> float | int:
-    return int(v) if float(v) >= 1 else float(v)
 
 
 if __name__ == "__main__":  # vLLM's engine spawns processes that re-import modules

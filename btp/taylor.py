@@ -343,24 +343,11 @@ def run_taylor(model: torch.nn.Module, scoring: SampleSet | Sequence[Sample], he
 
 # ---------------------------------------------------------------- CLI
 
-def _heldout_arg(v: str | float | int) -> float | int:
-    """`0.25` (a fraction of the problems) or `8` (a number of problems)."""
-    try:
-        x = float(v)
-    except ValueError:
-        raise ValueError(f"--heldout must be a fraction (0.25) or a count (8), got {v!r}") from None
-    if "." in str(v) or "e" in str(v).lower():
-        if not 0 < x < 1:
-            raise ValueError(f"--heldout fraction must be in (0, 1), got {v}")
-        return x
-    return int(x)
-
-
 @dataclass
 class SplitConfig:
     """The stage's run options besides the pruning itself: the scoring/held-out split, memory, the output tag."""
     heldout: float | int = opt(0.25, "held-out problems: a fraction (0.25) or a count (8)",
-                               parse=lambda v: _heldout_arg(str(v)))
+                               parse=lambda v: cli.parse_heldout(str(v)))
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed)")
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
     tag: str | None = opt(None, "suffix of the output stem (keeps variants apart)")

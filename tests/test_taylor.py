@@ -291,7 +291,8 @@ def test_cli_presets_and_flags():
     from pathlib import Path
 
     from btp import cli
-    from btp.taylor import _heldout_arg, build_parser
+    from btp.cli import parse_heldout as _heldout_arg
+    from btp.taylor import build_parser
 
     root = Path(__file__).resolve().parent.parent
     a = cli.parse(build_parser(), ["--config", str(root / "configs/taylor_paper.json"), "--num-iters", "3"])

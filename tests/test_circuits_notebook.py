@@ -10,9 +10,10 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from nbclient import NotebookClient
 from results_tree import results_tree, tree_copy  # noqa: F401  (session fixture)
 from test_circuits import perturbed_copy
+from test_notebooks import execute as run_notebook
+from test_notebooks import n_images, outputs  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = ROOT / "notebooks"
@@ -26,21 +27,7 @@ def kernel_imports_this_checkout(monkeypatch):
 
 
 def execute(results_dir: Path, base: str | None, other: str | None) -> nbformat.NotebookNode:
-    nb = nbformat.read(NB_DIR / f"{NAME}.ipynb", as_version=4)
-    i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    inj = nbformat.v4.new_code_cell(f"RESULTS_DIR = {str(results_dir)!r}\nBASE = {base!r}\nOTHER = {other!r}")
-    inj.metadata["tags"] = ["injected-parameters"]   # as papermill would inject them
-    nb.cells.insert(i + 1, inj)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}}).execute()
-    return nb
-
-
-def outputs(nb) -> list:
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-
-
-def n_images(nb) -> int:
-    return sum("image/png" in o.get("data", {}) for o in outputs(nb))
+    return run_notebook(NAME, results_dir, BASE=base, OTHER=other)
 
 
 def printed(nb) -> str:

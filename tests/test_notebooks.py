@@ -10,7 +10,6 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
 from results_tree import model_dir, results_tree, tree_copy  # noqa: F401  (session fixture)
 
 NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -21,10 +20,13 @@ NOTEBOOKS = {"generation_analysis": 4, "entropy_analysis": 16, "head_ablation_an
              "optimization_analysis": 8}
 
 
-def execute(name: str, results_dir: Path, model: str = "smollm2-135m") -> nbformat.NotebookNode:
+def execute(name: str, results_dir: Path, model: str = "smollm2-135m", **params: object) -> nbformat.NotebookNode:
+    """Run a notebook top to bottom with RESULTS_DIR, MODEL and any other `params` injected after its
+    `parameters` cell, as papermill would."""
     nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
     i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    inj = nbformat.v4.new_code_cell(f"RESULTS_DIR = {str(results_dir)!r}\nMODEL = {model!r}")
+    values = {"RESULTS_DIR": str(results_dir), "MODEL": model, **params}
+    inj = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in values.items()))
     inj.metadata["tags"] = ["injected-parameters"]   # as papermill would inject them
     nb.cells.insert(i + 1, inj)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}}).execute()

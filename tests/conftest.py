@@ -72,3 +72,13 @@ def tiny_model(request):
 def tiny_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(1, 128, (1, 12), generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared small
+    machine, threads under contention run far slower (2 threads ~15x slower measured on 2 busy cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

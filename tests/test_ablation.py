@@ -21,13 +21,7 @@ TOL = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads under contention run ~15x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = {**{a: (lambda a=a: make_tiny(a)) for a in ARCH_NAMES}, "mixed": make_mixed}
 

@@ -38,12 +38,7 @@ from btp.results import Stem, mask_from_rows, read_partial, write_partial
 WALL = ("time_s", "elapsed_s", "provenance")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_encodings_and_budget():

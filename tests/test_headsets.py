@@ -16,13 +16,7 @@ TOL = 1e-5
 MODELS = {**{a: (lambda a=a: make_tiny(a)) for a in ARCH_NAMES}, "mixed": make_mixed}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared small machine, threads under contention run far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_sets(model, n: int, seed: int = 0) -> list[list[tuple[int, int]]]:

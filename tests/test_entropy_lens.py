@@ -12,7 +12,7 @@ from btp.arch import adapter
 from btp.entropy_lens import LensConfig, lens_sample, run_entropy_lens
 from btp.samples import Sample, SampleConfig, SampleSet
 from btp.store import read_npz
-from conftest import make_mixed, make_tiny
+from conftest import KERNELS, make_mixed, make_tiny
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 
@@ -49,8 +49,9 @@ def _samples(n_vocab: int, seed: int = 3) -> dict[str, list[Sample]]:
 
 @pytest.mark.parametrize("arch", ARCHS + ["mixed"])
 @pytest.mark.parametrize("mode", ["regular", "chain_code"])
-def test_matches_direct_reference(arch, mode):
-    model = make_mixed() if arch == "mixed" else make_tiny(arch)
+@pytest.mark.parametrize("attn", KERNELS)
+def test_matches_direct_reference(arch, mode, attn):
+    model = make_mixed(attn=attn) if arch == "mixed" else make_tiny(arch, attn=attn)
     for s in _samples(model.config.vocab_size)[mode]:
         got = lens_sample(model, torch.from_numpy(s.input_ids), torch.from_numpy(s.positions),
                           torch.from_numpy(s.targets), chunk_tokens=8)

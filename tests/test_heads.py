@@ -277,3 +277,16 @@ def test_gate_gradient_accumulates_in_fp32_for_bf16_models(tiny_ids):
         model(input_ids=tiny_ids, labels=tiny_ids).loss.float().backward()
     assert g.grad.dtype == torch.float32 and dots.abs().min() > 0
     torch.testing.assert_close(g.grad[0], dots, atol=1e-6, rtol=1e-4)
+
+
+def test_record_keeps_only_the_asked_positions(tiny_ids):
+    """`positions` keeps [B, P, ...] as activations pass: the same values as the full record, indexed."""
+    model = make_tiny("llama", attn="auto")
+    pos = torch.tensor([0, 5, 11])
+    with torch.no_grad(), record(model, layer_inputs=[1, 2], o_proj_inputs=[0]) as full:
+        model(tiny_ids)
+    with torch.no_grad(), record(model, layer_inputs=[1, 2], o_proj_inputs=[0], positions=pos) as some:
+        model(tiny_ids)
+    assert some.keys() == full.keys()
+    for k in full:
+        assert some[k].shape[1] == 3 and torch.equal(some[k], full[k][:, pos])

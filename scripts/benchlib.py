@@ -72,20 +72,21 @@ def _status_kb(field: str) -> int | None:
 
 
 class Peak:
-    """Peak memory above the start of each timed segment, the largest over a method's segments: on CUDA
-    max_memory_allocated, on CPU the resident high-water mark (VmHWM, reset through /proc/self/clear_refs at each
-    segment's start; without that, ru_maxrss over the whole process, marked approximate)."""
+    """Peak memory above the start of each timed segment: on CUDA max_memory_allocated, on CPU the resident
+    high-water mark (VmHWM, reset through /proc/self/clear_refs at each segment's start; without that, ru_maxrss over
+    the whole process, marked approximate). `gib(name)`: the largest over a method's segments (parts of one run);
+    `gib(name, min)`: the smallest (whole runs repeated: on CPU the first run also pays the heap's growth)."""
 
     def __init__(self, device: torch.device | str):
         self.cuda = torch.device(device).type == "cuda"
-        self.peak: dict[str, int] = {}
+        self.peak: dict[str, list[int]] = {}
         self.exact = True
 
     def __call__(self, name: str) -> _Segment:
         return _Segment(self, name)
 
-    def gib(self, name: str) -> float:
-        return self.peak.get(name, 0) / 2 ** 30
+    def gib(self, name: str, how=max) -> float:
+        return how(self.peak.get(name, [0])) / 2 ** 30
 
 
 class _Segment:
@@ -112,4 +113,4 @@ class _Segment:
         else:
             top = ((_status_kb("VmHWM") if self.p.exact else None)
                    or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-        self.p.peak[self.name] = max(self.p.peak.get(self.name, 0), top - self.base)
+        self.p.peak.setdefault(self.name, []).append(top - self.base)

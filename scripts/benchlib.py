@@ -74,8 +74,8 @@ def _status_kb(field: str) -> int | None:
 class Peak:
     """Peak memory above the start of each timed segment: on CUDA max_memory_allocated, on CPU the resident
     high-water mark (VmHWM, reset through /proc/self/clear_refs at each segment's start; without that, ru_maxrss over
-    the whole process, marked approximate). `gib(name)`: the largest over a method's segments (parts of one run);
-    `gib(name, min)`: the smallest (whole runs repeated: on CPU the first run also pays the heap's growth)."""
+    the whole process, marked approximate). `gib(name)`: the largest over a method's segments. On CPU this is
+    resident memory: a segment that reuses heap freed by an earlier one shows less than it used."""
 
     def __init__(self, device: torch.device | str):
         self.cuda = torch.device(device).type == "cuda"

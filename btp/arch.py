@@ -41,6 +41,18 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
+def attn_softcap(config) -> float | None:
+    """Soft-capping of attention logits (Gemma2): eager and FlashAttention apply it, torch's SDPA cannot (it would
+    silently compute another model)."""
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "attn_logit_softcapping", None) or None
+
+
+def attn_kernel(model: nn.Module) -> str:
+    """The attention implementation the model runs with ("eager", "sdpa", "flash_attention_2", ...)."""
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
 class UnsupportedArchitecture(ValueError):
     pass
 

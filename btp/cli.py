@@ -4,7 +4,7 @@
   override them.
 - Flags come from config dataclasses (`add_flags`, `config_from`): a field's default and help (`opt(...)`) are
   written once, in the dataclass. Shared flags are declared once: `Common` (model, dataset, results dir, seed),
-  `Runtime` (dtype, device, device map, force, progress) and the sample flags (`SampleConfig`).
+  `Runtime` (dtype, device, device map, attention kernel, force, progress) and the sample flags (`SampleConfig`).
 - The analysis stage path (`prepare` -> `Run.claim` -> `Run.load`): parse, resolve the model id, build the samples,
   claim the output (fresh / resume / done, refusing another identity), and load weights only when there is work.
 """
@@ -120,6 +120,11 @@ class Runtime:
     dtype: str | None = opt(None, "float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on GPU)")
     device: str | None = opt(None, "cpu | cuda | cuda:1 (default: cuda when available)")
     device_map: str | None = opt(None, 'e.g. "auto" or a JSON object {"model.layers.0": 0, ...}', parse=_device_map)
+    # as models.ATTN_CHOICES (this module stays torch-free). Speed and memory only (kernels agree to float noise):
+    # recorded in provenance, not part of an output's identity.
+    attn_implementation: str = opt("auto", "attention kernel; auto: flash_attention_2 when importable on CUDA, else "
+                                   "sdpa (eager where sdpa cannot compute the model)",
+                                   choices=("auto", "sdpa", "eager", "flash_attention_2"))
     force: bool = opt(False, "recompute: discard existing outputs and progress files")
     no_progress: bool = opt(False, "no progress bars")
 
@@ -138,7 +143,7 @@ def add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
 
 
 def add_runtime(p: argparse.ArgumentParser, *, device_map: bool = False) -> None:
-    """--dtype, --device, [--device-map], --force, --no-progress."""
+    """--dtype, --device, [--device-map], --attn-implementation, --force, --no-progress."""
     add_flags(p, Runtime, skip=() if device_map else ("device_map",))
 
 
@@ -297,7 +302,8 @@ class Run:
             from .models import load_model
 
             dm = _device_map(getattr(self.args, "device_map", None))
-            self._loaded = load_model(self.args.model, dtype=self.dtype, device=self.device, device_map=dm)
+            self._loaded = load_model(self.args.model, dtype=self.dtype, device=self.device, device_map=dm,
+                                      attn_implementation=getattr(self.args, "attn_implementation", "auto"))
         return self._loaded
 
     def stamp(self, lm: Any, **extra: Any) -> dict:
@@ -306,7 +312,7 @@ class Run:
 
         return provenance(stage=self.spec.name, model=lm.model_id, revision=lm.revision, dataset=self.args.dataset,
                           mode=self.sample_config.mode, seed=self.args.seed, config=config_dict(self.args),
-                          samples=self.samples.describe(), **extra)
+                          samples=self.samples.describe(), attn_implementation=lm.attn_implementation, **extra)
 
 
 def prepare(spec: StageSpec, argv: Sequence[str] | None = None) -> Run:

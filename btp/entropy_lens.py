@@ -6,9 +6,10 @@ entropy of that distribution, the cross-entropy of the actual next token and KL(
 writes `results/<model-slug>/<dataset>/entropy/<stem>.npz` (+ `<stem>.json`). Layer L is exactly the model's own
 logits: its normed last hidden state is unembedded without a second norm.
 
-Memory: one forward pass per sample captures the residual streams ([L, T, d], small next to [L, T, V]) and keeps
-them at the scored positions only; vocab-sized fp32 tensors exist only for `chunk_tokens` (layer, position) rows at
-a time (three reused buffers), so [layers x tokens x vocab] is never held.
+Memory: one forward pass per sample (under SDPA or FlashAttention, the default: no [heads, T, T] scores) keeps the
+residual streams at the scored positions only, as they pass ([L, P, d]); vocab-sized fp32 tensors exist only for
+`chunk_tokens` (layer, position) rows at a time (three reused buffers), so [layers x tokens x vocab] is never held.
+Nothing grows with T^2.
 """
 from __future__ import annotations
 
@@ -110,14 +111,13 @@ def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
         raise IndexError(f"positions outside the sequence of {ids.shape[1]} tokens")
     if pos.numel():
         ids = ids[:, :int(pos.max()) + 1]   # causal: later tokens cannot change the scored positions
-    with record(model, layer_inputs=range(1, L)) as rec:
+    # residual after layer l (1-indexed) = input of layer index l, kept at the scored positions only, as they pass
+    # (memory [L, P, d], not [L, T, d]); moved to the unembedding's device (a device_map may spread the layers)
+    with record(model, layer_inputs=range(1, L), positions=pos) as rec:
         last = final_hidden(model, ids)
-        # residual after layer l (1-indexed) = input of layer index l; keep only the scored positions
-        # (moved to the unembedding's device: layers may sit on other GPUs under a device_map)
-        pick = lambda x: x[0].index_select(0, pos.to(x.device)).to(dev)
-        resid = [pick(rec["layer_in", l]) for l in range(1, L)]
+        resid = [rec["layer_in", l][0].to(dev) for l in range(1, L)]
         rec.clear()
-    final = pick(last)
+    final = last[0].index_select(0, pos.to(last.device)).to(dev)
     del last
     P, V, wdt = pos.numel(), ad.vocab_size, ad.unembed.weight.dtype
     res = {m: torch.zeros(P, L, dtype=torch.float32) for m in METRICS}

@@ -340,7 +340,7 @@ def _open(cfg: GenerateConfig, sess: Session) -> None:
         from .models import load_model
 
         lm = load_model(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=cfg.device,
-                        attn_implementation="sdpa")  # generation needs no hooks
+                        attn_implementation="auto")  # generation needs no hooks
         sess.model_info, sess.tokenizer, sess.hf_model = (str(lm.path), lm.model_id, lm.revision), lm.tokenizer, lm.model
     else:
         sess.model_info = sess.model_info or _resolve_model(cfg.model)

@@ -196,9 +196,10 @@ def fixed_attention(model: nn.Module, layer: int, o_proj_input: torch.Tensor) ->
 
 @contextmanager
 def record(model: nn.Module, *, layer_inputs: Iterable[int] = (), o_proj_inputs: Iterable[int] = (),
-           detach: bool = True) -> Iterator[dict]:
+           detach: bool = True, positions: torch.Tensor | None = None) -> Iterator[dict]:
     """Capture activations during forward passes in the block: `out["layer_in", l]` is the residual stream
-    entering layer l, `out["o_proj_in", l]` the o_proj input [B, T, heads*head_dim] of layer l."""
+    entering layer l, `out["o_proj_in", l]` the o_proj input [B, T, heads*head_dim] of layer l. With
+    `positions` [P], only those positions are kept ([B, P, ...]): memory grows with P, not with the sequence."""
     ad = adapter(model)
     out: dict = {}
     handles = []
@@ -206,6 +207,8 @@ def record(model: nn.Module, *, layer_inputs: Iterable[int] = (), o_proj_inputs:
     def keep(key):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
+            if positions is not None:
+                x = x.index_select(1, positions.to(x.device))
             out[key] = x.detach() if detach else x
         return hook
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .arch import Adapter, adapter
+from .arch import Adapter, adapter, attn_kernel
 from .heads import Head, fixed_attention, gates_for, head_gates, record, start_at_layer
 from .samples import Sample, SampleSet
 from .scoring import final_hidden, token_ce
@@ -63,8 +63,10 @@ class RowBudget(NamedTuple):
 
 def auto_rows(model: torch.nn.Module, seq_len: int) -> RowBudget:
     """(rows per batched pass that fit, memory budget in bytes): 60% of free memory on a GPU, 25% on a CPU
-    (shared machines). Per row: a layer's live activations plus eager attention scores, within two thirds of the
-    budget; the logits of the scored positions get the last third (see `logits_chunk`)."""
+    (shared machines). Per row: a layer's live activations, plus the [heads, T, T] scores (and softmax
+    temporaries) only under eager attention (SDPA and FlashAttention never hold them; a causal or sliding-window
+    mask is at most T x T bytes), within two thirds of the budget; the logits of the scored positions get the
+    last third (see `logits_chunk`)."""
     ad = adapter(model)
     cfg = ad.config
     elem = ad.unembed.weight.element_size()
@@ -72,7 +74,8 @@ def auto_rows(model: torch.nn.Module, seq_len: int) -> RowBudget:
     inter = getattr(cfg, "intermediate_size", None) or 4 * d
     qkv = max(lay.n_heads * lay.head_dim + 2 * lay.n_kv_heads * lay.head_dim for lay in ad.heads)
     budget = _free_bytes(ad.device) * (0.6 if ad.device.type == "cuda" else 0.25)
-    per_row = elem * seq_len * (6 * d + 3 * inter + qkv) + 4 * 3 * ad.max_heads * seq_len * seq_len
+    scores = 4 * 3 * ad.max_heads if attn_kernel(model) == "eager" else 1
+    per_row = elem * seq_len * (6 * d + 3 * inter + qkv) + scores * seq_len * seq_len
     return RowBudget(int(max(1, min(4096, (2 * budget / 3) // max(per_row, 1)))), budget)
 
 

@@ -44,6 +44,7 @@ class LoadedModel:
     path: str
     dtype: torch.dtype
     device: torch.device
+    attn_implementation: str = "eager"
 
     @property
     def name(self) -> str:
@@ -179,6 +180,33 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def resolve_attn(attn: str | None, device: torch.device, dtype: torch.dtype, config=None) -> str:
+    """The attention kernel to load with. "auto" (or None): FlashAttention 2 when importable on CUDA in bf16/fp16,
+    else SDPA; eager where SDPA would change the model (attention logit soft-capping, Gemma2) and FA2 is not
+    available. Every stage's hooks sit at o_proj inputs and layer inputs, so none needs eager's attention weights;
+    the kernels agree to float noise (the exactness tests run under each)."""
+    from .arch import attn_softcap
+
+    attn = attn or "auto"
+    if attn not in ATTN_CHOICES:
+        raise ValueError(f"unknown attention implementation '{attn}' (use one of {', '.join(ATTN_CHOICES)})")
+    capped = config is not None and attn_softcap(config) is not None
+    if attn == "auto":
+        import importlib.util
+
+        if (torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+                and importlib.util.find_spec("flash_attn") is not None):
+            return "flash_attention_2"
+        return "eager" if capped else "sdpa"
+    if attn == "sdpa" and capped:
+        raise ValueError("SDPA ignores this model's attention logit soft-capping (it would compute another model): "
+                         "use --attn-implementation eager or flash_attention_2")
+    return attn
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
@@ -187,20 +215,20 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, device_map: str | dict | None = None,
-               revision: str | None = None, attn_implementation: str | None = "eager") -> LoadedModel:
+               revision: str | None = None, attn_implementation: str | None = "auto") -> LoadedModel:
     """Load model + tokenizer (eval mode, no weight gradients). fp32 on CPU, bf16 on GPU unless told.
 
-    `attn_implementation="eager"` by default: exact and hookable everywhere; pass "sdpa" for speed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    `attn_implementation`: one of ATTN_CHOICES, resolved by `resolve_attn` ("auto": the fastest exact kernel);
+    the result's `attn_implementation` is the kernel the model runs with."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ref = resolve_model(name_or_path, revision)
     dev = torch.device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) or default_dtype(dev)
-    kw: dict = {"dtype": dt}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    if revision and ref.path == name_or_path:
-        kw["revision"] = revision
+    rev = {"revision": revision} if revision and ref.path == name_or_path else {}
+    attn = resolve_attn(attn_implementation, dev, dt, AutoConfig.from_pretrained(ref.path, **rev))
+    kw: dict = {"dtype": dt, "attn_implementation": attn}
+    kw.update(rev)
     if device_map is not None:
         kw["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(ref.path, **kw)
@@ -208,11 +236,12 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | 
         model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(ref.path, **({"revision": revision} if revision and ref.path == name_or_path else {}))
+    tok = AutoTokenizer.from_pretrained(ref.path, **rev)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model=model, tokenizer=tok, model_id=ref.model_id, revision=ref.revision, path=ref.path,
-                       dtype=dt, device=next(model.parameters()).device)
+                       dtype=dt, device=next(model.parameters()).device,
+                       attn_implementation=model.config._attn_implementation)
 
 
 def main(argv=None) -> None:

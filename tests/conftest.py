@@ -27,18 +27,25 @@ def _configs():
 
 
 ARCH_NAMES = list(_configs())
+# The exactness tests run under each: "auto" is what the stages load by default (SDPA here; eager for Gemma2,
+# whose attention soft-capping SDPA cannot compute), "eager" the kernel that materialises attention scores.
+KERNELS = ["auto", "eager"]
 
 
-def make_tiny(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny random causal LM of the given architecture, eval mode, fp32, eager attention."""
+def make_tiny(arch: str = "llama", seed: int = 0, attn: str = "eager", **overrides) -> torch.nn.Module:
+    """A tiny random causal LM of the given architecture, eval mode, fp32, with the attention kernel `attn`
+    (resolved as btp.models.load_model resolves it)."""
     from transformers import AutoModelForCausalLM
+
+    from btp.models import resolve_attn
 
     cfg = _configs()[arch]()
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    cfg._attn_implementation = "eager"
+    attn = resolve_attn(attn, torch.device("cpu"), torch.float32, cfg)
+    cfg._attn_implementation = attn
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     # random init of norms too, so that norm placement errors show up in the tests
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -47,19 +54,19 @@ def make_tiny(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modul
     return model.eval().requires_grad_(False)
 
 
-def make_mixed(seed: int = 0) -> torch.nn.Module:
+def make_mixed(seed: int = 0, attn: str = "eager") -> torch.nn.Module:
     """A tiny Llama whose layer 1 has 2 query heads sharing 1 KV head (the others: 4 heads, 2 KV heads):
     a mixed layout as in pruned or non-uniform models."""
     from torch import nn
 
-    model = make_tiny("llama", seed)
-    attn = model.model.layers[1].self_attn
+    model = make_tiny("llama", seed, attn=attn)
+    sa = model.model.layers[1].self_attn
     d, hd, nq, nkv = 64, 16, 2, 1
     torch.manual_seed(seed + 1)
-    attn.q_proj, attn.k_proj, attn.v_proj = nn.Linear(d, nq * hd, bias=False), nn.Linear(d, nkv * hd, bias=False), \
+    sa.q_proj, sa.k_proj, sa.v_proj = nn.Linear(d, nq * hd, bias=False), nn.Linear(d, nkv * hd, bias=False), \
         nn.Linear(d, nkv * hd, bias=False)
-    attn.o_proj = nn.Linear(nq * hd, d, bias=False)
-    attn.head_dim, attn.num_key_value_groups, attn.scaling = hd, nq // nkv, hd ** -0.5
+    sa.o_proj = nn.Linear(nq * hd, d, bias=False)
+    sa.head_dim, sa.num_key_value_groups, sa.scaling = hd, nq // nkv, hd ** -0.5
     return model.eval().requires_grad_(False)
 
 

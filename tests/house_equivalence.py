@@ -4,8 +4,8 @@ provenance stamps).
 
 `python tests/house_equivalence.py write DIR` runs the stages into a scratch tree and writes their canonical form to
 DIR (the committed "before" fixture, tests/fixtures/house_before/, was written from main at 235863d, before the
-change); `tests/test_house_equivalence.py` runs them again and compares. One torch thread, so that float reductions
-run in one order on every machine.
+change, and rewritten when SDPA became the default kernel); `tests/test_house_equivalence.py` runs them again and
+compares. One torch thread, so that float reductions run in one order on every machine.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ MODEL = "smollm2-135m"
 # provenance, timing and the machine's isolation facts: allowed to differ between two runs of the same numbers
 VOLATILE = {"isolation", "cgroup", "created", "host", "seconds", "git_commit", "versions", "config", "run", "run_key", "provenance",
             "duration", "stage", "model", "revision", "dataset", "mode", "seed", "device", "started", "finished",
-            "elapsed", "identity", "settings"}
+            "elapsed", "identity", "settings", "attn_implementation"}
 
 
 def stages(root: Path) -> list[tuple[str, list[str]]]:
@@ -167,6 +167,7 @@ def _first_diff(b, a, path: str = "") -> str:
 
 
 if __name__ == "__main__":  # python tests/house_equivalence.py write DEST [SCRATCH]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's btp, not an installed one
     if len(sys.argv) < 3 or sys.argv[1] != "write":
         sys.exit("usage: python tests/house_equivalence.py write DEST [SCRATCH]")
     scratch = Path(sys.argv[3] if len(sys.argv) > 3 else "/tmp/house_equivalence")

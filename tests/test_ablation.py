@@ -15,7 +15,7 @@ from btp.arch import adapter
 from btp.heads import fixed_attention, gates_for, head_gates, pruned_copy, record, start_at_layer
 from btp.samples import Sample, SampleConfig, SampleSet
 from btp.store import read_json, read_npz
-from conftest import ARCH_NAMES, make_mixed, make_tiny
+from conftest import ARCH_NAMES, KERNELS, make_mixed, make_tiny
 
 TOL = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MODELS = {**{a: (lambda a=a: make_tiny(a)) for a in ARCH_NAMES}, "mixed": make_mixed}
+MODELS = {**{a: (lambda attn="eager", a=a: make_tiny(a, attn=attn)) for a in ARCH_NAMES},
+          "mixed": lambda attn="eager": make_mixed(attn=attn)}
 
 
 def tiny_set(specs=((14, 6), (21, 9)), vocab: int = 128, seed: int = 3) -> SampleSet:
@@ -55,8 +56,9 @@ def direct_ce(model, sample: Sample, heads=(), rep=None) -> float:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_matrix_equals_direct_surgery(name):
-    model = MODELS[name]()
+@pytest.mark.parametrize("attn", KERNELS)
+def test_matrix_equals_direct_surgery(name, attn):
+    model = MODELS[name](attn)
     ad = adapter(model)
     ss = tiny_set()
     res = abl.run_matrix(model, ss, abl.MatrixConfig(batch_rows=3, per_token=True, n_boot=50, progress=False))
@@ -98,10 +100,11 @@ def test_attention_reuse_and_layers_subset(name):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3", "phi3"])
-def test_fixed_attention_primitive(arch, tiny_ids):
+@pytest.mark.parametrize("attn", KERNELS)
+def test_fixed_attention_primitive(arch, tiny_ids, attn):
     """Resuming at layer l with l's recorded o_proj input equals the full run, with and without gates on l,
     and layer l's attention is not computed."""
-    model = make_tiny(arch)
+    model = make_tiny(arch, attn=attn)
     ad = adapter(model)
     full = model(input_ids=tiny_ids).logits
     l = 1
@@ -128,8 +131,9 @@ def test_fixed_attention_primitive(arch, tiny_ids):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "mixed"])
-def test_knockout_equals_direct(name):
-    model = MODELS[name]()
+@pytest.mark.parametrize("attn", KERNELS)
+def test_knockout_equals_direct(name, attn):
+    model = MODELS[name](attn)
     ss = tiny_set()
     res = abl.run_matrix(model, ss, abl.MatrixConfig(progress=False, n_boot=20))
     ko = abl.run_knockout(model, ss, res["delta_mean"],

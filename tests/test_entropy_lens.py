@@ -12,7 +12,7 @@ from btp.arch import adapter
 from btp.entropy_lens import LensConfig, lens_sample, run_entropy_lens
 from btp.samples import Sample, SampleConfig, SampleSet
 from btp.store import read_npz
-from conftest import make_mixed, make_tiny
+from conftest import KERNELS, make_mixed, make_tiny
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 
@@ -49,8 +49,9 @@ def _samples(n_vocab: int, seed: int = 3) -> dict[str, list[Sample]]:
 
 @pytest.mark.parametrize("arch", ARCHS + ["mixed"])
 @pytest.mark.parametrize("mode", ["regular", "chain_code"])
-def test_matches_direct_reference(arch, mode):
-    model = make_mixed() if arch == "mixed" else make_tiny(arch)
+@pytest.mark.parametrize("attn", KERNELS)
+def test_matches_direct_reference(arch, mode, attn):
+    model = make_mixed(attn=attn) if arch == "mixed" else make_tiny(arch, attn=attn)
     for s in _samples(model.config.vocab_size)[mode]:
         got = lens_sample(model, torch.from_numpy(s.input_ids), torch.from_numpy(s.positions),
                           torch.from_numpy(s.targets), chunk_tokens=8)
@@ -171,7 +172,14 @@ def test_main_reference_run_on_embedded_model(tmp_path, capsys):
     assert N > 20 and z["entropy"].shape == z["ce"].shape == z["kl"].shape == (N, L)
     assert z["sample_entropy_mean"].shape == (2, L) and len(z["sample_offsets"]) == 3
     assert z["provenance"]["stage"] == "entropy_lens" and z["provenance"]["mode"] == "chain_code"
+    # the kernel it ran with (the default: SDPA on CPU) is recorded, and the flag as given
+    assert z["provenance"]["attn_implementation"] == "sdpa"
+    assert z["provenance"]["config"]["attn_implementation"] == "auto"
     meta = json.loads(path.with_suffix(".json").read_text())
+    # an eager rerun is the same output (the kernel is not part of its identity): it is skipped
+    capsys.readouterr()
+    assert main(argv + ["--attn-implementation", "eager"]) == path
+    assert "skipping" in capsys.readouterr().out
     assert meta["problem_ids"] == list(z["sample_problem_id"]) and len(meta["problem_ids"]) == 2
     # a real model: the last layer predicts reference code far better than the first
     assert z["ce_mean"][-1] < 0.5 * z["ce_mean"][0] and z["kl_mean"][-1] == 0

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from btp.arch import UnsupportedArchitecture, adapter
 from btp.heads import gates_for, head_gates, pruned_copy, record, start_at_layer, zero_heads_
-from conftest import ARCH_NAMES, make_mixed, make_tiny
+from conftest import ARCH_NAMES, KERNELS, make_mixed, make_tiny
 
 TOL = 1e-5
 HEADS = [(0, 1), (1, 0), (2, 3)]
@@ -40,8 +40,9 @@ def manual_ablation(model, ids, heads):
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_hook_surgery_manual_agree(arch, tiny_ids):
-    model = make_tiny(arch)
+@pytest.mark.parametrize("attn", KERNELS)
+def test_hook_surgery_manual_agree(arch, tiny_ids, attn):
+    model = make_tiny(arch, attn=attn)
     ad = adapter(model)
     base = logits(model, tiny_ids)
     with head_gates(model, gates_for(ad, HEADS)):
@@ -55,8 +56,9 @@ def test_hook_surgery_manual_agree(arch, tiny_ids):
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_per_row_masks_equal_separate_runs(arch, tiny_ids):
-    model = make_tiny(arch)
+@pytest.mark.parametrize("attn", KERNELS)
+def test_per_row_masks_equal_separate_runs(arch, tiny_ids, attn):
+    model = make_tiny(arch, attn=attn)
     ad = adapter(model)
     rows = [[(0, 0)], [(1, 2), (2, 1)], [], [(2, 3)]]
     ids = tiny_ids.expand(len(rows), -1)
@@ -139,8 +141,9 @@ def test_phi3_fused_qkv_layout(tiny_ids):
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_start_at_layer_is_exact(arch, tiny_ids):
-    model = make_tiny(arch)
+@pytest.mark.parametrize("attn", KERNELS)
+def test_start_at_layer_is_exact(arch, tiny_ids, attn):
+    model = make_tiny(arch, attn=attn)
     ad = adapter(model)
     full = logits(model, tiny_ids)
     for l in range(ad.n_layers):
@@ -238,10 +241,11 @@ def _direct_input_grad(model, ids, l):
 
 
 @pytest.mark.parametrize("mixed", [False, True])
-def test_o_proj_input_grads_equal_direct(mixed, tiny_ids):
+@pytest.mark.parametrize("attn", KERNELS)
+def test_o_proj_input_grads_equal_direct(mixed, tiny_ids, attn):
     from btp.heads import o_proj_input_grads
 
-    model = make_mixed() if mixed else make_tiny("llama")
+    model = make_mixed(attn=attn) if mixed else make_tiny("llama", attn=attn)
     ad = adapter(model)
     got = {}
     with o_proj_input_grads(model, lambda l, x, g: got.setdefault(l, []).append((x, g))):
@@ -273,3 +277,16 @@ def test_gate_gradient_accumulates_in_fp32_for_bf16_models(tiny_ids):
         model(input_ids=tiny_ids, labels=tiny_ids).loss.float().backward()
     assert g.grad.dtype == torch.float32 and dots.abs().min() > 0
     torch.testing.assert_close(g.grad[0], dots, atol=1e-6, rtol=1e-4)
+
+
+def test_record_keeps_only_the_asked_positions(tiny_ids):
+    """`positions` keeps [B, P, ...] as activations pass: the same values as the full record, indexed."""
+    model = make_tiny("llama", attn="auto")
+    pos = torch.tensor([0, 5, 11])
+    with torch.no_grad(), record(model, layer_inputs=[1, 2], o_proj_inputs=[0]) as full:
+        model(tiny_ids)
+    with torch.no_grad(), record(model, layer_inputs=[1, 2], o_proj_inputs=[0], positions=pos) as some:
+        model(tiny_ids)
+    assert some.keys() == full.keys()
+    for k in full:
+        assert some[k].shape[1] == 3 and torch.equal(some[k], full[k][:, pos])

@@ -9,11 +9,12 @@ import torch
 
 from btp import headsets as hs
 from btp.arch import adapter
-from conftest import ARCH_NAMES, make_mixed, make_tiny
+from conftest import ARCH_NAMES, KERNELS, make_mixed, make_tiny
 from test_ablation import direct_ce, tiny_set
 
 TOL = 1e-5
-MODELS = {**{a: (lambda a=a: make_tiny(a)) for a in ARCH_NAMES}, "mixed": make_mixed}
+MODELS = {**{a: (lambda attn="eager", a=a: make_tiny(a, attn=attn)) for a in ARCH_NAMES},
+          "mixed": lambda attn="eager": make_mixed(attn=attn)}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,8 +32,9 @@ def random_sets(model, n: int, seed: int = 0) -> list[list[tuple[int, int]]]:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_set_losses_equal_direct_surgery(name):
-    model = MODELS[name]()
+@pytest.mark.parametrize("attn", KERNELS)
+def test_set_losses_equal_direct_surgery(name, attn):
+    model = MODELS[name](attn)
     ss = tiny_set()
     sets = random_sets(model, 8, seed=len(name))
     assert any(len({l for l, _ in s}) > 1 for s in sets)
@@ -65,8 +67,9 @@ def test_mean_replacement_equals_direct(name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "qwen3", "mixed"])
-def test_batching_and_attention_reuse_change_nothing(name):
-    model = MODELS[name]()
+@pytest.mark.parametrize("attn", KERNELS)
+def test_batching_and_attention_reuse_change_nothing(name, attn):
+    model = MODELS[name](attn)
     ss = tiny_set()
     sets = random_sets(model, 9, seed=3)
     one = hs.set_losses(model, ss, sets, batch_rows=1)
@@ -185,12 +188,15 @@ def test_memory_sizing():
     assert 1 <= rows <= 4096 and budget > 0
     assert hs.auto_rows(model, 4096)[0] <= rows
     assert hs.logits_chunk(model, 1, budget) >= hs.logits_chunk(model, 64, budget) >= 1
+    # without eager's [heads, T, T] scores a long sequence fits many more rows
+    assert hs.auto_rows(make_tiny("llama", attn="auto"), 4096).rows >= 8 * hs.auto_rows(model, 4096).rows
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3", "mixed"])
-def test_common_start_is_exact(name):
+@pytest.mark.parametrize("attn", KERNELS)
+def test_common_start_is_exact(name, attn):
     """All sets resumed at the lowest layer any set touches (one group, full batches) give the same losses."""
-    model = MODELS[name]()
+    model = MODELS[name](attn)
     ss = tiny_set()
     sets = [[(2, 1)], [(1, 0), (2, 0)], [], [(2, 0), (2, 1)], [(1, 1)]]
     own = hs.set_losses(model, ss, sets, batch_rows=2)

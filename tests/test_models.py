@@ -47,3 +47,22 @@ def test_local_folder_roundtrip(tmp_path):
     m.save_pretrained(tmp_path / "tiny")
     ref = resolve_model(str(tmp_path / "tiny"))
     assert ref.revision.startswith("folder-sha256:") and ref.path.endswith("tiny")
+
+
+def test_attention_kernel_resolution():
+    """auto: FA2 on CUDA in half precision when importable, else SDPA; eager where SDPA cannot compute the model
+    (Gemma2's attention logit soft-capping), and an explicit sdpa there is refused."""
+    from conftest import _configs
+
+    from btp.models import resolve_attn
+
+    cpu, llama, gemma2 = torch.device("cpu"), _configs()["llama"](), _configs()["gemma2"]()
+    assert resolve_attn("auto", cpu, torch.float32, llama) == "sdpa"
+    assert resolve_attn(None, cpu, torch.float32, llama) == "sdpa"
+    assert resolve_attn("eager", cpu, torch.float32, llama) == "eager"
+    assert resolve_attn("auto", cpu, torch.float32, gemma2) == "eager"
+    assert resolve_attn("auto", torch.device("cuda"), torch.float32, llama) == "sdpa"  # FA2 needs bf16/fp16
+    with pytest.raises(ValueError, match="soft-capping"):
+        resolve_attn("sdpa", cpu, torch.float32, gemma2)
+    with pytest.raises(ValueError, match="unknown attention"):
+        resolve_attn("flex", cpu, torch.float32, llama)

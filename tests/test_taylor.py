@@ -16,7 +16,7 @@ from btp.scoring import scored_ce
 from btp.store import JsonlStore, read_jsonl, read_npz
 from btp.taylor import (TaylorConfig, alive_mask, check_history, choose_pruned, importance_matrix, run_taylor,
                         sample_losses, sample_scores, score_heads)
-from conftest import make_mixed, make_tiny
+from conftest import KERNELS, make_mixed, make_tiny
 
 
 def make_samples(n: int = 6, seed: int = 3, vocab: int = 128) -> SampleSet:
@@ -54,10 +54,11 @@ def exact_fp64(monkeypatch):
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen2", "mixed"])
-def test_gate_gradient_equals_finite_difference(which, exact_fp64):
+@pytest.mark.parametrize("attn", KERNELS)
+def test_gate_gradient_equals_finite_difference(which, exact_fp64, attn):
     """dL/dm_lh against (L(scale 1+eps) - L(scale 1-eps)) / 2eps, eps = 1e-3, the head scaled by weight
     surgery, for every alive head (fp64 model)."""
-    model = (make_mixed() if which == "mixed" else make_tiny(which)).double()
+    model = (make_mixed(attn=attn) if which == "mixed" else make_tiny(which, attn=attn)).double()
     ad = adapter(model)
     s = make_samples(1).samples[0]
     pruned = [(0, 1)]
@@ -106,8 +107,9 @@ def _direct_token_scores(model, s: Sample, pruned) -> np.ndarray:
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen3", "mixed"])
-def test_token_variant_equals_direct_formula(which):
-    model = (make_mixed() if which == "mixed" else make_tiny(which)).double()
+@pytest.mark.parametrize("attn", KERNELS)
+def test_token_variant_equals_direct_formula(which, attn):
+    model = (make_mixed(attn=attn) if which == "mixed" else make_tiny(which, attn=attn)).double()
     ad = adapter(model)
     s = make_samples(1, seed=5).samples[0]
     pruned = [(1, 0), (2, 3)]
@@ -143,10 +145,11 @@ def test_signed_normalized_and_choice():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_scores(reentrant):
+@pytest.mark.parametrize("attn", KERNELS)
+def test_gradient_checkpointing_gives_the_same_scores(reentrant, attn):
     """HF skips checkpointing in eval mode; Taylor turns it on for the layers alone. Scores are unchanged and
     the layers really are recomputed."""
-    model = make_tiny("llama")
+    model = make_tiny("llama", attn=attn)
     ad = adapter(model)
     s = make_samples(1).samples[0]
     pruned = [(1, 2)]

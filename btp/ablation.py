@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import cli
+from . import cli, results
 from .arch import adapter
 from .cli import opt, parse_ks, parse_layers
 from .heads import Head, o_proj_input_grads
 from .headsets import HeadSetScorer, check_sample, mean_o_proj_inputs
 from .headsets import set_losses as eval_sets
-from .results import KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, write_partial
+from .results import ATP, KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, write_partial
 from .samples import SampleSet
 from .scoring import final_hidden, token_ce
-from .stats import CLUSTERED_CI, clustered_mean, draws_clustered_mean
+from .stats import CLUSTERED_CI, agreement, clustered_mean, draws_clustered_mean
 from .store import read_npz, write_json, write_npz
 
 STAGE = "ablation"
@@ -429,14 +429,30 @@ def build_parser() -> argparse.ArgumentParser:
     return cli.stage_parser(SPEC)
 
 
-def output_stem(stem: Stem, ablation: str, layers: list[int] | None) -> Stem:
-    """The samples' stem plus `mean` for mean ablation and `layers..` when the matrix is restricted."""
+def output_stem(stem: Stem, ablation: str, layers: list[int] | None, method: str = "exact", verify: int = 0
+                ) -> Stem:
+    """The samples' stem plus `mean` for mean ablation, `layers..` when the matrix is restricted, `atp` for the
+    attribution-patching screen and `verify<K>` for atp+exact."""
     return stem.with_variant("mean" if ablation == "mean" else None,
-                             "layers" + "_".join(map(str, layers)) if layers is not None else None)
+                             "layers" + "_".join(map(str, layers)) if layers is not None else None,
+                             ATP if method != "exact" else None,
+                             f"verify{verify}" if method == "atp+exact" else None)
 
 
-def output_name(stem: str, ablation: str, layers: list[int] | None) -> str:
-    return str(output_stem(parse_stem(stem), ablation, layers))
+def output_name(stem: str, ablation: str, layers: list[int] | None, method: str = "exact", verify: int = 0) -> str:
+    return str(output_stem(parse_stem(stem), ablation, layers, method, verify))
+
+
+def agreement_report(res: dict, exact: dict | None, ks: Sequence[int] = (10, 20)) -> dict:
+    """The screen against exact values on the same samples: over all heads against the exact matrix `exact`
+    (arrays of its npz) when there is one; over the verified heads (atp+exact) against their exact deltas."""
+    out = {}
+    est = res.get("delta_atp", res["delta"])
+    if exact is not None:
+        out["vs_exact_matrix"] = agreement(np.mean(est, 0), np.mean(exact["delta"], 0), ks)
+    if "delta_exact" in res:
+        out["verified_heads"] = agreement(np.mean(est, 0), np.mean(res["delta_exact"], 0), ks)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -444,11 +460,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     mcfg, ss = run.config(MatrixConfig), run.samples
     kcfg = run.config(KnockoutConfig, batch_rows=mcfg.batch_rows, reuse_attention=mcfg.reuse_attention,
                       n_boot=mcfg.n_boot)
-    out = run.output(output_stem(run.sample_config.output_stem, mcfg.ablation, mcfg.layers))
+    out = run.output(output_stem(run.sample_config.output_stem, mcfg.ablation, mcfg.layers, mcfg.method, mcfg.verify))
     npz_path, json_path, ko_path = out.path("npz"), out.path("json"), out.path("json", KNOCKOUT)
     # batch_rows, reuse_attention and save_every change speed and memory, not numbers: not part of the identity
+    screen = {} if mcfg.method == "exact" else {"method": mcfg.method, "verify": mcfg.verify}
+    if screen and mcfg.per_token:
+        run.parser.error("--per-token needs --method exact (atp has no per-token deltas)")
     mid = run.identity(ablation=mcfg.ablation, layers=mcfg.layers, per_token=mcfg.per_token, n_boot=mcfg.n_boot,
-                       seed=mcfg.seed)
+                       seed=mcfg.seed, **screen)
     m_claim = run.claim(out, mid, files=MATRIX_FILES, partials=("npz",))
     kid = {"matrix": m_claim.key, "ks": kcfg.ks, "random_seeds": kcfg.random_seeds, "heldout": kcfg.heldout,
            "greedy": kcfg.greedy,
@@ -467,20 +486,35 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(f"[btp.ablation] matrix {npz_path} exists for this configuration; knockout only")
     else:
         mpart = out.partial("npz")
-        res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key)
+        res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key) if not screen else \
+            run_atp(lm.model, ss, mcfg)
         secs = time.time() - t0
         rep = res.pop("replacement", None)
         arrays = {k: res[k] for k in ("delta", "delta_mean", "delta_ci_low", "delta_ci_high", "delta_n_problems",
-                                      "base_ce", "layer_num_heads", "noop_delta")}
+                                      "base_ce", "layer_num_heads", "noop_delta", "delta_atp", "delta_exact",
+                                      "verified") if k in res}
         if mcfg.per_token:
             arrays.update(token_delta=res["token_delta"], base_token_ce=res["base_token_ce"])
         full = run.stamp(lm, **stamp, seconds=round(secs, 2), **m_claim.stamp)
         # json first: a kill between the two writes leaves no npz, so the rerun redoes it (from the partial)
+        agree = {}
+        if screen:
+            ex = out.path("npz").parent / results.file_name(results.exact_counterpart(out.path("npz").stem), "npz")
+            exact = read_npz(ex) if ex.exists() else None
+            if exact is not None and any(not np.array_equal(exact.get(k), v) for k, v in ss.fields().items()
+                                         if k in results.SAMPLE_FIELDS):
+                exact = None   # another sample set: no comparison
+            agree = {"agreement": agreement_report(res, exact),
+                     "agreement_exact": ex.name if exact is not None else None}
         write_json(json_path, {
-            **full, "npz": npz_path.name, "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
+            **full, "npz": npz_path.name, "method": mcfg.method, "estimate": bool(screen),
+            **({"verify": mcfg.verify, "verified": "1: top |estimate|, 2: random; delta holds their exact value"}
+               if mcfg.method == "atp+exact" else {}), **agree, "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
             "n_boot": mcfg.n_boot, "ci": CLUSTERED_CI, "n_problems": len(set(ss.problem_ids)),
             "delta_mean": "mean over problems of the mean over a problem's samples (NaN samples skipped)",
-            "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed",
+            "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed"
+            + ("; atp: first-order estimate sum_t <dL/da_t, r - a_t> (an estimate, not the exact delta)"
+               if screen else ""),
             "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
             if mcfg.ablation == "mean" else None,
             "base_ce_mean": float(np.nanmean(res["base_ce"])),
@@ -491,7 +525,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         mpart.unlink(missing_ok=True)
         res["replacement"] = rep
         n_heads = int(np.isfinite(res["delta_mean"]).sum())
-        print(f"[btp.ablation] matrix: {len(ss)} samples x {n_heads} heads in {secs:.1f}s -> {npz_path}")
+        print(f"[btp.ablation] {'matrix' if not screen else mcfg.method + ' screen'}: {len(ss)} samples x {n_heads} "
+              f"heads in {secs:.1f}s -> {npz_path}")
+        for what, a in agree.get("agreement", {}).items():
+            print(f"  agreement ({what}, {a['n']} heads): Spearman {a['spearman']:.3f}, Pearson {a['pearson']:.3f}, "
+                  "top-k recall " + ", ".join(f"{k}: {v:.2f}" for k, v in a["topk_recall"].items()))
     _print_top(res)
     if not k_done:
         rep = res.get("replacement") if mcfg.ablation == "mean" else None

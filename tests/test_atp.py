@@ -115,3 +115,40 @@ def test_agreement_report():
     b = agreement(y, x, ks=(1, 2))
     assert b["topk_recall"]["1"] == 0.0 and b["largest_misses"][0]["index"] == [0, 0]
     assert b["spearman"] < 1
+
+
+def test_main_atp_and_verify_write_the_matrix_format_with_agreement(tmp_path):
+    """`--method atp` writes `<stem>-atp` in the exact matrix's format, marked as an estimate; with the exact
+    matrix of the same samples present, the agreement report is in its json and `results.ablation_pair` finds the
+    pair; `--method atp+exact --verify K` writes `<stem>-atp-verifyK` whose verified entries equal the matrix's."""
+    from btp import results
+    from btp.models import load_tokenizer
+    from btp.store import read_json, read_npz
+
+    tok = load_tokenizer()
+    folder = tmp_path / "tinyllama"
+    model = make_tiny("llama", vocab_size=len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    argv = ["--model", str(folder), "--dataset", "mbpp", "--seed", "2", "--source", "reference", "--num-samples",
+            "2", "--n-boot", "20", "--no-progress", "--no-knockout", "--results-dir", str(tmp_path / "r")]
+    ex = abl.main(argv)
+    p = abl.main(argv + ["--method", "atp"])
+    assert p.name == "regular-reference-atp.npz"
+    a, e = read_npz(p), read_npz(ex)
+    assert set(e) - {"provenance"} <= set(a) and a["delta"].shape == e["delta"].shape
+    meta = read_json(p.with_suffix(".json"))
+    assert meta["estimate"] is True and meta["method"] == "atp" and meta["agreement_exact"] == ex.name
+    rep = meta["agreement"]["vs_exact_matrix"]
+    assert rep["n"] == 12 and -1 <= rep["spearman"] <= 1 and "10" in rep["topk_recall"]
+    assert results.is_estimate(p.stem) and results.exact_counterpart(p.stem) == ex.stem
+    pair = results.ablation_pair(p.parent, p.stem)
+    assert pair is not None and np.array_equal(pair[1]["delta"], e["delta"])
+    v = abl.main(argv + ["--method", "atp+exact", "--verify", "2"])
+    assert v.name == "regular-reference-atp-verify2.npz"
+    z = read_npz(v)
+    m = z["verified"] > 0
+    assert m.sum() == 4
+    np.testing.assert_allclose(z["delta"][:, m], e["delta"][:, m], atol=1e-5)
+    assert "verified_heads" in read_json(v.with_suffix(".json"))["agreement"]
+    assert results.exact_counterpart(v.stem) == ex.stem

@@ -152,3 +152,14 @@ def test_main_atp_and_verify_write_the_matrix_format_with_agreement(tmp_path):
     np.testing.assert_allclose(z["delta"][:, m], e["delta"][:, m], atol=1e-5)
     assert "verified_heads" in read_json(v.with_suffix(".json"))["agreement"]
     assert results.exact_counterpart(v.stem) == ex.stem
+    # check lists the agreement beside the screen; plots draws estimate vs exact
+    from btp import check, plots
+
+    assert check.atp_note(p.parent, p.stem).startswith("(ρ ") and "r@10" in check.atp_note(p.parent, v.stem)
+    (p.parent / "regular-reference.npz").rename(p.parent / "gone.npz")
+    assert check.atp_note(p.parent, p.stem) == "(no exact)"
+    (p.parent / "gone.npz").rename(p.parent / "regular-reference.npz")
+    names = [n for n, _ in plots.ablation_figures(tmp_path / "r", None)]
+    assert "ablation_mbpp_regular-reference-atp_vs_exact" in names
+    assert "ablation_mbpp_regular-reference-atp-verify2_vs_exact" in names
+    assert "ablation_mbpp_regular-reference_vs_exact" not in names

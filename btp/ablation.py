@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -460,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     mcfg, ss = run.config(MatrixConfig), run.samples
     kcfg = run.config(KnockoutConfig, batch_rows=mcfg.batch_rows, reuse_attention=mcfg.reuse_attention,
                       n_boot=mcfg.n_boot)
-    out = run.output(output_stem(run.sample_config.output_stem, mcfg.ablation, mcfg.layers, mcfg.method, mcfg.verify))
+    out = run.output(output_stem(run.sample_config.output_stem, mcfg.ablation, mcfg.layers, mcfg.method,
+                                 mcfg.verify))
     npz_path, json_path, ko_path = out.path("npz"), out.path("json"), out.path("json", KNOCKOUT)
     # batch_rows, reuse_attention and save_every change speed and memory, not numbers: not part of the identity
     screen = {} if mcfg.method == "exact" else {"method": mcfg.method, "verify": mcfg.verify}
@@ -509,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         write_json(json_path, {
             **full, "npz": npz_path.name, "method": mcfg.method, "estimate": bool(screen),
             **({"verify": mcfg.verify, "verified": "1: top |estimate|, 2: random; delta holds their exact value"}
-               if mcfg.method == "atp+exact" else {}), **agree, "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
+               if mcfg.method == "atp+exact" else {}), **agree,
+            "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
             "n_boot": mcfg.n_boot, "ci": CLUSTERED_CI, "n_problems": len(set(ss.problem_ids)),
             "delta_mean": "mean over problems of the mean over a problem's samples (NaN samples skipped)",
             "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed"

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_mixed, make_tiny
+from test_ablation import tiny_set
 
 import btp.headsets
 from btp import ablation as abl
@@ -14,8 +16,6 @@ from btp.arch import adapter
 from btp.heads import gates_for, head_gates
 from btp.scoring import final_hidden
 from btp.stats import agreement
-from conftest import make_mixed, make_tiny
-from test_ablation import tiny_set
 
 
 @pytest.fixture(autouse=True, scope="module")

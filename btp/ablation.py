@@ -508,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             agree = {"agreement": agreement_report(res, exact),
                      "agreement_exact": ex.name if exact is not None else None}
         write_json(json_path, {
-            **full, "npz": npz_path.name, "method": mcfg.method, "estimate": bool(screen),
+            # exact outputs keep their former keys (readers treat a missing "estimate" as exact)
+            **full, "npz": npz_path.name, **({"method": mcfg.method, "estimate": True} if screen else {}),
             **({"verify": mcfg.verify, "verified": "1: top |estimate|, 2: random; delta holds their exact value"}
                if mcfg.method == "atp+exact" else {}), **agree,
             "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),

@@ -72,8 +72,8 @@ class MatrixConfig:
             raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.verify < 0:
-            raise ValueError(f"verify must be >= 0, got {self.verify}")
+        if self.verify < 0 or (self.method == "atp+exact" and self.verify < 1):
+            raise ValueError(f"verify must be >= 1 with atp+exact (>= 0 otherwise), got {self.verify}")
 
 
 def parse_heldout(v: str | float | int) -> float | int:

@@ -163,3 +163,13 @@ def test_main_atp_and_verify_write_the_matrix_format_with_agreement(tmp_path):
     assert "ablation_mbpp_regular-reference-atp_vs_exact" in names
     assert "ablation_mbpp_regular-reference-atp-verify2_vs_exact" in names
     assert "ablation_mbpp_regular-reference_vs_exact" not in names
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="method"):
+        abl.MatrixConfig(method="taylor")
+    with pytest.raises(ValueError, match="verify"):
+        abl.MatrixConfig(method="atp+exact", verify=0)
+    assert abl.output_name("regular", "mean", None, "atp") == "regular-mean-atp"
+    assert abl.output_name("regular-reference", "zero", [1], "atp+exact", 5) == "regular-reference-layers1-atp-verify5"
+    assert abl.output_name("regular", "zero", None) == "regular"

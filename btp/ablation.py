@@ -480,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return npz_path
     lm = run.load()
     stamp = dict(dtype=str(lm.dtype), device=str(lm.device), stem=str(run.sample_config.output_stem),
-                 ablation=mcfg.ablation)
+                 ablation=mcfg.ablation, **({"estimate": True, **screen} if screen else {}))
     t0 = time.time()
     if m_claim.done:
         res = read_npz(npz_path)

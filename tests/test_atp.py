@@ -139,6 +139,7 @@ def test_main_atp_and_verify_write_the_matrix_format_with_agreement(tmp_path):
     assert set(e) - {"provenance"} <= set(a) and a["delta"].shape == e["delta"].shape
     meta = read_json(p.with_suffix(".json"))
     assert meta["estimate"] is True and meta["method"] == "atp" and meta["agreement_exact"] == ex.name
+    assert a["provenance"]["estimate"] is True and "estimate" not in e["provenance"]
     rep = meta["agreement"]["vs_exact_matrix"]
     assert rep["n"] == 12 and -1 <= rep["spearman"] <= 1 and "10" in rep["topk_recall"]
     assert results.is_estimate(p.stem) and results.exact_counterpart(p.stem) == ex.stem

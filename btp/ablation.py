@@ -14,27 +14,30 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import cli
+from . import cli, results
 from .arch import adapter
 from .cli import opt, parse_ks, parse_layers
-from .heads import Head
-from .headsets import HeadSetScorer, mean_o_proj_inputs
+from .heads import Head, o_proj_input_grads
+from .headsets import HeadSetScorer, check_sample, mean_o_proj_inputs
 from .headsets import set_losses as eval_sets
-from .results import KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, write_partial
+from .results import ATP, KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, write_partial
 from .samples import SampleSet
-from .stats import CLUSTERED_CI, clustered_mean, draws_clustered_mean
+from .scoring import final_hidden, token_ce
+from .stats import CLUSTERED_CI, agreement, clustered_mean, draws_clustered_mean
 from .store import read_npz, write_json, write_npz
 
 STAGE = "ablation"
 ABLATIONS = ("zero", "mean")
+METHODS = ("exact", "atp", "atp+exact")
 SampleRun = HeadSetScorer  # the engine's former name here (tests and scripts patch and call it)
 
 
@@ -42,6 +45,10 @@ SampleRun = HeadSetScorer  # the engine's former name here (tests and scripts pa
 class MatrixConfig:
     ablation: str = opt("zero", "zero the head, or replace it by its mean o_proj-input slice over all sample tokens",
                         choices=ABLATIONS)
+    method: str = opt("exact", "exact: every head's true delta; atp: attribution patching, a first-order estimate "
+                      "from one forward+backward per sample; atp+exact: atp, then the exact delta of the --verify "
+                      "top heads (and as many random ones)", choices=METHODS)
+    verify: int = opt(10, "atp+exact: heads (top by |estimate|, plus as many random) whose exact delta is computed")
     # None: every layer (the default; no shortcut to a subset)
     layers: list[int] | None = opt(None, "restrict the matrix to these layers, e.g. 0,5,10-12 (default: all)",
                                    parse=parse_layers)
@@ -63,6 +70,10 @@ class MatrixConfig:
             raise ValueError(f"batch_rows must be >= 1, got {self.batch_rows}")
         if self.n_boot < 1:
             raise ValueError(f"n_boot must be >= 1, got {self.n_boot}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.verify < 0 or (self.method == "atp+exact" and self.verify < 1):
+            raise ValueError(f"verify must be >= 1 with atp+exact (>= 0 otherwise), got {self.verify}")
 
 
 def parse_heldout(v: str | float | int) -> float | int:
@@ -155,6 +166,102 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
     out["layer_num_heads"] = np.array(ad.layer_num_heads, dtype=np.int64)
     out["noop_delta"] = st.get("noop_delta", np.full(S, np.nan, np.float32))
     return out
+
+
+# ---------------------------------------------------------------- attribution patching (a screen)
+
+@contextmanager
+def _frozen_weights(model: torch.nn.Module) -> Iterator[None]:
+    """No weight gradients (only activations are differentiated); restores the flags it turned off."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def atp_sample(model: torch.nn.Module, sample, replacement: torch.Tensor | None = None
+               ) -> tuple[np.ndarray, float]:
+    """Attribution patching (Nanda 2023; Kramar et al. 2024) of one sample: one forward and one backward pass.
+    Returns ([L, Hmax] float64 first-order estimate of every head's ablation delta, NaN at padding heads; the base
+    mean CE). delta_lh ~ sum_t <dL/da_lh,t, r_lh - a_lh,t>, a the head's o_proj-input slice at token t, r its
+    replacement (0, or the mean for mean ablation), L the mean CE over scored tokens. Exact when the loss is linear
+    in the head's slice; the dot products are fp32 (fp64 for an fp64 model) whatever the model dtype."""
+    ad = adapter(model)
+    dt = torch.promote_types(torch.float32, next(model.parameters()).dtype)
+    est = torch.full((ad.n_layers, ad.max_heads), float("nan"), dtype=torch.float64)
+
+    def on_grad(l: int, x: torch.Tensor, grad: torch.Tensor) -> None:
+        lay = ad.heads[l]
+        a = x.to(dt).view(*x.shape[:-1], lay.n_heads, lay.head_dim)
+        r = 0 if replacement is None else replacement[l, :lay.n_heads].to(device=a.device, dtype=dt)
+        g = grad.to(dt).view_as(a)
+        est[l, :lay.n_heads] = ((r - a) * g).sum(dim=(0, 1, 3)).double().cpu()
+
+    check_sample(sample)
+    ids = torch.as_tensor(sample.input_ids, dtype=torch.long).view(1, -1).to(ad.device)
+    pos, tgt = (torch.as_tensor(v, dtype=torch.long).to(ad.device) for v in (sample.positions, sample.targets))
+    with _frozen_weights(model), torch.enable_grad(), o_proj_input_grads(model, on_grad):
+        loss = token_ce(model, final_hidden(model, ids), pos, tgt)[0].mean()
+        loss.backward()
+    return est.numpy(), float(loss.detach())
+
+
+def _summary_arrays(out: dict, delta: np.ndarray, problem_ids, config: MatrixConfig, ad) -> dict:
+    cm = clustered_mean(delta, problem_ids, config.n_boot, config.seed)
+    out["delta_mean"], out["delta_ci_low"], out["delta_ci_high"] = (a.astype(np.float32) for a in cm[:3])
+    out["delta_n_problems"] = cm.n
+    out["layer_num_heads"] = np.array(ad.layer_num_heads, dtype=np.int64)
+    return out
+
+
+def verify_heads(estimate_mean: np.ndarray, k: int, seed: int) -> tuple[list[Head], list[Head]]:
+    """(the k heads of largest |estimate|, k random others): the heads `atp+exact` computes exactly; the random
+    ones say how good the screen is away from its top."""
+    ranked = [tuple(int(i) for i in lh) for lh in np.argwhere(np.isfinite(estimate_mean))]
+    ranked.sort(key=lambda lh: (-abs(float(estimate_mean[lh])), lh))
+    top, rest = ranked[:k], ranked[k:]
+    pick = np.random.default_rng([seed, 18]).permutation(len(rest))[:k]
+    return top, sorted(rest[i] for i in pick)
+
+
+def run_atp(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConfig) -> dict[str, np.ndarray]:
+    """Attribution-patching screen of every head (`atp_sample` per sample), in the exact matrix's format:
+    `delta` [S, L, Hmax] estimates, `delta_mean`/CIs, `base_ce`, `layer_num_heads`, `noop_delta` (NaN: no
+    batched passes), `replacement` for mean ablation. method `atp+exact` adds the exact deltas of `verify_heads`
+    (`delta_exact` [S, L, Hmax], NaN elsewhere; `verified` [L, Hmax] 1 top, 2 random, 0 not), keeps the estimates
+    in `delta_atp`, and `delta` holds the exact value wherever one exists: the ranking of the heads that matter is
+    exact."""
+    ad = adapter(model)
+    L, H, S = ad.n_layers, ad.max_heads, len(sample_set)
+    layers = _check_layers(config.layers, L)
+    rep = mean_o_proj_inputs(model, sample_set) if config.ablation == "mean" else None
+    est = np.full((S, L, H), np.nan, np.float32)
+    base = np.full(S, np.nan, np.float32)
+    for s, sample in enumerate(tqdm(sample_set.samples, desc="atp", unit="sample", disable=not config.progress,
+                                    dynamic_ncols=True)):
+        e, base[s] = atp_sample(model, sample, rep)
+        est[s, layers] = e[layers]
+    out: dict = {"delta": est, "base_ce": base, "noop_delta": np.full(S, np.nan, np.float32)}
+    if rep is not None:
+        out["replacement"] = rep.numpy()
+    if config.method == "atp+exact" and config.verify:
+        pids = sample_set.problem_ids
+        top, rnd = verify_heads(clustered_mean(est, pids, 1, config.seed).mean, config.verify, config.seed)
+        res = eval_sets(model, sample_set, [[h] for h in top + rnd], replacement=rep,
+                        batch_rows=config.batch_rows, reuse_attention=config.reuse_attention,
+                        progress=config.progress, desc="exact deltas of the verified heads")
+        exact = np.full((S, L, H), np.nan, np.float32)
+        verified = np.zeros((L, H), np.int8)
+        for i, (l, h) in enumerate(top + rnd):
+            exact[:, l, h] = res.delta[i]
+            verified[l, h] = 1 if i < len(top) else 2
+        out.update(delta_atp=est, delta_exact=exact, verified=verified,
+                   delta=np.where(np.isfinite(exact), exact, est).astype(np.float32))
+    return _summary_arrays(out, out["delta"], sample_set.problem_ids, config, ad)
 
 
 def _finite_max(x: np.ndarray) -> float | None:
@@ -322,14 +429,30 @@ def build_parser() -> argparse.ArgumentParser:
     return cli.stage_parser(SPEC)
 
 
-def output_stem(stem: Stem, ablation: str, layers: list[int] | None) -> Stem:
-    """The samples' stem plus `mean` for mean ablation and `layers..` when the matrix is restricted."""
+def output_stem(stem: Stem, ablation: str, layers: list[int] | None, method: str = "exact", verify: int = 0
+                ) -> Stem:
+    """The samples' stem plus `mean` for mean ablation, `layers..` when the matrix is restricted, `atp` for the
+    attribution-patching screen and `verify<K>` for atp+exact."""
     return stem.with_variant("mean" if ablation == "mean" else None,
-                             "layers" + "_".join(map(str, layers)) if layers is not None else None)
+                             "layers" + "_".join(map(str, layers)) if layers is not None else None,
+                             ATP if method != "exact" else None,
+                             f"verify{verify}" if method == "atp+exact" else None)
 
 
-def output_name(stem: str, ablation: str, layers: list[int] | None) -> str:
-    return str(output_stem(parse_stem(stem), ablation, layers))
+def output_name(stem: str, ablation: str, layers: list[int] | None, method: str = "exact", verify: int = 0) -> str:
+    return str(output_stem(parse_stem(stem), ablation, layers, method, verify))
+
+
+def agreement_report(res: dict, exact: dict | None, ks: Sequence[int] = (10, 20)) -> dict:
+    """The screen against exact values on the same samples: over all heads against the exact matrix `exact`
+    (arrays of its npz) when there is one; over the verified heads (atp+exact) against their exact deltas."""
+    out = {}
+    est = res.get("delta_atp", res["delta"])
+    if exact is not None:
+        out["vs_exact_matrix"] = agreement(np.mean(est, 0), np.mean(exact["delta"], 0), ks)
+    if "delta_exact" in res:
+        out["verified_heads"] = agreement(np.mean(est, 0), np.mean(res["delta_exact"], 0), ks)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -337,11 +460,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     mcfg, ss = run.config(MatrixConfig), run.samples
     kcfg = run.config(KnockoutConfig, batch_rows=mcfg.batch_rows, reuse_attention=mcfg.reuse_attention,
                       n_boot=mcfg.n_boot)
-    out = run.output(output_stem(run.sample_config.output_stem, mcfg.ablation, mcfg.layers))
+    out = run.output(output_stem(run.sample_config.output_stem, mcfg.ablation, mcfg.layers, mcfg.method,
+                                 mcfg.verify))
     npz_path, json_path, ko_path = out.path("npz"), out.path("json"), out.path("json", KNOCKOUT)
     # batch_rows, reuse_attention and save_every change speed and memory, not numbers: not part of the identity
+    screen = {} if mcfg.method == "exact" else {"method": mcfg.method, "verify": mcfg.verify}
+    if screen and mcfg.per_token:
+        run.parser.error("--per-token needs --method exact (atp has no per-token deltas)")
     mid = run.identity(ablation=mcfg.ablation, layers=mcfg.layers, per_token=mcfg.per_token, n_boot=mcfg.n_boot,
-                       seed=mcfg.seed)
+                       seed=mcfg.seed, **screen)
     m_claim = run.claim(out, mid, files=MATRIX_FILES, partials=("npz",))
     kid = {"matrix": m_claim.key, "ks": kcfg.ks, "random_seeds": kcfg.random_seeds, "heldout": kcfg.heldout,
            "greedy": kcfg.greedy,
@@ -353,27 +480,44 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return npz_path
     lm = run.load()
     stamp = dict(dtype=str(lm.dtype), device=str(lm.device), stem=str(run.sample_config.output_stem),
-                 ablation=mcfg.ablation)
+                 ablation=mcfg.ablation, **({"estimate": True, **screen} if screen else {}))
     t0 = time.time()
     if m_claim.done:
         res = read_npz(npz_path)
         print(f"[btp.ablation] matrix {npz_path} exists for this configuration; knockout only")
     else:
         mpart = out.partial("npz")
-        res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key)
+        res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key) if not screen else \
+            run_atp(lm.model, ss, mcfg)
         secs = time.time() - t0
         rep = res.pop("replacement", None)
         arrays = {k: res[k] for k in ("delta", "delta_mean", "delta_ci_low", "delta_ci_high", "delta_n_problems",
-                                      "base_ce", "layer_num_heads", "noop_delta")}
+                                      "base_ce", "layer_num_heads", "noop_delta", "delta_atp", "delta_exact",
+                                      "verified") if k in res}
         if mcfg.per_token:
             arrays.update(token_delta=res["token_delta"], base_token_ce=res["base_token_ce"])
         full = run.stamp(lm, **stamp, seconds=round(secs, 2), **m_claim.stamp)
         # json first: a kill between the two writes leaves no npz, so the rerun redoes it (from the partial)
+        agree = {}
+        if screen:
+            ex = out.path("npz").parent / results.file_name(results.exact_counterpart(out.path("npz").stem), "npz")
+            exact = read_npz(ex) if ex.exists() else None
+            if exact is not None and any(not np.array_equal(exact.get(k), v) for k, v in ss.fields().items()
+                                         if k in results.SAMPLE_FIELDS):
+                exact = None   # another sample set: no comparison
+            agree = {"agreement": agreement_report(res, exact),
+                     "agreement_exact": ex.name if exact is not None else None}
         write_json(json_path, {
-            **full, "npz": npz_path.name, "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
+            # exact outputs keep their former keys (readers treat a missing "estimate" as exact)
+            **full, "npz": npz_path.name, **({"method": mcfg.method, "estimate": True} if screen else {}),
+            **({"verify": mcfg.verify, "verified": "1: top |estimate|, 2: random; delta holds their exact value"}
+               if mcfg.method == "atp+exact" else {}), **agree,
+            "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
             "n_boot": mcfg.n_boot, "ci": CLUSTERED_CI, "n_problems": len(set(ss.problem_ids)),
             "delta_mean": "mean over problems of the mean over a problem's samples (NaN samples skipped)",
-            "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed",
+            "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed"
+            + ("; atp: first-order estimate sum_t <dL/da_t, r - a_t> (an estimate, not the exact delta)"
+               if screen else ""),
             "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
             if mcfg.ablation == "mean" else None,
             "base_ce_mean": float(np.nanmean(res["base_ce"])),
@@ -384,7 +528,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         mpart.unlink(missing_ok=True)
         res["replacement"] = rep
         n_heads = int(np.isfinite(res["delta_mean"]).sum())
-        print(f"[btp.ablation] matrix: {len(ss)} samples x {n_heads} heads in {secs:.1f}s -> {npz_path}")
+        print(f"[btp.ablation] {'matrix' if not screen else mcfg.method + ' screen'}: {len(ss)} samples x {n_heads} "
+              f"heads in {secs:.1f}s -> {npz_path}")
+        for what, a in agree.get("agreement", {}).items():
+            print(f"  agreement ({what}, {a['n']} heads): Spearman {a['spearman']:.3f}, Pearson {a['pearson']:.3f}, "
+                  "top-k recall " + ", ".join(f"{k}: {v:.2f}" for k, v in a["topk_recall"].items()))
     _print_top(res)
     if not k_done:
         rep = res.get("replacement") if mcfg.ablation == "mean" else None

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import benchmarks, results
+import numpy as np
+
+from . import benchmarks, results, stats
 from .results import EVALUATIONS, GENERATIONS, SUMMARY
 
 STAGE_DIRS = tuple(results.STAGE_DIRS.values())
@@ -293,6 +295,8 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
                 done[stem] = "+ko" if "json" in ok.get((stem, results.KNOCKOUT), ()) else ""
                 if stage == "ablation":
                     _check_noise(sd / results.file_name(stem, "json"), issue)
+                    if results.is_estimate(stem):
+                        done[stem] += atp_note(sd, stem)
             elif suf & {"npz", "json"}:   # cut off between the two writes
                 missing = results.file_name(stem, "json" if "npz" in suf else "npz")
                 issue(sd / missing, "incomplete", "missing: rerun the stage")
@@ -311,6 +315,17 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
         elif any(not e.startswith(("partial", "runs")) for e in suf):
             done[stem] = ""
     return done
+
+
+def atp_note(sd: Path, stem: str, k: int = 10) -> str:
+    """An atp screen's agreement with the exact matrix of the same samples: `(ρ 0.83, r@10 0.70)`, `(no exact)`
+    when there is none to compare with (an estimate only)."""
+    pair = results.ablation_pair(sd, stem)
+    if pair is None:
+        return "(no exact)"
+    a, e = pair
+    rep = stats.agreement(np.mean(a.get("delta_atp", a["delta"]), 0), np.mean(e["delta"], 0), (k,))
+    return f"(ρ {rep['spearman']:.2f}, r@{k} {rep['topk_recall'].get(str(k), float('nan')):.2f})"
 
 
 NOOP_TOLERANCE = 1e-3   # nats: a no-op row's |CE - base| above this makes deltas of that size noise

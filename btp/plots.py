@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from . import benchmarks, results
 from .results import EVALUATIONS, GENERATIONS, SUMMARY, find_model_dir, importance_matrix, parse_stem, rank_heads
+from .stats import agreement
 from .store import iter_jsonl, read_json
 
 MODES = results.MODES
@@ -305,6 +306,34 @@ def ablation_heatmap(a: Analysis) -> Figure:
     kind = a.meta.get("ablation") or ("mean" if "mean" in parse_stem(a.name).variant else "zero")
     return head_heatmap(a.data["delta_mean"], a.title(f"Single-head {kind} ablation: mean ΔCE over samples"),
                         label="ΔCE (nats): ablated − base")
+
+
+def atp_vs_exact(est: dict, exact: dict, title: str = "Attribution patching vs exact single-head ΔCE",
+                 k: int = 10) -> Figure:
+    """Each head's atp estimate against its exact ΔCE (mean over samples; arrays of the two ablation npz files,
+    `results.ablation_pair`), the diagonal, the exact top-k in red; the agreement report in the corner."""
+    e = np.mean(est.get("delta_atp", est["delta"]), 0)
+    x = np.mean(exact["delta"], 0)
+    rep = agreement(e, x, (k,))
+    ok = np.isfinite(e) & np.isfinite(x)
+    fig = new_figure(5.5, 5.0)
+    ax = fig.subplots()
+    top = np.zeros_like(ok)
+    for l, h in rank_heads(np.where(ok, x, np.nan))[:k]:
+        top[l, h] = True
+    ax.scatter(x[ok & ~top], e[ok & ~top], s=9, alpha=0.6, color="C0", label="heads")
+    ax.scatter(x[top], e[top], s=16, color="C3", label=f"exact top-{k}")
+    lo, hi = (float(np.min([x[ok].min(), e[ok].min()])), float(np.max([x[ok].max(), e[ok].max()]))) \
+        if ok.any() else (0.0, 1.0)
+    ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--", label="estimate = exact")
+    ax.set_xlabel("exact ΔCE (nats)")
+    ax.set_ylabel("atp estimate (nats)")
+    ax.text(0.02, 0.98, f"{rep['n']} heads\nSpearman {rep['spearman']:.3f}\nPearson {rep['pearson']:.3f}\n"
+            f"top-{k} recall {rep['topk_recall'].get(str(k), float('nan')):.2f}", transform=ax.transAxes,
+            va="top", fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    return fig
 
 
 def top_heads(matrix: np.ndarray, k: int) -> set[tuple[int, int]]:
@@ -852,6 +881,10 @@ def ablation_figures(results_dir: str | Path, model: str | None, only: Sequence[
         yield f"ablation_{a.dataset}_{a.name}_layers", ablation_layers(a)
         if a.extra.get("knockout"):
             yield f"ablation_{a.dataset}_{a.name}_knockout", ablation_knockout(a)
+        pair = results.ablation_pair(model_dir(results_dir, model) / a.dataset / "ablation", a.name)
+        if pair is not None:
+            yield f"ablation_{a.dataset}_{a.name}_vs_exact", atp_vs_exact(*pair, a.title("Attribution patching "
+                                                                                     "vs exact single-head ΔCE"), k)
     by_shape: dict[tuple, list[Analysis]] = {}
     for a in items:
         by_shape.setdefault(np.shape(a.data["delta_mean"]), []).append(a)

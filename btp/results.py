@@ -640,6 +640,38 @@ def read_knockout(stage_path: str | os.PathLike, name: str) -> dict | None:
     return read_json(p) if p.exists() else None
 
 
+ATP = "atp"                     # the variant word of an attribution-patching screen (ablation `--method atp`)
+SAMPLE_FIELDS = ("input_ids", "sample_offsets", "position", "token_id")
+
+
+def is_estimate(name: str) -> bool:
+    """Whether an ablation output holds attribution-patching estimates (`<stem>-atp[-verifyK]`)."""
+    st = try_parse_stem(name)
+    return st is not None and ATP in st.variant
+
+
+def exact_counterpart(name: str) -> str:
+    """The exact matrix's name for an atp output: the same stem without `atp` and `verify<K>`."""
+    st = parse_stem(name)
+    keep = tuple(w for w in st.variant if w != ATP and not (w.startswith("verify") and w[6:].isdigit()))
+    return str(Stem(st.mode, st.source, st.select, keep))
+
+
+def ablation_pair(stage_path: str | os.PathLike, name: str) -> tuple[dict, dict] | None:
+    """(arrays of the atp output `name`, arrays of the exact matrix) when both exist for the same samples (same
+    token ids and scored positions); None otherwise."""
+    d = Path(stage_path)
+    if not is_estimate(name):
+        return None
+    ex = exact_counterpart(name)
+    if ex not in list_outputs(d, "ablation") or name not in list_outputs(d, "ablation"):
+        return None
+    a, b = read_npz(d / file_name(name, "npz")), read_npz(d / file_name(ex, "npz"))
+    if any(k not in a or k not in b or not np.array_equal(a[k], b[k]) for k in SAMPLE_FIELDS):
+        return None
+    return a, b
+
+
 def read_taylor(stage_path: str | os.PathLike, name: str) -> tuple[list[dict], dict]:
     """Taylor pruning records (one per iteration, in order) and the provenance of the run that wrote the last of
     them (its runs file; else the `<name>.samples.npz` stamp)."""
@@ -678,7 +710,8 @@ def head_importances(results_dir: str | os.PathLike, model_id: str) -> tuple[lis
         abl, tay = ds / STAGE_DIRS["ablation"], ds / STAGE_DIRS["taylor"]
         for name in list_outputs(abl, "ablation"):
             imp = np.asarray(read_analysis(abl, name)[0]["delta_mean"], dtype=np.float64)
-            found.append({"stage": "ablation", "dataset": ds.name, "name": name, "what": "delta_mean (ΔCE)",
+            found.append({"stage": "ablation", "dataset": ds.name, "name": name,
+                          "what": "delta_mean (ΔCE, atp estimate)" if is_estimate(name) else "delta_mean (ΔCE)",
                           "importance": imp})
         for name in list_outputs(tay, "taylor"):
             recs = read_taylor(tay, name)[0]

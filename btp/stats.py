@@ -271,3 +271,44 @@ def mcnemar(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> M
         return McNemar(n01, n10, 1.0)
     tail = sum(math.comb(m, i) for i in range(min(n01, n10) + 1)) / 2 ** m
     return McNemar(n01, n10, min(1.0, 2 * tail))
+
+
+# ---------------------------------------------------------------- estimate vs exact
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 with ties given their average rank (as Spearman needs)."""
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x))
+    _, inv, cnt = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=r)
+    return (sums / cnt)[inv]
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def agreement(estimate: np.ndarray, exact: np.ndarray, ks: Sequence[int] = (10,), n_misses: int = 10) -> dict:
+    """How far a screen (e.g. attribution patching) is from the exact values, over the entries finite in both
+    (heads): Pearson and Spearman correlation; for each k, the share of the exact top-k (largest values) found in
+    the estimate's top-k; and the largest misses (entries by |estimate - exact|) as (index, estimate, exact)."""
+    est, ex = np.asarray(estimate, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+    if est.shape != ex.shape:
+        raise ValueError(f"estimate {est.shape} and exact {ex.shape} differ in shape")
+    ok = np.isfinite(est) & np.isfinite(ex)
+    idx = np.argwhere(ok)
+    e, x = est[ok], ex[ok]
+    out: dict = {"n": int(ok.sum()), "pearson": _corr(e, x) if len(e) > 1 else float("nan"),
+                 "spearman": _corr(_ranks(e), _ranks(x)) if len(e) > 1 else float("nan"), "topk_recall": {}}
+    for k in ks:
+        k = min(int(k), len(e))
+        if k:
+            top_x = set(np.argsort(-x, kind="stable")[:k].tolist())
+            top_e = set(np.argsort(-e, kind="stable")[:k].tolist())
+            out["topk_recall"][str(k)] = len(top_x & top_e) / k
+    miss = np.argsort(-np.abs(e - x), kind="stable")[:n_misses]
+    out["largest_misses"] = [{"index": idx[i].tolist(), "estimate": float(e[i]), "exact": float(x[i])} for i in miss]
+    return out

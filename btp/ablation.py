@@ -31,7 +31,7 @@ from .headsets import set_losses as eval_sets
 from .results import KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, write_partial
 from .samples import SampleSet
 from .stats import CLUSTERED_CI, clustered_mean, draws_clustered_mean
-from .store import read_npz, write_json, write_npz
+from .store import UserError, read_npz, write_json, write_npz
 
 STAGE = "ablation"
 ABLATIONS = ("zero", "mean")
@@ -167,7 +167,7 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
         return list(range(n_layers))
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad or not layers:
-        raise ValueError(f"layers {bad or '[]'} out of range: the model has layers 0..{n_layers - 1}")
+        raise UserError(f"--layers {bad or '[]'} out of range — the model has layers 0..{n_layers - 1}")
     return sorted(set(int(l) for l in layers))
 
 
@@ -428,4 +428,4 @@ def _print_knockout(ko: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry("ablation", main)

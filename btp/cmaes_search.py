@@ -676,4 +676,4 @@ def _summary(search: Search, ctl: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry("cmaes_search", main)

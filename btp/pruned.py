@@ -665,4 +665,4 @@ def _heldout(v: float) -> float | int:
 
 
 if __name__ == "__main__":  # vLLM's engine spawns processes that re-import modules
-    main()
+    cli.entry("pruned", main)

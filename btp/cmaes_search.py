@@ -595,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     recs = store.read()
     if state is None and (recs or json_path.exists()):
         if claim.state == "resume":
-            raise SystemExit(f"{path}: no optimizer state ({state_path.name}) to continue from; use --force")
+            raise SystemExit(f"{path}: no optimizer state ({state_path.name}) to continue from — use --force to "
+                             "start afresh")
         print(f"[btp.cmaes_search] {path}: discarding a partial run of another configuration")
         path.unlink(missing_ok=True)
         json_path.unlink(missing_ok=True)
@@ -606,14 +607,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
             store.append(state["record"])
             recs.append(state["record"])
         if len(recs) != done:
-            raise SystemExit(f"{path} holds {len(recs)} generations, its state {done}; use --force")
+            raise SystemExit(f"{path} holds {len(recs)} generations, its state {done} — use --force to start afresh")
     lm = run.load()
     from .arch import adapter
 
     ad = adapter(lm.model)
     space = Space(tuple(ad.layer_num_heads))
     if prior is not None and prior.values.shape != space.shape:
-        raise SystemExit(f"{prior.source}: scores of shape {prior.values.shape} do not fit the model {space.shape}")
+        raise SystemExit(f"{prior.source}: scores of shape {prior.values.shape} do not fit the model {space.shape} — "
+                         "use --warm-start cold, or rerun the stage it comes from with --force")
     fit = ModelFitness(lm.model, scoring, batch_rows=opts.batch_rows, progress=False)
     hold = ModelFitness(lm.model, heldout, batch_rows=opts.batch_rows, cache=False)
     k = cfg.n_keep(space.n)

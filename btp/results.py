@@ -427,7 +427,7 @@ class IdentityError(ValueError):
         self.path, self.field, self.old, self.new = path, field_name, old, new
         short = lambda v: (s if len(s := json.dumps(v, default=str)) <= 80 else s[:77] + "...")
         super().__init__(f"{path} exists for other {field_name} (written with {short(old)}, this run has "
-                         f"{short(new)}); use --force to overwrite or another --results-dir")
+                         f"{short(new)}) — use --force to overwrite or another --results-dir")
 
 
 def identity_key(identity: dict) -> str:

@@ -92,6 +92,35 @@ def test_debug_shows_the_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
 
 
+def _entry(body: str, *args: str) -> subprocess.CompletedProcess:
+    """`cli.entry("demo", main)` with `main` raising what `body` raises."""
+    code = f"import sys\nfrom btp import cli, store, results\ndef main():\n    {body}\ncli.entry('demo', main)"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("body", ["raise store.UserError('bad thing — do this')",
+                                  "raise SystemExit('bad thing — do this')",
+                                  "raise FileNotFoundError('x.jsonl does not exist — do this')"])
+def test_entry_says_user_errors_in_one_line(body):
+    error_line(_entry(body), "demo")
+
+
+@pytest.mark.parametrize("body", ["raise KeyError('bug')", "raise ValueError('a bug, not a user error')",
+                                  "raise TypeError('bug')"])
+def test_entry_keeps_the_traceback_of_a_bug(body):
+    r = _entry(body)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "btp.demo: error" not in r.stderr
+
+
+def test_entry_interrupt_and_return_code():
+    r = _entry("cli.interrupt_note(lambda: '3/5 done and saved; rerun to resume'); raise KeyboardInterrupt")
+    assert r.returncode == 130 and r.stderr == "btp.demo: interrupted: 3/5 done and saved; rerun to resume\n"
+    r = _entry("raise KeyboardInterrupt")   # before any output is claimed
+    assert r.returncode == 130 and r.stderr == "btp.demo: interrupted: partial outputs are kept; rerun to resume\n"
+    assert _entry("return 1").returncode == 1 and _entry("return None").returncode == 0
+
+
 def _no_usable_samples(root: Path) -> None:
     from btp.results import dataset_dir
 
@@ -164,7 +193,8 @@ def test_ctrl_c_says_what_was_saved_and_resumes(tmp_path):
 def test_atomic_writes_follow_the_umask(tmp_path):
     code = ("import os, sys, numpy as np; from btp.store import write_json, write_npz, write_text; "
             "os.umask(int(sys.argv[1], 8)); d = sys.argv[2]; "
-            "write_json(d + '/a.json', {'x': 1}); write_npz(d + '/b.npz', x=np.zeros(2)); write_text(d + '/c.csv', 'x')")
+            "write_json(d + '/a.json', {'x': 1}); write_npz(d + '/b.npz', x=np.zeros(2)); "
+            "write_text(d + '/c.csv', 'x')")
     for umask, mode in (("022", 0o644), ("077", 0o600), ("002", 0o664)):
         d = tmp_path / umask
         d.mkdir()

@@ -247,7 +247,7 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
 
 def config_dict(args: argparse.Namespace) -> dict:
     """The effective configuration of a run, for provenance."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "debug"}  # not a setting
 
 
 # ================================================================ list flags

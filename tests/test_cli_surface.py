@@ -188,6 +188,24 @@ def test_ctrl_c_says_what_was_saved_and_resumes(tmp_path):
     assert len(_judged(out)) == n
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_generate_counts_the_saved_samples(tmp_path):
+    out = tmp_path / "gens.jsonl"
+    cmd = [sys.executable, "-m", "btp.generate", "--model", "smollm2-135m", "--dataset", "mbpp", "--backend", "hf",
+           "--limit", "40", "--batch-size", "1", "--max-tokens", "4", "--output", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while len(_judged(out)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    m = re.search(r"^btp\.generate: interrupted: (\d+)/40 mbpp samples generated and saved in \S+; rerun to resume$",
+                  err, re.M)
+    assert m and int(m.group(1)) == len(_judged(out)) >= 2, err[-2000:]
+
+
 # ---------------------------------------------------------------- 3. result files follow the umask
 
 def test_atomic_writes_follow_the_umask(tmp_path):

@@ -23,10 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import benchmarks, results
-from .store import MalformedFileError, UserError
-
-__all__ = ["UserError", "entry", "interrupt_note"]
-
+from .store import MalformedFileError, UserError  # noqa: F401  (UserError: stages raise cli.UserError)
 
 # ================================================================ the command line's face
 

@@ -283,7 +283,8 @@ def test_run_check_into_head_ends_quietly(tmp_path):
         (root / f"ds{i:04d}" / "generations.jsonl").write_text("")
     bindir = tmp_path / "bin"   # run_check.sh runs `python3` when the repository has no .venv
     bindir.mkdir()
-    (bindir / "python3").symlink_to(sys.executable)
+    (bindir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')   # a venv's python, venv and all
+    (bindir / "python3").chmod(0o755)
     env = {**ENV, "PATH": f"{bindir}:{os.environ['PATH']}"}
     r = subprocess.run(f"'{ROOT / 'run_check.sh'}' --results-dir '{tmp_path / 'results'}' | head -3", shell=True,
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -6,8 +6,8 @@ Adding a benchmark: a module defining `BENCHMARK` and one line in `_MODULES`.
 """
 from __future__ import annotations
 
-from . import humaneval, livecodebench, mbpp
 from ..store import UserError
+from . import humaneval, livecodebench, mbpp
 from .base import BENCH_DIR, LOAD_OPTIONS, Benchmark, Problem
 
 _MODULES = (humaneval, mbpp, livecodebench)

@@ -206,6 +206,25 @@ def test_ctrl_c_in_generate_counts_the_saved_samples(tmp_path):
     assert m and int(m.group(1)) == len(_judged(out)) >= 2, err[-2000:]
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_an_analysis_stage_says_its_partial_file_is_kept(tmp_path):
+    err_path = tmp_path / "err.txt"
+    cmd = [sys.executable, "-m", "btp.entropy_lens", "--dataset", "mbpp", "--source", "reference", "--select", "all",
+           "--num-samples", "100", "--results-dir", str(tmp_path)]
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 120
+        while "entropy lens:" not in err_path.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)   # its loop has begun: the output is claimed
+        assert proc.poll() is None, err_path.read_text()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    text = err_path.read_text()
+    assert proc.returncode == 130 and "Traceback" not in text, text[-2000:]
+    assert re.search(r"^btp\.entropy_lens: interrupted: the partial progress of \S+/entropy/regular-reference is "
+                     r"kept; rerun to resume$", text, re.M), text[-2000:]
+
+
 # ---------------------------------------------------------------- 3. result files follow the umask
 
 def test_atomic_writes_follow_the_umask(tmp_path):

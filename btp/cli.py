@@ -291,13 +291,14 @@ class StageSpec:
     description: str
     configs: tuple[type, ...] = ()
     device_map: bool = False
+    module: str = ""   # btp.<module> when it is not btp.<name> (cmaes_search): what --help and errors name
 
 
 def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
     """--config, the shared flags, the sample flags, the stage's own flags, then the runtime flags."""
     from .samples import add_sample_args
 
-    p = parser(spec.name, spec.description)
+    p = parser(spec.module or spec.name, spec.description)
     add_common(p)
     add_sample_args(p)
     for cls in spec.configs:

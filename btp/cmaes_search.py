@@ -528,7 +528,7 @@ class RunConfig:
 
 
 SPEC = cli.StageSpec(STAGE, "CMA-ES search for the heads to keep under a budget (pycma)",
-                     configs=(SearchConfig, RunConfig), device_map=True)
+                     configs=(SearchConfig, RunConfig), device_map=True, module="cmaes_search")
 
 
 def build_parser():

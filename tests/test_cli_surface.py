@@ -68,6 +68,13 @@ def test_livecodebench_has_no_references():
     assert "no reference solutions" in line and "humaneval" in line
 
 
+@pytest.mark.parametrize("stage", ["generate", "evaluate", "entropy_lens", "ablation", "taylor", "cmaes_search",
+                                   "circuits", "pruned", "check", "plots"])
+def test_every_stage_says_a_bad_flag_in_one_line(stage):
+    line = error_line(btp(f"btp.{stage}", "--no-such-flag"), stage)
+    assert "--no-such-flag" in line and line.endswith(f"see python -m btp.{stage} --help")
+
+
 def test_unknown_local_model(tmp_path):
     line = error_line(btp("btp.entropy_lens", "--model", str(tmp_path / "nope"), "--dataset", "mbpp",
                           "--results-dir", str(tmp_path)), "entropy_lens")

@@ -1,7 +1,9 @@
-"""`python -m btp`: the stages and the modules that run them."""
+"""`python -m btp`: the stages and the modules that run them. `btp <stage> ...` (the console script) runs one."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
 
 STAGES = [
     ("generate", "btp.generate", "solutions to HumanEval / MBPP / LiveCodeBench v6 (vLLM or transformers)",
@@ -19,19 +21,41 @@ STAGES = [
      "pruned/<setting>/, pruned/comparison.json"),
     ("progress", "btp.check", "table of every model x dataset and stage (run_check.sh)", "stdout / --json"),
     ("plots", "btp.plots", "PNG/PDF figures of every result", "figures/"),
-    ("benchmarks", "btp.bench", "timings of btp against the straightforward method", "stdout"),
 ]
 
 
-def main() -> None:
-    print("btp stages (python -m <module> --help for each):\n")
-    w = max(len(s[0]) for s in STAGES)
-    for name, mod, what, out in STAGES:
-        there = importlib.util.find_spec(mod) is not None
-        status = "" if there else "  [not built yet]"
-        print(f"  {name:<{w}}  {mod:<18} {what}\n  {'':<{w}}  {'':<18} -> {out}{status}")
-    print("\nResults live under results/<model-slug>/<dataset>/. Shell wrappers: run_inference.sh, "
-          "run_evaluate.sh, run_hml.sh, run_check.sh.")
+def available() -> list[tuple[str, str, str, str]]:
+    """The stages whose modules exist (a list that only names what runs)."""
+    return [s for s in STAGES if importlib.util.find_spec(s[1]) is not None]
+
+
+def listing() -> str:
+    stages = available()
+    w = max(len(s[0]) for s in stages)
+    out = ["btp stages (`btp <stage> --help` or `python -m <module> --help` for each):", ""]
+    for name, mod, what, dest in stages:
+        out += [f"  {name:<{w}}  {mod:<18} {what}", f"  {'':<{w}}  {'':<18} -> {dest}"]
+    out += ["", "Results live under results/<model-slug>/<dataset>/. Shell wrappers: run_inference.sh, "
+                "run_evaluate.sh, run_hml.sh, run_check.sh."]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`btp` / `python -m btp`: the listing; `btp <stage> ARGS` runs the stage (`btp check --help`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(listing())
+        return
+    mods = {m.removeprefix("btp."): m for _, m, _, _ in available()}
+    stage = argv[0].replace("-", "_")
+    if stage not in mods:
+        print(f"btp: error: no stage {argv[0]!r} — choose from {', '.join(mods)}", file=sys.stderr)
+        sys.exit(2)
+    mod = importlib.import_module(mods[stage])
+    from .cli import entry
+
+    sys.argv = [f"btp {stage}", *argv[1:]]  # what the stage's parser and --debug read
+    entry(stage, mod.main)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from .results import ATP, KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, 
 from .samples import SampleSet
 from .scoring import final_hidden, token_ce
 from .stats import CLUSTERED_CI, agreement, clustered_mean, draws_clustered_mean
-from .store import read_npz, write_json, write_npz
+from .store import UserError, read_npz, write_json, write_npz
 
 STAGE = "ablation"
 ABLATIONS = ("zero", "mean")
@@ -274,7 +274,7 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
         return list(range(n_layers))
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad or not layers:
-        raise ValueError(f"layers {bad or '[]'} out of range: the model has layers 0..{n_layers - 1}")
+        raise UserError(f"--layers {bad or '[]'} out of range — the model has layers 0..{n_layers - 1}")
     return sorted(set(int(l) for l in layers))
 
 
@@ -576,4 +576,4 @@ def _print_knockout(ko: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry("ablation", main)

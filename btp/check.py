@@ -11,7 +11,6 @@ opened (zip directory) without decompressing their arrays; `--deep` also CRC-che
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import zipfile
@@ -21,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import benchmarks, results, stats
+from . import benchmarks, cli, results, stats
 from .results import EVALUATIONS, GENERATIONS, SUMMARY
 
 STAGE_DIRS = tuple(results.STAGE_DIRS.values())
@@ -372,8 +371,16 @@ def check_tree(results_dir: str | Path, model: str | None = None, dataset: str |
                deep: bool = False) -> list[Row]:
     root = Path(results_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"results dir {root} not found")
-    return [check_dataset(root, d, deep) for d in dataset_dirs(root, model, dataset)]
+        raise FileNotFoundError(f"results dir {root} not found — give --results-dir (run from the folder that holds "
+                                "results/, or point at it)")
+    if model:
+        results.find_model_dir(root, model)  # an unknown model is an error naming those there, not an empty table
+    dirs = dataset_dirs(root, model, dataset)
+    if dataset and not dirs:
+        have = sorted({d.name for d in dataset_dirs(root, model)})
+        raise FileNotFoundError(f"no results for --dataset {dataset} under {root}{' for ' + model if model else ''} "
+                                f"— have: {', '.join(have) or 'none'}")
+    return [check_dataset(root, d, deep) for d in dirs]
 
 
 # ---------------------------------------------------------------- output
@@ -442,7 +449,7 @@ def to_json(rows: list[Row]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m btp.check", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m btp.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default="results")
     p.add_argument("--model", default=None, help="only this model (slug or HF id)")
     p.add_argument("--dataset", default=None, help="only this dataset")
@@ -451,8 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         rows = check_tree(args.results_dir, args.model, args.dataset, args.deep)
-    except FileNotFoundError as e:
-        print(f"[btp.check] {e}", file=sys.stderr)
+    except (FileNotFoundError, cli.UserError) as e:  # no such results / model / dataset: said as one line
+        print(cli.error_line("check", e), file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(to_json(rows), indent=1))
@@ -462,4 +469,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.entry("check", main)

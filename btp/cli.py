@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -21,6 +23,66 @@ from pathlib import Path
 from typing import Any
 
 from . import benchmarks, results
+from .store import MalformedFileError, UserError  # noqa: F401  (UserError: stages raise cli.UserError)
+
+# ================================================================ the command line's face
+
+# what a user did wrong, as opposed to a bug: one line, exit 2 (a bug keeps its traceback)
+USER_ERRORS = (UserError, MalformedFileError, results.IdentityError, FileNotFoundError)
+_note: Callable[[], str] | None = None
+
+
+def interrupt_note(note: Callable[[], str] | None) -> None:
+    """What Ctrl-C should say was saved: `note()` at the interrupt, e.g. "234/500 judged and saved; rerun to
+    resume". A stage sets it once its output is claimed (the last one set wins)."""
+    global _note
+    _note = note
+
+
+def _line(stage: str, kind: str, msg: object) -> str:
+    return f"btp.{stage}: {kind}: " + " ".join(str(msg).split())  # one line, whatever the message held
+
+
+def error_line(stage: str, msg: object) -> str:
+    """`btp.<stage>: error: <msg>` on one line (for stages that report an error and go on to exit)."""
+    return _line(stage, "error", msg)
+
+
+def entry(stage: str, main: Callable[[], Any]) -> None:
+    """Run a stage's `main` as a command: a user error is one line `btp.<stage>: error: ...` and exit 2, Ctrl-C
+    one line saying what was saved and exit 130, a closed pipe (`| head`) a quiet end. `--debug` (or
+    BTP_DEBUG=1) lets every exception through with its traceback."""
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+        os.environ["BTP_DEBUG"] = "1"
+    debug = os.environ.get("BTP_DEBUG", "") not in ("", "0")
+    try:
+        rc = main()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        try:
+            note = _note() if _note else "partial outputs are kept; rerun to resume"
+        except Exception:  # noqa: BLE001 - the note must not hide the interrupt
+            note = "partial outputs are kept; rerun to resume"
+        print(_line(stage, "interrupted", note), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # now: no stack from worker threads or atexit hooks of torch, tqdm, the sandbox
+    except BrokenPipeError:
+        # the reader went away: point stdout at nothing so the interpreter's final flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(_line(stage, "error", e), file=sys.stderr, flush=True)
+        sys.exit(2)
+    except SystemExit as e:
+        if isinstance(e.code, str) and not debug:  # `raise SystemExit("message")`: a refusal, said as one line
+            print(_line(stage, "error", e.code), file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 def opt(default: Any = None, help: str | None = None, *, flag: str | None = None, choices: Sequence | None = None,
@@ -129,9 +191,22 @@ class Runtime:
     no_progress: bool = opt(False, "no progress bars")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are the one line of `entry` (not usage + message), and which knows --debug."""
+
+    def __init__(self, *a: Any, **kw: Any):
+        super().__init__(*a, **kw)
+        self.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+    def error(self, message: str) -> typing.NoReturn:
+        stage = self.prog.split()[-1].removeprefix("btp.")
+        print(_line(stage, "error", f"{message} — see {self.prog} --help"), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m btp.{prog}", description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=f"python -m btp.{prog}", description=description,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=Path, default=None,
                    help="JSON preset (see configs/); its keys are flag names, command-line flags override them")
     return p
@@ -174,7 +249,7 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
 
 def config_dict(args: argparse.Namespace) -> dict:
     """The effective configuration of a run, for provenance."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "debug"}  # not a setting
 
 
 # ================================================================ list flags
@@ -234,13 +309,14 @@ class StageSpec:
     description: str
     configs: tuple[type, ...] = ()
     device_map: bool = False
+    module: str = ""   # btp.<module> when it is not btp.<name> (cmaes_search): what --help and errors name
 
 
 def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
     """--config, the shared flags, the sample flags, the stage's own flags, then the runtime flags."""
     from .samples import add_sample_args
 
-    p = parser(spec.name, spec.description)
+    p = parser(spec.module or spec.name, spec.description)
     add_common(p)
     add_sample_args(p)
     for cls in spec.configs:
@@ -292,9 +368,11 @@ class Run:
     def claim(self, out: results.Output, identity: dict, **kw: Any) -> results.Claim:
         """`results.claim` with `--force`; another identity ends the run with a message naming the field."""
         try:
-            return results.claim(out, identity, force=self.args.force, **kw)
+            c = results.claim(out, identity, force=self.args.force, **kw)
         except results.IdentityError as e:
             raise SystemExit(str(e)) from None
+        interrupt_note(lambda: f"the partial progress of {out.dir / out.name} is kept; rerun to resume")
+        return c
 
     def load(self) -> Any:
         """The model (models.LoadedModel), loaded once, on the resolved device and dtype."""

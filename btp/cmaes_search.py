@@ -518,7 +518,7 @@ class RunConfig:
 
 
 SPEC = cli.StageSpec(STAGE, "CMA-ES search for the heads to keep under a budget (pycma)",
-                     configs=(SearchConfig, RunConfig), device_map=True)
+                     configs=(SearchConfig, RunConfig), device_map=True, module="cmaes_search")
 
 
 def build_parser():
@@ -585,7 +585,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     recs = store.read()
     if state is None and (recs or json_path.exists()):
         if claim.state == "resume":
-            raise SystemExit(f"{path}: no optimizer state ({state_path.name}) to continue from; use --force")
+            raise SystemExit(f"{path}: no optimizer state ({state_path.name}) to continue from — use --force to "
+                             "start afresh")
         print(f"[btp.cmaes_search] {path}: discarding a partial run of another configuration")
         path.unlink(missing_ok=True)
         json_path.unlink(missing_ok=True)
@@ -596,14 +597,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
             store.append(state["record"])
             recs.append(state["record"])
         if len(recs) != done:
-            raise SystemExit(f"{path} holds {len(recs)} generations, its state {done}; use --force")
+            raise SystemExit(f"{path} holds {len(recs)} generations, its state {done} — use --force to start afresh")
     lm = run.load()
     from .arch import adapter
 
     ad = adapter(lm.model)
     space = Space(tuple(ad.layer_num_heads))
     if prior is not None and prior.values.shape != space.shape:
-        raise SystemExit(f"{prior.source}: scores of shape {prior.values.shape} do not fit the model {space.shape}")
+        raise SystemExit(f"{prior.source}: scores of shape {prior.values.shape} do not fit the model {space.shape} — "
+                         "use --warm-start cold, or rerun the stage it comes from with --force")
     fit = ModelFitness(lm.model, scoring, batch_rows=opts.batch_rows, progress=False)
     hold = ModelFitness(lm.model, heldout, batch_rows=opts.batch_rows, cache=False)
     k = cfg.n_keep(space.n)
@@ -666,4 +668,4 @@ def _summary(search: Search, ctl: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry("cmaes_search", main)

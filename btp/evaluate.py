@@ -41,7 +41,7 @@ from .results import (
 )
 from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
 from .stats import ks_up_to, pass_at_k_summary
-from .store import JsonlStore, MalformedFileError, iter_jsonl, provenance, write_json
+from .store import JsonlStore, MalformedFileError, UserError, iter_jsonl, provenance, write_json
 
 RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must not mix
 
@@ -117,12 +117,13 @@ def plan(cfg: EvalConfig) -> EvalPlan:
     """The evaluation plan of a config."""
     bench = benchmarks.get(cfg.dataset)
     if cfg.reference and cfg.input:
-        raise ValueError("--reference and --input exclude each other")
+        raise UserError("--reference and --input exclude each other — judge either the benchmark's references or "
+                        "the file")
     opts = {k: getattr(cfg, k) for k in LOAD_OPTIONS}
     if cfg.reference:
         if not bench.has_references:
             works = " and ".join(b.name for b in benchmarks.all() if b.has_references)
-            raise ValueError(f"{cfg.dataset} has no reference solutions; --reference works for {works}")
+            raise UserError(f"{cfg.dataset} has no reference solutions — --reference works for {works}")
         source, model = "reference", "reference"
         out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / EVALUATIONS
         programs = None
@@ -130,16 +131,18 @@ def plan(cfg: EvalConfig) -> EvalPlan:
         source, model = "input", cfg.model or Path(cfg.input).stem
         inp = Path(cfg.input)
         if not inp.is_file():
-            raise FileNotFoundError(f"--input {inp} does not exist")
+            raise FileNotFoundError(f"--input {inp} does not exist — give a JSONL file of "
+                                    "{problem_id, sample, code}")
         out = evaluations_path(inp)
         programs = _read_programs(inp)
     else:
         if not cfg.model:
-            raise ValueError("give --model (whose generations to judge), --reference or --input FILE")
+            raise UserError("nothing to judge — give --model (whose generations to judge), --reference or "
+                            "--input FILE")
         d, model = generations_dir(cfg.results_dir, cfg.model, cfg.dataset)
         gen = d / GENERATIONS
         if not gen.exists():
-            raise FileNotFoundError(f"{gen} does not exist; run `python -m btp.generate --model {cfg.model} "
+            raise FileNotFoundError(f"{gen} does not exist — run `python -m btp.generate --model {cfg.model} "
                                     f"--dataset {cfg.dataset}` first, or pass --input FILE")
         source, out = "generations", d / EVALUATIONS
         for k, v in _generation_options(gen).items():
@@ -231,6 +234,9 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
     print(f"[btp.evaluate] {model} {cfg.dataset} ({source}): {len(problems)} problems, {len(programs)} programs, "
           f"{len(programs) - len(todo)} already judged, {len(todo)} to run -> {out}", file=sys.stderr)
     if todo:
+        keys = {(r["problem_id"], r["sample"]) for r in programs}
+        cli.interrupt_note(lambda: f"{len(keys & latest(store.read()).keys())}/{len(programs)} judged and saved in "
+                                   f"{out}; rerun to resume")
         store.begin_run(provenance(stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed,
                                    config=conf, source=source))
         _judge(todo, by_id, store, cfg, timeout, sandbox)
@@ -323,4 +329,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.entry("evaluate", main)

@@ -377,6 +377,8 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
           file=sys.stderr)
     if not jobs:
         return out
+    cli.interrupt_note(lambda: f"{len(store.done())}/{total} {cfg.dataset} samples generated and saved in {out}; "
+                               "rerun to resume")
     if sess.engine is None:
         sess.engine = HfBackend(sess.hf_model, sess.tokenizer) if cfg.backend == "hf" else VllmBackend(path, cfg)
     engine = sess.engine
@@ -417,9 +419,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     names = [d.strip() for d in cfg.dataset.split(",") if d.strip()]
     bad = [d for d in names if d not in benchmarks.NAMES]
     if bad or not names:
-        raise SystemExit(f"--dataset: unknown {bad or cfg.dataset!r}; choose from {benchmarks.NAMES}")
+        raise SystemExit(f"unknown --dataset {', '.join(bad) or cfg.dataset!r} — choose from "
+                         f"{', '.join(benchmarks.NAMES)}")
     if cfg.output and len(names) > 1:
-        raise SystemExit("--output takes one --dataset")
+        raise SystemExit("--output takes one --dataset — give one, or leave --output out")
     sess, outs = Session(), []
     try:
         for ds in names:
@@ -433,4 +436,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":  # vLLM's engine spawns processes that re-import this module
-    main()
+    cli.entry("generate", main)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .store import UserError
+
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
     "smollm2-135m": {
@@ -123,7 +125,8 @@ def resolve_model(name: str = DEFAULT_MODEL, revision: str | None = None) -> Mod
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} is a folder but has no config.json (not a HF model folder)")
+            raise FileNotFoundError(f"{p} has no config.json (not a HF model folder) — give a model folder, a hub "
+                                    f"id or {', '.join(EMBEDDED)}")
         src = p / "btp_source.json"
         if src.exists():  # a converted embedded model given by path
             s = json.loads(src.read_text())
@@ -131,9 +134,12 @@ def resolve_model(name: str = DEFAULT_MODEL, revision: str | None = None) -> Mod
                             revision="gguf-sha256:" + s["gguf_sha256"][:16])
         return ModelRef(name=name, model_id=str(p.resolve()), path=str(p.resolve()),
                         revision=revision or _folder_revision(p))
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model folder '{name}' does not exist — check the path, or give a hub id (org/name) or "
+                        f"{', '.join(EMBEDDED)}")
     if name.count("/") != 1:
-        raise ValueError(f"'{name}' is neither an embedded model ({', '.join(EMBEDDED)}), an existing folder, "
-                         f"nor a hub id of the form org/name")
+        raise UserError(f"model '{name}' is neither an embedded model ({', '.join(EMBEDDED)}), an existing folder, "
+                        f"nor a hub id — check the name or path (hub ids look like org/name)")
     return ModelRef(name=name, model_id=name, path=name, revision=revision or _hub_revision(name, revision))
 
 
@@ -149,13 +155,42 @@ def _folder_revision(p: Path) -> str:
     return "folder-sha256:" + h.hexdigest()[:16]
 
 
+def _hub_cached(repo: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an unreadable cache is no cache
+        return False
+
+
 def _hub_revision(repo: str, revision: str | None) -> str | None:
+    """The hub's commit of `repo`; a model neither cached nor on a reachable hub is a user error said now, once,
+    rather than after transformers' retries (about a minute offline)."""
+    cached = _hub_cached(repo)
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
+    if offline:
+        if not cached:
+            raise UserError(f"model '{repo}' not found locally and the hub is off (HF_HUB_OFFLINE) — check the name, "
+                            "or download it while online (`hf download <org/name>`)")
+        return revision
     try:
         from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-        return HfApi().model_info(repo, revision=revision).sha
-    except Exception:
-        return revision  # offline: unknown; recorded as asked
+        return HfApi().model_info(repo, revision=revision, timeout=10).sha
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        if cached:
+            return revision
+        what = "revision" if isinstance(e, RevisionNotFoundError) else "model"
+        raise UserError(f"{what} '{repo}{'@' + revision if revision else ''}' not found on the hub — check the name "
+                        "(gated models need `hf auth login`)") from None
+    except Exception:  # noqa: BLE001 - no network, a timeout, a proxy: the hub is unreachable
+        if cached:
+            return revision  # offline: unknown; recorded as asked
+        raise UserError(f"model '{repo}' not found locally and the hub is unreachable — check the name, or "
+                        "download it while online (`hf download <org/name>`)") from None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -256,4 +291,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import entry  # here: cli is a room above models
+
+    entry("models", main)

@@ -9,7 +9,6 @@ backend. Every analysis figure names its population (source/select of the analys
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys
@@ -22,7 +21,7 @@ from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from . import benchmarks, results
+from . import benchmarks, cli, results
 from .results import EVALUATIONS, GENERATIONS, SUMMARY, find_model_dir, importance_matrix, parse_stem, rank_heads
 from .stats import agreement
 from .store import iter_jsonl, read_json
@@ -981,8 +980,12 @@ FAMILIES = {"generation": generation_figures, "entropy": entropy_figures, "ablat
 def write_figures(results_dir: str | Path, model: str | None, out: str | Path, *, only: Sequence[str] | None = None,
                   families: Sequence[str] = tuple(FAMILIES), pdf: bool = False, dpi: int = 130) -> list[Path]:
     """Write every figure the results allow; returns the files written."""
-    from .store import provenance
+    from .store import UserError, provenance
 
+    have = datasets(results_dir, model)
+    if only and (bad := [d for d in only if d not in have]):
+        raise UserError(f"no results for --dataset {', '.join(bad)} under {model_dir(results_dir, model)} — have: "
+                        f"{', '.join(have) or 'none'}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = provenance(stage="plots")
@@ -1002,7 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    p = argparse.ArgumentParser(prog="python -m btp.plots", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m btp.plots", description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default="results")
     p.add_argument("--model", default=None, help="slug, HF id or embedded name (default: the only model)")
     p.add_argument("--dataset", action="append", default=None, help="only this dataset (repeatable)")
@@ -1014,8 +1017,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     try:
         files = write_figures(args.results_dir, args.model, args.out, only=args.dataset,
                               families=args.only or tuple(FAMILIES), pdf=args.pdf, dpi=args.dpi)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"[btp.plots] {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as e:  # no such results / model / dataset: said as one line
+        print(cli.error_line("plots", e), file=sys.stderr)
         raise SystemExit(2) from None
     for f in files:
         print(f)
@@ -1024,7 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry("plots", main)
 
 
 # ================================================================ OV/QK circuits (btp.circuits outputs)

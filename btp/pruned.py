@@ -619,7 +619,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     try:
         arms = build_arms(settings, ds_dir, layer_heads, cfg.controls, args.seed)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"[btp.pruned] {e}") from None
+        raise SystemExit(str(e)) from None
     problems = [q.problem_id for q in benchmarks.get(args.dataset).load(limit=gen.limit, variant=gen.variant)]
     tok = load_tokenizer(args.model)
     ss = load_samples(args.results_dir, ref.model_id, args.dataset, scfg, tok)
@@ -645,7 +645,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     except results.IdentityError as e:
         raise SystemExit(str(e)) from None
     except subprocess.CalledProcessError as e:   # finished arms stay done and the checkpoint cached: rerun resumes
-        raise SystemExit(f"[btp.pruned] {' '.join(e.cmd[1:4])} failed (exit {e.returncode}); rerun to resume") \
+        raise SystemExit(f"{' '.join(e.cmd[1:4])} failed (exit {e.returncode}) — rerun to resume") \
             from None
     if comp:
         print(comp["table"])
@@ -662,4 +662,4 @@ def _free_memory() -> None:
 
 
 if __name__ == "__main__":  # vLLM's engine spawns processes that re-import modules
-    main()
+    cli.entry("pruned", main)

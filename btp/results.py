@@ -90,16 +90,19 @@ def find_model_dir(results_dir: str | os.PathLike, model: str | None) -> Path:
     model under `results_dir`. FileNotFoundError / ValueError say why none is found."""
     root = Path(results_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"results dir {root} not found")
+        raise FileNotFoundError(f"results dir {root} not found — give --results-dir (run from the folder that holds "
+                                "results/, or point at it)")
     if model is None:
         models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != CIRCUITS)
         if len(models) != 1:
-            raise ValueError(f"{root} holds {len(models)} models ({', '.join(p.name for p in models)}): pass --model")
+            raise store.UserError(f"{root} holds {len(models)} models — pass --model, one of: "
+                                  f"{', '.join(p.name for p in models) or 'none'}")
         return models[0]
     for name in model_dir_names(root, model):
         if (root / name).is_dir():
             return root / name
-    raise FileNotFoundError(f"no results for model {model!r} under {root}")
+    have = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != CIRCUITS)
+    raise FileNotFoundError(f"no results for model {model!r} under {root} — have: {', '.join(have) or 'none'}")
 
 
 def circuits_paths(results_dir: str | os.PathLike, base_id: str, other_id: str) -> dict[str, Path]:
@@ -145,7 +148,10 @@ def generations_dir(results_dir: str | os.PathLike, model: str, dataset: str) ->
         return d, model
     from .models import resolve_model
 
-    model_id = resolve_model(model).model_id
+    try:
+        model_id = resolve_model(model).model_id
+    except store.UserError:  # a name no model answers to: taken as an id (its missing files are the error)
+        model_id = model
     return dataset_dir(results_dir, model_id, dataset), model_id
 
 
@@ -421,7 +427,7 @@ class IdentityError(ValueError):
         self.path, self.field, self.old, self.new = path, field_name, old, new
         short = lambda v: (s if len(s := json.dumps(v, default=str)) <= 80 else s[:77] + "...")
         super().__init__(f"{path} exists for other {field_name} (written with {short(old)}, this run has "
-                         f"{short(new)}); use --force to overwrite or another --results-dir")
+                         f"{short(new)}) — use --force to overwrite or another --results-dir")
 
 
 def identity_key(identity: dict) -> str:

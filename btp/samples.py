@@ -22,7 +22,7 @@ import numpy as np
 
 from .cli import add_flags, config_from, opt
 from .results import EVALUATIONS, GENERATIONS, MODES, PAIRED, SELECTS, SOURCES, Stem, code_sha, dataset_dir
-from .store import read_jsonl
+from .store import UserError, read_jsonl
 
 
 @dataclass
@@ -259,7 +259,7 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
     d = dataset_dir(results_dir, model_id, dataset)
     gpath, epath = d / GENERATIONS, d / EVALUATIONS
     if not gpath.exists():
-        raise FileNotFoundError(f"{gpath} not found: run `python -m btp.generate` first, or use --source reference")
+        raise FileNotFoundError(f"{gpath} not found — run `python -m btp.generate` first, or use --source reference")
     gens = read_jsonl(gpath)
     order = {}
     for g in gens:
@@ -268,7 +268,7 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
     judged: dict[tuple[str, int], str | None] = {}   # the hash of the code each verdict judged
     if cfg.select != "all":
         if not epath.exists():
-            raise FileNotFoundError(f"{epath} not found: --select {cfg.select} needs evaluations "
+            raise FileNotFoundError(f"{epath} not found — --select {cfg.select} needs evaluations "
                                     f"(run `python -m btp.evaluate`), or use --select all")
         for e in read_jsonl(epath):   # the last record of a (problem, sample) is its verdict
             key = (e["problem_id"], int(e["sample"]))
@@ -364,11 +364,11 @@ def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -
     from . import benchmarks
 
     if cfg.select != "all" and cfg.select != "correct":
-        raise ValueError("reference solutions are all correct: use --select correct or all with --source reference")
+        raise UserError("reference solutions are all correct — use --select correct or all with --source reference")
     probs = problems if problems is not None else benchmarks.get(dataset).load()
     probs = [p for p in probs if p.reference is not None]
     if not probs:
-        raise ValueError(f"{dataset} has no reference solutions; use --source generations")
+        raise UserError(f"{dataset} has no reference solutions — use --source generations")
     order = {p.problem_id: i for i, p in enumerate(probs)}
     by_id = {p.problem_id: p for p in probs}
     samples, notes, n_too_long, n_nocode = [], [], 0, 0
@@ -425,8 +425,9 @@ def _finish(samples, cfg, dataset, model_id, available, notes, source_file) -> S
     for n in notes:
         warnings.warn(f"[btp.samples] {dataset}: {n}")
     if not samples:
-        raise ValueError(f"no analysis samples for {model_id} / {dataset} ({cfg.source}, select={cfg.select}, "
-                         f"mode={cfg.mode}); {'; '.join(notes) or 'nothing eligible'}")
+        raise UserError(f"no analysis samples for {model_id} / {dataset} ({cfg.source}, select={cfg.select}, "
+                        f"mode={cfg.mode}; {'; '.join(notes) or 'nothing eligible'}) — generate and evaluate more "
+                        "samples, or choose another --select / --source")
     info = {"source": cfg.source, "population": f"{cfg.source}:{cfg.select}", "eligible": available,
             "used": len(samples), "asked": asked, "notes": notes, "source_file": source_file,
             "cut_left": [s.cut_left for s in samples]}

@@ -20,6 +20,12 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 
+class UserError(ValueError):
+    """An expected mistake of the user (a flag, a name, a missing input): `btp.cli.entry` prints it as one line
+    and exits 2, without a traceback. Its message says what is wrong, then ` — ` what to do. A ValueError, so
+    callers that caught the ValueError it replaces still do."""
+
+
 class MalformedFileError(ValueError):
     """An input file that cannot be parsed; the message names the file and line."""
 
@@ -81,11 +87,26 @@ def stamp_id(stamp: dict) -> str:
 
 # ---------------------------------------------------------------- atomic writes
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (setting it to read it races with threads
+    creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a result file is shared like the JSONL ones
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -426,4 +426,4 @@ def _summary(history: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.entry("taylor", main)

@@ -6,6 +6,7 @@ Adding a benchmark: a module defining `BENCHMARK` and one line in `_MODULES`.
 """
 from __future__ import annotations
 
+from ..store import UserError
 from . import humaneval, livecodebench, mbpp
 from .base import BENCH_DIR, LOAD_OPTIONS, Benchmark, Problem
 
@@ -29,7 +30,7 @@ def get(name: str) -> Benchmark:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown dataset {name!r}; choose from {NAMES}") from None
+        raise UserError(f"unknown dataset {name!r} — choose from {', '.join(NAMES)}") from None
 
 
 def all() -> tuple[Benchmark, ...]:  # noqa: A001 - `benchmarks.all()` reads as intended

@@ -69,7 +69,8 @@ class Benchmark:
         """Problems in benchmark order; `limit` takes the first N. Options a benchmark does not use are
         ignored (callers pass one set of options to any benchmark)."""
         if data_file is not None and not Path(data_file).is_file():
-            raise FileNotFoundError(f"data file {data_file} does not exist")
+            raise FileNotFoundError(f"--data-file {data_file} does not exist — give the path of an existing "
+                                    f"{self.name} data file, or leave --data-file out")
         probs = self.read(variant=variant, data_file=Path(data_file) if data_file else None, release=release,
                           start_date=start_date, end_date=end_date)
         if limit is not None:

@@ -10,6 +10,7 @@ when `--layers` restricts the matrix.
 The exact batched loss of head sets (one base pass per sample, prefix and attention reuse, one set per batch row,
 logits at scored positions only) is the engine `btp.headsets`; this module holds the stage around it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,20 +44,30 @@ SampleRun = HeadSetScorer  # the engine's former name here (tests and scripts pa
 
 @dataclass
 class MatrixConfig:
-    ablation: str = opt("zero", "zero the head, or replace it by its mean o_proj-input slice over all sample tokens",
-                        choices=ABLATIONS)
-    method: str = opt("exact", "exact: every head's true delta; atp: attribution patching, a first-order estimate "
-                      "from one forward+backward per sample; atp+exact: atp, then the exact delta of the --verify "
-                      "top heads (and as many random ones)", choices=METHODS)
+    ablation: str = opt(
+        "zero", "zero the head, or replace it by its mean o_proj-input slice over all sample tokens", choices=ABLATIONS
+    )
+    method: str = opt(
+        "exact",
+        "exact: every head's true delta; atp: attribution patching, a first-order estimate "
+        "from one forward+backward per sample; atp+exact: atp, then the exact delta of the --verify "
+        "top heads (and as many random ones)",
+        choices=METHODS,
+    )
     verify: int = opt(10, "atp+exact: heads (top by |estimate|, plus as many random) whose exact delta is computed")
     # None: every layer (the default; no shortcut to a subset)
-    layers: list[int] | None = opt(None, "restrict the matrix to these layers, e.g. 0,5,10-12 (default: all)",
-                                   parse=parse_layers)
+    layers: list[int] | None = opt(
+        None, "restrict the matrix to these layers, e.g. 0,5,10-12 (default: all)", parse=parse_layers
+    )
     batch_rows: int | None = opt(None, "ablations per batched pass (default: from free memory and sequence length)")
-    per_token: bool = opt(False, "also store per-token deltas")   # [tokens, L, Hmax]
+    per_token: bool = opt(False, "also store per-token deltas")  # [tokens, L, Hmax]
     # reuse layer l's recorded o_proj input for layer-l ablations (exact)
-    reuse_attention: bool = opt(True, "recompute layer l's attention for layer-l ablations (slower, same numbers)",
-                                flag="no-reuse-attention", invert=True)
+    reuse_attention: bool = opt(
+        True,
+        "recompute layer l's attention for layer-l ablations (slower, same numbers)",
+        flag="no-reuse-attention",
+        invert=True,
+    )
     n_boot: int = opt(1000, "bootstrap resamples over samples for CIs")
     seed: int = 0
     # 0: after every (sample, layer)
@@ -91,17 +102,24 @@ def parse_heldout(v: str | float | int) -> float | int:
 class KnockoutConfig:
     enabled: bool = opt(True, "matrix only", flag="no-knockout", invert=True)
     # None: 1, 2, 4, ... up to the number of ranked heads
-    ks: list[int] | None = opt(None, "knockout counts, e.g. 1,2,4,8 (default: powers of 2)", flag="knockout-ks",
-                               parse=parse_ks)
+    ks: list[int] | None = opt(
+        None, "knockout counts, e.g. 1,2,4,8 (default: powers of 2)", flag="knockout-ks", parse=parse_ks
+    )
     random_seeds: int = opt(10, "random-head control curves (their band resamples draws and problems)")
-    heldout: float | int = opt(0.25, "problems held out for the curves: the ranking (and greedy choice) uses the "
-                               "others; a fraction, a count, or 0 for in-sample curves (labelled)",
-                               flag="knockout-heldout", parse=parse_heldout)
-    greedy: bool = opt(False, "also the greedy curve (re-rank remaining heads after each removal: one matrix-like "
-                       "pass per step)")
-    greedy_candidates: int | None = opt(None, "greedy picks among the top-N heads of the matrix (default: all; costly "
-                                        "for big models)")
-    batch_rows: int | None = None       # these as the matrix's (the stage passes them on)
+    heldout: float | int = opt(
+        0.25,
+        "problems held out for the curves: the ranking (and greedy choice) uses the "
+        "others; a fraction, a count, or 0 for in-sample curves (labelled)",
+        flag="knockout-heldout",
+        parse=parse_heldout,
+    )
+    greedy: bool = opt(
+        False, "also the greedy curve (re-rank remaining heads after each removal: one matrix-like pass per step)"
+    )
+    greedy_candidates: int | None = opt(
+        None, "greedy picks among the top-N heads of the matrix (default: all; costly for big models)"
+    )
+    batch_rows: int | None = None  # these as the matrix's (the stage passes them on)
     reuse_attention: bool = True
     n_boot: int = 1000
     seed: int = 0
@@ -110,8 +128,10 @@ class KnockoutConfig:
 
 # ---------------------------------------------------------------- the matrix
 
-def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConfig, *,
-               partial: Path | None = None, key: str = "") -> dict[str, np.ndarray]:
+
+def run_matrix(
+    model: torch.nn.Module, sample_set: SampleSet, config: MatrixConfig, *, partial: Path | None = None, key: str = ""
+) -> dict[str, np.ndarray]:
     """The single-head ablation matrix. Returns `delta` [S, L, Hmax] (mean CE change over scored tokens, NaN
     for padding heads and layers not computed), `delta_mean`, `delta_ci_low`/`_high` [L, Hmax], `base_ce` [S],
     `layer_num_heads` [L], per-token `token_delta`/`base_token_ce` if asked, and `replacement` for mean ablation.
@@ -123,8 +143,12 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
     off = np.concatenate([[0], np.cumsum(n_tok)]).astype(int)
     st = _load_partial(partial, key)
     if st is None:
-        st = {"delta": np.full((S, L, H), np.nan, np.float32), "base_ce": np.full(S, np.nan, np.float32),
-              "done": np.zeros((S, L), bool), "noop_delta": np.full(S, np.nan, np.float32)}
+        st = {
+            "delta": np.full((S, L, H), np.nan, np.float32),
+            "base_ce": np.full(S, np.nan, np.float32),
+            "done": np.zeros((S, L), bool),
+            "noop_delta": np.full(S, np.nan, np.float32),
+        }
         if config.per_token:
             st["token_delta"] = np.full((off[-1], L, H), np.nan, np.float32)
             st["base_token_ce"] = np.full(off[-1], np.nan, np.float32)
@@ -132,27 +156,40 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
             st["replacement"] = mean_o_proj_inputs(model, sample_set).numpy()
     rep = torch.as_tensor(st["replacement"]) if config.ablation == "mean" else None
     last_save = time.time()
-    with tqdm(total=S * len(layers), initial=int(st["done"][:, layers].sum()), desc="ablation matrix",
-              unit="layer", disable=not config.progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=S * len(layers),
+        initial=int(st["done"][:, layers].sum()),
+        desc="ablation matrix",
+        unit="layer",
+        disable=not config.progress,
+        dynamic_ncols=True,
+    ) as bar:
         for s, sample in enumerate(sample_set.samples):
             todo = [l for l in layers if not st["done"][s, l]]
             if not todo:
                 continue
             bar.set_postfix_str(f"sample {s + 1}/{S} ({len(sample.input_ids)} tok)")
-            run = HeadSetScorer(model, sample, todo, replacement=rep, batch_rows=config.batch_rows,
-                                reuse_attention=config.reuse_attention, noop_row=True)
+            run = HeadSetScorer(
+                model,
+                sample,
+                todo,
+                replacement=rep,
+                batch_rows=config.batch_rows,
+                reuse_attention=config.reuse_attention,
+                noop_row=True,
+            )
             base = run.base.double()
             st["base_ce"][s] = base.mean().item()
             if config.per_token:
-                st["base_token_ce"][off[s]:off[s + 1]] = run.base.cpu().numpy()
+                st["base_token_ce"][off[s] : off[s + 1]] = run.base.cpu().numpy()
             for l in todo:
                 n = ad.heads[l].n_heads
                 d = run.ce([[(l, h)] for h in range(n)]).double() - base  # [n, P]
                 st["delta"][s, l, :n] = d.mean(1).cpu().numpy()
                 if config.per_token:
-                    st["token_delta"][off[s]:off[s + 1], l, :n] = d.T.cpu().numpy()
+                    st["token_delta"][off[s] : off[s + 1], l, :n] = d.T.cpu().numpy()
                 st["done"][s, l] = True
-                st.setdefault("noop_delta", np.full(S, np.nan, np.float32))   # partials of older runs lack it
+                st.setdefault("noop_delta", np.full(S, np.nan, np.float32))  # partials of older runs lack it
                 st["noop_delta"][s] = np.fmax(st["noop_delta"][s], run.noop_delta)
                 bar.update(1)
                 if partial is not None and time.time() - last_save >= config.save_every:
@@ -170,6 +207,7 @@ def run_matrix(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConf
 
 # ---------------------------------------------------------------- attribution patching (a screen)
 
+
 @contextmanager
 def _frozen_weights(model: torch.nn.Module) -> Iterator[None]:
     """No weight gradients (only activations are differentiated); restores the flags it turned off."""
@@ -183,8 +221,7 @@ def _frozen_weights(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def atp_sample(model: torch.nn.Module, sample, replacement: torch.Tensor | None = None
-               ) -> tuple[np.ndarray, float]:
+def atp_sample(model: torch.nn.Module, sample, replacement: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """Attribution patching (Nanda 2023; Kramar et al. 2024) of one sample: one forward and one backward pass.
     Returns ([L, Hmax] float64 first-order estimate of every head's ablation delta, NaN at padding heads; the base
     mean CE). delta_lh ~ sum_t <dL/da_lh,t, r_lh - a_lh,t>, a the head's o_proj-input slice at token t, r its
@@ -197,9 +234,9 @@ def atp_sample(model: torch.nn.Module, sample, replacement: torch.Tensor | None 
     def on_grad(l: int, x: torch.Tensor, grad: torch.Tensor) -> None:
         lay = ad.heads[l]
         a = x.to(dt).view(*x.shape[:-1], lay.n_heads, lay.head_dim)
-        r = 0 if replacement is None else replacement[l, :lay.n_heads].to(device=a.device, dtype=dt)
+        r = 0 if replacement is None else replacement[l, : lay.n_heads].to(device=a.device, dtype=dt)
         g = grad.to(dt).view_as(a)
-        est[l, :lay.n_heads] = ((r - a) * g).sum(dim=(0, 1, 3)).double().cpu()
+        est[l, : lay.n_heads] = ((r - a) * g).sum(dim=(0, 1, 3)).double().cpu()
 
     check_sample(sample)
     ids = torch.as_tensor(sample.input_ids, dtype=torch.long).view(1, -1).to(ad.device)
@@ -241,8 +278,9 @@ def run_atp(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConfig)
     rep = mean_o_proj_inputs(model, sample_set) if config.ablation == "mean" else None
     est = np.full((S, L, H), np.nan, np.float32)
     base = np.full(S, np.nan, np.float32)
-    for s, sample in enumerate(tqdm(sample_set.samples, desc="atp", unit="sample", disable=not config.progress,
-                                    dynamic_ncols=True)):
+    for s, sample in enumerate(
+        tqdm(sample_set.samples, desc="atp", unit="sample", disable=not config.progress, dynamic_ncols=True)
+    ):
         e, base[s] = atp_sample(model, sample, rep)
         est[s, layers] = e[layers]
     out: dict = {"delta": est, "base_ce": base, "noop_delta": np.full(S, np.nan, np.float32)}
@@ -251,16 +289,27 @@ def run_atp(model: torch.nn.Module, sample_set: SampleSet, config: MatrixConfig)
     if config.method == "atp+exact" and config.verify:
         pids = sample_set.problem_ids
         top, rnd = verify_heads(clustered_mean(est, pids, 1, config.seed).mean, config.verify, config.seed)
-        res = eval_sets(model, sample_set, [[h] for h in top + rnd], replacement=rep,
-                        batch_rows=config.batch_rows, reuse_attention=config.reuse_attention,
-                        progress=config.progress, desc="exact deltas of the verified heads")
+        res = eval_sets(
+            model,
+            sample_set,
+            [[h] for h in top + rnd],
+            replacement=rep,
+            batch_rows=config.batch_rows,
+            reuse_attention=config.reuse_attention,
+            progress=config.progress,
+            desc="exact deltas of the verified heads",
+        )
         exact = np.full((S, L, H), np.nan, np.float32)
         verified = np.zeros((L, H), np.int8)
         for i, (l, h) in enumerate(top + rnd):
             exact[:, l, h] = res.delta[i]
             verified[l, h] = 1 if i < len(top) else 2
-        out.update(delta_atp=est, delta_exact=exact, verified=verified,
-                   delta=np.where(np.isfinite(exact), exact, est).astype(np.float32))
+        out.update(
+            delta_atp=est,
+            delta_exact=exact,
+            verified=verified,
+            delta=np.where(np.isfinite(exact), exact, est).astype(np.float32),
+        )
     return _summary_arrays(out, out["delta"], sample_set.problem_ids, config, ad)
 
 
@@ -287,6 +336,7 @@ def _load_partial(path: Path | None, key: str) -> dict | None:
 
 # ---------------------------------------------------------------- knockout
 
+
 def default_ks(n: int) -> list[int]:
     ks, k = [], 1
     while k <= n:
@@ -295,8 +345,9 @@ def default_ks(n: int) -> list[int]:
     return ks
 
 
-def knockout_split(sample_set: SampleSet, delta: np.ndarray, heldout: float | int, seed: int
-                   ) -> tuple[SampleSet, SampleSet, np.ndarray, str]:
+def knockout_split(
+    sample_set: SampleSet, delta: np.ndarray, heldout: float | int, seed: int
+) -> tuple[SampleSet, SampleSet, np.ndarray, str]:
     """(samples the curves are reported on, samples the ranking and greedy choice use, the ranking's delta_mean,
     selection label): the matrix's per-sample `delta` [S, L, H] averaged over the scoring problems only, the curves
     on held-out problems (no winner's curse). heldout 0, or too few problems to split: in-sample, labelled so."""
@@ -309,22 +360,48 @@ def knockout_split(sample_set: SampleSet, delta: np.ndarray, heldout: float | in
         if scoring is not None:
             rows = [i for i, p in enumerate(pids) if p in set(scoring.problem_ids)]
             dm = clustered_mean(np.asarray(delta)[rows], [pids[i] for i in rows], 1, seed).mean
-            return held, scoring, dm, (f"held-out: ranked on {len(set(scoring.problem_ids))} problems, curves on "
-                                       f"{len(set(held.problem_ids))} other problems")
+            return (
+                held,
+                scoring,
+                dm,
+                (
+                    f"held-out: ranked on {len(set(scoring.problem_ids))} problems, curves on "
+                    f"{len(set(held.problem_ids))} other problems"
+                ),
+            )
     dm = clustered_mean(np.asarray(delta), pids, 1, seed).mean
     return sample_set, sample_set, dm, "in-sample: ranked and reported on the same samples (optimistic)"
 
 
-def _curve(ks: Sequence[int], sets: Sequence[Sequence[Head]], ce: np.ndarray, n_boot: int, seed: int,
-           problems: Sequence[str]) -> list[dict]:
+def _curve(
+    ks: Sequence[int], sets: Sequence[Sequence[Head]], ce: np.ndarray, n_boot: int, seed: int, problems: Sequence[str]
+) -> list[dict]:
     m, lo, hi, _ = clustered_mean(ce.T, problems, n_boot, seed)
-    return [{"k": int(k), "heads": [list(h) for h in hs], "mean_ce": float(m[i]), "ci_low": float(lo[i]),
-             "ci_high": float(hi[i]), "per_sample_ce": ce[i].tolist()} for i, (k, hs) in enumerate(zip(ks, sets))]
+    return [
+        {
+            "k": int(k),
+            "heads": [list(h) for h in hs],
+            "mean_ce": float(m[i]),
+            "ci_low": float(lo[i]),
+            "ci_high": float(hi[i]),
+            "per_sample_ce": ce[i].tolist(),
+        }
+        for i, (k, hs) in enumerate(zip(ks, sets))
+    ]
 
 
-def run_knockout(model: torch.nn.Module, sample_set: SampleSet, delta_mean: np.ndarray, config: KnockoutConfig, *,
-                 replacement: torch.Tensor | None = None, partial: Path | None = None, key: str = "",
-                 select_on: SampleSet | None = None, selection: str = "in-sample") -> dict:
+def run_knockout(
+    model: torch.nn.Module,
+    sample_set: SampleSet,
+    delta_mean: np.ndarray,
+    config: KnockoutConfig,
+    *,
+    replacement: torch.Tensor | None = None,
+    partial: Path | None = None,
+    key: str = "",
+    select_on: SampleSet | None = None,
+    selection: str = "in-sample",
+) -> dict:
     """Cumulative knockout curves: `top` (heads by the matrix ranking, largest mean delta first), `random`
     (nested random orders of the same ranked heads, one per seed, and their seed average), and `greedy` if asked
     (each step adds the remaining candidate that raises the mean CE most, on these same samples). Each point:
@@ -338,8 +415,12 @@ def run_knockout(model: torch.nn.Module, sample_set: SampleSet, delta_mean: np.n
     ks = sorted(set(config.ks)) if config.ks else default_ks(n)
     if not ks or ks[0] < 1 or ks[-1] > n:
         raise ValueError(f"knockout ks must lie in 1..{n} (the ranked heads), got {ks}")
-    kw = dict(replacement=replacement, batch_rows=config.batch_rows, reuse_attention=config.reuse_attention,
-              progress=config.progress)
+    kw = dict(
+        replacement=replacement,
+        batch_rows=config.batch_rows,
+        reuse_attention=config.reuse_attention,
+        progress=config.progress,
+    )
     st = _load_json_partial(partial, key) or {}
     if "top" not in st:
         rand_sets = []
@@ -348,23 +429,46 @@ def run_knockout(model: torch.nn.Module, sample_set: SampleSet, delta_mean: np.n
             rand_sets += [[ranked[j] for j in perm[:k]] for k in ks]
         top_sets = [ranked[:k] for k in ks]
         ce, base = eval_sets(model, sample_set, top_sets + rand_sets, desc="knockout top/random", **kw)
-        st.update(base=base.tolist(), top={"sets": top_sets, "ce": ce[:len(ks)].tolist()},
-                  random={"sets": rand_sets, "ce": ce[len(ks):].tolist()})
+        st.update(
+            base=base.tolist(),
+            top={"sets": top_sets, "ce": ce[: len(ks)].tolist()},
+            random={"sets": rand_sets, "ce": ce[len(ks) :].tolist()},
+        )
         write_partial(partial, key, st)
     base = np.array(st["base"])
     pids = sample_set.problem_ids
     bm, blo, bhi, _ = clustered_mean(base, pids, config.n_boot, config.seed)
-    out: dict = {"ks": ks, "n_ranked": n, "ranking": "matrix delta_mean, largest first", "ci": CLUSTERED_CI,
-                 "n_problems": len(set(pids)), "selection": selection, "curve_problems": sorted(set(pids)),
-                 "base": {"k": 0, "heads": [], "mean_ce": float(bm), "ci_low": float(blo), "ci_high": float(bhi),
-                          "per_sample_ce": base.tolist()},
-                 "top": _curve(ks, st["top"]["sets"], np.array(st["top"]["ce"]), config.n_boot, config.seed, pids)}
-    rce = np.array(st["random"]["ce"]).reshape(config.random_seeds, len(ks), len(sample_set)) \
-        if config.random_seeds else np.zeros((0, len(ks), len(sample_set)))
+    out: dict = {
+        "ks": ks,
+        "n_ranked": n,
+        "ranking": "matrix delta_mean, largest first",
+        "ci": CLUSTERED_CI,
+        "n_problems": len(set(pids)),
+        "selection": selection,
+        "curve_problems": sorted(set(pids)),
+        "base": {
+            "k": 0,
+            "heads": [],
+            "mean_ce": float(bm),
+            "ci_low": float(blo),
+            "ci_high": float(bhi),
+            "per_sample_ce": base.tolist(),
+        },
+        "top": _curve(ks, st["top"]["sets"], np.array(st["top"]["ce"]), config.n_boot, config.seed, pids),
+    }
+    rce = (
+        np.array(st["random"]["ce"]).reshape(config.random_seeds, len(ks), len(sample_set))
+        if config.random_seeds
+        else np.zeros((0, len(ks), len(sample_set)))
+    )
     rsets = st["random"]["sets"]
-    out["random"] = {"seeds": [[config.seed, i] for i in range(config.random_seeds)],
-                     "per_seed": [_curve(ks, rsets[i * len(ks):(i + 1) * len(ks)], rce[i], config.n_boot,
-                                         config.seed, pids) for i in range(config.random_seeds)]}
+    out["random"] = {
+        "seeds": [[config.seed, i] for i in range(config.random_seeds)],
+        "per_seed": [
+            _curve(ks, rsets[i * len(ks) : (i + 1) * len(ks)], rce[i], config.n_boot, config.seed, pids)
+            for i in range(config.random_seeds)
+        ],
+    }
     if config.random_seeds:
         avg = _curve(ks, [[] for _ in ks], rce.mean(0), config.n_boot, config.seed, pids)
         band = draws_clustered_mean(rce.transpose(0, 2, 1), pids, config.n_boot, config.seed)  # [draws, S, ks]
@@ -378,21 +482,38 @@ def run_knockout(model: torch.nn.Module, sample_set: SampleSet, delta_mean: np.n
     return out
 
 
-def _greedy(model, sample_set, ranked, ks, config: KnockoutConfig, st: dict, partial, key, kw,
-            select_on: SampleSet | None = None, selection: str = "in-sample") -> dict:
+def _greedy(
+    model,
+    sample_set,
+    ranked,
+    ks,
+    config: KnockoutConfig,
+    st: dict,
+    partial,
+    key,
+    kw,
+    select_on: SampleSet | None = None,
+    selection: str = "in-sample",
+) -> dict:
     choose_on = select_on if select_on is not None else sample_set
-    cands = ranked[:config.greedy_candidates] if config.greedy_candidates else list(ranked)
+    cands = ranked[: config.greedy_candidates] if config.greedy_candidates else list(ranked)
     if ks[-1] > len(cands):
-        raise ValueError(f"greedy knockout to k={ks[-1]} needs at least that many candidates, got {len(cands)} "
-                         f"(--greedy-candidates)")
+        raise ValueError(
+            f"greedy knockout to k={ks[-1]} needs at least that many candidates, got {len(cands)} (--greedy-candidates)"
+        )
     g = st.setdefault("greedy", {"chosen": [], "ce": []})
     chosen = [tuple(h) for h in g["chosen"]]
     if chosen:
         print(f"[btp.ablation] greedy: resuming after {len(chosen)} steps")
     for step in range(len(chosen), ks[-1]):
         rest = [c for c in cands if c not in chosen]
-        ce, _ = eval_sets(model, choose_on, [chosen + [c] for c in rest],
-                          desc=f"greedy step {step + 1}/{ks[-1]} ({len(rest)} candidates)", **kw)
+        ce, _ = eval_sets(
+            model,
+            choose_on,
+            [chosen + [c] for c in rest],
+            desc=f"greedy step {step + 1}/{ks[-1]} ({len(rest)} candidates)",
+            **kw,
+        )
         best = int(np.argmax(ce.mean(1)))
         chosen.append(rest[best])
         g["chosen"].append(list(rest[best]))
@@ -401,11 +522,15 @@ def _greedy(model, sample_set, ranked, ks, config: KnockoutConfig, st: dict, par
     sets = [chosen[:k] for k in ks]
     if choose_on is sample_set:
         ce = np.array([g["ce"][k - 1] for k in ks])
-    else:   # chosen on the scoring problems: report the choice on the held-out ones
+    else:  # chosen on the scoring problems: report the choice on the held-out ones
         ce = eval_sets(model, sample_set, sets, desc="greedy on held-out", **kw).ce
-    return {"candidates": len(cands), "candidate_rule": "top-N of the matrix ranking" if config.greedy_candidates
-            else "all ranked heads", "selection": selection, "order": [list(h) for h in chosen],
-            "curve": _curve(ks, sets, ce, config.n_boot, config.seed, sample_set.problem_ids)}
+    return {
+        "candidates": len(cands),
+        "candidate_rule": "top-N of the matrix ranking" if config.greedy_candidates else "all ranked heads",
+        "selection": selection,
+        "order": [list(h) for h in chosen],
+        "curve": _curve(ks, sets, ce, config.n_boot, config.seed, sample_set.problem_ids),
+    }
 
 
 def _load_json_partial(path: Path | None, key: str) -> dict | None:
@@ -420,8 +545,9 @@ def _load_json_partial(path: Path | None, key: str) -> dict | None:
 
 # ---------------------------------------------------------------- CLI
 
-SPEC = cli.StageSpec(STAGE, "Exact single-head ablation matrix and cumulative knockout curves",
-                     configs=(MatrixConfig, KnockoutConfig))
+SPEC = cli.StageSpec(
+    STAGE, "Exact single-head ablation matrix and cumulative knockout curves", configs=(MatrixConfig, KnockoutConfig)
+)
 MATRIX_FILES = ("npz", "json")
 
 
@@ -429,14 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
     return cli.stage_parser(SPEC)
 
 
-def output_stem(stem: Stem, ablation: str, layers: list[int] | None, method: str = "exact", verify: int = 0
-                ) -> Stem:
+def output_stem(stem: Stem, ablation: str, layers: list[int] | None, method: str = "exact", verify: int = 0) -> Stem:
     """The samples' stem plus `mean` for mean ablation, `layers..` when the matrix is restricted, `atp` for the
     attribution-patching screen and `verify<K>` for atp+exact."""
-    return stem.with_variant("mean" if ablation == "mean" else None,
-                             "layers" + "_".join(map(str, layers)) if layers is not None else None,
-                             ATP if method != "exact" else None,
-                             f"verify{verify}" if method == "atp+exact" else None)
+    return stem.with_variant(
+        "mean" if ablation == "mean" else None,
+        "layers" + "_".join(map(str, layers)) if layers is not None else None,
+        ATP if method != "exact" else None,
+        f"verify{verify}" if method == "atp+exact" else None,
+    )
 
 
 def output_name(stem: str, ablation: str, layers: list[int] | None, method: str = "exact", verify: int = 0) -> str:
@@ -458,42 +585,77 @@ def agreement_report(res: dict, exact: dict | None, ks: Sequence[int] = (10, 20)
 def main(argv: Sequence[str] | None = None) -> Path:
     run = cli.prepare(SPEC, argv)
     mcfg, ss = run.config(MatrixConfig), run.samples
-    kcfg = run.config(KnockoutConfig, batch_rows=mcfg.batch_rows, reuse_attention=mcfg.reuse_attention,
-                      n_boot=mcfg.n_boot)
-    out = run.output(output_stem(run.sample_config.output_stem, mcfg.ablation, mcfg.layers, mcfg.method,
-                                 mcfg.verify))
+    kcfg = run.config(
+        KnockoutConfig, batch_rows=mcfg.batch_rows, reuse_attention=mcfg.reuse_attention, n_boot=mcfg.n_boot
+    )
+    out = run.output(output_stem(run.sample_config.output_stem, mcfg.ablation, mcfg.layers, mcfg.method, mcfg.verify))
     npz_path, json_path, ko_path = out.path("npz"), out.path("json"), out.path("json", KNOCKOUT)
     # batch_rows, reuse_attention and save_every change speed and memory, not numbers: not part of the identity
     screen = {} if mcfg.method == "exact" else {"method": mcfg.method, "verify": mcfg.verify}
     if screen and mcfg.per_token:
         run.parser.error("--per-token needs --method exact (atp has no per-token deltas)")
-    mid = run.identity(ablation=mcfg.ablation, layers=mcfg.layers, per_token=mcfg.per_token, n_boot=mcfg.n_boot,
-                       seed=mcfg.seed, **screen)
+    mid = run.identity(
+        ablation=mcfg.ablation,
+        layers=mcfg.layers,
+        per_token=mcfg.per_token,
+        n_boot=mcfg.n_boot,
+        seed=mcfg.seed,
+        **screen,
+    )
     m_claim = run.claim(out, mid, files=MATRIX_FILES, partials=("npz",))
-    kid = {"matrix": m_claim.key, "ks": kcfg.ks, "random_seeds": kcfg.random_seeds, "heldout": kcfg.heldout,
-           "greedy": kcfg.greedy,
-           "greedy_candidates": kcfg.greedy_candidates, "n_boot": kcfg.n_boot, "seed": kcfg.seed}
+    kid = {
+        "matrix": m_claim.key,
+        "ks": kcfg.ks,
+        "random_seeds": kcfg.random_seeds,
+        "heldout": kcfg.heldout,
+        "greedy": kcfg.greedy,
+        "greedy_candidates": kcfg.greedy_candidates,
+        "n_boot": kcfg.n_boot,
+        "seed": kcfg.seed,
+    }
     k_claim = run.claim(out, kid, files=("json",), part=KNOCKOUT, partials=("json",)) if kcfg.enabled else None
-    k_done = k_claim is None or (k_claim.done and m_claim.done)   # curves of a recomputed matrix are redone
+    k_done = k_claim is None or (k_claim.done and m_claim.done)  # curves of a recomputed matrix are redone
     if m_claim.done and k_done:
         print(f"[btp.ablation] {npz_path} exists for this configuration; skipping (use --force to recompute)")
         return npz_path
     lm = run.load()
-    stamp = dict(dtype=str(lm.dtype), device=str(lm.device), stem=str(run.sample_config.output_stem),
-                 ablation=mcfg.ablation, **({"estimate": True, **screen} if screen else {}))
+    stamp = dict(
+        dtype=str(lm.dtype),
+        device=str(lm.device),
+        stem=str(run.sample_config.output_stem),
+        ablation=mcfg.ablation,
+        **({"estimate": True, **screen} if screen else {}),
+    )
     t0 = time.time()
     if m_claim.done:
         res = read_npz(npz_path)
         print(f"[btp.ablation] matrix {npz_path} exists for this configuration; knockout only")
     else:
         mpart = out.partial("npz")
-        res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key) if not screen else \
-            run_atp(lm.model, ss, mcfg)
+        res = (
+            run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key)
+            if not screen
+            else run_atp(lm.model, ss, mcfg)
+        )
         secs = time.time() - t0
         rep = res.pop("replacement", None)
-        arrays = {k: res[k] for k in ("delta", "delta_mean", "delta_ci_low", "delta_ci_high", "delta_n_problems",
-                                      "base_ce", "layer_num_heads", "noop_delta", "delta_atp", "delta_exact",
-                                      "verified") if k in res}
+        arrays = {
+            k: res[k]
+            for k in (
+                "delta",
+                "delta_mean",
+                "delta_ci_low",
+                "delta_ci_high",
+                "delta_n_problems",
+                "base_ce",
+                "layer_num_heads",
+                "noop_delta",
+                "delta_atp",
+                "delta_exact",
+                "verified",
+            )
+            if k in res
+        }
         if mcfg.per_token:
             arrays.update(token_delta=res["token_delta"], base_token_ce=res["base_token_ce"])
         full = run.stamp(lm, **stamp, seconds=round(secs, 2), **m_claim.stamp)
@@ -502,37 +664,61 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if screen:
             ex = out.path("npz").parent / results.file_name(results.exact_counterpart(out.path("npz").stem), "npz")
             exact = read_npz(ex) if ex.exists() else None
-            if exact is not None and any(not np.array_equal(exact.get(k), v) for k, v in ss.fields().items()
-                                         if k in results.SAMPLE_FIELDS):
-                exact = None   # another sample set: no comparison
-            agree = {"agreement": agreement_report(res, exact),
-                     "agreement_exact": ex.name if exact is not None else None}
-        write_json(json_path, {
-            # exact outputs keep their former keys (readers treat a missing "estimate" as exact)
-            **full, "npz": npz_path.name, **({"method": mcfg.method, "estimate": True} if screen else {}),
-            **({"verify": mcfg.verify, "verified": "1: top |estimate|, 2: random; delta holds their exact value"}
-               if mcfg.method == "atp+exact" else {}), **agree,
-            "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
-            "n_boot": mcfg.n_boot, "ci": CLUSTERED_CI, "n_problems": len(set(ss.problem_ids)),
-            "delta_mean": "mean over problems of the mean over a problem's samples (NaN samples skipped)",
-            "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed"
-            + ("; atp: first-order estimate sum_t <dL/da_t, r - a_t> (an estimate, not the exact delta)"
-               if screen else ""),
-            "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
-            if mcfg.ablation == "mean" else None,
-            "base_ce_mean": float(np.nanmean(res["base_ce"])),
-            "noop_max_abs_delta": _finite_max(res["noop_delta"]),
-            "noop": "largest |CE - base CE| of the no-op row (no head removed) every batched pass carries, nats: "
-                    "the noise floor of batching", "top_heads": _top(res, 20)})
+            if exact is not None and any(
+                not np.array_equal(exact.get(k), v) for k, v in ss.fields().items() if k in results.SAMPLE_FIELDS
+            ):
+                exact = None  # another sample set: no comparison
+            agree = {
+                "agreement": agreement_report(res, exact),
+                "agreement_exact": ex.name if exact is not None else None,
+            }
+        write_json(
+            json_path,
+            {
+                # exact outputs keep their former keys (readers treat a missing "estimate" as exact)
+                **full,
+                "npz": npz_path.name,
+                **({"method": mcfg.method, "estimate": True} if screen else {}),
+                **(
+                    {"verify": mcfg.verify, "verified": "1: top |estimate|, 2: random; delta holds their exact value"}
+                    if mcfg.method == "atp+exact"
+                    else {}
+                ),
+                **agree,
+                "layers": mcfg.layers or list(range(len(res["layer_num_heads"]))),
+                "n_boot": mcfg.n_boot,
+                "ci": CLUSTERED_CI,
+                "n_problems": len(set(ss.problem_ids)),
+                "delta_mean": "mean over problems of the mean over a problem's samples (NaN samples skipped)",
+                "delta": "mean over scored tokens of CE(ablated) - CE(base), nats; NaN: padding or not computed"
+                + (
+                    "; atp: first-order estimate sum_t <dL/da_t, r - a_t> (an estimate, not the exact delta)"
+                    if screen
+                    else ""
+                ),
+                "mean_ablation": "each head's mean o_proj-input slice over all tokens of all samples"
+                if mcfg.ablation == "mean"
+                else None,
+                "base_ce_mean": float(np.nanmean(res["base_ce"])),
+                "noop_max_abs_delta": _finite_max(res["noop_delta"]),
+                "noop": "largest |CE - base CE| of the no-op row (no head removed) every batched pass carries, nats: "
+                "the noise floor of batching",
+                "top_heads": _top(res, 20),
+            },
+        )
         write_npz(npz_path, provenance=full, **arrays, **ss.fields())
         mpart.unlink(missing_ok=True)
         res["replacement"] = rep
         n_heads = int(np.isfinite(res["delta_mean"]).sum())
-        print(f"[btp.ablation] {'matrix' if not screen else mcfg.method + ' screen'}: {len(ss)} samples x {n_heads} "
-              f"heads in {secs:.1f}s -> {npz_path}")
+        print(
+            f"[btp.ablation] {'matrix' if not screen else mcfg.method + ' screen'}: {len(ss)} samples x {n_heads} "
+            f"heads in {secs:.1f}s -> {npz_path}"
+        )
         for what, a in agree.get("agreement", {}).items():
-            print(f"  agreement ({what}, {a['n']} heads): Spearman {a['spearman']:.3f}, Pearson {a['pearson']:.3f}, "
-                  "top-k recall " + ", ".join(f"{k}: {v:.2f}" for k, v in a["topk_recall"].items()))
+            print(
+                f"  agreement ({what}, {a['n']} heads): Spearman {a['spearman']:.3f}, Pearson {a['pearson']:.3f}, "
+                "top-k recall " + ", ".join(f"{k}: {v:.2f}" for k, v in a["topk_recall"].items())
+            )
     _print_top(res)
     if not k_done:
         rep = res.get("replacement") if mcfg.ablation == "mean" else None
@@ -541,10 +727,25 @@ def main(argv: Sequence[str] | None = None) -> Path:
         t1 = time.time()
         kpart = out.partial("json", KNOCKOUT)
         ko_ss, select_ss, rank_dm, selection = knockout_split(ss, res["delta"], kcfg.heldout, kcfg.seed)
-        ko = run_knockout(lm.model, ko_ss, rank_dm, kcfg, replacement=None if rep is None else torch.as_tensor(rep),
-                          partial=kpart, key=k_claim.key, select_on=select_ss, selection=selection)
-        write_json(ko_path, {**run.stamp(lm, **stamp, seconds=round(time.time() - t1, 2), **k_claim.stamp),
-                             "matrix": npz_path.name, **ko})
+        ko = run_knockout(
+            lm.model,
+            ko_ss,
+            rank_dm,
+            kcfg,
+            replacement=None if rep is None else torch.as_tensor(rep),
+            partial=kpart,
+            key=k_claim.key,
+            select_on=select_ss,
+            selection=selection,
+        )
+        write_json(
+            ko_path,
+            {
+                **run.stamp(lm, **stamp, seconds=round(time.time() - t1, 2), **k_claim.stamp),
+                "matrix": npz_path.name,
+                **ko,
+            },
+        )
         kpart.unlink(missing_ok=True)
         _print_knockout(ko, ko_path)
     return npz_path
@@ -552,27 +753,37 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 def _top(res: dict, n: int) -> list[dict]:
     dm = np.asarray(res["delta_mean"])
-    return [{"head": [l, h], "delta_mean": float(dm[l, h]), "ci_low": float(res["delta_ci_low"][l, h]),
-             "ci_high": float(res["delta_ci_high"][l, h])} for l, h in rank_heads(dm)[:n]]
+    return [
+        {
+            "head": [l, h],
+            "delta_mean": float(dm[l, h]),
+            "ci_low": float(res["delta_ci_low"][l, h]),
+            "ci_high": float(res["delta_ci_high"][l, h]),
+        }
+        for l, h in rank_heads(dm)[:n]
+    ]
 
 
 def _print_top(res: dict) -> None:
     print(f"  base CE {float(np.mean(res['base_ce'])):.4f} nats; largest mean deltas:")
     for t in _top(res, 8):
-        print(f"    L{t['head'][0]:>2}H{t['head'][1]:<2} {t['delta_mean']:+.4f}  "
-              f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]")
+        print(
+            f"    L{t['head'][0]:>2}H{t['head'][1]:<2} {t['delta_mean']:+.4f}  "
+            f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]"
+        )
 
 
 def _print_knockout(ko: dict, path: Path) -> None:
     rnd = {p["k"]: p["mean_ce"] for p in ko["random"].get("mean_over_seeds", [])}
     gr = {p["k"]: p["mean_ce"] for p in ko.get("greedy", {}).get("curve", [])}
-    print(f"[btp.ablation] knockout ({ko.get('selection', 'in-sample')}) -> {path}\n  k   top-k CE   random CE"
-          + ("   greedy CE" if gr else ""))
+    print(
+        f"[btp.ablation] knockout ({ko.get('selection', 'in-sample')}) -> {path}\n  k   top-k CE   random CE"
+        + ("   greedy CE" if gr else "")
+    )
     print(f"  0   {ko['base']['mean_ce']:8.4f}")
     for p in ko["top"]:
         k = p["k"]
-        print(f"  {k:<3} {p['mean_ce']:8.4f}   {rnd.get(k, float('nan')):9.4f}"
-              + (f"   {gr[k]:9.4f}" if gr else ""))
+        print(f"  {k:<3} {p['mean_ce']:8.4f}   {rnd.get(k, float('nan')):9.4f}" + (f"   {gr[k]:9.4f}" if gr else ""))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the head layout of every layer (GQA, mixed head dims), and logit soft-capping.
 
 Only this module knows attribute names of model classes. Everything else asks an `Adapter`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,17 +17,18 @@ from torch import nn
 class ArchSpec:
     """Dotted attribute paths, relative to the *ForCausalLM model."""
 
-    base: str = "model"                    # the decoder stack (returns normed last hidden state)
+    base: str = "model"  # the decoder stack (returns normed last hidden state)
     layers: str = "model.layers"
-    attn: str = "self_attn"                # relative to a layer
-    o_proj: str = "o_proj"                 # relative to attn; its input is [.., heads * head_dim]
+    attn: str = "self_attn"  # relative to a layer
+    o_proj: str = "o_proj"  # relative to attn; its input is [.., heads * head_dim]
     final_norm: str = "model.norm"
     unembed: str = "lm_head"
 
 
 _DEFAULT = ArchSpec()
-_GEMMA3_MM = ArchSpec(base="model.language_model", layers="model.language_model.layers",
-                      final_norm="model.language_model.norm")
+_GEMMA3_MM = ArchSpec(
+    base="model.language_model", layers="model.language_model.layers", final_norm="model.language_model.norm"
+)
 
 # Architecture support as data: add a class name here (with its paths) to support a new decoder.
 ARCHS: dict[str, ArchSpec] = {
@@ -80,7 +82,8 @@ def _get(obj: object, path: str, what: str, arch: str) -> object:
         if not hasattr(cur, part):
             raise UnsupportedArchitecture(
                 f"{arch}: cannot find the {what} at '{path}' (missing attribute '{part}' on "
-                f"{type(cur).__name__}); add an ArchSpec for this class in btp/arch.py")
+                f"{type(cur).__name__}); add an ArchSpec for this class in btp/arch.py"
+            )
         cur = getattr(cur, part)
     return cur
 
@@ -102,7 +105,8 @@ class Adapter:
         self.unembed: nn.Linear = _get(model, spec.unembed, "unembedding", self.arch)  # type: ignore
         self.o_projs: list[nn.Linear] = [
             _get(layer, f"{spec.attn}.{spec.o_proj}", "attention output projection", self.arch)  # type: ignore
-            for layer in self.layers]
+            for layer in self.layers
+        ]
         self.attns: list[nn.Module] = [_get(layer, spec.attn, "attention", self.arch) for layer in self.layers]  # type: ignore
         self.heads = [self._layout(i) for i in range(len(self.layers))]
 
@@ -123,11 +127,15 @@ class Adapter:
     def _layout(self, i: int) -> HeadLayout:
         attn, o = self.attns[i], self.o_projs[i]
         cfg = self.config
-        head_dim = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None) \
+        head_dim = (
+            getattr(attn, "head_dim", None)
+            or getattr(cfg, "head_dim", None)
             or cfg.hidden_size // cfg.num_attention_heads
+        )
         if o.in_features % head_dim:
             raise UnsupportedArchitecture(
-                f"{self.arch} layer {i}: o_proj input {o.in_features} is not a multiple of head_dim {head_dim}")
+                f"{self.arch} layer {i}: o_proj input {o.in_features} is not a multiple of head_dim {head_dim}"
+            )
         n_heads = o.in_features // head_dim  # from the weights: right for pruned/mixed models too
         groups = getattr(attn, "num_key_value_groups", None)
         if groups:
@@ -181,7 +189,7 @@ class Adapter:
             if out is not None:
                 logits = out.copy_(logits)
         else:
-            logits = torch.matmul(h.to(w.dtype), w.t(), out=out)   # what nn.Linear computes
+            logits = torch.matmul(h.to(w.dtype), w.t(), out=out)  # what nn.Linear computes
             if self.unembed.bias is not None:
                 logits.add_(self.unembed.bias)
         cap = self.softcap
@@ -211,34 +219,38 @@ def adapter(model: nn.Module) -> Adapter:
 # instantiating the model. HF Linear weights are [out, in]: q/k/v are [heads * head_dim, d_model] (d_model is the
 # *input* side), o is [d_model, heads * head_dim] (d_model is the *output* side).
 
+
 @dataclass(frozen=True)
 class WeightSpec:
     """Safetensors key names of one decoder layer's attention, relative to a layer prefix."""
 
     layer_prefixes: tuple[str, ...] = ("model.layers.{layer}.", "layers.{layer}.")  # first one present is used
-    q: str = "self_attn.q_proj"            # `.weight` / `.bias` appended
+    q: str = "self_attn.q_proj"  # `.weight` / `.bias` appended
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
     o: str = "self_attn.o_proj"
-    qkv: str | None = None                 # a fused projection, rows [q | k | v] (Phi3); then q/k/v are unused
-    input_norm: str = "input_layernorm"    # the norm whose output the attention reads
-    q_norm: str | None = None              # per-head RMSNorm of q and k after projection (Qwen3, Gemma3)
+    qkv: str | None = None  # a fused projection, rows [q | k | v] (Phi3); then q/k/v are unused
+    input_norm: str = "input_layernorm"  # the norm whose output the attention reads
+    q_norm: str | None = None  # per-head RMSNorm of q and k after projection (Qwen3, Gemma3)
     k_norm: str | None = None
-    norm_offset: float = 0.0               # RMSNorm scale = weight + offset (Gemma: 1, its weights are stored as w - 1)
+    norm_offset: float = 0.0  # RMSNorm scale = weight + offset (Gemma: 1, its weights are stored as w - 1)
 
 
 _W_DEFAULT = WeightSpec()
 _W_QKNORM = WeightSpec(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
 _W_GEMMA2 = WeightSpec(norm_offset=1.0)
 _W_GEMMA3 = WeightSpec(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", norm_offset=1.0)
-_W_GEMMA3_MM = WeightSpec(layer_prefixes=("model.language_model.layers.{layer}.",
-                                          "language_model.model.layers.{layer}."),
-                          q_norm="self_attn.q_norm", k_norm="self_attn.k_norm", norm_offset=1.0)
+_W_GEMMA3_MM = WeightSpec(
+    layer_prefixes=("model.language_model.layers.{layer}.", "language_model.model.layers.{layer}."),
+    q_norm="self_attn.q_norm",
+    k_norm="self_attn.k_norm",
+    norm_offset=1.0,
+)
 
 WEIGHT_SPECS: dict[str, WeightSpec] = {
     "LlamaForCausalLM": _W_DEFAULT,
     "MistralForCausalLM": _W_DEFAULT,
-    "Qwen2ForCausalLM": _W_DEFAULT,        # q/k/v biases: present as `.bias` keys, found by the reader
+    "Qwen2ForCausalLM": _W_DEFAULT,  # q/k/v biases: present as `.bias` keys, found by the reader
     "Qwen3ForCausalLM": _W_QKNORM,
     "Gemma2ForCausalLM": _W_GEMMA2,
     "Gemma3ForCausalLM": _W_GEMMA3,
@@ -264,8 +276,10 @@ def weight_spec(config: dict) -> WeightSpec:
     arch = config_arch(config)
     spec = WEIGHT_SPECS.get(arch)
     if spec is None:
-        raise UnsupportedArchitecture(f"unsupported architecture {arch} for reading attention weights "
-                                      f"(known: {', '.join(sorted(WEIGHT_SPECS))}); add a WeightSpec in btp/arch.py")
+        raise UnsupportedArchitecture(
+            f"unsupported architecture {arch} for reading attention weights "
+            f"(known: {', '.join(sorted(WEIGHT_SPECS))}); add a WeightSpec in btp/arch.py"
+        )
     return spec
 
 

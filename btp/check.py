@@ -9,14 +9,16 @@ Fast on large trees: every JSONL line is validated, but only the few fields a ro
 which comes with vLLM, skips the rest of a record while checking its syntax; json.loads otherwise). npz files are
 opened (zip directory) without decompressing their arrays; `--deep` also CRC-checks every npz member.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,10 +30,11 @@ STAGE_DIRS = tuple(results.STAGE_DIRS.values())
 
 # ---------------------------------------------------------------- results
 
+
 @dataclass
 class Issue:
-    path: str         # relative to the results dir
-    kind: str         # broken | stale | torn | incomplete | noisy
+    path: str  # relative to the results dir
+    kind: str  # broken | stale | torn | incomplete | noisy
     detail: str
 
 
@@ -39,18 +42,18 @@ class Issue:
 class Row:
     model: str
     dataset: str
-    problems: int | None = None        # distinct problems generated
-    n: int | None = None               # samples per problem asked
-    total: int | None = None           # problems x n asked (None: unknown)
-    generated: int = 0                 # distinct (problem, sample) records
-    finish: dict = field(default_factory=dict)   # finish_reason -> count
-    evaluated: int | None = None       # evaluated (problem, sample) pairs that are in generations
+    problems: int | None = None  # distinct problems generated
+    n: int | None = None  # samples per problem asked
+    total: int | None = None  # problems x n asked (None: unknown)
+    generated: int = 0  # distinct (problem, sample) records
+    finish: dict = field(default_factory=dict)  # finish_reason -> count
+    evaluated: int | None = None  # evaluated (problem, sample) pairs that are in generations
     passed: int | None = None
     pass1: float | None = None
     pass1_ci: list | None = None
     statuses: dict = field(default_factory=dict)
-    stages: dict = field(default_factory=dict)   # stage dir -> {stem: note}
-    pruned: dict | None = None                   # setting folder -> arms with head set / generated / judged
+    stages: dict = field(default_factory=dict)  # stage dir -> {stem: note}
+    pruned: dict | None = None  # setting folder -> arms with head set / generated / judged
     issues: list = field(default_factory=list)
 
     @property
@@ -60,11 +63,13 @@ class Row:
 
 # ---------------------------------------------------------------- fast JSONL scan
 
+
 def _decoder(keys: tuple[str, ...]) -> Callable[[bytes], tuple]:
     """bytes of one line -> the values of `keys` (None when absent); raises ValueError on a line that is not a
     JSON object. msgspec (present with vLLM) validates the whole line but builds only these fields, several
     times faster than json.loads on generation records; without it, or when it refuses a line that the
     standard parser accepts (NaN), json.loads decides."""
+
     def std(raw: bytes) -> tuple:
         rec = json.loads(raw)
         if not isinstance(rec, dict):
@@ -89,10 +94,10 @@ def _decoder(keys: tuple[str, ...]) -> Callable[[bytes], tuple]:
 
 @dataclass
 class Scan:
-    lines: int = 0                               # complete records
-    values: list = field(default_factory=list)   # per good line: tuple of the asked fields
-    bad: list = field(default_factory=list)      # (line number, reason) of unparseable lines
-    torn: bool = False                           # last line cut short (a killed writer; resume drops it)
+    lines: int = 0  # complete records
+    values: list = field(default_factory=list)  # per good line: tuple of the asked fields
+    bad: list = field(default_factory=list)  # (line number, reason) of unparseable lines
+    torn: bool = False  # last line cut short (a killed writer; resume drops it)
 
 
 def scan_jsonl(path: Path, keys: Sequence[str]) -> Scan:
@@ -112,12 +117,13 @@ def scan_jsonl(path: Path, keys: Sequence[str]) -> Scan:
             except ValueError as e:
                 s.bad.append((no, str(e).split(":")[0][:80]))
     if s.bad and s.bad[-1][0] == last_no and not last_raw.endswith(b"}"):
-        s.bad.pop()                 # the store's definition of a torn tail: last line, not closed
+        s.bad.pop()  # the store's definition of a torn tail: last line, not closed
         s.torn = True
     return s
 
 
 # ---------------------------------------------------------------- other files
+
 
 def check_npz(path: Path, deep: bool = False) -> str | None:
     """None when the npz opens (zip directory and member headers); the reason otherwise. `deep` CRC-checks."""
@@ -147,12 +153,18 @@ def short_stem(stem: str) -> str:
     st = results.try_parse_stem(stem)
     if st is None:
         return stem
-    pop = "-ref" if st.source == "reference" else {"correct": "", "incorrect": "-inc", "all": "-all",
-                                                   "correct_paired": "-cp", "incorrect_paired": "-ip"}[st.select]
+    pop = (
+        "-ref"
+        if st.source == "reference"
+        else {"correct": "", "incorrect": "-inc", "all": "-all", "correct_paired": "-cp", "incorrect_paired": "-ip"}[
+            st.select
+        ]
+    )
     return {"regular": "R", "chain_code": "C"}[st.mode] + pop + "".join(f"-{v}" for v in st.variant)
 
 
 # ---------------------------------------------------------------- one dataset dir
+
 
 def _rel(root: Path, p: Path) -> str:
     try:
@@ -171,8 +183,17 @@ def _expected_total(runs: list, dataset: str, problems: int) -> tuple[int | None
     size = last.get("n_problems")
     if size is None:
         bench = benchmarks.get(dataset) if dataset in benchmarks.NAMES else None
-        size = bench.size(cfg.get("variant"), release=cfg.get("release"), data_file=cfg.get("data_file"),
-                          start_date=cfg.get("start_date"), end_date=cfg.get("end_date")) if bench else None
+        size = (
+            bench.size(
+                cfg.get("variant"),
+                release=cfg.get("release"),
+                data_file=cfg.get("data_file"),
+                start_date=cfg.get("start_date"),
+                end_date=cfg.get("end_date"),
+            )
+            if bench
+            else None
+        )
         limit = cfg.get("limit")
         if limit is not None:
             size = min(limit, size) if size is not None else limit
@@ -232,7 +253,7 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
         else:
             row.pass1, row.pass1_ci = _pass1(s)
             if row.total is None and row.n and isinstance(s, dict) and s.get("n_problems"):
-                row.total = int(s["n_problems"]) * row.n   # the problems evaluate judged against
+                row.total = int(s["n_problems"]) * row.n  # the problems evaluate judged against
             if results.is_stale(summ, ev):
                 issue(summ, "stale", f"older than {EVALUATIONS}")
 
@@ -262,8 +283,8 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
     iteration (note '(i/N it)', N from its runs file, ', stop' when it stopped early); cmaes `<name>.jsonl` with at
     least one generation (note '(g/G gen, best f)', G from its runs file, f the best fitness so far), else any
     readable `<name>.*`. A `.partial.` file without the finished output shows as '(partial)'."""
-    ok: dict[tuple[str, str], set] = {}   # (stem, part) -> readable file extensions
-    taylor: dict[str, tuple] = {}         # stem -> (iterations, last stop_reason)
+    ok: dict[tuple[str, str], set] = {}  # (stem, part) -> readable file extensions
+    taylor: dict[str, tuple] = {}  # stem -> (iterations, last stop_reason)
     for p in sorted(p for p in sd.iterdir() if p.is_file() and not p.name.startswith(".")):
         f = results.parse_file_name(p.name)
         if f.ext.endswith("npz"):
@@ -296,7 +317,7 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
                     _check_noise(sd / results.file_name(stem, "json"), issue)
                     if results.is_estimate(stem):
                         done[stem] += atp_note(sd, stem)
-            elif suf & {"npz", "json"}:   # cut off between the two writes
+            elif suf & {"npz", "json"}:  # cut off between the two writes
                 missing = results.file_name(stem, "json" if "npz" in suf else "npz")
                 issue(sd / missing, "incomplete", "missing: rerun the stage")
             elif suf & {"partial.npz"}:
@@ -309,8 +330,11 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
         elif stage == "cmaes" and "jsonl" in suf and taylor.get(stem, (0,))[0]:
             n, best = taylor[stem]
             want = _taylor_iters(sd / results.file_name(stem, "jsonl"), ("search", "max_generations"))
-            done[stem] = f"({n}{'/' + str(want) if want else ''} gen" + \
-                (f", best {best:.3f}" if isinstance(best, (int, float)) else "") + ")"
+            done[stem] = (
+                f"({n}{'/' + str(want) if want else ''} gen"
+                + (f", best {best:.3f}" if isinstance(best, (int, float)) else "")
+                + ")"
+            )
         elif any(not e.startswith(("partial", "runs")) for e in suf):
             done[stem] = ""
     return done
@@ -327,15 +351,19 @@ def atp_note(sd: Path, stem: str, k: int = 10) -> str:
     return f"(ρ {rep['spearman']:.2f}, r@{k} {rep['topk_recall'].get(str(k), float('nan')):.2f})"
 
 
-NOOP_TOLERANCE = 1e-3   # nats: a no-op row's |CE - base| above this makes deltas of that size noise
+NOOP_TOLERANCE = 1e-3  # nats: a no-op row's |CE - base| above this makes deltas of that size noise
 
 
 def _check_noise(path: Path, issue) -> None:
     """Flag an ablation matrix whose no-op rows moved the loss by more than NOOP_TOLERANCE (batching noise)."""
     noise = (load_json(path)[0] or {}).get("noop_max_abs_delta")
     if isinstance(noise, (int, float)) and noise > NOOP_TOLERANCE:
-        issue(path, "noisy", f"a no-op row moved the CE by {noise:.2g} nats > {NOOP_TOLERANCE:g} (batched kernels "
-                             "differ by batch size): head deltas of that size are noise")
+        issue(
+            path,
+            "noisy",
+            f"a no-op row moved the CE by {noise:.2g} nats > {NOOP_TOLERANCE:g} (batched kernels "
+            "differ by batch size): head deltas of that size are noise",
+        )
 
 
 def _taylor_iters(path: Path, setting: tuple[str, str] = ("taylor", "num_iters")) -> int | None:
@@ -347,11 +375,11 @@ def _taylor_iters(path: Path, setting: tuple[str, str] = ("taylor", "num_iters")
         return None
     if not runs:
         return None
-    return ((runs[-1].get(setting[0]) or {}).get(setting[1])
-            or (runs[-1].get("config") or {}).get(setting[1]))
+    return (runs[-1].get(setting[0]) or {}).get(setting[1]) or (runs[-1].get("config") or {}).get(setting[1])
 
 
 # ---------------------------------------------------------------- the tree
+
 
 def dataset_dirs(root: Path, model: str | None = None, dataset: str | None = None) -> list[Path]:
     """`<root>/<model-slug>/<dataset>/` dirs that hold any btp output."""
@@ -367,23 +395,29 @@ def dataset_dirs(root: Path, model: str | None = None, dataset: str | None = Non
     return out
 
 
-def check_tree(results_dir: str | Path, model: str | None = None, dataset: str | None = None,
-               deep: bool = False) -> list[Row]:
+def check_tree(
+    results_dir: str | Path, model: str | None = None, dataset: str | None = None, deep: bool = False
+) -> list[Row]:
     root = Path(results_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"results dir {root} not found — give --results-dir (run from the folder that holds "
-                                "results/, or point at it)")
+        raise FileNotFoundError(
+            f"results dir {root} not found — give --results-dir (run from the folder that holds "
+            "results/, or point at it)"
+        )
     if model:
         results.find_model_dir(root, model)  # an unknown model is an error naming those there, not an empty table
     dirs = dataset_dirs(root, model, dataset)
     if dataset and not dirs:
         have = sorted({d.name for d in dataset_dirs(root, model)})
-        raise FileNotFoundError(f"no results for --dataset {dataset} under {root}{' for ' + model if model else ''} "
-                                f"— have: {', '.join(have) or 'none'}")
+        raise FileNotFoundError(
+            f"no results for --dataset {dataset} under {root}{' for ' + model if model else ''} "
+            f"— have: {', '.join(have) or 'none'}"
+        )
     return [check_dataset(root, d, deep) for d in dirs]
 
 
 # ---------------------------------------------------------------- output
+
 
 def _cells(r: Row) -> list[str]:
     gen = "-"
@@ -392,7 +426,7 @@ def _cells(r: Row) -> list[str]:
         if r.n:
             gen += f" ({r.total // r.n if r.total else '?'}x{r.n})"
     fin = "/".join(str(r.finish.get(k, 0)) for k in ("stop", "length")) if r.finish else "-"
-    if r.finish.get("repetition"):   # cut by the repetition guard (btp.generate --repetition-guard)
+    if r.finish.get("repetition"):  # cut by the repetition guard (btp.generate --repetition-guard)
         fin += f" +{r.finish['repetition']}rep"
     extra = sum(v for k, v in r.finish.items() if k not in ("stop", "length", "repetition"))
     if extra:
@@ -405,15 +439,30 @@ def _cells(r: Row) -> list[str]:
             p1 += f" [{100 * r.pass1_ci[0]:.1f}, {100 * r.pass1_ci[1]:.1f}]"
     elif r.passed is not None and r.evaluated:
         p1 = f"({r.passed}/{r.evaluated} passed; no summary)"
-    st = [" ".join(short_stem(s) + note for s, note in sorted(r.stages[k].items())) or "-" if k in r.stages else "-"
-          for k in STAGE_DIRS]
-    pr = "-" if r.pruned is None else (" ".join(f"{k}({v['summarized']}/{v['arms']})" for k, v in r.pruned.items())
-                                       or "0")
+    st = [
+        " ".join(short_stem(s) + note for s, note in sorted(r.stages[k].items())) or "-" if k in r.stages else "-"
+        for k in STAGE_DIRS
+    ]
+    pr = (
+        "-"
+        if r.pruned is None
+        else (" ".join(f"{k}({v['summarized']}/{v['arms']})" for k, v in r.pruned.items()) or "0")
+    )
     return [r.dataset, gen, fin, ev, p1, *st, pr]
 
 
-HEADER = ["dataset", "generated", "stop/len", "evaluated", "pass@1 [95% CI]", "entropy", "ablation", "taylor",
-          "cmaes", "pruned"]
+HEADER = [
+    "dataset",
+    "generated",
+    "stop/len",
+    "evaluated",
+    "pass@1 [95% CI]",
+    "entropy",
+    "ablation",
+    "taylor",
+    "cmaes",
+    "pruned",
+]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -429,23 +478,27 @@ def format_table(rows: list[Row]) -> str:
             if i == 0:
                 out.append("  " + "  ".join("-" * x for x in w))
         out.append("")
-    out.append("R = regular, C = chain_code; no suffix: correct generations, -ref: reference solutions, "
-                "-inc: incorrect, -all: all generations, -cp/-ip: correct/incorrect on problems with both; "
-                "+ko: knockout curves; (k it): Taylor iterations;\n(g gen, best f): CMA-ES generations and best "
-                "fitness (nats); pruned <setting>(judged/arms): the setting and its random controls")
+    out.append(
+        "R = regular, C = chain_code; no suffix: correct generations, -ref: reference solutions, "
+        "-inc: incorrect, -all: all generations, -cp/-ip: correct/incorrect on problems with both; "
+        "+ko: knockout curves; (k it): Taylor iterations;\n(g gen, best f): CMA-ES generations and best "
+        "fitness (nats); pruned <setting>(judged/arms): the setting and its random controls"
+    )
     issues = [(r, i) for r in rows for i in r.issues]
     if issues:
         out.append("")
         order = {"broken": 0, "incomplete": 1, "stale": 2, "torn": 3, "noisy": 4}
-        for r, i in sorted(issues, key=lambda x: (order.get(x[1].kind, 9), x[1].path)):
+        for _, i in sorted(issues, key=lambda x: (order.get(x[1].kind, 9), x[1].path)):
             out.append(f"{i.kind.upper():<10} {i.path}: {i.detail}")
     return "\n".join(out)
 
 
 def to_json(rows: list[Row]) -> dict:
-    return {"rows": [{**asdict(r), "broken": r.broken} for r in rows],
-            "broken": sum(r.broken for r in rows),
-            "issues": [asdict(i) | {"model": r.model, "dataset": r.dataset} for r in rows for i in r.issues]}
+    return {
+        "rows": [{**asdict(r), "broken": r.broken} for r in rows],
+        "broken": sum(r.broken for r in rows),
+        "issues": [asdict(i) | {"model": r.model, "dataset": r.dataset} for r in rows for i in r.issues],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

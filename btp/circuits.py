@@ -20,6 +20,7 @@ RMSNorm scales multiply the d_head rows of W_Q/W_K (the RMS division is a positi
 weight). Biases (Qwen2's q/k/v) are their own terms, never dropped: the key-side score term b_q W_K[kv] and the
 constant output b_v W_O[h]^T are d_model vectors compared by cosine, and each bias's relative change is reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,14 @@ STAGE = "circuits"
 
 # ---------------------------------------------------------------- config
 
+
 @dataclass
 class CircuitConfig:
-    fold_norms: bool = True      # fold the input norm (and q/k norms) scales into the projections
-    null: bool = True            # each base head against the other model's other heads of its layer
+    fold_norms: bool = True  # fold the input norm (and q/k norms) scales into the projections
+    null: bool = True  # each base head against the other model's other heads of its layer
     random_baseline: bool = True  # each base head against a random-weight model of the same shapes
     seed: int = 0
-    top_k: int = 10              # heads called important in the join with the analyses
+    top_k: int = 10  # heads called important in the join with the analyses
     n_boot: int = 2000
 
 
@@ -72,21 +74,22 @@ class LayoutMismatch(ValueError):
 
 # ---------------------------------------------------------------- reading weights, tensor by tensor
 
+
 @dataclass
 class LayerWeights:
     """One layer's attention as stored, split per head: every factor is [n, d_head, d_model] (d_head rows,
     d_model columns). `o[h]` is o_proj's column block of head h transposed. Raw (unfolded) values."""
 
     layout: HeadLayout
-    q: torch.Tensor                       # [H, dh, dm]
-    k: torch.Tensor                       # [KV, dh, dm]
-    v: torch.Tensor                       # [KV, dh, dm]
-    o: torch.Tensor                       # [H, dh, dm]
-    norm: torch.Tensor                    # [dm] the input norm's effective scale (offset applied)
-    q_norm: torch.Tensor | None = None    # [dh] effective per-head q/k norm scale
+    q: torch.Tensor  # [H, dh, dm]
+    k: torch.Tensor  # [KV, dh, dm]
+    v: torch.Tensor  # [KV, dh, dm]
+    o: torch.Tensor  # [H, dh, dm]
+    norm: torch.Tensor  # [dm] the input norm's effective scale (offset applied)
+    q_norm: torch.Tensor | None = None  # [dh] effective per-head q/k norm scale
     k_norm: torch.Tensor | None = None
-    bias: dict[str, torch.Tensor] = field(default_factory=dict)   # q [H, dh], k/v [KV, dh], o [dm]
-    shapes: dict[str, tuple] = field(default_factory=dict)        # stored tensor shapes, for layout errors
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)  # q [H, dh], k/v [KV, dh], o [dm]
+    shapes: dict[str, tuple] = field(default_factory=dict)  # stored tensor shapes, for layout errors
 
 
 class WeightReader:
@@ -129,8 +132,9 @@ class WeightReader:
         for p in self.spec.layer_prefixes:
             if p.format(layer=0) + probe in self.files:
                 return p
-        raise UnsupportedArchitecture(f"{self.folder} ({self.arch}): no '{probe}' of layer 0 under any of "
-                                      f"{list(self.spec.layer_prefixes)}")
+        raise UnsupportedArchitecture(
+            f"{self.folder} ({self.arch}): no '{probe}' of layer 0 under any of {list(self.spec.layer_prefixes)}"
+        )
 
     def has(self, name: str) -> bool:
         return name in self.files
@@ -162,9 +166,10 @@ class WeightReader:
         if o is None:
             raise UnsupportedArchitecture(f"{self.folder}: no {p}{s.o}.weight")
         if o.shape[1] % dh:
-            raise UnsupportedArchitecture(f"{self.arch} layer {l}: o_proj input {o.shape[1]} is not a multiple of "
-                                          f"head_dim {dh}")
-        H = o.shape[1] // dh   # from the weights: right for pruned or mixed layouts too
+            raise UnsupportedArchitecture(
+                f"{self.arch} layer {l}: o_proj input {o.shape[1]} is not a multiple of head_dim {dh}"
+            )
+        H = o.shape[1] // dh  # from the weights: right for pruned or mixed layouts too
         if s.qkv:
             w, b = take(s.qkv + ".weight"), take(s.qkv + ".bias")
             kv_rows = (w.shape[0] - H * dh) // 2
@@ -174,8 +179,10 @@ class WeightReader:
             q, k, v = (take(getattr(s, n) + ".weight") for n in "qkv")
             bq, bk, bv = (take(getattr(s, n) + ".bias") for n in "qkv")
         if k.shape[0] % dh or q.shape[0] != H * dh:
-            raise UnsupportedArchitecture(f"{self.arch} layer {l}: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                                          f"o {tuple(o.shape)} do not fit head_dim {dh}")
+            raise UnsupportedArchitecture(
+                f"{self.arch} layer {l}: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                f"o {tuple(o.shape)} do not fit head_dim {dh}"
+            )
         KV = k.shape[0] // dh
         if H % KV:
             raise UnsupportedArchitecture(f"{self.arch} layer {l}: {H} query heads, {KV} KV heads")
@@ -191,10 +198,16 @@ class WeightReader:
             bias["o"] = bo
         return LayerWeights(
             layout=HeadLayout(n_heads=H, n_kv_heads=KV, head_dim=dh),
-            q=q.reshape(H, dh, dm), k=k.reshape(KV, dh, dm), v=v.reshape(KV, dh, dm),
-            o=o.t().reshape(H, dh, dm), norm=norm + off,
-            q_norm=None if qn is None else qn + off, k_norm=None if kn is None else kn + off,
-            bias=bias, shapes=shapes)
+            q=q.reshape(H, dh, dm),
+            k=k.reshape(KV, dh, dm),
+            v=v.reshape(KV, dh, dm),
+            o=o.t().reshape(H, dh, dm),
+            norm=norm + off,
+            q_norm=None if qn is None else qn + off,
+            k_norm=None if kn is None else kn + off,
+            bias=bias,
+            shapes=shapes,
+        )
 
 
 def check_layouts(a: WeightReader, b: WeightReader) -> None:
@@ -202,19 +215,26 @@ def check_layouts(a: WeightReader, b: WeightReader) -> None:
     if a.n_layers != b.n_layers:
         raise LayoutMismatch(f"{a.n_layers} layers in {a.folder} but {b.n_layers} in {b.folder}")
     if a.layout.head_dim != b.layout.head_dim or a.rotary_dim != b.rotary_dim:
-        raise LayoutMismatch(f"head_dim/rotary dims {a.layout.head_dim}/{a.rotary_dim} in {a.folder} but "
-                             f"{b.layout.head_dim}/{b.rotary_dim} in {b.folder}")
+        raise LayoutMismatch(
+            f"head_dim/rotary dims {a.layout.head_dim}/{a.rotary_dim} in {a.folder} but "
+            f"{b.layout.head_dim}/{b.rotary_dim} in {b.folder}"
+        )
 
 
 def check_layer(l: int, a: LayerWeights, b: LayerWeights, names: tuple[str, str]) -> None:
     if a.shapes != b.shapes:
-        diff = [f"{k}: {a.shapes.get(k, 'absent')} vs {b.shapes.get(k, 'absent')}"
-                for k in sorted(set(a.shapes) | set(b.shapes)) if a.shapes.get(k) != b.shapes.get(k)]
-        raise LayoutMismatch(f"layer {l}: the attention layouts of {names[0]} and {names[1]} differ ("
-                             + "; ".join(diff) + ")")
+        diff = [
+            f"{k}: {a.shapes.get(k, 'absent')} vs {b.shapes.get(k, 'absent')}"
+            for k in sorted(set(a.shapes) | set(b.shapes))
+            if a.shapes.get(k) != b.shapes.get(k)
+        ]
+        raise LayoutMismatch(
+            f"layer {l}: the attention layouts of {names[0]} and {names[1]} differ (" + "; ".join(diff) + ")"
+        )
 
 
 # ---------------------------------------------------------------- circuits as factors
+
 
 @dataclass
 class Factors:
@@ -254,14 +274,16 @@ def _grams(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b.transpose(1, 2))
 
 
-def matched_terms(L1: torch.Tensor, R1: torch.Tensor, L2: torch.Tensor, R2: torch.Tensor, li: torch.Tensor,
-                  ri: torch.Tensor) -> torch.Tensor:
+def matched_terms(
+    L1: torch.Tensor, R1: torch.Tensor, L2: torch.Tensor, R2: torch.Tensor, li: torch.Tensor, ri: torch.Tensor
+) -> torch.Tensor:
     """[H, dh, dh] elementwise terms whose sum is <L1[li]^T R1[ri], L2[li]^T R2[ri]>_F per head."""
     return _grams(L1, L2)[li] * _grams(R1, R2)[ri]
 
 
-def cross_inner(L1: torch.Tensor, R1: torch.Tensor, L2: torch.Tensor, R2: torch.Tensor, li: torch.Tensor,
-                ri: torch.Tensor) -> torch.Tensor:
+def cross_inner(
+    L1: torch.Tensor, R1: torch.Tensor, L2: torch.Tensor, R2: torch.Tensor, li: torch.Tensor, ri: torch.Tensor
+) -> torch.Tensor:
     """[H, H]: <circuit h of model 1, circuit g of model 2>_F for every pair of query heads of a layer, one base head
     at a time (its d_head x (n d_head) products only, memory O(d_model x d_head))."""
     H = len(li)
@@ -270,7 +292,7 @@ def cross_inner(L1: torch.Tensor, R1: torch.Tensor, L2: torch.Tensor, R2: torch.
     L2f, R2f = L2.reshape(-1, L2.shape[2]), R2.reshape(-1, R2.shape[2])
     last_l = last_r = None
     for h in range(H):
-        if last_l is None or last_l[0] != int(li[h]):   # GQA: consecutive heads share a KV factor
+        if last_l is None or last_l[0] != int(li[h]):  # GQA: consecutive heads share a KV factor
             last_l = (int(li[h]), (L1[li[h]] @ L2f.T).reshape(dh, -1, dh).transpose(0, 1))
         if last_r is None or last_r[0] != int(ri[h]):
             last_r = (int(ri[h]), (R1[ri[h]] @ R2f.T).reshape(dh, -1, dh).transpose(0, 1))
@@ -300,21 +322,22 @@ def rotation_averaged(GL: torch.Tensor, GR: torch.Tensor, a: torch.Tensor, b: to
 
 # ---------------------------------------------------------------- one layer compared
 
+
 @dataclass
 class LayerResult:
-    ov_inner: torch.Tensor       # [H] <W_OV1[h], W_OV2[h]>
-    ov_n1: torch.Tensor          # [H] ||W_OV1[h]||^2
+    ov_inner: torch.Tensor  # [H] <W_OV1[h], W_OV2[h]>
+    ov_n1: torch.Tensor  # [H] ||W_OV1[h]||^2
     ov_n2: torch.Tensor
     qk_inner: torch.Tensor
     qk_n1: torch.Tensor
     qk_n2: torch.Tensor
-    pair_inner: torch.Tensor     # [H, P] static per rotary pair
+    pair_inner: torch.Tensor  # [H, P] static per rotary pair
     pair_n1: torch.Tensor
     pair_n2: torch.Tensor
-    avg_inner: torch.Tensor      # [H, P] rotation-averaged per pair
+    avg_inner: torch.Tensor  # [H, P] rotation-averaged per pair
     avg_n1: torch.Tensor
     avg_n2: torch.Tensor
-    rest_inner: torch.Tensor     # [H] the unrotated dims (partial rotary), static
+    rest_inner: torch.Tensor  # [H] the unrotated dims (partial rotary), static
     rest_n1: torch.Tensor
     rest_n2: torch.Tensor
 
@@ -341,8 +364,11 @@ class LayerResult:
     def qk_pos_avg_cos(self) -> np.ndarray:
         """W_QK compared averaged over relative positions: pairs' rotation-averaged terms plus the unrotated dims;
         cross-pair terms average to zero (distinct frequencies, independent uniform phases)."""
-        return self.cos(self.avg_inner.sum(1) + self.rest_inner, self.avg_n1.sum(1) + self.rest_n1,
-                        self.avg_n2.sum(1) + self.rest_n2)
+        return self.cos(
+            self.avg_inner.sum(1) + self.rest_inner,
+            self.avg_n1.sum(1) + self.rest_n1,
+            self.avg_n2.sum(1) + self.rest_n2,
+        )
 
 
 def compare_factors(f1: Factors, f2: Factors, rotary_dim: int) -> LayerResult:
@@ -361,8 +387,23 @@ def compare_factors(f1: Factors, f2: Factors, rotary_dim: int) -> LayerResult:
         return matched_terms(x.v, x.o, y.v, y.o, kv, hh).sum((1, 2))
 
     i12, i11, i22 = qk(f1, f2), qk(f1, f1), qk(f2, f2)
-    return LayerResult(ov(f1, f2), ov(f1, f1), ov(f2, f2), i12[0], i11[0], i22[0], i12[1], i11[1], i22[1],
-                       i12[2], i11[2], i22[2], i12[3], i11[3], i22[3])
+    return LayerResult(
+        ov(f1, f2),
+        ov(f1, f1),
+        ov(f2, f2),
+        i12[0],
+        i11[0],
+        i22[0],
+        i12[1],
+        i11[1],
+        i22[1],
+        i12[2],
+        i11[2],
+        i22[2],
+        i12[3],
+        i11[3],
+        i22[3],
+    )
 
 
 def null_cosines(f1: Factors, f2: Factors, n1: LayerResult) -> tuple[np.ndarray, np.ndarray]:
@@ -379,6 +420,7 @@ def null_cosines(f1: Factors, f2: Factors, n1: LayerResult) -> tuple[np.ndarray,
 def random_like(w: LayerWeights, gen: torch.Generator) -> LayerWeights:
     """A random-weight layer of the same shapes: Gaussian projections with each stored tensor's std, unit norm
     scales, no biases (a model at initialisation, as far as the circuits see)."""
+
     def r(t: torch.Tensor) -> torch.Tensor:
         return torch.randn(t.shape, generator=gen, dtype=t.dtype) * t.std()
 
@@ -392,7 +434,7 @@ def bias_terms(w: LayerWeights, f: Factors, fold: bool = True) -> dict[str, torc
     kv = f.kv_of
     out = {}
     if "q" in w.bias:
-        bq = w.bias["q"] * (w.q_norm if fold and w.q_norm is not None else 1)   # q_norm scales b_q too
+        bq = w.bias["q"] * (w.q_norm if fold and w.q_norm is not None else 1)  # q_norm scales b_q too
         out["qk"] = torch.einsum("hd,hdm->hm", bq, f.k[kv])
     if "v" in w.bias:
         out["ov"] = torch.einsum("hd,hdm->hm", w.bias["v"][kv], f.o)
@@ -415,26 +457,50 @@ def materialised(f1: Factors, f2: Factors) -> dict[str, np.ndarray]:
     kv = f1.kv_of
     out: dict[str, list] = {"ov_cos": [], "qk_cos": []}
     for h in range(f1.layout.n_heads):
-        for name, m1, m2 in (("ov", f1.v[kv[h]].T @ f1.o[h], f2.v[kv[h]].T @ f2.o[h]),
-                             ("qk", f1.q[h].T @ f1.k[kv[h]], f2.q[h].T @ f2.k[kv[h]])):
+        for name, m1, m2 in (
+            ("ov", f1.v[kv[h]].T @ f1.o[h], f2.v[kv[h]].T @ f2.o[h]),
+            ("qk", f1.q[h].T @ f1.k[kv[h]], f2.q[h].T @ f2.k[kv[h]]),
+        ):
             out[f"{name}_cos"].append(float((m1 * m2).sum() / (m1.norm() * m2.norm())))
     return {k: np.array(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- the comparison
 
-COLUMNS = ("layer", "head", "kv_head", "ov_cos", "qk_cos", "qk_cos_pos_avg",
-           "ov_cos_null_mean", "ov_cos_null_max", "qk_cos_null_mean", "qk_cos_null_max",
-           "ov_cos_random", "qk_cos_random", "ov_rel", "qk_rel", "q_rel", "k_rel", "v_rel", "o_rel", "norm_rel",
-           "ov_bias_cos", "qk_bias_cos", "q_bias_rel", "k_bias_rel", "v_bias_rel")
+COLUMNS = (
+    "layer",
+    "head",
+    "kv_head",
+    "ov_cos",
+    "qk_cos",
+    "qk_cos_pos_avg",
+    "ov_cos_null_mean",
+    "ov_cos_null_max",
+    "qk_cos_null_mean",
+    "qk_cos_null_max",
+    "ov_cos_random",
+    "qk_cos_random",
+    "ov_rel",
+    "qk_rel",
+    "q_rel",
+    "k_rel",
+    "v_rel",
+    "o_rel",
+    "norm_rel",
+    "ov_bias_cos",
+    "qk_bias_cos",
+    "q_bias_rel",
+    "k_bias_rel",
+    "v_bias_rel",
+)
 
 
 @dataclass
 class Comparison:
-    rows: list[dict]                      # one per query head, COLUMNS
-    pair_cos: np.ndarray                  # [L, Hmax, P] static per rotary pair
-    pair_cos_pos_avg: np.ndarray          # [L, Hmax, P] rotation-averaged per pair
-    null_ov: list[np.ndarray]             # per layer [H, H]
+    rows: list[dict]  # one per query head, COLUMNS
+    pair_cos: np.ndarray  # [L, Hmax, P] static per rotary pair
+    pair_cos_pos_avg: np.ndarray  # [L, Hmax, P] rotation-averaged per pair
+    null_ov: list[np.ndarray]  # per layer [H, H]
     null_qk: list[np.ndarray]
     n_layers: int
     max_heads: int
@@ -448,8 +514,13 @@ class Comparison:
         return m
 
 
-def compare(base: WeightReader, other: WeightReader, cfg: CircuitConfig | None = None,
-            names: tuple[str, str] = ("base", "other"), progress: bool = False) -> Comparison:
+def compare(
+    base: WeightReader,
+    other: WeightReader,
+    cfg: CircuitConfig | None = None,
+    names: tuple[str, str] = ("base", "other"),
+    progress: bool = False,
+) -> Comparison:
     """Every query head of every layer, one layer of each model in memory at a time."""
     cfg = cfg or CircuitConfig()
     t0 = time.perf_counter()
@@ -465,12 +536,18 @@ def compare(base: WeightReader, other: WeightReader, cfg: CircuitConfig | None =
         H, kv = w1.layout.n_heads, f1.kv_of
         pairs.append(LayerResult.cos(res.pair_inner, res.pair_n1, res.pair_n2))
         pairs_avg.append(LayerResult.cos(res.avg_inner, res.avg_n1, res.avg_n2))
-        col: dict[str, np.ndarray] = {"ov_cos": res.ov_cos, "qk_cos": res.qk_cos, "qk_cos_pos_avg": res.qk_pos_avg_cos,
-                                      "ov_rel": res.rel(res.ov_inner, res.ov_n1, res.ov_n2),
-                                      "qk_rel": res.rel(res.qk_inner, res.qk_n1, res.qk_n2),
-                                      "q_rel": _rel(w1.q, w2.q, (1, 2)), "k_rel": _rel(w1.k, w2.k, (1, 2))[kv],
-                                      "v_rel": _rel(w1.v, w2.v, (1, 2))[kv], "o_rel": _rel(w1.o, w2.o, (1, 2)),
-                                      "norm_rel": np.full(H, _rel(w1.norm[None], w2.norm[None], (1,))[0])}
+        col: dict[str, np.ndarray] = {
+            "ov_cos": res.ov_cos,
+            "qk_cos": res.qk_cos,
+            "qk_cos_pos_avg": res.qk_pos_avg_cos,
+            "ov_rel": res.rel(res.ov_inner, res.ov_n1, res.ov_n2),
+            "qk_rel": res.rel(res.qk_inner, res.qk_n1, res.qk_n2),
+            "q_rel": _rel(w1.q, w2.q, (1, 2)),
+            "k_rel": _rel(w1.k, w2.k, (1, 2))[kv],
+            "v_rel": _rel(w1.v, w2.v, (1, 2))[kv],
+            "o_rel": _rel(w1.o, w2.o, (1, 2)),
+            "norm_rel": np.full(H, _rel(w1.norm[None], w2.norm[None], (1,))[0]),
+        }
         if cfg.null:
             ov_n, qk_n = null_cosines(f1, f2, res)
             nov.append(ov_n)
@@ -493,11 +570,20 @@ def compare(base: WeightReader, other: WeightReader, cfg: CircuitConfig | None =
         if "o" in w1.bias:
             biases.add("o")
         for h in range(H):
-            rows.append({"layer": l, "head": h, "kv_head": int(kv[h]),
-                         **{c: float(col[c][h]) if c in col else float("nan") for c in COLUMNS[3:]}})
+            rows.append(
+                {
+                    "layer": l,
+                    "head": h,
+                    "kv_head": int(kv[h]),
+                    **{c: float(col[c][h]) if c in col else float("nan") for c in COLUMNS[3:]},
+                }
+            )
         if progress:
-            print(f"[btp.circuits] layer {l}: mean ov_cos {np.nanmean(col['ov_cos']):.4f}, "
-                  f"qk_cos {np.nanmean(col['qk_cos']):.4f}", flush=True)
+            print(
+                f"[btp.circuits] layer {l}: mean ov_cos {np.nanmean(col['ov_cos']):.4f}, "
+                f"qk_cos {np.nanmean(col['qk_cos']):.4f}",
+                flush=True,
+            )
     Hmax = max(r["head"] for r in rows) + 1
     P = base.rotary_dim // 2
 
@@ -507,11 +593,13 @@ def compare(base: WeightReader, other: WeightReader, cfg: CircuitConfig | None =
             out[l, : x.shape[0]] = x
         return out
 
-    return Comparison(rows, pad(pairs), pad(pairs_avg), nov, nqk, base.n_layers, Hmax, sorted(biases),
-                      time.perf_counter() - t0)
+    return Comparison(
+        rows, pad(pairs), pad(pairs_avg), nov, nqk, base.n_layers, Hmax, sorted(biases), time.perf_counter() - t0
+    )
 
 
 # ---------------------------------------------------------------- baselines and the join with the analyses
+
 
 def _finite(x: np.ndarray) -> np.ndarray:
     return x[np.isfinite(x)]
@@ -521,8 +609,12 @@ def summary(c: Comparison) -> dict:
     out: dict = {}
     for circ in ("ov", "qk"):
         cos = np.array([r[f"{circ}_cos"] for r in c.rows])
-        s: dict = {"mean": float(np.nanmean(cos)), "median": float(np.nanmedian(cos)), "min": float(np.nanmin(cos)),
-                   "per_layer_mean": np.nanmean(c.matrix(f"{circ}_cos"), 1).tolist()}
+        s: dict = {
+            "mean": float(np.nanmean(cos)),
+            "median": float(np.nanmedian(cos)),
+            "min": float(np.nanmin(cos)),
+            "per_layer_mean": np.nanmean(c.matrix(f"{circ}_cos"), 1).tolist(),
+        }
         nmax = np.array([r[f"{circ}_cos_null_max"] for r in c.rows])
         if np.isfinite(nmax).any():
             ok = np.isfinite(nmax) & np.isfinite(cos)
@@ -564,15 +656,27 @@ def importance_join(cos: np.ndarray, importance: np.ndarray, k: int, n_boot: int
     order = np.argsort(-imp, kind="stable")
     top, rest = c[order[:k]], c[order[k:]]
     rng = np.random.default_rng(seed)
-    boots = (top[rng.integers(0, k, (n_boot, k))].mean(1) - rest[rng.integers(0, rest.size, (n_boot, rest.size))]
-             .mean(1))
+    boots = top[rng.integers(0, k, (n_boot, k))].mean(1) - rest[rng.integers(0, rest.size, (n_boot, rest.size))].mean(1)
     lo, hi = np.quantile(boots, [0.025, 0.975])
-    rho = bootstrap_ci(np.stack([imp, c], 1), stat=lambda v: np.asarray(_spearman(v[:, 0], v[:, 1])),
-                       n_boot=min(n_boot, 1000), seed=seed)
-    return {"top_k": k, "rule": "the top_k heads by largest importance against the rest", "n_heads": int(c.size),
-            "top_mean": float(top.mean()), "rest_mean": float(rest.mean()),
-            "diff": float(top.mean() - rest.mean()), "ci_low": float(lo), "ci_high": float(hi), "ci_level": 0.95,
-            "n_boot": n_boot, "spearman": rho.as_dict()}
+    rho = bootstrap_ci(
+        np.stack([imp, c], 1),
+        stat=lambda v: np.asarray(_spearman(v[:, 0], v[:, 1])),
+        n_boot=min(n_boot, 1000),
+        seed=seed,
+    )
+    return {
+        "top_k": k,
+        "rule": "the top_k heads by largest importance against the rest",
+        "n_heads": int(c.size),
+        "top_mean": float(top.mean()),
+        "rest_mean": float(rest.mean()),
+        "diff": float(top.mean() - rest.mean()),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "ci_level": 0.95,
+        "n_boot": n_boot,
+        "spearman": rho.as_dict(),
+    }
 
 
 def join_analyses(c: Comparison, analyses: Sequence[dict], cfg: CircuitConfig) -> list[dict]:
@@ -593,38 +697,39 @@ def join_analyses(c: Comparison, analyses: Sequence[dict], cfg: CircuitConfig) -
 
 EXPLAIN = {
     "ov_cos": "Frobenius cosine of W_OV[h] = W_V[kv(h)]^T W_O[h]^T (d_model x d_model, what head h writes for what "
-              "it reads) between the two models; computed factored, never materialised.",
+    "it reads) between the two models; computed factored, never materialised.",
     "qk_cos": "Frobenius cosine of the static W_QK[h] = W_Q[h]^T W_K[kv(h)]: the bilinear score form with query and "
-              "key at the same rotary phase (relative position 0), as TransformerLens compares it. With rotary "
-              "embeddings the form at relative offset D is sum_i W_Q,i^T R(theta_i D) W_K,i over frequency pairs i, "
-              "so the static cosine also weighs cross-pair terms that rotate away at D != 0.",
+    "key at the same rotary phase (relative position 0), as TransformerLens compares it. With rotary "
+    "embeddings the form at relative offset D is sum_i W_Q,i^T R(theta_i D) W_K,i over frequency pairs i, "
+    "so the static cosine also weighs cross-pair terms that rotate away at D != 0.",
     "qk_cos_pos_avg": "cosine of W_QK averaged over relative positions, each pair's phase theta_i D taken uniform "
-                      "and independent: cross-pair terms vanish and each pair keeps only its rotation-commuting part "
-                      "(exact for fast pairs over long contexts; the slowest pairs barely rotate within a context).",
+    "and independent: cross-pair terms vanish and each pair keeps only its rotation-commuting part "
+    "(exact for fast pairs over long contexts; the slowest pairs barely rotate within a context).",
     "qk_pair_cos": "npz [L, Hmax, rot/2]: static cosine of each rotary pair's W_QK (q/k dims i and i + rot/2, HF "
-                   "rotate_half); qk_pair_cos_pos_avg: the same pair averaged over its rotation. Pair i rotates at "
-                   "theta_i = base^(-2i/rot): low i fast (local position), high i slow (content).",
+    "rotate_half); qk_pair_cos_pos_avg: the same pair averaged over its rotation. Pair i rotates at "
+    "theta_i = base^(-2i/rot): low i fast (local position), high i slow (content).",
     "null": "ov/qk_cos_null_mean/max: base head h against the other model's heads g != h of the same layer (the "
-            "cosine two functionally unrelated heads of these models reach); npz null_ov/null_qk hold [H, H] per "
-            "layer.",
+    "cosine two functionally unrelated heads of these models reach); npz null_ov/null_qk hold [H, H] per "
+    "layer.",
     "random": "ov/qk_cos_random: base head against a random Gaussian model of the same shapes (each tensor's std, "
-              "unit norm scales, no biases).",
+    "unit norm scales, no biases).",
     "rel": "ov_rel/qk_rel: ||W2 - W1||_F / ||W1||_F of the folded circuits; q/k/v/o_rel: of the raw projection "
-           "blocks of the head (k/v: its KV head); norm_rel: the layer's input norm scale.",
+    "blocks of the head (k/v: its KV head); norm_rel: the layer's input norm scale.",
     "biases": "ov_bias_cos: cosine of the constant output b_v[kv] W_O[h]^T; qk_bias_cos: of the key-side score term "
-              "b_q[h] W_K[kv] (the query-side term and b_q.b_k are constant over keys, so softmax drops them "
-              "without rotary); *_bias_rel: relative change of each bias block. NaN: the models have no such bias.",
+    "b_q[h] W_K[kv] (the query-side term and b_q.b_k are constant over keys, so softmax drops them "
+    "without rotary); *_bias_rel: relative change of each bias block. NaN: the models have no such bias.",
     "folding": "fold_norms: the input norm scale (Gemma: weight + 1) is folded into the d_model side of W_Q, W_K, "
-               "W_V; Qwen3/Gemma3 q_norm/k_norm scales into the d_head side of W_Q/W_K (their RMS division is a "
-               "positive per-token factor, left out: the compared form is the score up to that factor).",
+    "W_V; Qwen3/Gemma3 q_norm/k_norm scales into the d_head side of W_Q/W_K (their RMS division is a "
+    "positive per-token factor, left out: the compared form is the score up to that factor).",
     "scaling": "the score scale (1/sqrt(d_head), Gemma's query_pre_attn_scalar) and Gemma2's attention logit "
-               "soft-capping act on the bilinear form's value, identically in two models of one layout: the "
-               "cosines compare the form before them (a common scale leaves a cosine unchanged; *_rel are of the "
-               "unscaled form).",
+    "soft-capping act on the bilinear form's value, identically in two models of one layout: the "
+    "cosines compare the form before them (a common scale leaves a cosine unchanged; *_rel are of the "
+    "unscaled form).",
 }
 
 
 # ---------------------------------------------------------------- models and files
+
 
 def local_folder(name: str, revision: str | None = None) -> tuple[Path, str, str | None]:
     """(folder, model id, revision) of an embedded name, a folder or an HF id (a local snapshot of config and
@@ -644,9 +749,10 @@ def local_folder(name: str, revision: str | None = None) -> tuple[Path, str, str
         except Exception:  # noqa: BLE001  not cached: download
             d = snapshot_download(ref.path, revision=ref.revision, allow_patterns=pats)
     except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"cannot get the weights of {name} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                           f"offline? download it first (huggingface-cli download {name}) or pass a local folder"
-                           ) from None
+        raise RuntimeError(
+            f"cannot get the weights of {name} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            f"offline? download it first (huggingface-cli download {name}) or pass a local folder"
+        ) from None
     return Path(d), ref.model_id, ref.revision
 
 
@@ -655,20 +761,35 @@ def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str] = COLUMNS
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (repr(v) if isinstance(v, float) and not math.isnan(v) else ("" if isinstance(v, float)
-                                                                                    else v)) for k, v in r.items()})
+        w.writerow(
+            {
+                k: (repr(v) if isinstance(v, float) and not math.isnan(v) else ("" if isinstance(v, float) else v))
+                for k, v in r.items()
+            }
+        )
     return write_text(path, buf.getvalue())
 
 
 def read_csv(path: str | Path) -> list[dict]:
     """Rows of a circuits CSV with ints and floats back (empty cells: NaN)."""
     with open(path, newline="") as f:
-        return [{k: (int(v) if k in ("layer", "head", "kv_head") else float(v) if v else float("nan"))
-                 for k, v in r.items()} for r in csv.DictReader(f)]
+        return [
+            {
+                k: (int(v) if k in ("layer", "head", "kv_head") else float(v) if v else float("nan"))
+                for k, v in r.items()
+            }
+            for r in csv.DictReader(f)
+        ]
 
 
-def run(base: str, other: str, results_dir: str | Path = "results", cfg: CircuitConfig | None = None,
-        progress: bool = True, config: dict | None = None) -> dict[str, Path]:
+def run(
+    base: str,
+    other: str,
+    results_dir: str | Path = "results",
+    cfg: CircuitConfig | None = None,
+    progress: bool = True,
+    config: dict | None = None,
+) -> dict[str, Path]:
     """Compare two models and write the CSV, npz and JSON; returns their paths."""
     cfg = cfg or CircuitConfig()
     fa, id_a, rev_a = local_folder(base)
@@ -679,31 +800,66 @@ def run(base: str, other: str, results_dir: str | Path = "results", cfg: Circuit
     analyses, notes = head_importances(results_dir, id_a)
     joins = join_analyses(c, analyses, cfg)
     if not analyses:
-        notes.append("no ablation or Taylor outputs of the base model: run python -m btp.ablation / btp.taylor "
-                     "on it to join importance with circuit similarity")
-    stamp = provenance(stage=STAGE, model=id_a, revision=rev_a, seed=cfg.seed, config=config or asdict(cfg),
-                       other_model=id_b, other_revision=rev_b, base_name=base, other_name=other,
-                       base_arch=ra.arch, other_arch=rb.arch, seconds=round(c.seconds, 2))
+        notes.append(
+            "no ablation or Taylor outputs of the base model: run python -m btp.ablation / btp.taylor "
+            "on it to join importance with circuit similarity"
+        )
+    stamp = provenance(
+        stage=STAGE,
+        model=id_a,
+        revision=rev_a,
+        seed=cfg.seed,
+        config=config or asdict(cfg),
+        other_model=id_b,
+        other_revision=rev_b,
+        base_name=base,
+        other_name=other,
+        base_arch=ra.arch,
+        other_arch=rb.arch,
+        seconds=round(c.seconds, 2),
+    )
     write_csv(paths["csv"], c.rows)
-    arrays = {"qk_pair_cos": c.pair_cos, "qk_pair_cos_pos_avg": c.pair_cos_pos_avg,
-              **{col: c.matrix(col) for col in COLUMNS[3:]}}
+    arrays = {
+        "qk_pair_cos": c.pair_cos,
+        "qk_pair_cos_pos_avg": c.pair_cos_pos_avg,
+        **{col: c.matrix(col) for col in COLUMNS[3:]},
+    }
     for l, (o, q) in enumerate(zip(c.null_ov, c.null_qk)):
         arrays[f"null_ov_{l}"], arrays[f"null_qk_{l}"] = o, q
     for i, a in enumerate(analyses):
         arrays[f"importance_{i}"] = a["importance"]
     write_npz(paths["npz"], provenance=stamp, **arrays)
-    layout = {"n_layers": c.n_layers, "max_heads": c.max_heads, "head_dim": ra.layout.head_dim,
-              "rotary_dim": ra.rotary_dim, "n_kv_heads_config": ra.layout.n_kv_heads, "biases": c.biases,
-              "q_norm_k_norm": ra.spec.q_norm is not None, "norm_offset": ra.spec.norm_offset}
-    write_json(paths["json"], {**stamp, "layout": layout, "explain": EXPLAIN, "summary": summary(c),
-                               "importance": [{**j, "npz_key": f"importance_{i}"} for i, j in enumerate(joins)],
-                               "notes": notes, "files": {k: p.name for k, p in paths.items()}})
+    layout = {
+        "n_layers": c.n_layers,
+        "max_heads": c.max_heads,
+        "head_dim": ra.layout.head_dim,
+        "rotary_dim": ra.rotary_dim,
+        "n_kv_heads_config": ra.layout.n_kv_heads,
+        "biases": c.biases,
+        "q_norm_k_norm": ra.spec.q_norm is not None,
+        "norm_offset": ra.spec.norm_offset,
+    }
+    write_json(
+        paths["json"],
+        {
+            **stamp,
+            "layout": layout,
+            "explain": EXPLAIN,
+            "summary": summary(c),
+            "importance": [{**j, "npz_key": f"importance_{i}"} for i, j in enumerate(joins)],
+            "notes": notes,
+            "files": {k: p.name for k, p in paths.items()},
+        },
+    )
     return paths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser(STAGE, "OV/QK circuit similarity of each attention head between a base model and another "
-                          "(e.g. distilled) model of the same layout")
+    p = cli.parser(
+        STAGE,
+        "OV/QK circuit similarity of each attention head between a base model and another "
+        "(e.g. distilled) model of the same layout",
+    )
     p.add_argument("--base", default=None, help="HF id, local folder, or an embedded name (required)")
     p.add_argument("--other", default=None, help="HF id, local folder, or an embedded name (required)")
     p.add_argument("--results-dir", default="results", help="root of the results tree")
@@ -718,16 +874,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     p = build_parser()
-    args = cli.parse(p, argv)   # --base/--other may come from a --config preset, so they are checked here
+    args = cli.parse(p, argv)  # --base/--other may come from a --config preset, so they are checked here
     if not args.base or not args.other:
         p.error("--base and --other are required (on the command line or in the --config preset)")
-    cfg = CircuitConfig(fold_norms=args.fold_norms, null=args.null, random_baseline=args.random_baseline,
-                        seed=args.seed, top_k=args.top_k, n_boot=args.n_boot)
+    cfg = CircuitConfig(
+        fold_norms=args.fold_norms,
+        null=args.null,
+        random_baseline=args.random_baseline,
+        seed=args.seed,
+        top_k=args.top_k,
+        n_boot=args.n_boot,
+    )
     paths = run(args.base, args.other, args.results_dir, cfg, config=cli.config_dict(args))
     s = read_json(paths["json"])["summary"]
-    print(f"[btp.circuits] OV cos mean {s['ov']['mean']:.4f} (min {s['ov']['min']:.4f}), QK cos mean "
-          f"{s['qk']['mean']:.4f} (min {s['qk']['min']:.4f}); wrote {paths['csv']}, {paths['json'].name}, "
-          f"{paths['npz'].name}")
+    print(
+        f"[btp.circuits] OV cos mean {s['ov']['mean']:.4f} (min {s['ov']['min']:.4f}), QK cos mean "
+        f"{s['qk']['mean']:.4f} (min {s['qk']['min']:.4f}); wrote {paths['csv']}, {paths['json'].name}, "
+        f"{paths['npz'].name}"
+    )
     return paths
 
 

@@ -8,6 +8,7 @@
 - The analysis stage path (`prepare` -> `Run.claim` -> `Run.load`): parse, resolve the model id, build the samples,
   claim the output (fresh / resume / done, refusing another identity), and load weights only when there is work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,9 +86,16 @@ def entry(stage: str, main: Callable[[], Any]) -> None:
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
-def opt(default: Any = None, help: str | None = None, *, flag: str | None = None, choices: Sequence | None = None,
-        parse: Callable[[Any], Any] | None = None, invert: bool = False, factory: Callable[[], Any] | None = None
-        ) -> Any:
+def opt(
+    default: Any = None,
+    help: str | None = None,
+    *,
+    flag: str | None = None,
+    choices: Sequence | None = None,
+    parse: Callable[[Any], Any] | None = None,
+    invert: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
     """A dataclass field that is also a command-line flag: `--<name>` (or `flag`), its help, its choices;
     `parse` turns the flag's string (or a preset's value) into the field's value; `invert` makes a boolean field
     the negation of a store-true flag (`reuse_attention` <- `--no-reuse-attention`)."""
@@ -128,8 +136,10 @@ def add_flags(p: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = ()
             if not m.get("invert") and default:
                 raise TypeError(f"{cls.__name__}.{f.name}: a store-true flag needs the default False")
         else:
-            kw.update(default=default, type=json.loads if tp is dict else (tp if tp in (int, float) and
-                                                                           not m.get("parse") else str))
+            kw.update(
+                default=default,
+                type=json.loads if tp is dict else (tp if tp in (int, float) and not m.get("parse") else str),
+            )
             if m.get("choices"):
                 kw["choices"] = tuple(m["choices"])
         p.add_argument(f"--{name}", dest=dest, **kw)
@@ -156,6 +166,7 @@ def config_from(cls: type, args: argparse.Namespace, **override: Any) -> Any:
 
 
 # ================================================================ shared flags
+
 
 def _default_model() -> str:
     from .models import DEFAULT_MODEL  # at parser build time: importing this module stays light (no torch)
@@ -184,9 +195,12 @@ class Runtime:
     device_map: str | None = opt(None, 'e.g. "auto" or a JSON object {"model.layers.0": 0, ...}', parse=_device_map)
     # as models.ATTN_CHOICES (this module stays torch-free). Speed and memory only (kernels agree to float noise):
     # recorded in provenance, not part of an output's identity.
-    attn_implementation: str = opt("auto", "attention kernel; auto: flash_attention_2 when importable on CUDA, else "
-                                   "sdpa (eager where sdpa cannot compute the model)",
-                                   choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    attn_implementation: str = opt(
+        "auto",
+        "attention kernel; auto: flash_attention_2 when importable on CUDA, else "
+        "sdpa (eager where sdpa cannot compute the model)",
+        choices=("auto", "sdpa", "eager", "flash_attention_2"),
+    )
     force: bool = opt(False, "recompute: discard existing outputs and progress files")
     no_progress: bool = opt(False, "no progress bars")
 
@@ -205,10 +219,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = ArgumentParser(prog=f"python -m btp.{prog}", description=description,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", type=Path, default=None,
-                   help="JSON preset (see configs/); its keys are flag names, command-line flags override them")
+    p = ArgumentParser(
+        prog=f"python -m btp.{prog}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="JSON preset (see configs/); its keys are flag names, command-line flags override them",
+    )
     return p
 
 
@@ -253,6 +272,7 @@ def config_dict(args: argparse.Namespace) -> dict:
 
 
 # ================================================================ list flags
+
 
 def parse_layers(spec: str | Sequence[int] | None) -> list[int] | None:
     """`"0,5,10-12"` -> [0, 5, 10, 11, 12] (sorted, unique); None/""/"all" -> None (every layer)."""
@@ -299,6 +319,7 @@ def parse_ks(spec: str | Sequence[int] | None) -> list[int] | None:
 
 # ================================================================ the analysis stage skeleton
 
+
 @dataclass(frozen=True)
 class StageSpec:
     """What an analysis stage declares: its name (module, provenance, key of its folder in results.STAGE_DIRS), a
@@ -309,7 +330,7 @@ class StageSpec:
     description: str
     configs: tuple[type, ...] = ()
     device_map: bool = False
-    module: str = ""   # btp.<module> when it is not btp.<name> (cmaes_search): what --help and errors name
+    module: str = ""  # btp.<module> when it is not btp.<name> (cmaes_search): what --help and errors name
 
 
 def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
@@ -333,11 +354,11 @@ class Run:
     spec: StageSpec
     parser: argparse.ArgumentParser
     args: argparse.Namespace
-    ref: Any                      # models.ModelRef
-    device: Any                   # torch.device
-    dtype: Any                    # torch.dtype
-    sample_config: Any            # samples.SampleConfig
-    samples: Any                  # samples.SampleSet
+    ref: Any  # models.ModelRef
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    sample_config: Any  # samples.SampleConfig
+    samples: Any  # samples.SampleSet
     tokenizer: Any
     _loaded: Any = None
 
@@ -362,8 +383,13 @@ class Run:
         """Model, revision, samples (which and their exact tokens), dtype, then every setting that changes
         numbers: what an output must have been written with to be reused or resumed."""
         ss = self.samples if sample_set is None else sample_set
-        return {"model": self.ref.model_id, "revision": self.ref.revision, **results.sample_identity(ss.fields()),
-                "dtype": str(self.dtype), **settings}
+        return {
+            "model": self.ref.model_id,
+            "revision": self.ref.revision,
+            **results.sample_identity(ss.fields()),
+            "dtype": str(self.dtype),
+            **settings,
+        }
 
     def claim(self, out: results.Output, identity: dict, **kw: Any) -> results.Claim:
         """`results.claim` with `--force`; another identity ends the run with a message naming the field."""
@@ -380,17 +406,31 @@ class Run:
             from .models import load_model
 
             dm = _device_map(getattr(self.args, "device_map", None))
-            self._loaded = load_model(self.args.model, dtype=self.dtype, device=self.device, device_map=dm,
-                                      attn_implementation=getattr(self.args, "attn_implementation", "auto"))
+            self._loaded = load_model(
+                self.args.model,
+                dtype=self.dtype,
+                device=self.device,
+                device_map=dm,
+                attn_implementation=getattr(self.args, "attn_implementation", "auto"),
+            )
         return self._loaded
 
     def stamp(self, lm: Any, **extra: Any) -> dict:
         """The provenance stamp of an output of this run (`lm`: the loaded model)."""
         from .store import provenance
 
-        return provenance(stage=self.spec.name, model=lm.model_id, revision=lm.revision, dataset=self.args.dataset,
-                          mode=self.sample_config.mode, seed=self.args.seed, config=config_dict(self.args),
-                          samples=self.samples.describe(), attn_implementation=lm.attn_implementation, **extra)
+        return provenance(
+            stage=self.spec.name,
+            model=lm.model_id,
+            revision=lm.revision,
+            dataset=self.args.dataset,
+            mode=self.sample_config.mode,
+            seed=self.args.seed,
+            config=config_dict(self.args),
+            samples=self.samples.describe(),
+            attn_implementation=lm.attn_implementation,
+            **extra,
+        )
 
 
 def prepare(spec: StageSpec, argv: Sequence[str] | None = None) -> Run:

@@ -26,6 +26,7 @@ with the same heads per layer (several draws), the Taylor-pruned set and the abl
 outputs exist. Every held-out figure carries a bootstrap CI over problems.
 (A fitness by pass@1 of real generation through pruned inference is not built: that path does not exist yet.)
 """
+
 from __future__ import annotations
 
 import time
@@ -64,15 +65,23 @@ def _budget_arg(v: str | float | int) -> float | int:
 
 @dataclass
 class SearchConfig:
-    budget: float | int = opt(0.5, "heads to keep: a fraction of all query heads (0.5) or a count (64)",
-                              parse=_budget_arg)
-    encoding: str = opt("fixed", "fixed: keep exactly the budget, the largest coordinates; threshold: keep "
-                        "coordinates > 0, --size-penalty per kept head over the budget", choices=ENCODINGS)
+    budget: float | int = opt(
+        0.5, "heads to keep: a fraction of all query heads (0.5) or a count (64)", parse=_budget_arg
+    )
+    encoding: str = opt(
+        "fixed",
+        "fixed: keep exactly the budget, the largest coordinates; threshold: keep "
+        "coordinates > 0, --size-penalty per kept head over the budget",
+        choices=ENCODINGS,
+    )
     size_penalty: float = opt(0.05, "threshold encoding: nats added to the fitness per kept head over the budget")
     min_heads_per_layer: int = opt(1, "never keep fewer heads in a layer")
-    warm_start: str = opt("auto", "mean of the first generation: auto (Taylor importance, else the ablation matrix, "
-                          "for the same samples and split, else zeros), taylor, ablation, or cold (zeros)",
-                          choices=WARM_STARTS)
+    warm_start: str = opt(
+        "auto",
+        "mean of the first generation: auto (Taylor importance, else the ablation matrix, "
+        "for the same samples and split, else zeros), taylor, ablation, or cold (zeros)",
+        choices=WARM_STARTS,
+    )
     popsize: int | None = opt(None, "candidates per generation (default: pycma's 4 + 3 ln(heads))")
     sigma0: float = opt(0.5, "initial step size (a warm start spans about [-1, 1])")
     max_generations: int = opt(20, "generations to run (a rerun with more continues the file)")
@@ -105,6 +114,7 @@ class SearchConfig:
 
 
 # ---------------------------------------------------------------- search space and encodings
+
 
 @dataclass(frozen=True)
 class Space:
@@ -144,8 +154,9 @@ class Space:
     def check(self, k: int, min_per_layer: int) -> None:
         floor = sum(min(min_per_layer, n) for n in self.layer_num_heads)
         if not floor <= k <= self.n:
-            raise ValueError(f"budget of {k} heads must lie in [{floor}, {self.n}] (min {min_per_layer} per layer, "
-                             f"{self.n} heads)")
+            raise ValueError(
+                f"budget of {k} heads must lie in [{floor}, {self.n}] (min {min_per_layer} per layer, {self.n} heads)"
+            )
 
 
 def _layer_floor(x: np.ndarray, keep: np.ndarray, layer: np.ndarray, m: int) -> np.ndarray:
@@ -164,7 +175,7 @@ def decode_fixed(x: np.ndarray, space: Space, k: int, min_per_layer: int) -> np.
     x = np.asarray(x, dtype=np.float64)
     keep = _layer_floor(x, np.zeros(space.n, dtype=bool), space.layer, min_per_layer)
     rest = np.argsort(-x, kind="stable")
-    rest = rest[~keep[rest]][:max(0, k - int(keep.sum()))]
+    rest = rest[~keep[rest]][: max(0, k - int(keep.sum()))]
     keep[rest] = True
     return keep
 
@@ -189,6 +200,7 @@ def warm_mean(scores: np.ndarray, space: Space, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- the search
 
+
 class Fitness(Protocol):
     """Per-sample loss of keep-masks: [N, L, Hmax] bool -> [N, S] float64 (lower is better). Optional
     `state_dict`/`load_state_dict` for a cache that a resumed search restores."""
@@ -201,22 +213,30 @@ class ModelFitness:
     through `btp.headsets.SetLossCache` (the population in batched passes from a common start layer, one
     candidate per row, masks seen before not rerun)."""
 
-    def __init__(self, model: Any, sample_set: Any, *, batch_rows: int | None = None, cache: bool = True,
-                 progress: bool = False, desc: str = "population"):
+    def __init__(
+        self,
+        model: Any,
+        sample_set: Any,
+        *,
+        batch_rows: int | None = None,
+        cache: bool = True,
+        progress: bool = False,
+        desc: str = "population",
+    ):
         from .arch import adapter
         from .headsets import SetLossCache, set_losses
 
         self.ad, self.progress, self.desc = adapter(model), progress, desc
         self.cache = SetLossCache(model, sample_set, batch_rows=batch_rows, common_start=True) if cache else None
-        self._plain = lambda sets: set_losses(model, sample_set, sets, batch_rows=batch_rows, common_start=True,
-                                              progress=progress, desc=desc)
+        self._plain = lambda sets: set_losses(
+            model, sample_set, sets, batch_rows=batch_rows, common_start=True, progress=progress, desc=desc
+        )
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
         from .headsets import removed_sets
 
         sets = removed_sets(self.ad, masks)
-        res = self.cache(sets, progress=self.progress, desc=self.desc) if self.cache is not None else \
-            self._plain(sets)
+        res = self.cache(sets, progress=self.progress, desc=self.desc) if self.cache is not None else self._plain(sets)
         return res.ce
 
     def state_dict(self) -> dict:
@@ -231,19 +251,21 @@ class ModelFitness:
 class Best:
     fitness: float
     ce: float
-    keep: np.ndarray                  # [n] bool over coordinates
+    keep: np.ndarray  # [n] bool over coordinates
     generation: int
     heldout: np.ndarray | None = None  # per held-out sample CE
 
 
 def _rows(mask: np.ndarray, layer_num_heads: Sequence[int]) -> list[str]:
     """A keep-mask as one string per layer: `1` kept, `0` removed, `-` padding (`results.mask_from_rows`)."""
-    return ["".join("1" if mask[l, h] else "0" for h in range(n)) + "-" * (mask.shape[1] - n)
-            for l, n in enumerate(layer_num_heads)]
+    return [
+        "".join("1" if mask[l, h] else "0" for h in range(n)) + "-" * (mask.shape[1] - n)
+        for l, n in enumerate(layer_num_heads)
+    ]
 
 
 def _ci(values: np.ndarray, problems: Sequence[str], n_boot: int, seed: int) -> dict:
-    m = clustered_mean(np.asarray(values, dtype=np.float64), problems, n_boot, seed)   # problems weigh alike
+    m = clustered_mean(np.asarray(values, dtype=np.float64), problems, n_boot, seed)  # problems weigh alike
     return {"mean": float(m.mean), "ci_low": float(m.low), "ci_high": float(m.high)}
 
 
@@ -252,9 +274,18 @@ class Search:
     everything a resumed search needs (pycma's strategy, its numpy random state, the best so far, the fitness
     cache); `Search(..., state=...)` continues from it exactly."""
 
-    def __init__(self, space: Space, cfg: SearchConfig, fitness: Fitness, *, x0: np.ndarray | None = None,
-                 heldout: Fitness | None = None, heldout_problems: Sequence[str] = (), n_boot: int = 1000,
-                 state: dict | None = None):
+    def __init__(
+        self,
+        space: Space,
+        cfg: SearchConfig,
+        fitness: Fitness,
+        *,
+        x0: np.ndarray | None = None,
+        heldout: Fitness | None = None,
+        heldout_problems: Sequence[str] = (),
+        n_boot: int = 1000,
+        state: dict | None = None,
+    ):
         import cma
 
         self.space, self.cfg, self.fitness, self.heldout = space, cfg, fitness, heldout
@@ -291,8 +322,14 @@ class Search:
             np.random.set_state(outer)
 
     def state(self) -> dict:
-        return {"es": self.es, "rng": self.rng, "generation": self.generation, "elapsed": self.elapsed,
-                "best": self.best, "fitness_cache": getattr(self.fitness, "state_dict", dict)()}
+        return {
+            "es": self.es,
+            "rng": self.rng,
+            "generation": self.generation,
+            "elapsed": self.elapsed,
+            "best": self.best,
+            "fitness_cache": getattr(self.fitness, "state_dict", dict)(),
+        }
 
     def decode(self, x: np.ndarray) -> np.ndarray:
         c = self.cfg
@@ -323,7 +360,7 @@ class Search:
         t0 = time.perf_counter()
         X = self._isolated(self.es.ask)
         keep = np.stack([self.decode(x) for x in X])
-        ce = np.asarray(self.fitness(self.space.masks(keep)), dtype=np.float64)   # [N, S]
+        ce = np.asarray(self.fitness(self.space.masks(keep)), dtype=np.float64)  # [N, S]
         f = ce.mean(1) + self.penalty(keep)
         self._isolated(lambda: self.es.tell(X, f.tolist()))
         self.generation += 1
@@ -338,24 +375,35 @@ class Search:
 
     def record(self, f: np.ndarray, ce: np.ndarray, gen_best: Best, secs: float) -> dict:
         sp, bb = self.space, self.best
-        hold = lambda b: (_ci(b.heldout, self.heldout_problems, self.n_boot, self.cfg.seed)
-                          if b.heldout is not None else None)
+        hold = lambda b: (
+            _ci(b.heldout, self.heldout_problems, self.n_boot, self.cfg.seed) if b.heldout is not None else None
+        )
         mask = sp.masks(bb.keep)[0]
         return {
             "generation": self.generation,
-            "best_fitness": float(f.min()), "median_fitness": float(np.median(f)), "worst_fitness": float(f.max()),
-            "best_ce": gen_best.ce, "best_n_kept": int(gen_best.keep.sum()),
+            "best_fitness": float(f.min()),
+            "median_fitness": float(np.median(f)),
+            "worst_fitness": float(f.max()),
+            "best_ce": gen_best.ce,
+            "best_n_kept": int(gen_best.keep.sum()),
             "best_heldout": hold(gen_best),
             "sigma": float(self.es.sigma),
-            "best_so_far_fitness": bb.fitness, "best_so_far_ce": bb.ce, "best_so_far_generation": bb.generation,
-            "best_so_far_n_kept": int(bb.keep.sum()), "best_so_far_mask": _rows(mask, sp.layer_num_heads),
+            "best_so_far_fitness": bb.fitness,
+            "best_so_far_ce": bb.ce,
+            "best_so_far_generation": bb.generation,
+            "best_so_far_n_kept": int(bb.keep.sum()),
+            "best_so_far_mask": _rows(mask, sp.layer_num_heads),
             "best_so_far_heldout": hold(bb),
-            "popsize": int(len(f)), "evals": int(self.es.countevals),
+            "popsize": int(len(f)),
+            "evals": int(self.es.countevals),
             "evals_computed": int(getattr(getattr(self.fitness, "cache", None), "misses", self.es.countevals)),
             # pycma's rules only: the limits of this invocation are not part of the history (a resumed run with
             # more generations writes the same records as an uninterrupted one)
-            "stop_reason": self.cma_stop(), "cma_stop": {k: _plain(v) for k, v in self.es.stop().items()},
-            "budget": self.k, "time_s": round(secs, 3), "elapsed_s": round(self.elapsed, 3),
+            "stop_reason": self.cma_stop(),
+            "cma_stop": {k: _plain(v) for k, v in self.es.stop().items()},
+            "budget": self.k,
+            "time_s": round(secs, 3),
+            "elapsed_s": round(self.elapsed, 3),
         }
 
 
@@ -366,14 +414,21 @@ def _plain(v: Any) -> Any:
     return v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v)
 
 
-def run_search(search: Search, *, on_generation: Callable[[dict, dict], None] | None = None,
-               progress: bool = False) -> list[dict]:
+def run_search(
+    search: Search, *, on_generation: Callable[[dict, dict], None] | None = None, progress: bool = False
+) -> list[dict]:
     """Generations until a stop rule fires; `on_generation(record, state)` after each (save, then append)."""
     from tqdm import tqdm
 
     recs = []
-    with tqdm(total=search.cfg.max_generations, initial=search.generation, desc="CMA-ES", unit="gen",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=search.cfg.max_generations,
+        initial=search.generation,
+        desc="CMA-ES",
+        unit="gen",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         while search.stop_reason() is None:
             rec = search.step()
             recs.append(rec)
@@ -386,12 +441,13 @@ def run_search(search: Search, *, on_generation: Callable[[dict, dict], None] | 
 
 # ---------------------------------------------------------------- warm start and controls (other stages' files)
 
+
 @dataclass
 class Prior:
     """Per-head scores from another stage's output for the same samples: higher = more important."""
 
-    source: str                      # e.g. `taylor/regular-reference.jsonl`
-    values: np.ndarray               # [L, Hmax] per-head scores, NaN at padding
+    source: str  # e.g. `taylor/regular-reference.jsonl`
+    values: np.ndarray  # [L, Hmax] per-head scores, NaN at padding
     detail: dict = field(default_factory=dict)
 
     @property
@@ -406,8 +462,9 @@ def _ids(ss: Any) -> list[list]:
     return [[s.problem_id, int(s.sample)] for s in ss.samples]
 
 
-def taylor_prior(results_dir: str, model_id: str, dataset: str, stem: results.Stem, tokens: str,
-                 scoring: Any, heldout: Any) -> tuple[Prior, list[Head]] | None:
+def taylor_prior(
+    results_dir: str, model_id: str, dataset: str, stem: results.Stem, tokens: str, scoring: Any, heldout: Any
+) -> tuple[Prior, list[Head]] | None:
     """Taylor's first-iteration importance (all heads alive, scoring samples only) and its pruning order, from a
     Taylor output of these samples (same tokens) and this split; the default variant first."""
     d = results.stage_dir(results_dir, model_id, dataset, "taylor")
@@ -419,18 +476,23 @@ def taylor_prior(results_dir: str, model_id: str, dataset: str, stem: results.St
         if recs[0].get("scoring_samples") != _ids(scoring) or recs[0].get("heldout_samples") != _ids(heldout):
             continue
         order = [tuple(h) for r in recs for h in r["pruned"]]
-        return Prior(f"taylor/{name}.jsonl", results.importance_matrix(recs[0]),
-                     {"settings": recs[0].get("settings")}), order
+        return Prior(
+            f"taylor/{name}.jsonl", results.importance_matrix(recs[0]), {"settings": recs[0].get("settings")}
+        ), order
     return None
 
 
-def ablation_prior(results_dir: str, model_id: str, dataset: str, stem: results.Stem, tokens: str,
-                   scoring: Any) -> Prior | None:
+def ablation_prior(
+    results_dir: str, model_id: str, dataset: str, stem: results.Stem, tokens: str, scoring: Any
+) -> Prior | None:
     """The single-head ablation delta averaged over the scoring samples only (no held-out information), from an
     ablation output of these samples with every layer computed; zero ablation (as the fitness) before mean."""
     d = results.stage_dir(results_dir, model_id, dataset, "ablation")
-    names = [n for n in results.list_outputs(d, "ablation") if results.parse_stem(n).base == stem.base
-             and set(results.parse_stem(n).variant) <= {"mean"}]
+    names = [
+        n
+        for n in results.list_outputs(d, "ablation")
+        if results.parse_stem(n).base == stem.base and set(results.parse_stem(n).variant) <= {"mean"}
+    ]
     for name in sorted(names, key=lambda n: ("mean" in results.parse_stem(n).variant, n)):
         arrays, meta = results.read_analysis(d, name)
         if (meta.get("identity") or {}).get("tokens") != tokens:
@@ -462,9 +524,20 @@ def random_controls(keep: np.ndarray, space: Space, draws: int, seed: int) -> li
     return out
 
 
-def compare_controls(final: np.ndarray, space: Space, heldout: Fitness, scoring: Fitness, problems: Sequence[str],
-                     *, draws: int, seed: int, min_per_layer: int, n_boot: int,
-                     taylor_order: Sequence[Head] | None = None, ablation: Prior | None = None) -> dict:
+def compare_controls(
+    final: np.ndarray,
+    space: Space,
+    heldout: Fitness,
+    scoring: Fitness,
+    problems: Sequence[str],
+    *,
+    draws: int,
+    seed: int,
+    min_per_layer: int,
+    n_boot: int,
+    taylor_order: Sequence[Head] | None = None,
+    ablation: Prior | None = None,
+) -> dict:
     """Held-out (and scoring) loss of the final keep-set against controls of the same size, each with a CI over
     problems and its paired difference to the final set (control - CMA-ES, CI over problems)."""
     n_kept = int(final.sum())
@@ -488,28 +561,40 @@ def compare_controls(final: np.ndarray, space: Space, heldout: Fitness, scoring:
     h, s = np.asarray(heldout(masks)), np.asarray(scoring(masks))
     out: dict = {"n_kept": n_kept, "notes": notes, "sets": {}}
     for i, n in enumerate(names):
-        rec = {"n_kept": int(sets[n].sum()), "removed": [list(space.heads[j]) for j in np.nonzero(~sets[n])[0]],
-               "scoring_ce": float(s[i].mean()), "heldout": _ci(h[i], problems, n_boot, seed),
-               "heldout_per_sample": h[i].tolist()}
+        rec = {
+            "n_kept": int(sets[n].sum()),
+            "removed": [list(space.heads[j]) for j in np.nonzero(~sets[n])[0]],
+            "scoring_ce": float(s[i].mean()),
+            "heldout": _ci(h[i], problems, n_boot, seed),
+            "heldout_per_sample": h[i].tolist(),
+        }
         if n != "cmaes":
             rec["diff_vs_cmaes"] = _ci(h[i] - h[0], problems, n_boot, seed)
         out["sets"][n] = rec
     if draws:
         r = np.stack([h[names.index(f"random_{i}")] for i in range(draws)]).mean(0)
-        out["sets"]["random"] = {"n_kept": n_kept, "draws": draws, "heldout": _ci(r, problems, n_boot, seed),
-                                 "scoring_ce": float(np.mean([out["sets"][f"random_{i}"]["scoring_ce"]
-                                                              for i in range(draws)])),
-                                 "diff_vs_cmaes": _ci(r - h[0], problems, n_boot, seed)}
+        out["sets"]["random"] = {
+            "n_kept": n_kept,
+            "draws": draws,
+            "heldout": _ci(r, problems, n_boot, seed),
+            "scoring_ce": float(np.mean([out["sets"][f"random_{i}"]["scoring_ce"] for i in range(draws)])),
+            "diff_vs_cmaes": _ci(r - h[0], problems, n_boot, seed),
+        }
     return out
 
 
 # ---------------------------------------------------------------- CLI
 
+
 @dataclass
 class RunConfig:
     """The stage's options besides the search: the split (Taylor's), controls, memory, the output tag."""
-    heldout: float | int = opt(0.25, "held-out problems: a fraction (0.25) or a count (8), as btp.taylor",
-                               parse=lambda v: cli.parse_heldout(str(v)))
+
+    heldout: float | int = opt(
+        0.25,
+        "held-out problems: a fraction (0.25) or a count (8), as btp.taylor",
+        parse=lambda v: cli.parse_heldout(str(v)),
+    )
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed, as btp.taylor)")
     control_draws: int = opt(5, "random control masks (same heads per layer as the final mask)")
     n_boot: int = opt(1000, "bootstrap resamples over problems for CIs")
@@ -517,8 +602,13 @@ class RunConfig:
     tag: str | None = opt(None, "suffix of the output stem (keeps variants apart)")
 
 
-SPEC = cli.StageSpec(STAGE, "CMA-ES search for the heads to keep under a budget (pycma)",
-                     configs=(SearchConfig, RunConfig), device_map=True, module="cmaes_search")
+SPEC = cli.StageSpec(
+    STAGE,
+    "CMA-ES search for the heads to keep under a budget (pycma)",
+    configs=(SearchConfig, RunConfig),
+    device_map=True,
+    module="cmaes_search",
+)
 
 
 def build_parser():
@@ -529,24 +619,32 @@ def output_stem(stem: results.Stem, cfg: SearchConfig, tag: str | None) -> resul
     """The samples' stem plus the budget (`keep50pct`, `keep64`), `threshold` for that encoding, `cold` for a
     cold start, and the tag."""
     b = cfg.budget
-    words = [f"keep{round(100 * b)}pct" if isinstance(b, float) else f"keep{b}",
-             "threshold" if cfg.encoding == "threshold" else None, "cold" if cfg.warm_start == "cold" else None, tag]
+    words = [
+        f"keep{round(100 * b)}pct" if isinstance(b, float) else f"keep{b}",
+        "threshold" if cfg.encoding == "threshold" else None,
+        "cold" if cfg.warm_start == "cold" else None,
+        tag,
+    ]
     return stem.with_variant(*words)
 
 
-def _priors(run: cli.Run, cfg: SearchConfig, scoring: Any, heldout: Any
-            ) -> tuple[Prior | None, tuple[Prior, list[Head]] | None, Prior | None]:
+def _priors(
+    run: cli.Run, cfg: SearchConfig, scoring: Any, heldout: Any
+) -> tuple[Prior | None, tuple[Prior, list[Head]] | None, Prior | None]:
     a = run.args
     tokens = results.sample_identity(run.samples.fields())["tokens"]
     stem = run.sample_config.output_stem
     tay = taylor_prior(a.results_dir, run.ref.model_id, a.dataset, stem, tokens, scoring, heldout)
     abl = ablation_prior(a.results_dir, run.ref.model_id, a.dataset, stem, tokens, scoring)
-    want = {"auto": [tay[0] if tay else None, abl], "taylor": [tay[0] if tay else None], "ablation": [abl],
-            "cold": []}[cfg.warm_start]
+    want = {"auto": [tay[0] if tay else None, abl], "taylor": [tay[0] if tay else None], "ablation": [abl], "cold": []}[
+        cfg.warm_start
+    ]
     prior = next((p for p in want if p is not None), None)
     if prior is None and cfg.warm_start in ("taylor", "ablation"):
-        run.parser.error(f"--warm-start {cfg.warm_start}: no {cfg.warm_start} output for these samples and split; "
-                         f"run btp.{cfg.warm_start} first, or use --warm-start auto")
+        run.parser.error(
+            f"--warm-start {cfg.warm_start}: no {cfg.warm_start} output for these samples and split; "
+            f"run btp.{cfg.warm_start} first, or use --warm-start auto"
+        )
     return prior, tay, abl
 
 
@@ -564,36 +662,47 @@ def main(argv: Sequence[str] | None = None) -> Path:
     prior, tay, abl = _priors(run, cfg, scoring, heldout)
     path, json_path, state_path = out.path("jsonl"), out.path("json"), out.partial("pkl")
     # max_generations / max_evals say how far to go, batch_rows only memory: a longer run continues the file
-    identity = run.identity(scoring_samples=_ids(scoring), heldout_samples=_ids(heldout), search=cfg.numbers,
-                            warm_start=prior.tag if prior else None, control_draws=opts.control_draws,
-                            n_boot=opts.n_boot)
+    identity = run.identity(
+        scoring_samples=_ids(scoring),
+        heldout_samples=_ids(heldout),
+        search=cfg.numbers,
+        warm_start=prior.tag if prior else None,
+        control_draws=opts.control_draws,
+        n_boot=opts.n_boot,
+    )
     store = JsonlStore(path, key_fields=("generation",))
 
     def complete() -> bool:
         doc = results.read_json(json_path)
         g = doc.get("generations", 0)
-        return bool(str(doc.get("stop_reason", "")).startswith("cma:") or g >= cfg.max_generations
-                    or (cfg.max_evals is not None and doc.get("evals", 0) >= cfg.max_evals))
+        return bool(
+            str(doc.get("stop_reason", "")).startswith("cma:")
+            or g >= cfg.max_generations
+            or (cfg.max_evals is not None and doc.get("evals", 0) >= cfg.max_evals)
+        )
 
     claim = run.claim(out, identity, files=("jsonl", "json"), partials=("pkl",), complete=complete, append=True)
     if claim.done:
         doc = results.read_json(json_path)
-        print(f"[btp.cmaes_search] {json_path}: complete ({doc['generations']} generations, stop: "
-              f"{doc['stop_reason']}); use --force or more --max-generations")
+        print(
+            f"[btp.cmaes_search] {json_path}: complete ({doc['generations']} generations, stop: "
+            f"{doc['stop_reason']}); use --force or more --max-generations"
+        )
         return json_path
     state = results.read_partial(state_path, claim.key)
     recs = store.read()
     if state is None and (recs or json_path.exists()):
         if claim.state == "resume":
-            raise SystemExit(f"{path}: no optimizer state ({state_path.name}) to continue from — use --force to "
-                             "start afresh")
+            raise SystemExit(
+                f"{path}: no optimizer state ({state_path.name}) to continue from — use --force to start afresh"
+            )
         print(f"[btp.cmaes_search] {path}: discarding a partial run of another configuration")
         path.unlink(missing_ok=True)
         json_path.unlink(missing_ok=True)
         recs = []
     if state is not None:
         done = state["generation"]
-        if len(recs) == done - 1 and state.get("record"):    # killed between saving the state and appending
+        if len(recs) == done - 1 and state.get("record"):  # killed between saving the state and appending
             store.append(state["record"])
             recs.append(state["record"])
         if len(recs) != done:
@@ -604,65 +713,110 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ad = adapter(lm.model)
     space = Space(tuple(ad.layer_num_heads))
     if prior is not None and prior.values.shape != space.shape:
-        raise SystemExit(f"{prior.source}: scores of shape {prior.values.shape} do not fit the model {space.shape} — "
-                         "use --warm-start cold, or rerun the stage it comes from with --force")
+        raise SystemExit(
+            f"{prior.source}: scores of shape {prior.values.shape} do not fit the model {space.shape} — "
+            "use --warm-start cold, or rerun the stage it comes from with --force"
+        )
     fit = ModelFitness(lm.model, scoring, batch_rows=opts.batch_rows, progress=False)
     hold = ModelFitness(lm.model, heldout, batch_rows=opts.batch_rows, cache=False)
     k = cfg.n_keep(space.n)
     x0 = warm_mean(prior.values, space, k) if prior is not None else None
-    search = Search(space, cfg, fit, x0=x0, heldout=hold, heldout_problems=heldout.problem_ids,
-                    n_boot=opts.n_boot, state=state)
-    stamp = run.stamp(lm, split={"seed": split_seed, "heldout": opts.heldout, "scoring": scoring.problem_ids,
-                                 "heldout_problems": heldout.problem_ids},
-                      search=asdict(cfg), dtype=str(lm.dtype), device=str(lm.device), **claim.stamp)
+    search = Search(
+        space, cfg, fit, x0=x0, heldout=hold, heldout_problems=heldout.problem_ids, n_boot=opts.n_boot, state=state
+    )
+    stamp = run.stamp(
+        lm,
+        split={
+            "seed": split_seed,
+            "heldout": opts.heldout,
+            "scoring": scoring.problem_ids,
+            "heldout_problems": heldout.problem_ids,
+        },
+        search=asdict(cfg),
+        dtype=str(lm.dtype),
+        device=str(lm.device),
+        **claim.stamp,
+    )
     store.begin_run(stamp)
-    print(f"[btp.cmaes_search] {len(scoring)} scoring / {len(heldout)} held-out samples, keep {k} of {space.n} "
-          f"heads ({cfg.encoding}), warm start: {prior.source if prior else 'zeros'}"
-          + (f"; resuming after generation {search.generation}" if state else ""))
+    print(
+        f"[btp.cmaes_search] {len(scoring)} scoring / {len(heldout)} held-out samples, keep {k} of {space.n} "
+        f"heads ({cfg.encoding}), warm start: {prior.source if prior else 'zeros'}"
+        + (f"; resuming after generation {search.generation}" if state else "")
+    )
 
     def save(rec: dict, st: dict) -> None:
-        results.write_partial(state_path, claim.key, {**st, "record": rec})   # state first: see the resume above
+        results.write_partial(state_path, claim.key, {**st, "record": rec})  # state first: see the resume above
         store.append(rec)
 
     run_search(search, on_generation=save, progress=run.progress)
     final = search.best.keep
-    ctl = compare_controls(final, space, hold, fit, heldout.problem_ids, draws=opts.control_draws,
-                           seed=run.args.seed, min_per_layer=cfg.min_heads_per_layer, n_boot=opts.n_boot,
-                           taylor_order=tay[1] if tay else None, ablation=abl)
+    ctl = compare_controls(
+        final,
+        space,
+        hold,
+        fit,
+        heldout.problem_ids,
+        draws=opts.control_draws,
+        seed=run.args.seed,
+        min_per_layer=cfg.min_heads_per_layer,
+        n_boot=opts.n_boot,
+        taylor_order=tay[1] if tay else None,
+        ablation=abl,
+    )
     if tay:
         ctl["taylor_source"] = tay[0].source
     if abl:
         ctl["ablation_source"] = abl.source
     recs = store.read()
     last = recs[-1]
-    write_json(json_path, {
-        **stamp, "stem": out.name, "generations": search.generation, "evals": int(search.es.countevals),
-        "stop_reason": search.stop_reason(), "cma_stop": last["cma_stop"], "budget": k, "n_heads": space.n,
-        "encoding": cfg.encoding, "warm_start": prior.tag if prior else None,
-        "final": {"mask": _rows(space.masks(final)[0], space.layer_num_heads), "n_kept": int(final.sum()),
-                  "kept_per_layer": [int(final[space.layer == l].sum()) for l in range(space.shape[0])],
-                  "removed": ctl["sets"]["cmaes"]["removed"], "fitness": search.best.fitness,
-                  "scoring_ce": search.best.ce, "generation": search.best.generation,
-                  "heldout": ctl["sets"]["cmaes"]["heldout"]},
-        "controls": ctl, "elapsed_s": round(search.elapsed, 2),
-        "fitness": "mean over scoring samples of the mean CE of their scored tokens, removed heads zeroed (nats)"
-                   + (f" + {cfg.size_penalty} per kept head over the budget" if cfg.encoding == "threshold" else ""),
-    })
+    write_json(
+        json_path,
+        {
+            **stamp,
+            "stem": out.name,
+            "generations": search.generation,
+            "evals": int(search.es.countevals),
+            "stop_reason": search.stop_reason(),
+            "cma_stop": last["cma_stop"],
+            "budget": k,
+            "n_heads": space.n,
+            "encoding": cfg.encoding,
+            "warm_start": prior.tag if prior else None,
+            "final": {
+                "mask": _rows(space.masks(final)[0], space.layer_num_heads),
+                "n_kept": int(final.sum()),
+                "kept_per_layer": [int(final[space.layer == l].sum()) for l in range(space.shape[0])],
+                "removed": ctl["sets"]["cmaes"]["removed"],
+                "fitness": search.best.fitness,
+                "scoring_ce": search.best.ce,
+                "generation": search.best.generation,
+                "heldout": ctl["sets"]["cmaes"]["heldout"],
+            },
+            "controls": ctl,
+            "elapsed_s": round(search.elapsed, 2),
+            "fitness": "mean over scoring samples of the mean CE of their scored tokens, removed heads zeroed (nats)"
+            + (f" + {cfg.size_penalty} per kept head over the budget" if cfg.encoding == "threshold" else ""),
+        },
+    )
     _summary(search, ctl, json_path)
     return json_path
 
 
 def _summary(search: Search, ctl: dict, path: Path) -> None:
     b = search.best
-    print(f"[btp.cmaes_search] {search.generation} generations, {search.es.countevals} candidates "
-          f"({search.elapsed:.1f}s); best fitness {b.fitness:.4f} at generation {b.generation} -> {path}")
+    print(
+        f"[btp.cmaes_search] {search.generation} generations, {search.es.countevals} candidates "
+        f"({search.elapsed:.1f}s); best fitness {b.fitness:.4f} at generation {b.generation} -> {path}"
+    )
     print("  held-out CE [95% CI over problems]   set")
     for name, r in ctl["sets"].items():
         if name.startswith("random_"):
             continue
         h = r["heldout"]
-        print(f"  {h['mean']:.4f} [{h['ci_low']:.4f}, {h['ci_high']:.4f}]   {name}"
-              + (f" (mean of {r['draws']} draws)" if "draws" in r else ""))
+        print(
+            f"  {h['mean']:.4f} [{h['ci_low']:.4f}, {h['ci_high']:.4f}]   {name}"
+            + (f" (mean of {r['draws']} draws)" if "draws" in r else "")
+        )
     for n, why in ctl["notes"].items():
         print(f"  {n}: {why}")
 

@@ -11,13 +11,14 @@ residual streams at the scored positions only, as they pass ([L, P, d]); vocab-s
 `chunk_tokens` (layer, position) rows at a time (three reused buffers), so [layers x tokens x vocab] is never held.
 Nothing grows with T^2.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -38,8 +39,11 @@ METRICS = ("entropy", "ce", "kl")
 
 @dataclass
 class LensConfig:
-    chunk_tokens: int | None = opt(None, "(layer, position) rows of vocab-sized fp32 logits held at once, bounds "
-                                   "memory (default: auto, <= 128 MiB per buffer on CPU, <= 512 MiB on CUDA)")
+    chunk_tokens: int | None = opt(
+        None,
+        "(layer, position) rows of vocab-sized fp32 logits held at once, bounds "
+        "memory (default: auto, <= 128 MiB per buffer on CPU, <= 512 MiB on CUDA)",
+    )
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -51,11 +55,12 @@ def auto_chunk(vocab_size: int, device: torch.device) -> int:
     """Default rows per chunk: one fp32 [rows, V] buffer of <= 128 MiB on CPU (about 3 such buffers live at
     once; larger matmuls amortise the unembedding's packing, measured flat from ~500 rows for V = 49k), <= 512 MiB
     on CUDA."""
-    budget = (512 if device.type == "cuda" else 128) * 2 ** 20
+    budget = (512 if device.type == "cuda" else 128) * 2**20
     return int(min(4096, max(8, budget // (4 * vocab_size))))
 
 
 # ---------------------------------------------------------------- the lens
+
 
 class _Pool:
     """Reusable flat buffers by name: vocab-sized blocks are allocated once, not once per chunk (on CPU each fresh
@@ -72,9 +77,13 @@ class _Pool:
         return b[:n].view(shape)
 
 
-def _stats(logits: torch.Tensor, targets: torch.Tensor, pool: _Pool, final_p: torch.Tensor | None = None,
-           final_neg_h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                             torch.Tensor | None]:
+def _stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    pool: _Pool,
+    final_p: torch.Tensor | None = None,
+    final_neg_h: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Entropy, CE of `targets` and KL(final || this) per row of `logits` z [..., P, V], in fp32. Without `final_p`
     these are the final layer's rows and their probabilities are returned (in their own buffer) for the KL of the
     other layers. Destroys `logits`.
@@ -91,14 +100,21 @@ def _stats(logits: torch.Tensor, targets: torch.Tensor, pool: _Pool, final_p: to
     ce = lse - z.gather(-1, targets.expand(*z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     if final_p is None:
         return lse - z.mul_(p).sum(-1), ce, None, p
-    ent = lse - p.mul_(z).sum(-1)                       # products in place: no extra buffers
+    ent = lse - p.mul_(z).sum(-1)  # products in place: no extra buffers
     kl = final_neg_h + lse - z.mul_(final_p).sum(-1)
     return ent, ce, kl, None
 
 
 @torch.no_grad()
-def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                chunk_tokens: int | None = None, *, pool: _Pool | None = None) -> dict[str, torch.Tensor]:
+def lens_sample(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int | None = None,
+    *,
+    pool: _Pool | None = None,
+) -> dict[str, torch.Tensor]:
     """Entropy, CE and KL(final || layer) as fp32 [P, L] (CPU) for one sequence `input_ids` [T], at `positions` [P]
     whose logits predict `targets` [P]. Column l-1 is layer l; column L-1 is the model's own output.
     `pool`: buffers shared across calls (run_entropy_lens passes one for all samples)."""
@@ -110,7 +126,7 @@ def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
     if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= ids.shape[1]):
         raise IndexError(f"positions outside the sequence of {ids.shape[1]} tokens")
     if pos.numel():
-        ids = ids[:, :int(pos.max()) + 1]   # causal: later tokens cannot change the scored positions
+        ids = ids[:, : int(pos.max()) + 1]  # causal: later tokens cannot change the scored positions
     # residual after layer l (1-indexed) = input of layer index l, kept at the scored positions only, as they pass
     # (memory [L, P, d], not [L, T, d]); moved to the unembedding's device (a device_map may spread the layers)
     with record(model, layer_inputs=range(1, L), positions=pos) as rec:
@@ -122,8 +138,8 @@ def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
     P, V, wdt = pos.numel(), ad.vocab_size, ad.unembed.weight.dtype
     res = {m: torch.zeros(P, L, dtype=torch.float32) for m in METRICS}
     rows = chunk_tokens or auto_chunk(V, dev)
-    c = max(1, min(P, rows))   # positions per chunk
-    g = max(1, rows // c)      # layers per unembedding matmul: g * c <= rows (short samples batch layers)
+    c = max(1, min(P, rows))  # positions per chunk
+    g = max(1, rows // c)  # layers per unembedding matmul: g * c <= rows (short samples batch layers)
     pool = pool or _Pool(dev)
     for s in range(0, P, c):
         sl = slice(s, min(s + c, P))
@@ -131,28 +147,34 @@ def lens_sample(model: torch.nn.Module, input_ids: torch.Tensor, positions: torc
         # the model's own logits: its normed last state, unembedded (norm not applied twice)
         z = ad.logits_from_normed(final[sl], out=pool.get("z", (n, V), wdt))
         ent, ce, _, p_f = _stats(z, t, pool)
-        res["entropy"][sl, L - 1], res["ce"][sl, L - 1] = ent.cpu(), ce.cpu()   # kl stays 0
+        res["entropy"][sl, L - 1], res["ce"][sl, L - 1] = ent.cpu(), ce.cpu()  # kl stays 0
         neg_h_f = -ent
         for l0 in range(0, L - 1, g):
             ls = range(l0, min(l0 + g, L - 1))
-            h = torch.stack([resid[l][sl] for l in ls])            # [g, c, d]
+            h = torch.stack([resid[l][sl] for l in ls])  # [g, c, d]
             z = ad.lens_logits(h, out=pool.get("z", (len(ls), n, V), wdt))
             ent, ce, kl, _ = _stats(z, t, pool, p_f, neg_h_f)
             for k, v in (("entropy", ent), ("ce", ce), ("kl", kl)):
-                res[k][sl, l0:l0 + len(ls)] = v.T.cpu()
+                res[k][sl, l0 : l0 + len(ls)] = v.T.cpu()
     return res
 
 
 SUMMARY_LABELS = {
     "mean": "token-weighted: every scored token weighs the same (long outputs dominate)",
     "sample_mean": "sample-weighted: mean over problems of the mean over a problem's samples of each sample's token "
-                   "mean (every problem weighs the same; = the mean of sample means with one sample per problem)",
+    "mean (every problem weighs the same; = the mean of sample means with one sample per problem)",
     "ci": "95% CI of the sample-weighted mean, " + CLUSTERED_CI,
 }
 
 
-def summarize(per_token: dict[str, np.ndarray], sample_index: np.ndarray, n_samples: int,
-              problems: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+def summarize(
+    per_token: dict[str, np.ndarray],
+    sample_index: np.ndarray,
+    n_samples: int,
+    problems: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Per metric: token-weighted per-layer `{m}_mean`/`{m}_std` [L], per-sample means `sample_{m}_mean` [S, L], and
     the sample-weighted `{m}_sample_mean` [L] with its CI `{m}_ci_low`/`{m}_ci_high` over problems
     (`SUMMARY_LABELS`). A sample without scored tokens has NaN means and drops out of the sample-weighted ones."""
@@ -172,8 +194,9 @@ def summarize(per_token: dict[str, np.ndarray], sample_index: np.ndarray, n_samp
     return out
 
 
-def run_entropy_lens(model: torch.nn.Module, sample_set: SampleSet, config: LensConfig | None = None
-                     ) -> dict[str, np.ndarray]:
+def run_entropy_lens(
+    model: torch.nn.Module, sample_set: SampleSet, config: LensConfig | None = None
+) -> dict[str, np.ndarray]:
     """The lens over all samples: per-token `entropy`, `ce`, `kl` [tokens, L] float32, their summaries,
     `layer` (1..L) and the sample fields (`SampleSet.fields()`), i.e. everything the npz holds."""
     config = config or LensConfig()
@@ -181,21 +204,36 @@ def run_entropy_lens(model: torch.nn.Module, sample_set: SampleSet, config: Lens
     parts: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
     pool = _Pool(adapter(model).device)
     for s in tqdm(sample_set.samples, desc="entropy lens", unit="sample", disable=not config.progress):
-        r = lens_sample(model, torch.from_numpy(s.input_ids), torch.from_numpy(s.positions),
-                        torch.from_numpy(s.targets), config.chunk_tokens, pool=pool)
+        r = lens_sample(
+            model,
+            torch.from_numpy(s.input_ids),
+            torch.from_numpy(s.positions),
+            torch.from_numpy(s.targets),
+            config.chunk_tokens,
+            pool=pool,
+        )
         for m in METRICS:
             parts[m].append(r[m].numpy())
     fields = sample_set.fields()
-    per_token = {m: (np.concatenate(v) if v else np.zeros((0, L), np.float32)).astype(np.float32)
-                 for m, v in parts.items()}
-    return {**per_token, **summarize(per_token, fields["sample_index"], len(sample_set), sample_set.problem_ids),
-            "layer": np.arange(1, L + 1, dtype=np.int64), **fields}
+    per_token = {
+        m: (np.concatenate(v) if v else np.zeros((0, L), np.float32)).astype(np.float32) for m, v in parts.items()
+    }
+    return {
+        **per_token,
+        **summarize(per_token, fields["sample_index"], len(sample_set), sample_set.problem_ids),
+        "layer": np.arange(1, L + 1, dtype=np.int64),
+        **fields,
+    }
 
 
 # ---------------------------------------------------------------- CLI
 
-SPEC = cli.StageSpec(STAGE, "Entropy lens: per-layer entropy, next-token CE and KL(final || layer) at scored tokens",
-                     configs=(LensConfig,), device_map=True)
+SPEC = cli.StageSpec(
+    STAGE,
+    "Entropy lens: per-layer entropy, next-token CE and KL(final || layer) at scored tokens",
+    configs=(LensConfig,),
+    device_map=True,
+)
 FILES = ("npz", "json")
 
 
@@ -217,22 +255,46 @@ def main(argv: Sequence[str] | None = None) -> Path:
     t0 = time.time()
     res = run_entropy_lens(lm.model, ss, cfg)
     secs = time.time() - t0
-    stamp = run.stamp(lm, dtype=str(lm.dtype), device=str(lm.device), seconds=round(secs, 2), stem=out.name,
-                      **claim.stamp)
+    stamp = run.stamp(
+        lm, dtype=str(lm.dtype), device=str(lm.device), seconds=round(secs, 2), stem=out.name, **claim.stamp
+    )
     write_npz(npz_path, provenance=stamp, **res)
-    summary = {k: res[k].tolist() for k in ("layer", "entropy_mean", "entropy_std", "ce_mean", "ce_std", "kl_mean",
-                                            *(f"{m}_{w}" for m in METRICS for w in ("sample_mean", "ci_low",
-                                                                                    "ci_high")))}
-    write_json(json_path, {**stamp, "problem_ids": ss.problem_ids, "n_tokens": int(len(res["token_id"])),
-                           "n_layers": int(len(res["layer"])), "npz": npz_path.name, "summary": summary,
-                           "summary_labels": SUMMARY_LABELS, "n_problems": len(set(ss.problem_ids))})
+    summary = {
+        k: res[k].tolist()
+        for k in (
+            "layer",
+            "entropy_mean",
+            "entropy_std",
+            "ce_mean",
+            "ce_std",
+            "kl_mean",
+            *(f"{m}_{w}" for m in METRICS for w in ("sample_mean", "ci_low", "ci_high")),
+        )
+    }
+    write_json(
+        json_path,
+        {
+            **stamp,
+            "problem_ids": ss.problem_ids,
+            "n_tokens": int(len(res["token_id"])),
+            "n_layers": int(len(res["layer"])),
+            "npz": npz_path.name,
+            "summary": summary,
+            "summary_labels": SUMMARY_LABELS,
+            "n_problems": len(set(ss.problem_ids)),
+        },
+    )
     L = len(res["layer"])
-    print(f"[btp.entropy_lens] {len(ss)} samples, {len(res['token_id'])} scored tokens, {L} layers, {secs:.1f}s "
-          f"-> {npz_path}")
+    print(
+        f"[btp.entropy_lens] {len(ss)} samples, {len(res['token_id'])} scored tokens, {L} layers, {secs:.1f}s "
+        f"-> {npz_path}"
+    )
     for l in sorted({1, L // 4, L // 2, 3 * L // 4, L} - {0}):
-        print(f"  layer {l:3d}: entropy {res['entropy_mean'][l - 1]:.3f}  ce {res['ce_mean'][l - 1]:.3f}  "
-              f"kl {res['kl_mean'][l - 1]:.3f} nats (token-weighted); sample-weighted entropy "
-              f"{res['entropy_sample_mean'][l - 1]:.3f}  ce {res['ce_sample_mean'][l - 1]:.3f}")
+        print(
+            f"  layer {l:3d}: entropy {res['entropy_mean'][l - 1]:.3f}  ce {res['ce_mean'][l - 1]:.3f}  "
+            f"kl {res['kl_mean'][l - 1]:.3f} nats (token-weighted); sample-weighted entropy "
+            f"{res['entropy_sample_mean'][l - 1]:.3f}  ce {res['ce_sample_mean'][l - 1]:.3f}"
+        )
     return npz_path
 
 

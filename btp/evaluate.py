@@ -13,15 +13,16 @@ default time limit per test. Every problem of the dataset counts in pass@k: no c
 all, is a failure. Model code is only ever parsed inside the sandbox:
 the Programs say how to assemble and judge it, as data.
 """
+
 from __future__ import annotations
 
 import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -48,14 +49,18 @@ RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must 
 
 @dataclass
 class EvalConfig:
-    dataset: str = benchmarks.DEFAULT     # these four: the shared flags (btp.cli.Common)
-    model: str | None = None              # whose generations; not needed with --reference / --input
+    dataset: str = benchmarks.DEFAULT  # these four: the shared flags (btp.cli.Common)
+    model: str | None = None  # whose generations; not needed with --reference / --input
     results_dir: str = "results"
     input: str | None = opt(None, "JSONL of {problem_id, sample, code} to judge instead")
     reference: bool = opt(False, "judge the benchmark's reference solutions")
     workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)")
-    timeout: float | None = opt(None, "CPU seconds per test; the wall limit is 3x + 1 s (default: "
-                                + ", ".join(f"{b.name} {b.timeout:g}" for b in benchmarks.all()) + " per test)")
+    timeout: float | None = opt(
+        None,
+        "CPU seconds per test; the wall limit is 3x + 1 s (default: "
+        + ", ".join(f"{b.name} {b.timeout:g}" for b in benchmarks.all())
+        + " per test)",
+    )
     memory_mb: int = opt(4096, "address-space limit of each program process")
     isolation: str = opt("auto", None, choices=("auto", "rlimits-only"))
     limit: int | None = opt(None, "first N problems (default: as generated)")
@@ -67,7 +72,7 @@ class EvalConfig:
     end_date: str | None = opt(None, None)
     n_boot: int = opt(10000, "bootstrap resamples for the CIs")
     seed: int = 0
-    fresh: bool = opt(False, "judge everything again")   # new records supersede old ones
+    fresh: bool = opt(False, "judge everything again")  # new records supersede old ones
 
 
 def build_program(p: Problem, code: str) -> Program:
@@ -77,6 +82,7 @@ def build_program(p: Problem, code: str) -> Program:
 
 # ---------------------------------------------------------------- where programs come from
 
+
 def _read_programs(path: Path) -> list[dict]:
     out = []
     for i, rec in enumerate(iter_jsonl(path), 1):
@@ -84,8 +90,9 @@ def _read_programs(path: Path) -> list[dict]:
         if missing:
             raise MalformedFileError(f"{path}: record {i} (of its non-blank lines) lacks fields {missing}")
         if not isinstance(rec["code"], str) or not isinstance(rec["sample"], int):
-            raise MalformedFileError(f"{path}: record {i} (of its non-blank lines): code must be a string "
-                                     "and sample an integer")
+            raise MalformedFileError(
+                f"{path}: record {i} (of its non-blank lines): code must be a string and sample an integer"
+            )
         out.append({"problem_id": str(rec["problem_id"]), "sample": rec["sample"], "code": rec["code"]})
     return out
 
@@ -117,8 +124,9 @@ def plan(cfg: EvalConfig) -> EvalPlan:
     """The evaluation plan of a config."""
     bench = benchmarks.get(cfg.dataset)
     if cfg.reference and cfg.input:
-        raise UserError("--reference and --input exclude each other — judge either the benchmark's references or "
-                        "the file")
+        raise UserError(
+            "--reference and --input exclude each other — judge either the benchmark's references or the file"
+        )
     opts = {k: getattr(cfg, k) for k in LOAD_OPTIONS}
     if cfg.reference:
         if not bench.has_references:
@@ -131,19 +139,19 @@ def plan(cfg: EvalConfig) -> EvalPlan:
         source, model = "input", cfg.model or Path(cfg.input).stem
         inp = Path(cfg.input)
         if not inp.is_file():
-            raise FileNotFoundError(f"--input {inp} does not exist — give a JSONL file of "
-                                    "{problem_id, sample, code}")
+            raise FileNotFoundError(f"--input {inp} does not exist — give a JSONL file of {{problem_id, sample, code}}")
         out = evaluations_path(inp)
         programs = _read_programs(inp)
     else:
         if not cfg.model:
-            raise UserError("nothing to judge — give --model (whose generations to judge), --reference or "
-                            "--input FILE")
+            raise UserError("nothing to judge — give --model (whose generations to judge), --reference or --input FILE")
         d, model = generations_dir(cfg.results_dir, cfg.model, cfg.dataset)
         gen = d / GENERATIONS
         if not gen.exists():
-            raise FileNotFoundError(f"{gen} does not exist — run `python -m btp.generate --model {cfg.model} "
-                                    f"--dataset {cfg.dataset}` first, or pass --input FILE")
+            raise FileNotFoundError(
+                f"{gen} does not exist — run `python -m btp.generate --model {cfg.model} "
+                f"--dataset {cfg.dataset}` first, or pass --input FILE"
+            )
         source, out = "generations", d / EVALUATIONS
         for k, v in _generation_options(gen).items():
             if opts.get(k) is None:
@@ -157,22 +165,49 @@ def plan(cfg: EvalConfig) -> EvalPlan:
 
 # ---------------------------------------------------------------- the stage
 
+
 def _record(prog: dict, res: Result | None) -> dict:
     base = {"problem_id": prog["problem_id"], "sample": prog["sample"], "code_sha": code_sha(prog["code"])}
     if res is None:
-        return {**base, "passed": False, "status": "no_code", "error": "", "duration": 0.0, "tests_passed": 0,
-                "tests_total": 0, "isolation": "", "cgroup": "", "judge": "", "suspicious": []}
-    return {**base, "passed": res.passed, "status": res.status, "error": res.error[-600:],
-            "duration": res.duration, "tests_passed": res.tests_passed, "tests_total": res.tests_total,
-            "isolation": res.isolation, "cgroup": res.cgroup, "judge": res.judge, "suspicious": res.suspicious}
+        return {
+            **base,
+            "passed": False,
+            "status": "no_code",
+            "error": "",
+            "duration": 0.0,
+            "tests_passed": 0,
+            "tests_total": 0,
+            "isolation": "",
+            "cgroup": "",
+            "judge": "",
+            "suspicious": [],
+        }
+    return {
+        **base,
+        "passed": res.passed,
+        "status": res.status,
+        "error": res.error[-600:],
+        "duration": res.duration,
+        "tests_passed": res.tests_passed,
+        "tests_total": res.tests_total,
+        "isolation": res.isolation,
+        "cgroup": res.cgroup,
+        "judge": res.judge,
+        "suspicious": res.suspicious,
+    }
 
 
 def _check_same_run(store: JsonlStore, conf: dict, current: dict[tuple, dict]) -> None:
     """Refuse to mix verdicts judged under other limits into a file (those of runs still in use)."""
     if current:
-        check_runs(store.path, conf, RUN_KEY, what="results judged", runs={(r.get("provenance") or {}).get("run")
-                                                                           for r in current.values()},
-                   hint="rerun with --fresh to judge everything again, or use another --results-dir")
+        check_runs(
+            store.path,
+            conf,
+            RUN_KEY,
+            what="results judged",
+            runs={(r.get("provenance") or {}).get("run") for r in current.values()},
+            hint="rerun with --fresh to judge everything again, or use another --results-dir",
+        )
 
 
 def latest(records: Iterable[dict]) -> dict[tuple, dict]:
@@ -180,8 +215,7 @@ def latest(records: Iterable[dict]) -> dict[tuple, dict]:
     return {(r["problem_id"], r["sample"]): r for r in records}
 
 
-def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot: int = 10000,
-              seed: int = 0) -> dict:
+def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot: int = 10000, seed: int = 0) -> dict:
     """pass@k over every problem of the dataset (no program = failed), with bootstrap CIs over problems."""
     n = Counter(pid for pid, _ in records)
     c = Counter(pid for (pid, _), r in records.items() if r["passed"])
@@ -192,8 +226,7 @@ def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot
     known = {p.problem_id for p in problems}
     return {
         "n_problems": len(problems),
-        "denominator": "every problem of the dataset; a problem without programs, or with no code, "
-                       "counts as failed",
+        "denominator": "every problem of the dataset; a problem without programs, or with no code, counts as failed",
         "n_programs": sum(ns),
         "problems_without_programs": sum(1 for x in ns if x == 0),
         "samples_per_problem": {"min": min(have) if have else 0, "max": max(have) if have else 0},
@@ -222,41 +255,65 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
     ignored = [r for r in programs if r["problem_id"] not in by_id]
     programs = [r for r in programs if r["problem_id"] in by_id]
     if ignored:
-        warnings.warn(f"{len(ignored)} programs are for problems outside the {len(problems)} judged "
-                      f"(e.g. {ignored[0]['problem_id']}); ignored")
+        warnings.warn(
+            f"{len(ignored)} programs are for problems outside the {len(problems)} judged "
+            f"(e.g. {ignored[0]['problem_id']}); ignored",
+            stacklevel=2,
+        )
     timeout = cfg.timeout or benchmarks.get(cfg.dataset).timeout
     store = JsonlStore(out, ("problem_id", "sample"))
     conf = {**asdict(cfg), "timeout": timeout}
     old = {} if cfg.fresh else latest(store.read())
     _check_same_run(store, conf, old)
-    todo = [r for r in programs
-            if old.get((r["problem_id"], r["sample"]), {}).get("code_sha") != code_sha(r["code"])]
-    print(f"[btp.evaluate] {model} {cfg.dataset} ({source}): {len(problems)} problems, {len(programs)} programs, "
-          f"{len(programs) - len(todo)} already judged, {len(todo)} to run -> {out}", file=sys.stderr)
+    todo = [r for r in programs if old.get((r["problem_id"], r["sample"]), {}).get("code_sha") != code_sha(r["code"])]
+    print(
+        f"[btp.evaluate] {model} {cfg.dataset} ({source}): {len(problems)} problems, {len(programs)} programs, "
+        f"{len(programs) - len(todo)} already judged, {len(todo)} to run -> {out}",
+        file=sys.stderr,
+    )
     if todo:
         keys = {(r["problem_id"], r["sample"]) for r in programs}
-        cli.interrupt_note(lambda: f"{len(keys & latest(store.read()).keys())}/{len(programs)} judged and saved in "
-                                   f"{out}; rerun to resume")
-        store.begin_run(provenance(stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed,
-                                   config=conf, source=source))
+        cli.interrupt_note(
+            lambda: (
+                f"{len(keys & latest(store.read()).keys())}/{len(programs)} judged and saved in {out}; rerun to resume"
+            )
+        )
+        store.begin_run(
+            provenance(stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed, config=conf, source=source)
+        )
         _judge(todo, by_id, store, cfg, timeout, sandbox)
     records = latest(store.read())
     keep = {(r["problem_id"], r["sample"]) for r in programs}
     records = {k: v for k, v in records.items() if k in keep}  # a file may hold programs no longer there
-    summary = {"dataset": cfg.dataset, "model": model, "source": source, "input": cfg.input,
-               "evaluations": str(out), "timeout_s": timeout, "ignored_programs": len(ignored),
-               **summarize(problems, records, n_boot=cfg.n_boot, seed=cfg.seed),
-               "provenance": provenance(stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed,
-                                        config=conf, source=source)}
+    summary = {
+        "dataset": cfg.dataset,
+        "model": model,
+        "source": source,
+        "input": cfg.input,
+        "evaluations": str(out),
+        "timeout_s": timeout,
+        "ignored_programs": len(ignored),
+        **summarize(problems, records, n_boot=cfg.n_boot, seed=cfg.seed),
+        "provenance": provenance(
+            stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed, config=conf, source=source
+        ),
+    }
     write_json(summary_path(out), summary)
     return summary
 
 
-def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: EvalConfig, timeout: float,
-           sandbox: Sandbox | None) -> None:
+def _judge(
+    todo: list[dict],
+    by_id: dict[str, Problem],
+    store: JsonlStore,
+    cfg: EvalConfig,
+    timeout: float,
+    sandbox: Sandbox | None,
+) -> None:
     """Run `todo` in parallel sandboxes, appending verdicts in batches as they finish."""
-    sb = sandbox or Sandbox(Limits(timeout=timeout, memory_mb=cfg.memory_mb), isolation=cfg.isolation,
-                            workers=cfg.workers)
+    sb = sandbox or Sandbox(
+        Limits(timeout=timeout, memory_mb=cfg.memory_mb), isolation=cfg.isolation, workers=cfg.workers
+    )
     lim = Limits(timeout=timeout, memory_mb=cfg.memory_mb)
     batch: list[dict] = []
     last = time.monotonic()
@@ -298,13 +355,17 @@ def _judge(todo: list[dict], by_id: dict[str, Problem], store: JsonlStore, cfg: 
             sb.close()
     levels = sb.levels
     if levels and levels != {FULL_ISOLATION} and cfg.isolation == "auto":
-        warnings.warn(f"sandbox isolation on this machine: {sorted(levels)} (less than full; recorded per record)")
+        warnings.warn(
+            f"sandbox isolation on this machine: {sorted(levels)} (less than full; recorded per record)", stacklevel=2
+        )
     if sb.cgroup.startswith("none") and cfg.isolation == "auto":
-        warnings.warn(f"no per-slot cgroups on this machine: {sb.cgroup} (memory is bounded per process only)",
-                      stacklevel=2)
+        warnings.warn(
+            f"no per-slot cgroups on this machine: {sb.cgroup} (memory is bounded per process only)", stacklevel=2
+        )
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     ap = cli.parser("evaluate", __doc__.split("\n\n")[0])
@@ -317,13 +378,17 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
     s = evaluate(cfg)
-    pk = "  ".join(f"{k}={v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in s["pass_at_k"].items())
+    pk = "  ".join(
+        f"{k}={v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in s["pass_at_k"].items()
+    )
     print(f"{s['model']} {s['dataset']}: {s['n_problems']} problems, {s['n_programs']} programs; {pk}")
     print(f"status: {s['status_counts']}  isolation: {s['isolation']}")
     if cfg.reference:
         bad = s["problems_never_passed"]
-        print(f"reference self-check: {s['n_problems'] - len(bad)}/{s['n_problems']} pass"
-              + (f"; FAILING: {bad[:20]}" if bad else ""))
+        print(
+            f"reference self-check: {s['n_problems'] - len(bad)}/{s['n_problems']} pass"
+            + (f"; FAILING: {bad[:20]}" if bad else "")
+        )
         return 1 if bad else 0
     return 0
 

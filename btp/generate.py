@@ -6,6 +6,7 @@ exact prompt text and token ids, the output, its token ids and the extracted cod
 only the missing pairs. Every (problem, sample) gets its own seed derived from `--seed`, so a resumed
 run draws the same samples as an uninterrupted one would (vLLM; the HF backend seeds per batch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,10 @@ import importlib.util
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -29,9 +31,20 @@ from .results import GENERATIONS, check_runs, dataset_dir
 from .store import JsonlStore, provenance
 
 # Config fields that change what a sample is; a resumed file must not mix values of these.
-SAMPLE_KEY = ("temperature", "top_p", "max_tokens", "seed", "prompt_style", "chat_template_kwargs",
-              "system_prompt", "variant", "backend", "dtype", "repetition_guard")
-REPEATS = 3   # the repetition guard fires when the output's last N tokens occur this often in it
+SAMPLE_KEY = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "seed",
+    "prompt_style",
+    "chat_template_kwargs",
+    "system_prompt",
+    "variant",
+    "backend",
+    "dtype",
+    "repetition_guard",
+)
+REPEATS = 3  # the repetition guard fires when the output's last N tokens occur this often in it
 
 
 @dataclass
@@ -43,16 +56,23 @@ class GenerateConfig:
     temperature: float = opt(0.0, None)
     top_p: float = opt(1.0, None)
     max_tokens: int = opt(512, None)
-    repetition_guard: int = opt(0, f"stop a sample once its last N tokens occur {REPEATS} times in its output "
-                                "(finish_reason 'repetition'; 0: off); hf stops there, vllm is cut there afterwards")
+    repetition_guard: int = opt(
+        0,
+        f"stop a sample once its last N tokens occur {REPEATS} times in its output "
+        "(finish_reason 'repetition'; 0: off); hf stops there, vllm is cut there afterwards",
+    )
     seed: int = opt(0, None)
-    backend: str = opt("auto", "auto: vllm if importable", choices=("auto", "vllm", "hf"))   # vllm | hf | auto
+    backend: str = opt("auto", "auto: vllm if importable", choices=("auto", "vllm", "hf"))  # vllm | hf | auto
     results_dir: str = opt("results", "root of the results tree")
-    output: str | None = opt(None, "write to this JSONL instead of results/<model>/<dataset>/generations.jsonl "
-                             "(one dataset; e.g. the arms of btp.pruned)")
-    prompt_style: str = opt("auto", None, choices=STYLES)            # auto | chat | completion
-    chat_template_kwargs: dict = opt(help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'',
-                                     factory=dict)
+    output: str | None = opt(
+        None,
+        "write to this JSONL instead of results/<model>/<dataset>/generations.jsonl "
+        "(one dataset; e.g. the arms of btp.pruned)",
+    )
+    prompt_style: str = opt("auto", None, choices=STYLES)  # auto | chat | completion
+    chat_template_kwargs: dict = opt(
+        help="JSON passed to the chat template, e.g. '{\"enable_thinking\": false}'", factory=dict
+    )
     system_prompt: str | None = opt(None, None)
     variant: str | None = opt(None, "mbpp variant", choices=benchmarks.VARIANTS)
     data_file: str | None = opt(None, "local benchmark file (LiveCodeBench JSONL)")
@@ -80,7 +100,7 @@ class Job:
     prompt_token_ids: list[int]
     style: str
     seed: int
-    stops: tuple[str, ...] = ()   # the benchmark's stop strings (completion prompts; chat answers end their turn)
+    stops: tuple[str, ...] = ()  # the benchmark's stop strings (completion prompts; chat answers end their turn)
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,7 @@ def _on_gpu() -> bool:
 
 # ---------------------------------------------------------------- repetition guard
 
+
 def guard_cut(tokens: Sequence[int], n: int, times: int = REPEATS) -> int | None:
     """The length of the shortest prefix of `tokens` whose last `n` tokens occur `times` times in it (overlapping
     occurrences count), or None: where a degenerate loop is cut. n <= 0: never."""
@@ -123,7 +144,7 @@ def guard_cut(tokens: Sequence[int], n: int, times: int = REPEATS) -> int | None
         return None
     seen: dict[tuple, int] = {}
     for t in range(n, len(tokens) + 1):
-        key = tuple(tokens[t - n:t])
+        key = tuple(tokens[t - n : t])
         seen[key] = seen.get(key, 0) + 1
         if seen[key] >= times:
             return t
@@ -141,6 +162,7 @@ def apply_guard(text: str, tokens: list[int], finish: str, n: int, decode) -> Co
 
 # ---------------------------------------------------------------- backends
 
+
 class VllmBackend:
     """vLLM's offline engine: token-id prompts, one `LLM.generate` per chunk of (problem, sample) pairs."""
 
@@ -152,26 +174,49 @@ class VllmBackend:
         from vllm import LLM
 
         gpu_util = cfg.gpu_memory_utilization or (0.9 if _on_gpu() else 0.3)
-        self.llm = llm or LLM(model=str(path), tensor_parallel_size=cfg.tensor_parallel_size,
-                              max_model_len=cfg.max_model_len, gpu_memory_utilization=gpu_util, dtype=cfg.dtype,
-                              seed=cfg.seed, enforce_eager=cfg.enforce_eager)
+        self.llm = llm or LLM(
+            model=str(path),
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len,
+            gpu_memory_utilization=gpu_util,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
+        )
 
     def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[Completion]:
         from vllm import SamplingParams
 
         # the stop string stays in the text, so that the text is the decoded token ids (whose last token holds it)
-        params = [SamplingParams(n=1, seed=j.seed, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_tokens=cfg.max_tokens, stop=list(j.stops) or None,
-                                 include_stop_str_in_output=True) for j in jobs]
-        outs = self.llm.generate([{"prompt_token_ids": j.prompt_token_ids} for j in jobs], params,
-                                 use_tqdm=len(jobs) > 1)  # vLLM's bar shows live tokens/s
+        params = [
+            SamplingParams(
+                n=1,
+                seed=j.seed,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_tokens=cfg.max_tokens,
+                stop=list(j.stops) or None,
+                include_stop_str_in_output=True,
+            )
+            for j in jobs
+        ]
+        outs = self.llm.generate(
+            [{"prompt_token_ids": j.prompt_token_ids} for j in jobs], params, use_tqdm=len(jobs) > 1
+        )  # vLLM's bar shows live tokens/s
         res = []
         decode = lambda t: self.llm.get_tokenizer().decode(t, skip_special_tokens=True)
         for o in outs:
             c = o.outputs[0]
             # vLLM has no per-request stopping hook: the guard cuts afterwards, where hf would have stopped
-            res.append(apply_guard(c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length",
-                                   cfg.repetition_guard, decode))
+            res.append(
+                apply_guard(
+                    c.text,
+                    list(c.token_ids),
+                    "stop" if c.finish_reason == "stop" else "length",
+                    cfg.repetition_guard,
+                    decode,
+                )
+            )
         return res
 
     def close(self) -> None:
@@ -205,23 +250,34 @@ class HfBackend:
         ids = torch.full((len(jobs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for i, j in enumerate(jobs):  # left padding: the last prompt token sits at the same column
-            ids[i, width - len(j.prompt_token_ids):] = torch.tensor(j.prompt_token_ids)
-            mask[i, width - len(j.prompt_token_ids):] = 1
+            ids[i, width - len(j.prompt_token_ids) :] = torch.tensor(j.prompt_token_ids)
+            mask[i, width - len(j.prompt_token_ids) :] = 1
         sample = cfg.temperature > 0
         # explicit values: HF fills unset ones from the model's generation_config (top_k, penalties), vLLM does not
         kw = dict(top_k=0, top_p=cfg.top_p, temperature=cfg.temperature) if sample else {}
         stop_strings = sorted({s for j in jobs for s in j.stops})
         if stop_strings:
             kw["stop_strings"] = stop_strings
-        gc = GenerationConfig(max_new_tokens=cfg.max_tokens, do_sample=sample, eos_token_id=self.eos,
-                              pad_token_id=self.pad, repetition_penalty=1.0, **kw)
+        gc = GenerationConfig(
+            max_new_tokens=cfg.max_tokens,
+            do_sample=sample,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            repetition_penalty=1.0,
+            **kw,
+        )
         criteria = [_GuardStop(cfg.repetition_guard, width)] if cfg.repetition_guard > 0 else None
         if sample:
             torch.manual_seed(jobs[0].seed)  # one generator per batch: reproducible for the same batches
         dev = self.model.device
         with torch.no_grad():
-            out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc,
-                                      stopping_criteria=criteria, **({"tokenizer": self.tok} if stop_strings else {}))
+            out = self.model.generate(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                generation_config=gc,
+                stopping_criteria=criteria,
+                **({"tokenizer": self.tok} if stop_strings else {}),
+            )
         # decoded as samples.char_to_token_span decodes: character offsets into it are token positions
         decode = lambda t: self.tok.decode(t, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         res = []
@@ -229,16 +285,20 @@ class HfBackend:
             stop = next((k for k, t in enumerate(row) if t in self.eos), None)
             toks = row if stop is None else row[: stop + 1]
             at = self._stop_at(toks, j.stops)
-            if at is not None:   # the row stopped at a stop string: what follows it is padding
+            if at is not None:  # the row stopped at a stop string: what follows it is padding
                 toks, stop = toks[:at], at - 1
-            res.append(apply_guard(decode(toks), toks, "length" if stop is None else "stop", cfg.repetition_guard,
-                                   decode))
+            res.append(
+                apply_guard(decode(toks), toks, "length" if stop is None else "stop", cfg.repetition_guard, decode)
+            )
         return res
 
     def _stop_at(self, toks: list[int], stops: Sequence[str]) -> int | None:
         """The shortest prefix length of `toks` whose text holds a stop string (as vLLM stops), None if none does."""
-        dec = lambda k: self.tok.decode(toks[:k], skip_special_tokens=True,  # noqa: E731
-                                        clean_up_tokenization_spaces=False)
+        dec = lambda k: self.tok.decode(
+            toks[:k],
+            skip_special_tokens=True,  # noqa: E731
+            clean_up_tokenization_spaces=False,
+        )
         if not stops or not any(s in dec(len(toks)) for s in stops):
             return None
         lo, hi = 1, len(toks)
@@ -261,11 +321,11 @@ class _GuardStop:
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        rows = input_ids[:, self.start:]
+        rows = input_ids[:, self.start :]
         if not self.seen:
             self.seen, self.done = [{} for _ in range(rows.shape[0])], [False] * rows.shape[0]
         if rows.shape[1] >= self.n:
-            for b, tail in enumerate(rows[:, -self.n:].tolist()):
+            for b, tail in enumerate(rows[:, -self.n :].tolist()):
                 key = tuple(tail)
                 self.seen[b][key] = self.seen[b].get(key, 0) + 1
                 self.done[b] = self.done[b] or self.seen[b][key] >= REPEATS
@@ -273,6 +333,7 @@ class _GuardStop:
 
 
 # ---------------------------------------------------------------- the stage
+
 
 def _resolve_model(name: str) -> tuple[str, str, str | None]:
     """(local folder, model id, revision) without loading weights."""
@@ -287,8 +348,7 @@ def _resolve_model(name: str) -> tuple[str, str, str | None]:
 def _check_same_sampling(store: JsonlStore, cfg: dict) -> None:
     """Refuse to append samples drawn with other sampling settings to an existing file."""
     if store.path.exists():
-        check_runs(store.path, cfg, SAMPLE_KEY, what="samples",
-                   hint="use another --results-dir or delete the file")
+        check_runs(store.path, cfg, SAMPLE_KEY, what="samples", hint="use another --results-dir or delete the file")
 
 
 def plan_jobs(problems: Sequence[Problem], tokenizer: Any, cfg: GenerateConfig, done: set) -> tuple[list[Job], str]:
@@ -312,24 +372,36 @@ def completion_stops(dataset: str, style: str) -> tuple[str, ...]:
 
 def make_record(job: Job, c: Completion) -> dict:
     e = extract(job.problem, c.text, job.style, job.prompt)
-    return {"problem_id": job.problem.problem_id, "sample": job.sample, "prompt": job.prompt,
-            "prompt_token_ids": job.prompt_token_ids, "output": c.text, "output_token_ids": c.token_ids,
-            "reasoning": e.reasoning, "code": e.code, "code_start": e.code_start, "code_end": e.code_end,
-            "finish_reason": c.finish_reason, "prompt_style": job.style, "seed": job.seed}
+    return {
+        "problem_id": job.problem.problem_id,
+        "sample": job.sample,
+        "prompt": job.prompt,
+        "prompt_token_ids": job.prompt_token_ids,
+        "output": c.text,
+        "output_token_ids": c.token_ids,
+        "reasoning": e.reasoning,
+        "code": e.code,
+        "code_start": e.code_start,
+        "code_end": e.code_end,
+        "finish_reason": c.finish_reason,
+        "prompt_style": job.style,
+        "seed": job.seed,
+    }
 
 
 def _chunks(jobs: list[Job], size: int) -> Iterator[list[Job]]:
     size = size if size > 0 else max(1, len(jobs))
     for i in range(0, len(jobs), size):
-        yield jobs[i:i + size]
+        yield jobs[i : i + size]
 
 
 @dataclass
 class Session:
     """What one process loads once and reuses across datasets: tokenizer, engine, model identity."""
-    model_info: tuple | None = None   # (local folder, model id, revision)
+
+    model_info: tuple | None = None  # (local folder, model id, revision)
     tokenizer: Any = None
-    engine: Any = None                # VllmBackend | HfBackend, built on first need
+    engine: Any = None  # VllmBackend | HfBackend, built on first need
     hf_model: Any = None
 
 
@@ -339,9 +411,14 @@ def _open(cfg: GenerateConfig, sess: Session) -> None:
     if cfg.backend == "hf" and sess.engine is None:
         from .models import load_model
 
-        lm = load_model(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=cfg.device,
-                        attn_implementation="auto")  # generation needs no hooks
-        sess.model_info, sess.tokenizer, sess.hf_model = (str(lm.path), lm.model_id, lm.revision), lm.tokenizer, lm.model
+        lm = load_model(
+            cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=cfg.device, attn_implementation="auto"
+        )  # generation needs no hooks
+        sess.model_info, sess.tokenizer, sess.hf_model = (
+            (str(lm.path), lm.model_id, lm.revision),
+            lm.tokenizer,
+            lm.model,
+        )
     else:
         sess.model_info = sess.model_info or _resolve_model(cfg.model)
         if sess.tokenizer is None:
@@ -350,8 +427,14 @@ def _open(cfg: GenerateConfig, sess: Session) -> None:
             sess.tokenizer = AutoTokenizer.from_pretrained(sess.model_info[0])
 
 
-def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, model_info: tuple | None = None,
-             session: Session | None = None) -> Path:
+def generate(
+    cfg: GenerateConfig,
+    *,
+    engine: Any = None,
+    tokenizer: Any = None,
+    model_info: tuple | None = None,
+    session: Session | None = None,
+) -> Path:
     """Run the stage; returns the generations.jsonl path. `engine` (a VllmBackend/HfBackend), `tokenizer`
     and `model_info` (path, model id, revision), or a `session`, let callers reuse a loaded model."""
     sess = session or Session(model_info, tokenizer, engine)
@@ -361,8 +444,14 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
         raise ValueError(f"prompt style must be one of {STYLES}")
     if cfg.n < 1 or cfg.max_tokens < 1:
         raise ValueError("--n and --max-tokens must be >= 1")
-    problems = bench.load(limit=cfg.limit, variant=cfg.variant, data_file=cfg.data_file, release=cfg.release,
-                          start_date=cfg.start_date, end_date=cfg.end_date)
+    problems = bench.load(
+        limit=cfg.limit,
+        variant=cfg.variant,
+        data_file=cfg.data_file,
+        release=cfg.release,
+        start_date=cfg.start_date,
+        end_date=cfg.end_date,
+    )
     _open(cfg, sess)
     path, model_id, revision = sess.model_info
     out = Path(cfg.output) if cfg.output else dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
@@ -372,19 +461,32 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
     _check_same_sampling(store, conf)
     jobs, style = plan_jobs(problems, sess.tokenizer, cfg, store.done())
     total = len(problems) * cfg.n
-    print(f"[btp.generate] {model_id} {cfg.dataset}: {len(problems)} problems x {cfg.n} samples, "
-          f"{total - len(jobs)} done, {len(jobs)} to generate ({cfg.backend}, {style} prompts) -> {out}",
-          file=sys.stderr)
+    print(
+        f"[btp.generate] {model_id} {cfg.dataset}: {len(problems)} problems x {cfg.n} samples, "
+        f"{total - len(jobs)} done, {len(jobs)} to generate ({cfg.backend}, {style} prompts) -> {out}",
+        file=sys.stderr,
+    )
     if not jobs:
         return out
-    cli.interrupt_note(lambda: f"{len(store.done())}/{total} {cfg.dataset} samples generated and saved in {out}; "
-                               "rerun to resume")
+    cli.interrupt_note(
+        lambda: f"{len(store.done())}/{total} {cfg.dataset} samples generated and saved in {out}; rerun to resume"
+    )
     if sess.engine is None:
         sess.engine = HfBackend(sess.hf_model, sess.tokenizer) if cfg.backend == "hf" else VllmBackend(path, cfg)
     engine = sess.engine
-    store.begin_run(provenance(stage="generate", model=model_id, revision=revision, dataset=cfg.dataset,
-                               seed=cfg.seed, config=conf, model_path=path, prompt_style=style,
-                               stop=list(completion_stops(cfg.dataset, style))))
+    store.begin_run(
+        provenance(
+            stage="generate",
+            model=model_id,
+            revision=revision,
+            dataset=cfg.dataset,
+            seed=cfg.seed,
+            config=conf,
+            model_path=path,
+            prompt_style=style,
+            stop=list(completion_stops(cfg.dataset, style)),
+        )
+    )
     if cfg.backend == "hf":  # similar lengths per batch waste less padding
         jobs.sort(key=lambda j: len(j.prompt_token_ids))
     size = cfg.batch_size if cfg.backend == "hf" else cfg.chunk_size
@@ -401,10 +503,11 @@ def generate(cfg: GenerateConfig, *, engine: Any = None, tokenizer: Any = None, 
 
 # ---------------------------------------------------------------- CLI
 
+
 def _parser() -> argparse.ArgumentParser:
     ap = cli.parser("generate", __doc__.split("\n\n")[0])
     cli.add_common(ap, dataset=False)  # --model, --results-dir, --seed
-    cli.add_flags(ap, GenerateConfig)   # the rest, with its defaults and help from the dataclass
+    cli.add_flags(ap, GenerateConfig)  # the rest, with its defaults and help from the dataclass
     return ap
 
 
@@ -419,8 +522,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     names = [d.strip() for d in cfg.dataset.split(",") if d.strip()]
     bad = [d for d in names if d not in benchmarks.NAMES]
     if bad or not names:
-        raise SystemExit(f"unknown --dataset {', '.join(bad) or cfg.dataset!r} — choose from "
-                         f"{', '.join(benchmarks.NAMES)}")
+        raise SystemExit(
+            f"unknown --dataset {', '.join(bad) or cfg.dataset!r} — choose from {', '.join(benchmarks.NAMES)}"
+        )
     if cfg.output and len(names) > 1:
         raise SystemExit("--output takes one --dataset — give one, or leave --output out")
     sess, outs = Session(), []

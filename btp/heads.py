@@ -14,13 +14,14 @@ context manager removes exactly the hooks it added, also on exceptions.
 - `record`: capture residual streams at layer inputs and o_proj inputs.
 - `o_proj_input_grads`: the gradient of a loss w.r.t. each o_proj input, with that input (per-token Taylor).
 """
+
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,8 +31,15 @@ from .arch import Adapter, adapter
 Head = tuple[int, int]
 
 
-def gates_for(ad: Adapter, ablate: Sequence[Iterable[Head]] | Iterable[Head], *, batch: int | None = None,
-              value: float = 0.0, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def gates_for(
+    ad: Adapter,
+    ablate: Sequence[Iterable[Head]] | Iterable[Head],
+    *,
+    batch: int | None = None,
+    value: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> torch.Tensor:
     """Gates [B, L, Hmax] of ones with `value` at the listed heads. `ablate` is one head list (B = batch or 1)
     or a list of head lists, one per batch row. Padding heads of narrower layers stay 1 (they do not exist)."""
     rows = list(ablate)
@@ -42,15 +50,22 @@ def gates_for(ad: Adapter, ablate: Sequence[Iterable[Head]] | Iterable[Head], *,
     for b, heads in enumerate(rows):
         for l, h in heads:
             if not (0 <= l < ad.n_layers and 0 <= h < ad.heads[l].n_heads):
-                raise IndexError(f"head ({l}, {h}) does not exist (layer {l} has "
-                                 f"{ad.heads[l].n_heads if 0 <= l < ad.n_layers else 0} heads)")
+                raise IndexError(
+                    f"head ({l}, {h}) does not exist (layer {l} has "
+                    f"{ad.heads[l].n_heads if 0 <= l < ad.n_layers else 0} heads)"
+                )
             g[b, l, h] = value
     return g
 
 
 @contextmanager
-def head_gates(model: nn.Module, gates: torch.Tensor, *, replacement: torch.Tensor | None = None,
-               layers: Iterable[int] | None = None) -> Iterator[None]:
+def head_gates(
+    model: nn.Module,
+    gates: torch.Tensor,
+    *,
+    replacement: torch.Tensor | None = None,
+    layers: Iterable[int] | None = None,
+) -> Iterator[None]:
     """Scale each query head's slice of the o_proj input: x[b, :, l, h] *= gates[b, l, h].
 
     gates: [B or 1, L, Hmax]. With `replacement` [L, Hmax, head_dim] (mean ablation) the slice becomes
@@ -61,13 +76,19 @@ def head_gates(model: nn.Module, gates: torch.Tensor, *, replacement: torch.Tens
     if gates.dim() != 3 or gates.shape[1] != ad.n_layers or gates.shape[2] < ad.max_heads:
         raise ValueError(f"gates must be [B, {ad.n_layers}, {ad.max_heads}], got {tuple(gates.shape)}")
     if layers is None:
-        layers = [l for l in range(ad.n_layers)
-                  if gates.requires_grad or not bool((gates[:, l, : ad.heads[l].n_heads] == 1).all())]
+        layers = [
+            l
+            for l in range(ad.n_layers)
+            if gates.requires_grad or not bool((gates[:, l, : ad.heads[l].n_heads] == 1).all())
+        ]
     handles = []
     try:
         for l in layers:
-            handles.append(ad.o_projs[l].register_forward_pre_hook(
-                _gate_hook(gates, l, ad.heads[l].n_heads, ad.heads[l].head_dim, replacement)))
+            handles.append(
+                ad.o_projs[l].register_forward_pre_hook(
+                    _gate_hook(gates, l, ad.heads[l].n_heads, ad.heads[l].head_dim, replacement)
+                )
+            )
         yield
     finally:
         for h in handles:
@@ -90,10 +111,12 @@ def _gate_hook(gates: torch.Tensor, l: int, n_heads: int, head_dim: int, replace
         if replacement is not None:
             out = out + (1 - g) * replacement[l, :n_heads].to(device=x.device, dtype=dt)
         return (out.to(x.dtype).reshape(shape), *args[1:])
+
     return hook
 
 
 # ---------------------------------------------------------------- weight surgery
+
 
 @torch.no_grad()
 def zero_heads_(model: nn.Module, heads: Iterable[Head]) -> nn.Module:
@@ -103,7 +126,7 @@ def zero_heads_(model: nn.Module, heads: Iterable[Head]) -> nn.Module:
         lay = ad.heads[l]
         if not 0 <= h < lay.n_heads:
             raise IndexError(f"head ({l}, {h}) does not exist (layer {l} has {lay.n_heads} heads)")
-        ad.o_projs[l].weight[:, h * lay.head_dim:(h + 1) * lay.head_dim] = 0
+        ad.o_projs[l].weight[:, h * lay.head_dim : (h + 1) * lay.head_dim] = 0
     return model
 
 
@@ -115,8 +138,9 @@ def pruned_copy(model: nn.Module, heads: Iterable[Head]) -> nn.Module:
     return zero_heads_(m, heads)
 
 
-def save_pruned(model: nn.Module, tokenizer, heads: Iterable[Head], out_dir: str | Path,
-                provenance: dict | None = None) -> Path:
+def save_pruned(
+    model: nn.Module, tokenizer, heads: Iterable[Head], out_dir: str | Path, provenance: dict | None = None
+) -> Path:
     """Save a pruned copy as a plain HF folder (loadable by vLLM and transformers), with the pruned heads
     and provenance in `btp_pruning.json`. The original model is untouched."""
     heads = sorted({(int(l), int(h)) for l, h in heads})
@@ -133,6 +157,7 @@ def save_pruned(model: nn.Module, tokenizer, heads: Iterable[Head], out_dir: str
 
 
 # ---------------------------------------------------------------- prefix reuse and capture
+
 
 @contextmanager
 def start_at_layer(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
@@ -182,8 +207,9 @@ def fixed_attention(model: nn.Module, layer: int, o_proj_input: torch.Tensor) ->
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         inp = o_proj_input.to(device=x.device, dtype=x.dtype)
         if inp.dim() != 3 or inp.shape[0] not in (1, x.shape[0]) or inp.shape[1] != x.shape[1]:
-            raise ValueError(f"cached o_proj input {tuple(o_proj_input.shape)} does not fit activations "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"cached o_proj input {tuple(o_proj_input.shape)} does not fit activations {tuple(x.shape)}"
+            )
         return o_proj(inp.expand(x.shape[0], -1, -1)), None
 
     attn.forward = forward  # instance attribute shadows the class's forward
@@ -195,8 +221,14 @@ def fixed_attention(model: nn.Module, layer: int, o_proj_input: torch.Tensor) ->
 
 
 @contextmanager
-def record(model: nn.Module, *, layer_inputs: Iterable[int] = (), o_proj_inputs: Iterable[int] = (),
-           detach: bool = True, positions: torch.Tensor | None = None) -> Iterator[dict]:
+def record(
+    model: nn.Module,
+    *,
+    layer_inputs: Iterable[int] = (),
+    o_proj_inputs: Iterable[int] = (),
+    detach: bool = True,
+    positions: torch.Tensor | None = None,
+) -> Iterator[dict]:
     """Capture activations during forward passes in the block: `out["layer_in", l]` is the residual stream
     entering layer l, `out["o_proj_in", l]` the o_proj input [B, T, heads*head_dim] of layer l. With
     `positions` [P], only those positions are kept ([B, P, ...]): memory grows with P, not with the sequence."""
@@ -210,6 +242,7 @@ def record(model: nn.Module, *, layer_inputs: Iterable[int] = (), o_proj_inputs:
             if positions is not None:
                 x = x.index_select(1, positions.to(x.device))
             out[key] = x.detach() if detach else x
+
         return hook
 
     try:
@@ -224,8 +257,9 @@ def record(model: nn.Module, *, layer_inputs: Iterable[int] = (), o_proj_inputs:
 
 
 @contextmanager
-def o_proj_input_grads(model: nn.Module, fn: Callable[[int, torch.Tensor, torch.Tensor], None],
-                       layers: Iterable[int] | None = None) -> Iterator[None]:
+def o_proj_input_grads(
+    model: nn.Module, fn: Callable[[int, torch.Tensor, torch.Tensor], None], layers: Iterable[int] | None = None
+) -> Iterator[None]:
     """During backward passes through forwards run in the block, call `fn(l, x, grad)` once per listed layer:
     x [B, T, heads*head_dim] the o_proj input of layer l as o_proj receives it (after the gates of an enclosing
     `head_gates`), detached, and grad = dLoss/dx (same shape, the model's dtype). Per-token Taylor scores
@@ -246,6 +280,7 @@ def o_proj_input_grads(model: nn.Module, fn: Callable[[int, torch.Tensor, torch.
             xd = x.detach()
             x.register_hook(lambda grad: fn(l, xd, grad))  # returns None: the gradient is not changed
             return (x, *args[1:])
+
         return hook
 
     try:

@@ -19,12 +19,14 @@ Masks: a keep-mask is [L, Hmax] bool, True where a head exists and is kept (padd
 False); `keep_mask` and `removed_heads` convert between masks and head lists, `removed_sets` a population
 [N, L, Hmax] of masks (CMA-ES) into head sets.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,12 +39,27 @@ from .scoring import final_hidden, token_ce
 
 HeadSet = Sequence[Head]
 
-__all__ = ["Head", "HeadSet", "HeadSetScorer", "RowBudget", "SetLossCache", "SetLosses", "auto_rows",
-           "check_sample", "keep_mask", "logits_chunk", "lowest_layer", "mean_o_proj_inputs", "removed_heads",
-           "removed_sets", "set_losses"]
+__all__ = [
+    "Head",
+    "HeadSet",
+    "HeadSetScorer",
+    "RowBudget",
+    "SetLossCache",
+    "SetLosses",
+    "auto_rows",
+    "check_sample",
+    "keep_mask",
+    "logits_chunk",
+    "lowest_layer",
+    "mean_o_proj_inputs",
+    "removed_heads",
+    "removed_sets",
+    "set_losses",
+]
 
 
 # ---------------------------------------------------------------- memory
+
 
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
@@ -57,8 +74,8 @@ def _free_bytes(device: torch.device) -> int:
 
 
 class RowBudget(NamedTuple):
-    rows: int        # head sets (batch rows) per pass
-    budget: float    # bytes of memory the passes may use
+    rows: int  # head sets (batch rows) per pass
+    budget: float  # bytes of memory the passes may use
 
 
 def auto_rows(model: torch.nn.Module, seq_len: int) -> RowBudget:
@@ -87,6 +104,7 @@ def logits_chunk(model: torch.nn.Module, rows: int, budget: float) -> int:
 
 # ---------------------------------------------------------------- head sets and masks
 
+
 def lowest_layer(head_set: Iterable[Head]) -> int | None:
     """The layer a set's pass resumes at (None for the empty set: the base pass)."""
     return min((int(l) for l, _ in head_set), default=None)
@@ -101,7 +119,7 @@ def keep_mask(model: torch.nn.Module | Adapter, removed: Iterable[Head] = ()) ->
     ad = _ad(model)
     m = np.zeros((ad.n_layers, ad.max_heads), dtype=bool)
     for l, lay in enumerate(ad.heads):
-        m[l, :lay.n_heads] = True
+        m[l, : lay.n_heads] = True
     for l, h in removed:
         if not (0 <= l < ad.n_layers and 0 <= h < ad.heads[l].n_heads):
             raise IndexError(f"head ({l}, {h}) does not exist")
@@ -126,11 +144,14 @@ def removed_sets(model: torch.nn.Module | Adapter, keeps: np.ndarray | torch.Ten
 
 # ---------------------------------------------------------------- samples and replacements
 
+
 def check_sample(s: Sample) -> None:
     """A sample's scored span must fit its tokens, with a predicting position before its first scored token."""
     if not 1 <= s.score_start <= s.score_end <= len(s.input_ids):
-        raise ValueError(f"sample {s.problem_id}#{s.sample}: scored span [{s.score_start}, {s.score_end}) does not "
-                         f"fit its {len(s.input_ids)} tokens with a predicting position before it")
+        raise ValueError(
+            f"sample {s.problem_id}#{s.sample}: scored span [{s.score_start}, {s.score_end}) does not "
+            f"fit its {len(s.input_ids)} tokens with a predicting position before it"
+        )
 
 
 @torch.no_grad()
@@ -149,12 +170,13 @@ def mean_o_proj_inputs(model: torch.nn.Module, sample_set: SampleSet) -> torch.T
         with record(model, o_proj_inputs=range(ad.n_layers)) as rec:
             final_hidden(model, ids)
         for l, lay in enumerate(ad.heads):
-            acc[l, :lay.n_heads] += rec["o_proj_in", l][0].view(-1, lay.n_heads, hd).double().sum(0).cpu()
+            acc[l, : lay.n_heads] += rec["o_proj_in", l][0].view(-1, lay.n_heads, hd).double().sum(0).cpu()
         n += ids.shape[1]
     return (acc / max(n, 1)).float()
 
 
 # ---------------------------------------------------------------- one sample
+
 
 class HeadSetScorer:
     """One sample: its base pass (per-token base CE `base` [P] fp32; residual streams entering `layers` and, for
@@ -169,9 +191,18 @@ class HeadSetScorer:
     |its CE - base CE| over the passes so far (NaN before one): the noise floor of batching (kernels of another
     batch size may round otherwise, e.g. bf16 on a GPU), which a delta must exceed to mean anything."""
 
-    def __init__(self, model: torch.nn.Module, sample: Sample, layers: Iterable[int], *,
-                 replacement: torch.Tensor | None = None, batch_rows: int | None = None,
-                 reuse_attention: bool = True, start: int | None = None, noop_row: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sample: Sample,
+        layers: Iterable[int],
+        *,
+        replacement: torch.Tensor | None = None,
+        batch_rows: int | None = None,
+        reuse_attention: bool = True,
+        start: int | None = None,
+        noop_row: bool = False,
+    ):
         self.model, self.ad = model, adapter(model)
         check_sample(sample)
         dev = self.ad.device
@@ -183,10 +214,13 @@ class HeadSetScorer:
         self.replacement, self.reuse, self.start = replacement, reuse_attention, start
         self.noop_row, self.noop_delta = noop_row, float("nan")
         layers = sorted(set(layers))
-        with torch.no_grad(), record(model, layer_inputs=layers,
-                                     o_proj_inputs=layers if reuse_attention else ()) as rec:
-            self.base = token_ce(model, final_hidden(model, self.ids), self.pos, self.tgt,
-                                 logits_chunk(model, 1, self.budget))[0]
+        with (
+            torch.no_grad(),
+            record(model, layer_inputs=layers, o_proj_inputs=layers if reuse_attention else ()) as rec,
+        ):
+            self.base = token_ce(
+                model, final_hidden(model, self.ids), self.pos, self.tgt, logits_chunk(model, 1, self.budget)
+            )[0]
         self.cache = dict(rec)
 
     def ce(self, head_sets: Sequence[HeadSet]) -> torch.Tensor:
@@ -206,9 +240,9 @@ class HeadSetScorer:
         for at, idx in sorted(groups.items()):
             if ("layer_in", at) not in self.cache:
                 raise KeyError(f"layer {at} was not recorded in the base pass")
-            step = max(1, self.rows - 1) if self.noop_row else self.rows   # the no-op row counts in the budget
+            step = max(1, self.rows - 1) if self.noop_row else self.rows  # the no-op row counts in the budget
             for j in range(0, len(idx), step):
-                rows = idx[j:j + step]
+                rows = idx[j : j + step]
                 out[rows] = self._pass(at, [head_sets[i] for i in rows])
         return out
 
@@ -232,6 +266,7 @@ class HeadSetScorer:
 
 # ---------------------------------------------------------------- a sample set
 
+
 class SetLosses(NamedTuple):
     """`ce` [n_sets, S] float64: mean CE over each sample's scored tokens with the set's heads removed;
     `base` [S] float64: the same with no head removed. Unpacks as `ce, base = ...`."""
@@ -245,9 +280,18 @@ class SetLosses(NamedTuple):
         return self.ce - self.base
 
 
-def set_losses(model: torch.nn.Module, sample_set: SampleSet, head_sets: Sequence[HeadSet], *,
-               replacement: torch.Tensor | None = None, batch_rows: int | None = None, reuse_attention: bool = True,
-               common_start: bool = False, progress: bool = False, desc: str = "head sets") -> SetLosses:
+def set_losses(
+    model: torch.nn.Module,
+    sample_set: SampleSet,
+    head_sets: Sequence[HeadSet],
+    *,
+    replacement: torch.Tensor | None = None,
+    batch_rows: int | None = None,
+    reuse_attention: bool = True,
+    common_start: bool = False,
+    progress: bool = False,
+    desc: str = "head sets",
+) -> SetLosses:
     """Exact mean CE over scored tokens of every (head set, sample) and the base CE per sample: one base pass
     per sample, then each set resumes at its own lowest layer (least compute), one set per batch row, or, with
     `common_start`, every set at the lowest layer any set touches (one group: fewer, fuller batches, e.g. a
@@ -257,10 +301,18 @@ def set_losses(model: torch.nn.Module, sample_set: SampleSet, head_sets: Sequenc
     start = min(starts) if common_start and starts else None
     ce = np.empty((len(head_sets), len(sample_set)))
     base = np.empty(len(sample_set))
-    for s, sample in enumerate(tqdm(sample_set.samples, desc=desc, unit="sample", disable=not progress,
-                                    dynamic_ncols=True, leave=False)):
-        run = HeadSetScorer(model, sample, starts if start is None else [start], replacement=replacement,
-                            batch_rows=batch_rows, reuse_attention=reuse_attention, start=start)
+    for s, sample in enumerate(
+        tqdm(sample_set.samples, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True, leave=False)
+    ):
+        run = HeadSetScorer(
+            model,
+            sample,
+            starts if start is None else [start],
+            replacement=replacement,
+            batch_rows=batch_rows,
+            reuse_attention=reuse_attention,
+            start=start,
+        )
         ce[:, s] = run.ce(head_sets).double().mean(1).cpu().numpy()
         base[s] = run.base.double().mean().item()
     return SetLosses(ce, base)
@@ -272,12 +324,24 @@ class SetLossCache:
     before are run (a call with none new runs nothing, once the base is known); the least recently used entries
     beyond `max_sets` are dropped. The model and replacement must not change while the cache is in use."""
 
-    def __init__(self, model: torch.nn.Module, sample_set: SampleSet, *, replacement: torch.Tensor | None = None,
-                 batch_rows: int | None = None, reuse_attention: bool = True, common_start: bool = False,
-                 max_sets: int = 1 << 16):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sample_set: SampleSet,
+        *,
+        replacement: torch.Tensor | None = None,
+        batch_rows: int | None = None,
+        reuse_attention: bool = True,
+        common_start: bool = False,
+        max_sets: int = 1 << 16,
+    ):
         self.model, self.sample_set, self.max_sets = model, sample_set, max_sets
-        self.kw = {"replacement": replacement, "batch_rows": batch_rows, "reuse_attention": reuse_attention,
-                   "common_start": common_start}
+        self.kw = {
+            "replacement": replacement,
+            "batch_rows": batch_rows,
+            "reuse_attention": reuse_attention,
+            "common_start": common_start,
+        }
         self.base: np.ndarray | None = None
         self._ce: OrderedDict[frozenset[Head], np.ndarray] = OrderedDict()
         self.hits = self.misses = 0
@@ -287,23 +351,28 @@ class SetLossCache:
 
     def state_dict(self) -> dict:
         """The memoised losses, counters and base, in insertion order (a resumed search continues exactly)."""
-        return {"base": self.base, "sets": [sorted(k) for k in self._ce], "ce": [v for v in self._ce.values()],
-                "hits": self.hits, "misses": self.misses}
+        return {
+            "base": self.base,
+            "sets": [sorted(k) for k in self._ce],
+            "ce": [v for v in self._ce.values()],
+            "hits": self.hits,
+            "misses": self.misses,
+        }
 
     def load_state_dict(self, st: dict) -> None:
         self.base = st["base"]
         self._ce = OrderedDict((frozenset(tuple(h) for h in k), np.asarray(v)) for k, v in zip(st["sets"], st["ce"]))
         self.hits, self.misses = int(st["hits"]), int(st["misses"])
 
-    def __call__(self, head_sets: Sequence[HeadSet], *, progress: bool = False, desc: str = "head sets"
-                 ) -> SetLosses:
+    def __call__(self, head_sets: Sequence[HeadSet], *, progress: bool = False, desc: str = "head sets") -> SetLosses:
         keys = [frozenset((int(l), int(h)) for l, h in hs) for hs in head_sets]
         new = list(dict.fromkeys(k for k in keys if k not in self._ce))
         self.misses += len(new)
         self.hits += len(keys) - len(new)
         if new or self.base is None:
-            res = set_losses(self.model, self.sample_set, [sorted(k) for k in new], progress=progress, desc=desc,
-                             **self.kw)
+            res = set_losses(
+                self.model, self.sample_set, [sorted(k) for k in new], progress=progress, desc=desc, **self.kw
+            )
             self.base = res.base if self.base is None else self.base
             for k, row in zip(new, res.ce, strict=True):
                 self._ce[k] = row

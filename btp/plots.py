@@ -7,14 +7,16 @@ that take loaded data and return matplotlib Figures, and `python -m btp.plots` t
 Figures are built as `matplotlib.figure.Figure` objects (no pyplot state, nothing shown); the CLI uses the Agg
 backend. Every analysis figure names its population (source/select of the analysis samples) in its title.
 """
+
 from __future__ import annotations
 
 import io
 import math
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -28,11 +30,17 @@ from .store import iter_jsonl, read_json
 
 MODES = results.MODES
 MODE_LABEL = {"regular": "regular (reasoning + code)", "chain_code": "chain_code (code only)"}
-STATUS_COLORS = {"passed": "#2a9d8f", "failed": "#e76f51", "timeout": "#f4a261", "error": "#9b2226",
-                 "no_code": "#8d99ae"}
+STATUS_COLORS = {
+    "passed": "#2a9d8f",
+    "failed": "#e76f51",
+    "timeout": "#f4a261",
+    "error": "#9b2226",
+    "no_code": "#8d99ae",
+}
 
 
 # ================================================================ locating results
+
 
 def model_dir(results_dir: str | Path, model: str | None) -> Path:
     """`results/<slug>` of `model` (a slug, an HF id, or a name btp.models resolves, e.g. `smollm2-135m`);
@@ -42,8 +50,10 @@ def model_dir(results_dir: str | Path, model: str | None) -> Path:
 
 def datasets(results_dir: str | Path, model: str | None) -> list[str]:
     md = model_dir(results_dir, model)
-    return sorted((p.name for p in md.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda d: (benchmarks.get(d).order if d in benchmarks.NAMES else 9, d))
+    return sorted(
+        (p.name for p in md.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda d: (benchmarks.get(d).order if d in benchmarks.NAMES else 9, d),
+    )
 
 
 def stems(results_dir: str | Path, model: str | None, dataset: str, stage: str) -> list[str]:
@@ -53,16 +63,17 @@ def stems(results_dir: str | Path, model: str | None, dataset: str, stage: str) 
 
 # ================================================================ loaded analyses
 
+
 @dataclass
 class Analysis:
     """One analysis output: its arrays (npz) or records (Taylor), and its JSON metadata."""
 
     stage: str
     dataset: str
-    name: str                      # file stem, e.g. `chain_code-reference`
-    data: Any                      # dict of arrays, or a list of records for Taylor
+    name: str  # file stem, e.g. `chain_code-reference`
+    data: Any  # dict of arrays, or a list of records for Taylor
     meta: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)   # e.g. ablation knockout curves
+    extra: dict = field(default_factory=dict)  # e.g. ablation knockout curves
 
     @property
     def mode(self) -> str:
@@ -124,10 +135,17 @@ def load_generations(results_dir: str | Path, model: str | None, dataset: str) -
     p = model_dir(results_dir, model) / dataset / GENERATIONS
     if not p.exists():
         return []
-    return [{"problem_id": r["problem_id"], "sample": r["sample"], "finish_reason": r.get("finish_reason"),
-             "n_output_tokens": len(r.get("output_token_ids") or ()),
-             "n_prompt_tokens": len(r.get("prompt_token_ids") or ()), "has_code": bool(r.get("code"))}
-            for r in iter_jsonl(p)]
+    return [
+        {
+            "problem_id": r["problem_id"],
+            "sample": r["sample"],
+            "finish_reason": r.get("finish_reason"),
+            "n_output_tokens": len(r.get("output_token_ids") or ()),
+            "n_prompt_tokens": len(r.get("prompt_token_ids") or ()),
+            "has_code": bool(r.get("code")),
+        }
+        for r in iter_jsonl(p)
+    ]
 
 
 def load_evaluations(results_dir: str | Path, model: str | None, dataset: str) -> list[dict]:
@@ -143,6 +161,7 @@ def load_summary(results_dir: str | Path, model: str | None, dataset: str) -> di
 
 
 # ================================================================ helpers
+
 
 def new_figure(w: float = 7.0, h: float = 4.0, **kw: Any) -> Figure:
     return Figure(figsize=(w, h), layout="constrained", **kw)
@@ -161,8 +180,12 @@ def show(fig: Figure, dpi: int = 90) -> None:
     display(Image(data=to_png(fig, dpi)))
 
 
-_FACETS = (("dataset", lambda a: a.dataset), ("mode", lambda a: a.mode), ("population", lambda a: a.population),
-           ("extra", lambda a: parse_stem(a.name).extra))
+_FACETS = (
+    ("dataset", lambda a: a.dataset),
+    ("mode", lambda a: a.mode),
+    ("population", lambda a: a.population),
+    ("extra", lambda a: parse_stem(a.name).extra),
+)
 
 
 def _common_title(items: Sequence[Analysis], what: str) -> str:
@@ -193,8 +216,11 @@ def _head_axes(ax, L: int, H: int) -> None:
 
 # ================================================================ entropy lens
 
-METRIC_LABEL = {"entropy": "entropy H (nats)", "ce": "cross-entropy of next token (nats)",
-                "kl": "KL(final || layer) (nats)"}
+METRIC_LABEL = {
+    "entropy": "entropy H (nats)",
+    "ce": "cross-entropy of next token (nats)",
+    "kl": "KL(final || layer) (nats)",
+}
 
 
 def _band(a: Analysis, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -206,7 +232,7 @@ def _band(a: Analysis, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, 
     if band == "iqr":
         q = np.quantile(np.asarray(d[metric], dtype=float), [0.25, 0.75], axis=0)
         return mean, q[0], q[1]
-    if band == "ci" and f"{metric}_ci_low" in d:   # stored: sample-weighted mean, CI over problems
+    if band == "ci" and f"{metric}_ci_low" in d:  # stored: sample-weighted mean, CI over problems
         return tuple(np.asarray(d[f"{metric}_{k}"], dtype=float) for k in ("sample_mean", "ci_low", "ci_high"))
     if band == "ci":  # older outputs: bootstrap over samples of the per-sample means, weighted by their token counts
         x = np.asarray(d[f"sample_{metric}_mean"], dtype=float)
@@ -219,13 +245,16 @@ def _band(a: Analysis, metric: str, band: str) -> tuple[np.ndarray, np.ndarray, 
     raise ValueError(f"band must be sd, iqr or ci, got {band!r}")
 
 
-BAND_LABEL = {"sd": "token-weighted mean, band: ±1 sd over tokens",
-              "iqr": "token-weighted mean, band: interquartile range over tokens",
-              "ci": "sample-weighted mean, band: 95% bootstrap CI over problems"}
+BAND_LABEL = {
+    "sd": "token-weighted mean, band: ±1 sd over tokens",
+    "iqr": "token-weighted mean, band: interquartile range over tokens",
+    "ci": "sample-weighted mean, band: 95% bootstrap CI over problems",
+}
 
 
-def entropy_by_layer(items: Analysis | Sequence[Analysis], metrics: Sequence[str] = ("entropy", "ce"),
-                     band: str = "ci") -> Figure:
+def entropy_by_layer(
+    items: Analysis | Sequence[Analysis], metrics: Sequence[str] = ("entropy", "ce"), band: str = "ci"
+) -> Figure:
     """Mean (line) and band of each metric vs layer, one panel per metric, one line per analysis. Default: the
     sample-weighted mean and its CI over problems (a spread over tokens is no uncertainty of a mean, and a token
     weighting lets long outputs dominate)."""
@@ -248,8 +277,9 @@ def entropy_by_layer(items: Analysis | Sequence[Analysis], metrics: Sequence[str
     return fig
 
 
-def entropy_histograms(items: Analysis | Sequence[Analysis], metric: str = "entropy",
-                       layers: Sequence[int] | None = None, bins: int = 40) -> Figure:
+def entropy_histograms(
+    items: Analysis | Sequence[Analysis], metric: str = "entropy", layers: Sequence[int] | None = None, bins: int = 40
+) -> Figure:
     """Per-layer histograms of a per-token metric (density), analyses overlaid; `layers` are 1-based."""
     items = [items] if isinstance(items, Analysis) else list(items)
     L = int(np.asarray(items[0].data[metric]).shape[1])
@@ -265,14 +295,21 @@ def entropy_histograms(items: Analysis | Sequence[Analysis], metric: str = "entr
     edges = np.linspace(0, hi if hi > 0 else 1.0, bins + 1)
     for ax, l in zip(axes, layers):
         for i, (a, v) in enumerate(zip(items, vals)):
-            ax.hist(v[:, l - 1], bins=edges, density=True, histtype="stepfilled", alpha=0.35, color=f"C{i}",
-                    label=_legend_label(a, items) if len(items) > 1 else None)
+            ax.hist(
+                v[:, l - 1],
+                bins=edges,
+                density=True,
+                histtype="stepfilled",
+                alpha=0.35,
+                color=f"C{i}",
+                label=_legend_label(a, items) if len(items) > 1 else None,
+            )
             ax.axvline(np.mean(v[:, l - 1]), color=f"C{i}", lw=1)
         ax.set_title(f"layer {l}", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes[n:]:
         ax.set_visible(False)
-    for ax in axes[(rows - 1) * cols:n]:
+    for ax in axes[(rows - 1) * cols : n]:
         ax.set_xlabel(METRIC_LABEL.get(metric, metric), fontsize=8)
     for ax in axes[::cols]:
         ax.set_ylabel("density", fontsize=8)
@@ -285,6 +322,7 @@ def entropy_histograms(items: Analysis | Sequence[Analysis], metric: str = "entr
 
 # ================================================================ head ablation
 
+
 def head_heatmap(matrix: np.ndarray, title: str, label: str = "mean ΔCE (nats)", cmap: str = "RdBu_r") -> Figure:
     """Layer x head map with a diverging colour scale centred at zero; NaN (padding heads) left blank."""
     m = np.asarray(matrix, dtype=float)
@@ -293,8 +331,14 @@ def head_heatmap(matrix: np.ndarray, title: str, label: str = "mean ΔCE (nats)"
     ax = fig.subplots()
     lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
     lim = lim if lim > 0 else 1.0
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=_heat_cmap(cmap), norm=TwoSlopeNorm(0.0, -lim, lim),
-                   aspect="auto", interpolation="nearest", origin="lower")
+    im = ax.imshow(
+        np.ma.masked_invalid(m),
+        cmap=_heat_cmap(cmap),
+        norm=TwoSlopeNorm(0.0, -lim, lim),
+        aspect="auto",
+        interpolation="nearest",
+        origin="lower",
+    )
     _head_axes(ax, L, H)
     fig.colorbar(im, ax=ax, label=label, shrink=0.9)
     ax.set_title(title, fontsize=10)
@@ -303,12 +347,16 @@ def head_heatmap(matrix: np.ndarray, title: str, label: str = "mean ΔCE (nats)"
 
 def ablation_heatmap(a: Analysis) -> Figure:
     kind = a.meta.get("ablation") or ("mean" if "mean" in parse_stem(a.name).variant else "zero")
-    return head_heatmap(a.data["delta_mean"], a.title(f"Single-head {kind} ablation: mean ΔCE over samples"),
-                        label="ΔCE (nats): ablated − base")
+    return head_heatmap(
+        a.data["delta_mean"],
+        a.title(f"Single-head {kind} ablation: mean ΔCE over samples"),
+        label="ΔCE (nats): ablated − base",
+    )
 
 
-def atp_vs_exact(est: dict, exact: dict, title: str = "Attribution patching vs exact single-head ΔCE",
-                 k: int = 10) -> Figure:
+def atp_vs_exact(
+    est: dict, exact: dict, title: str = "Attribution patching vs exact single-head ΔCE", k: int = 10
+) -> Figure:
     """Each head's atp estimate against its exact ΔCE (mean over samples; arrays of the two ablation npz files,
     `results.ablation_pair`), the diagonal, the exact top-k in red; the agreement report in the corner."""
     e = np.mean(est.get("delta_atp", est["delta"]), 0)
@@ -322,14 +370,23 @@ def atp_vs_exact(est: dict, exact: dict, title: str = "Attribution patching vs e
         top[l, h] = True
     ax.scatter(x[ok & ~top], e[ok & ~top], s=9, alpha=0.6, color="C0", label="heads")
     ax.scatter(x[top], e[top], s=16, color="C3", label=f"exact top-{k}")
-    lo, hi = (float(np.min([x[ok].min(), e[ok].min()])), float(np.max([x[ok].max(), e[ok].max()]))) \
-        if ok.any() else (0.0, 1.0)
+    lo, hi = (
+        (float(np.min([x[ok].min(), e[ok].min()])), float(np.max([x[ok].max(), e[ok].max()])))
+        if ok.any()
+        else (0.0, 1.0)
+    )
     ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--", label="estimate = exact")
     ax.set_xlabel("exact ΔCE (nats)")
     ax.set_ylabel("atp estimate (nats)")
-    ax.text(0.02, 0.98, f"{rep['n']} heads\nSpearman {rep['spearman']:.3f}\nPearson {rep['pearson']:.3f}\n"
-            f"top-{k} recall {rep['topk_recall'].get(str(k), float('nan')):.2f}", transform=ax.transAxes,
-            va="top", fontsize=8)
+    ax.text(
+        0.02,
+        0.98,
+        f"{rep['n']} heads\nSpearman {rep['spearman']:.3f}\nPearson {rep['pearson']:.3f}\n"
+        f"top-{k} recall {rep['topk_recall'].get(str(k), float('nan')):.2f}",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=8,
+    )
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=10)
     return fig
@@ -360,8 +417,15 @@ def top_head_overlap(items: Sequence[Analysis], k: int = 10) -> Figure:
     im = ax.imshow(J, cmap="viridis", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{J[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if J[i, j] < 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{J[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if J[i, j] < 0.6 else "black",
+            )
     ax.set_xticks(range(n), labels, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(n), labels, fontsize=8)
     fig.colorbar(im, ax=ax, label="Jaccard |A∩B| / |A∪B|", shrink=0.8)
@@ -402,8 +466,11 @@ def knockout_curves(ko: dict, title: str = "Cumulative head knockout") -> Figure
     ax.grid(alpha=0.3)
     sel = ko.get("selection", "in-sample: ranked and reported on the same samples")
     band = "95% bootstrap CI over problems" if "ci" in ko else "95% bootstrap CI over samples"
-    ax.legend(fontsize=8, title=f"bands: {band}; random: over draws too" if rnd.get("band") else f"bands: {band}",
-              title_fontsize=7)
+    ax.legend(
+        fontsize=8,
+        title=f"bands: {band}; random: over draws too" if rnd.get("band") else f"bands: {band}",
+        title_fontsize=7,
+    )
     ax.set_title(f"{title}\n{sel.split(':')[0]} curves ({sel.split(':', 1)[-1].strip()})", fontsize=9)
     return fig
 
@@ -442,6 +509,7 @@ def ablation_layers(a: Analysis) -> Figure:
 
 # ================================================================ Taylor pruning
 
+
 def taylor_title(a: Analysis, what: str) -> str:
     r = a.data[0] if a.data else {}
     n_s, n_h = len(r.get("scoring_samples") or ()), len(r.get("heldout_samples") or ())
@@ -476,8 +544,9 @@ def taylor_loss(a: Analysis) -> Figure:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     stop = recs[-1].get("stop_reason")
-    fig.suptitle(taylor_title(a, "Iterative Taylor pruning: loss" + (f" (stopped: {stop})" if stop else "")),
-                 fontsize=10)
+    fig.suptitle(
+        taylor_title(a, "Iterative Taylor pruning: loss" + (f" (stopped: {stop})" if stop else "")), fontsize=10
+    )
     return fig
 
 
@@ -494,7 +563,7 @@ def taylor_heads(a: Analysis) -> Figure:
     """Surviving heads after the last iteration (dark green); pruned heads shaded by the iteration that pruned
     them; padding heads of narrower layers blank."""
     recs = a.data
-    first = importance_matrix(recs[0])            # all heads alive: NaN only at padding
+    first = importance_matrix(recs[0])  # all heads alive: NaN only at padding
     L, H = first.shape
     P = pruned_at(recs, (L, H)).astype(float)
     P[np.isnan(first)] = np.nan
@@ -503,15 +572,22 @@ def taylor_heads(a: Analysis) -> Figure:
     cmap = ListedColormap([(0.1, 0.45, 0.2, 1.0)] + [tuple(c) for c in shades]).with_extremes(bad=(1, 1, 1, 0))
     fig = new_figure(min(max(6.5, 2.8 + 0.32 * H), 14), min(max(3.5, 1.6 + 0.2 * L), 14))
     ax = fig.subplots()
-    im = ax.imshow(np.ma.masked_invalid(P), cmap=cmap, norm=BoundaryNorm(np.arange(n_it + 2) - 0.5, n_it + 1),
-                   aspect="auto", interpolation="nearest", origin="lower")
+    im = ax.imshow(
+        np.ma.masked_invalid(P),
+        cmap=cmap,
+        norm=BoundaryNorm(np.arange(n_it + 2) - 0.5, n_it + 1),
+        aspect="auto",
+        interpolation="nearest",
+        origin="lower",
+    )
     _head_axes(ax, L, H)
     cb = fig.colorbar(im, ax=ax, shrink=0.9)
     ticks = [0] + list(range(1, n_it + 1, max(1, n_it // 8)))
     cb.set_ticks(ticks, labels=["alive"] + [f"pruned at {t}" for t in ticks[1:]])
     alive = int((P == 0).sum())
-    ax.set_title(taylor_title(a, f"Taylor pruning: surviving heads after {n_it} iterations ({alive} alive)"),
-                 fontsize=10)
+    ax.set_title(
+        taylor_title(a, f"Taylor pruning: surviving heads after {n_it} iterations ({alive} alive)"), fontsize=10
+    )
     return fig
 
 
@@ -519,14 +595,20 @@ def taylor_layers(a: Analysis) -> Figure:
     """Importance by layer from the first iteration's (all heads alive) importance matrix."""
     r = a.data[0]
     s = r.get("settings") or {}
-    what = ("-Σ ∂L/∂m (signed)" if s.get("signed") else "Σ|∂L/∂m|") if s.get("estimator", "gate") == "gate" \
+    what = (
+        ("-Σ ∂L/∂m (signed)" if s.get("signed") else "Σ|∂L/∂m|")
+        if s.get("estimator", "gate") == "gate"
         else "Σ|<∂L/∂a, a>|"
-    return layer_importance(importance_matrix(r), taylor_title(a, "Taylor importance by layer (first iteration, all "
-                                                            "heads alive)"),
-                            label=f"importance {what}" + (" (L2-normalised per layer)" if s.get("normalize") else ""))
+    )
+    return layer_importance(
+        importance_matrix(r),
+        taylor_title(a, "Taylor importance by layer (first iteration, all heads alive)"),
+        label=f"importance {what}" + (" (L2-normalised per layer)" if s.get("normalize") else ""),
+    )
 
 
 # ================================================================ CMA-ES search
+
 
 def cmaes_title(a: Analysis, what: str) -> str:
     ident = a.meta.get("identity") or {}
@@ -557,15 +639,22 @@ def cmaes_fitness(a: Analysis) -> Figure:
     g = np.array([r["generation"] for r in recs])
     fig = new_figure(8, 4.2)
     ax = fig.subplots()
-    ax.fill_between(g, [r["best_fitness"] for r in recs], [r["worst_fitness"] for r in recs], color="C0", alpha=0.12,
-                    lw=0, label="population best..worst")
+    ax.fill_between(
+        g,
+        [r["best_fitness"] for r in recs],
+        [r["worst_fitness"] for r in recs],
+        color="C0",
+        alpha=0.12,
+        lw=0,
+        label="population best..worst",
+    )
     ax.plot(g, [r["median_fitness"] for r in recs], color="C0", ls=":", label="population median")
     ax.plot(g, [r["best_fitness"] for r in recs], color="C0", marker="o", ms=3, label="generation best")
     ax.step(g, [r["best_so_far_fitness"] for r in recs], where="post", color="k", lw=1.2, label="best so far")
-    _heldout_band(ax, g, [r.get("best_heldout") for r in recs], "C3", "held-out: generation best (95% CI)",
-                  marker="s", ms=3)
-    _heldout_band(ax, g, [r.get("best_so_far_heldout") for r in recs], "C1", "held-out: best so far (95% CI)",
-                  ls="--")
+    _heldout_band(
+        ax, g, [r.get("best_heldout") for r in recs], "C3", "held-out: generation best (95% CI)", marker="s", ms=3
+    )
+    _heldout_band(ax, g, [r.get("best_so_far_heldout") for r in recs], "C1", "held-out: best so far (95% CI)", ls="--")
     ax.set_xlabel("generation")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     pen = (a.meta.get("search") or {}).get("encoding") == "threshold"
@@ -573,8 +662,9 @@ def cmaes_fitness(a: Analysis) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     stop = (a.extra.get("final") or {}).get("stop_reason")
-    ax.set_title(cmaes_title(a, "CMA-ES head search: fitness per generation" + (f" (stop: {stop})" if stop else "")),
-                 fontsize=10)
+    ax.set_title(
+        cmaes_title(a, "CMA-ES head search: fitness per generation" + (f" (stop: {stop})" if stop else "")), fontsize=10
+    )
     return fig
 
 
@@ -614,8 +704,14 @@ def cmaes_mask(a: Analysis) -> Figure:
     fig = new_figure(min(max(6.0, 2.5 + 0.32 * H), 14), min(max(3.5, 1.6 + 0.2 * L), 14))
     ax = fig.subplots()
     cmap = ListedColormap([(0.93, 0.87, 0.75, 1.0), (0.1, 0.45, 0.2, 1.0)]).with_extremes(bad=(1, 1, 1, 0))
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5], 2), aspect="auto",
-                   interpolation="nearest", origin="lower")
+    im = ax.imshow(
+        np.ma.masked_invalid(m),
+        cmap=cmap,
+        norm=BoundaryNorm([-0.5, 0.5, 1.5], 2),
+        aspect="auto",
+        interpolation="nearest",
+        origin="lower",
+    )
     _head_axes(ax, L, H)
     fig.colorbar(im, ax=ax, shrink=0.9, ticks=[0, 1]).set_ticklabels(["removed", "kept"])
     final = a.extra.get("final")
@@ -631,15 +727,23 @@ def cmaes_mask_changes(a: Analysis) -> Figure:
     """How the best mask so far changed: its heads per generation (kept dark), and how many heads changed from the
     previous generation."""
     recs = a.data
-    M = np.stack([results.mask_from_rows(r["best_so_far_mask"]) for r in recs])      # [G, L, Hmax]
+    M = np.stack([results.mask_from_rows(r["best_so_far_mask"]) for r in recs])  # [G, L, Hmax]
     exists = np.isfinite(M[0])
-    flat = M[:, exists]                                                                # [G, heads]
+    flat = M[:, exists]  # [G, heads]
     g = np.array([r["generation"] for r in recs])
     fig = new_figure(10, 3.8)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[3, 1])
     cmap = ListedColormap([(0.93, 0.87, 0.75, 1.0), (0.1, 0.45, 0.2, 1.0)])
-    ax1.imshow(flat, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest", origin="lower",
-               extent=(-0.5, flat.shape[1] - 0.5, g[0] - 0.5, g[-1] + 0.5))
+    ax1.imshow(
+        flat,
+        cmap=cmap,
+        vmin=0,
+        vmax=1,
+        aspect="auto",
+        interpolation="nearest",
+        origin="lower",
+        extent=(-0.5, flat.shape[1] - 0.5, g[0] - 0.5, g[-1] + 0.5),
+    )
     starts = np.concatenate([[0], np.cumsum(exists.sum(1))[:-1]])
     step = max(1, len(starts) // 10)
     ax1.set_xticks(starts[::step], [str(l) for l in range(0, len(starts), step)])
@@ -655,8 +759,13 @@ def cmaes_mask_changes(a: Analysis) -> Figure:
     return fig
 
 
-CONTROL_LABEL = {"cmaes": "CMA-ES", "random": "random (same heads per layer)", "taylor": "Taylor-pruned",
-                 "ablation_topk": "ablation top-k", "unpruned": "unpruned"}
+CONTROL_LABEL = {
+    "cmaes": "CMA-ES",
+    "random": "random (same heads per layer)",
+    "taylor": "Taylor-pruned",
+    "ablation_topk": "ablation top-k",
+    "unpruned": "unpruned",
+}
 
 
 def cmaes_controls(a: Analysis) -> Figure:
@@ -672,24 +781,31 @@ def cmaes_controls(a: Analysis) -> Figure:
         h = sets[n]["heldout"]
         color = "C2" if n == "cmaes" else "0.5" if n == "unpruned" else "C0"
         ax.barh(yi, h["mean"], color=color, alpha=0.7)
-        ax.errorbar(h["mean"], yi, xerr=[[h["mean"] - h["ci_low"]], [h["ci_high"] - h["mean"]]], color="k",
-                    capsize=3)
+        ax.errorbar(h["mean"], yi, xerr=[[h["mean"] - h["ci_low"]], [h["ci_high"] - h["mean"]]], color="k", capsize=3)
         if n == "random":
             draws = [sets[k]["heldout"]["mean"] for k in sets if k.startswith("random_")]
             ax.plot(draws, [yi] * len(draws), "o", color="k", ms=3, alpha=0.6)
         d = sets[n].get("diff_vs_cmaes")
         if d:
-            ax.annotate(f"Δ vs CMA-ES {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", (h["ci_high"], yi),
-                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+            ax.annotate(
+                f"Δ vs CMA-ES {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
+                (h["ci_high"], yi),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+            )
     ax.set_yticks(y, [CONTROL_LABEL.get(n, n) for n in names])
     ax.set_xlabel("held-out mean CE over scored tokens (nats), 95% CI over problems")
     ax.grid(alpha=0.3, axis="x")
-    ax.set_title(cmaes_title(a, f"CMA-ES mask vs controls of the same size ({final['final']['n_kept']} heads kept)"),
-                 fontsize=10)
+    ax.set_title(
+        cmaes_title(a, f"CMA-ES mask vs controls of the same size ({final['final']['n_kept']} heads kept)"), fontsize=10
+    )
     return fig
 
 
 # ================================================================ generation and evaluation
+
 
 def pass_at_k_points(summary: dict) -> list[tuple[int, float, float, float]]:
     """[(k, estimate, ci_low, ci_high)] from summary.json's `pass_at_k` ({"pass@k": {estimate, ci_low, ...}})."""
@@ -711,12 +827,20 @@ def pass_at_k(summaries: dict[str, dict], title: str = "pass@k with 95% bootstra
         hi = np.array([p[3] for p in pts], dtype=float) * 100
         n = s.get("n_problems")
         lab = ds + (f" ({n} problems)" if n else "")
-        ax.errorbar(k + 0.04 * i, est, yerr=np.vstack([est - lo, hi - est]), marker="o", ms=4, capsize=3,
-                    color=f"C{i}", label=lab)
+        ax.errorbar(
+            k + 0.04 * i,
+            est,
+            yerr=np.vstack([est - lo, hi - est]),
+            marker="o",
+            ms=4,
+            capsize=3,
+            color=f"C{i}",
+            label=lab,
+        )
     top = max([p[3] for s in summaries.values() for p in pass_at_k_points(s)] or [0])
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (%)")
-    ax.set_ylim(0, min(100, max(5, 115 * top)))   # a 0% result sits on a readable 0-5% axis
+    ax.set_ylim(0, min(100, max(5, 115 * top)))  # a 0% result sits on a readable 0-5% axis
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -725,8 +849,9 @@ def pass_at_k(summaries: dict[str, dict], title: str = "pass@k with 95% bootstra
 
 def _stacked(ax, rows: dict[str, dict[str, int]], order: Sequence[str], colors: dict[str, str]) -> None:
     names = list(rows)
-    cats = [c for c in order if any(c in r for r in rows.values())] + \
-        sorted({c for r in rows.values() for c in r} - set(order))
+    cats = [c for c in order if any(c in r for r in rows.values())] + sorted(
+        {c for r in rows.values() for c in r} - set(order)
+    )
     left = np.zeros(len(names))
     for j, c in enumerate(cats):
         tot = np.array([max(sum(rows[n].values()), 1) for n in names], dtype=float)
@@ -791,8 +916,9 @@ def _count(vals: Iterable[Any]) -> dict[str, int]:
 LOADERS = {"entropy": load_entropy, "ablation": load_ablation, "taylor": load_taylor, "cmaes": load_cmaes}
 
 
-def load_all(results_dir: str | Path, model: str | None, stage: str, only: Sequence[str] | None = None
-             ) -> list[Analysis]:
+def load_all(
+    results_dir: str | Path, model: str | None, stage: str, only: Sequence[str] | None = None
+) -> list[Analysis]:
     """Every finished output of a stage (`entropy`, `ablation`, `taylor`, `cmaes`) over the datasets (or `only`
     these)."""
     out = []
@@ -837,8 +963,9 @@ def _group_name(g: Sequence[Analysis], vary: str) -> str:
     return "_".join(k.replace("/", "-") for k in keep)
 
 
-def generation_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
-                       ) -> Iterator[tuple[str, Figure]]:
+def generation_figures(
+    results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+) -> Iterator[tuple[str, Figure]]:
     dss = [d for d in datasets(results_dir, model) if not only or d in only]
     summ = {d: s for d in dss if (s := load_summary(results_dir, model, d)) and pass_at_k_points(s)}
     if summ:
@@ -852,8 +979,9 @@ def generation_figures(results_dir: str | Path, model: str | None, only: Sequenc
         yield "generation_output_lengths", output_lengths(gens)
 
 
-def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
-                    ) -> Iterator[tuple[str, Figure]]:
+def entropy_figures(
+    results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+) -> Iterator[tuple[str, Figure]]:
     """Per output: entropy/CE vs layer and per-layer histograms; then regular vs chain_code, populations
     against each other (CE histograms too), correct vs incorrect on the same problems (paired) and datasets against
     each other wherever the results allow."""
@@ -872,8 +1000,9 @@ def entropy_figures(results_dir: str | Path, model: str | None, only: Sequence[s
         yield f"entropy_datasets_{_group_name(g, 'dataset')}", entropy_by_layer(g)
 
 
-def ablation_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None, k: int = 10
-                     ) -> Iterator[tuple[str, Figure]]:
+def ablation_figures(
+    results_dir: str | Path, model: str | None, only: Sequence[str] | None = None, k: int = 10
+) -> Iterator[tuple[str, Figure]]:
     items = load_all(results_dir, model, "ablation", only)
     for a in items:
         yield f"ablation_{a.dataset}_{a.name}_heatmap", ablation_heatmap(a)
@@ -882,26 +1011,30 @@ def ablation_figures(results_dir: str | Path, model: str | None, only: Sequence[
             yield f"ablation_{a.dataset}_{a.name}_knockout", ablation_knockout(a)
         pair = results.ablation_pair(model_dir(results_dir, model) / a.dataset / "ablation", a.name)
         if pair is not None:
-            yield f"ablation_{a.dataset}_{a.name}_vs_exact", atp_vs_exact(*pair, a.title("Attribution patching "
-                                                                                     "vs exact single-head ΔCE"), k)
+            yield (
+                f"ablation_{a.dataset}_{a.name}_vs_exact",
+                atp_vs_exact(*pair, a.title("Attribution patching vs exact single-head ΔCE"), k),
+            )
     by_shape: dict[tuple, list[Analysis]] = {}
     for a in items:
         by_shape.setdefault(np.shape(a.data["delta_mean"]), []).append(a)
-    groups = [g for g in by_shape.values() if len(g) > 1]   # one per model shape (always one for a model)
+    groups = [g for g in by_shape.values() if len(g) > 1]  # one per model shape (always one for a model)
     for i, g in enumerate(groups):
         yield "ablation_top_head_overlap" + (f"_{i}" if i else ""), top_head_overlap(g, k=k)
 
 
-def taylor_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
-                   ) -> Iterator[tuple[str, Figure]]:
+def taylor_figures(
+    results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+) -> Iterator[tuple[str, Figure]]:
     for a in load_all(results_dir, model, "taylor", only):
         yield f"taylor_{a.dataset}_{a.name}_loss", taylor_loss(a)
         yield f"taylor_{a.dataset}_{a.name}_heads", taylor_heads(a)
         yield f"taylor_{a.dataset}_{a.name}_layers", taylor_layers(a)
 
 
-def cmaes_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
-                  ) -> Iterator[tuple[str, Figure]]:
+def cmaes_figures(
+    results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+) -> Iterator[tuple[str, Figure]]:
     for a in load_all(results_dir, model, "cmaes", only):
         yield f"cmaes_{a.dataset}_{a.name}_fitness", cmaes_fitness(a)
         yield f"cmaes_{a.dataset}_{a.name}_sigma", cmaes_sigma(a)
@@ -912,6 +1045,7 @@ def cmaes_figures(results_dir: str | Path, model: str | None, only: Sequence[str
 
 
 # ================================================================ pruned inference (btp.pruned outputs)
+
 
 def load_pruned(results_dir: str | Path, model: str | None, dataset: str) -> dict | None:
     """`pruned/comparison.json` of a model x dataset; None when there is none."""
@@ -942,8 +1076,9 @@ def pruned_curve(comp: dict, k: str = "pass@1", title: str | None = None) -> Fig
         ax.plot(f, y, marker="o", color=f"C{i}", label=method)
         ok = np.isfinite(lo)
         if ok.sum() > 0:
-            ax.fill_between(f[ok], lo[ok], hi[ok], color=f"C{i}", alpha=0.15, lw=0,
-                            label=f"{method}: random controls (min-max)")
+            ax.fill_between(
+                f[ok], lo[ok], hi[ok], color=f"C{i}", alpha=0.15, lw=0, label=f"{method}: random controls (min-max)"
+            )
             ax.scatter(f[ok], lo[ok], marker="_", color=f"C{i}", alpha=0.6)
             ax.scatter(f[ok], hi[ok], marker="_", color=f"C{i}", alpha=0.6)
     ax.axhline(comp["base"]["pass_at_k"][k], color="k", lw=0.8, ls=":", label="unpruned")
@@ -966,26 +1101,43 @@ def pruned_curve(comp: dict, k: str = "pass@1", title: str | None = None) -> Fig
     return fig
 
 
-def pruned_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
-                   ) -> Iterator[tuple[str, Figure]]:
+def pruned_figures(
+    results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+) -> Iterator[tuple[str, Figure]]:
     for d in datasets(results_dir, model):
         if (not only or d in only) and (comp := load_pruned(results_dir, model, d)):
             yield f"pruned_{d}_pass_at_1", pruned_curve(comp)
 
 
-FAMILIES = {"generation": generation_figures, "entropy": entropy_figures, "ablation": ablation_figures,
-            "taylor": taylor_figures, "cmaes": cmaes_figures, "pruned": pruned_figures}
+FAMILIES = {
+    "generation": generation_figures,
+    "entropy": entropy_figures,
+    "ablation": ablation_figures,
+    "taylor": taylor_figures,
+    "cmaes": cmaes_figures,
+    "pruned": pruned_figures,
+}
 
 
-def write_figures(results_dir: str | Path, model: str | None, out: str | Path, *, only: Sequence[str] | None = None,
-                  families: Sequence[str] = tuple(FAMILIES), pdf: bool = False, dpi: int = 130) -> list[Path]:
+def write_figures(
+    results_dir: str | Path,
+    model: str | None,
+    out: str | Path,
+    *,
+    only: Sequence[str] | None = None,
+    families: Sequence[str] = tuple(FAMILIES),
+    pdf: bool = False,
+    dpi: int = 130,
+) -> list[Path]:
     """Write every figure the results allow; returns the files written."""
     from .store import UserError, provenance
 
     have = datasets(results_dir, model)
     if only and (bad := [d for d in only if d not in have]):
-        raise UserError(f"no results for --dataset {', '.join(bad)} under {model_dir(results_dir, model)} — have: "
-                        f"{', '.join(have) or 'none'}")
+        raise UserError(
+            f"no results for --dataset {', '.join(bad)} under {model_dir(results_dir, model)} — have: "
+            f"{', '.join(have) or 'none'}"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = provenance(stage="plots")
@@ -1015,8 +1167,15 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     p.add_argument("--dpi", type=int, default=130)
     args = p.parse_args(argv)
     try:
-        files = write_figures(args.results_dir, args.model, args.out, only=args.dataset,
-                              families=args.only or tuple(FAMILIES), pdf=args.pdf, dpi=args.dpi)
+        files = write_figures(
+            args.results_dir,
+            args.model,
+            args.out,
+            only=args.dataset,
+            families=args.only or tuple(FAMILIES),
+            pdf=args.pdf,
+            dpi=args.dpi,
+        )
     except (FileNotFoundError, ValueError) as e:  # no such results / model / dataset: said as one line
         print(cli.error_line("plots", e), file=sys.stderr)
         raise SystemExit(2) from None
@@ -1033,12 +1192,13 @@ if __name__ == "__main__":
 # ================================================================ OV/QK circuits (btp.circuits outputs)
 # `results/circuits/<base-slug>__<other-slug>.{csv,npz,json}`: read here, never recomputed.
 
+
 @dataclass
 class Circuits:
     """One circuit comparison: [L, Hmax] matrices and per-rotary-pair arrays (npz) and its JSON."""
 
-    name: str                      # `<base-slug>__<other-slug>`
-    data: dict                     # npz arrays
+    name: str  # `<base-slug>__<other-slug>`
+    data: dict  # npz arrays
     meta: dict
 
     @property
@@ -1057,23 +1217,30 @@ class Circuits:
         return np.asarray(self.data[col], dtype=float)
 
 
-def load_circuits(results_dir: str | Path, base: str | None = None, other: str | None = None,
-                  name: str | None = None) -> Circuits:
+def load_circuits(
+    results_dir: str | Path, base: str | None = None, other: str | None = None, name: str | None = None
+) -> Circuits:
     """A circuits output by its name, by the two models (slugs, HF ids, folders or embedded names), or the only one
     of `base` (or at all) when `other` is None."""
     d = Path(results_dir) / results.CIRCUITS
-    if name is None and other is None:   # the only comparison (of `base`, if given)
-        have = [n for n in results.circuit_names(results_dir)
-                if base is None or any(n.startswith(f"{b}__") for b in results.model_slugs(base))]
+    if name is None and other is None:  # the only comparison (of `base`, if given)
+        have = [
+            n
+            for n in results.circuit_names(results_dir)
+            if base is None or any(n.startswith(f"{b}__") for b in results.model_slugs(base))
+        ]
         if len(have) != 1:
-            raise FileNotFoundError(f"{len(have)} circuit comparisons" + (f" of {base}" if base else "")
-                                    + f" under {d} ({', '.join(have) or 'run python -m btp.circuits'}): pass other=")
+            raise FileNotFoundError(
+                f"{len(have)} circuit comparisons"
+                + (f" of {base}" if base else "")
+                + f" under {d} ({', '.join(have) or 'run python -m btp.circuits'}): pass other="
+            )
         name = have[0]
     elif name is None:
-        names = [f"{a}__{b}" for a in results.model_slugs(base or "") for b in results.model_slugs(other)] \
-            if base else []
-        name = next((n for n in names if results.read_circuits(results_dir, n) is not None),
-                    names[0] if names else "?")
+        names = (
+            [f"{a}__{b}" for a in results.model_slugs(base or "") for b in results.model_slugs(other)] if base else []
+        )
+        name = next((n for n in names if results.read_circuits(results_dir, n) is not None), names[0] if names else "?")
     found = results.read_circuits(results_dir, name)
     if found is None:
         raise FileNotFoundError(f"no circuits output {name} under {d} (run python -m btp.circuits)")
@@ -1082,8 +1249,15 @@ def load_circuits(results_dir: str | Path, base: str | None = None, other: str |
 
 def _cos_heat(ax, fig: Figure, m: np.ndarray, title: str) -> None:
     lo = min(0.0, float(np.nanmin(m))) if np.isfinite(m).any() else 0.0
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=colormaps["viridis"].with_extremes(bad=(1, 1, 1, 0)), vmin=lo,
-                   vmax=1.0, aspect="auto", interpolation="nearest", origin="lower")
+    im = ax.imshow(
+        np.ma.masked_invalid(m),
+        cmap=colormaps["viridis"].with_extremes(bad=(1, 1, 1, 0)),
+        vmin=lo,
+        vmax=1.0,
+        aspect="auto",
+        interpolation="nearest",
+        origin="lower",
+    )
     _head_axes(ax, *m.shape)
     fig.colorbar(im, ax=ax, label="cosine (Frobenius)", shrink=0.9)
     ax.set_title(title, fontsize=9)
@@ -1096,10 +1270,20 @@ def circuit_heatmaps(c: Circuits) -> Figure:
     fig = new_figure(min(max(11.0, 5 + 0.6 * H), 18), min(max(3.8, 1.8 + 0.2 * L), 14))
     for ax, circ, what in zip(fig.subplots(1, 2), ("ov", "qk"), ("W_OV", "W_QK (static, relative position 0)")):
         b = s.get(circ) or {}
-        base = "; ".join(x for x in (f"other heads {b['null_mean']:.3f}" if "null_mean" in b else "",
-                                     f"random model {b['random_mean']:+.3f}" if "random_mean" in b else "") if x)
-        _cos_heat(ax, fig, c.matrix(f"{circ}_cos"), f"{what}: mean {b.get('mean', float('nan')):.3f}"
-                  + (f"\nbaselines (mean cos): {base}" if base else ""))
+        base = "; ".join(
+            x
+            for x in (
+                f"other heads {b['null_mean']:.3f}" if "null_mean" in b else "",
+                f"random model {b['random_mean']:+.3f}" if "random_mean" in b else "",
+            )
+            if x
+        )
+        _cos_heat(
+            ax,
+            fig,
+            c.matrix(f"{circ}_cos"),
+            f"{what}: mean {b.get('mean', float('nan')):.3f}" + (f"\nbaselines (mean cos): {base}" if base else ""),
+        )
     fig.suptitle(f"Circuit similarity per head: {c.label}", fontsize=10)
     return fig
 
@@ -1109,8 +1293,9 @@ def circuit_pairs(c: Circuits) -> Figure:
     form, static and averaged over relative rotation."""
     fig = new_figure(6.5, 3.8)
     ax = fig.subplots()
-    for i, (key, lab) in enumerate((("qk_pair_cos", "static (relative position 0)"),
-                                    ("qk_pair_cos_pos_avg", "averaged over relative rotation"))):
+    for i, (key, lab) in enumerate(
+        (("qk_pair_cos", "static (relative position 0)"), ("qk_pair_cos_pos_avg", "averaged over relative rotation"))
+    ):
         x = c.matrix(key).reshape(-1, c.matrix(key).shape[-1])
         x = x[np.isfinite(x).all(1)]
         if not x.size:
@@ -1150,15 +1335,20 @@ def circuit_vs_importance(c: Circuits, item: dict) -> Figure:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         if "diff" in j:
-            ax.set_title(f"top − rest {j['diff']:+.4f} [{j['ci_low']:+.4f}, {j['ci_high']:+.4f}] 95% CI; "
-                         f"Spearman {j['spearman']['estimate']:+.2f}", fontsize=8)
-    fig.suptitle(f"Is importance preserved? {c.label}\n{item['stage']} · {item['dataset']} · {item['name']}",
-                 fontsize=10)
+            ax.set_title(
+                f"top − rest {j['diff']:+.4f} [{j['ci_low']:+.4f}, {j['ci_high']:+.4f}] 95% CI; "
+                f"Spearman {j['spearman']['estimate']:+.2f}",
+                fontsize=8,
+            )
+    fig.suptitle(
+        f"Is importance preserved? {c.label}\n{item['stage']} · {item['dataset']} · {item['name']}", fontsize=10
+    )
     return fig
 
 
-def circuit_figures(results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
-                    ) -> Iterator[tuple[str, Figure]]:
+def circuit_figures(
+    results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
+) -> Iterator[tuple[str, Figure]]:
     """Every circuits output whose base model is `model`: heatmaps, rotary pairs, similarity vs importance."""
     slug = model_dir(results_dir, model).name
     for name in results.circuit_names(results_dir):

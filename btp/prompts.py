@@ -5,11 +5,13 @@ options such as `enable_thinking` passed through). What a prompt says, and where
 stops, is the benchmark's (`btp.benchmarks`): its user message, system message, completion prompt and
 stop strings. A completion output continues code that the prompt opened, so it is cut at those stops.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from . import benchmarks
 from .benchmarks import Problem
@@ -21,12 +23,18 @@ _FENCE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*$", re.M)
 
 # ---------------------------------------------------------------- prompt text
 
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def build_prompt(problem: Problem, tokenizer: Any, style: str = "auto", chat_template_kwargs: dict | None = None,
-                 system_prompt: str | None = None) -> tuple[str, str]:
+def build_prompt(
+    problem: Problem,
+    tokenizer: Any,
+    style: str = "auto",
+    chat_template_kwargs: dict | None = None,
+    system_prompt: str | None = None,
+) -> tuple[str, str]:
     """(prompt text, style used). `auto` is chat when the tokenizer has a chat template. Chat prompts
     carry the benchmark's system message (LiveCodeBench has one) unless `system_prompt` replaces it."""
     if style not in STYLES:
@@ -60,8 +68,14 @@ def _chat(problem: Problem, tokenizer: Any, kw: dict, system_prompt: str | None,
 EMPTY_THINK_CLOSE = "\n</think>\n\n"  # closes a think block the generation prompt opened, with nothing in it
 
 
-def assistant_turn(problem: Problem, tokenizer: Any, prompt: str, answer: str,
-                   chat_template_kwargs: dict | None = None, system_prompt: str | None = None) -> tuple[str, str]:
+def assistant_turn(
+    problem: Problem,
+    tokenizer: Any,
+    prompt: str,
+    answer: str,
+    chat_template_kwargs: dict | None = None,
+    system_prompt: str | None = None,
+) -> tuple[str, str]:
     """(text, turn end): what follows the generation prompt `prompt` when the model gives `answer` and ends its
     turn, as the chat template renders a finished answer with the generator's options. `text` holds whatever the
     template puts before the answer (Qwen3: an empty think block) or, where the prompt opened a think block that the
@@ -72,9 +86,9 @@ def assistant_turn(problem: Problem, tokenizer: Any, prompt: str, answer: str,
     at = full.rfind(answer)
     if at < 0:
         raise ValueError("the chat template does not render the assistant's answer verbatim")
-    turn_end = full[at + len(answer):].rstrip()
+    turn_end = full[at + len(answer) :].rstrip()
     if full.startswith(prompt) and len(prompt) <= at:
-        return full[len(prompt):at + len(answer)], turn_end
+        return full[len(prompt) : at + len(answer)], turn_end
     return (EMPTY_THINK_CLOSE if _opens_think(prompt) else "") + answer, turn_end
 
 
@@ -85,10 +99,11 @@ def encode_prompt(text: str, tokenizer: Any, style: str) -> list[int]:
 
 # ---------------------------------------------------------------- extraction
 
+
 @dataclass(frozen=True)
 class Extracted:
-    reasoning: str   # text before the final code block, including any <think> part
-    code: str        # the final code block's content; "" when there is none
+    reasoning: str  # text before the final code block, including any <think> part
+    code: str  # the final code block's content; "" when there is none
     code_start: int  # char offsets of `code` inside the output; -1 when there is no code
     code_end: int
 
@@ -101,11 +116,12 @@ def _opens_think(prompt: str) -> bool:
 @dataclass(frozen=True)
 class _Block:
     """A fenced block; offsets into the whole output."""
+
     lang: str
-    fence: int       # where its opening fence starts
-    start: int       # its content
+    fence: int  # where its opening fence starts
+    start: int  # its content
     end: int
-    complete: bool   # it has a closing fence
+    complete: bool  # it has a closing fence
 
 
 def _blocks(text: str, base: int) -> list[_Block]:
@@ -158,7 +174,7 @@ def extract_code(output: str, *, stops: Sequence[str] | None = None, in_think: b
     pick = complete[-1] if complete else (blocks[-1] if blocks and not blocks[-1].complete else None)
     if pick is None:
         return Extracted(output, "", -1, -1)
-    return Extracted(output[:pick.fence], output[pick.start:pick.end], pick.start, pick.end)
+    return Extracted(output[: pick.fence], output[pick.start : pick.end], pick.start, pick.end)
 
 
 def extract(problem: Problem, output: str, style: str, prompt: str = "") -> Extracted:

@@ -20,6 +20,7 @@ import each other) on every problem of the dataset, with one set of generation f
 n = 1) against the base and between a setting and its controls, head counts and fractions removed. A rerun skips
 finished arms (and everything when the comparison is done with the same identity).
 """
+
 from __future__ import annotations
 
 import gc
@@ -50,6 +51,7 @@ _COUNT = re.compile(r"(?:top|greedy)?(\d+)$|(\d+(?:\.\d+)?)%$")
 
 # ================================================================ settings
 
+
 @dataclass(frozen=True)
 class Setting:
     """One named head selection: `method:arg[@source]`."""
@@ -57,7 +59,7 @@ class Setting:
     text: str
     method: str
     arg: str
-    source: str | None = None     # the analysis output's name (None: the first finished one)
+    source: str | None = None  # the analysis output's name (None: the first finished one)
 
     @property
     def folder(self) -> str:
@@ -69,16 +71,26 @@ def parse_setting(text: str) -> Setting:
     method, sep, rest = text.partition(":")
     arg, _, source = rest.partition("@")
     if not sep or method not in METHODS or not arg:
-        raise ValueError(f"bad setting {text!r}: use e.g. taylor:10%, ablation:top32, ablation:greedy8, cmaes:best, "
-                         f"heads:L3H1,L7H0 (methods {METHODS})")
-    ok = {"taylor": lambda a: _COUNT.match(a) and not a.startswith(("top", "greedy")),
-          "ablation": lambda a: _COUNT.match(a) and not a.isdigit(),
-          "cmaes": lambda a: a == "best",
-          "heads": lambda a: all(_HEAD.match(h.strip()) for h in a.split(","))}[method](arg)
+        raise ValueError(
+            f"bad setting {text!r}: use e.g. taylor:10%, ablation:top32, ablation:greedy8, cmaes:best, "
+            f"heads:L3H1,L7H0 (methods {METHODS})"
+        )
+    ok = {
+        "taylor": lambda a: _COUNT.match(a) and not a.startswith(("top", "greedy")),
+        "ablation": lambda a: _COUNT.match(a) and not a.isdigit(),
+        "cmaes": lambda a: a == "best",
+        "heads": lambda a: all(_HEAD.match(h.strip()) for h in a.split(",")),
+    }[method](arg)
     if not ok:
-        raise ValueError(f"bad {method} setting {text!r}: " + {
-            "taylor": "taylor:<p>% or taylor:<count>", "ablation": "ablation:top<k>, ablation:greedy<k> or "
-            "ablation:<p>%", "cmaes": "cmaes:best", "heads": "heads:L<layer>H<head>,..."}[method])
+        raise ValueError(
+            f"bad {method} setting {text!r}: "
+            + {
+                "taylor": "taylor:<p>% or taylor:<count>",
+                "ablation": "ablation:top<k>, ablation:greedy<k> or ablation:<p>%",
+                "cmaes": "cmaes:best",
+                "heads": "heads:L<layer>H<head>,...",
+            }[method]
+        )
     if source and method == "heads":
         raise ValueError(f"{text!r}: an explicit head list reads no analysis output")
     s = Setting(text, method, arg, source or None)
@@ -118,22 +130,23 @@ def count_of(arg: str, total: int) -> int:
 
 # ================================================================ head sets
 
+
 @dataclass
 class HeadSet:
     heads: list[Head]
-    provenance: dict              # method, analysis output and file, the rule that chose the heads
+    provenance: dict  # method, analysis output and file, the rule that chose the heads
 
 
 def _pick(stage_path: Path, stage: str, source: str | None) -> str:
     names = results.list_outputs(stage_path, stage)
     if source is None:
         if not names:
-            raise FileNotFoundError(f"no finished {stage} output under {stage_path}: run `python -m btp.{stage}` "
-                                    f"first")
+            raise FileNotFoundError(f"no finished {stage} output under {stage_path}: run `python -m btp.{stage}` first")
         return names[0]
     if source not in names:
-        raise FileNotFoundError(f"no finished {stage} output {source!r} under {stage_path} "
-                                f"(have: {', '.join(names) or 'none'})")
+        raise FileNotFoundError(
+            f"no finished {stage} output {source!r} under {stage_path} (have: {', '.join(names) or 'none'})"
+        )
     return source
 
 
@@ -151,11 +164,16 @@ def resolve(setting: Setting, ds_dir: Path, layer_heads: Sequence[int]) -> HeadS
         order = [(int(l), int(h)) for r in recs for l, h in r["pruned"]]
         k = count_of(setting.arg, total)
         if k > len(order):
-            raise ValueError(f"Taylor output {name} pruned {len(order)} heads; {setting.text} needs {k}: rerun "
-                             f"btp.taylor with more --num-iters")
+            raise ValueError(
+                f"Taylor output {name} pruned {len(order)} heads; {setting.text} needs {k}: rerun "
+                f"btp.taylor with more --num-iters"
+            )
         heads = order[:k]
-        prov.update(output=name, file=str(d / results.file_name(name, "jsonl")),
-                    rule=f"the first {k} heads the Taylor history pruned")
+        prov.update(
+            output=name,
+            file=str(d / results.file_name(name, "jsonl")),
+            rule=f"the first {k} heads the Taylor history pruned",
+        )
     elif setting.method == "ablation":
         d = ds_dir / results.STAGE_DIRS["ablation"]
         name = _pick(d, "ablation", setting.source)
@@ -164,8 +182,10 @@ def resolve(setting: Setting, ds_dir: Path, layer_heads: Sequence[int]) -> HeadS
             ko = results.read_knockout(d, name) or {}
             order = [tuple(h) for h in (ko.get("greedy") or {}).get("order", [])]
             if len(order) < k:
-                raise ValueError(f"ablation output {name} has a greedy order of {len(order)} heads; "
-                                 f"{setting.text} needs {k}: rerun btp.ablation with --greedy and larger ks")
+                raise ValueError(
+                    f"ablation output {name} has a greedy order of {len(order)} heads; "
+                    f"{setting.text} needs {k}: rerun btp.ablation with --greedy and larger ks"
+                )
             rule = f"the first {k} heads of the greedy knockout order"
         else:
             order = results.rank_heads(results.read_analysis(d, name)[0]["delta_mean"])
@@ -195,45 +215,58 @@ def random_controls(heads: Sequence[Head], layer_heads: Sequence[int], n: int, s
     out = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        out.append(sorted((l, int(h)) for l in sorted(per_layer)
-                          for h in rng.choice(layer_heads[l], per_layer[l], replace=False)))
+        out.append(
+            sorted(
+                (l, int(h)) for l in sorted(per_layer) for h in rng.choice(layer_heads[l], per_layer[l], replace=False)
+            )
+        )
     return out
 
 
 # ================================================================ arms
 
+
 @dataclass
 class Arm:
     """One model variant to generate with: the base (no heads), a setting, or a setting's random control."""
 
-    label: str                    # `base`, `taylor:10%`, `taylor:10% random0`
+    label: str  # `base`, `taylor:10%`, `taylor:10% random0`
     dir: Path
     heads: list[Head]
     provenance: dict
     setting: str | None = None
     control: int | None = None
-    ce: float | None = None       # held-out CE with the heads gated
+    ce: float | None = None  # held-out CE with the heads gated
 
     @property
     def files(self) -> dict[str, Path]:
         return results.arm_files(self.dir)
 
 
-def build_arms(settings: Sequence[Setting], ds_dir: Path, layer_heads: Sequence[int], controls: int, seed: int
-               ) -> list[Arm]:
+def build_arms(
+    settings: Sequence[Setting], ds_dir: Path, layer_heads: Sequence[int], controls: int, seed: int
+) -> list[Arm]:
     pdir = ds_dir / results.PRUNED
     arms = [Arm("base", results.arm_dir(pdir), [], {"rule": "unpruned"})]
     for s in settings:
         hs = resolve(s, ds_dir, layer_heads)
         arms.append(Arm(s.text, results.arm_dir(pdir, s.text), hs.heads, hs.provenance, s.text))
         for i, c in enumerate(random_controls(hs.heads, layer_heads, controls, seed)):
-            arms.append(Arm(f"{s.text} random{i}", results.arm_dir(pdir, s.text, i), c,
-                            {"rule": f"random heads, the per-layer counts of {s.text}", "seed": [seed, i]},
-                            s.text, i))
+            arms.append(
+                Arm(
+                    f"{s.text} random{i}",
+                    results.arm_dir(pdir, s.text, i),
+                    c,
+                    {"rule": f"random heads, the per-layer counts of {s.text}", "seed": [seed, i]},
+                    s.text,
+                    i,
+                )
+            )
     return arms
 
 
 # ================================================================ config
+
 
 @dataclass
 class PrunedConfig:
@@ -241,8 +274,11 @@ class PrunedConfig:
     controls: int = opt(3, "random head sets of the same per-layer counts per setting")
     ce_only: bool = opt(False, "stop after the held-out CE of every arm (cheap; nothing generated)")
     keep_checkpoints: bool = opt(False, "keep each arm's pruned checkpoint after it is evaluated")
-    heldout: float | int = opt(0.25, "held-out problems of the analysis samples for the CE (fraction or count, as Taylor)",
-                               parse=lambda v: cli.parse_heldout(str(v)))
+    heldout: float | int = opt(
+        0.25,
+        "held-out problems of the analysis samples for the CE (fraction or count, as Taylor)",
+        parse=lambda v: cli.parse_heldout(str(v)),
+    )
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed, as Taylor)")
     n_boot: int = opt(10000, "bootstrap resamples for the paired CIs")
 
@@ -254,8 +290,9 @@ class GenFlags:
     limit: int | None = opt(None, "first N problems (default: all of the dataset)")
     n: int = opt(1, "samples per problem")
     gen_max_tokens: int = opt(512, "new tokens per sample (every arm)", flag="max-tokens")
-    repetition_guard: int = opt(32, "stop a sample once its last N tokens occur 3 times in it (pruned models loop; "
-                                "0: off)")
+    repetition_guard: int = opt(
+        32, "stop a sample once its last N tokens occur 3 times in it (pruned models loop; 0: off)"
+    )
     temperature: float = opt(0.0, None)
     top_p: float = opt(1.0, None)
     backend: str = opt("auto", "vllm | hf | auto (vllm if importable)", choices=("auto", "vllm", "hf"))
@@ -267,20 +304,61 @@ class GenFlags:
     eval_workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)")
     eval_timeout: float | None = opt(None, "CPU seconds per test (default: the benchmark's)")
 
-    def generate_args(self, model: str, dataset: str, output: Path, seed: int, dtype: str, backend: str
-                      ) -> list[str]:
-        a = ["--model", model, "--dataset", dataset, "--output", str(output), "--n", str(self.n),
-             "--max-tokens", str(self.gen_max_tokens), "--temperature", str(self.temperature), "--top-p",
-             str(self.top_p), "--seed", str(seed), "--backend", backend, "--prompt-style", self.prompt_style,
-             "--dtype", dtype, "--batch-size", str(self.batch_size), "--repetition-guard", str(self.repetition_guard)]
-        a += _opt("--limit", self.limit) + _opt("--variant", self.variant) + \
-            _opt("--gpu-memory-utilization", self.gpu_memory_utilization)
+    def generate_args(self, model: str, dataset: str, output: Path, seed: int, dtype: str, backend: str) -> list[str]:
+        a = [
+            "--model",
+            model,
+            "--dataset",
+            dataset,
+            "--output",
+            str(output),
+            "--n",
+            str(self.n),
+            "--max-tokens",
+            str(self.gen_max_tokens),
+            "--temperature",
+            str(self.temperature),
+            "--top-p",
+            str(self.top_p),
+            "--seed",
+            str(seed),
+            "--backend",
+            backend,
+            "--prompt-style",
+            self.prompt_style,
+            "--dtype",
+            dtype,
+            "--batch-size",
+            str(self.batch_size),
+            "--repetition-guard",
+            str(self.repetition_guard),
+        ]
+        a += (
+            _opt("--limit", self.limit)
+            + _opt("--variant", self.variant)
+            + _opt("--gpu-memory-utilization", self.gpu_memory_utilization)
+        )
         return a + (["--enforce-eager"] if self.enforce_eager else [])
 
     def evaluate_args(self, label: str, dataset: str, generations: Path, seed: int, n_boot: int) -> list[str]:
-        return ["--model", label, "--dataset", dataset, "--input", str(generations), "--seed", str(seed),
-                "--n-boot", str(n_boot)] + _opt("--limit", self.limit) + _opt("--variant", self.variant) + \
-            _opt("--workers", self.eval_workers) + _opt("--timeout", self.eval_timeout)
+        return (
+            [
+                "--model",
+                label,
+                "--dataset",
+                dataset,
+                "--input",
+                str(generations),
+                "--seed",
+                str(seed),
+                "--n-boot",
+                str(n_boot),
+            ]
+            + _opt("--limit", self.limit)
+            + _opt("--variant", self.variant)
+            + _opt("--workers", self.eval_workers)
+            + _opt("--timeout", self.eval_timeout)
+        )
 
 
 def _opt(flag: str, v) -> list[str]:
@@ -288,6 +366,7 @@ def _opt(flag: str, v) -> list[str]:
 
 
 # ================================================================ running an arm
+
 
 class Runner(Protocol):
     def generate(self, args: list[str]) -> None: ...
@@ -345,11 +424,22 @@ def claim_arm(arm: Arm, identity: dict, force: bool) -> None:
 
 
 def write_headset(arm: Arm, identity: dict, base_ce: float | None, total: int, ce_key: str) -> None:
-    write_json(arm.files["headset"], {
-        "label": arm.label, "setting": arm.setting, "control": arm.control, "heads": [list(h) for h in arm.heads],
-        "n_heads": len(arm.heads), "fraction": len(arm.heads) / total, "provenance": arm.provenance,
-        "heldout_ce": arm.ce, "heldout_ce_delta": None if arm.ce is None or base_ce is None else arm.ce - base_ce,
-        "heldout_samples": ce_key, "identity": identity})
+    write_json(
+        arm.files["headset"],
+        {
+            "label": arm.label,
+            "setting": arm.setting,
+            "control": arm.control,
+            "heads": [list(h) for h in arm.heads],
+            "n_heads": len(arm.heads),
+            "fraction": len(arm.heads) / total,
+            "provenance": arm.provenance,
+            "heldout_ce": arm.ce,
+            "heldout_ce_delta": None if arm.ce is None or base_ce is None else arm.ce - base_ce,
+            "heldout_samples": ce_key,
+            "identity": identity,
+        },
+    )
 
 
 def ensure_checkpoint(lm, heads: Sequence[Head], results_dir: str, dtype: str, provenance_: dict) -> Path:
@@ -362,8 +452,13 @@ def ensure_checkpoint(lm, heads: Sequence[Head], results_dir: str, dtype: str, p
         return d
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pruned(lm.model, lm.tokenizer, heads, tmp, provenance={**provenance_, "base_model": lm.model_id,
-                                                                "base_revision": lm.revision, "dtype": dtype})
+    save_pruned(
+        lm.model,
+        lm.tokenizer,
+        heads,
+        tmp,
+        provenance={**provenance_, "base_model": lm.model_id, "base_revision": lm.revision, "dtype": dtype},
+    )
     shutil.rmtree(d, ignore_errors=True)
     tmp.rename(d)
     return d
@@ -371,10 +466,14 @@ def ensure_checkpoint(lm, heads: Sequence[Head], results_dir: str, dtype: str, p
 
 # ================================================================ comparison
 
+
 def arm_counts(evaluations: Path, problems: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(samples n, passed c) per problem from an evaluations file (the last verdict of each program)."""
-    last = {(r["problem_id"], r["sample"]): bool(r["passed"]) for r in iter_jsonl(evaluations)} \
-        if evaluations.exists() else {}
+    last = (
+        {(r["problem_id"], r["sample"]): bool(r["passed"]) for r in iter_jsonl(evaluations)}
+        if evaluations.exists()
+        else {}
+    )
     n, c = Counter(), Counter()
     for (pid, _), ok in last.items():
         n[pid] += 1
@@ -392,8 +491,16 @@ def _mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
     return {"only_this": m.only_a, "only_other": m.only_b, "p_value": m.p_value}
 
 
-def compare(arms: Sequence[Arm], counts: dict[str, tuple[np.ndarray, np.ndarray]], problems: Sequence[str],
-            n: int, total_heads: int, *, n_boot: int = 10000, seed: int = 0) -> dict:
+def compare(
+    arms: Sequence[Arm],
+    counts: dict[str, tuple[np.ndarray, np.ndarray]],
+    problems: Sequence[str],
+    n: int,
+    total_heads: int,
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+) -> dict:
     """The comparison table: pass@k per arm, paired statistics over problems of each setting and control against
     the base (bootstrap CI of the difference; exact McNemar for n = 1), and of each setting against the mean of
     its controls. `counts`: label -> (n, c) per problem."""
@@ -402,33 +509,52 @@ def compare(arms: Sequence[Arm], counts: dict[str, tuple[np.ndarray, np.ndarray]
     base = arms[0]
 
     def entry(a: Arm) -> dict:
-        e = {"label": a.label, "folder": str(a.dir.relative_to(base.dir.parent)), "n_heads": len(a.heads),
-             "fraction": len(a.heads) / total_heads, "heads": [list(h) for h in a.heads], "heldout_ce": a.ce,
-             "heldout_ce_delta": None if a.ce is None or base.ce is None else a.ce - base.ce,
-             "pass_at_k": {k: float(v.mean()) for k, v in per[a.label].items()},
-             "solved": int((counts[a.label][1] > 0).sum())}
+        e = {
+            "label": a.label,
+            "folder": str(a.dir.relative_to(base.dir.parent)),
+            "n_heads": len(a.heads),
+            "fraction": len(a.heads) / total_heads,
+            "heads": [list(h) for h in a.heads],
+            "heldout_ce": a.ce,
+            "heldout_ce_delta": None if a.ce is None or base.ce is None else a.ce - base.ce,
+            "pass_at_k": {k: float(v.mean()) for k, v in per[a.label].items()},
+            "solved": int((counts[a.label][1] > 0).sum()),
+        }
         if a is not base:
             e["vs_base"] = {k: _paired(v, per[base.label][k], n_boot, seed) for k, v in per[a.label].items()}
             if n == 1:
                 e["vs_base"]["mcnemar"] = _mcnemar(counts[a.label][1] > 0, counts[base.label][1] > 0)
         return e
 
-    out: dict = {"n_problems": len(problems), "n": n, "ks": ks, "total_heads": total_heads,
-                 "statistics": "paired over problems: bootstrap percentile CI of the difference (this - other), "
-                               "p from the bootstrap; exact McNemar on discordant problems when n = 1",
-                 "base": entry(base), "settings": []}
+    out: dict = {
+        "n_problems": len(problems),
+        "n": n,
+        "ks": ks,
+        "total_heads": total_heads,
+        "statistics": "paired over problems: bootstrap percentile CI of the difference (this - other), "
+        "p from the bootstrap; exact McNemar on discordant problems when n = 1",
+        "base": entry(base),
+        "settings": [],
+    }
     for a in arms[1:]:
         if a.control is not None:
             continue
         ctl = [c for c in arms if c.setting == a.setting and c.control is not None]
-        e = {**entry(a), "method": a.provenance.get("method"), "provenance": a.provenance,
-             "controls": [entry(c) for c in ctl]}
+        e = {
+            **entry(a),
+            "method": a.provenance.get("method"),
+            "provenance": a.provenance,
+            "controls": [entry(c) for c in ctl],
+        }
         if ctl:
             means = {k: [float(per[c.label][k].mean()) for c in ctl] for k in per[a.label]}
-            e["controls_pass_at_k"] = {k: {"mean": float(np.mean(v)), "min": min(v), "max": max(v)}
-                                       for k, v in means.items()}
-            e["vs_controls"] = {k: _paired(v, np.mean([per[c.label][k] for c in ctl], axis=0), n_boot, seed)
-                                for k, v in per[a.label].items()}
+            e["controls_pass_at_k"] = {
+                k: {"mean": float(np.mean(v)), "min": min(v), "max": max(v)} for k, v in means.items()
+            }
+            e["vs_controls"] = {
+                k: _paired(v, np.mean([per[c.label][k] for c in ctl], axis=0), n_boot, seed)
+                for k, v in per[a.label].items()
+            }
         out["settings"].append(e)
     return out
 
@@ -438,14 +564,23 @@ def format_comparison(comp: dict) -> str:
     rows = [["arm", "heads", "frac", "held-out CE (Δ)", "pass@1", "Δ vs base [95% CI]", "p (McNemar)"]]
 
     def row(e: dict, indent: str = "") -> list[str]:
-        ce = "-" if e["heldout_ce"] is None else f"{e['heldout_ce']:.4f}" + (
-            f" ({e['heldout_ce_delta']:+.4f})" if e.get("heldout_ce_delta") else "")
+        ce = (
+            "-"
+            if e["heldout_ce"] is None
+            else f"{e['heldout_ce']:.4f}" + (f" ({e['heldout_ce_delta']:+.4f})" if e.get("heldout_ce_delta") else "")
+        )
         vb = (e.get("vs_base") or {}).get("pass@1")
         mc = (e.get("vs_base") or {}).get("mcnemar")
         p = "-" if vb is None else f"{(mc or vb)['p_value']:.3g}"
-        return [indent + e["label"].split(" ")[-1] if indent else e["label"], str(e["n_heads"]),
-                f"{e['fraction']:.3f}", ce, f"{e['pass_at_k']['pass@1']:.3f}",
-                "-" if vb is None else f"{vb['diff']:+.3f} [{vb['ci_low']:+.3f}, {vb['ci_high']:+.3f}]", p]
+        return [
+            indent + e["label"].split(" ")[-1] if indent else e["label"],
+            str(e["n_heads"]),
+            f"{e['fraction']:.3f}",
+            ce,
+            f"{e['pass_at_k']['pass@1']:.3f}",
+            "-" if vb is None else f"{vb['diff']:+.3f} [{vb['ci_low']:+.3f}, {vb['ci_high']:+.3f}]",
+            p,
+        ]
 
     rows.append(row(comp["base"]))
     for s in comp["settings"]:
@@ -453,30 +588,41 @@ def format_comparison(comp: dict) -> str:
         rows += [row(c, "  ") for c in s["controls"]]
         if "vs_controls" in s:
             v, cp = s["vs_controls"]["pass@1"], s["controls_pass_at_k"]["pass@1"]
-            rows.append(["  controls mean", "", "", "", f"{cp['mean']:.3f}",
-                         f"setting-controls {v['diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]",
-                         f"{v['p_value']:.3g}"])
+            rows.append(
+                [
+                    "  controls mean",
+                    "",
+                    "",
+                    "",
+                    f"{cp['mean']:.3f}",
+                    f"setting-controls {v['diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]",
+                    f"{v['p_value']:.3g}",
+                ]
+            )
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * x for x in w))
-    return f"{comp.get('model', '')} {comp.get('dataset', '')}: {comp['n_problems']} problems x {comp['n']}\n" + \
-        "\n".join(lines)
+    return (
+        f"{comp.get('model', '')} {comp.get('dataset', '')}: {comp['n_problems']} problems x {comp['n']}\n"
+        + "\n".join(lines)
+    )
 
 
 # ================================================================ the stage
+
 
 @dataclass
 class Plan:
     """What a run decided before loading weights."""
 
     arms: list[Arm]
-    identity: dict                    # the whole comparison's
-    arm_base: dict                    # every arm's identity but its heads
+    identity: dict  # the whole comparison's
+    arm_base: dict  # every arm's identity but its heads
     problems: list[str]
     total_heads: int
     dtype: str
     comparison: Path
-    backend: str = "hf"               # the engine every arm generates with (`--backend auto` resolved)
+    backend: str = "hf"  # the engine every arm generates with (`--backend auto` resolved)
     notes: list[str] = field(default_factory=list)
 
 
@@ -491,8 +637,19 @@ def layer_heads_of(path: str) -> list[int]:
     return [config_head_layout(c).n_heads] * int(text_config(c)["num_hidden_layers"])
 
 
-def run_arms(plan: Plan, *, lm_loader, heldout, gen: GenFlags, cfg: PrunedConfig, dataset: str, seed: int,
-             results_dir: str, force: bool, runner: Runner) -> dict:
+def run_arms(
+    plan: Plan,
+    *,
+    lm_loader,
+    heldout,
+    gen: GenFlags,
+    cfg: PrunedConfig,
+    dataset: str,
+    seed: int,
+    results_dir: str,
+    force: bool,
+    runner: Runner,
+) -> dict:
     """CE of every arm, then checkpoint, generate and evaluate the arms not done, then the comparison."""
     arms = plan.arms
     ids = {a.label: arm_identity(a, plan.arm_base) for a in arms}
@@ -523,37 +680,51 @@ def run_arms(plan: Plan, *, lm_loader, heldout, gen: GenFlags, cfg: PrunedConfig
         return {}
     n_programs = len(plan.problems) * gen.n
     todo = [a for a in arms if not arm_done(a, ids[a.label], n_programs)]
-    print(f"[btp.pruned] {len(arms)} arms, {len(arms) - len(todo)} done, {len(todo)} to generate and evaluate",
-          file=sys.stderr)
+    print(
+        f"[btp.pruned] {len(arms)} arms, {len(arms) - len(todo)} done, {len(todo)} to generate and evaluate",
+        file=sys.stderr,
+    )
     ckpts: dict[str, Path] = {}
     if todo:
         lm = lm or lm_loader()
         for a in todo:
-            ckpts[a.label] = ensure_checkpoint(lm, a.heads, results_dir, plan.dtype, {"arm": a.label,
-                                                                                      **a.provenance})
+            ckpts[a.label] = ensure_checkpoint(lm, a.heads, results_dir, plan.dtype, {"arm": a.label, **a.provenance})
     del lm
-    _free_memory()   # the engines run in subprocesses: give them the memory
+    _free_memory()  # the engines run in subprocesses: give them the memory
     for a in todo:
         f = a.files
         try:
-            runner.generate(gen.generate_args(str(ckpts[a.label]), dataset, f["generations"], seed, plan.dtype,
-                                              plan.backend))
+            runner.generate(
+                gen.generate_args(str(ckpts[a.label]), dataset, f["generations"], seed, plan.dtype, plan.backend)
+            )
         except subprocess.CalledProcessError:
             if not _fall_back(plan, gen, a):
                 raise
-            runner.generate(gen.generate_args(str(ckpts[a.label]), dataset, f["generations"], seed, plan.dtype,
-                                              plan.backend))
+            runner.generate(
+                gen.generate_args(str(ckpts[a.label]), dataset, f["generations"], seed, plan.dtype, plan.backend)
+            )
         runner.evaluate(gen.evaluate_args(a.label, dataset, f["generations"], seed, cfg.n_boot))
-        if not cfg.keep_checkpoints and all(ckpts[a.label] != ckpts[b.label] for b in todo[todo.index(a) + 1:]):
+        if not cfg.keep_checkpoints and all(ckpts[a.label] != ckpts[b.label] for b in todo[todo.index(a) + 1 :]):
             shutil.rmtree(ckpts[a.label], ignore_errors=True)
     counts = {a.label: arm_counts(a.files["evaluations"], plan.problems) for a in arms}
     comp = compare(arms, counts, plan.problems, gen.n, plan.total_heads, n_boot=cfg.n_boot, seed=seed)
-    comp = {"model": plan.arm_base["model"], "dataset": dataset, **comp, "backend": plan.backend,
-            "notes": plan.notes, **results.identity_stamp(plan.identity),
-            "provenance": provenance(stage="pruned", model=plan.arm_base["model"],
-                                     revision=plan.arm_base["revision"], dataset=dataset, seed=seed,
-                                     config={**asdict(cfg), **asdict(gen)})}
-    comp["table"] = format_comparison(comp)   # as printed: notebooks show it without importing a stage
+    comp = {
+        "model": plan.arm_base["model"],
+        "dataset": dataset,
+        **comp,
+        "backend": plan.backend,
+        "notes": plan.notes,
+        **results.identity_stamp(plan.identity),
+        "provenance": provenance(
+            stage="pruned",
+            model=plan.arm_base["model"],
+            revision=plan.arm_base["revision"],
+            dataset=dataset,
+            seed=seed,
+            config={**asdict(cfg), **asdict(gen)},
+        ),
+    }
+    comp["table"] = format_comparison(comp)  # as printed: notebooks show it without importing a stage
     write_json(plan.comparison, comp)
     return comp
 
@@ -611,8 +782,9 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     # fallback; the identity keeps the flag, the comparison records the engine used
     import importlib.util
 
-    backend = gen.backend if gen.backend != "auto" else \
-        ("vllm" if importlib.util.find_spec("vllm") is not None else "hf")
+    backend = (
+        gen.backend if gen.backend != "auto" else ("vllm" if importlib.util.find_spec("vllm") is not None else "hf")
+    )
     ref = resolve_model(args.model)
     layer_heads = layer_heads_of(ref.path)
     ds_dir = results.dataset_dir(args.results_dir, ref.model_id, args.dataset)
@@ -625,28 +797,58 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     ss = load_samples(args.results_dir, ref.model_id, args.dataset, scfg, tok)
     heldout = ss.split(cfg.heldout, seed=args.seed if cfg.split_seed is None else cfg.split_seed)[1]
     gen_id = {k: v for k, v in asdict(gen).items() if k not in ("batch_size", "eval_workers", "gpu_memory_utilization")}
-    arm_base = {"model": ref.model_id, "revision": ref.revision, "dtype": dtype_s, "dataset": args.dataset,
-                "seed": args.seed, "generation": gen_id}
-    identity = {**arm_base, **results.sample_identity(heldout.fields()), "controls": cfg.controls,
-                "arms": {a.label: [list(h) for h in a.heads] for a in arms}}
-    plan = Plan(arms, identity, arm_base, problems, sum(layer_heads), dtype_s,
-                results.pruned_dir(args.results_dir, ref.model_id, args.dataset) / results.COMPARISON, backend)
-    if plan.comparison.exists() and not args.force and not cfg.ce_only and \
-            results.identity_diff(read_json(plan.comparison).get("identity"), identity) is None:
+    arm_base = {
+        "model": ref.model_id,
+        "revision": ref.revision,
+        "dtype": dtype_s,
+        "dataset": args.dataset,
+        "seed": args.seed,
+        "generation": gen_id,
+    }
+    identity = {
+        **arm_base,
+        **results.sample_identity(heldout.fields()),
+        "controls": cfg.controls,
+        "arms": {a.label: [list(h) for h in a.heads] for a in arms},
+    }
+    plan = Plan(
+        arms,
+        identity,
+        arm_base,
+        problems,
+        sum(layer_heads),
+        dtype_s,
+        results.pruned_dir(args.results_dir, ref.model_id, args.dataset) / results.COMPARISON,
+        backend,
+    )
+    if (
+        plan.comparison.exists()
+        and not args.force
+        and not cfg.ce_only
+        and results.identity_diff(read_json(plan.comparison).get("identity"), identity) is None
+    ):
         comp = read_json(plan.comparison)
         print(f"[btp.pruned] {plan.comparison} is done for this configuration (use --force to redo)")
         print(comp.get("table") or format_comparison(comp))
         return comp
     lm_loader = lambda: load_model(args.model, dtype=dtype, device=dev)
     try:
-        comp = run_arms(plan, lm_loader=lm_loader, heldout=heldout, gen=gen, cfg=cfg, dataset=args.dataset,
-                        seed=args.seed, results_dir=args.results_dir, force=args.force,
-                        runner=runner or SubprocessRunner())
+        comp = run_arms(
+            plan,
+            lm_loader=lm_loader,
+            heldout=heldout,
+            gen=gen,
+            cfg=cfg,
+            dataset=args.dataset,
+            seed=args.seed,
+            results_dir=args.results_dir,
+            force=args.force,
+            runner=runner or SubprocessRunner(),
+        )
     except results.IdentityError as e:
         raise SystemExit(str(e)) from None
-    except subprocess.CalledProcessError as e:   # finished arms stay done and the checkpoint cached: rerun resumes
-        raise SystemExit(f"{' '.join(e.cmd[1:4])} failed (exit {e.returncode}) — rerun to resume") \
-            from None
+    except subprocess.CalledProcessError as e:  # finished arms stay done and the checkpoint cached: rerun resumes
+        raise SystemExit(f"{' '.join(e.cmd[1:4])} failed (exit {e.returncode}) — rerun to resume") from None
     if comp:
         print(comp["table"])
         print(f"[btp.pruned] wrote {plan.comparison}")

@@ -14,6 +14,7 @@
 
 Light on purpose (numpy and the store only): `check` imports it without torch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,18 +36,19 @@ SOURCES = ("generations", "reference")
 # `*_paired`: only problems that have both correct and incorrect generations, so that correct vs incorrect compares
 # the same problems (not easy vs hard ones)
 SELECTS = ("correct", "incorrect", "all", "correct_paired", "incorrect_paired")
-PAIRED = {"correct_paired": "correct", "incorrect_paired": "incorrect"}   # paired select -> its verdict
+PAIRED = {"correct_paired": "correct", "incorrect_paired": "incorrect"}  # paired select -> its verdict
 # stage name -> its folder under results/<model>/<dataset>/
 STAGE_DIRS = {"entropy_lens": "entropy", "ablation": "ablation", "taylor": "taylor", "cmaes": "cmaes"}
-GENERATIONS, EVALUATIONS, SUMMARY = "generations.jsonl", "evaluations.jsonl", "summary.json"   # per dataset dir
-CIRCUITS = "circuits"          # cross-model outputs: `results/circuits/<base-slug>__<other-slug>.<ext>`
-KNOCKOUT = "knockout"          # the part name of ablation's knockout curves: `<stem>_knockout.json`
-PARTIAL = "partial"            # progress files: `<stem>.partial.npz`, `<stem>_knockout.partial.json`
-JSONL_STAGES = ("taylor", "cmaes")   # stages whose output is `<stem>.jsonl` (one record per step)
+GENERATIONS, EVALUATIONS, SUMMARY = "generations.jsonl", "evaluations.jsonl", "summary.json"  # per dataset dir
+CIRCUITS = "circuits"  # cross-model outputs: `results/circuits/<base-slug>__<other-slug>.<ext>`
+KNOCKOUT = "knockout"  # the part name of ablation's knockout curves: `<stem>_knockout.json`
+PARTIAL = "partial"  # progress files: `<stem>.partial.npz`, `<stem>_knockout.partial.json`
+JSONL_STAGES = ("taylor", "cmaes")  # stages whose output is `<stem>.jsonl` (one record per step)
 _POPULATION_WORDS = ("reference", *SELECTS)
 
 
 # ================================================================ layout
+
 
 def model_slug(model_id: str) -> str:
     """`Qwen/Qwen2.5-1.5B` -> `Qwen--Qwen2.5-1.5B`; local folders use their last path parts."""
@@ -90,13 +92,17 @@ def find_model_dir(results_dir: str | os.PathLike, model: str | None) -> Path:
     model under `results_dir`. FileNotFoundError / ValueError say why none is found."""
     root = Path(results_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"results dir {root} not found — give --results-dir (run from the folder that holds "
-                                "results/, or point at it)")
+        raise FileNotFoundError(
+            f"results dir {root} not found — give --results-dir (run from the folder that holds "
+            "results/, or point at it)"
+        )
     if model is None:
         models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != CIRCUITS)
         if len(models) != 1:
-            raise store.UserError(f"{root} holds {len(models)} models — pass --model, one of: "
-                                  f"{', '.join(p.name for p in models) or 'none'}")
+            raise store.UserError(
+                f"{root} holds {len(models)} models — pass --model, one of: "
+                f"{', '.join(p.name for p in models) or 'none'}"
+            )
         return models[0]
     for name in model_dir_names(root, model):
         if (root / name).is_dir():
@@ -170,11 +176,11 @@ def summary_path(evaluations: str | os.PathLike) -> Path:
 
 # ================================================================ pruned inference
 
-PRUNED = "pruned"              # `results/<slug>/<ds>/pruned/`: one folder per setting, and the comparison
+PRUNED = "pruned"  # `results/<slug>/<ds>/pruned/`: one folder per setting, and the comparison
 COMPARISON = "comparison.json"  # `pruned/comparison.json`: every arm's pass@k and paired statistics
-HEADSET = "headset.json"       # per arm: the heads removed, their provenance, the held-out CE, the arm's identity
-BASE_ARM = "base"              # `pruned/base/`: the unpruned model, re-run under the same settings
-CONTROL = "random"             # `pruned/<setting>/random<i>/`: control i of a setting
+HEADSET = "headset.json"  # per arm: the heads removed, their provenance, the held-out CE, the arm's identity
+BASE_ARM = "base"  # `pruned/base/`: the unpruned model, re-run under the same settings
+CONTROL = "random"  # `pruned/<setting>/random<i>/`: control i of a setting
 
 
 def setting_folder(setting: str) -> str:
@@ -201,8 +207,12 @@ def arm_dir(pruned: Path, setting: str | None = None, control: int | None = None
 def arm_files(arm: Path) -> dict[str, Path]:
     """An arm's files: generations, evaluations and summary (as the generate/evaluate stages name them beside
     each other) and its head set."""
-    return {"generations": arm / GENERATIONS, "evaluations": arm / EVALUATIONS, "summary": arm / SUMMARY,
-            "headset": arm / HEADSET}
+    return {
+        "generations": arm / GENERATIONS,
+        "evaluations": arm / EVALUATIONS,
+        "summary": arm / SUMMARY,
+        "headset": arm / HEADSET,
+    }
 
 
 def checkpoint_dir(results_dir: str | os.PathLike, key: str) -> Path:
@@ -235,9 +245,15 @@ def pruned_progress(pruned: Path) -> dict[str, dict]:
         return out
     for d in sorted(p for p in pruned.iterdir() if p.is_dir() and not p.name.startswith(".")):
         arms = [d] + sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(CONTROL))
-        out[d.name] = {k: sum((a / f).exists() for a in arms) for k, f in
-                       (("arms", HEADSET), ("generated", GENERATIONS), ("evaluated", EVALUATIONS),
-                        ("summarized", SUMMARY))}
+        out[d.name] = {
+            k: sum((a / f).exists() for a in arms)
+            for k, f in (
+                ("arms", HEADSET),
+                ("generated", GENERATIONS),
+                ("evaluated", EVALUATIONS),
+                ("summarized", SUMMARY),
+            )
+        }
     return out
 
 
@@ -261,6 +277,7 @@ def cmaes_removed(stage_path: str | os.PathLike, name: str | None = None) -> tup
 
 # ================================================================ stem grammar
 
+
 @dataclass(frozen=True)
 class Stem:
     """The name of an analysis output without its part and extension: the analysis samples' mode and population,
@@ -281,8 +298,10 @@ class Stem:
         words = [w for v in self.variant for w in v.split("-")]
         bad = [v for v in words if not v or "." in v or "/" in v or v.endswith("_" + KNOCKOUT)]
         if bad or (words and words[0] in _POPULATION_WORDS):
-            raise ValueError(f"bad output name variant {self.variant!r}: words must be non-empty, without '.', '/', "
-                             f"a trailing _{KNOCKOUT}, nor start with a population name {_POPULATION_WORDS}")
+            raise ValueError(
+                f"bad output name variant {self.variant!r}: words must be non-empty, without '.', '/', "
+                f"a trailing _{KNOCKOUT}, nor start with a population name {_POPULATION_WORDS}"
+            )
 
     @property
     def population(self) -> str:
@@ -314,7 +333,7 @@ def parse_stem(name: str) -> Stem:
     mode = next((m for m in MODES if name == m or name.startswith(m + "-")), None)
     if mode is None:
         raise ValueError(f"output name {name!r} does not start with a mode {MODES}")
-    rest = [t for t in name[len(mode):].split("-")]
+    rest = [t for t in name[len(mode) :].split("-")]
     rest = rest[1:] if rest and rest[0] == "" else rest
     source, select = "generations", "correct"
     if rest and rest[0] == "reference":
@@ -386,8 +405,7 @@ class Output:
 
 
 def output(results_dir: str | os.PathLike, model_id: str, dataset: str, stage: str, stem: Stem | str) -> Output:
-    return Output(stage_dir(results_dir, model_id, dataset, stage), parse_stem(stem) if isinstance(stem, str)
-                  else stem)
+    return Output(stage_dir(results_dir, model_id, dataset, stage), parse_stem(stem) if isinstance(stem, str) else stem)
 
 
 def list_outputs(stage_path: str | os.PathLike, stage: str) -> list[str]:
@@ -414,6 +432,7 @@ def stem_order(name: str) -> tuple:
 
 # ================================================================ identity and claim
 
+
 def code_sha(code: str) -> str:
     """The identity of judged code: an evaluation record carries it, so a verdict is matched to the generation whose
     code it judged (a regenerated sample's old verdict is refused)."""
@@ -425,9 +444,11 @@ class IdentityError(ValueError):
 
     def __init__(self, path: Path, field_name: str, old: Any, new: Any):
         self.path, self.field, self.old, self.new = path, field_name, old, new
-        short = lambda v: (s if len(s := json.dumps(v, default=str)) <= 80 else s[:77] + "...")
-        super().__init__(f"{path} exists for other {field_name} (written with {short(old)}, this run has "
-                         f"{short(new)}) — use --force to overwrite or another --results-dir")
+        short = lambda v: s if len(s := json.dumps(v, default=str)) <= 80 else s[:77] + "..."
+        super().__init__(
+            f"{path} exists for other {field_name} (written with {short(old)}, this run has "
+            f"{short(new)}) — use --force to overwrite or another --results-dir"
+        )
 
 
 def identity_key(identity: dict) -> str:
@@ -441,8 +462,10 @@ def sample_identity(fields: dict[str, np.ndarray]) -> dict:
     h = hashlib.sha1()
     for k in ("input_ids", "sample_offsets", "position", "token_id"):
         h.update(np.ascontiguousarray(fields[k], dtype=np.int64).tobytes())
-    return {"samples": [[str(p), int(s)] for p, s in zip(fields["sample_problem_id"], fields["sample_number"])],
-            "tokens": h.hexdigest()[:16]}
+    return {
+        "samples": [[str(p), int(s)] for p, s in zip(fields["sample_problem_id"], fields["sample_number"])],
+        "tokens": h.hexdigest()[:16],
+    }
 
 
 def identity_diff(old: dict | None, new: dict) -> tuple[str, Any, Any] | None:
@@ -463,7 +486,7 @@ def check_record(rec: dict, expect: dict, where: str, *, hint: str) -> None:
     diff = identity_diff({k: rec.get(k) for k in expect}, expect)
     if diff is not None:
         k, old, new = diff
-        short = lambda v: (s if len(s := json.dumps(v, default=str)) <= 80 else s[:77] + "...")
+        short = lambda v: s if len(s := json.dumps(v, default=str)) <= 80 else s[:77] + "..."
         raise ValueError(f"{where}: written with other {k} ({short(old)}, this run has {short(new)}); {hint}")
 
 
@@ -509,9 +532,18 @@ def stored_identity(record: Path) -> dict | None:
     return doc.get("identity") if isinstance(doc, dict) else None
 
 
-def claim(out: Output, identity: dict, *, force: bool, files: Sequence[str], record: str = "json",
-          part: str = "", partials: Sequence[str] = (), complete: Callable[[], bool] | None = None,
-          append: bool = False) -> Claim:
+def claim(
+    out: Output,
+    identity: dict,
+    *,
+    force: bool,
+    files: Sequence[str],
+    record: str = "json",
+    part: str = "",
+    partials: Sequence[str] = (),
+    complete: Callable[[], bool] | None = None,
+    append: bool = False,
+) -> Claim:
     """The one check every stage makes before it loads weights.
 
     `files`: extensions of the output's files (all present: it exists); `record`: the extension of the file
@@ -538,14 +570,20 @@ def claim(out: Output, identity: dict, *, force: bool, files: Sequence[str], rec
 
 # ================================================================ partial progress
 
+
 def read_partial(path: Path | None, key: str, *, quiet: bool = False) -> dict | None:
     """A progress file's state (npz arrays, a pickled dict (`.pkl`), or a JSON object) if it exists, is readable
     and belongs to the identity whose key is `key`; None otherwise (with a warning unless `quiet`)."""
     if path is None or not path.exists():
         return None
     try:
-        st = read_npz(path) if path.name.endswith(".npz") else store.read_pickle(path) if path.name.endswith(".pkl") \
+        st = (
+            read_npz(path)
+            if path.name.endswith(".npz")
+            else store.read_pickle(path)
+            if path.name.endswith(".pkl")
             else read_json(path)
+        )
     except Exception as e:  # noqa: BLE001  (a partial file is a cache: unreadable means start afresh)
         if not quiet:
             warnings.warn(f"[btp.results] ignoring unreadable partial file {path}: {e}", stacklevel=2)
@@ -573,6 +611,7 @@ def write_partial(path: Path | None, key: str, state: dict) -> None:
 
 # ================================================================ runs files and staleness
 
+
 def read_runs(path: str | os.PathLike) -> list[dict]:
     """The stamps of the runs that appended to a JSONL output (`<stem>.runs.json`), oldest first; [] if none."""
     rp = runs_path(path)
@@ -582,8 +621,9 @@ def read_runs(path: str | os.PathLike) -> list[dict]:
     return runs if isinstance(runs, list) else []
 
 
-def check_runs(path: str | os.PathLike, config: dict, keys: Sequence[str], *, what: str, hint: str,
-               runs: set | None = None) -> None:
+def check_runs(
+    path: str | os.PathLike, config: dict, keys: Sequence[str], *, what: str, hint: str, runs: set | None = None
+) -> None:
     """Refuse to add records made with other settings to a JSONL output: every run in its runs file (or only
     those in `runs`, the runs whose records are still in use) must agree with `config` on `keys`. The
     ValueError names the run and each differing setting as (old, new)."""
@@ -593,8 +633,9 @@ def check_runs(path: str | os.PathLike, config: dict, keys: Sequence[str], *, wh
         old = run.get("config") or {}
         diff = {k: (old.get(k), config.get(k)) for k in keys if k in old and old.get(k) != config.get(k)}
         if diff:
-            raise ValueError(f"{path} holds {what} of run {run.get('run')} with other settings {diff} (old, new); "
-                             f"{hint}")
+            raise ValueError(
+                f"{path} holds {what} of run {run.get('run')} with other settings {diff} (old, new); {hint}"
+            )
 
 
 def mtime(p: str | os.PathLike) -> float | None:
@@ -631,6 +672,7 @@ def staleness(ds_dir: Path, stage_path: Path, name: str) -> str | None:
 
 # ================================================================ readers
 
+
 def read_analysis(stage_path: str | os.PathLike, name: str) -> tuple[dict, dict]:
     """(arrays, metadata) of an npz output (entropy, ablation matrix): metadata from `<name>.json`, else the
     npz's provenance stamp."""
@@ -646,7 +688,7 @@ def read_knockout(stage_path: str | os.PathLike, name: str) -> dict | None:
     return read_json(p) if p.exists() else None
 
 
-ATP = "atp"                     # the variant word of an attribution-patching screen (ablation `--method atp`)
+ATP = "atp"  # the variant word of an attribution-patching screen (ablation `--method atp`)
 SAMPLE_FIELDS = ("input_ids", "sample_offsets", "position", "token_id")
 
 
@@ -688,7 +730,7 @@ def read_taylor(stage_path: str | os.PathLike, name: str) -> tuple[list[dict], d
     meta: dict = runs[-1] if runs else {}
     npz = d / file_name(name, "samples.npz")
     if not runs and npz.exists():
-        with np.load(npz, allow_pickle=False) as z:   # the stamp only, not the arrays
+        with np.load(npz, allow_pickle=False) as z:  # the stamp only, not the arrays
             meta = json.loads(str(z["provenance"])) if "provenance" in z.files else {}
     return recs, meta
 
@@ -716,23 +758,42 @@ def head_importances(results_dir: str | os.PathLike, model_id: str) -> tuple[lis
         abl, tay = ds / STAGE_DIRS["ablation"], ds / STAGE_DIRS["taylor"]
         for name in list_outputs(abl, "ablation"):
             imp = np.asarray(read_analysis(abl, name)[0]["delta_mean"], dtype=np.float64)
-            found.append({"stage": "ablation", "dataset": ds.name, "name": name,
-                          "what": "delta_mean (ΔCE, atp estimate)" if is_estimate(name) else "delta_mean (ΔCE)",
-                          "importance": imp})
+            found.append(
+                {
+                    "stage": "ablation",
+                    "dataset": ds.name,
+                    "name": name,
+                    "what": "delta_mean (ΔCE, atp estimate)" if is_estimate(name) else "delta_mean (ΔCE)",
+                    "importance": imp,
+                }
+            )
         for name in list_outputs(tay, "taylor"):
             recs = read_taylor(tay, name)[0]
             if recs and "importance" in recs[0]:
-                found.append({"stage": "taylor", "dataset": ds.name, "name": name,
-                              "what": "Taylor importance, first iteration", "importance": importance_matrix(recs[0])})
+                found.append(
+                    {
+                        "stage": "taylor",
+                        "dataset": ds.name,
+                        "name": name,
+                        "what": "Taylor importance, first iteration",
+                        "importance": importance_matrix(recs[0]),
+                    }
+                )
         cm = ds / STAGE_DIRS["cmaes"]
         for name in list_outputs(cm, "cmaes"):
             final = read_cmaes(cm, name)[1]
             if final is None or "mask" not in final.get("final", {}):
                 notes.append(f"{cm / name}: CMA-ES search not finished; not joined")
                 continue
-            found.append({"stage": "cmaes", "dataset": ds.name, "name": name,
-                          "what": "CMA-ES final mask (1 kept, 0 removed)",
-                          "importance": mask_from_rows(final["final"]["mask"])})
+            found.append(
+                {
+                    "stage": "cmaes",
+                    "dataset": ds.name,
+                    "name": name,
+                    "what": "CMA-ES final mask (1 kept, 0 removed)",
+                    "importance": mask_from_rows(final["final"]["mask"]),
+                }
+            )
     return found, notes
 
 

@@ -11,6 +11,7 @@ tokens are scored.
 - A sample's scored tokens are input_ids[score_start:score_end]; the logits that predict token t sit at
   position t - 1 (`positions`).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,23 +28,36 @@ from .store import UserError, read_jsonl
 
 @dataclass
 class SampleConfig:
-    source: str = opt("generations", "generations: the model's own outputs; reference: the benchmark's reference "
-                      "solutions", choices=SOURCES)
-    select: str = opt("correct", "which generations (by evaluation); *_paired: only problems with both correct and "
-                      "incorrect generations", choices=SELECTS)
-    mode: str = opt("regular", "regular: score reasoning + code (up to the code's end); chain_code: reasoning in "
-                    "context, score code only",
-                    choices=MODES)
+    source: str = opt(
+        "generations",
+        "generations: the model's own outputs; reference: the benchmark's reference solutions",
+        choices=SOURCES,
+    )
+    select: str = opt(
+        "correct",
+        "which generations (by evaluation); *_paired: only problems with both correct and incorrect generations",
+        choices=SELECTS,
+    )
+    mode: str = opt(
+        "regular",
+        "regular: score reasoning + code (up to the code's end); chain_code: reasoning in context, score code only",
+        choices=MODES,
+    )
     num_samples: int | None = opt(None, "how many samples (default: all)")
-    seed: int = 0                    # the stage's --seed
+    seed: int = 0  # the stage's --seed
     # cap on a sample's length: keep the prompt's head (BOS, template start, system prompt) and the scored span, cut
     # the context right after the head
-    max_tokens: int | None = opt(None, "cap per-sample length (cut the prompt body after BOS and the template "
-                                 "start; a sample whose scored span does not fit is left out)")
+    max_tokens: int | None = opt(
+        None,
+        "cap per-sample length (cut the prompt body after BOS and the template "
+        "start; a sample whose scored span does not fit is left out)",
+    )
     # for the reference source: as the generator would prompt (the same template options and system prompt)
     prompt_style: str = opt("auto", None, choices=("auto", "chat", "completion"))
-    chat_template_kwargs: dict = opt(help="reference source: JSON passed to the chat template, as to generate, e.g. "
-                                     '\'{"enable_thinking": false}\'', factory=dict)
+    chat_template_kwargs: dict = opt(
+        help="reference source: JSON passed to the chat template, as to generate, e.g. '{\"enable_thinking\": false}'",
+        factory=dict,
+    )
     system_prompt: str | None = opt(None, "reference source: the system prompt, as given to generate")
 
     def __post_init__(self) -> None:
@@ -66,11 +80,11 @@ class SampleConfig:
 @dataclass
 class Sample:
     problem_id: str
-    sample: int                 # generation sample index; -1 for a reference solution
-    input_ids: np.ndarray       # int64 [T]: the exact context (prompt + answer), after any left cut
-    score_start: int            # scored tokens: input_ids[score_start:score_end]
+    sample: int  # generation sample index; -1 for a reference solution
+    input_ids: np.ndarray  # int64 [T]: the exact context (prompt + answer), after any left cut
+    score_start: int  # scored tokens: input_ids[score_start:score_end]
     score_end: int
-    cut_left: int = 0           # tokens removed by max_tokens, right after the prompt's head (`prompt_head`)
+    cut_left: int = 0  # tokens removed by max_tokens, right after the prompt's head (`prompt_head`)
 
     @property
     def positions(self) -> np.ndarray:
@@ -79,7 +93,7 @@ class Sample:
 
     @property
     def targets(self) -> np.ndarray:
-        return self.input_ids[self.score_start:self.score_end]
+        return self.input_ids[self.score_start : self.score_end]
 
     @property
     def n_scored(self) -> int:
@@ -108,25 +122,37 @@ class SampleSet:
         lens = [len(s.input_ids) for s in self.samples]
         return {
             "input_ids": np.concatenate([s.input_ids for s in self.samples]).astype(np.int64)
-            if self.samples else np.zeros(0, np.int64),
+            if self.samples
+            else np.zeros(0, np.int64),
             "sample_offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-            "sample_index": np.concatenate([np.full(s.n_scored, i) for i, s in enumerate(self.samples)]
-                                           ).astype(np.int64) if self.samples else np.zeros(0, np.int64),
+            "sample_index": np.concatenate([np.full(s.n_scored, i) for i, s in enumerate(self.samples)]).astype(
+                np.int64
+            )
+            if self.samples
+            else np.zeros(0, np.int64),
             "position": np.concatenate([s.positions for s in self.samples]).astype(np.int64)
-            if self.samples else np.zeros(0, np.int64),
+            if self.samples
+            else np.zeros(0, np.int64),
             "token_id": np.concatenate([s.targets for s in self.samples]).astype(np.int64)
-            if self.samples else np.zeros(0, np.int64),
+            if self.samples
+            else np.zeros(0, np.int64),
             "sample_problem_id": np.array(self.problem_ids, dtype=str),
             "sample_number": np.array([s.sample for s in self.samples], dtype=np.int64),
         }
 
     def describe(self) -> dict:
         """JSON-able description for provenance files."""
-        return {**self.info, "config": asdict(self.config), "dataset": self.dataset, "model": self.model_id,
-                "problem_ids": self.problem_ids, "samples": [[s.problem_id, s.sample] for s in self.samples],
-                "n_scored_tokens": int(sum(s.n_scored for s in self.samples))}
+        return {
+            **self.info,
+            "config": asdict(self.config),
+            "dataset": self.dataset,
+            "model": self.model_id,
+            "problem_ids": self.problem_ids,
+            "samples": [[s.problem_id, s.sample] for s in self.samples],
+            "n_scored_tokens": int(sum(s.n_scored for s in self.samples)),
+        }
 
-    def split(self, heldout: float | int, seed: int | None = None) -> tuple["SampleSet", "SampleSet"]:
+    def split(self, heldout: float | int, seed: int | None = None) -> tuple[SampleSet, SampleSet]:
         """Disjoint (scoring, held-out) sets, split by problem so that no problem is in both."""
         pids = sorted(set(self.problem_ids))
         rng = np.random.default_rng(self.config.seed if seed is None else seed)
@@ -143,8 +169,10 @@ class SampleSet:
 
 # ---------------------------------------------------------------- token spans
 
-def char_to_token_span(tokenizer: Any, ids: list[int], start: int, end: int, text: str | None = None
-                       ) -> tuple[int, int]:
+
+def char_to_token_span(
+    tokenizer: Any, ids: list[int], start: int, end: int, text: str | None = None
+) -> tuple[int, int]:
     """Token range [i, j) of `ids` whose decoded characters overlap [start, end) of decode(ids).
 
     Prefix decodes are monotone in length, so both ends are found by binary search (O(log n) decodes)."""
@@ -171,6 +199,7 @@ def char_to_token_span(tokenizer: Any, ids: list[int], start: int, end: int, tex
 
 # ---------------------------------------------------------------- building samples
 
+
 def _ranked(cands: list[tuple[str, int]], problem_order: dict[str, int], seed: int) -> list[tuple[str, int]]:
     """Deterministic preference order: problems in a seeded random order, one sample per problem first, then
     more. The first n usable candidates are the choice, so a candidate left out (too long, no code) gives way
@@ -185,12 +214,13 @@ def _ranked(cands: list[tuple[str, int]], problem_order: dict[str, int], seed: i
     return [c for _, c in sorted(keyed)]
 
 
-def _in_order(samples: list["Sample"], problem_order: dict[str, int]) -> list["Sample"]:
+def _in_order(samples: list[Sample], problem_order: dict[str, int]) -> list[Sample]:
     return sorted(samples, key=lambda s: (problem_order[s.problem_id], s.sample))
 
 
-def _fit(ids: np.ndarray, s0: int, s1: int, max_tokens: int | None, head: tuple[int, int] = (0, 0)
-         ) -> tuple[np.ndarray, int, int, int] | None:
+def _fit(
+    ids: np.ndarray, s0: int, s1: int, max_tokens: int | None, head: tuple[int, int] = (0, 0)
+) -> tuple[np.ndarray, int, int, int] | None:
     """Cut context so that len <= max_tokens: the prompt's head stays, the tokens right after it (the start of the
     prompt body, then what follows) go, and the scored span keeps its predicting position. `head`: (the whole head:
     BOS, template start, system prompt; its leading special tokens only), the second kept where the first leaves
@@ -201,12 +231,13 @@ def _fit(ids: np.ndarray, s0: int, s1: int, max_tokens: int | None, head: tuple[
     for h in head:
         h = min(h, s0 - 1)
         if cut <= s0 - 1 - h:
-            return np.concatenate([ids[:h], ids[h + cut:]]), s0 - cut, s1 - cut, cut
+            return np.concatenate([ids[:h], ids[h + cut :]]), s0 - cut, s1 - cut, cut
     return None  # the head's special tokens + one context token + the scored span are longer than max_tokens
 
 
-def prompt_head(tokenizer: Any, prompt_ids: list[int], prompt: str | None = None, body: str | None = None
-                ) -> tuple[int, int]:
+def prompt_head(
+    tokenizer: Any, prompt_ids: list[int], prompt: str | None = None, body: str | None = None
+) -> tuple[int, int]:
     """(tokens of the prompt before its body, its leading special tokens): the body is `body` (e.g. the user
     message) found in the `prompt` text; before it are BOS, the chat template's start and any system prompt, which a
     cut keeps (BOS is the attention sink). Without a body to find, both are the leading special tokens."""
@@ -215,9 +246,14 @@ def prompt_head(tokenizer: Any, prompt_ids: list[int], prompt: str | None = None
     at = prompt.find(body) if prompt is not None and body else -1
     if at <= 0:
         return lead, lead
-    dec = lambda k: len(tokenizer.decode(prompt_ids[:k], skip_special_tokens=False,  # noqa: E731
-                                         clean_up_tokenization_spaces=False))
-    lo, hi = 0, len(prompt_ids)   # the largest k whose decoded prefix ends at or before the body
+    dec = lambda k: len(
+        tokenizer.decode(
+            prompt_ids[:k],
+            skip_special_tokens=False,  # noqa: E731
+            clean_up_tokenization_spaces=False,
+        )
+    )
+    lo, hi = 0, len(prompt_ids)  # the largest k whose decoded prefix ends at or before the body
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if dec(mid) <= at:
@@ -245,8 +281,14 @@ def _bodies(dataset: str) -> dict[str, list[str]]:
         return {}
 
 
-def load_samples(results_dir: str | Path, model_id: str, dataset: str, config: SampleConfig,
-                 tokenizer: Any = None, problems: list | None = None) -> SampleSet:
+def load_samples(
+    results_dir: str | Path,
+    model_id: str,
+    dataset: str,
+    config: SampleConfig,
+    tokenizer: Any = None,
+    problems: list | None = None,
+) -> SampleSet:
     """The analysis samples of a model x dataset under `results_dir`, per `config`."""
     if config.source == "generations":
         return _from_generations(results_dir, model_id, dataset, config, tokenizer)
@@ -265,26 +307,28 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
     for g in gens:
         order.setdefault(g["problem_id"], len(order))
     verdict: dict[tuple[str, int], bool] = {}
-    judged: dict[tuple[str, int], str | None] = {}   # the hash of the code each verdict judged
+    judged: dict[tuple[str, int], str | None] = {}  # the hash of the code each verdict judged
     if cfg.select != "all":
         if not epath.exists():
-            raise FileNotFoundError(f"{epath} not found — --select {cfg.select} needs evaluations "
-                                    f"(run `python -m btp.evaluate`), or use --select all")
-        for e in read_jsonl(epath):   # the last record of a (problem, sample) is its verdict
+            raise FileNotFoundError(
+                f"{epath} not found — --select {cfg.select} needs evaluations "
+                f"(run `python -m btp.evaluate`), or use --select all"
+            )
+        for e in read_jsonl(epath):  # the last record of a (problem, sample) is its verdict
             key = (e["problem_id"], int(e["sample"]))
             verdict[key], judged[key] = bool(e["passed"]), e.get("code_sha")
     notes: list[str] = []
     by_key = {}
     n_unevaluated = n_nocode = n_other = 0
     want = PAIRED.get(cfg.select, cfg.select)
-    both: dict[str, set[bool]] = {}   # verdicts of each problem's eligible generations
+    both: dict[str, set[bool]] = {}  # verdicts of each problem's eligible generations
     for g in gens:
         key = (g["problem_id"], int(g["sample"]))
         if cfg.select != "all" and key not in verdict:
             n_unevaluated += 1
             continue
         if cfg.select != "all" and judged[key] is not None and judged[key] != code_sha(g.get("code") or ""):
-            n_other += 1   # a verdict of other code (the sample was regenerated since): not this sample's
+            n_other += 1  # a verdict of other code (the sample was regenerated since): not this sample's
             continue
         has_code = cfg.mode != "chain_code" or bool(g.get("code"))
         if cfg.select != "all":
@@ -300,16 +344,20 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
         keep = {p for p, v in both.items() if len(v) == 2}
         n_unpaired = len({p for p, _ in by_key} - keep)
         by_key = {k: g for k, g in by_key.items() if k[0] in keep}
-        notes.append(f"paired: {len(keep)} problems have both correct and incorrect generations; {n_unpaired} "
-                     f"problems with only {want} ones left out")
+        notes.append(
+            f"paired: {len(keep)} problems have both correct and incorrect generations; {n_unpaired} "
+            f"problems with only {want} ones left out"
+        )
     if n_unevaluated:
         notes.append(f"{n_unevaluated} generations have no evaluation and were left out")
     if n_other:
-        notes.append(f"{n_other} generations have a verdict of other code (evaluations older than the generation; "
-                     "rerun btp.evaluate) and were left out")
+        notes.append(
+            f"{n_other} generations have a verdict of other code (evaluations older than the generation; "
+            "rerun btp.evaluate) and were left out"
+        )
     samples = []
     n_too_long = n_empty = n_mismatch = 0
-    bodies: dict[str, str] | None = None   # loaded on the first cut
+    bodies: dict[str, str] | None = None  # loaded on the first cut
     for key in _ranked(list(by_key), order, cfg.seed):
         if cfg.num_samples is not None and len(samples) >= cfg.num_samples:
             break
@@ -324,9 +372,8 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
                 raise ValueError(f"{cfg.mode} mode needs the model's tokenizer to locate the code tokens")
             start = g["output"].find(g["code"]) if "code_start" not in g else g["code_start"]
             end = g.get("code_end", start + len(g["code"]))
-            try:   # the guard: offsets into the stored text only mean token positions if the tokens decode to it
-                i, j = char_to_token_span(tokenizer, o_ids, start, end, text=g.get("output")) if start >= 0 \
-                    else (0, 0)
+            try:  # the guard: offsets into the stored text only mean token positions if the tokens decode to it
+                i, j = char_to_token_span(tokenizer, o_ids, start, end, text=g.get("output")) if start >= 0 else (0, 0)
             except ValueError:
                 n_mismatch += 1
                 continue
@@ -353,8 +400,10 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
     if n_empty:
         notes.append(f"{n_empty} generations have no output tokens and were left out")
     if n_mismatch:
-        notes.append(f"{n_mismatch} generations left out: their output tokens do not decode to the stored output "
-                     "text, so the code span cannot be located in tokens")
+        notes.append(
+            f"{n_mismatch} generations left out: their output tokens do not decode to the stored output "
+            "text, so the code span cannot be located in tokens"
+        )
     if n_too_long:
         notes.append(f"{n_too_long} samples left out: scored span longer than max_tokens={cfg.max_tokens}")
     return _finish(_in_order(samples, order), cfg, dataset, model_id, len(by_key), notes, source_file=str(gpath))
@@ -403,8 +452,9 @@ def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, 
     answer = reference_output(p, style)
     turn_end = ""
     if style == "chat":
-        answer, turn_end = assistant_turn(p, tokenizer, prompt, answer, cfg.chat_template_kwargs or None,
-                                          cfg.system_prompt)
+        answer, turn_end = assistant_turn(
+            p, tokenizer, prompt, answer, cfg.chat_template_kwargs or None, cfg.system_prompt
+        )
     o_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     end_ids = list(tokenizer(turn_end, add_special_tokens=False)["input_ids"]) if turn_end else []
     ex = extract(p, answer, style, prompt)
@@ -420,17 +470,28 @@ def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, 
 def _finish(samples, cfg, dataset, model_id, available, notes, source_file) -> SampleSet:
     asked = cfg.num_samples
     if asked is not None and len(samples) < asked:
-        notes.append(f"asked for {asked} samples, only {len(samples)} exist ({cfg.source}, select={cfg.select}, "
-                     f"mode={cfg.mode}); using those")
+        notes.append(
+            f"asked for {asked} samples, only {len(samples)} exist ({cfg.source}, select={cfg.select}, "
+            f"mode={cfg.mode}); using those"
+        )
     for n in notes:
-        warnings.warn(f"[btp.samples] {dataset}: {n}")
+        warnings.warn(f"[btp.samples] {dataset}: {n}", stacklevel=2)
     if not samples:
-        raise UserError(f"no analysis samples for {model_id} / {dataset} ({cfg.source}, select={cfg.select}, "
-                        f"mode={cfg.mode}; {'; '.join(notes) or 'nothing eligible'}) — generate and evaluate more "
-                        "samples, or choose another --select / --source")
-    info = {"source": cfg.source, "population": f"{cfg.source}:{cfg.select}", "eligible": available,
-            "used": len(samples), "asked": asked, "notes": notes, "source_file": source_file,
-            "cut_left": [s.cut_left for s in samples]}
+        raise UserError(
+            f"no analysis samples for {model_id} / {dataset} ({cfg.source}, select={cfg.select}, "
+            f"mode={cfg.mode}; {'; '.join(notes) or 'nothing eligible'}) — generate and evaluate more "
+            "samples, or choose another --select / --source"
+        )
+    info = {
+        "source": cfg.source,
+        "population": f"{cfg.source}:{cfg.select}",
+        "eligible": available,
+        "used": len(samples),
+        "asked": asked,
+        "notes": notes,
+        "source_file": source_file,
+        "cut_left": [s.cut_left for s in samples],
+    }
     return SampleSet(samples, cfg, dataset, model_id, info)
 
 

@@ -83,6 +83,7 @@ Process tree (as root, the usual case; `isolation` in every result records what 
   of the minimal root (/usr, /lib) are shared with the host: a program may read or flock those files.
 Needs Linux >= 5.3 (pidfd); namespaces need root; mount_setattr (5.12) has a fallback.
 """
+
 from __future__ import annotations
 
 import functools
@@ -99,10 +100,10 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from . import sandbox_child
 from .sandbox_child import BOOT, DONE, EXPECT, GO_ON, HELLO, STOP, TEST, decode_report, encode_msg, remove_tree
@@ -119,15 +120,15 @@ UID_BASE = 200_000_000  # sandbox uids: UID_BASE + (pid % 100000) * 256 + worker
 
 @dataclass(frozen=True)
 class Limits:
-    timeout: float = 3.0        # CPU seconds per test (script mode: the whole program), whole seconds up
-    wall_factor: float = 3.0    # and wall-clock seconds per test: wall_factor x timeout + 1 (sleepers, a busy host)
-    memory_mb: int = 4096       # address space of each process
-    max_output: int = 1 << 20   # bytes of stdout+stderr per test before the child is killed
-    fsize_mb: int = 16          # largest file a program may write
+    timeout: float = 3.0  # CPU seconds per test (script mode: the whole program), whole seconds up
+    wall_factor: float = 3.0  # and wall-clock seconds per test: wall_factor x timeout + 1 (sleepers, a busy host)
+    memory_mb: int = 4096  # address space of each process
+    max_output: int = 1 << 20  # bytes of stdout+stderr per test before the child is killed
+    fsize_mb: int = 16  # largest file a program may write
     nofile: int = 256
-    nproc: int = 32             # processes + threads of the sandbox uid (each may use memory_mb)
-    disk_mb: int = 64           # size of each program's own tmpfs (minimal root only)
-    inodes: int = 4096          # and its files + dirs
+    nproc: int = 32  # processes + threads of the sandbox uid (each may use memory_mb)
+    disk_mb: int = 64  # size of each program's own tmpfs (minimal root only)
+    inodes: int = 4096  # and its files + dirs
 
 
 @dataclass(frozen=True)
@@ -145,15 +146,15 @@ class Program:
     tests: tuple = (None,)
     check: Callable[[int, str], str | None] | None = field(default=None, compare=False)  # None = ok, else why not
     fn_name: str | None = None
-    out_caps: tuple[int, ...] = ()   # per-test output caps (default: limits.max_output)
-    head: str = ""                   # trusted source placed before the code
-    tail: str = ""                   # trusted source placed after the code
+    out_caps: tuple[int, ...] = ()  # per-test output caps (default: limits.max_output)
+    head: str = ""  # trusted source placed before the code
+    tail: str = ""  # trusted source placed after the code
     # a function name: when the code does not define it at top level, the code is a body completing `head`
     # (head + code, or head + indented code when only that compiles); when it does, head + "\n" + code
     complete: str | None = None
-    prelude: str = ""                # trusted source executed in the program's namespace before the code
+    prelude: str = ""  # trusted source executed in the program's namespace before the code
     solution_class: str | None = None  # functional: call fn_name as a method of this class when the code has it
-    expected: tuple[str, ...] = ()   # functional: per test, the expected value as JSON text
+    expected: tuple[str, ...] = ()  # functional: per test, the expected value as JSON text
     # script mode, judged apart: the trusted test source, run in a separate judge process that never holds
     # the program; each name in `calls` is bound there to a stub calling the program's function of that
     # name with plain arguments; `judge_head` (trusted, e.g. a prompt's helpers) runs before they are bound.
@@ -161,19 +162,19 @@ class Program:
     judge: str = ""
     judge_head: str = ""
     calls: tuple[str, ...] = ()
-    fallback: str = ""               # why a script is judged in-process, when it could not be judged apart
+    fallback: str = ""  # why a script is judged in-process, when it could not be judged apart
 
 
 @dataclass
 class Result:
-    status: str                 # one of STATUSES
-    error: str = ""             # short excerpt: the failing assert, exception, wrong answer, ...
+    status: str  # one of STATUSES
+    error: str = ""  # short excerpt: the failing assert, exception, wrong answer, ...
     duration: float = 0.0
     tests_passed: int = 0
     tests_total: int = 0
     isolation: str = ""
-    judge: str = ""             # who decided: separate (judge process) | in-process | parent (stdout) | harness
-    cgroup: str = ""            # the slot's cgroup: "v2:memory+pids+cpu", "v1:...", or "none (why)"
+    judge: str = ""  # who decided: separate (judge process) | in-process | parent (stdout) | harness
+    cgroup: str = ""  # the slot's cgroup: "v2:memory+pids+cpu", "v1:...", or "none (why)"
     suspicious: list[str] = field(default_factory=list)  # what it tried that no test needs
 
     @property
@@ -261,8 +262,10 @@ class _Cgroup:
         if "pids" in self.ctrl:
             _write(f"{self.ctrl['pids']}/pids.max", str(lim.nproc + 16))
         if "cpu" in self.ctrl:
-            _write(f"{self.ctrl['cpu']}/" + ("cpu.weight" if version == "v2" else "cpu.shares"),
-                   "100" if version == "v2" else "1024")
+            _write(
+                f"{self.ctrl['cpu']}/" + ("cpu.weight" if version == "v2" else "cpu.shares"),
+                "100" if version == "v2" else "1024",
+            )
         self.level = f"{version}:{'+'.join(c for c in CONTROLLERS if c in self.ctrl)}"
 
     @property
@@ -330,11 +333,23 @@ class _Zygote:
 
     def __init__(self, python: str) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # nothing secret
-        self.proc = subprocess.Popen([python, "-I", "-S", "-B", "-c", BOOT, str(theirs.fileno())],
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, cwd="/",
-                                     pass_fds=(theirs.fileno(),), start_new_session=True)
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }  # nothing secret
+        self.proc = subprocess.Popen(
+            [python, "-I", "-S", "-B", "-c", BOOT, str(theirs.fileno())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            cwd="/",
+            pass_fds=(theirs.fileno(),),
+            start_new_session=True,
+        )
         theirs.close()
         self.proc.stdin.write(child_bytecode())
         self.proc.stdin.close()
@@ -362,7 +377,7 @@ class _Server:
     """One sandbox server (a worker slot): its namespaces, read-only root and uid are made once; it runs
     one program at a time and kills everything a program started before it reports the program done."""
 
-    def __init__(self, sb: "Sandbox", slot: int) -> None:
+    def __init__(self, sb: Sandbox, slot: int) -> None:
         self.slot, self.uid = slot, sb._uid_base + slot if sb._drop else None
         self.root = tempfile.mkdtemp(prefix="btp-sbx-", dir=sb.tmp_root)  # program dirs go inside
         os.chmod(self.root, 0o711)
@@ -384,14 +399,23 @@ class _Server:
         finally:
             os.close(cmd_r)
             os.close(rep_w)
-        self.send(encode_msg({"root": self.root, "uid": self.uid, "isolate": sb.isolation == "auto",
-                              "site": sb._site, "packages": list(sb.packages),
-                              "cgroup": self.cg.procs if self.cg else []}))
+        self.send(
+            encode_msg(
+                {
+                    "root": self.root,
+                    "uid": self.uid,
+                    "isolate": sb.isolation == "auto",
+                    "site": sb._site,
+                    "packages": list(sb.packages),
+                    "cgroup": self.cg.procs if self.cg else [],
+                }
+            )
+        )
 
     def send(self, data: bytes) -> None:
         """Bytes made by `encode_msg` (or GO_ON/STOP) to the server's command pipe."""
         while data:
-            data = data[os.write(self.cmd, data[:1 << 20]):]
+            data = data[os.write(self.cmd, data[: 1 << 20]) :]
 
     def frames(self, deadline: float) -> Iterator[dict]:
         """Report lines as they come; TimeoutError past `deadline`, EOFError if the server is gone."""
@@ -399,7 +423,7 @@ class _Server:
         poll.register(self.rep, select.POLLIN)
         while True:
             while (k := self.buf.find(b"\n")) >= 0:
-                line, self.buf = bytes(self.buf[:k]), self.buf[k + 1:]
+                line, self.buf = bytes(self.buf[:k]), self.buf[k + 1 :]
                 fr = decode_report(line)
                 if fr is None:  # interpreter noise, a server traceback
                     self.junk += line[:4000] + b"\n"
@@ -446,16 +470,35 @@ def _config(prog: Program, lim: Limits) -> dict:
         raise ValueError(f"out_caps has {len(caps)} entries for {n} tests")
     if prog.judge and (prog.mode != "script" or n != 1 or not prog.calls):
         raise ValueError("a judge needs script mode, one test and the names it calls")
-    if prog.expected and (prog.mode != "functional" or len(prog.expected) != n
-                          or not all(isinstance(e, str) for e in prog.expected)):
+    if prog.expected and (
+        prog.mode != "functional" or len(prog.expected) != n or not all(isinstance(e, str) for e in prog.expected)
+    ):
         raise ValueError(f"expected needs functional mode and one JSON text per test ({n})")
-    return {"mode": prog.mode, "code": prog.code, "head": prog.head, "tail": prog.tail, "complete": prog.complete,
-            "prelude": prog.prelude, "solution_class": prog.solution_class, "expect": bool(prog.expected),
-            "tests": list(prog.tests), "caps": caps, "fn_name": prog.fn_name,
-            "module_name": "__main__" if prog.mode == "stdin" else "__solution__",
-            "timeout": float(lim.timeout), "wall": _wall(lim), "memory_mb": lim.memory_mb,
-            "fsize_mb": lim.fsize_mb, "nofile": lim.nofile, "nproc": lim.nproc, "disk_mb": lim.disk_mb,
-            "inodes": lim.inodes, "judge": prog.judge, "judge_head": prog.judge_head, "calls": list(prog.calls)}
+    return {
+        "mode": prog.mode,
+        "code": prog.code,
+        "head": prog.head,
+        "tail": prog.tail,
+        "complete": prog.complete,
+        "prelude": prog.prelude,
+        "solution_class": prog.solution_class,
+        "expect": bool(prog.expected),
+        "tests": list(prog.tests),
+        "caps": caps,
+        "fn_name": prog.fn_name,
+        "module_name": "__main__" if prog.mode == "stdin" else "__solution__",
+        "timeout": float(lim.timeout),
+        "wall": _wall(lim),
+        "memory_mb": lim.memory_mb,
+        "fsize_mb": lim.fsize_mb,
+        "nofile": lim.nofile,
+        "nproc": lim.nproc,
+        "disk_mb": lim.disk_mb,
+        "inodes": lim.inodes,
+        "judge": prog.judge,
+        "judge_head": prog.judge_head,
+        "calls": list(prog.calls),
+    }
 
 
 def judge_kind(prog: Program) -> str:
@@ -510,8 +553,15 @@ class Sandbox:
     Use as a context manager, or call `close()`, to stop the servers and the zygote (also done when the
     Sandbox is collected or the interpreter exits)."""
 
-    def __init__(self, limits: Limits = Limits(), *, isolation: str = "auto", workers: int | None = None,
-                 tmp_root: str | None = None, packages: tuple[str, ...] = PACKAGES) -> None:
+    def __init__(
+        self,
+        limits: Limits = Limits(),
+        *,
+        isolation: str = "auto",
+        workers: int | None = None,
+        tmp_root: str | None = None,
+        packages: tuple[str, ...] = PACKAGES,
+    ) -> None:
         if isolation not in ISOLATION:
             raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
         self.limits, self.isolation, self.tmp_root, self.packages = limits, isolation, tmp_root, packages
@@ -523,8 +573,9 @@ class Sandbox:
         self._uid_base = UID_BASE + (os.getpid() % 100000) * 256
         self._drop = os.geteuid() == 0 and isolation == "auto"
         self._site = _site_dirs()
-        self._cg_version, self._cg_bases = (cgroup_bases() if self._drop else
-                                            (f"none ({'not root' if os.geteuid() else 'rlimits-only'})", {}))
+        self._cg_version, self._cg_bases = (
+            cgroup_bases() if self._drop else (f"none ({'not root' if os.geteuid() else 'rlimits-only'})", {})
+        )
         self._cg_level = self._cg_version if not self._cg_bases else ""
         if self._cg_version == "v2":  # its own group goes when the Sandbox does (after the servers' groups)
             weakref.finalize(self, _rmdir_later, next(iter(self._cg_bases.values())))
@@ -534,7 +585,7 @@ class Sandbox:
         self._zyg: list[_Zygote] = []
         self._fin = weakref.finalize(self, _close_all, self._servers, self._zyg)
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -654,8 +705,9 @@ class Sandbox:
         """Read reports until the server says the program is done; judge outputs as they come and tell
         the server after each test whether to go on. Returns (result, whether the server is in step)."""
         n = len(prog.tests)
-        res = Result(status="sandbox_error", tests_total=n, isolation=srv.level, judge=judge_kind(prog),
-                     cgroup=srv.cgroup)
+        res = Result(
+            status="sandbox_error", tests_total=n, isolation=srv.level, judge=judge_kind(prog), cgroup=srv.cgroup
+        )
         final = False
         deadline = t0 + 10.0 + n * (_wall(lim) + 1.0)  # backstop; the server enforces per-test limits
         try:
@@ -695,8 +747,11 @@ class Sandbox:
         except (EOFError, BrokenPipeError):
             if not final:
                 res.status = "sandbox_error" if srv.junk else "exited"
-                res.error = (srv.junk.decode("utf-8", "replace")[-1500:] if srv.junk
-                             else "the sandbox server ended without a verdict (killed?)")
+                res.error = (
+                    srv.junk.decode("utf-8", "replace")[-1500:]
+                    if srv.junk
+                    else "the sandbox server ended without a verdict (killed?)"
+                )
         return res, False
 
 

@@ -24,6 +24,7 @@ Untrusted source is parsed and compiled here only, in the harness (`assemble`, `
 program code and bounds the memory parsing may take; whatever that raises is the program's verdict. What the
 program's process sends the judge is decoded as plain values only (`decode_plain`), never unpickled.
 """
+
 from __future__ import annotations
 
 import ast
@@ -46,9 +47,31 @@ HELLO, TEST, EXPECT, DONE = "hello", "test", "expect", "done"  # report kinds
 GO_ON, STOP = b"c", b"s"  # the parent's word between two tests
 # stdlib modules that the harness needs or programs commonly import: loaded once in the zygote, so that
 # every fork has them without paying the import
-PRELOAD = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
-           "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing", "resource",
-           "traceback", "linecache", "ctypes", "shutil")
+PRELOAD = (
+    "string",
+    "re",
+    "datetime",
+    "collections",
+    "heapq",
+    "bisect",
+    "copy",
+    "math",
+    "random",
+    "statistics",
+    "itertools",
+    "functools",
+    "operator",
+    "io",
+    "sys",
+    "json",
+    "builtins",
+    "typing",
+    "resource",
+    "traceback",
+    "linecache",
+    "ctypes",
+    "shutil",
+)
 
 
 def encode_msg(obj: object) -> bytes:
@@ -87,6 +110,7 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 # ---------------------------------------------------------------- primitives on untrusted text (harness only)
 
+
 def _defines(code: str, name: str) -> bool:
     """Whether `code` defines function `name` at top level (False when it does not parse)."""
     try:
@@ -124,8 +148,11 @@ def value_equal(got_repr: str, expected_json: str) -> str | None:
         got = ast.literal_eval(got_repr)
     except Exception:  # noqa: BLE001 - an object with no literal form cannot equal a JSON value
         return f"wrong answer: returned a non-literal value {got_repr[:100]}"
-    return None if got == json.loads(expected_json) else \
-        f"wrong answer: got {got_repr[:100]}, expected {expected_json[:100]}"
+    return (
+        None
+        if got == json.loads(expected_json)
+        else f"wrong answer: got {got_repr[:100]}, expected {expected_json[:100]}"
+    )
 
 
 def remove_tree(path: str) -> bool:
@@ -213,8 +240,9 @@ def encode_plain(value: object, flags: set | None = None) -> str:
     program's (an `__eq__` that always answers True) ever reaches the judge; such a class is added to
     `flags` as "custom __eq__"."""
     budget = [PLAIN_ITEMS]
-    return json.dumps(_enc(value, 0, budget, flags if flags is not None else set()), ensure_ascii=True,
-                      separators=(",", ":"))
+    return json.dumps(
+        _enc(value, 0, budget, flags if flags is not None else set()), ensure_ascii=True, separators=(",", ":")
+    )
 
 
 _BASES = (bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset)
@@ -250,8 +278,7 @@ def _enc(v: object, depth: int, budget: list, flags: set) -> object:
     if t in (bytes, bytearray):
         return {"b" if t is bytes else "B": bytes(memoryview(v)).hex()}  # type: ignore[arg-type]
     if t is dict:
-        return {"d": [[_enc(k, depth + 1, budget, flags), _enc(x, depth + 1, budget, flags)]
-                      for k, x in dict.items(v)]}  # type: ignore[arg-type]
+        return {"d": [[_enc(k, depth + 1, budget, flags), _enc(x, depth + 1, budget, flags)] for k, x in dict.items(v)]}  # type: ignore[arg-type]
     items = [_enc(x, depth + 1, budget, flags) for x in t.__iter__(v)]  # type: ignore[attr-defined]
     return items if t is list else {{tuple: "t", set: "s", frozenset: "F"}[t]: items}
 
@@ -271,7 +298,7 @@ def _dec(v: object, depth: int) -> object:
         return v
     if type(v) is list:
         return [_dec(x, depth + 1) for x in v]
-    (tag, x), = v.items()  # type: ignore[union-attr]
+    ((tag, x),) = v.items()  # type: ignore[union-attr]
     if tag == "i":
         return int(x, 16)
     if tag == "f":
@@ -367,8 +394,17 @@ class _Libc:
             _fields_ = [("set", c.c_uint64), ("clr", c.c_uint64), ("prop", c.c_uint64), ("userns", c.c_uint64)]
 
         a = Attr(1 | 2, 0, 0, 0)  # MOUNT_ATTR_RDONLY | NOSUID (not NODEV: /dev/null must keep working)
-        self._ok(self.lib.syscall(c.c_long(_SYS_MOUNT_SETATTR), c.c_int(_AT_FDCWD), c.c_char_p(path),
-                                  c.c_uint(_AT_RECURSIVE), c.byref(a), c.c_size_t(c.sizeof(a))), "mount_setattr")
+        self._ok(
+            self.lib.syscall(
+                c.c_long(_SYS_MOUNT_SETATTR),
+                c.c_int(_AT_FDCWD),
+                c.c_char_p(path),
+                c.c_uint(_AT_RECURSIVE),
+                c.byref(a),
+                c.c_size_t(c.sizeof(a)),
+            ),
+            "mount_setattr",
+        )
 
 
 # ---------------------------------------------------------------- seccomp: what no test needs
@@ -376,20 +412,120 @@ class _Libc:
 # Denied with EPERM: new namespaces (user ones above all), keyrings, io_uring, bpf, userfaultfd, ptrace and
 # its kin, mounts, module loading, perf, swap, reboot. clone is allowed unless it asks for a namespace;
 # clone3 answers ENOSYS (its flags are out of the filter's reach), so libc falls back to clone.
-_DENY = ("ptrace mount umount2 pivot_root chroot unshare setns keyctl add_key request_key io_uring_setup "
-         "io_uring_enter io_uring_register bpf userfaultfd perf_event_open process_vm_readv process_vm_writev "
-         "kexec_load kexec_file_load init_module finit_module delete_module open_by_handle_at name_to_handle_at "
-         "open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr quotactl swapon swapoff reboot acct "
-         "syslog kcmp pidfd_getfd personality").split()
+_DENY = (
+    "ptrace mount umount2 pivot_root chroot unshare setns keyctl add_key request_key io_uring_setup "
+    "io_uring_enter io_uring_register bpf userfaultfd perf_event_open process_vm_readv process_vm_writev "
+    "kexec_load kexec_file_load init_module finit_module delete_module open_by_handle_at name_to_handle_at "
+    "open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr quotactl swapon swapoff reboot acct "
+    "syslog kcmp pidfd_getfd personality"
+).split()
 _SYSCALLS = {  # (audit arch, numbers) per machine
-    "x86_64": (0xC000003E, dict(zip(_DENY + ["clone", "clone3"], (
-        101, 165, 166, 155, 161, 272, 308, 250, 248, 249, 425, 426, 427, 321, 323, 298, 310, 311, 246, 320, 175,
-        313, 176, 304, 303, 428, 429, 430, 431, 432, 433, 442, 179, 167, 168, 169, 163, 103, 312, 438, 135,
-        56, 435)))),
-    "aarch64": (0xC00000B7, dict(zip(_DENY + ["clone", "clone3"], (
-        117, 40, 39, 41, 51, 97, 268, 219, 217, 218, 425, 426, 427, 280, 282, 241, 270, 271, 104, 294, 105, 273,
-        106, 265, 264, 428, 429, 430, 431, 432, 433, 442, 60, 224, 225, 142, 89, 116, 272, 438, 92,
-        220, 435)))),
+    "x86_64": (
+        0xC000003E,
+        dict(
+            zip(
+                _DENY + ["clone", "clone3"],
+                (
+                    101,
+                    165,
+                    166,
+                    155,
+                    161,
+                    272,
+                    308,
+                    250,
+                    248,
+                    249,
+                    425,
+                    426,
+                    427,
+                    321,
+                    323,
+                    298,
+                    310,
+                    311,
+                    246,
+                    320,
+                    175,
+                    313,
+                    176,
+                    304,
+                    303,
+                    428,
+                    429,
+                    430,
+                    431,
+                    432,
+                    433,
+                    442,
+                    179,
+                    167,
+                    168,
+                    169,
+                    163,
+                    103,
+                    312,
+                    438,
+                    135,
+                    56,
+                    435,
+                ),
+            )
+        ),
+    ),
+    "aarch64": (
+        0xC00000B7,
+        dict(
+            zip(
+                _DENY + ["clone", "clone3"],
+                (
+                    117,
+                    40,
+                    39,
+                    41,
+                    51,
+                    97,
+                    268,
+                    219,
+                    217,
+                    218,
+                    425,
+                    426,
+                    427,
+                    280,
+                    282,
+                    241,
+                    270,
+                    271,
+                    104,
+                    294,
+                    105,
+                    273,
+                    106,
+                    265,
+                    264,
+                    428,
+                    429,
+                    430,
+                    431,
+                    432,
+                    433,
+                    442,
+                    60,
+                    224,
+                    225,
+                    142,
+                    89,
+                    116,
+                    272,
+                    438,
+                    92,
+                    220,
+                    435,
+                ),
+            )
+        ),
+    ),
 }
 _CLONE_NEW = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET (NEWTIME: unshare only)
 
@@ -408,8 +544,16 @@ def seccomp_filter(machine: str) -> bytes | None:
         ins += [(jge, 0, 1, 0x40000000), (ret, 0, 0, eperm)]  # the x32 ABI's numbers
     for name in _DENY:
         ins += [(jeq, 0, 1, nr[name]), (ret, 0, 0, eperm)]
-    ins += [(jeq, 0, 1, nr["clone3"]), (ret, 0, 0, enosys), (jeq, 1, 0, nr["clone"]), (ret, 0, 0, allow),
-            (ld, 0, 0, 16), (jset, 0, 1, _CLONE_NEW), (ret, 0, 0, eperm), (ret, 0, 0, allow)]
+    ins += [
+        (jeq, 0, 1, nr["clone3"]),
+        (ret, 0, 0, enosys),
+        (jeq, 1, 0, nr["clone"]),
+        (ret, 0, 0, allow),
+        (ld, 0, 0, 16),
+        (jset, 0, 1, _CLONE_NEW),
+        (ret, 0, 0, eperm),
+        (ret, 0, 0, allow),
+    ]
     return b"".join(struct.pack("HBBI", *i) for i in ins)
 
 
@@ -446,13 +590,30 @@ def _seccomp_works(libc: _Libc) -> bool:
 
 # ---------------------------------------------------------------- attempts: what no test needs
 
-READS, LISTS, FORKS, EXITS, CUSTOM_EQ = ("reads outside its dir", "lists outside its dir", "forks", "exits early",
-                                         "custom __eq__")
+READS, LISTS, FORKS, EXITS, CUSTOM_EQ = (
+    "reads outside its dir",
+    "lists outside its dir",
+    "forks",
+    "exits early",
+    "custom __eq__",
+)
 SUSPICIOUS = (READS, LISTS, FORKS, EXITS, CUSTOM_EQ)  # the flags a verdict may carry
-_FORK_EVENTS = frozenset(("os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
-                          "subprocess.Popen", "pty.spawn"))
-_READABLE = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/full", "/dev/shm", "/dev/fd",
-             "/dev/std", "/proc/self", "/usr/share/zoneinfo", "/etc/localtime")
+_FORK_EVENTS = frozenset(
+    ("os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system", "subprocess.Popen", "pty.spawn")
+)
+_READABLE = (
+    "/dev/null",
+    "/dev/zero",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/full",
+    "/dev/shm",
+    "/dev/fd",
+    "/dev/std",
+    "/proc/self",
+    "/usr/share/zoneinfo",
+    "/etc/localtime",
+)
 
 
 def _flag(name: str) -> None:
@@ -512,7 +673,7 @@ def _report(**kw: object) -> None:
     """One report line to the parent (fd 2 of the harness; no program process holds it)."""
     data = encode_report(**kw)
     while data:
-        data = data[os.write(2, data):]
+        data = data[os.write(2, data) :]
 
 
 def _blocked(path: str, uid: int | None) -> str | None:
@@ -590,8 +751,9 @@ def _min_root(libc: _Libc, new: str, site: list[str], packages: list[str]) -> li
     if sys.executable != exe and not os.path.lexists(at(sys.executable)):
         os.makedirs(os.path.dirname(at(sys.executable)), exist_ok=True)
         os.symlink(exe, at(sys.executable))
-    hide = {p for g in SITE_GLOBS for p in glob.glob(g)} | {os.path.join(p, n) for p in paths
-                                                           for n in ("site-packages", "dist-packages")}
+    hide = {p for g in SITE_GLOBS for p in glob.glob(g)} | {
+        os.path.join(p, n) for p in paths for n in ("site-packages", "dist-packages")
+    }
     for d in sorted(hide | set(site)):  # site dirs inside a bound tree: covered, then only packages bound
         if os.path.isdir(d) and (_under(d, trees + std) or d in site):
             os.makedirs(at(d), exist_ok=True)
@@ -636,8 +798,13 @@ def _dev(libc: _Libc, dev: str) -> None:
     for n in DEV_NODES:
         if os.path.exists("/dev/" + n):
             _bind(libc, "/dev/" + n, f"{dev}/{n}")
-    for name, target in (("shm", WORK), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("shm", WORK),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{dev}/{name}")
 
 
@@ -788,9 +955,14 @@ def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
     os.setsid()
     _place(fds)  # 0 stdin, 1 stdout, 2 stderr, 3 verdict (judged: 3 calls, 4 replies), then the flags file
     cpu = max(1, math.ceil(cfg["timeout"]))  # RLIMIT_CPU counts whole seconds
-    for res, v in ((resource.RLIMIT_AS, cfg["memory_mb"] << 20), (resource.RLIMIT_CPU, cpu),
-                   (resource.RLIMIT_FSIZE, cfg["fsize_mb"] << 20), (resource.RLIMIT_NOFILE, cfg["nofile"]),
-                   (resource.RLIMIT_NPROC, cfg["nproc"]), (resource.RLIMIT_CORE, 0)):
+    for res, v in (
+        (resource.RLIMIT_AS, cfg["memory_mb"] << 20),
+        (resource.RLIMIT_CPU, cpu),
+        (resource.RLIMIT_FSIZE, cfg["fsize_mb"] << 20),
+        (resource.RLIMIT_NOFILE, cfg["nofile"]),
+        (resource.RLIMIT_NPROC, cfg["nproc"]),
+        (resource.RLIMIT_CORE, 0),
+    ):
         hard = resource.getrlimit(res)[1]
         if hard != resource.RLIM_INFINITY:  # may only go down
             v = min(v, hard)
@@ -813,15 +985,18 @@ def _enter_child(cfg: dict, fds: list[int], libc: _Libc) -> None:
     if _STATE.get("seccomp"):
         _seccomp(libc, _STATE["seccomp"])
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", closefd=False)
+    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", closefd=False)
     sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
-    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False,
-                                       buffering=1)
+    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
     _STATE["streams"] = (sys.stdout, sys.stderr)  # flushed at the end even if the program swaps them
     sys.argv = ["main.py"]
     sys.path.extend(cfg["site"])
-    _STATE.update(flags_fd=len(fds) - 1, flagged=set(), armed=False,
-                  readable=[cfg["work"]] + [p for p in sys.path if p] + list(_READABLE))
+    _STATE.update(
+        flags_fd=len(fds) - 1,
+        flagged=set(),
+        armed=False,
+        readable=[cfg["work"]] + [p for p in sys.path if p] + list(_READABLE),
+    )
     sys.addaudithook(_audit)
     if "random" in sys.modules:  # imported by the zygote: reseed, or every program draws the same numbers
         sys.modules["random"].seed()
@@ -874,12 +1049,13 @@ def _run_program(cfg: dict, code: object, prelude: object, test: object, nonce: 
             pass
     try:
         while verdict:
-            verdict = verdict[_write(3, verdict):]
+            verdict = verdict[_write(3, verdict) :]
     finally:
         _exit(0)
 
 
 # ---------------------------------------------------------------- the judge: the tests, apart from the program
+
 
 class _ProgramEnded(BaseException):
     """The program's process ended before the tests did (a BaseException: no test's `except` keeps it)."""
@@ -894,7 +1070,7 @@ def _send(fd: int, text: str) -> None:
     data = text.encode()
     data = len(data).to_bytes(4, "little") + data
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def _recv(fd: int, limit: int = 1 << 28) -> str | None:
@@ -1017,7 +1193,7 @@ def _run_judge(head: object, test: object, names: list[str]) -> None:
     try:
         data = json.dumps(out).encode()
         while data:
-            data = data[os.write(5, data):]
+            data = data[os.write(5, data) :]
     finally:
         os._exit(0)
 
@@ -1039,8 +1215,9 @@ def _enter_judge(cfg: dict, fds: list[int]) -> None:
     random.seed()
 
 
-def _collect(pid: int, fds: list[int], deadline: float, cap: int, other: int | None = None
-             ) -> tuple[list[bytearray], str | None, int, int | None]:
+def _collect(
+    pid: int, fds: list[int], deadline: float, cap: int, other: int | None = None
+) -> tuple[list[bytearray], str | None, int, int | None]:
     """Read the child's stdout, stderr and verdict pipes until it exits, times out or floods them;
     kill it (and `other`, the program's process when `pid` is its judge) and everything they started;
     return (contents, why stopped early, wait status, wait status of `other`)."""
@@ -1106,8 +1283,9 @@ def _run_judged(cfg: dict, code: object, prelude: object, judge: tuple, libc: _L
     (calls_r, calls_w), (rep_r, rep_w), (out_r, out_w), (err_r, err_w), (ver_r, ver_w) = [os.pipe() for _ in range(5)]
     null, flags = os.open(os.devnull, os.O_RDONLY), os.memfd_create("flags")
     t0 = time.monotonic()
-    pid = _fork_child(cfg, [null, out_w, err_w, calls_r, rep_w, flags], libc,
-                      lambda: _run_program(cfg, code, prelude, None, b""))
+    pid = _fork_child(
+        cfg, [null, out_w, err_w, calls_r, rep_w, flags], libc, lambda: _run_program(cfg, code, prelude, None, b"")
+    )
     _STATE["child"] = pid
     jpid = os.fork()
     if jpid == 0:
@@ -1135,7 +1313,7 @@ def _run_judged(cfg: dict, code: object, prelude: object, judge: tuple, libc: _L
     elif got.get("status") in ("ok", "failed", "error"):
         rep.update(status=got["status"], err=got.get("err", ""))
     else:
-        how = (f"exit code {os.WEXITSTATUS(pst)}" if os.WIFEXITED(pst) else f"signal {os.WTERMSIG(pst)}")
+        how = f"exit code {os.WEXITSTATUS(pst)}" if os.WIFEXITED(pst) else f"signal {os.WTERMSIG(pst)}"
         why_ = got.get("err") or ""
         rep.update(status="exited", err=f"the program ended ({how}) before the tests finished\n{why_}{errtail}")
     seen = set(_flags_of(flags)) | {f for f in got.get("flags", []) if f in SUSPICIOUS}
@@ -1165,7 +1343,7 @@ def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> 
         stdin = os.memfd_create("stdin")
         data = test.encode()
         while data:
-            data = data[os.write(stdin, data):]
+            data = data[os.write(stdin, data) :]
         os.lseek(stdin, 0, os.SEEK_SET)
     else:
         stdin = os.open(os.devnull, os.O_RDONLY)
@@ -1173,8 +1351,9 @@ def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> 
     flags = os.memfd_create("flags")
     nonce = os.urandom(16).hex().encode()  # in-process scripts: proof that the program and its tests ended
     t0 = time.monotonic()
-    pid = _fork_child(cfg, [stdin] + [w for _, w in pipes] + [flags], libc,
-                      lambda: _run_program(cfg, code, prelude, test, nonce))
+    pid = _fork_child(
+        cfg, [stdin] + [w for _, w in pipes] + [flags], libc, lambda: _run_program(cfg, code, prelude, test, nonce)
+    )
     _STATE["child"] = pid
     os.close(stdin)
     for _, w in pipes:
@@ -1199,7 +1378,7 @@ def _run_test(cfg: dict, i: int, code: object, prelude: object, libc: _Libc) -> 
     elif cfg["mode"] == "functional" and verdict[:1] == b"=" and code_ok:
         rep.update(status="ok", out=verdict[1:].decode("utf-8", "replace"))
     else:
-        how = (f"exit code {os.WEXITSTATUS(st)}" if os.WIFEXITED(st) else f"signal {os.WTERMSIG(st)}")
+        how = f"exit code {os.WEXITSTATUS(st)}" if os.WIFEXITED(st) else f"signal {os.WTERMSIG(st)}"
         rep.update(status="exited", err=f"ended ({how}) before the tests finished\n{errtail}")
     early = rep["status"] == "exited" and cfg["mode"] != "stdin"
     rep["flags"] = sorted(set(_flags_of(flags)) | ({EXITS} if early else set()))

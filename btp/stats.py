@@ -3,12 +3,14 @@
 Every function takes arrays and returns numbers; nothing here reads files or runs code, so stages
 (evaluate, ablation, taylor) share one implementation of each estimate and its interval.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,16 +54,22 @@ class CI:
 
     def as_dict(self) -> dict:
         f = lambda v: np.asarray(v).tolist()  # noqa: E731
-        return {"estimate": f(self.estimate), "ci_low": f(self.low), "ci_high": f(self.high),
-                "ci_level": 1 - self.alpha, "n_boot": self.n_boot}
+        return {
+            "estimate": f(self.estimate),
+            "ci_low": f(self.low),
+            "ci_high": f(self.high),
+            "ci_level": 1 - self.alpha,
+            "n_boot": self.n_boot,
+        }
 
 
 def _mean0(a: np.ndarray) -> np.ndarray:
     return a.mean(axis=0)
 
 
-def _boot_stats(values: np.ndarray, stat: Callable | None, n_boot: int, rng: np.random.Generator,
-                chunk_elems: int = 1 << 23) -> np.ndarray:
+def _boot_stats(
+    values: np.ndarray, stat: Callable | None, n_boot: int, rng: np.random.Generator, chunk_elems: int = 1 << 23
+) -> np.ndarray:
     """[n_boot, ...] statistics of resamples (with replacement) of the rows of `values`."""
     n = values.shape[0]
     if stat is None:  # the mean: resample counts and a matrix product, no copies of the data
@@ -71,13 +79,18 @@ def _boot_stats(values: np.ndarray, stat: Callable | None, n_boot: int, rng: np.
         for s in range(0, n_boot, step):
             m = min(step, n_boot - s)
             counts = rng.multinomial(n, np.full(n, 1.0 / n), size=m)
-            out[s:s + m] = counts @ flat / n
+            out[s : s + m] = counts @ flat / n
         return out.reshape((n_boot,) + values.shape[1:])
     return np.stack([np.asarray(stat(values[rng.integers(0, n, n)])) for _ in range(n_boot)])
 
 
-def bootstrap_ci(values: Sequence | np.ndarray, stat: Callable[[np.ndarray], np.ndarray] | None = None,
-                 n_boot: int = 10000, alpha: float = 0.05, seed: int = 0) -> CI:
+def bootstrap_ci(
+    values: Sequence | np.ndarray,
+    stat: Callable[[np.ndarray], np.ndarray] | None = None,
+    n_boot: int = 10000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> CI:
     """Percentile bootstrap CI of `stat` over the first axis of a [samples, ...] array (samples are
     resampled whole rows, e.g. problems). `stat` maps a [samples, ...] array to an array of the
     trailing shape; default the mean over axis 0 (vectorised)."""
@@ -91,8 +104,7 @@ def bootstrap_ci(values: Sequence | np.ndarray, stat: Callable[[np.ndarray], np.
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
     est = np.asarray(f(v))
     scalar = est.ndim == 0
-    return CI(float(est) if scalar else est, float(lo) if scalar else lo, float(hi) if scalar else hi,
-              alpha, n_boot)
+    return CI(float(est) if scalar else est, float(lo) if scalar else lo, float(hi) if scalar else hi, alpha, n_boot)
 
 
 class MeanCI(NamedTuple):
@@ -108,7 +120,7 @@ def bootstrap_mean(x: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: floa
     the other axes. Entries NaN in any sample (padding heads) stay NaN; no samples gives all NaN."""
     x = np.asarray(x, dtype=np.float64)
     S = x.shape[0]
-    flat = x.reshape(S, math.prod(x.shape[1:]))   # not -1: it cannot be inferred for S = 0
+    flat = x.reshape(S, math.prod(x.shape[1:]))  # not -1: it cannot be inferred for S = 0
     ok = np.isfinite(flat).all(0) if S else np.zeros(flat.shape[1], bool)
     mean, lo, hi = (np.full(flat.shape[1], np.nan) for _ in range(3))
     if S and ok.any():
@@ -128,8 +140,10 @@ class ClusteredMean(NamedTuple):
     n: np.ndarray
 
 
-CLUSTERED_CI = ("percentile bootstrap over problems: samples averaged within a problem first, problems resampled; "
-                "NaN samples skipped per entry")
+CLUSTERED_CI = (
+    "percentile bootstrap over problems: samples averaged within a problem first, problems resampled; "
+    "NaN samples skipped per entry"
+)
 
 
 def cluster_means(x: np.ndarray, clusters: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +154,7 @@ def cluster_means(x: np.ndarray, clusters: Sequence | np.ndarray) -> tuple[np.nd
     if labels.shape[:1] != x.shape[:1]:
         raise ValueError(f"{labels.shape[0] if labels.ndim else 0} cluster labels for {x.shape[0]} rows")
     _, first, inv = np.unique(labels, return_index=True, return_inverse=True)
-    rank = np.argsort(np.argsort(first))          # cluster index by first appearance
+    rank = np.argsort(np.argsort(first))  # cluster index by first appearance
     C = len(first)
     flat = x.reshape(x.shape[0], -1)
     fin = np.isfinite(flat)
@@ -153,8 +167,14 @@ def cluster_means(x: np.ndarray, clusters: Sequence | np.ndarray) -> tuple[np.nd
     return means.reshape(shape), cnt.astype(np.int64).reshape(shape)
 
 
-def clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
-                   alpha: float = 0.05, chunk_elems: int = 1 << 23) -> ClusteredMean:
+def clustered_mean(
+    x: np.ndarray,
+    clusters: Sequence | np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    chunk_elems: int = 1 << 23,
+) -> ClusteredMean:
     """Mean over clusters (problems) of the within-cluster means of `x` [S, ...], elementwise, with a percentile
     bootstrap CI that resamples clusters, not rows: samples of one problem are not independent, and averaging within
     a problem first weights every problem equally. NaN-aware per entry: a NaN row (a sample with nothing scored)
@@ -181,7 +201,7 @@ def clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray | None = None,
             m = min(step, n_boot - s)
             w = rng.multinomial(C, np.full(C, 1.0 / C), size=m).astype(np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
-                boots[s:s + m] = (w @ vals) / (w @ w_has)
+                boots[s : s + m] = (w @ vals) / (w @ w_has)
         ok = n > 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # resamples without any finite cluster of an entry
@@ -189,8 +209,9 @@ def clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray | None = None,
     return ClusteredMean(est.reshape(shape), lo.reshape(shape), hi.reshape(shape), n.astype(np.int64).reshape(shape))
 
 
-def draws_clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray, n_boot: int = 1000, seed: int = 0,
-                         alpha: float = 0.05) -> ClusteredMean:
+def draws_clustered_mean(
+    x: np.ndarray, clusters: Sequence | np.ndarray, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> ClusteredMean:
     """Mean over random draws (e.g. random head sets) and problems of `x` [D, S, ...], with a percentile bootstrap
     that resamples draws and problems together (samples averaged within a problem first): the band of a random
     control then holds the spread between draws, not only between samples. `n`: the problems behind each entry."""
@@ -198,7 +219,7 @@ def draws_clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray, n_boot:
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError("draws_clustered_mean needs a [draws, samples, ...] array with at least one draw")
     shape = x.shape[2:]
-    cm = np.stack([cluster_means(d, clusters)[0] for d in x])   # [D, C, ...]
+    cm = np.stack([cluster_means(d, clusters)[0] for d in x])  # [D, C, ...]
     D, C = cm.shape[:2]
     flat = cm.reshape(D, C, -1)
     est = flat.mean((0, 1))
@@ -210,29 +231,42 @@ def draws_clustered_mean(x: np.ndarray, clusters: Sequence | np.ndarray, n_boot:
     return ClusteredMean(est.reshape(shape), lo.reshape(shape), hi.reshape(shape), np.full(shape, C, np.int64))
 
 
-def pass_at_k_summary(n: Sequence[int], c: Sequence[int], ks: Sequence[int], n_boot: int = 10000,
-                      alpha: float = 0.05, seed: int = 0) -> dict[str, dict]:
+def pass_at_k_summary(
+    n: Sequence[int], c: Sequence[int], ks: Sequence[int], n_boot: int = 10000, alpha: float = 0.05, seed: int = 0
+) -> dict[str, dict]:
     """{"pass@k": {estimate, ci_low, ci_high, ...}} over problems; one bootstrap draws all k at once."""
     n, c = np.asarray(n), np.asarray(c)
     table = np.stack([pass_at_k(n, c, k) for k in ks], axis=1)  # [problems, ks]
     ci = bootstrap_ci(table, n_boot=n_boot, alpha=alpha, seed=seed)
-    return {f"pass@{k}": {"estimate": float(ci.estimate[j]), "ci_low": float(ci.low[j]),
-                          "ci_high": float(ci.high[j]), "ci_level": 1 - alpha, "n_boot": n_boot}
-            for j, k in enumerate(ks)}
+    return {
+        f"pass@{k}": {
+            "estimate": float(ci.estimate[j]),
+            "ci_low": float(ci.low[j]),
+            "ci_high": float(ci.high[j]),
+            "ci_level": 1 - alpha,
+            "n_boot": n_boot,
+        }
+        for j, k in enumerate(ks)
+    }
 
 
 @dataclass(frozen=True)
 class PairedResult:
-    diff: float | np.ndarray      # stat(a) - stat(b)
+    diff: float | np.ndarray  # stat(a) - stat(b)
     low: float | np.ndarray
     high: float | np.ndarray
-    p_value: float | np.ndarray   # two-sided, H0: no difference
+    p_value: float | np.ndarray  # two-sided, H0: no difference
     n_boot: int
 
 
-def paired_bootstrap(a: Sequence | np.ndarray, b: Sequence | np.ndarray,
-                     stat: Callable[[np.ndarray], np.ndarray] | None = None, n_boot: int = 10000,
-                     alpha: float = 0.05, seed: int = 0) -> PairedResult:
+def paired_bootstrap(
+    a: Sequence | np.ndarray,
+    b: Sequence | np.ndarray,
+    stat: Callable[[np.ndarray], np.ndarray] | None = None,
+    n_boot: int = 10000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> PairedResult:
     """Paired bootstrap of stat(a) - stat(b): rows of `a` and `b` belong together (the same problem
     under two runs) and are resampled together. p-value: twice the smaller tail of the bootstrap
     distribution of the difference at 0 (percentile method), capped at 1."""
@@ -242,22 +276,24 @@ def paired_bootstrap(a: Sequence | np.ndarray, b: Sequence | np.ndarray,
     boots = _boot_stats(a - b, stat, n_boot, np.random.default_rng(seed)) if stat is None else None
     if boots is None:  # a general stat is not linear: resample indices and apply it to each side
         rng, n = np.random.default_rng(seed), a.shape[0]
-        boots = np.stack([np.asarray(stat(a[i])) - np.asarray(stat(b[i]))
-                          for i in (rng.integers(0, n, n) for _ in range(n_boot))])
+        boots = np.stack(
+            [np.asarray(stat(a[i])) - np.asarray(stat(b[i])) for i in (rng.integers(0, n, n) for _ in range(n_boot))]
+        )
     f = stat or _mean0
     d = np.asarray(f(a)) - np.asarray(f(b))
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2], axis=0)
     p = np.minimum(1.0, 2 * np.minimum((boots <= 0).mean(axis=0), (boots >= 0).mean(axis=0)))
     sc = d.ndim == 0
-    return PairedResult(float(d) if sc else d, float(lo) if sc else lo, float(hi) if sc else hi,
-                        float(p) if sc else p, n_boot)
+    return PairedResult(
+        float(d) if sc else d, float(lo) if sc else lo, float(hi) if sc else hi, float(p) if sc else p, n_boot
+    )
 
 
 @dataclass(frozen=True)
 class McNemar:
-    only_a: int      # pairs where a passed and b did not
+    only_a: int  # pairs where a passed and b did not
     only_b: int
-    p_value: float   # exact two-sided binomial test on the discordant pairs
+    p_value: float  # exact two-sided binomial test on the discordant pairs
 
 
 def mcnemar(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> McNemar:
@@ -269,11 +305,12 @@ def mcnemar(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray) -> M
     m = n01 + n10
     if m == 0:
         return McNemar(n01, n10, 1.0)
-    tail = sum(math.comb(m, i) for i in range(min(n01, n10) + 1)) / 2 ** m
+    tail = sum(math.comb(m, i) for i in range(min(n01, n10) + 1)) / 2**m
     return McNemar(n01, n10, min(1.0, 2 * tail))
 
 
 # ---------------------------------------------------------------- estimate vs exact
+
 
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Ranks 0..n-1 with ties given their average rank (as Spearman needs)."""
@@ -301,8 +338,12 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, ks: Sequence[int] = (10,)
     ok = np.isfinite(est) & np.isfinite(ex)
     idx = np.argwhere(ok)
     e, x = est[ok], ex[ok]
-    out: dict = {"n": int(ok.sum()), "pearson": _corr(e, x) if len(e) > 1 else float("nan"),
-                 "spearman": _corr(_ranks(e), _ranks(x)) if len(e) > 1 else float("nan"), "topk_recall": {}}
+    out: dict = {
+        "n": int(ok.sum()),
+        "pearson": _corr(e, x) if len(e) > 1 else float("nan"),
+        "spearman": _corr(_ranks(e), _ranks(x)) if len(e) > 1 else float("nan"),
+        "topk_recall": {},
+    }
     for k in ks:
         k = min(int(k), len(e))
         if k:

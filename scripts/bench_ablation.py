@@ -19,6 +19,7 @@ the start of each timed segment is printed per method; the two matrices must agr
     .venv/bin/python scripts/bench_ablation.py --seq-len 4096 --num-samples 1 --layers 0,29 --heads-per-layer 3 \
         --batch-rows 3                                              # a 4k-token context, code scored at its end
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,12 @@ class Straightforward:
     @torch.no_grad()
     def _ce(self, ids) -> torch.Tensor:  # mean CE over scored tokens, per row
         lg = self.model(input_ids=ids).logits[:, self.pos].float()
-        return F.cross_entropy(lg.flatten(0, 1), self.tgt.repeat(lg.shape[0]), reduction="none"
-                               ).view(lg.shape[0], -1).double().mean(1)
+        return (
+            F.cross_entropy(lg.flatten(0, 1), self.tgt.repeat(lg.shape[0]), reduction="none")
+            .view(lg.shape[0], -1)
+            .double()
+            .mean(1)
+        )
 
     def deltas(self, heads) -> np.ndarray:
         with head_gates(self.model, gates_for(self.ad, [[h] for h in heads], device=self.ad.device)):
@@ -76,35 +81,49 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--no-reuse-attention", action="store_true", help="btp without the attention reuse")
     p.add_argument("--attn-implementation", default="auto", help="btp's kernel (as the stage's flag)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="lengthen each sample to this many tokens (other samples' tokens as context before it)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="lengthen each sample to this many tokens (other samples' tokens as context before it)",
+    )
     p.add_argument("--heads-per-layer", type=int, default=None, help="only the first N heads of each layer")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn_implementation)
     model, ad = lm.model, adapter(lm.model)
     users = {"default": user_model(lm.path, lm.device)}
-    if kernel(users["default"]) != lm.attn_implementation:   # same-kernel ratio beside the headline
-        users["same"] = load_model(lm.path, dtype=lm.dtype, device=lm.device,
-                                   attn_implementation=lm.attn_implementation).model
-    ss = load_samples("results", lm.model_id, args.dataset,
-                      SampleConfig(source="reference", num_samples=args.num_samples, seed=args.seed,
-                                   max_tokens=args.max_tokens), lm.tokenizer)
+    if kernel(users["default"]) != lm.attn_implementation:  # same-kernel ratio beside the headline
+        users["same"] = load_model(
+            lm.path, dtype=lm.dtype, device=lm.device, attn_implementation=lm.attn_implementation
+        ).model
+    ss = load_samples(
+        "results",
+        lm.model_id,
+        args.dataset,
+        SampleConfig(source="reference", num_samples=args.num_samples, seed=args.seed, max_tokens=args.max_tokens),
+        lm.tokenizer,
+    )
     samples = stretch(ss.samples, args.seq_len)
     with torch.no_grad():  # warm-up: weights paged in, first-call overheads paid, before any peak is measured
         for m in (model, *users.values()):
             m(torch.tensor([[1, 2, 3]], device=lm.device))
     layers = abl.parse_layers(args.layers)
-    heads = [(l, h) for l, h in ad.all_heads() if (layers is None or l in layers)
-             and (args.heads_per_layer is None or h < args.heads_per_layer)]
+    heads = [
+        (l, h)
+        for l, h in ad.all_heads()
+        if (layers is None or l in layers) and (args.heads_per_layer is None or h < args.heads_per_layer)
+    ]
     rows = args.batch_rows or ad.max_heads
-    print(f"{lm.model_id} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads; {len(samples)} "
-          f"{args.dataset} reference samples, {len(heads)} heads, {rows} rows per pass; btp kernel "
-          f"{lm.attn_implementation}, straightforward: transformers defaults ({kernel(users['default'])}, "
-          f"{users['default'].dtype}); {load_line()}")
+    print(
+        f"{lm.model_id} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads; {len(samples)} "
+        f"{args.dataset} reference samples, {len(heads)} heads, {rows} rows per pass; btp kernel "
+        f"{lm.attn_implementation}, straightforward: transformers defaults ({kernel(users['default'])}, "
+        f"{users['default'].dtype}); {load_line()}"
+    )
     names = ["btp", *users]
     t = dict.fromkeys(names, 0.0)
-    cpu = dict.fromkeys(names, 0.0)   # process CPU time (1 thread): steadier than wall time on a loaded machine
+    cpu = dict.fromkeys(names, 0.0)  # process CPU time (1 thread): steadier than wall time on a loaded machine
     worst = 0.0
     clock, cpu_clock = time.perf_counter, time.process_time
     peak = Peak(lm.device)
@@ -113,8 +132,9 @@ def main() -> None:
         tt = dict.fromkeys(names, 0.0)
         t0, c0 = clock(), cpu_clock()
         with peak("btp"):
-            run = HeadSetScorer(model, s, sorted({l for l, _ in heads}), batch_rows=rows,
-                                reuse_attention=not args.no_reuse_attention)
+            run = HeadSetScorer(
+                model, s, sorted({l for l, _ in heads}), batch_rows=rows, reuse_attention=not args.no_reuse_attention
+            )
         base = run.base.double().mean()
         tt["btp"] += clock() - t0
         cpu["btp"] += cpu_clock() - c0
@@ -130,9 +150,9 @@ def main() -> None:
         for l, h in heads:
             by_layer.setdefault(l, []).append((l, h))
         for j, (l, hs) in enumerate(sorted(by_layer.items())):
-            for which in (names if j % 2 == 0 else names[::-1]):
+            for which in names if j % 2 == 0 else names[::-1]:
                 for c in range(0, len(hs), rows):
-                    chunk = hs[c:c + rows]
+                    chunk = hs[c : c + rows]
                     t0, c0 = clock(), cpu_clock()
                     with peak(which):
                         if which == "btp":
@@ -147,17 +167,26 @@ def main() -> None:
         for n in names:
             t[n] += tt[n]
         same = f"   same-kernel ratio {tt['btp'] / tt['same']:.3f}" if "same" in users else ""
-        print(f"  sample {i} ({s.problem_id}: {len(s.input_ids)} tokens, {s.n_scored} scored): btp {tt['btp']:8.1f}s"
-              f"   straightforward {tt['default']:8.1f}s   ratio {tt['btp'] / tt['default']:.3f}{same}"
-              f"   max|diff| {diff:.2e}   ({load_line()})", flush=True)
-    same = (f"same-kernel ratio ({lm.attn_implementation} both) {t['btp'] / t['same']:.3f}" if "same" in users else
-            f"same kernel ({lm.attn_implementation}) on both sides")
-    print(f"total: btp {t['btp']:.1f}s, straightforward {t['default']:.1f}s, ratio {t['btp'] / t['default']:.3f} "
-          f"(goal <= 0.55; {same}); CPU time btp {cpu['btp']:.1f}s, straightforward {cpu['default']:.1f}s, ratio "
-          f"{cpu['btp'] / cpu['default']:.3f}; largest |delta difference| {worst:.2e} nats")
+        print(
+            f"  sample {i} ({s.problem_id}: {len(s.input_ids)} tokens, {s.n_scored} scored): btp {tt['btp']:8.1f}s"
+            f"   straightforward {tt['default']:8.1f}s   ratio {tt['btp'] / tt['default']:.3f}{same}"
+            f"   max|diff| {diff:.2e}   ({load_line()})",
+            flush=True,
+        )
+    same = (
+        f"same-kernel ratio ({lm.attn_implementation} both) {t['btp'] / t['same']:.3f}"
+        if "same" in users
+        else f"same kernel ({lm.attn_implementation}) on both sides"
+    )
+    print(
+        f"total: btp {t['btp']:.1f}s, straightforward {t['default']:.1f}s, ratio {t['btp'] / t['default']:.3f} "
+        f"(goal <= 0.55; {same}); CPU time btp {cpu['btp']:.1f}s, straightforward {cpu['default']:.1f}s, ratio "
+        f"{cpu['btp'] / cpu['default']:.3f}; largest |delta difference| {worst:.2e} nats"
+    )
     mem = ", ".join(f"{n} {peak.gib(n):.3f}" for n in names)
-    print(f"peak memory above segment start, GiB: {mem}{'' if peak.exact else ' (approximate: ru_maxrss)'}; "
-          f"{load_line()}")
+    print(
+        f"peak memory above segment start, GiB: {mem}{'' if peak.exact else ' (approximate: ru_maxrss)'}; {load_line()}"
+    )
     tol = 1e-4 if lm.dtype == torch.float32 else 5e-2
     if not worst <= tol:
         raise SystemExit(f"matrices disagree: {worst:.2e} > {tol}")

@@ -12,6 +12,7 @@ products only (the self Grams of the norms through BLAS syrk). Both in float64 o
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_circuits.py --layers 1 --d-model 4096 --heads 32 --kv-heads 8 \
         --model-layers 32      # Llama-3.1-8B's shapes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def layer_factors(seed: int, d_model: int, layout: HeadLayout, noise: float) -> 
     g = torch.Generator().manual_seed(seed)
     H, KV, dh = layout.n_heads, layout.n_kv_heads, layout.head_dim
     shapes = {"q": (H, dh, d_model), "k": (KV, dh, d_model), "v": (KV, dh, d_model), "o": (H, dh, d_model)}
-    a = {n: torch.randn(s, generator=g) * d_model ** -0.5 for n, s in shapes.items()}
+    a = {n: torch.randn(s, generator=g) * d_model**-0.5 for n, s in shapes.items()}
     b = {n: t + noise * t.std() * torch.randn(t.shape, generator=g) for n, t in a.items()}
     return Factors(layout, **a), Factors(layout, **b)
 
@@ -61,20 +62,29 @@ def worker(args: argparse.Namespace) -> dict:
     layout = HeadLayout(args.heads, args.kv_heads, args.head_dim)
     torch.set_default_dtype(DTYPES[args.dtype])
     layers = [layer_factors(args.seed + l, args.d_model, layout, args.noise) for l in range(args.layers)]
-    fn = {"factored": lambda f1, f2: (lambda r: {"ov_cos": r.ov_cos, "qk_cos": r.qk_cos})(
-        compare_factors(f1, f2, args.head_dim)), "materialised": materialised}[args.worker]
-    rss = _status("VmRSS")              # memory: the first (cold) pass over the layers, above the loaded weights
+    fn = {
+        "factored": lambda f1, f2: (lambda r: {"ov_cos": r.ov_cos, "qk_cos": r.qk_cos})(
+            compare_factors(f1, f2, args.head_dim)
+        ),
+        "materialised": materialised,
+    }[args.worker]
+    rss = _status("VmRSS")  # memory: the first (cold) pass over the layers, above the loaded weights
     exact_peak = _reset_peak()
     out = [fn(f1, f2) for f1, f2 in layers]
     peak = (_status("VmHWM") - rss) / 1024
     times = []
-    for _ in range(args.repeat):        # time: the best of the warm passes
+    for _ in range(args.repeat):  # time: the best of the warm passes
         t0 = time.perf_counter()
         out = [fn(f1, f2) for f1, f2 in layers]
         times.append(time.perf_counter() - t0)
-    return {"method": args.worker, "seconds": min(times), "peak_extra_mb": peak,
-            "peak_exact": exact_peak, "ov_cos": np.concatenate([o["ov_cos"] for o in out]).tolist(),
-            "qk_cos": np.concatenate([o["qk_cos"] for o in out]).tolist()}
+    return {
+        "method": args.worker,
+        "seconds": min(times),
+        "peak_extra_mb": peak,
+        "peak_exact": exact_peak,
+        "ov_cos": np.concatenate([o["ov_cos"] for o in out]).tolist(),
+        "qk_cos": np.concatenate([o["qk_cos"] for o in out]).tolist(),
+    }
 
 
 def main() -> None:
@@ -102,26 +112,41 @@ def main() -> None:
     f, m = res["factored"], res["materialised"]
     diff = max(np.abs(np.subtract(f[k], m[k])).max() for k in ("ov_cos", "qk_cos"))
     dm, dh = args.d_model, args.head_dim
-    print(f"shapes: d_model {dm}, {args.heads} query / {args.kv_heads} KV heads, d_head {dh}; {args.layers} layers, "
-          f"{args.layers * args.heads} heads x (OV, QK); {args.dtype}; torch threads {torch.get_num_threads()}")
+    print(
+        f"shapes: d_model {dm}, {args.heads} query / {args.kv_heads} KV heads, d_head {dh}; {args.layers} layers, "
+        f"{args.layers * args.heads} heads x (OV, QK); {args.dtype}; torch threads {torch.get_num_threads()}"
+    )
     print(f"max |cos factored - cos materialised| = {diff:.2e}")
     for r in (m, f):
-        print(f"  {r['method']:<13} {r['seconds']:8.3f} s   peak extra memory {r['peak_extra_mb']:8.1f} MiB"
-              + ("" if r["peak_exact"] else " (VmHWM not resettable: upper bound)"))
-    print(f"  ratio: {m['seconds'] / f['seconds']:.1f}x faster, "
-          + (f"{m['peak_extra_mb'] / f['peak_extra_mb']:.1f}x less peak memory" if f["peak_extra_mb"] > 0.05
-             else "factored peak below the RSS resolution"))
-    flops_m = 2 * 2 * args.heads * 2 * dm * dm * dh      # per layer: W_OV and W_QK of each head in both models
+        print(
+            f"  {r['method']:<13} {r['seconds']:8.3f} s   peak extra memory {r['peak_extra_mb']:8.1f} MiB"
+            + ("" if r["peak_exact"] else " (VmHWM not resettable: upper bound)")
+        )
+    print(
+        f"  ratio: {m['seconds'] / f['seconds']:.1f}x faster, "
+        + (
+            f"{m['peak_extra_mb'] / f['peak_extra_mb']:.1f}x less peak memory"
+            if f["peak_extra_mb"] > 0.05
+            else "factored peak below the RSS resolution"
+        )
+    )
+    flops_m = 2 * 2 * args.heads * 2 * dm * dm * dh  # per layer: W_OV and W_QK of each head in both models
     # factored: per circuit and per factor set (H and KV of them), one cross Gram (2 dh^2 dm flops) and two self
     # Grams at syrk's half cost
     flops_f = 2 * (2 * dh * dh * dm) * 2 * (args.heads + args.kv_heads)
-    print(f"  flop ratio (materialised / factored Gram products, = 2 d_model / (2 d_head (1 + KV/H))): "
-          f"{flops_m / flops_f:.1f}")
-    print(f"  reference sizes: one d_model x d_model float64 matrix {dm * dm * 8 / 2**20:.1f} MiB; one d_model x "
-          f"d_head factor {dm * dh * 8 / 2**20:.2f} MiB")
+    print(
+        f"  flop ratio (materialised / factored Gram products, = 2 d_model / (2 d_head (1 + KV/H))): "
+        f"{flops_m / flops_f:.1f}"
+    )
+    print(
+        f"  reference sizes: one d_model x d_model float64 matrix {dm * dm * 8 / 2**20:.1f} MiB; one d_model x "
+        f"d_head factor {dm * dh * 8 / 2**20:.2f} MiB"
+    )
     L = args.model_layers
-    print(f"  full model estimate ({L} layers): materialised {m['seconds'] / args.layers * L:.1f} s, factored "
-          f"{f['seconds'] / args.layers * L:.1f} s")
+    print(
+        f"  full model estimate ({L} layers): materialised {m['seconds'] / args.layers * L:.1f} s, factored "
+        f"{f['seconds'] / args.layers * L:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ ratio (goal >= 3) and the largest difference between the two fitness matrices.
     .venv/bin/python scripts/bench_cmaes.py                              # embedded model, 3 HumanEval references
     .venv/bin/python scripts/bench_cmaes.py --popsize 20 --budget 0.9 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,9 +66,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     model, ad = lm.model, adapter(lm.model)
-    ss = load_samples("results", lm.model_id, args.dataset,
-                      SampleConfig(source="reference", num_samples=args.num_samples, seed=args.seed,
-                                   max_tokens=args.max_tokens), lm.tokenizer)
+    ss = load_samples(
+        "results",
+        lm.model_id,
+        args.dataset,
+        SampleConfig(source="reference", num_samples=args.num_samples, seed=args.seed, max_tokens=args.max_tokens),
+        lm.tokenizer,
+    )
     space = Space(tuple(ad.layer_num_heads))
     cfg = SearchConfig(budget=args.budget, min_heads_per_layer=1)
     k = cfg.n_keep(space.n)
@@ -78,12 +83,14 @@ def main() -> None:
     low = min(l for r in removed_sets(ad, masks) for l, _ in r)
     toks = [len(s.input_ids) for s in ss.samples]
     scored = sum(s.n_scored for s in ss.samples)
-    print(f"{lm.model_id} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads; {len(ss)} "
-          f"{args.dataset} reference samples ({sum(toks)} tokens, {scored} scored); population {pop}, keep {k} of "
-          f"{space.n} heads; lowest layer touched {low}")
+    print(
+        f"{lm.model_id} on {lm.device} ({lm.dtype}), {torch.get_num_threads()} threads; {len(ss)} "
+        f"{args.dataset} reference samples ({sum(toks)} tokens, {scored} scored); population {pop}, keep {k} of "
+        f"{space.n} heads; lowest layer touched {low}"
+    )
     t_btp, t_one = [], []
     for r in range(args.repeats):
-        for which in (("btp", "one") if r % 2 == 0 else ("one", "btp")):
+        for which in ("btp", "one") if r % 2 == 0 else ("one", "btp"):
             t0 = time.perf_counter()
             if which == "btp":
                 fit = ModelFitness(model, ss, batch_rows=args.batch_rows or pop)
@@ -97,8 +104,10 @@ def main() -> None:
     print(f"  btp batched:      {tb:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_btp)})")
     print(f"  one at a time:    {to:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_one)})")
     print(f"  ratio one/btp:    {to / tb:8.2f} x  (goal >= 3)")
-    print(f"  max |fitness difference| over {a.size} (candidate, sample) pairs: {diff:.2e} nats; "
-          f"mean fitness {a.mean(1).min():.4f}..{a.mean(1).max():.4f}")
+    print(
+        f"  max |fitness difference| over {a.size} (candidate, sample) pairs: {diff:.2e} nats; "
+        f"mean fitness {a.mean(1).min():.4f}..{a.mean(1).max():.4f}"
+    )
 
 
 if __name__ == "__main__":

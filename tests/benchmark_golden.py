@@ -6,14 +6,16 @@ tests, prelude, method class, output caps) and the verdicts its judging rules gi
 before benchmarks became objects (the per-dataset branches in prompts/evaluate/sandbox); test_benchmarks.py
 recomputes the records with today's code and asserts the same hashes: no behaviour change.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "lcb_mini.jsonl"
 SUITES = (("humaneval", None), ("mbpp", "full"), ("mbpp", "sanitized"), ("livecodebench", None))
@@ -24,8 +26,9 @@ class MessagesTokenizer:
 
     chat_template = "messages"
 
-    def apply_chat_template(self, msgs: list, tokenize: bool = False, add_generation_prompt: bool = True,
-                            **kw: Any) -> str:
+    def apply_chat_template(
+        self, msgs: list, tokenize: bool = False, add_generation_prompt: bool = True, **kw: Any
+    ) -> str:
         return json.dumps(msgs)
 
 
@@ -36,7 +39,7 @@ def candidates(p: Any) -> list[str]:
     if p.reference is not None:
         out.append(p.reference)
         if p.reference.startswith(p.text):
-            body = p.reference[len(p.text):]
+            body = p.reference[len(p.text) :]
             out += [body, textwrap.dedent(body)]
     if p.entry_point:
         out.append(f"import math\n\ndef {p.entry_point}(*args):\n    return math.pi\n")
@@ -47,8 +50,18 @@ def candidates(p: Any) -> list[str]:
 def sample_outputs(test: Any) -> list[str]:
     """Outputs to judge against one test: its own expected text, near misses, junk."""
     exp = test["output"]
-    return [exp, exp + "\n", " " + exp.strip() + " \n\n", exp + "\nextra", "1.0", "[1, 2]", "None", "<object at 0x1>",
-            "true", ""]
+    return [
+        exp,
+        exp + "\n",
+        " " + exp.strip() + " \n\n",
+        exp + "\nextra",
+        "1.0",
+        "[1, 2]",
+        "None",
+        "<object at 0x1>",
+        "true",
+        "",
+    ]
 
 
 def record(p: Any, api: dict[str, Callable]) -> dict:
@@ -58,7 +71,8 @@ def record(p: Any, api: dict[str, Callable]) -> dict:
         "chat_system": api["build_prompt"](p, tok, "chat", system_prompt="S")[0],
         "completion": api["build_prompt"](p, tok, "completion")[0],
         "stops": list(api["stops"](p)),
-        "reference": [api["reference_output"](p, s) for s in ("chat", "completion")] if p.reference is not None
+        "reference": [api["reference_output"](p, s) for s in ("chat", "completion")]
+        if p.reference is not None
         else None,
         "programs": [],
     }
@@ -93,24 +107,39 @@ def _old_api() -> tuple[Callable, dict[str, Callable], dict]:
 
     def program(p: Any, code: str) -> dict:
         prog = evaluate.build_program(p, code)
-        rec = {"code": prog.code, "mode": prog.mode, "tests": list(prog.tests), "fn_name": prog.fn_name,
-               "out_caps": list(prog.out_caps),
-               "prelude": sandbox._LCB_PRELUDE if prog.mode != "script" else "",
-               "solution_class": "Solution" if prog.mode == "functional" else None}
+        rec = {
+            "code": prog.code,
+            "mode": prog.mode,
+            "tests": list(prog.tests),
+            "fn_name": prog.fn_name,
+            "out_caps": list(prog.out_caps),
+            "prelude": sandbox._LCB_PRELUDE if prog.mode != "script" else "",
+            "solution_class": "Solution" if prog.mode == "functional" else None,
+        }
         if prog.check:
             rec["verdicts"] = [[prog.check(i, o) for o in sample_outputs(t)] for i, t in enumerate(p.test_cases)]
         return rec
 
-    api = {"build_prompt": prompts.build_prompt, "stops": prompts.completion_stops,
-           "reference_output": prompts.reference_output, "program": program}
+    api = {
+        "build_prompt": prompts.build_prompt,
+        "stops": prompts.completion_stops,
+        "reference_output": prompts.reference_output,
+        "program": program,
+    }
     import argparse
 
     ap = argparse.ArgumentParser()
     cli.add_common(ap)
     names = next(a.choices for a in ap._actions if a.dest == "dataset")
-    shared = {"names": list(names), "timeouts": [evaluate.DEFAULT_TIMEOUT[n] for n in names],
-              "sizes": [len(load_problems("humaneval")), len(load_problems("mbpp")),
-                        len(load_problems("mbpp", variant="sanitized"))]}
+    shared = {
+        "names": list(names),
+        "timeouts": [evaluate.DEFAULT_TIMEOUT[n] for n in names],
+        "sizes": [
+            len(load_problems("humaneval")),
+            len(load_problems("mbpp")),
+            len(load_problems("mbpp", variant="sanitized")),
+        ],
+    }
     return load_problems, api, shared
 
 

@@ -1,11 +1,20 @@
 """Shared fixtures: tiny random models of every supported architecture (fp32, CPU, seconds to build)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
 
 
 def _configs():
@@ -16,12 +25,15 @@ def _configs():
         "mistral": lambda: tf.MistralConfig(**TINY, sliding_window=None),
         "qwen2": lambda: tf.Qwen2Config(**TINY),
         "qwen3": lambda: tf.Qwen3Config(**TINY),
-        "gemma2": lambda: tf.Gemma2Config(**TINY, final_logit_softcapping=5.0, attn_logit_softcapping=20.0,
-                                          query_pre_attn_scalar=16, sliding_window=8),
-        "gemma3": lambda: tf.Gemma3TextConfig(**TINY, final_logit_softcapping=5.0, query_pre_attn_scalar=16,
-                                              sliding_window=8),
-        "phi3": lambda: tf.Phi3Config(**{k: v for k, v in TINY.items() if k != "head_dim"}, pad_token_id=0,
-                                      bos_token_id=1, eos_token_id=2),
+        "gemma2": lambda: tf.Gemma2Config(
+            **TINY, final_logit_softcapping=5.0, attn_logit_softcapping=20.0, query_pre_attn_scalar=16, sliding_window=8
+        ),
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            **TINY, final_logit_softcapping=5.0, query_pre_attn_scalar=16, sliding_window=8
+        ),
+        "phi3": lambda: tf.Phi3Config(
+            **{k: v for k, v in TINY.items() if k != "head_dim"}, pad_token_id=0, bos_token_id=1, eos_token_id=2
+        ),
     }
     return out
 
@@ -63,10 +75,13 @@ def make_mixed(seed: int = 0, attn: str = "eager") -> torch.nn.Module:
     sa = model.model.layers[1].self_attn
     d, hd, nq, nkv = 64, 16, 2, 1
     torch.manual_seed(seed + 1)
-    sa.q_proj, sa.k_proj, sa.v_proj = nn.Linear(d, nq * hd, bias=False), nn.Linear(d, nkv * hd, bias=False), \
-        nn.Linear(d, nkv * hd, bias=False)
+    sa.q_proj, sa.k_proj, sa.v_proj = (
+        nn.Linear(d, nq * hd, bias=False),
+        nn.Linear(d, nkv * hd, bias=False),
+        nn.Linear(d, nkv * hd, bias=False),
+    )
     sa.o_proj = nn.Linear(nq * hd, d, bias=False)
-    sa.head_dim, sa.num_key_value_groups, sa.scaling = hd, nq // nkv, hd ** -0.5
+    sa.head_dim, sa.num_key_value_groups, sa.scaling = hd, nq // nkv, hd**-0.5
     return model.eval().requires_grad_(False)
 
 

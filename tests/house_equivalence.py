@@ -7,6 +7,7 @@ DIR (the committed "before" fixture, tests/fixtures/house_before/, was written f
 change, and rewritten when SDPA became the default kernel); `tests/test_house_equivalence.py` runs them again and
 compares. One torch thread, so that float reductions run in one order on every machine.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,9 +21,33 @@ import numpy as np
 
 MODEL = "smollm2-135m"
 # provenance, timing and the machine's isolation facts: allowed to differ between two runs of the same numbers
-VOLATILE = {"isolation", "cgroup", "created", "host", "seconds", "git_commit", "versions", "config", "run", "run_key", "provenance",
-            "duration", "stage", "model", "revision", "dataset", "mode", "seed", "device", "started", "finished",
-            "elapsed", "identity", "settings", "attn_implementation"}
+VOLATILE = {
+    "isolation",
+    "cgroup",
+    "created",
+    "host",
+    "seconds",
+    "git_commit",
+    "versions",
+    "config",
+    "run",
+    "run_key",
+    "provenance",
+    "duration",
+    "stage",
+    "model",
+    "revision",
+    "dataset",
+    "mode",
+    "seed",
+    "device",
+    "started",
+    "finished",
+    "elapsed",
+    "identity",
+    "settings",
+    "attn_implementation",
+}
 
 
 def stages(root: Path) -> list[tuple[str, list[str]]]:
@@ -38,18 +63,70 @@ def stages(root: Path) -> list[tuple[str, list[str]]]:
         ("generate", gen + mb + ["--limit", "2", "--n", "1"]),
         ("evaluate", r + he + ["--workers", "2", "--n-boot", "200"]),
         ("evaluate", r + mb + ["--workers", "2", "--n-boot", "200"]),
-        ("evaluate", ["--results-dir", str(root), "--dataset", "mbpp", "--reference", "--limit", "3", "--workers",
-                      "2", "--n-boot", "200"]),
+        (
+            "evaluate",
+            [
+                "--results-dir",
+                str(root),
+                "--dataset",
+                "mbpp",
+                "--reference",
+                "--limit",
+                "3",
+                "--workers",
+                "2",
+                "--n-boot",
+                "200",
+            ],
+        ),
         ("entropy_lens", r + he + ["--select", "all", "--mode", "regular"] + small + q),
         ("entropy_lens", r + he + ["--select", "all", "--mode", "chain_code"] + small + q),
         ("entropy_lens", r + mb + ["--mode", "regular"] + ref + q),
-        ("ablation", r + he + ["--select", "all", "--mode", "regular", "--greedy", "--greedy-candidates", "4"]
-         + small + abl),
+        (
+            "ablation",
+            r + he + ["--select", "all", "--mode", "regular", "--greedy", "--greedy-candidates", "4"] + small + abl,
+        ),
         ("ablation", r + mb + ["--mode", "chain_code", "--ablation", "mean"] + ref + abl),
-        ("taylor", r + he + ["--select", "all", "--mode", "regular", "--max-tokens", "40", "--num-iters", "2",
-                             "--prune-per-iter", "20", "--heldout", "1"]),
-        ("taylor", r + mb + ["--mode", "regular", "--source", "reference", "--num-samples", "3", "--max-tokens", "40",
-                             "--num-iters", "2", "--prune-per-iter", "30", "--heldout", "1"]),
+        (
+            "taylor",
+            r
+            + he
+            + [
+                "--select",
+                "all",
+                "--mode",
+                "regular",
+                "--max-tokens",
+                "40",
+                "--num-iters",
+                "2",
+                "--prune-per-iter",
+                "20",
+                "--heldout",
+                "1",
+            ],
+        ),
+        (
+            "taylor",
+            r
+            + mb
+            + [
+                "--mode",
+                "regular",
+                "--source",
+                "reference",
+                "--num-samples",
+                "3",
+                "--max-tokens",
+                "40",
+                "--num-iters",
+                "2",
+                "--prune-per-iter",
+                "30",
+                "--heldout",
+                "1",
+            ],
+        ),
     ]
 
 
@@ -100,8 +177,9 @@ def canonical(root: Path) -> dict[str, object]:
         elif p.suffix == ".json":
             out[rel] = _strip(json.loads(p.read_text()), str(root))
         elif p.suffix == ".jsonl":
-            out[rel] = _order([_strip(json.loads(line), str(root)) for line in p.read_text().splitlines()
-                               if line.strip()])
+            out[rel] = _order(
+                [_strip(json.loads(line), str(root)) for line in p.read_text().splitlines() if line.strip()]
+            )
     return out
 
 
@@ -114,8 +192,9 @@ def write_fixture(root: Path, dest: Path) -> None:
         if isinstance(content, dict) and rel.endswith(".npz"):
             np.savez_compressed(target, **content)
         else:
-            target.with_suffix(target.suffix + ".canon.json").write_text(json.dumps(content, indent=1,
-                                                                                    sort_keys=True) + "\n")
+            target.with_suffix(target.suffix + ".canon.json").write_text(
+                json.dumps(content, indent=1, sort_keys=True) + "\n"
+            )
 
 
 def read_fixture(src: Path) -> dict[str, object]:

@@ -13,6 +13,7 @@ Generations are used with `--select all`/`incorrect` because the embedded model 
 Use: `from results_tree import results_tree, tree_copy` in a test module; `results_tree` is the tree's root
 (`results_tree / MODEL_DIR / "humaneval" / ...`); `tree_copy(tmp_path)` gives a private copy to damage.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,15 +44,57 @@ def _stages(root: Path) -> list[tuple[str, list[str]]]:
         ("entropy_lens", r + he + ["--select", "all", "--mode", "chain_code"] + small + quiet),
         ("entropy_lens", r + he + ["--select", "incorrect", "--mode", "regular"] + small + quiet),
         ("entropy_lens", r + mb + ["--select", "all", "--mode", "regular"] + small + quiet),
-        ("ablation", r + he + ["--select", "all", "--mode", "regular", "--greedy", "--greedy-candidates", "5"]
-         + small + abl),
+        (
+            "ablation",
+            r + he + ["--select", "all", "--mode", "regular", "--greedy", "--greedy-candidates", "5"] + small + abl,
+        ),
         ("ablation", r + mb + ["--select", "all", "--mode", "regular"] + small + abl),
-        ("taylor", r + he + ["--select", "all", "--mode", "regular", "--max-tokens", "48", "--num-iters", "3",
-                             "--prune-per-iter", "20", "--heldout", "1"]),
+        (
+            "taylor",
+            r
+            + he
+            + [
+                "--select",
+                "all",
+                "--mode",
+                "regular",
+                "--max-tokens",
+                "48",
+                "--num-iters",
+                "3",
+                "--prune-per-iter",
+                "20",
+                "--heldout",
+                "1",
+            ],
+        ),
         # the Taylor run's samples and split: warm start and Taylor-pruned control (210 = 270 - 3 x 20 heads kept)
-        ("cmaes_search", r + he + ["--select", "all", "--mode", "regular", "--max-tokens", "48", "--heldout", "1",
-                                   "--budget", "210", "--popsize", "4", "--max-generations", "2",
-                                   "--control-draws", "2", "--n-boot", "200"] + quiet),
+        (
+            "cmaes_search",
+            r
+            + he
+            + [
+                "--select",
+                "all",
+                "--mode",
+                "regular",
+                "--max-tokens",
+                "48",
+                "--heldout",
+                "1",
+                "--budget",
+                "210",
+                "--popsize",
+                "4",
+                "--max-generations",
+                "2",
+                "--control-draws",
+                "2",
+                "--n-boot",
+                "200",
+            ]
+            + quiet,
+        ),
     ]
 
 

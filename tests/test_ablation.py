@@ -1,6 +1,7 @@
 """Ablation stage: every matrix entry, every knockout point and mean ablation equal a direct full forward of a
 weight-surgery copy (full logits); `fixed_attention` is exact; interrupted runs resume to the same npz.
 Tiny random models of several architectures, incl. gemma2 (soft-capping) and the mixed-head model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ARCH_NAMES, KERNELS, make_mixed, make_tiny
 
 from btp import ablation as abl
 from btp.arch import adapter
 from btp.heads import fixed_attention, gates_for, head_gates, pruned_copy, record, start_at_layer
 from btp.samples import Sample, SampleConfig, SampleSet
 from btp.store import read_json, read_npz
-from conftest import ARCH_NAMES, KERNELS, make_mixed, make_tiny
 
 TOL = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MODELS = {**{a: (lambda attn="eager", a=a: make_tiny(a, attn=attn)) for a in ARCH_NAMES},
-          "mixed": lambda attn="eager": make_mixed(attn=attn)}
+MODELS = {
+    **{a: (lambda attn="eager", a=a: make_tiny(a, attn=attn)) for a in ARCH_NAMES},
+    "mixed": lambda attn="eager": make_mixed(attn=attn),
+}
 
 
 def tiny_set(specs=((14, 6), (21, 9)), vocab: int = 128, seed: int = 3) -> SampleSet:
@@ -42,7 +45,7 @@ def with_mean_bias(model, heads, rep):
         if o.bias is None:
             o.bias = torch.nn.Parameter(torch.zeros(o.out_features), requires_grad=False)
         with torch.no_grad():
-            o.bias += F.linear(rep[l, h], ad0.o_projs[l].weight[:, h * d:(h + 1) * d])
+            o.bias += F.linear(rep[l, h], ad0.o_projs[l].weight[:, h * d : (h + 1) * d])
     return m
 
 
@@ -93,8 +96,9 @@ def test_attention_reuse_and_layers_subset(name):
     model = MODELS[name]()
     ss = tiny_set()
     a = abl.run_matrix(model, ss, abl.MatrixConfig(layers=[1, 2], progress=False, n_boot=20))
-    b = abl.run_matrix(model, ss, abl.MatrixConfig(layers=[1, 2], reuse_attention=False, batch_rows=1,
-                                                  progress=False, n_boot=20))
+    b = abl.run_matrix(
+        model, ss, abl.MatrixConfig(layers=[1, 2], reuse_attention=False, batch_rows=1, progress=False, n_boot=20)
+    )
     np.testing.assert_allclose(a["delta"], b["delta"], atol=TOL, equal_nan=True)
     assert np.isnan(a["delta"][:, 0]).all() and np.isfinite(a["delta"][:, 2]).all()
 
@@ -111,8 +115,11 @@ def test_fixed_attention_primitive(arch, tiny_ids, attn):
     with record(model, layer_inputs=[l], o_proj_inputs=[l]) as rec:
         model(input_ids=tiny_ids)
     calls = []
-    hook = ad.attns[l].q_proj.register_forward_hook(lambda *a: calls.append(1)) \
-        if hasattr(ad.attns[l], "q_proj") else ad.attns[l].qkv_proj.register_forward_hook(lambda *a: calls.append(1))
+    hook = (
+        ad.attns[l].q_proj.register_forward_hook(lambda *a: calls.append(1))
+        if hasattr(ad.attns[l], "q_proj")
+        else ad.attns[l].qkv_proj.register_forward_hook(lambda *a: calls.append(1))
+    )
     rows = [[], [(l, 0)], [(l, 1), (l, 3)], [(2, 2)]]
     with head_gates(model, gates_for(ad, rows)):
         ref = model(input_ids=tiny_ids.expand(4, -1)).logits
@@ -136,9 +143,14 @@ def test_knockout_equals_direct(name, attn):
     model = MODELS[name](attn)
     ss = tiny_set()
     res = abl.run_matrix(model, ss, abl.MatrixConfig(progress=False, n_boot=20))
-    ko = abl.run_knockout(model, ss, res["delta_mean"],
-                          abl.KnockoutConfig(ks=[1, 3, 6], random_seeds=2, greedy=True, greedy_candidates=7,
-                                             batch_rows=4, n_boot=20, progress=False))
+    ko = abl.run_knockout(
+        model,
+        ss,
+        res["delta_mean"],
+        abl.KnockoutConfig(
+            ks=[1, 3, 6], random_seeds=2, greedy=True, greedy_candidates=7, batch_rows=4, n_boot=20, progress=False
+        ),
+    )
     ranked = abl.rank_heads(res["delta_mean"])
     assert len(ranked) == adapter(model).n_heads_total
     assert [tuple(h) for h in ko["top"][1]["heads"]] == ranked[:3]
@@ -166,16 +178,21 @@ def test_mean_ablation_equals_direct(name):
     # the replacement, computed independently with plain hooks: mean o_proj input over all tokens
     sums, n = {}, 0
     for s in ss.samples:
-        hs = [ad.o_projs[l].register_forward_pre_hook(
-            lambda m, a, l=l: sums.__setitem__(l, sums.get(l, 0) + a[0][0].double().sum(0))) for l in range(3)]
+        hs = [
+            ad.o_projs[l].register_forward_pre_hook(
+                lambda m, a, l=l: sums.__setitem__(l, sums.get(l, 0) + a[0][0].double().sum(0))
+            )
+            for l in range(3)
+        ]
         model(input_ids=torch.as_tensor(s.input_ids)[None])
         n += len(s.input_ids)
         for h in hs:
             h.remove()
     rep = abl.mean_o_proj_inputs(model, ss)
     for l, lay in enumerate(ad.heads):
-        torch.testing.assert_close(rep[l, :lay.n_heads], (sums[l] / n).float().view(lay.n_heads, -1), atol=1e-6,
-                                   rtol=0)
+        torch.testing.assert_close(
+            rep[l, : lay.n_heads], (sums[l] / n).float().view(lay.n_heads, -1), atol=1e-6, rtol=0
+        )
     res = abl.run_matrix(model, ss, abl.MatrixConfig(ablation="mean", progress=False, n_boot=20))
     for s, sample in enumerate(ss.samples):
         base = direct_ce(model, sample)
@@ -183,11 +200,13 @@ def test_mean_ablation_equals_direct(name):
             assert res["delta"][s, l, h] == pytest.approx(direct_ce(model, sample, [(l, h)], rep) - base, abs=TOL)
     zero = abl.run_matrix(model, ss, abl.MatrixConfig(layers=[2], progress=False, n_boot=20))
     assert np.abs(zero["delta"][:, 2] - res["delta"][:, 2]).max() > 1e-4  # mean differs from zero ablation
-    ko = abl.run_knockout(model, ss, res["delta_mean"], abl.KnockoutConfig(ks=[2], random_seeds=0, progress=False),
-                          replacement=rep)
+    ko = abl.run_knockout(
+        model, ss, res["delta_mean"], abl.KnockoutConfig(ks=[2], random_seeds=0, progress=False), replacement=rep
+    )
     heads = [tuple(h) for h in ko["top"][0]["heads"]]
-    np.testing.assert_allclose(ko["top"][0]["per_sample_ce"], [direct_ce(model, s, heads, rep) for s in ss.samples],
-                               atol=TOL)
+    np.testing.assert_allclose(
+        ko["top"][0]["per_sample_ce"], [direct_ce(model, s, heads, rep) for s in ss.samples], atol=TOL
+    )
 
 
 def test_resume_matrix_after_interrupt(tmp_path, monkeypatch):
@@ -220,6 +239,7 @@ def test_resume_matrix_after_interrupt(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- main() end to end
 
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny random Llama with the embedded tokenizer's vocabulary, saved as a HF folder: main() runs on real
@@ -235,10 +255,31 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_main_resume_gives_same_npz(tiny_folder, tmp_path, monkeypatch, capsys):
-    argv = ["--model", str(tiny_folder), "--dataset", "mbpp", "--seed", "2", "--source", "reference",
-            "--num-samples", "2",
-            "--save-every", "0", "--knockout-ks", "1,2", "--random-seeds", "2", "--greedy",
-            "--greedy-candidates", "4", "--n-boot", "50", "--no-progress", "--per-token"]
+    argv = [
+        "--model",
+        str(tiny_folder),
+        "--dataset",
+        "mbpp",
+        "--seed",
+        "2",
+        "--source",
+        "reference",
+        "--num-samples",
+        "2",
+        "--save-every",
+        "0",
+        "--knockout-ks",
+        "1,2",
+        "--random-seeds",
+        "2",
+        "--greedy",
+        "--greedy-candidates",
+        "4",
+        "--n-boot",
+        "50",
+        "--no-progress",
+        "--per-token",
+    ]
     ref_path = abl.main(argv + ["--results-dir", str(tmp_path / "a")])
     calls = {"n": 0}
     orig = abl.SampleRun.ce
@@ -260,14 +301,32 @@ def test_main_resume_gives_same_npz(tiny_folder, tmp_path, monkeypatch, capsys):
     assert "greedy: resuming after 1 steps" in capsys.readouterr().out
     assert path.name == "regular-reference.npz" and not list(path.parent.glob("*.partial.*"))
     a, b = read_npz(ref_path), read_npz(path)
-    assert set(a) == set(b) >= {"delta", "delta_mean", "delta_ci_low", "delta_ci_high", "base_ce",
-                                "layer_num_heads", "input_ids", "sample_offsets", "sample_index", "position",
-                                "token_id", "token_delta", "provenance"}
+    assert (
+        set(a)
+        == set(b)
+        >= {
+            "delta",
+            "delta_mean",
+            "delta_ci_low",
+            "delta_ci_high",
+            "base_ce",
+            "layer_num_heads",
+            "input_ids",
+            "sample_offsets",
+            "sample_index",
+            "position",
+            "token_id",
+            "token_delta",
+            "provenance",
+        }
+    )
     for k in a:
         if k != "provenance":
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    ka, kb = read_json(ref_path.with_name("regular-reference_knockout.json")), \
-        read_json(path.with_name("regular-reference_knockout.json"))
+    ka, kb = (
+        read_json(ref_path.with_name("regular-reference_knockout.json")),
+        read_json(path.with_name("regular-reference_knockout.json")),
+    )
     for part in ("base", "top", "random", "greedy"):
         assert ka[part] == kb[part], part
     assert b["provenance"]["stage"] == "ablation" and b["provenance"]["samples"]["n_scored_tokens"] > 0
@@ -291,7 +350,9 @@ def test_cli_parsing_errors():
     from btp import cli
 
     for name in ("greedy", "mean"):
-        args = cli.parse(abl.build_parser(), ["--config", str(ROOT / "configs" / f"ablation_{name}.json"), "--random-seeds", "5"])
+        args = cli.parse(
+            abl.build_parser(), ["--config", str(ROOT / "configs" / f"ablation_{name}.json"), "--random-seeds", "5"]
+        )
         assert args.random_seeds == 5 and (args.greedy if name == "greedy" else args.ablation == "mean")
 
 
@@ -302,16 +363,31 @@ def test_main_embedded_model(tmp_path):
     from btp.models import load_model
     from btp.samples import load_samples
 
-    path = abl.main(["--source", "reference", "--num-samples", "2", "--seed", "1", "--layers", "28,29",
-                     "--random-seeds", "1",
-                     "--results-dir", str(tmp_path), "--no-progress"])
+    path = abl.main(
+        [
+            "--source",
+            "reference",
+            "--num-samples",
+            "2",
+            "--seed",
+            "1",
+            "--layers",
+            "28,29",
+            "--random-seeds",
+            "1",
+            "--results-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     z = read_npz(path)
     assert path.name == "regular-reference-layers28_29.npz"
     assert z["delta"].shape == (2, 30, 9) and np.isfinite(z["delta"][:, 28:]).all()
     assert np.isnan(z["delta"][:, :28]).all()
     lm = load_model()
-    ss = load_samples(tmp_path, lm.model_id, "humaneval", SampleConfig(source="reference", num_samples=2, seed=1),
-                      lm.tokenizer)
+    ss = load_samples(
+        tmp_path, lm.model_id, "humaneval", SampleConfig(source="reference", num_samples=2, seed=1), lm.tokenizer
+    )
     l, h = np.unravel_index(np.nanargmax(z["delta"][0]), z["delta"][0].shape)
     s = ss.samples[0]
     got = z["delta"][0, l, h]
@@ -333,9 +409,10 @@ def test_matrix_and_knockout_cis_are_over_problems():
     want = (d[:3].mean(0) + d[3]) / 2
     np.testing.assert_allclose(res["delta_mean"], want, rtol=1e-5)
     assert res["delta_n_problems"].max() == 2
-    assert res["noop_delta"].shape == (4,) and np.all(res["noop_delta"] < 1e-5)    # issue 12.11: recorded
-    ko = abl.run_knockout(model, ss, res["delta_mean"], abl.KnockoutConfig(ks=[1], random_seeds=1, n_boot=50,
-                                                                          progress=False))
+    assert res["noop_delta"].shape == (4,) and np.all(res["noop_delta"] < 1e-5)  # issue 12.11: recorded
+    ko = abl.run_knockout(
+        model, ss, res["delta_mean"], abl.KnockoutConfig(ks=[1], random_seeds=1, n_boot=50, progress=False)
+    )
     assert "over problems" in ko["ci"] and ko["n_problems"] == 2
     ce = np.array(ko["top"][0]["per_sample_ce"])
     assert ko["top"][0]["mean_ce"] == pytest.approx((ce[:3].mean() + ce[3]) / 2)
@@ -351,14 +428,20 @@ def test_knockout_is_ranked_on_scoring_problems_and_reported_on_held_out_ones():
     assert not set(held.problem_ids) & set(scoring.problem_ids) and len(held) == len(scoring) == 2
     rows = [i for i, p in enumerate(ss.problem_ids) if p in scoring.problem_ids]
     np.testing.assert_allclose(dm, np.nanmean(res["delta"][rows].astype(np.float64), 0), rtol=1e-5)
-    ko = abl.run_knockout(model, held, dm, abl.KnockoutConfig(ks=[1, 2], random_seeds=2, greedy=True,
-                                                              greedy_candidates=3, n_boot=20, progress=False),
-                          select_on=scoring, selection=label)
+    ko = abl.run_knockout(
+        model,
+        held,
+        dm,
+        abl.KnockoutConfig(ks=[1, 2], random_seeds=2, greedy=True, greedy_candidates=3, n_boot=20, progress=False),
+        select_on=scoring,
+        selection=label,
+    )
     assert ko["selection"].startswith("held-out") and ko["greedy"]["selection"] == label
     assert ko["curve_problems"] == sorted(set(held.problem_ids))
     assert all(len(p["per_sample_ce"]) == 2 for p in ko["top"] + ko["greedy"]["curve"])
-    for p in ko["greedy"]["curve"]:   # reported on the held-out samples
-        assert p["per_sample_ce"] == pytest.approx([direct_ce(model, s, [tuple(h) for h in p["heads"]])
-                                                    for s in held.samples], abs=TOL)
+    for p in ko["greedy"]["curve"]:  # reported on the held-out samples
+        assert p["per_sample_ce"] == pytest.approx(
+            [direct_ce(model, s, [tuple(h) for h in p["heads"]]) for s in held.samples], abs=TOL
+        )
     assert abl.knockout_split(ss, res["delta"], 0, 0)[3].startswith("in-sample")
     assert abl.KnockoutConfig().random_seeds >= 10 and abl.KnockoutConfig().heldout == 0.25

@@ -1,6 +1,7 @@
 """Attribution patching (`--method atp`): exact where the loss is linear in a head's slice, equal to a central
 finite difference of the gate on tiny models; `atp+exact` gives the exact matrix's entries for the verified heads;
 the agreement report."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,8 +64,7 @@ def _ce_at_gate(model, sample, head, value, rep=None) -> float:
     return float(F.cross_entropy(lg, torch.as_tensor(sample.targets)))
 
 
-@pytest.mark.parametrize("name,ablation", [("llama", "zero"), ("gemma2", "zero"), ("qwen3", "mean"),
-                                           ("mixed", "zero")])
+@pytest.mark.parametrize("name,ablation", [("llama", "zero"), ("gemma2", "zero"), ("qwen3", "mean"), ("mixed", "zero")])
 def test_atp_matches_a_finite_difference(name, ablation):
     """atp = d/de CE(slice a + e (r - a)) at e = 0, i.e. minus the derivative in the gate g = 1 - e."""
     model = (make_mixed() if name == "mixed" else make_tiny(name)).double()
@@ -92,8 +92,9 @@ def test_verify_gives_the_exact_matrix_entries(ablation):
     model = make_tiny("llama")
     ss = tiny_set()
     exact = abl.run_matrix(model, ss, abl.MatrixConfig(ablation=ablation, n_boot=10, progress=False))
-    res = abl.run_atp(model, ss, abl.MatrixConfig(ablation=ablation, method="atp+exact", verify=3, n_boot=10,
-                                                  progress=False))
+    res = abl.run_atp(
+        model, ss, abl.MatrixConfig(ablation=ablation, method="atp+exact", verify=3, n_boot=10, progress=False)
+    )
     v = res["verified"]
     assert (v == 1).sum() == 3 and (v == 2).sum() == 3
     top = np.argsort(-np.abs(np.nan_to_num(res["delta_atp"].mean(0))), axis=None)[:3]
@@ -130,8 +131,24 @@ def test_main_atp_and_verify_write_the_matrix_format_with_agreement(tmp_path):
     model = make_tiny("llama", vocab_size=len(tok))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    argv = ["--model", str(folder), "--dataset", "mbpp", "--seed", "2", "--source", "reference", "--num-samples",
-            "2", "--n-boot", "20", "--no-progress", "--no-knockout", "--results-dir", str(tmp_path / "r")]
+    argv = [
+        "--model",
+        str(folder),
+        "--dataset",
+        "mbpp",
+        "--seed",
+        "2",
+        "--source",
+        "reference",
+        "--num-samples",
+        "2",
+        "--n-boot",
+        "20",
+        "--no-progress",
+        "--no-knockout",
+        "--results-dir",
+        str(tmp_path / "r"),
+    ]
     ex = abl.main(argv)
     p = abl.main(argv + ["--method", "atp"])
     assert p.name == "regular-reference-atp.npz"

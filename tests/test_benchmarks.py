@@ -1,5 +1,6 @@
 """Benchmarks as objects: the registry, byte-identical behaviour to the code before them (golden hashes),
 program assembly, and no benchmark name outside btp/benchmarks/."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmark_golden import SUITES, digest, record, records, sample_outputs
 
 import btp
 from btp import benchmarks, prompts
@@ -17,9 +19,6 @@ from btp.evaluate import build_program
 from btp.sandbox import Program
 from btp.sandbox_child import assemble as _assemble
 from btp.sandbox_child import value_equal
-
-from benchmark_golden import SUITES, digest, record, records, sample_outputs
-
 
 
 def assemble(prog: Program) -> str:
@@ -35,8 +34,15 @@ def _program(p: Any, code: str) -> dict:
     """Today's program in the golden record's terms: assembled text, the prelude and method class it
     carries, and the verdicts of its judging rule (a check callable or expected values)."""
     prog = build_program(p, code)
-    rec = {"code": assemble(prog), "mode": prog.mode, "tests": list(prog.tests), "fn_name": prog.fn_name,
-           "out_caps": list(prog.out_caps), "prelude": prog.prelude, "solution_class": prog.solution_class}
+    rec = {
+        "code": assemble(prog),
+        "mode": prog.mode,
+        "tests": list(prog.tests),
+        "fn_name": prog.fn_name,
+        "out_caps": list(prog.out_caps),
+        "prelude": prog.prelude,
+        "solution_class": prog.solution_class,
+    }
     if prog.check or prog.expected:
         judge = prog.check or (lambda i, out: value_equal(out, prog.expected[i]))
         rec["verdicts"] = [[judge(i, o) for o in sample_outputs(t)] for i, t in enumerate(p.test_cases)]
@@ -44,9 +50,12 @@ def _program(p: Any, code: str) -> dict:
 
 
 # the golden records hold the raw reference's rendering: teacher-forced text is tested in test_reference_*
-API = {"build_prompt": prompts.build_prompt, "stops": lambda p: benchmarks.get(p.dataset).stops,
-       "reference_output": lambda p, s: benchmarks.get(p.dataset).reference_output(p, s, code=p.reference),
-       "program": _program}
+API = {
+    "build_prompt": prompts.build_prompt,
+    "stops": lambda p: benchmarks.get(p.dataset).stops,
+    "reference_output": lambda p, s: benchmarks.get(p.dataset).reference_output(p, s, code=p.reference),
+    "program": _program,
+}
 
 
 def test_registry_names_order_and_errors():
@@ -99,10 +108,10 @@ def test_golden_record_catches_a_change():
 
 
 def test_assemble_complete_rules():
-    head = "import math\n\ndef f(x):\n    \"\"\"doc\"\"\"\n"
+    head = 'import math\n\ndef f(x):\n    """doc"""\n'
     prog = lambda code: Program(code, head=head, tail="\n#t\n", complete="f")  # noqa: E731
-    assert assemble(prog("    return x\n")) == head + "    return x\n" + "\n#t\n"             # a body
-    assert assemble(prog("return x\n")) == head + "    return x\n" + "\n#t\n"                 # unindented body
+    assert assemble(prog("    return x\n")) == head + "    return x\n" + "\n#t\n"  # a body
+    assert assemble(prog("return x\n")) == head + "    return x\n" + "\n#t\n"  # unindented body
     assert assemble(prog("def f(x):\n    return 1\n")) == head + "\ndef f(x):\n    return 1\n" + "\n#t\n"
     assert assemble(prog("def g(x):\n  pass\n")) == head + "def g(x):\n  pass\n" + "\n#t\n"  # not f: a body
     assert assemble(prog("x = (")) == head + "x = (" + "\n#t\n"  # neither compiles: left to the sandbox
@@ -117,8 +126,9 @@ def test_benchmark_programs():
     assert prog.judge == f"\n\n{he.test_code}\n\ncheck({he.entry_point})\n" and prog.tail == ""
     assert (prog.judge_head, prog.calls) == (he.text, (he.entry_point,))
     mb = load_problems("mbpp", limit=1)[0]
-    assert benchmarks.get("mbpp").program(mb, "x = 1") == Program("x = 1", judge=f"\n\n{mb.test_code}\n",
-                                                                  calls=(mb.entry_point,))
+    assert benchmarks.get("mbpp").program(mb, "x = 1") == Program(
+        "x = 1", judge=f"\n\n{mb.test_code}\n", calls=(mb.entry_point,)
+    )
     node = {p.problem_id: p for p in load_problems("mbpp")}["Mbpp/367"]  # its tests build the program's Node
     fb = benchmarks.get("mbpp").program(node, "x = 1")
     assert fb.judge == "" and fb.tail == f"\n\n{node.test_code}\n" and "class Node" in fb.fallback
@@ -155,8 +165,14 @@ def test_no_benchmark_names_outside_benchmark_modules():
 
 def test_benchmark_modules_are_beside_their_data():
     d = Path(benchmarks.__file__).parent
-    assert {"humaneval.py", "mbpp.py", "livecodebench.py", "HumanEval.jsonl.gz", "mbpp.jsonl",
-            "sanitized-mbpp.json"} <= {p.name for p in d.iterdir()}
+    assert {
+        "humaneval.py",
+        "mbpp.py",
+        "livecodebench.py",
+        "HumanEval.jsonl.gz",
+        "mbpp.jsonl",
+        "sanitized-mbpp.json",
+    } <= {p.name for p in d.iterdir()}
     assert livecodebench.PRELUDE.startswith("from string import *\n")
 
 
@@ -175,6 +191,6 @@ def test_mbpp_teacher_text_is_normalised_and_the_same_program():
         assert "\r" not in prompts.reference_output(p, "chat") and "\r" not in prompts.reference_output(p, "completion")
     assert sum(not ln.startswith("\t") for p in probs for ln in mbpp.teacher_text(p).split("\n")) > 0
     assert sum(ln.startswith("\t") for p in probs for ln in mbpp.teacher_text(p).split("\n")) == 0
-    assert build_program(probs[0], probs[0].reference).code == probs[0].reference   # judged raw
+    assert build_program(probs[0], probs[0].reference).code == probs[0].reference  # judged raw
     he = benchmarks.get("humaneval").load(limit=3)
     assert all(benchmarks.get("humaneval").teacher_text(p) == p.reference for p in he)

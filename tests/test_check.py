@@ -1,6 +1,7 @@
 """btp.check and run_check.sh on a real results tree (tests/results_tree.py): the table, --json, broken files
 (a corrupt JSONL line in the middle, a truncated npz, bad JSON) with non-zero exit, torn tails, stale and
 incomplete outputs; the fast JSONL scan against full parsing."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from results_tree import model_dir, results_tree, tree_copy  # noqa: F401  (session fixture)
 
 from btp import check
-from results_tree import model_dir, results_tree, tree_copy  # noqa: F401  (session fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -35,8 +36,10 @@ def test_table_on_real_tree(results_tree, capsys):
         assert cell in he, (cell, he)
     for cell in ("2/2 (2x1)", "R-all", "R-all-layers28_29+ko"):
         assert cell in mb, (cell, mb)
-    stop, length = (sum(1 for r in map(json.loads, (md / "humaneval/generations.jsonl").open())
-                        if r["finish_reason"] == k) for k in ("stop", "length"))
+    stop, length = (
+        sum(1 for r in map(json.loads, (md / "humaneval/generations.jsonl").open()) if r["finish_reason"] == k)
+        for k in ("stop", "length")
+    )
     assert f"{stop}/{length}" in he
     s = json.loads((md / "humaneval/summary.json").read_text())["pass_at_k"]["pass@1"]
     assert f"{100 * s['estimate']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]" in he
@@ -44,8 +47,12 @@ def test_table_on_real_tree(results_tree, capsys):
 
 
 def test_json_output_and_run_check_sh(results_tree):
-    r = subprocess.run(["bash", str(ROOT / "run_check.sh"), "--results-dir", str(results_tree), "--json"],
-                       capture_output=True, text=True, cwd="/")
+    r = subprocess.run(
+        ["bash", str(ROOT / "run_check.sh"), "--results-dir", str(results_tree), "--json"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     rows = {row["dataset"]: row for row in doc["rows"]}
@@ -59,8 +66,21 @@ def test_json_output_and_run_check_sh(results_tree):
     assert he["stages"]["cmaes"]["regular-all-keep210"].startswith("(2/2 gen, best ")
     assert doc["broken"] == 0 and rows["mbpp"]["generated"] == 2
     # the model filter understands the embedded name
-    r2 = subprocess.run(["bash", str(ROOT / "run_check.sh"), "--results-dir", str(results_tree), "--model",
-                         "smollm2-135m", "--dataset", "mbpp", "--json"], capture_output=True, text=True)
+    r2 = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "run_check.sh"),
+            "--results-dir",
+            str(results_tree),
+            "--model",
+            "smollm2-135m",
+            "--dataset",
+            "mbpp",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert [row["dataset"] for row in json.loads(r2.stdout)["rows"]] == ["mbpp"]
 
 
@@ -69,12 +89,12 @@ def test_flags_broken_files(results_tree, tmp_path, capsys):
     md = model_dir(root)
     gen = md / "humaneval/generations.jsonl"
     lines = gen.read_bytes().split(b"\n")
-    lines[1] = lines[1][: len(lines[1]) // 2]                                        # line 2 of 4 cut in half
+    lines[1] = lines[1][: len(lines[1]) // 2]  # line 2 of 4 cut in half
     gen.write_bytes(b"\n".join(lines))
     npz = md / "humaneval/entropy/chain_code-all.npz"
-    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])                      # truncated npz
-    (md / "mbpp/summary.json").write_text('{"pass_at_k": ')                          # unreadable json
-    os.utime(gen, (gen.stat().st_atime, gen.stat().st_mtime - 1e6))                  # no staleness noise
+    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])  # truncated npz
+    (md / "mbpp/summary.json").write_text('{"pass_at_k": ')  # unreadable json
+    os.utime(gen, (gen.stat().st_atime, gen.stat().st_mtime - 1e6))  # no staleness noise
     rc, out = run(["--results-dir", root], capsys)
     assert rc == 1
     broken = [l for l in out.splitlines() if l.startswith("BROKEN")]
@@ -82,13 +102,16 @@ def test_flags_broken_files(results_tree, tmp_path, capsys):
     assert any("humaneval/entropy/chain_code-all.npz" in l for l in broken), out
     assert any("mbpp/summary.json" in l for l in broken), out
     he = next(l for l in out.splitlines() if l.strip().startswith("humaneval"))
-    assert "C-all" not in he and "R-all R-inc" in he   # the broken output is not counted as done
-    assert "3/4" in he                                  # three readable generations
+    assert "C-all" not in he and "R-all R-inc" in he  # the broken output is not counted as done
+    assert "3/4" in he  # three readable generations
     rc, out = run(["--results-dir", root, "--json"], capsys)
     doc = json.loads(out)
     assert rc == 1 and doc["broken"] == 2
     assert {i["path"].split("/", 1)[1] for i in doc["issues"] if i["kind"] == "broken"} == {
-        "humaneval/generations.jsonl", "humaneval/entropy/chain_code-all.npz", "mbpp/summary.json"}
+        "humaneval/generations.jsonl",
+        "humaneval/entropy/chain_code-all.npz",
+        "mbpp/summary.json",
+    }
 
 
 def test_torn_tail_stale_and_incomplete(results_tree, tmp_path, capsys):
@@ -96,22 +119,28 @@ def test_torn_tail_stale_and_incomplete(results_tree, tmp_path, capsys):
     md = model_dir(root)
     ev = md / "humaneval/evaluations.jsonl"
     data = ev.read_bytes().rstrip(b"\n")
-    ev.write_bytes(data[: len(data) - 25])               # a killed writer: last line cut short
+    ev.write_bytes(data[: len(data) - 25])  # a killed writer: last line cut short
     os.utime(ev, (ev.stat().st_atime, ev.stat().st_mtime + 5))
     gen = md / "mbpp/generations.jsonl"
-    os.utime(gen, (gen.stat().st_atime, gen.stat().st_mtime + 1e6))   # regenerated after everything else
+    os.utime(gen, (gen.stat().st_atime, gen.stat().st_mtime + 1e6))  # regenerated after everything else
     (md / "humaneval/entropy/regular-incorrect.json").unlink()
     rc, out = run(["--results-dir", root], capsys)
-    assert rc == 0, out                                  # torn, stale and incomplete are not broken
+    assert rc == 0, out  # torn, stale and incomplete are not broken
     issues = [l for l in out.splitlines() if l.split(" ")[0] in ("TORN", "STALE", "INCOMPLETE")]
     assert any(l.startswith("TORN") and "humaneval/evaluations.jsonl" in l for l in issues), out
     stale = {l.split()[1].rstrip(":").split("/", 1)[1] for l in issues if l.startswith("STALE")}
-    assert stale == {"mbpp/evaluations.jsonl", "mbpp/entropy/regular-all.npz", "mbpp/entropy/regular-all.json",
-                     "mbpp/ablation/regular-all-layers28_29.npz", "mbpp/ablation/regular-all-layers28_29.json",
-                     "mbpp/ablation/regular-all-layers28_29_knockout.json",
-                     # older than the touched humaneval evaluations: the summary and the incorrect population
-                     # (the all-generations outputs do not depend on evaluations)
-                     "humaneval/summary.json", "humaneval/entropy/regular-incorrect.npz"}, stale
+    assert stale == {
+        "mbpp/evaluations.jsonl",
+        "mbpp/entropy/regular-all.npz",
+        "mbpp/entropy/regular-all.json",
+        "mbpp/ablation/regular-all-layers28_29.npz",
+        "mbpp/ablation/regular-all-layers28_29.json",
+        "mbpp/ablation/regular-all-layers28_29_knockout.json",
+        # older than the touched humaneval evaluations: the summary and the incorrect population
+        # (the all-generations outputs do not depend on evaluations)
+        "humaneval/summary.json",
+        "humaneval/entropy/regular-incorrect.npz",
+    }, stale
     assert any(l.startswith("INCOMPLETE") and "regular-incorrect.json" in l for l in issues)
     he = next(l for l in out.splitlines() if l.strip().startswith("humaneval"))
     assert "3/4" in he and "R-inc" not in he
@@ -124,7 +153,7 @@ def test_missing_dir_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("msgspec", [True, False], ids=["msgspec", "json"])
 def test_fast_scan_matches_full_parse(results_tree, tmp_path, monkeypatch, msgspec):
     if not msgspec:
-        monkeypatch.setitem(sys.modules, "msgspec", None)   # import fails: the json.loads path
+        monkeypatch.setitem(sys.modules, "msgspec", None)  # import fails: the json.loads path
     md = model_dir(results_tree)
     keys = ("problem_id", "sample", "finish_reason")
     for f in (md / "humaneval/generations.jsonl", md / "mbpp/generations.jsonl"):
@@ -133,11 +162,17 @@ def test_fast_scan_matches_full_parse(results_tree, tmp_path, monkeypatch, msgsp
         assert s.values == want and s.lines == len(want) and not s.bad
     # keys inside strings or nested objects are not the record's; NaN (json.dumps writes it) is accepted
     tricky = tmp_path / "g.jsonl"
-    recs = [{"problem_id": "A/1", "output": 'x "finish_reason": "length" "sample": 7', "sample": 0,
-             "finish_reason": "stop"},
-            {"problem_id": 'B"2', "sample": 1, "finish_reason": "length", "nested": {"a": [1, 2]}},
-            {"sample": 2, "problem_id": "C/3", "finish_reason": None, "x": float("nan")},
-            {"nested": {"problem_id": "D/4", "sample": 9}, "problem_id": "D/5", "sample": 3}]
+    recs = [
+        {
+            "problem_id": "A/1",
+            "output": 'x "finish_reason": "length" "sample": 7',
+            "sample": 0,
+            "finish_reason": "stop",
+        },
+        {"problem_id": 'B"2', "sample": 1, "finish_reason": "length", "nested": {"a": [1, 2]}},
+        {"sample": 2, "problem_id": "C/3", "finish_reason": None, "x": float("nan")},
+        {"nested": {"problem_id": "D/4", "sample": 9}, "problem_id": "D/5", "sample": 3},
+    ]
     tricky.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
     s = check.scan_jsonl(tricky, keys)
     assert s.values == [("A/1", 0, "stop"), ('B"2', 1, "length"), ("C/3", 2, None), ("D/5", 3, None)]

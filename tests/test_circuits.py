@@ -1,5 +1,6 @@
 """btp.circuits on tiny random models of every architecture (saved as safetensors folders and read tensor by tensor)
 and on the embedded SmolLM2 against itself and a copy with a few heads perturbed."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ from conftest import ARCH_NAMES, make_mixed, make_tiny
 from btp import circuits as C
 from btp.arch import UnsupportedArchitecture
 
-EPS = 1e-9   # "exactly 1" in float64 up to rounding
+EPS = 1e-9  # "exactly 1" in float64 up to rounding
 
 
 def save(model: torch.nn.Module, path: Path) -> Path:
@@ -35,6 +36,7 @@ def changed(c: C.Comparison, col: str, tol: float = EPS) -> set[tuple[int, int]]
 
 
 # ---------------------------------------------------------------- the factored form is the materialised one
+
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_factored_equals_materialised(arch, pair_folders):
@@ -58,7 +60,7 @@ def test_factored_equals_materialised(arch, pair_folders):
 
 def _rot(phi: float) -> torch.Tensor:
     c, s = np.cos(phi), np.sin(phi)
-    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)   # HF rotate_half on (x_i, x_{i+rot/2})
+    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)  # HF rotate_half on (x_i, x_{i+rot/2})
 
 
 def test_rotary_pairs_equal_materialised(pair_folders):
@@ -81,6 +83,7 @@ def test_rotary_pairs_equal_materialised(pair_folders):
 
 # ---------------------------------------------------------------- identities and single-head changes
 
+
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_model_against_itself_is_one(arch, pair_folders):
     r = C.WeightReader(pair_folders[arch][0])
@@ -90,14 +93,14 @@ def test_model_against_itself_is_one(arch, pair_folders):
     for col in ("ov_rel", "qk_rel", "q_rel", "k_rel", "v_rel", "o_rel", "norm_rel"):
         np.testing.assert_allclose(c.matrix(col), 0.0, atol=1e-6)
     np.testing.assert_allclose(c.pair_cos, 1.0, atol=1e-12)
-    assert (c.matrix("ov_cos_null_max") < 1 - 1e-3).all()       # distinct heads of a random model differ
+    assert (c.matrix("ov_cos_null_max") < 1 - 1e-3).all()  # distinct heads of a random model differ
 
 
 def test_mixed_layout_against_itself(tmp_path):
     r = C.WeightReader(save(make_mixed(), tmp_path / "m"))
     c = C.compare(r, r, C.CircuitConfig(random_baseline=False))
     m = c.matrix("qk_cos")
-    assert np.isnan(m[1, 2:]).all() and np.isfinite(m[1, :2]).all()       # layer 1 has 2 heads
+    assert np.isnan(m[1, 2:]).all() and np.isfinite(m[1, :2]).all()  # layer 1 has 2 heads
     np.testing.assert_allclose(m[np.isfinite(m)], 1.0, atol=1e-12)
     assert [r["kv_head"] for r in c.rows if r["layer"] == 1] == [0, 0]
 
@@ -108,10 +111,10 @@ def test_replaced_heads_change_only_there(tmp_path):
     dh, gen = 16, torch.Generator().manual_seed(5)
     att = [layer.self_attn for layer in other.model.layers]
     with torch.no_grad():
-        att[2].q_proj.weight[1 * dh:2 * dh] = torch.randn(dh, 64, generator=gen)    # QK of (2, 1)
-        att[0].o_proj.weight[:, 2 * dh:3 * dh] = torch.randn(64, dh, generator=gen)  # OV of (0, 2)
-        att[1].k_proj.weight[1 * dh:2 * dh] = torch.randn(dh, 64, generator=gen)    # KV head 1: QK of (1, 2), (1, 3)
-        att[2].v_proj.weight[0:dh] = torch.randn(dh, 64, generator=gen)             # KV head 0: OV of (2, 0), (2, 1)
+        att[2].q_proj.weight[1 * dh : 2 * dh] = torch.randn(dh, 64, generator=gen)  # QK of (2, 1)
+        att[0].o_proj.weight[:, 2 * dh : 3 * dh] = torch.randn(64, dh, generator=gen)  # OV of (0, 2)
+        att[1].k_proj.weight[1 * dh : 2 * dh] = torch.randn(dh, 64, generator=gen)  # KV head 1: QK of (1, 2), (1, 3)
+        att[2].v_proj.weight[0:dh] = torch.randn(dh, 64, generator=gen)  # KV head 0: OV of (2, 0), (2, 1)
     c = C.compare(C.WeightReader(save(base, tmp_path / "a")), C.WeightReader(save(other, tmp_path / "b")))
     assert changed(c, "qk_cos") == {(2, 1), (1, 2), (1, 3)}
     assert changed(c, "ov_cos") == {(0, 2), (2, 0), (2, 1)}
@@ -122,16 +125,17 @@ def test_replaced_heads_change_only_there(tmp_path):
 def test_phi3_fused_qkv_is_split_per_head(tmp_path):
     other = make_tiny("phi3", 0)
     dh, H = 16, 4
-    with torch.no_grad():   # rows of qkv_proj: [q (H dh) | k (KV dh) | v (KV dh)]; change KV head 1's k, KV head 0's v
+    with torch.no_grad():  # rows of qkv_proj: [q (H dh) | k (KV dh) | v (KV dh)]; change KV head 1's k, KV head 0's v
         w = other.model.layers[1].self_attn.qkv_proj.weight
-        w[H * dh + dh:H * dh + 2 * dh] += torch.randn(dh, 64, generator=torch.Generator().manual_seed(1))
-        w[H * dh + 2 * dh:H * dh + 3 * dh] += torch.randn(dh, 64, generator=torch.Generator().manual_seed(2))
+        w[H * dh + dh : H * dh + 2 * dh] += torch.randn(dh, 64, generator=torch.Generator().manual_seed(1))
+        w[H * dh + 2 * dh : H * dh + 3 * dh] += torch.randn(dh, 64, generator=torch.Generator().manual_seed(2))
     base = save(make_tiny("phi3", 0), tmp_path / "a")
     c = C.compare(C.WeightReader(base), C.WeightReader(save(other, tmp_path / "b")))
     assert changed(c, "qk_cos") == {(1, 2), (1, 3)} and changed(c, "ov_cos") == {(1, 0), (1, 1)}
 
 
 # ---------------------------------------------------------------- norms, biases
+
 
 def _hand_qk_ov(model: torch.nn.Module, l: int, h: int, arch: str, fold: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """W_QK and W_OV of head h built by hand from the loaded model's modules (d_model x d_model)."""
@@ -140,13 +144,13 @@ def _hand_qk_ov(model: torch.nn.Module, l: int, h: int, arch: str, fold: bool) -
     off = 1.0 if "gemma" in arch else 0.0
     g = (layer.input_layernorm.weight.double() + off) if fold else torch.ones(64, dtype=torch.float64)
     kvh = h // 2
-    wq = att.q_proj.weight.double()[h * dh:(h + 1) * dh] * g
-    wk = att.k_proj.weight.double()[kvh * dh:(kvh + 1) * dh] * g
-    wv = att.v_proj.weight.double()[kvh * dh:(kvh + 1) * dh] * g
+    wq = att.q_proj.weight.double()[h * dh : (h + 1) * dh] * g
+    wk = att.k_proj.weight.double()[kvh * dh : (kvh + 1) * dh] * g
+    wv = att.v_proj.weight.double()[kvh * dh : (kvh + 1) * dh] * g
     if fold and hasattr(att, "q_norm"):
         wq = wq * (att.q_norm.weight.double() + off)[:, None]
         wk = wk * (att.k_norm.weight.double() + off)[:, None]
-    wo = att.o_proj.weight.double()[:, h * dh:(h + 1) * dh]
+    wo = att.o_proj.weight.double()[:, h * dh : (h + 1) * dh]
     return wq.T @ wk, wv.T @ wo.T
 
 
@@ -158,8 +162,10 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("fold", [True, False])
 def test_norm_folding_equals_folding_by_hand(arch, fold, pair_folders):
     m0, m1 = make_tiny(arch, 0), make_tiny(arch, 1)
-    c = C.compare(*(C.WeightReader(p) for p in pair_folders[arch]),
-                  C.CircuitConfig(fold_norms=fold, null=False, random_baseline=False))
+    c = C.compare(
+        *(C.WeightReader(p) for p in pair_folders[arch]),
+        C.CircuitConfig(fold_norms=fold, null=False, random_baseline=False),
+    )
     for l, h in ((0, 0), (1, 3), (2, 1)):
         qk0, ov0 = _hand_qk_ov(m0, l, h, arch, fold)
         qk1, ov1 = _hand_qk_ov(m1, l, h, arch, fold)
@@ -187,11 +193,11 @@ def test_qwen2_biases_are_their_own_terms(tmp_path):
             for layer in m.model.layers:
                 for p in (layer.self_attn.q_proj.bias, layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias):
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        other.model.layers[0].self_attn.q_proj.bias[16:32] = torch.randn(16, generator=gen)   # head 1's b_q
-        other.model.layers[2].self_attn.v_proj.bias[0:16] = torch.randn(16, generator=gen)    # KV head 0's b_v
+        other.model.layers[0].self_attn.q_proj.bias[16:32] = torch.randn(16, generator=gen)  # head 1's b_q
+        other.model.layers[2].self_attn.v_proj.bias[0:16] = torch.randn(16, generator=gen)  # KV head 0's b_v
     c = C.compare(C.WeightReader(save(base, tmp_path / "a")), C.WeightReader(save(other, tmp_path / "b")))
     assert c.biases == ["k", "q", "v"]
-    assert not changed(c, "qk_cos") and not changed(c, "ov_cos")          # weights untouched
+    assert not changed(c, "qk_cos") and not changed(c, "ov_cos")  # weights untouched
     assert changed(c, "qk_bias_cos") == {(0, 1)}
     assert changed(c, "ov_bias_cos") == {(2, 0), (2, 1)}
     assert {(r["layer"], r["head"]) for r in c.rows if r["q_bias_rel"] > 0} == {(0, 1)}
@@ -206,10 +212,11 @@ def test_reads_only_attention_tensors_one_at_a_time(pair_folders, monkeypatch):
     r = C.WeightReader(pair_folders["qwen3"][0])
     C.compare(r, r, C.CircuitConfig(null=False, random_baseline=False))
     assert seen and all(".self_attn." in n or n.endswith("input_layernorm.weight") for n in seen)
-    assert len(seen) == 2 * 3 * 7      # both sides, 3 layers, q k v o q_norm k_norm input_norm
+    assert len(seen) == 2 * 3 * 7  # both sides, 3 layers, q k v o q_norm k_norm input_norm
 
 
 # ---------------------------------------------------------------- layouts and architectures
+
 
 def test_different_layouts_raise(tmp_path):
     a = save(make_tiny("llama", 0), tmp_path / "a")
@@ -232,10 +239,11 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- outputs and the join with analyses
 
+
 def test_importance_join_sees_preserved_importance():
     rng = np.random.default_rng(0)
     imp = rng.normal(size=200)
-    cos = 0.5 + 0.1 * (imp > np.sort(imp)[-11]) + rng.normal(scale=0.01, size=200)   # top-10 heads kept better
+    cos = 0.5 + 0.1 * (imp > np.sort(imp)[-11]) + rng.normal(scale=0.01, size=200)  # top-10 heads kept better
     j = C.importance_join(cos, imp, k=10, n_boot=500)
     assert j["diff"] > 0.05 and j["ci_low"] > 0 and j["spearman"]["estimate"] > 0
     null = C.importance_join(rng.normal(size=200), imp, k=10, n_boot=500)
@@ -261,8 +269,9 @@ def test_run_writes_csv_json_npz_and_joins(tmp_path):
     abl.mkdir(parents=True)
     np.savez(abl / "regular.npz", delta_mean=np.arange(12.0).reshape(3, 4))
     (abl / "regular.json").write_text("{}")
-    meta = json.loads(C.run(str(a), str(b), res, C.CircuitConfig(top_k=2, n_boot=200), progress=False)["json"]
-                      .read_text())
+    meta = json.loads(
+        C.run(str(a), str(b), res, C.CircuitConfig(top_k=2, n_boot=200), progress=False)["json"].read_text()
+    )
     (j,) = meta["importance"]
     assert j["stage"] == "ablation" and j["dataset"] == "humaneval" and j["npz_key"] == "importance_0"
     assert {"diff", "ci_low", "ci_high", "spearman"} <= set(j["ov_cos"]) and j["ov_cos"]["top_k"] == 2
@@ -296,7 +305,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 
 # ---------------------------------------------------------------- the embedded model
 
-PERTURBED = {"q": (3, 4), "o": (10, 0), "v": (20, 1)}   # (layer, head) or (layer, KV head) for v
+PERTURBED = {"q": (3, 4), "o": (10, 0), "v": (20, 1)}  # (layer, head) or (layer, KV head) for v
 
 
 def perturbed_copy(src: str | Path, dst: Path, seed: int = 0) -> Path:
@@ -318,12 +327,11 @@ def perturbed_copy(src: str | Path, dst: Path, seed: int = 0) -> Path:
         for proj, (l, h) in PERTURBED.items():
             name = f"model.layers.{l}.self_attn.{proj}_proj.weight"
             w = f.get_tensor(name).clone()
-            blk = w[:, h * dh:(h + 1) * dh] if proj == "o" else w[h * dh:(h + 1) * dh]
+            blk = w[:, h * dh : (h + 1) * dh] if proj == "o" else w[h * dh : (h + 1) * dh]
             blk += 0.5 * blk.std() * torch.randn(blk.shape, generator=gen)
             changed_t[name] = w
     save_file(changed_t, str(dst / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
-    wm = {k: "model-00002-of-00002.safetensors" if k in changed_t else "model-00001-of-00002.safetensors"
-          for k in keys}
+    wm = {k: "model-00002-of-00002.safetensors" if k in changed_t else "model-00001-of-00002.safetensors" for k in keys}
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     return dst
 

@@ -1,6 +1,7 @@
 """notebooks/circuit_comparison.ipynb executed with nbclient on a real circuits output (the embedded SmolLM2 against a
 copy with a few heads perturbed, plus an ablation output of the base so that the importance join shows), and the
 circuit figures of btp.plots; on a tree without circuits the notebook says so instead of failing."""
+
 from __future__ import annotations
 
 import os
@@ -68,10 +69,10 @@ def test_notebook_runs_and_shows_figures(circuits_tree):
     res, other = circuits_tree
     nb = execute(res, "smollm2-135m", other)
     assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
-    assert n_images(nb) == 3, printed(nb)          # heatmaps, rotary pairs, importance scatter
+    assert n_images(nb) == 3, printed(nb)  # heatmaps, rotary pairs, importance scatter
     text = printed(nb)
     assert "L3H4" in text and "relative position 0" in text
-    nb = execute(res, "smollm2-135m", None)        # the only comparison of the base
+    nb = execute(res, "smollm2-135m", None)  # the only comparison of the base
     assert n_images(nb) == 3
 
 
@@ -101,17 +102,21 @@ def test_join_with_real_analyses(results_tree, tmp_path):  # noqa: F811
     from btp import circuits as C
     from btp.models import resolve_model
 
-    root = tree_copy(results_tree, tmp_path / "t")          # a circuits dir beside the model would change the tree
+    root = tree_copy(results_tree, tmp_path / "t")  # a circuits dir beside the model would change the tree
     other = perturbed_copy(resolve_model("smollm2-135m").path, tmp_path / "p")
-    paths = C.run("smollm2-135m", str(other), root, C.CircuitConfig(null=False, random_baseline=False, n_boot=200),
-                  progress=False)
+    paths = C.run(
+        "smollm2-135m", str(other), root, C.CircuitConfig(null=False, random_baseline=False, n_boot=200), progress=False
+    )
     joins = json.loads(paths["json"].read_text())["importance"]
-    assert {(j["stage"], j["dataset"]) for j in joins} >= {("ablation", "humaneval"), ("ablation", "mbpp"),
-                                                           ("taylor", "humaneval")}
+    assert {(j["stage"], j["dataset"]) for j in joins} >= {
+        ("ablation", "humaneval"),
+        ("ablation", "mbpp"),
+        ("taylor", "humaneval"),
+    }
     for j in joins:
         assert "error" not in j and "error" not in j["ov_cos"], j
         assert j["ov_cos"]["ci_low"] <= j["ov_cos"]["diff"] <= j["ov_cos"]["ci_high"]
     abl = next(j for j in joins if j["stage"] == "ablation")
-    assert abl["ov_cos"]["n_heads"] == 18                 # the matrix covers layers 28-29 only: NaN rows skipped
+    assert abl["ov_cos"]["n_heads"] == 18  # the matrix covers layers 28-29 only: NaN rows skipped
     names = [n for n, _ in bp.FAMILIES["circuits"](root, "smollm2-135m")]
     assert len(names) == 2 + len(joins)

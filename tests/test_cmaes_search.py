@@ -3,11 +3,11 @@ fitness, and a tiny model whose loss depends on a planted set of heads, its opti
 batched population fitness equals each candidate alone with weight surgery; a run killed and resumed writes
 what an uninterrupted one writes; controls have the final mask's size and layer distribution; the stage's `main`
 on the embedded model resumes a shorter run into the same file an uninterrupted run writes."""
+
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -45,10 +45,10 @@ def test_encodings_and_budget():
     sp = Space((4, 2, 4))
     x = np.array([5, 4, 3, 2, -1, -2, 9, 8, 7, 6.0])
     k = decode_fixed(x, sp, 4, 1)
-    assert k.sum() == 4 and k[[0, 4, 6, 7]].all()          # layer 1's best first, then the largest
+    assert k.sum() == 4 and k[[0, 4, 6, 7]].all()  # layer 1's best first, then the largest
     assert decode_fixed(x, sp, 4, 0)[[6, 7, 8, 9]].all()
     t = decode_threshold(x, sp, 1)
-    assert t.sum() == 9 and t[4] and not t[5]               # layer 1 topped up to its minimum
+    assert t.sum() == 9 and t[4] and not t[5]  # layer 1 topped up to its minimum
     with pytest.raises(ValueError, match="budget"):
         sp.check(2, 1)
     m = warm_mean(np.array([[1, 2, 3, 4], [0, 5, np.nan, np.nan], [9, 8, 7, 6]]), sp, 3)
@@ -56,9 +56,12 @@ def test_encodings_and_budget():
     assert _budget_arg("0.5") == 0.5 and _budget_arg("64") == 64 and SearchConfig(budget="12").n_keep(270) == 12
     assert SearchConfig(budget=0.5).n_keep(270) == 135
     assert str(output_stem(Stem(), SearchConfig(budget=0.5), None)) == "regular-keep50pct"
-    assert str(output_stem(Stem(source="reference"), SearchConfig(budget=64, encoding="threshold",
-                                                                  warm_start="cold"), "t")) == \
-        "regular-reference-keep64-threshold-cold-t"
+    assert (
+        str(
+            output_stem(Stem(source="reference"), SearchConfig(budget=64, encoding="threshold", warm_start="cold"), "t")
+        )
+        == "regular-reference-keep64-threshold-cold-t"
+    )
     mask = sp.masks(k)[0]
     assert mask.shape == (3, 4) and not mask[1, 2:].any()
 
@@ -70,11 +73,11 @@ def test_search_finds_a_planted_optimum_synthetic():
     planted = [1, 8, 9, 15, 20]
     w = np.random.default_rng(0).uniform(0, 0.01, sp.n)
     w[planted] = [1.0, 2.0, 3.0, 4.0, 5.0]
-    floor = (w.sum() - w[planted].sum()) * 1.25       # every other head removed, mean over the two samples
+    floor = (w.sum() - w[planted].sum()) * 1.25  # every other head removed, mean over the two samples
 
     def fitness(masks):
         keep = np.stack([sp.coords(m) for m in masks])
-        return ((~keep) @ w)[:, None] * np.array([[1.0, 1.5]])   # two "samples"
+        return ((~keep) @ w)[:, None] * np.array([[1.0, 1.5]])  # two "samples"
 
     cfg = SearchConfig(budget=len(planted), min_heads_per_layer=0, popsize=24, max_generations=80, seed=3)
     s = Search(sp, cfg, fitness)
@@ -83,8 +86,15 @@ def test_search_finds_a_planted_optimum_synthetic():
     assert recs[-1]["best_so_far_fitness"] == s.best.fitness and recs[0]["popsize"] == 24
     assert all(r["best_n_kept"] == len(planted) for r in recs)
     # the threshold encoding with a size penalty also ends at the planted set
-    cfg = SearchConfig(budget=len(planted), encoding="threshold", size_penalty=0.5, min_heads_per_layer=0,
-                       popsize=12, max_generations=120, seed=1)
+    cfg = SearchConfig(
+        budget=len(planted),
+        encoding="threshold",
+        size_penalty=0.5,
+        min_heads_per_layer=0,
+        popsize=12,
+        max_generations=120,
+        seed=1,
+    )
     s = Search(sp, cfg, fitness)
     run_search(s)
     assert s.best.fitness == pytest.approx(floor) and sorted(np.nonzero(s.best.keep)[0]) == planted
@@ -98,7 +108,7 @@ def planted_model(planted: list[tuple[int, int]]):
     with torch.no_grad():
         for l, lay in enumerate(ad.heads):
             for h in range(lay.n_heads):
-                ad.o_projs[l].weight[:, h * lay.head_dim:(h + 1) * lay.head_dim] *= 3.0 if (l, h) in planted else 1e-3
+                ad.o_projs[l].weight[:, h * lay.head_dim : (h + 1) * lay.head_dim] *= 3.0 if (l, h) in planted else 1e-3
     return model
 
 
@@ -109,7 +119,7 @@ def own_targets(model, ss):
         with torch.no_grad():
             logits = model(input_ids=torch.as_tensor(s.input_ids)[None]).logits[0]
         pred = logits.argmax(-1).numpy()
-        s.input_ids[s.score_start:s.score_end] = pred[s.positions]
+        s.input_ids[s.score_start : s.score_end] = pred[s.positions]
     return ss
 
 
@@ -132,7 +142,7 @@ def test_search_finds_the_optimum_of_a_planted_tiny_model():
     s = Search(sp, cfg, fit)
     run_search(s)
     assert (s.best.keep == best).all() and s.best.fitness == pytest.approx(f.min(), abs=1e-12)
-    assert fit.cache.hits > 0        # revisited masks came from the cache
+    assert fit.cache.hits > 0  # revisited masks came from the cache
 
 
 @pytest.mark.parametrize("which", ["llama", "mixed"])
@@ -143,9 +153,9 @@ def test_batched_fitness_equals_weight_surgery(which):
     sp = Space(tuple(ad.layer_num_heads))
     rng = np.random.default_rng(0)
     keeps = np.stack([decode_fixed(rng.normal(size=sp.n), sp, int(rng.integers(1, sp.n)), 0) for _ in range(6)])
-    keeps[0] = True                                             # nothing removed
+    keeps[0] = True  # nothing removed
     masks = sp.masks(keeps)
-    ce = ModelFitness(model, ss, batch_rows=4)(masks)           # the population in batched passes
+    ce = ModelFitness(model, ss, batch_rows=4)(masks)  # the population in batched passes
     assert ce.shape == (6, len(ss))
     for i, m in enumerate(masks):
         surgery = pruned_copy(model, removed_heads(ad, m))
@@ -164,18 +174,26 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 
     def search(gens: int, state=None) -> Search:
         cfg = SearchConfig(budget=6, popsize=6, max_generations=gens, seed=7)
-        return Search(sp, cfg, ModelFitness(model, scoring, batch_rows=4), x0=prior,
-                      heldout=ModelFitness(model, heldout, cache=False), heldout_problems=heldout.problem_ids,
-                      n_boot=200, state=state)
+        return Search(
+            sp,
+            cfg,
+            ModelFitness(model, scoring, batch_rows=4),
+            x0=prior,
+            heldout=ModelFitness(model, heldout, cache=False),
+            heldout_problems=heldout.problem_ids,
+            n_boot=200,
+            state=state,
+        )
 
     full = search(5)
     a = run_search(full)
     p = tmp_path / "s.partial.pkl"
     first = search(2)
     saved = []
-    b = run_search(first, on_generation=lambda rec, st: (write_partial(p, "k", {**st, "record": rec}),
-                                                         saved.append(rec)))
-    np.random.seed(123)                                 # other users of numpy's global generator change nothing
+    b = run_search(
+        first, on_generation=lambda rec, st: (write_partial(p, "k", {**st, "record": rec}), saved.append(rec))
+    )
+    np.random.seed(123)  # other users of numpy's global generator change nothing
     st = read_partial(p, "k")
     assert st["record"] == saved[-1] and st["generation"] == 2
     b += run_search(search(5, state=st))
@@ -197,8 +215,19 @@ def test_controls_have_the_final_size_and_layer_distribution():
     fit = ModelFitness(model, scoring, cache=False)
     hold = ModelFitness(model, heldout, cache=False)
     scores = np.arange(sp.n, dtype=float).reshape(3, 4)
-    ctl = compare_controls(final, sp, hold, fit, heldout.problem_ids, draws=3, seed=0, min_per_layer=1, n_boot=200,
-                           taylor_order=[(0, 0), (1, 1), (2, 2), (0, 3), (1, 0)], ablation=Prior("a", scores))
+    ctl = compare_controls(
+        final,
+        sp,
+        hold,
+        fit,
+        heldout.problem_ids,
+        draws=3,
+        seed=0,
+        min_per_layer=1,
+        n_boot=200,
+        taylor_order=[(0, 0), (1, 1), (2, 2), (0, 3), (1, 0)],
+        ablation=Prior("a", scores),
+    )
     sets = ctl["sets"]
     assert {"cmaes", "unpruned", "random", "taylor", "ablation_topk", "random_0"} <= set(sets)
     assert all(sets[n]["n_kept"] == 7 for n in ("cmaes", "random", "taylor", "ablation_topk"))
@@ -207,8 +236,9 @@ def test_controls_have_the_final_size_and_layer_distribution():
         d, h = sets[n]["diff_vs_cmaes"], sets[n]["heldout"]
         assert d["mean"] == pytest.approx(h["mean"] - sets["cmaes"]["heldout"]["mean"], abs=1e-12)
         assert d["ci_low"] <= d["mean"] <= d["ci_high"]
-    ctl = compare_controls(final, sp, hold, fit, heldout.problem_ids, draws=0, seed=0, min_per_layer=1, n_boot=50,
-                           taylor_order=[(0, 0)])
+    ctl = compare_controls(
+        final, sp, hold, fit, heldout.problem_ids, draws=0, seed=0, min_per_layer=1, n_boot=50, taylor_order=[(0, 0)]
+    )
     assert "taylor" not in ctl["sets"] and "fewer" in ctl["notes"]["taylor"]
 
 
@@ -219,8 +249,25 @@ def test_main_resumes_into_the_file_an_uninterrupted_run_writes(tmp_path):
     from btp.cmaes_search import main
     from btp.store import read_jsonl
 
-    base = ["--source", "reference", "--num-samples", "3", "--max-tokens", "96", "--popsize", "4", "--budget",
-            "0.5", "--control-draws", "2", "--n-boot", "100", "--no-progress", "--heldout", "1"]
+    base = [
+        "--source",
+        "reference",
+        "--num-samples",
+        "3",
+        "--max-tokens",
+        "96",
+        "--popsize",
+        "4",
+        "--budget",
+        "0.5",
+        "--control-draws",
+        "2",
+        "--n-boot",
+        "100",
+        "--no-progress",
+        "--heldout",
+        "1",
+    ]
     one = main(base + ["--results-dir", str(tmp_path / "a"), "--max-generations", "2"])
     main(base + ["--results-dir", str(tmp_path / "b"), "--max-generations", "1"])
     two = main(base + ["--results-dir", str(tmp_path / "b"), "--max-generations", "2"])
@@ -231,7 +278,7 @@ def test_main_resumes_into_the_file_an_uninterrupted_run_writes(tmp_path):
     assert da["final"] == db["final"] and da["generations"] == 2 and da["stop_reason"] == "max_generations"
     assert da["final"]["n_kept"] == 135 and "random" in da["controls"]["sets"]
     assert one.name == "regular-reference-keep50pct.json" and one.with_suffix(".partial.pkl").exists()
-    assert main(base + ["--results-dir", str(tmp_path / "a"), "--max-generations", "2"]) == one   # done: skipped
+    assert main(base + ["--results-dir", str(tmp_path / "a"), "--max-generations", "2"]) == one  # done: skipped
     assert read_jsonl(one.with_suffix(".jsonl")) == ra
     # killed after saving generation 2's state, before appending its line (and before the final file)
     jl = two.with_suffix(".jsonl")
@@ -246,14 +293,14 @@ def test_clustered_ci_and_state_file(tmp_path):
 
     m = _ci(np.array([1.0, 1.0, 3.0, 5.0]), ["a", "a", "b", "c"], n_boot=500, seed=0)
     m = SimpleNamespace(mean=m["mean"], low=m["ci_low"], high=m["ci_high"])
-    assert m.mean == 3.0 and 1.0 <= m.low <= m.mean <= m.high <= 5.0   # the mean of problem means
+    assert m.mean == 3.0 and 1.0 <= m.low <= m.mean <= m.high <= 5.0  # the mean of problem means
     one = _ci(np.array([2.0, 4.0]), ["a", "a"], n_boot=50, seed=0)
     one = SimpleNamespace(mean=one["mean"], low=one["ci_low"], high=one["ci_high"])
-    assert one.low == one.high == one.mean == 3.0          # one problem: no spread over problems
+    assert one.low == one.high == one.mean == 3.0  # one problem: no spread over problems
     p = tmp_path / "x.partial.pkl"
     write_partial(p, "key1", {"es": {"a": np.arange(3)}, "generation": 2})
     assert read_partial(p, "key1", quiet=True)["generation"] == 2
-    assert read_partial(p, "other", quiet=True) is None     # another identity's state is not resumed
+    assert read_partial(p, "other", quiet=True) is None  # another identity's state is not resumed
 
 
 def test_ablation_prior_uses_the_scoring_samples_only(tmp_path):
@@ -270,8 +317,13 @@ def test_ablation_prior_uses_the_scoring_samples_only(tmp_path):
     f = ss.fields()
     for variant, d in (("layers1_2", delta[:, :2]), ("", delta)):
         out = output(tmp_path, "m", "tiny", "ablation", Stem().with_variant(variant or None))
-        write_npz(out.path("npz"), delta=d, layer_num_heads=np.array([4] * d.shape[1]),
-                  sample_problem_id=f["sample_problem_id"], sample_number=f["sample_number"])
+        write_npz(
+            out.path("npz"),
+            delta=d,
+            layer_num_heads=np.array([4] * d.shape[1]),
+            sample_problem_id=f["sample_problem_id"],
+            sample_number=f["sample_number"],
+        )
         write_json(out.path("json"), {**ident, "ablation": "zero"})
     tokens = ident["identity"]["tokens"]
     p = ablation_prior(str(tmp_path), "m", "tiny", Stem(), tokens, scoring)

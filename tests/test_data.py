@@ -1,7 +1,7 @@
 """Benchmark loaders: counts, fields, MBPP entry points, LCB decoding, date window, bad input."""
+
 from __future__ import annotations
 
-import ast
 import base64
 import hashlib
 import json
@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 from btp.benchmarks.mbpp import _parse
-from btp.data import (BENCH_DIR, VENDORED_SHA256, Problem, decode_lcb_tests, lcb_release_files, load_problems,
-                      mbpp_entry_point)
+from btp.data import (
+    BENCH_DIR,
+    VENDORED_SHA256,
+    Problem,
+    decode_lcb_tests,
+    lcb_release_files,
+    load_problems,
+    mbpp_entry_point,
+)
 from btp.store import MalformedFileError
 
 FIX = Path(__file__).parent / "fixtures" / "lcb_mini.jsonl"

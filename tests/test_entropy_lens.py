@@ -1,5 +1,6 @@
 """The entropy lens against a direct computation (full logits at every layer via output_hidden_states, then
 selection), the model's own loss, chunking invariance, and a real run on the embedded model."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import KERNELS, make_mixed, make_tiny
 
 from btp.arch import adapter
 from btp.entropy_lens import LensConfig, lens_sample, run_entropy_lens
 from btp.samples import Sample, SampleConfig, SampleSet
 from btp.store import read_npz
-from conftest import KERNELS, make_mixed, make_tiny
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 
@@ -22,10 +23,10 @@ def direct_lens(model, ids: torch.Tensor, positions: np.ndarray, targets: np.nda
     ad = adapter(model)
     with torch.no_grad():
         out = model(ids.view(1, -1), output_hidden_states=True)
-        hs = out.hidden_states          # [embeddings, after layer 1, .., after layer L-1, final normed]
+        hs = out.hidden_states  # [embeddings, after layer 1, .., after layer L-1, final normed]
         assert len(hs) == ad.n_layers + 1
         logits = [ad.lens_logits(h)[0] for h in hs[1:-1]] + [out.logits[0]]
-        logp = torch.log_softmax(torch.stack(logits).float(), -1)        # [L, T, V]
+        logp = torch.log_softmax(torch.stack(logits).float(), -1)  # [L, T, V]
     p = logp.exp()
     ent = -(p * logp).sum(-1)
     nxt = ids.view(-1)[1:]
@@ -53,8 +54,13 @@ def _samples(n_vocab: int, seed: int = 3) -> dict[str, list[Sample]]:
 def test_matches_direct_reference(arch, mode, attn):
     model = make_mixed(attn=attn) if arch == "mixed" else make_tiny(arch, attn=attn)
     for s in _samples(model.config.vocab_size)[mode]:
-        got = lens_sample(model, torch.from_numpy(s.input_ids), torch.from_numpy(s.positions),
-                          torch.from_numpy(s.targets), chunk_tokens=8)
+        got = lens_sample(
+            model,
+            torch.from_numpy(s.input_ids),
+            torch.from_numpy(s.positions),
+            torch.from_numpy(s.targets),
+            chunk_tokens=8,
+        )
         ref = direct_lens(model, torch.from_numpy(s.input_ids), s.positions, s.targets)
         for m in ("entropy", "ce", "kl"):
             assert got[m].shape == (s.n_scored, adapter(model).n_layers)
@@ -70,7 +76,7 @@ def test_last_layer_ce_is_model_loss(arch):
     for s in _samples(model.config.vocab_size)["chain_code"]:
         ids = torch.from_numpy(s.input_ids)[None]
         labels = torch.full_like(ids, -100)
-        labels[0, s.score_start:s.score_end] = ids[0, s.score_start:s.score_end]
+        labels[0, s.score_start : s.score_end] = ids[0, s.score_start : s.score_end]
         with torch.no_grad():
             loss = model(ids, labels=labels).loss.item()
         got = lens_sample(model, ids[0], torch.from_numpy(s.positions), torch.from_numpy(s.targets))
@@ -108,7 +114,7 @@ def test_chunk_sizes_give_identical_numbers():
     base = lens_sample(model, *args, chunk_tokens=10_000)
     from btp.entropy_lens import auto_chunk
 
-    assert auto_chunk(151_936, torch.device("cpu")) * 151_936 * 4 <= 128 * 2 ** 20
+    assert auto_chunk(151_936, torch.device("cpu")) * 151_936 * 4 <= 128 * 2**20
     for ct in (1, 2, 5, 13, 64):
         got = lens_sample(model, *args, chunk_tokens=ct)
         for m in base:
@@ -133,7 +139,7 @@ def test_run_entropy_lens_fields_and_summaries():
     # the sample fields are enough to recompute every number
     k = 5
     i, pos = out["sample_index"][k], out["position"][k]
-    ids = out["input_ids"][out["sample_offsets"][i]:out["sample_offsets"][i + 1]]
+    ids = out["input_ids"][out["sample_offsets"][i] : out["sample_offsets"][i + 1]]
     assert ids[pos + 1] == out["token_id"][k]
     again = direct_lens(model, torch.from_numpy(ids), np.array([pos]), np.array([ids[pos + 1]]))
     np.testing.assert_allclose(out["ce"][k], again["ce"][0], atol=1e-4)
@@ -162,8 +168,19 @@ def test_config_preset_parses():
 def test_main_reference_run_on_embedded_model(tmp_path, capsys):
     from btp.entropy_lens import main
 
-    argv = ["--source", "reference", "--num-samples", "2", "--mode", "chain_code", "--max-tokens", "400",
-            "--results-dir", str(tmp_path), "--no-progress"]
+    argv = [
+        "--source",
+        "reference",
+        "--num-samples",
+        "2",
+        "--mode",
+        "chain_code",
+        "--max-tokens",
+        "400",
+        "--results-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
     path = main(argv)
     assert path.parent.name == "entropy" and path.name == "chain_code-reference.npz"
     z = read_npz(path)
@@ -188,7 +205,7 @@ def test_main_reference_run_on_embedded_model(tmp_path, capsys):
 
     lm = load_model("smollm2-135m")
     i = 0
-    ids = torch.from_numpy(z["input_ids"][z["sample_offsets"][i]:z["sample_offsets"][i + 1]])[None]
+    ids = torch.from_numpy(z["input_ids"][z["sample_offsets"][i] : z["sample_offsets"][i + 1]])[None]
     sel = z["sample_index"] == i
     labels = torch.full_like(ids, -100)
     labels[0, z["position"][sel] + 1] = ids[0, z["position"][sel] + 1]
@@ -209,12 +226,12 @@ def test_summaries_are_also_sample_weighted_with_a_ci_over_problems():
     dominate) with a bootstrap CI over problems."""
     from btp.entropy_lens import summarize
 
-    x = np.concatenate([np.zeros((100, 2)), np.ones((2, 2))]).astype(np.float32)   # long sample 0, short sample 1
+    x = np.concatenate([np.zeros((100, 2)), np.ones((2, 2))]).astype(np.float32)  # long sample 0, short sample 1
     per_token = {m: x for m in ("entropy", "ce", "kl")}
     idx = np.array([0] * 100 + [1] * 2)
     out = summarize(per_token, idx, 2, ["p0", "p1"], n_boot=100)
-    np.testing.assert_allclose(out["entropy_mean"], [2 / 102] * 2, rtol=1e-5)       # token-weighted
-    np.testing.assert_allclose(out["entropy_sample_mean"], [0.5, 0.5])                # sample-weighted
+    np.testing.assert_allclose(out["entropy_mean"], [2 / 102] * 2, rtol=1e-5)  # token-weighted
+    np.testing.assert_allclose(out["entropy_sample_mean"], [0.5, 0.5])  # sample-weighted
     assert np.all(out["entropy_ci_low"] <= 0.5) and np.all(out["entropy_ci_high"] >= 0.5)
-    same = summarize(per_token, idx, 2, ["p0", "p0"], n_boot=100)                   # one problem: no spread
+    same = summarize(per_token, idx, 2, ["p0", "p0"], n_boot=100)  # one problem: no spread
     np.testing.assert_allclose(same["ce_ci_low"], same["ce_ci_high"])

@@ -1,4 +1,5 @@
 """The evaluate stage: every reference solution passes, benchmark semantics, LCB rules, summaries, resume."""
+
 from __future__ import annotations
 
 import ast
@@ -66,9 +67,10 @@ def test_lcb_comparison_rules():
 def test_humaneval_semantics(sb):
     probs = {p.problem_id: p for p in load_problems("humaneval")}
     p0 = probs["HumanEval/0"]
-    canonical = p0.reference[len(p0.text):]
+    canonical = p0.reference[len(p0.text) :]
     assert sb.run(build_program(p0, canonical)).passed  # a bare body completes the prompt
     import textwrap
+
     assert sb.run(build_program(p0, textwrap.dedent(canonical))).passed  # an unindented body too
     # a full solution that relies on a helper defined only in the prompt (HumanEval/38's encode_cyclic)
     p38 = probs["HumanEval/38"]
@@ -81,6 +83,7 @@ def test_humaneval_semantics(sb):
 
 def _old_humaneval_source(p, code: str) -> str:
     """The assembly evaluate did in its own process before (kept here to pin the bytes)."""
+
     def defines(c):
         try:
             tree = ast.parse(c)
@@ -107,7 +110,7 @@ def _old_humaneval_source(p, code: str) -> str:
 def test_assembled_sources_are_unchanged():
     """The sandbox assembles exactly the bytes evaluate assembled before, for HumanEval and MBPP."""
     for p in load_problems("humaneval"):
-        body = p.reference[len(p.text):]
+        body = p.reference[len(p.text) :]
         for code in (body, textwrap.dedent(body), p.reference, "def nothing():\n    pass\n", "x(", ""):
             prog = build_program(p, code)  # the program's part, then the tests (run apart, by its judge)
             src = assemble(prog.code, prog.head, prog.tail, prog.complete) + prog.judge
@@ -125,23 +128,31 @@ def test_mbpp_semantics(sb):
 
 
 LCB_PROGRAMS = {
-    "9001": ["class Solution:\n    def pairSum(self, nums: List[int], target: int) -> List[int]:\n"
-             "        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n"
-             "                return [seen[target - x], i]\n            seen[x] = i\n",
-             "class Solution:\n    def pairSum(self, nums, target):\n        return [0, 1]\n"],
-    "abc390_a": ["n = int(input())\nprint(sum(map(int, input().split())))\n",
-                 "import sys\ndata = sys.stdin.buffer.read().split()\nprint(float(sum(map(int, data[1:]))))\n"],
-    "2044A": ["import sys\nt, *rest = open(0).read().split()\nfor i in range(int(t)):\n"
-              "    print(int(rest[2 * i]) * int(rest[2 * i + 1]))\n",
-              "t = int(input())\nfor _ in range(t):\n    a, b = map(int, input().split())\n    print(a + b)\n"],
-    "9002": ["class Solution:\n    def countDistinct(self, s: str) -> int:\n        return len(set(s))\n",
-             ""],
+    "9001": [
+        "class Solution:\n    def pairSum(self, nums: List[int], target: int) -> List[int]:\n"
+        "        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+        "                return [seen[target - x], i]\n            seen[x] = i\n",
+        "class Solution:\n    def pairSum(self, nums, target):\n        return [0, 1]\n",
+    ],
+    "abc390_a": [
+        "n = int(input())\nprint(sum(map(int, input().split())))\n",
+        "import sys\ndata = sys.stdin.buffer.read().split()\nprint(float(sum(map(int, data[1:]))))\n",
+    ],
+    "2044A": [
+        "import sys\nt, *rest = open(0).read().split()\nfor i in range(int(t)):\n"
+        "    print(int(rest[2 * i]) * int(rest[2 * i + 1]))\n",
+        "t = int(input())\nfor _ in range(t):\n    a, b = map(int, input().split())\n    print(a + b)\n",
+    ],
+    "9002": ["class Solution:\n    def countDistinct(self, s: str) -> int:\n        return len(set(s))\n", ""],
 }
 
 
 def test_livecodebench_stdin_and_functional(tmp_path):
-    recs = [{"problem_id": pid, "sample": i, "code": code} for pid, codes in LCB_PROGRAMS.items()
-            for i, code in enumerate(codes)]
+    recs = [
+        {"problem_id": pid, "sample": i, "code": code}
+        for pid, codes in LCB_PROGRAMS.items()
+        for i, code in enumerate(codes)
+    ]
     inp = _write(tmp_path / "lcb_programs.jsonl", recs)
     s = evaluate(EvalConfig(dataset="livecodebench", input=str(inp), data_file=LCB, n_boot=200))
     ev = {(r["problem_id"], r["sample"]): r for r in read_jsonl(tmp_path / "lcb_programs.evaluations.jsonl")}
@@ -170,20 +181,28 @@ def test_the_evaluator_never_parses_model_code(sb, monkeypatch):
     mb = load_problems("mbpp", limit=2)
     lcb = {p.problem_id: p for p in load_problems("livecodebench", data_file=LCB, release="v6")}
     p0 = he["HumanEval/0"]
-    body = p0.reference[len(p0.text):]
-    cases = [(p0, body, "passed"), (p0, textwrap.dedent(body), "passed"), (p0, p0.reference, "passed"),
-             (p0, "    return True\n", "failed"), (mb[0], mb[0].reference, "passed"), (mb[1], "x = (", "error"),
-             (p0, "x = " + "(" * 200_000 + ")" * 200_000 + "\n", "error"),
-             (p0, "x = " + "-" * 200_000 + "1\n", "error"),
-             (p0, body + "# " + "a" * (50 << 20) + "\n", "passed"), (p0, body + "'\udc80'\n", "error")]
+    body = p0.reference[len(p0.text) :]
+    cases = [
+        (p0, body, "passed"),
+        (p0, textwrap.dedent(body), "passed"),
+        (p0, p0.reference, "passed"),
+        (p0, "    return True\n", "failed"),
+        (mb[0], mb[0].reference, "passed"),
+        (mb[1], "x = (", "error"),
+        (p0, "x = " + "(" * 200_000 + ")" * 200_000 + "\n", "error"),
+        (p0, "x = " + "-" * 200_000 + "1\n", "error"),
+        (p0, body + "# " + "a" * (50 << 20) + "\n", "passed"),
+        (p0, body + "'\udc80'\n", "error"),
+    ]
     cases += [(lcb[pid], codes[0], "passed") for pid, codes in LCB_PROGRAMS.items()]
     cases += [(lcb["9001"], LCB_PROGRAMS["9001"][1], "failed"), (lcb["2044A"], LCB_PROGRAMS["2044A"][1], "failed")]
     sb.run(build_program(p0, body))  # the sandbox's own (trusted) child code is compiled before the patch
     for mod, name in ((ast, "parse"), (ast, "literal_eval"), (builtins, "compile")):
         monkeypatch.setattr(mod, name, _no_parsing)
     got = dict(sb.map(build_program(p, code) for p, code, _ in cases))
-    assert [got[i].status for i in range(len(cases))] == [want for _, _, want in cases], \
-        [(i, got[i].status, got[i].error[:200]) for i in range(len(cases))]
+    assert [got[i].status for i in range(len(cases))] == [want for _, _, want in cases], [
+        (i, got[i].status, got[i].error[:200]) for i in range(len(cases))
+    ]
 
 
 def test_code_sha_is_total_and_odd_code_gets_a_verdict(tmp_path):
@@ -203,13 +222,16 @@ def test_code_sha_is_total_and_odd_code_gets_a_verdict(tmp_path):
 def test_attempts_are_flagged_and_counted(tmp_path):
     """What a program tried that no test needs is in its record and counted in summary.json."""
     p = load_problems("humaneval", limit=1)[0]
-    body = p.reference[len(p.text):].lstrip("\n")
-    codes = [p.reference,
-             "    import os\n    os.listdir('/')\n" + body,
-             "    import os\n    if os.fork() == 0:\n        os._exit(0)\n    os.wait()\n" + body,
-             "    import os\n    os._exit(0)\n"]
-    inp = _write(tmp_path / "a.jsonl", [{"problem_id": p.problem_id, "sample": i, "code": c}
-                                        for i, c in enumerate(codes)])
+    body = p.reference[len(p.text) :].lstrip("\n")
+    codes = [
+        p.reference,
+        "    import os\n    os.listdir('/')\n" + body,
+        "    import os\n    if os.fork() == 0:\n        os._exit(0)\n    os.wait()\n" + body,
+        "    import os\n    os._exit(0)\n",
+    ]
+    inp = _write(
+        tmp_path / "a.jsonl", [{"problem_id": p.problem_id, "sample": i, "code": c} for i, c in enumerate(codes)]
+    )
     s = evaluate(EvalConfig(dataset="humaneval", input=str(inp), limit=1, n_boot=100, workers=1))
     ev = {r["sample"]: r for r in read_jsonl(tmp_path / "a.evaluations.jsonl")}
     assert [ev[i]["suspicious"] for i in range(4)] == [[], ["lists outside its dir"], ["forks"], ["exits early"]]
@@ -240,11 +262,11 @@ def test_a_program_that_cannot_be_built_is_a_verdict(tmp_path, monkeypatch):
 
 def _fake_generations(root: Path, model: str, limit: int | None) -> Path:
     probs = load_problems("humaneval", limit=3)
-    body = lambda p: p.reference[len(p.text):]  # noqa: E731 - a completion-style body
+    body = lambda p: p.reference[len(p.text) :]  # noqa: E731 - a completion-style body
     recs = [
         {"problem_id": probs[0].problem_id, "sample": 0, "code": body(probs[0])},
         {"problem_id": probs[0].problem_id, "sample": 1, "code": probs[0].reference},  # a full program
-        {"problem_id": probs[1].problem_id, "sample": 0, "code": ""},                  # no code
+        {"problem_id": probs[1].problem_id, "sample": 0, "code": ""},  # no code
         {"problem_id": probs[1].problem_id, "sample": 1, "code": "def separate_paren_groups(s):\n    return []\n"},
     ]  # probs[2] has no generations at all: it still counts
     gen = _write(root / model / "humaneval" / "generations.jsonl", [{**r, "output": "..."} for r in recs])
@@ -281,8 +303,12 @@ def test_generations_summary_denominator_and_resume(tmp_path, sb):
     with pytest.raises(ValueError, match="other settings"):
         evaluate(EvalConfig(dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0))
     # --fresh judges everything again under the new limits; later runs with those limits resume
-    s3 = evaluate(EvalConfig(dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0,
-                             fresh=True, n_boot=300), sandbox=sb)
+    s3 = evaluate(
+        EvalConfig(
+            dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0, fresh=True, n_boot=300
+        ),
+        sandbox=sb,
+    )
     assert s3["timeout_s"] == 7.0 and s3["pass_at_k"]["pass@1"]["estimate"] == pytest.approx(1.5 / 3)
     n_lines = len(read_jsonl(ev_path))
     evaluate(EvalConfig(dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0, n_boot=300))
@@ -291,8 +317,9 @@ def test_generations_summary_denominator_and_resume(tmp_path, sb):
 
 def test_cli(tmp_path, capsys):
     probs = load_problems("mbpp", limit=2)
-    inp = _write(tmp_path / "progs.jsonl", [{"problem_id": p.problem_id, "sample": 0, "code": p.reference}
-                                            for p in probs])
+    inp = _write(
+        tmp_path / "progs.jsonl", [{"problem_id": p.problem_id, "sample": 0, "code": p.reference} for p in probs]
+    )
     assert main(["--dataset", "mbpp", "--input", str(inp), "--limit", "2", "--workers", "1", "--n-boot", "100"]) == 0
     out = capsys.readouterr().out
     assert "pass@1=1.0000" in out

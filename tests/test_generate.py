@@ -1,4 +1,5 @@
 """Generation stage: records, resume, seeds, presets; real vLLM and transformers on the embedded model."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,23 @@ from btp.generate import GenerateConfig, HfBackend, generate, parse_config, samp
 from btp.prompts import build_prompt, encode_prompt
 from btp.store import read_jsonl
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-FIELDS = {"problem_id", "sample", "prompt", "prompt_token_ids", "output", "output_token_ids", "reasoning", "code",
-          "finish_reason", "prompt_style", "provenance"}
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+FIELDS = {
+    "problem_id",
+    "sample",
+    "prompt",
+    "prompt_token_ids",
+    "output",
+    "output_token_ids",
+    "reasoning",
+    "code",
+    "finish_reason",
+    "prompt_style",
+    "provenance",
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +43,19 @@ def tiny(tmp_path_factory):
     t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     t.chat_template = CHATML
     torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, bos_token_id=256,
-                                     eos_token_id=257, pad_token_id=257)).eval()
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=258,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=256,
+            eos_token_id=257,
+            pad_token_id=257,
+        )
+    ).eval()
     m.save_pretrained(d)
     t.save_pretrained(d)
     return m, t, (str(d), "tiny-llama", "test")
@@ -51,7 +75,9 @@ def test_records_fields_and_exact_prompt_ids(tiny, tmp_path):
     p = load_problems("humaneval", limit=1)[0]
     r = next(r for r in recs if r["problem_id"] == "HumanEval/0")
     assert FIELDS <= r.keys() and r["prompt_style"] == "chat"
-    assert r["prompt"] == build_prompt(p, tiny[1])[0] and r["prompt_token_ids"] == encode_prompt(r["prompt"], tiny[1], "chat")
+    assert r["prompt"] == build_prompt(p, tiny[1])[0] and r["prompt_token_ids"] == encode_prompt(
+        r["prompt"], tiny[1], "chat"
+    )
     assert 1 <= len(r["output_token_ids"]) <= 6 and r["finish_reason"] in ("stop", "length")
     assert r["output"] == tiny[1].decode(r["output_token_ids"], skip_special_tokens=True)
     assert r["provenance"]["model"] == "tiny-llama"
@@ -103,8 +129,16 @@ def test_sample_seed_is_stable_and_distinct():
 
 def test_config_preset_and_flag_override(tmp_path):
     f = tmp_path / "p.json"
-    f.write_text(json.dumps({"dataset": "mbpp", "max-tokens": 64, "temperature": 0.7, "chat_template_kwargs":
-                             {"enable_thinking": False}}))
+    f.write_text(
+        json.dumps(
+            {
+                "dataset": "mbpp",
+                "max-tokens": 64,
+                "temperature": 0.7,
+                "chat_template_kwargs": {"enable_thinking": False},
+            }
+        )
+    )
     cfg = parse_config(["--config", str(f), "--max-tokens", "32"])
     assert (cfg.dataset, cfg.max_tokens, cfg.temperature) == ("mbpp", 32, 0.7)
     assert cfg.chat_template_kwargs == {"enable_thinking": False}
@@ -131,6 +165,7 @@ def test_main_gives_data_file_to_the_benchmark_that_is_not_vendored(monkeypatch)
 
 # ---------------------------------------------------------------- real engines on the embedded model
 
+
 @pytest.fixture(scope="module")
 def smol():
     pytest.importorskip("vllm")
@@ -140,8 +175,12 @@ def smol():
     ref = resolve_model_path("smollm2-135m")
     lm = load_model("smollm2-135m", dtype="float32", attn_implementation="sdpa")
     cfg = GenerateConfig(dtype="float32", enforce_eager=True, max_model_len=2048)
-    engines = {"info": (ref.path, ref.model_id, ref.revision), "tok": lm.tokenizer,
-               "hf": HfBackend(lm.model, lm.tokenizer), "vllm": VllmBackend(ref.path, cfg)}
+    engines = {
+        "info": (ref.path, ref.model_id, ref.revision),
+        "tok": lm.tokenizer,
+        "hf": HfBackend(lm.model, lm.tokenizer),
+        "vllm": VllmBackend(ref.path, cfg),
+    }
     yield engines
     engines["vllm"].close()
 
@@ -164,7 +203,7 @@ def test_real_engine_writes_generations(smol, backend, tmp_path):
         assert 1 <= len(r["output_token_ids"]) <= 24 and r["output"].strip()
         assert r["finish_reason"] == ("length" if len(r["output_token_ids"]) == 24 else "stop")
         if r["code"]:
-            assert r["output"][r["code_start"]:r["code_end"]] == r["code"]
+            assert r["output"][r["code_start"] : r["code_end"]] == r["code"]
 
 
 @pytest.mark.slow
@@ -191,10 +230,11 @@ def test_repetition_guard_cuts_where_a_loop_starts_and_hf_stops_there():
     assert guard_cut([1, 2, 3, 4], 2) is None and guard_cut([1, 2, 1, 2, 1, 2, 9], 2) == 6
     assert guard_cut([7, 7, 7, 7], 1) == 3 and guard_cut([7, 7, 7], 0) is None
     dec = lambda t: ",".join(map(str, t))
-    assert apply_guard("x", [1, 2, 1, 2, 1, 2, 9], "length", 2, dec) == \
-        Completion("1,2,1,2,1,2", [1, 2, 1, 2, 1, 2], "repetition")
+    assert apply_guard("x", [1, 2, 1, 2, 1, 2, 9], "length", 2, dec) == Completion(
+        "1,2,1,2,1,2", [1, 2, 1, 2, 1, 2], "repetition"
+    )
     assert apply_guard("x", [1, 2, 3], "stop", 2, dec) == Completion("x", [1, 2, 3], "stop")
-    model = make_tiny("llama")   # a random model falls into loops within a few tokens
+    model = make_tiny("llama")  # a random model falls into loops within a few tokens
     model.generation_config.eos_token_id = 127
     tok = SimpleNamespace(eos_token_id=127, pad_token_id=None, decode=lambda t, **kw: dec(t))
     hf = HfBackend(model, tok)
@@ -213,17 +253,22 @@ def test_repetition_guard_cuts_vllm_outputs_afterwards():
 
     from btp.generate import Completion, GenerateConfig, Job, VllmBackend
 
-    class FakeLLM:   # the engine's request outputs, without an engine
+    class FakeLLM:  # the engine's request outputs, without an engine
         def generate(self, prompts, params, use_tqdm=False):
-            return [NS(outputs=[NS(text="looped", token_ids=[5, 1, 2, 1, 2, 1, 2, 3], finish_reason="length")]),
-                    NS(outputs=[NS(text="fine", token_ids=[5, 6, 7], finish_reason="stop")])]
+            return [
+                NS(outputs=[NS(text="looped", token_ids=[5, 1, 2, 1, 2, 1, 2, 3], finish_reason="length")]),
+                NS(outputs=[NS(text="fine", token_ids=[5, 6, 7], finish_reason="stop")]),
+            ]
 
         def get_tokenizer(self):
             return NS(decode=lambda t, skip_special_tokens=True: "|".join(map(str, t)))
 
     jobs = [Job(None, 0, "", [1], "chat", 0), Job(None, 0, "", [2], "chat", 1)]
     res = VllmBackend("unused", GenerateConfig(), llm=FakeLLM()).run(jobs, GenerateConfig(repetition_guard=2))
-    assert res == [Completion("5|1|2|1|2|1|2", [5, 1, 2, 1, 2, 1, 2], "repetition"), Completion("fine", [5, 6, 7], "stop")]
+    assert res == [
+        Completion("5|1|2|1|2|1|2", [5, 1, 2, 1, 2, 1, 2], "repetition"),
+        Completion("fine", [5, 6, 7], "stop"),
+    ]
 
 
 def test_completion_generations_stop_at_the_benchmarks_stop_strings(tiny, tmp_path, monkeypatch):
@@ -240,7 +285,7 @@ def test_completion_generations_stop_at_the_benchmarks_stop_strings(tiny, tmp_pa
     tail = "    return 1\n# trailing prose the model would go on with\ndef more():\n"
     seen = {}
 
-    class Stub:   # a model whose `generate` writes `tail` (no EOS) after each prompt
+    class Stub:  # a model whose `generate` writes `tail` (no EOS) after each prompt
         generation_config = types.SimpleNamespace(eos_token_id=257)
         device = "cpu"
 
@@ -249,8 +294,9 @@ def test_completion_generations_stop_at_the_benchmarks_stop_strings(tiny, tmp_pa
             new = torch.tensor(t(tail, add_special_tokens=False)["input_ids"]).expand(len(input_ids), -1)
             return torch.cat([input_ids, new], 1)
 
-    cfg = GenerateConfig(dataset="humaneval", limit=2, max_tokens=64, results_dir=str(tmp_path), backend="hf",
-                         prompt_style="completion")
+    cfg = GenerateConfig(
+        dataset="humaneval", limit=2, max_tokens=64, results_dir=str(tmp_path), backend="hf", prompt_style="completion"
+    )
     out = generate(cfg, engine=HfBackend(Stub(), t), tokenizer=t, model_info=info)
     assert seen["stop_strings"] == sorted(stops) and seen["tokenizer"] is t
     runs = json.loads((out.parent / "generations.runs.json").read_text())
@@ -268,6 +314,7 @@ def test_completion_generations_stop_at_the_benchmarks_stop_strings(tiny, tmp_pa
             return [types.SimpleNamespace(outputs=[c]) for _ in prompts]
 
     p = load_problems("humaneval", limit=1)[0]
-    VllmBackend.run(types.SimpleNamespace(llm=LLM()), [Job(p, 0, "", [1], "completion", 0, tuple(stops))],
-                    GenerateConfig())
+    VllmBackend.run(
+        types.SimpleNamespace(llm=LLM()), [Job(p, 0, "", [1], "completion", 0, tuple(stops))], GenerateConfig()
+    )
     assert params["stop"] == list(stops) and params["include_stop_str_in_output"] is True

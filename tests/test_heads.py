@@ -1,14 +1,15 @@
 """Head primitives: hook ablation, weight surgery and a manual recomputation agree; per-row masks;
 GQA layout; prefix reuse; hook hygiene. On tiny random models of every supported architecture."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ARCH_NAMES, KERNELS, make_mixed, make_tiny
 
 from btp.arch import UnsupportedArchitecture, adapter
-from btp.heads import gates_for, head_gates, pruned_copy, record, start_at_layer, zero_heads_
-from conftest import ARCH_NAMES, KERNELS, make_mixed, make_tiny
+from btp.heads import gates_for, head_gates, pruned_copy, record, start_at_layer
 
 TOL = 1e-5
 HEADS = [(0, 1), (1, 0), (2, 3)]
@@ -29,8 +30,9 @@ def manual_ablation(model, ids, heads):
         def post(mod, args, out, hs=hs, d=d):
             x = args[0]
             for h in hs:
-                out = out - F.linear(x[..., h * d:(h + 1) * d], mod.weight[:, h * d:(h + 1) * d])
+                out = out - F.linear(x[..., h * d : (h + 1) * d], mod.weight[:, h * d : (h + 1) * d])
             return out
+
         handles.append(ad.o_projs[l].register_forward_hook(post))
     try:
         return logits(model, ids)
@@ -67,7 +69,7 @@ def test_per_row_masks_equal_separate_runs(arch, tiny_ids, attn):
     for b, heads in enumerate(rows):
         with head_gates(model, gates_for(ad, heads)):
             single = logits(model, tiny_ids)
-        torch.testing.assert_close(batched[b:b + 1], single, atol=TOL, rtol=0)
+        torch.testing.assert_close(batched[b : b + 1], single, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -80,7 +82,7 @@ def test_scaling_gate_and_mean_replacement(arch, tiny_ids):
     with torch.no_grad():
         m = pruned_copy(model, [])
         d = ad.heads[1].head_dim
-        adapter(m).o_projs[1].weight[:, d:2 * d] *= 0.25
+        adapter(m).o_projs[1].weight[:, d : 2 * d] *= 0.25
     torch.testing.assert_close(scaled, logits(m, tiny_ids), atol=TOL, rtol=0)
     # mean ablation: replacing a head with a constant vector equals adding W_slice @ v after zeroing it
     rep = torch.zeros(ad.n_layers, ad.max_heads, ad.heads[0].head_dim)
@@ -89,7 +91,7 @@ def test_scaling_gate_and_mean_replacement(arch, tiny_ids):
         meaned = logits(model, tiny_ids)
     m2 = pruned_copy(model, [(1, 1)])
     o = adapter(m2).o_projs[1]
-    bias_add = F.linear(rep[1, 1], adapter(model).o_projs[1].weight[:, d:2 * d])
+    bias_add = F.linear(rep[1, 1], adapter(model).o_projs[1].weight[:, d : 2 * d])
     if o.bias is None:
         o.bias = torch.nn.Parameter(torch.zeros(o.out_features), requires_grad=False)
     with torch.no_grad():
@@ -125,7 +127,7 @@ def test_gqa_layout(arch, tiny_ids):
     assert v is not None
     j = 1
     with torch.no_grad():
-        v.weight[j * lay.head_dim:(j + 1) * lay.head_dim] += 1.0
+        v.weight[j * lay.head_dim : (j + 1) * lay.head_dim] += 1.0
     with record(model, o_proj_inputs=[0]) as rec:
         model(input_ids=tiny_ids)
     after = rec["o_proj_in", 0].view(1, -1, lay.n_heads, lay.head_dim)
@@ -224,6 +226,7 @@ def test_start_at_layer_skips_the_prefix(tiny_ids):
 
 # ---------------------------------------------------------------- o_proj input gradients (Taylor)
 
+
 def _direct_input_grad(model, ids, l):
     """Independent route: make only layer l's o_proj input a leaf and differentiate the loss w.r.t. it."""
     ad = adapter(model)
@@ -232,6 +235,7 @@ def _direct_input_grad(model, ids, l):
     def pre(mod, args):
         box["x"] = args[0].detach().requires_grad_(True)
         return (box["x"], *args[1:])
+
     h = ad.o_projs[l].register_forward_pre_hook(pre)
     try:
         loss = model(input_ids=ids, labels=ids).loss
@@ -273,6 +277,7 @@ def test_gate_gradient_accumulates_in_fp32_for_bf16_models(tiny_ids):
 
     def on(l, x, grad):
         dots[l] = (grad.float() * x.float()).view(*x.shape[:-1], 4, 16).sum((0, 1, 3))
+
     with head_gates(model, g), o_proj_input_grads(model, on):
         model(input_ids=tiny_ids, labels=tiny_ids).loss.float().backward()
     assert g.grad.dtype == torch.float32 and dots.abs().min() > 0

@@ -1,20 +1,23 @@
 """The head-set engine: exact batched losses of head sets equal a full forward of a weight-surgery copy (full
 logits) on tiny models of every architecture and the mixed-head model, for random single- and multi-layer sets,
 zero and mean ablation; batching, attention reuse and the cache change nothing; masks <-> head lists."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from btp import headsets as hs
-from btp.arch import adapter
 from conftest import ARCH_NAMES, KERNELS, make_mixed, make_tiny
 from test_ablation import direct_ce, tiny_set
 
+from btp import headsets as hs
+from btp.arch import adapter
+
 TOL = 1e-5
-MODELS = {**{a: (lambda attn="eager", a=a: make_tiny(a, attn=attn)) for a in ARCH_NAMES},
-          "mixed": lambda attn="eager": make_mixed(attn=attn)}
+MODELS = {
+    **{a: (lambda attn="eager", a=a: make_tiny(a, attn=attn)) for a in ARCH_NAMES},
+    "mixed": lambda attn="eager": make_mixed(attn=attn),
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,15 +42,15 @@ def test_set_losses_equal_direct_surgery(name, attn):
     sets = random_sets(model, 8, seed=len(name))
     assert any(len({l for l, _ in s}) > 1 for s in sets)
     res = hs.set_losses(model, ss, sets, batch_rows=3)
-    ce, base = res                      # unpacks as the tuple ablation used
+    ce, base = res  # unpacks as the tuple ablation used
     assert ce.shape == (len(sets), len(ss)) and base.shape == (len(ss),) and ce.dtype == np.float64
     for s, sample in enumerate(ss.samples):
         assert base[s] == pytest.approx(direct_ce(model, sample), abs=TOL)
         for i, heads in enumerate(sets):
             assert ce[i, s] == pytest.approx(direct_ce(model, sample, heads), abs=TOL), (heads, s)
-    np.testing.assert_array_equal(ce[0], base)      # empty set: the base pass itself
+    np.testing.assert_array_equal(ce[0], base)  # empty set: the base pass itself
     np.testing.assert_array_equal(res.delta, ce - base)
-    assert np.abs(res.delta[1:]).max() > 1e-3      # removals do something
+    assert np.abs(res.delta[1:]).max() > 1e-3  # removals do something
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "mixed"])
@@ -144,7 +147,7 @@ def test_cache_runs_only_new_sets(monkeypatch):
     orig = hs.set_losses
     monkeypatch.setattr(hs, "set_losses", lambda m, s, sets, **kw: calls.append(len(sets)) or orig(m, s, sets, **kw))
     cache = hs.SetLossCache(model, ss, max_sets=6)
-    got = cache(sets + [list(reversed(sets[3]))])       # a repeat, in another order: one key
+    got = cache(sets + [list(reversed(sets[3]))])  # a repeat, in another order: one key
     assert calls == [6] and len(cache) == 6 and cache.misses == 6 and cache.hits == 1
     np.testing.assert_allclose(got.ce[:6], want.ce, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(got.ce[6], got.ce[3])
@@ -154,7 +157,7 @@ def test_cache_runs_only_new_sets(monkeypatch):
     np.testing.assert_array_equal(again.ce, got.ce[:6][::-1])
     new = [[(0, 0), (2, 2)], [(1, 1)]]
     more = cache(new + sets[:1])
-    assert calls == [6, 2] and len(cache) == 6      # least recently used entries dropped
+    assert calls == [6, 2] and len(cache) == 6  # least recently used entries dropped
     for i, heads in enumerate(new):
         for s, sample in enumerate(ss.samples):
             assert more.ce[i, s] == pytest.approx(direct_ce(model, sample, heads), abs=TOL)

@@ -6,12 +6,12 @@ early layers, 2e-5 relative), every discrete output (pruned heads, knockout orde
 
 A change that is meant to move numbers (a fixed population, a new default) rewrites the fixture in its own commit
 (`python tests/house_equivalence.py write tests/fixtures/house_before`) and says why."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
 from house_equivalence import canonical, differences, read_fixture, run_stages
 
 FIXTURE = Path(__file__).parent / "fixtures" / "house_before"
@@ -30,8 +30,7 @@ def test_differences_sees_a_one_ulp_change_and_a_json_change():
     import numpy as np
 
     a = {"x/e.npz": {"v": np.array([1.0, 2.0], np.float32)}, "x/s.json": {"k": [1, 2]}}
-    b = {"x/e.npz": {"v": np.nextafter(np.array([1.0, 2.0], np.float32), np.float32(3))},
-         "x/s.json": {"k": [1, 3]}}
+    b = {"x/e.npz": {"v": np.nextafter(np.array([1.0, 2.0], np.float32), np.float32(3))}, "x/s.json": {"k": [1, 3]}}
     d = differences(a, b)
     assert any("e.npz:v" in x for x in d) and any("s.json" in x and "[1]" in x for x in d)
     assert differences(a, a) == []

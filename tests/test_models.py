@@ -1,4 +1,5 @@
 """Model loading: the embedded default (GGUF -> cached safetensors), local folders, clear errors."""
+
 from __future__ import annotations
 
 import time

@@ -1,6 +1,7 @@
 """The four notebooks, executed top to bottom with nbclient on a real results tree (tests/results_tree.py): each
 produces its figures; on a tree without analysis outputs they say so instead of failing; they are thin (call
 btp.plots), take the results dir and model from a `parameters` cell, and never run a stage."""
+
 from __future__ import annotations
 
 import re
@@ -16,8 +17,7 @@ NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # notebook -> the smallest number of figures it must show on the test tree (counted from what the tree holds:
 # generation 4; entropy 4 outputs x 3 + modes 1 + populations 2 + datasets 1; ablation 2 x 3 + overlap 1;
 # Taylor 3; CMA-ES 5: fitness, sigma, mask, mask changes, controls)
-NOTEBOOKS = {"generation_analysis": 4, "entropy_analysis": 16, "head_ablation_analysis": 7,
-             "optimization_analysis": 8}
+NOTEBOOKS = {"generation_analysis": 4, "entropy_analysis": 16, "head_ablation_analysis": 7, "optimization_analysis": 8}
 
 
 def execute(name: str, results_dir: Path, model: str = "smollm2-135m", **params: object) -> nbformat.NotebookNode:
@@ -27,7 +27,7 @@ def execute(name: str, results_dir: Path, model: str = "smollm2-135m", **params:
     i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     values = {"RESULTS_DIR": str(results_dir), "MODEL": model, **params}
     inj = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in values.items()))
-    inj.metadata["tags"] = ["injected-parameters"]   # as papermill would inject them
+    inj.metadata["tags"] = ["injected-parameters"]  # as papermill would inject them
     nb.cells.insert(i + 1, inj)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}}).execute()
     return nb
@@ -54,8 +54,12 @@ def test_notebook_is_thin_and_parametrised(name):
     assert "bp.show(" in code and "import btp.plots as bp" in code
     # never runs a stage: no stage imports, no subprocesses, no shell escapes
     stages = r"(generate|evaluate|entropy_lens|ablation|taylor|cmaes_search)\b"
-    assert not re.search(rf"(import|from)\s+btp\.{stages}|from\s+btp\s+import\s+.*{stages}|subprocess|os\.system"
-                         r"|^\s*[!%]", code, re.M), name
+    assert not re.search(
+        rf"(import|from)\s+btp\.{stages}|from\s+btp\s+import\s+.*{stages}|subprocess|os\.system"
+        r"|^\s*[!%]",
+        code,
+        re.M,
+    ), name
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
 
 
@@ -71,15 +75,18 @@ def test_notebook_runs_and_shows_figures(name, results_tree):
 @pytest.mark.slow
 def test_notebooks_say_when_results_are_absent(results_tree, tmp_path):
     root = tree_copy(results_tree, tmp_path / "t")
-    for d in model_dir(root).iterdir():                  # generations and evaluations only
+    for d in model_dir(root).iterdir():  # generations and evaluations only
         for stage in ("entropy", "ablation", "taylor", "cmaes"):
             shutil.rmtree(d / stage, ignore_errors=True)
-    expect = {"entropy_analysis": "No entropy-lens outputs", "head_ablation_analysis": "No ablation outputs",
-              "optimization_analysis": "No Taylor pruning outputs"}
+    expect = {
+        "entropy_analysis": "No entropy-lens outputs",
+        "head_ablation_analysis": "No ablation outputs",
+        "optimization_analysis": "No Taylor pruning outputs",
+    }
     for name, msg in expect.items():
         nb = execute(name, root)
         assert n_images(nb) == 0 and msg in printed(nb), (name, printed(nb))
         if name == "optimization_analysis":
             assert "No CMA-ES search outputs" in printed(nb)
-    nb = execute("generation_analysis", tmp_path / "missing")   # no results dir at all
+    nb = execute("generation_analysis", tmp_path / "missing")  # no results dir at all
     assert n_images(nb) == 0 and "No results to show" in printed(nb)

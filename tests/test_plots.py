@@ -1,6 +1,7 @@
 """btp.plots on a real results tree (tests/results_tree.py): `python -m btp.plots` writes every figure the tree
 allows as non-trivial PNG/PDF files; titles state the population; the plotted numbers are the stored ones
 (heatmap NaN blank and centred at zero, Jaccard overlaps, knockout and Taylor curves, pass@k)."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,15 @@ import json
 import numpy as np
 import pytest
 from matplotlib.text import Text
+from results_tree import model_dir, results_tree  # noqa: F401  (session fixture)
 
 from btp import plots as bp
-from results_tree import model_dir, results_tree  # noqa: F401  (session fixture)
 
 MODEL = "smollm2-135m"
 
 
 def texts(fig) -> str:
-    fig.draw_without_rendering()   # materialise tick labels
+    fig.draw_without_rendering()  # materialise tick labels
     return "\n".join(t.get_text() for t in fig.findobj(Text))
 
 
@@ -26,20 +27,32 @@ def test_cli_writes_every_figure(results_tree, tmp_path):
     files = bp.main(["--results-dir", str(results_tree), "--model", MODEL, "--out", str(out), "--pdf"])
     names = {p.name for p in files}
     he, mb = "humaneval", "mbpp"
-    want = {"generation_pass_at_k", "generation_statuses", "generation_finish_reasons", "generation_output_lengths",
-            *(f"entropy_{d}_{n}_{kind}" for d, n in ((he, "regular-all"), (he, "chain_code-all"),
-                                                     (he, "regular-incorrect"), (mb, "regular-all"))
-              for kind in ("layers", "histograms")),
-            "entropy_modes_humaneval_generations-all",            # regular vs chain_code
-            "entropy_populations_humaneval_regular",              # all vs incorrect generations
-            "entropy_populations_humaneval_regular_histograms",
-            "entropy_datasets_regular_generations-all",           # humaneval vs mbpp
-            *(f"ablation_{d}_regular-all-layers28_29_{kind}" for d in (he, mb)
-              for kind in ("heatmap", "layers", "knockout")),
-            "ablation_top_head_overlap",
-            *(f"taylor_{he}_regular-all_{kind}" for kind in ("loss", "heads", "layers")),
-            *(f"cmaes_{he}_regular-all-keep210_{kind}" for kind in ("fitness", "sigma", "mask", "mask_changes",
-                                                                     "controls"))}
+    want = {
+        "generation_pass_at_k",
+        "generation_statuses",
+        "generation_finish_reasons",
+        "generation_output_lengths",
+        *(
+            f"entropy_{d}_{n}_{kind}"
+            for d, n in ((he, "regular-all"), (he, "chain_code-all"), (he, "regular-incorrect"), (mb, "regular-all"))
+            for kind in ("layers", "histograms")
+        ),
+        "entropy_modes_humaneval_generations-all",  # regular vs chain_code
+        "entropy_populations_humaneval_regular",  # all vs incorrect generations
+        "entropy_populations_humaneval_regular_histograms",
+        "entropy_datasets_regular_generations-all",  # humaneval vs mbpp
+        *(
+            f"ablation_{d}_regular-all-layers28_29_{kind}"
+            for d in (he, mb)
+            for kind in ("heatmap", "layers", "knockout")
+        ),
+        "ablation_top_head_overlap",
+        *(f"taylor_{he}_regular-all_{kind}" for kind in ("loss", "heads", "layers")),
+        *(
+            f"cmaes_{he}_regular-all-keep210_{kind}"
+            for kind in ("fitness", "sigma", "mask", "mask_changes", "controls")
+        ),
+    }
     assert names == {f"{w}.{ext}" for w in want for ext in ("png", "pdf")}
     for p in files:
         data = p.read_bytes()
@@ -84,7 +97,7 @@ def test_ablation_heatmap_knockout_and_overlap(results_tree):
     im = fig.axes[0].images[0]
     arr = im.get_array()
     assert np.array_equal(arr.mask, ~np.isfinite(dm)) and arr.mask[:28].all() and not arr.mask[28:].any()
-    assert im.cmap.get_bad()[3] == 0                           # NaN drawn transparent (blank)
+    assert im.cmap.get_bad()[3] == 0  # NaN drawn transparent (blank)
     assert im.norm.vcenter == 0 and im.norm.vmin == -im.norm.vmax == -np.nanmax(np.abs(dm))
     ko = a.extra["knockout"]
     fig = bp.ablation_knockout(a)
@@ -97,7 +110,7 @@ def test_ablation_heatmap_knockout_and_overlap(results_tree):
     J = bp.jaccard_matrix([dm, b.data["delta_mean"]], 10)
     sa, sb = bp.top_heads(dm, 10), bp.top_heads(b.data["delta_mean"], 10)
     assert J[0, 1] == pytest.approx(len(sa & sb) / len(sa | sb)) and J[0, 0] == 1
-    ranked = [tuple(t["head"]) for t in a.meta["top_heads"][:10]]   # the stage's own ranking
+    ranked = [tuple(t["head"]) for t in a.meta["top_heads"][:10]]  # the stage's own ranking
     assert sa == set(ranked)
 
 
@@ -134,13 +147,16 @@ def test_generation_figures_use_stored_numbers(results_tree):
     s = json.loads((md / "humaneval/summary.json").read_text())
     pts = bp.pass_at_k_points(s)
     assert [p[0] for p in pts] == [1, 2]
-    assert pts[0][1:] == (s["pass_at_k"]["pass@1"]["estimate"], s["pass_at_k"]["pass@1"]["ci_low"],
-                          s["pass_at_k"]["pass@1"]["ci_high"])
+    assert pts[0][1:] == (
+        s["pass_at_k"]["pass@1"]["estimate"],
+        s["pass_at_k"]["pass@1"]["ci_low"],
+        s["pass_at_k"]["pass@1"]["ci_high"],
+    )
     gens = {d: bp.load_generations(results_tree, MODEL, d) for d in ("humaneval", "mbpp")}
     assert len(gens["humaneval"]) == 4 and all(1 <= g["n_output_tokens"] <= 16 for g in gens["humaneval"])
     fig = bp.finish_reasons(gens)
     widths = [p.get_width() for p in fig.axes[0].patches]
-    assert sum(widths) == pytest.approx(200)                 # two datasets, 100% each
+    assert sum(widths) == pytest.approx(200)  # two datasets, 100% each
     fig = bp.statuses({d: bp.load_evaluations(results_tree, MODEL, d) for d in ("humaneval", "mbpp")})
     assert "humaneval" in texts(fig) and "no code counts as failed" in texts(fig)
 
@@ -166,21 +182,33 @@ def test_model_dir_errors(tmp_path):
 def test_paired_populations_get_their_own_figure():
     """Issue 12.12: correct vs incorrect on the same problems is shown as its own comparison."""
     L = 3
-    arrays = {"layer": np.arange(1, L + 1), **{f"{m}_{k}": np.ones(L) for m in ("entropy", "ce")
-                                               for k in ("mean", "std", "sample_mean", "ci_low", "ci_high")}}
-    items = [bp.Analysis("entropy", "humaneval", n, arrays) for n in
-             ("regular", "regular-incorrect", "regular-correct_paired", "regular-incorrect_paired", "chain_code")]
+    arrays = {
+        "layer": np.arange(1, L + 1),
+        **{
+            f"{m}_{k}": np.ones(L)
+            for m in ("entropy", "ce")
+            for k in ("mean", "std", "sample_mean", "ci_low", "ci_high")
+        },
+    }
+    items = [
+        bp.Analysis("entropy", "humaneval", n, arrays)
+        for n in ("regular", "regular-incorrect", "regular-correct_paired", "regular-incorrect_paired", "chain_code")
+    ]
     groups = bp.paired(items)
     assert [[a.name for a in g] for g in groups] == [["regular-correct_paired", "regular-incorrect_paired"]]
     title = bp.entropy_by_layer(groups[0]).texts[0].get_text()
-    assert "paired" in " ".join(t.get_text() for t in bp.entropy_by_layer(groups[0]).axes[0].get_legend().texts) \
+    assert (
+        "paired" in " ".join(t.get_text() for t in bp.entropy_by_layer(groups[0]).axes[0].get_legend().texts)
         or "paired" in title
+    )
 
 
 def test_knockout_figure_says_whether_its_curves_are_held_out():
     """Issue 12.8: a knockout figure names its selection (held-out or in-sample)."""
     pt = {"k": 1, "mean_ce": 1.0, "ci_low": 0.9, "ci_high": 1.1}
-    for sel, word in (("held-out: ranked on 3 problems, curves on 1 other problems", "held-out"),
-                      ("in-sample: ranked and reported on the same samples (optimistic)", "in-sample")):
+    for sel, word in (
+        ("held-out: ranked on 3 problems, curves on 1 other problems", "held-out"),
+        ("in-sample: ranked and reported on the same samples (optimistic)", "in-sample"),
+    ):
         fig = bp.knockout_curves({"top": [pt], "selection": sel, "ci": "over problems"})
         assert word in fig.axes[0].get_title()

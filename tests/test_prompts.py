@@ -1,4 +1,5 @@
 """Prompt building (chat templates, completion prompts, LCB style) and code extraction."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,12 +21,14 @@ FIX = Path(__file__).parent / "fixtures" / "lcb_mini.jsonl"
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
 NO_SYSTEM = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
     "{{ raise_exception('System role not supported') }}{% endif %}"
     "<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 def _tokenizer(template: str | None) -> PreTrainedTokenizerFast:
@@ -108,11 +111,12 @@ def test_encode_prompt_special_tokens(he):
 
 # ---------------------------------------------------------------- extraction
 
+
 def _check(out: str, code: str, reasoning: str | None = None, **kw):
     e = extract_code(out, **kw)
     assert e.code == code
     if code:
-        assert out[e.code_start:e.code_end] == code
+        assert out[e.code_start : e.code_end] == code
     else:
         assert (e.code_start, e.code_end) == (-1, -1)
     if reasoning is not None:
@@ -178,8 +182,8 @@ def test_reference_output_roundtrips_exactly(dataset, variant, style):
         out = reference_output(p, style)
         e = extract(p, out, style, build_prompt(p, _tokenizer(None), "completion")[0] if style == "completion" else "")
         ref = benchmarks.get(dataset).teacher_text(p)
-        want = ref[len(p.text):] if (dataset, style) == ("humaneval", "completion") else ref
-        assert e.code == want and out[e.code_start:e.code_end] == want, p.problem_id
+        want = ref[len(p.text) :] if (dataset, style) == ("humaneval", "completion") else ref
+        assert e.code == want and out[e.code_start : e.code_end] == want, p.problem_id
         if style == "chat":
             assert e.reasoning == "" and e.code_start == len("```python\n")
 

@@ -1,5 +1,6 @@
 """btp.pruned: settings, head sets from analysis outputs, controls, the surgery checkpoint against the hooks, the
 paired statistics on a hand-computed table, resume, and (slow) vLLM generating from a pruned embedded model."""
+
 from __future__ import annotations
 
 import copy
@@ -20,12 +21,23 @@ from btp.store import write_json, write_npz
 
 # ---------------------------------------------------------------- settings
 
+
 def test_parse_settings_and_folders():
     ss = P.parse_settings("taylor:10%,heads:L3H1,L7H0,ablation:top32,cmaes:best,ablation:greedy4@regular-reference")
-    assert [s.text for s in ss] == ["taylor:10%", "heads:L3H1,L7H0", "ablation:top32", "cmaes:best",
-                                    "ablation:greedy4@regular-reference"]
-    assert [s.folder for s in ss] == ["taylor-10pct", "heads-L3H1_L7H0", "ablation-top32", "cmaes-best",
-                                      "ablation-greedy4@regular-reference"]
+    assert [s.text for s in ss] == [
+        "taylor:10%",
+        "heads:L3H1,L7H0",
+        "ablation:top32",
+        "cmaes:best",
+        "ablation:greedy4@regular-reference",
+    ]
+    assert [s.folder for s in ss] == [
+        "taylor-10pct",
+        "heads-L3H1_L7H0",
+        "ablation-top32",
+        "cmaes-best",
+        "ablation-greedy4@regular-reference",
+    ]
     assert ss[-1].source == "regular-reference" and ss[0].source is None
     for bad in ("taylor:top3", "foo:1", "heads:L3", "cmaes:worst", "ablation:5", "taylor:", "heads:L1H1@x"):
         with pytest.raises(ValueError):
@@ -41,13 +53,14 @@ def test_random_controls_keep_per_layer_counts():
     heads = [(0, 1), (0, 2), (2, 3)]
     a = P.random_controls(heads, [4, 4, 4], 3, seed=0)
     assert a == P.random_controls(heads, [4, 4, 4], 3, seed=0)
-    assert a[:2] == P.random_controls(heads, [4, 4, 4], 2, seed=0)       # control i does not depend on how many
+    assert a[:2] == P.random_controls(heads, [4, 4, 4], 2, seed=0)  # control i does not depend on how many
     for c in a:
         assert sorted(l for l, _ in c) == [0, 0, 2] and len(set(c)) == 3
     assert len({tuple(c) for c in a + P.random_controls(heads, [4, 4, 4], 3, seed=1)}) > 1
 
 
 # ---------------------------------------------------------------- head sets from analysis outputs
+
 
 def _ds(tmp_path: Path) -> Path:
     return results.dataset_dir(tmp_path, "org/m", "humaneval")
@@ -57,8 +70,12 @@ def test_head_sets_from_taylor_ablation_and_cmaes(tmp_path):
     ds, lh = _ds(tmp_path), [4, 4, 4]
     t = ds / "taylor" / "regular-reference.jsonl"
     t.parent.mkdir(parents=True)
-    t.write_text("".join(json.dumps({"iteration": i + 1, "pruned": p}) + "\n"
-                         for i, p in enumerate([[[0, 1], [1, 2]], [[2, 0], [0, 3]]])))
+    t.write_text(
+        "".join(
+            json.dumps({"iteration": i + 1, "pruned": p}) + "\n"
+            for i, p in enumerate([[[0, 1], [1, 2]], [[2, 0], [0, 3]]])
+        )
+    )
     hs = P.resolve(P.parse_setting("taylor:3"), ds, lh)
     assert hs.heads == [(0, 1), (1, 2), (2, 0)] and hs.provenance["output"] == "regular-reference"
     assert P.resolve(P.parse_setting("taylor:25%"), ds, lh).heads == hs.heads
@@ -74,13 +91,14 @@ def test_head_sets_from_taylor_ablation_and_cmaes(tmp_path):
     (ds / "cmaes" / "regular.jsonl").write_text(json.dumps({"generation": 0}) + "\n")  # a search in progress
     with pytest.raises(FileNotFoundError, match="btp.cmaes_search"):
         P.resolve(P.parse_setting("cmaes:best"), ds, lh)
-    write_json(ds / "cmaes" / "regular.json", {"final": {"mask": ["1011", "1111", "0110"]}})   # and finished
+    write_json(ds / "cmaes" / "regular.json", {"final": {"mask": ["1011", "1111", "0110"]}})  # and finished
     assert P.resolve(P.parse_setting("cmaes:best"), ds, lh).heads == [(0, 1), (2, 0), (2, 3)]
     with pytest.raises(ValueError, match="do not exist"):
         P.resolve(P.parse_setting("heads:L3H0"), ds, lh)
 
 
 # ---------------------------------------------------------------- the surgery checkpoint
+
 
 def test_checkpoint_logits_equal_hook_ablation_and_zeroed_columns(tmp_path, tiny_ids):
     from transformers import AutoModelForCausalLM
@@ -93,37 +111,48 @@ def test_checkpoint_logits_equal_hook_ablation_and_zeroed_columns(tmp_path, tiny
     lm = SimpleNamespace(model=model, tokenizer=None, model_id="tiny", revision="r0")
     d = P.ensure_checkpoint(lm, heads, str(tmp_path), "float32", {"arm": "x"})
     assert d.parent == tmp_path / ".cache" / "pruned" and json.loads((d / "btp_pruning.json").read_text())[
-        "pruned_heads"] == [[0, 1], [2, 0], [2, 3]]
+        "pruned_heads"
+    ] == [[0, 1], [2, 0], [2, 3]]
     stamp = (d / "btp_pruning.json").stat().st_mtime_ns
-    assert P.ensure_checkpoint(lm, list(reversed(heads)), str(tmp_path), "float32", {}) == d   # cached by the set
+    assert P.ensure_checkpoint(lm, list(reversed(heads)), str(tmp_path), "float32", {}) == d  # cached by the set
     assert (d / "btp_pruning.json").stat().st_mtime_ns == stamp
     loaded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for l, h in heads:
-            zeroed.model.layers[l].self_attn.o_proj.weight[:, h * 16:(h + 1) * 16] = 0
+            zeroed.model.layers[l].self_attn.o_proj.weight[:, h * 16 : (h + 1) * 16] = 0
         got = loaded(tiny_ids).logits
         with head_gates(model, gates_for(adapter(model), heads)):
             hooked = model(tiny_ids).logits
         plain = zeroed(tiny_ids).logits
         unpruned = model(tiny_ids).logits
     assert torch.allclose(got, hooked, atol=1e-5) and torch.allclose(got, plain, atol=1e-5)
-    assert not torch.allclose(got, unpruned, atol=1e-3)   # the original model is untouched
+    assert not torch.allclose(got, unpruned, atol=1e-3)  # the original model is untouched
 
 
 # ---------------------------------------------------------------- paired statistics
 
+
 def _arm(label, heads=(), setting=None, control=None, ce=None, method="heads"):
-    return P.Arm(label, Path("/r/pruned") / label.replace(" ", "/"), list(heads), {"method": method}, setting,
-                 control, ce)
+    return P.Arm(
+        label, Path("/r/pruned") / label.replace(" ", "/"), list(heads), {"method": method}, setting, control, ce
+    )
 
 
 def test_comparison_against_hand_computed_values():
     base = np.array([1, 1, 1, 0, 1, 0])
-    tab = {"base": base, "s": np.array([0, 1, 0, 0, 1, 0]), "s random0": np.array([1, 1, 1, 0, 0, 0]),
-           "s random1": np.array([1, 0, 1, 1, 1, 0])}
-    arms = [_arm("base", ce=1.0), _arm("s", [(0, 1)], "s", ce=1.5), _arm("s random0", [(0, 2)], "s", 0, ce=1.2),
-            _arm("s random1", [(0, 3)], "s", 1, ce=1.1)]
+    tab = {
+        "base": base,
+        "s": np.array([0, 1, 0, 0, 1, 0]),
+        "s random0": np.array([1, 1, 1, 0, 0, 0]),
+        "s random1": np.array([1, 0, 1, 1, 1, 0]),
+    }
+    arms = [
+        _arm("base", ce=1.0),
+        _arm("s", [(0, 1)], "s", ce=1.5),
+        _arm("s random0", [(0, 2)], "s", 0, ce=1.2),
+        _arm("s random1", [(0, 3)], "s", 1, ce=1.1),
+    ]
     counts = {k: (np.ones(6, int), v) for k, v in tab.items()}
     comp = P.compare(arms, counts, [f"p{i}" for i in range(6)], 1, 12, n_boot=2000, seed=0)
     s = comp["settings"][0]
@@ -155,6 +184,7 @@ def test_comparison_pass_at_k_for_n_above_one():
 
 # ---------------------------------------------------------------- a run, its rerun, another identity
 
+
 class FakeRunner:
     """Writes what generate/evaluate would (every problem solved by the base, none by a pruned arm)."""
 
@@ -165,59 +195,93 @@ class FakeRunner:
         self.gen_args = args
         a = dict(zip(args[::2], args[1::2]))
         self.calls.append(("generate", a["--model"]))
-        Path(a["--output"]).write_text("".join(json.dumps({"problem_id": p, "sample": 0, "code": "x"}) + "\n"
-                                               for p in self.problems))
+        Path(a["--output"]).write_text(
+            "".join(json.dumps({"problem_id": p, "sample": 0, "code": "x"}) + "\n" for p in self.problems)
+        )
 
     def evaluate(self, args):
         a = dict(zip(args[::2], args[1::2]))
         self.calls.append(("evaluate", a["--model"]))
         gen = Path(a["--input"])
         ok = a["--model"] == "base"
-        (gen.parent / "evaluations.jsonl").write_text("".join(
-            json.dumps({"problem_id": p, "sample": 0, "passed": ok}) + "\n" for p in self.problems))
+        (gen.parent / "evaluations.jsonl").write_text(
+            "".join(json.dumps({"problem_id": p, "sample": 0, "passed": ok}) + "\n" for p in self.problems)
+        )
         write_json(gen.parent / "summary.json", {"n_programs": len(self.problems)})
 
 
 def _run(tmp_path, runner, gen=None, force=False, loads=None, backend="hf"):
     model = make_tiny("llama")
-    ss = SampleSet([Sample("a", -1, np.arange(1, 9), 4, 8), Sample("b", -1, np.arange(3, 12), 5, 9)],
-                   SampleConfig(source="reference"), "humaneval", "tiny")
+    ss = SampleSet(
+        [Sample("a", -1, np.arange(1, 9), 4, 8), Sample("b", -1, np.arange(3, 12), 5, 9)],
+        SampleConfig(source="reference"),
+        "humaneval",
+        "tiny",
+    )
     ds = _ds(tmp_path)
     arms = P.build_arms(P.parse_settings("heads:L0H1,L2H3"), ds, [4, 4, 4], 1, 0)
     gen = gen or P.GenFlags(limit=3, gen_max_tokens=8)
-    base = {"model": "tiny", "revision": "r0", "dtype": "float32", "dataset": "humaneval", "seed": 0,
-            "generation": {"max_tokens": gen.gen_max_tokens}}
-    plan = P.Plan(arms, {**base, "arms": {a.label: a.heads for a in arms}}, base, runner.problems, 12, "float32",
-                  ds / "pruned" / "comparison.json", backend)
+    base = {
+        "model": "tiny",
+        "revision": "r0",
+        "dtype": "float32",
+        "dataset": "humaneval",
+        "seed": 0,
+        "generation": {"max_tokens": gen.gen_max_tokens},
+    }
+    plan = P.Plan(
+        arms,
+        {**base, "arms": {a.label: a.heads for a in arms}},
+        base,
+        runner.problems,
+        12,
+        "float32",
+        ds / "pruned" / "comparison.json",
+        backend,
+    )
 
     def loader():
         loads.append(1)
         return SimpleNamespace(model=model, tokenizer=None, model_id="tiny", revision="r0")
 
-    return P.run_arms(plan, lm_loader=loader, heldout=ss, gen=gen, cfg=P.PrunedConfig(n_boot=100),
-                      dataset="humaneval", seed=0, results_dir=str(tmp_path), force=force, runner=runner)
+    return P.run_arms(
+        plan,
+        lm_loader=loader,
+        heldout=ss,
+        gen=gen,
+        cfg=P.PrunedConfig(n_boot=100),
+        dataset="humaneval",
+        seed=0,
+        results_dir=str(tmp_path),
+        force=force,
+        runner=runner,
+    )
 
 
 def test_run_writes_arms_and_a_rerun_skips_what_is_done(tmp_path):
     problems = ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     r1, loads = FakeRunner(problems), []
     comp = _run(tmp_path, r1, loads=loads)
-    assert [c for c in r1.calls if c[0] == "evaluate"] == [("evaluate", "base"), ("evaluate", "heads:L0H1,L2H3"),
-                                                           ("evaluate", "heads:L0H1,L2H3 random0")]
-    assert len(loads) == 1                                   # one load: the CE, then the checkpoints
+    assert [c for c in r1.calls if c[0] == "evaluate"] == [
+        ("evaluate", "base"),
+        ("evaluate", "heads:L0H1,L2H3"),
+        ("evaluate", "heads:L0H1,L2H3 random0"),
+    ]
+    assert len(loads) == 1  # one load: the CE, then the checkpoints
     pr = _ds(tmp_path) / "pruned"
     hs = json.loads((pr / "heads-L0H1_L2H3" / "headset.json").read_text())
     assert hs["heads"] == [[0, 1], [2, 3]] and hs["n_heads"] == 2 and hs["heldout_ce"] > 0
     assert json.loads((pr / "heads-L0H1_L2H3" / "random0" / "headset.json").read_text())["n_heads"] == 2
     assert comp["base"]["pass_at_k"]["pass@1"] == 1.0 and comp["settings"][0]["pass_at_k"]["pass@1"] == 0.0
     assert json.loads((pr / "comparison.json").read_text())["settings"][0]["vs_base"]["mcnemar"]["only_other"] == 3
-    assert not any((tmp_path / ".cache" / "pruned").iterdir())   # checkpoints removed once their arm is judged
+    assert not any((tmp_path / ".cache" / "pruned").iterdir())  # checkpoints removed once their arm is judged
     assert results.pruned_progress(pr) == {
         "base": {"arms": 1, "generated": 1, "evaluated": 1, "summarized": 1},
-        "heads-L0H1_L2H3": {"arms": 2, "generated": 2, "evaluated": 2, "summarized": 2}}
+        "heads-L0H1_L2H3": {"arms": 2, "generated": 2, "evaluated": 2, "summarized": 2},
+    }
     r2, loads2 = FakeRunner(problems), []
     _run(tmp_path, r2, loads=loads2)
-    assert r2.calls == [] and loads2 == []                   # nothing generated, judged or loaded again
+    assert r2.calls == [] and loads2 == []  # nothing generated, judged or loaded again
     # other generation flags: refused, naming the field; --force redoes every arm
     with pytest.raises(results.IdentityError, match="generation"):
         _run(tmp_path, FakeRunner(problems), gen=P.GenFlags(limit=3, gen_max_tokens=16), loads=[])
@@ -227,6 +291,7 @@ def test_run_writes_arms_and_a_rerun_skips_what_is_done(tmp_path):
 
 
 # ---------------------------------------------------------------- check and plots
+
 
 def test_check_and_plot_show_the_comparison(tmp_path):
     import btp.plots as bp
@@ -243,6 +308,7 @@ def test_check_and_plot_show_the_comparison(tmp_path):
 
 
 # ---------------------------------------------------------------- real engines (slow)
+
 
 @pytest.mark.slow
 @pytest.mark.vllm
@@ -268,15 +334,27 @@ def test_sweep_script_runs_one_grid_per_dataset(tmp_path):
     fake.write_text('#!/bin/sh\necho "$@"\n')
     fake.chmod(0o755)
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(["bash", str(root / "scripts" / "run_pruned_sweep.sh"), "org/m"], capture_output=True,
-                         text=True, check=True, env={**os.environ, "PYTHON": str(fake), "DATASETS": "mbpp humaneval",
-                                                     "FRACTIONS": "5 10", "METHODS": "taylor cmaes", "LIMIT": "7"})
+    out = subprocess.run(
+        ["bash", str(root / "scripts" / "run_pruned_sweep.sh"), "org/m"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={
+            **os.environ,
+            "PYTHON": str(fake),
+            "DATASETS": "mbpp humaneval",
+            "FRACTIONS": "5 10",
+            "METHODS": "taylor cmaes",
+            "LIMIT": "7",
+        },
+    )
     runs = [l for l in out.stdout.splitlines() if l.startswith("-m btp.pruned")]
     assert len(runs) == 2 and "--settings taylor:5%,taylor:10%,cmaes:best --controls 3" in runs[0]
     assert "--dataset humaneval" in runs[1] and "--limit 7" in runs[1]
 
 
 # ---------------------------------------------------------------- the CLI
+
 
 def test_flags_preset_and_defaults():
     from btp import cli
@@ -287,8 +365,14 @@ def test_flags_preset_and_defaults():
     d = cli.parse(p, [])
     assert cli.config_from(P.GenFlags, d) == P.GenFlags() and cli.config_from(P.PrunedConfig, d) == P.PrunedConfig()
     assert d.source == "reference" and d.sample_max_tokens is None
-    a = cli.parse(p, ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "pruned_smoke.json"),
-                      "--no-enforce-eager"])
+    a = cli.parse(
+        p,
+        [
+            "--config",
+            str(Path(__file__).resolve().parent.parent / "configs" / "pruned_smoke.json"),
+            "--no-enforce-eager",
+        ],
+    )
     gen = cli.config_from(P.GenFlags, a)
     assert (gen.gen_max_tokens, gen.limit, gen.backend, gen.enforce_eager) == (128, 10, "hf", False)
     assert a.sample_max_tokens == 256 and cli.config_from(P.PrunedConfig, a).settings == "taylor:10%"
@@ -310,9 +394,28 @@ def test_main_end_to_end_then_done_without_weights(tiny_folder, tmp_path, monkey
     from btp import benchmarks, models
 
     problems = [q.problem_id for q in benchmarks.get("mbpp").load(limit=3)]
-    argv = ["--model", str(tiny_folder), "--dataset", "mbpp", "--settings", "heads:L0H1,L2H3", "--controls", "1",
-            "--limit", "3", "--max-tokens", "8", "--num-samples", "4", "--sample-max-tokens", "200",
-            "--results-dir", str(tmp_path), "--backend", "hf"]
+    argv = [
+        "--model",
+        str(tiny_folder),
+        "--dataset",
+        "mbpp",
+        "--settings",
+        "heads:L0H1,L2H3",
+        "--controls",
+        "1",
+        "--limit",
+        "3",
+        "--max-tokens",
+        "8",
+        "--num-samples",
+        "4",
+        "--sample-max-tokens",
+        "200",
+        "--results-dir",
+        str(tmp_path),
+        "--backend",
+        "hf",
+    ]
     assert P.main(argv + ["--ce-only"], runner=FakeRunner(problems)) == {}
     r = FakeRunner(problems)
     comp = P.main(argv, runner=r)
@@ -320,7 +423,7 @@ def test_main_end_to_end_then_done_without_weights(tiny_folder, tmp_path, monkey
     assert "--max-tokens" in r.gen_args and r.gen_args[r.gen_args.index("--max-tokens") + 1] == "8"
     monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     capsys.readouterr()
-    assert P.main(argv, runner=FakeRunner(problems))["run_key"] == comp["run_key"]     # done: no weights loaded
+    assert P.main(argv, runner=FakeRunner(problems))["run_key"] == comp["run_key"]  # done: no weights loaded
     assert "is done" in capsys.readouterr().out
 
 
@@ -338,6 +441,11 @@ def test_auto_backend_falls_back_to_transformers_for_every_arm(tmp_path):
     comp = _run(tmp_path, r, gen=P.GenFlags(limit=2, backend="auto"), loads=[], backend="vllm")
     assert [c[1] for c in r.calls].count("vllm failed") == 1 and len(r.calls) == 7
     assert comp["backend"] == "hf" and "transformers" in comp["notes"][0]
-    with pytest.raises(subprocess.CalledProcessError):   # an explicit engine is never swapped
-        _run(tmp_path / "x", VllmFails(["HumanEval/0"]), gen=P.GenFlags(limit=1, backend="vllm"), loads=[],
-             backend="vllm")
+    with pytest.raises(subprocess.CalledProcessError):  # an explicit engine is never swapped
+        _run(
+            tmp_path / "x",
+            VllmFails(["HumanEval/0"]),
+            gen=P.GenFlags(limit=1, backend="vllm"),
+            loads=[],
+            backend="vllm",
+        )

@@ -1,6 +1,7 @@
 """notebooks/pruned_analysis.ipynb, executed with nbclient on a results tree holding a pruned comparison (made by
 the stage's own run with a fake generate/evaluate, tests/test_pruned.py), and on one without: thin, parametrised,
 never runs a stage."""
+
 from __future__ import annotations
 
 import re
@@ -19,14 +20,15 @@ def test_notebook_is_thin_and_parametrised():
     assert len(params) == 1 and "RESULTS_DIR" in params[0].source and "MODEL" in params[0].source
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "bp.show(" in code and "import btp.plots as bp" in code
-    assert not re.search(r"(import|from)\s+btp\.(pruned|generate|evaluate)\b|subprocess|os\.system|^\s*[!%]", code,
-                         re.M)
+    assert not re.search(
+        r"(import|from)\s+btp\.(pruned|generate|evaluate)\b|subprocess|os\.system|^\s*[!%]", code, re.M
+    )
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
 
 
 @pytest.mark.slow
 def test_notebook_shows_the_comparison_and_says_when_absent(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(NB_DIR.parent))   # the kernel imports this checkout's btp
+    monkeypatch.setenv("PYTHONPATH", str(NB_DIR.parent))  # the kernel imports this checkout's btp
     _run(tmp_path / "r", FakeRunner(["HumanEval/0", "HumanEval/1", "HumanEval/2"]), loads=[])
     nb = execute(NAME, tmp_path / "r", model="org/m")
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]

@@ -1,6 +1,7 @@
 """btp.results: the layout, the stem grammar (every name the stages write round-trips), the claim (fresh / resume /
 done, refusal naming the differing field, --force), partial-progress files, runs files, staleness, readers; the
 one JSONL reader; and a scan that no other module parses names or compares settings itself."""
+
 from __future__ import annotations
 
 import gzip
@@ -34,6 +35,7 @@ STEMS = {
 
 # ---------------------------------------------------------------- layout and grammar
 
+
 def test_layout(tmp_path):
     assert R.model_slug("Qwen/Qwen2.5-Math-1.5B") == "Qwen--Qwen2.5-Math-1.5B"
     d = R.dataset_dir(tmp_path, "org/name", "mbpp")
@@ -44,7 +46,8 @@ def test_layout(tmp_path):
     assert out.path("json", R.KNOCKOUT) == d / "ablation" / "regular-mean_knockout.json"
     assert out.partial("json", R.KNOCKOUT) == d / "ablation" / "regular-mean_knockout.partial.json"
     assert R.output(tmp_path, "m", "x", "taylor", "regular").path("runs.json") == R.runs_path(
-        R.output(tmp_path, "m", "x", "taylor", "regular").path("jsonl"))
+        R.output(tmp_path, "m", "x", "taylor", "regular").path("jsonl")
+    )
     assert R.evaluations_path(d / "generations.jsonl") == d / "evaluations.jsonl"
     assert R.evaluations_path(tmp_path / "p.jsonl") == tmp_path / "p.evaluations.jsonl"
     assert R.summary_path(tmp_path / "p.evaluations.jsonl") == tmp_path / "p.summary.json"
@@ -74,8 +77,13 @@ def test_stems_as_the_stages_write_them():
     from btp.samples import SampleConfig
     from btp.taylor import TaylorConfig
 
-    pops = {("generations", "correct"): "", ("generations", "incorrect"): "-incorrect",
-            ("generations", "all"): "-all", ("reference", "correct"): "-reference", ("reference", "all"): "-reference"}
+    pops = {
+        ("generations", "correct"): "",
+        ("generations", "incorrect"): "-incorrect",
+        ("generations", "all"): "-all",
+        ("reference", "correct"): "-reference",
+        ("reference", "all"): "-reference",
+    }
     for mode in R.MODES:
         for (source, select), pop in pops.items():
             cfg = SampleConfig(source=source, select=select, mode=mode)
@@ -84,8 +92,13 @@ def test_stems_as_the_stages_write_them():
                 name = output_name(cfg.stem, abl, layers)
                 assert R.parse_stem(name) == output_stem(cfg.output_stem, abl, layers)
                 assert R.parse_stem(name).variant == tuple(
-                    w for w in ("mean" if abl == "mean" else None,
-                                "layers" + "_".join(map(str, layers)) if layers else None) if w)
+                    w
+                    for w in (
+                        "mean" if abl == "mean" else None,
+                        "layers" + "_".join(map(str, layers)) if layers else None,
+                    )
+                    if w
+                )
     assert output_name("regular", "mean", [0, 2]) == "regular-mean-layers0_2"
     t = TaylorConfig(estimator="gate", signed=True, normalize=False)
     name = str(SampleConfig(source="reference").output_stem.with_variant(*t.variant, "v2"))
@@ -107,7 +120,7 @@ def test_list_outputs_order_and_staleness(tmp_path):
     for name in ("regular-incorrect", "chain_code", "regular", "regular-reference-mean"):
         write_npz(sd / f"{name}.npz", x=np.zeros(1))
         write_json(sd / f"{name}.json", {})
-    write_npz(sd / "chain_code-all.npz", x=np.zeros(1))               # no json: unfinished
+    write_npz(sd / "chain_code-all.npz", x=np.zeros(1))  # no json: unfinished
     write_npz(sd / "regular-all.partial.npz", key="k", done=np.zeros(1))
     write_json(sd / "regular_knockout.json", {})
     assert R.list_outputs(sd, "ablation") == ["regular", "chain_code", "regular-incorrect", "regular-reference-mean"]
@@ -117,12 +130,16 @@ def test_list_outputs_order_and_staleness(tmp_path):
     now = 1_700_000_000
     os.utime(gen, (now, now))
     os.utime(ev, (now + 10, now + 10))
-    for name, t in (("regular.npz", now + 5), ("regular-reference-mean.npz", now - 5),
-                    ("regular_knockout.json", now + 20), ("chain_code-all.npz", now - 1),
-                    ("regular-all.partial.npz", now - 100)):
+    for name, t in (
+        ("regular.npz", now + 5),
+        ("regular-reference-mean.npz", now - 5),
+        ("regular_knockout.json", now + 20),
+        ("chain_code-all.npz", now - 1),
+        ("regular-all.partial.npz", now - 100),
+    ):
         os.utime(sd / name, (t, t))
-    assert R.staleness(d, sd, "regular.npz") == "older than evaluations.jsonl"      # correct: chosen by evaluations
-    assert R.staleness(d, sd, "regular-reference-mean.npz") is None                # reference: no generations used
+    assert R.staleness(d, sd, "regular.npz") == "older than evaluations.jsonl"  # correct: chosen by evaluations
+    assert R.staleness(d, sd, "regular-reference-mean.npz") is None  # reference: no generations used
     assert R.staleness(d, sd, "chain_code-all.npz") == "older than generations.jsonl"
     assert R.staleness(d, sd, "regular-all.partial.npz") is None
     assert R.staleness(d, sd, "regular_knockout.json") is None
@@ -133,8 +150,14 @@ def test_list_outputs_order_and_staleness(tmp_path):
 
 # ---------------------------------------------------------------- identity and claim
 
-IDENT = {"model": "m", "revision": "r1", "samples": [["p", 0]], "tokens": "abc", "dtype": "torch.float32",
-         "n_boot": 1000}
+IDENT = {
+    "model": "m",
+    "revision": "r1",
+    "samples": [["p", 0]],
+    "tokens": "abc",
+    "dtype": "torch.float32",
+    "n_boot": 1000,
+}
 
 
 def _write(out: R.Output, identity: dict, part: str = "") -> None:
@@ -151,7 +174,7 @@ def test_claim_fresh_resume_done_and_refusals(tmp_path):
     other = {**IDENT, "n_boot": 50}
     with pytest.warns(UserWarning, match="another configuration"):
         assert R.read_partial(out.partial("npz"), R.identity_key(other)) is None
-    assert R.claim(out, other, force=False, **kw).state == R.FRESH      # another identity's progress is no resume
+    assert R.claim(out, other, force=False, **kw).state == R.FRESH  # another identity's progress is no resume
     _write(out, IDENT)
     c = R.claim(out, IDENT, force=False, **kw)
     assert c.done and c.stamp == {"run_key": R.identity_key(IDENT), "identity": IDENT}
@@ -159,7 +182,7 @@ def test_claim_fresh_resume_done_and_refusals(tmp_path):
         with pytest.raises(R.IdentityError, match=f"exists for other {field} .*--force") as e:
             R.claim(out, {**IDENT, field: value}, force=False, **kw)
         assert e.value.field == field and e.value.new == value
-    write_json(out.path("json"), {"stage": "old"})                      # written before identities existed
+    write_json(out.path("json"), {"stage": "old"})  # written before identities existed
     with pytest.raises(R.IdentityError, match="other identity"):
         R.claim(out, IDENT, force=False, **kw)
     c = R.claim(out, {**IDENT, "dtype": "torch.bfloat16"}, force=True, **kw)
@@ -184,7 +207,7 @@ def test_claim_jsonl_with_runs_file(tmp_path):
     with pytest.raises(R.IdentityError, match="other dtype"):
         R.claim(out, {**IDENT, "dtype": "torch.float16"}, force=False, **kw)
     assert R.claim(out, IDENT, force=True, **kw).state == R.FRESH
-    assert not out.path("jsonl").exists() and len(R.read_runs(out.path("jsonl"))) == 1   # runs file is history
+    assert not out.path("jsonl").exists() and len(R.read_runs(out.path("jsonl"))) == 1  # runs file is history
 
 
 def test_check_runs(tmp_path):
@@ -201,14 +224,18 @@ def test_check_runs(tmp_path):
 
 # ---------------------------------------------------------------- readers
 
+
 def test_readers(tmp_path):
     from btp.store import JsonlStore
 
     d = R.dataset_dir(tmp_path, "m", "humaneval")
-    write_npz(d / "ablation" / "regular.npz", provenance={"stage": "ablation"}, delta_mean=np.array([[0.1, np.nan],
-                                                                                                     [0.3, 0.1]]))
+    write_npz(
+        d / "ablation" / "regular.npz",
+        provenance={"stage": "ablation"},
+        delta_mean=np.array([[0.1, np.nan], [0.3, 0.1]]),
+    )
     arrays, meta = R.read_analysis(d / "ablation", "regular")
-    assert meta == {"stage": "ablation"}                              # no json: the npz stamp
+    assert meta == {"stage": "ablation"}  # no json: the npz stamp
     assert R.read_knockout(d / "ablation", "regular") is None
     write_json(d / "ablation" / "regular_knockout.json", {"top": []})
     assert R.read_knockout(d / "ablation", "regular") == {"top": []}
@@ -234,7 +261,7 @@ def test_one_jsonl_reader(tmp_path):
     with pytest.raises(MalformedFileError, match="t.jsonl:2"):
         list(iter_jsonl(torn, tolerate_torn_tail=False))
     bad = tmp_path / "b.jsonl"
-    bad.write_text('[1]\n')
+    bad.write_text("[1]\n")
     with pytest.raises(MalformedFileError, match="b.jsonl:1: expected a JSON object"):
         list(iter_jsonl(bad))
 
@@ -274,6 +301,7 @@ def test_no_name_parsing_or_settings_comparison_outside_results():
 
 # ---------------------------------------------------------------- the skeleton on a tiny model
 
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny random Llama with the embedded tokenizer's vocabulary, saved as a HF folder."""
@@ -292,14 +320,27 @@ def tiny_folder(tmp_path_factory):
 def test_stage_refuses_other_dtype_and_settings_force_overrides(tiny_folder, tmp_path, monkeypatch, capsys):
     from btp import ablation, cli, entropy_lens
 
-    argv = ["--model", str(tiny_folder), "--dataset", "mbpp", "--source", "reference", "--num-samples", "2",
-            "--max-tokens", "200", "--results-dir", str(tmp_path), "--no-progress"]
+    argv = [
+        "--model",
+        str(tiny_folder),
+        "--dataset",
+        "mbpp",
+        "--source",
+        "reference",
+        "--num-samples",
+        "2",
+        "--max-tokens",
+        "200",
+        "--results-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
     path = entropy_lens.main(argv + ["--dtype", "float32"])
     meta = R.read_analysis(path.parent, "regular-reference")[1]
     assert meta["identity"]["dtype"] == "torch.float32" and meta["run_key"] == R.identity_key(meta["identity"])
     loads = []
     monkeypatch.setattr(cli.Run, "load", lambda self: loads.append(1) or (_ for _ in ()).throw(AssertionError))
-    assert entropy_lens.main(argv + ["--dtype", "float32"]) == path          # done: no weights loaded
+    assert entropy_lens.main(argv + ["--dtype", "float32"]) == path  # done: no weights loaded
     assert "skipping" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exists for other dtype"):
         entropy_lens.main(argv + ["--dtype", "bfloat16"])
@@ -320,6 +361,7 @@ def test_stage_refuses_other_dtype_and_settings_force_overrides(tiny_folder, tmp
 
 # ---------------------------------------------------------------- the skeleton's flags
 
+
 def test_flags_come_from_the_config_dataclasses():
     import dataclasses
     import json
@@ -330,15 +372,17 @@ def test_flags_come_from_the_config_dataclasses():
     for spec in (entropy_lens.SPEC, ablation.SPEC, taylor.SPEC):
         p = cli.stage_parser(spec)
         dests = [a.dest for a in p._actions]
-        assert len(dests) == len(set(dests)), spec.name                      # shared flags declared once
+        assert len(dests) == len(set(dests)), spec.name  # shared flags declared once
         args = cli.parse(p, [])
-        for cls in (*spec.configs, SampleConfig):                           # one default each: the dataclass's
+        for cls in (*spec.configs, SampleConfig):  # one default each: the dataclass's
             cfg = cli.config_from(cls, args)
             for f in dataclasses.fields(cls):
                 if f.metadata and f.name != "seed":
                     assert getattr(cfg, f.name) == getattr(cls(), f.name), (cls.__name__, f.name)
-    args = cli.parse(cli.stage_parser(ablation.SPEC), ["--no-reuse-attention", "--layers", "3,1-2", "--no-knockout",
-                                                       "--knockout-ks", "1,4"])
+    args = cli.parse(
+        cli.stage_parser(ablation.SPEC),
+        ["--no-reuse-attention", "--layers", "3,1-2", "--no-knockout", "--knockout-ks", "1,4"],
+    )
     m, k = cli.config_from(ablation.MatrixConfig, args), cli.config_from(ablation.KnockoutConfig, args)
     assert (m.reuse_attention, m.layers, k.enabled, k.ks) == (False, [1, 2, 3], False, [1, 4])
     assert generate.parse_config([]) == generate.GenerateConfig()
@@ -359,14 +403,32 @@ def test_flags_come_from_the_config_dataclasses():
 def test_taylor_done_without_weights_and_refusals(tiny_folder, tmp_path, monkeypatch):
     from btp import cli, taylor
 
-    argv = ["--model", str(tiny_folder), "--dataset", "mbpp", "--source", "reference", "--num-samples", "3",
-            "--max-tokens", "200", "--results-dir", str(tmp_path), "--no-progress", "--num-iters", "1",
-            "--prune-per-iter", "2", "--heldout", "1"]
+    argv = [
+        "--model",
+        str(tiny_folder),
+        "--dataset",
+        "mbpp",
+        "--source",
+        "reference",
+        "--num-samples",
+        "3",
+        "--max-tokens",
+        "200",
+        "--results-dir",
+        str(tmp_path),
+        "--no-progress",
+        "--num-iters",
+        "1",
+        "--prune-per-iter",
+        "2",
+        "--heldout",
+        "1",
+    ]
     taylor.main(argv)
     path = next(tmp_path.rglob("taylor/regular-reference.jsonl"))
     recs = list(iter_jsonl(path))
     monkeypatch.setattr(cli.Run, "load", lambda self: (_ for _ in ()).throw(AssertionError("weights loaded")))
-    assert taylor.main(argv) == recs                                           # complete: no weights loaded
+    assert taylor.main(argv) == recs  # complete: no weights loaded
     with pytest.raises(SystemExit, match="exists for other dtype"):
         taylor.main(argv + ["--dtype", "bfloat16"])
     with pytest.raises(SystemExit, match="exists for other settings"):

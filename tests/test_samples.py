@@ -1,5 +1,6 @@
 """Analysis samples from a (fake, store-written) results tree and from reference solutions, with the real
 SmolLM2 tokenizer: populations, deterministic choice, code spans, left cuts, notes and errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ from btp.store import JsonlStore, MalformedFileError, provenance
 
 MODEL = "org/tiny-coder"
 DS = "humaneval"
-PIDS = ["HumanEval/3", "HumanEval/1", "HumanEval/7", "HumanEval/2"]   # file order, not sorted
+PIDS = ["HumanEval/3", "HumanEval/1", "HumanEval/7", "HumanEval/2"]  # file order, not sorted
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,9 @@ def _code(pid: str, k: int) -> str:
 
 
 def _output(pid: str, k: int) -> str:
-    return (f"Let me think about problem {pid}. I multiply by {k + 2} and add.\n"
-            f"```python\n{_code(pid, k)}```\nThat is all.")
+    return (
+        f"Let me think about problem {pid}. I multiply by {k + 2} and add.\n```python\n{_code(pid, k)}```\nThat is all."
+    )
 
 
 def _passed(pid: str, k: int) -> bool:
@@ -45,20 +47,34 @@ def write_tree(root, tok, *, evaluations=True, extra: list[dict] | None = None):
     gens.begin_run(provenance(stage="generate", model=MODEL, dataset=DS))
     recs = []
     for pid in PIDS:
-        p_ids = tok(f"<|im_start|>user\nSolve {pid}<|im_end|>\n<|im_start|>assistant\n",
-                    add_special_tokens=False)["input_ids"]
+        p_ids = tok(f"<|im_start|>user\nSolve {pid}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
+            "input_ids"
+        ]
         for k in range(2):
             out, code = _output(pid, k), _code(pid, k)
             start = out.index(code)
-            recs.append({"problem_id": pid, "sample": k, "prompt_token_ids": p_ids, "output": out,
-                         "output_token_ids": tok(out, add_special_tokens=False)["input_ids"], "code": code,
-                         "code_start": start, "code_end": start + len(code)})
+            recs.append(
+                {
+                    "problem_id": pid,
+                    "sample": k,
+                    "prompt_token_ids": p_ids,
+                    "output": out,
+                    "output_token_ids": tok(out, add_special_tokens=False)["input_ids"],
+                    "code": code,
+                    "code_start": start,
+                    "code_end": start + len(code),
+                }
+            )
     gens.append(recs + (extra or []))
     if evaluations:
         ev = JsonlStore(d / "evaluations.jsonl")
         ev.begin_run(provenance(stage="evaluate", model=MODEL, dataset=DS))
-        ev.append([{"problem_id": r["problem_id"], "sample": r["sample"], "passed": _passed(r["problem_id"], r["sample"])}
-                   for r in recs])
+        ev.append(
+            [
+                {"problem_id": r["problem_id"], "sample": r["sample"], "passed": _passed(r["problem_id"], r["sample"])}
+                for r in recs
+            ]
+        )
     return d
 
 
@@ -74,13 +90,14 @@ def keys(ss: SampleSet) -> list[tuple[str, int]]:
 
 # ---------------------------------------------------------------- populations and choice
 
+
 def test_select_populations(tmp_path, tok):
     write_tree(tmp_path, tok)
     allk = [(p, k) for p in PIDS for k in range(2)]
     correct, incorrect, every = (load(tmp_path, tok, select=s) for s in ("correct", "incorrect", "all"))
     assert keys(correct) == [k for k in allk if _passed(*k)]
     assert keys(incorrect) == [k for k in allk if not _passed(*k)]
-    assert keys(every) == allk                         # in file order
+    assert keys(every) == allk  # in file order
     assert correct.config.stem == "regular" and incorrect.config.stem == "regular-incorrect"
     assert every.info["population"] == "generations:all" and every.describe()["problem_ids"] == [p for p, _ in allk]
 
@@ -89,9 +106,9 @@ def test_choice_is_deterministic_and_spreads_over_problems(tmp_path, tok):
     write_tree(tmp_path, tok)
     picks = [keys(load(tmp_path, tok, select="all", num_samples=3, seed=s)) for s in range(8)]
     assert picks[0] == keys(load(tmp_path, tok, select="all", num_samples=3, seed=0))
-    assert len({tuple(p) for p in picks}) > 1          # the seed matters
+    assert len({tuple(p) for p in picks}) > 1  # the seed matters
     for p in picks:
-        assert len(p) == 3 and len({pid for pid, _ in p}) == 3   # one sample per problem before a second
+        assert len(p) == 3 and len({pid for pid, _ in p}) == 3  # one sample per problem before a second
         assert p == sorted(p, key=lambda k: (PIDS.index(k[0]), k[1]))
     five = keys(load(tmp_path, tok, select="all", num_samples=5, seed=0))
     assert set(picks[0]) <= set(five) and len({pid for pid, _ in five}) == 4
@@ -106,18 +123,19 @@ def test_fewer_than_asked_says_so(tmp_path, tok):
 
 # ---------------------------------------------------------------- scored spans
 
+
 def test_chain_code_scores_exactly_the_code(tmp_path, tok):
     write_tree(tmp_path, tok)
     reg = {(s.problem_id, s.sample): s for s in load(tmp_path, tok, select="all").samples}
     for s in load(tmp_path, tok, select="all", mode="chain_code").samples:
         assert tok.decode(s.targets) == _code(s.problem_id, s.sample)
         r = reg[(s.problem_id, s.sample)]
-        assert np.array_equal(s.input_ids, r.input_ids)     # same context, only the scored span differs
+        assert np.array_equal(s.input_ids, r.input_ids)  # same context, only the scored span differs
         assert r.score_start < s.score_start and s.score_end == r.score_end
         out, code = _output(s.problem_id, s.sample), _code(s.problem_id, s.sample)
-        assert tok.decode(r.targets) == out[:out.index(code) + len(code)]   # regular: the answer up to its code's end
-        assert "That is all." in tok.decode(r.input_ids[r.score_end:])       # trailing prose: not scored
-        assert "Let me think" in tok.decode(s.input_ids[:s.score_start])  # reasoning stays in context
+        assert tok.decode(r.targets) == out[: out.index(code) + len(code)]  # regular: the answer up to its code's end
+        assert "That is all." in tok.decode(r.input_ids[r.score_end :])  # trailing prose: not scored
+        assert "Let me think" in tok.decode(s.input_ids[: s.score_start])  # reasoning stays in context
         assert np.array_equal(s.positions + 1, np.arange(s.score_start, s.score_end))
 
 
@@ -134,7 +152,9 @@ def test_max_tokens_cuts_context_after_the_prompt_head(tmp_path, tok):
     # too small to keep the scored span plus its predicting position: left out, with a note
     with pytest.warns(UserWarning, match="scored span longer than max_tokens"):
         with pytest.raises(ValueError, match="no analysis samples"):
-            load_samples(tmp_path, MODEL, DS, SampleConfig(select="all", mode="chain_code", max_tokens=s0.n_scored), tok)
+            load_samples(
+                tmp_path, MODEL, DS, SampleConfig(select="all", mode="chain_code", max_tokens=s0.n_scored), tok
+            )
 
 
 def test_too_long_samples_are_replaced_by_eligible_ones(tmp_path, tok):
@@ -142,9 +162,18 @@ def test_too_long_samples_are_replaced_by_eligible_ones(tmp_path, tok):
     met whenever enough samples exist."""
     long_out = "Thinking. " * 60 + "\n```python\n" + "x = 1\n" * 40 + "```"
     code = "x = 1\n" * 40
-    extra = [{"problem_id": "HumanEval/9", "sample": 0, "prompt_token_ids": [1, 2, 3], "output": long_out,
-              "output_token_ids": tok(long_out, add_special_tokens=False)["input_ids"], "code": code,
-              "code_start": long_out.index(code), "code_end": long_out.index(code) + len(code)}]
+    extra = [
+        {
+            "problem_id": "HumanEval/9",
+            "sample": 0,
+            "prompt_token_ids": [1, 2, 3],
+            "output": long_out,
+            "output_token_ids": tok(long_out, add_special_tokens=False)["input_ids"],
+            "code": code,
+            "code_start": long_out.index(code),
+            "code_end": long_out.index(code) + len(code),
+        }
+    ]
     write_tree(tmp_path, tok, evaluations=False, extra=extra)
     cap = 70
     every = load(tmp_path, tok, select="all", mode="chain_code", max_tokens=cap)
@@ -160,7 +189,7 @@ def test_fields_recompute_tokens(tmp_path, tok):
     f = ss.fields()
     assert f["sample_offsets"].tolist() == np.cumsum([0] + [len(s.input_ids) for s in ss.samples]).tolist()
     for i, pos, t in zip(f["sample_index"], f["position"], f["token_id"]):
-        ids = f["input_ids"][f["sample_offsets"][i]:f["sample_offsets"][i + 1]]
+        ids = f["input_ids"][f["sample_offsets"][i] : f["sample_offsets"][i + 1]]
         assert ids[pos + 1] == t
     assert list(f["sample_problem_id"]) == ss.problem_ids and len(f["token_id"]) == ss.describe()["n_scored_tokens"]
 
@@ -173,21 +202,35 @@ def test_split_is_by_problem(tmp_path, tok):
 
 # ---------------------------------------------------------------- notes and errors
 
+
 def test_left_out_generations_are_noted(tmp_path, tok):
-    nocode = {"problem_id": "HumanEval/8", "sample": 0, "prompt_token_ids": [1, 2], "output": "No idea.",
-              "output_token_ids": tok("No idea.", add_special_tokens=False)["input_ids"], "code": "",
-              "code_start": -1, "code_end": -1}
-    write_tree(tmp_path, tok, extra=[nocode])          # not evaluated either
+    nocode = {
+        "problem_id": "HumanEval/8",
+        "sample": 0,
+        "prompt_token_ids": [1, 2],
+        "output": "No idea.",
+        "output_token_ids": tok("No idea.", add_special_tokens=False)["input_ids"],
+        "code": "",
+        "code_start": -1,
+        "code_end": -1,
+    }
+    write_tree(tmp_path, tok, extra=[nocode])  # not evaluated either
     with pytest.warns(UserWarning, match="1 generations have no evaluation"):
         load_samples(tmp_path, MODEL, DS, SampleConfig(select="correct"), tok)
     ss = load(tmp_path, tok, select="all", mode="chain_code")
     assert "HumanEval/8" not in ss.problem_ids and any("no code block" in n for n in ss.info["notes"])
-    assert "HumanEval/8" in load(tmp_path, tok, select="all").problem_ids   # regular mode scores it
+    assert "HumanEval/8" in load(tmp_path, tok, select="all").problem_ids  # regular mode scores it
 
 
 def test_code_not_found_in_output_is_noted(tmp_path, tok):
-    bad = {"problem_id": "HumanEval/8", "sample": 0, "prompt_token_ids": [1, 2], "output": "print(1)",
-           "output_token_ids": tok("print(1)", add_special_tokens=False)["input_ids"], "code": "print(2)"}
+    bad = {
+        "problem_id": "HumanEval/8",
+        "sample": 0,
+        "prompt_token_ids": [1, 2],
+        "output": "print(1)",
+        "output_token_ids": tok("print(1)", add_special_tokens=False)["input_ids"],
+        "code": "print(2)",
+    }
     write_tree(tmp_path, tok, extra=[bad])
     ss = load(tmp_path, tok, select="all", mode="chain_code")
     assert "HumanEval/8" not in ss.problem_ids and any("no code block" in n for n in ss.info["notes"])
@@ -225,6 +268,7 @@ def test_no_eligible_samples_is_an_error(tmp_path, tok):
 
 # ---------------------------------------------------------------- reference source
 
+
 def test_reference_samples(tok):
     from btp.data import load_problems
     from btp.prompts import build_prompt, encode_prompt
@@ -238,9 +282,9 @@ def test_reference_samples(tok):
         p = probs[r.problem_id]
         prompt, style = build_prompt(p, tok, "auto")
         p_ids = encode_prompt(prompt, tok, style)
-        assert style == "chat" and r.input_ids[:r.score_start].tolist() == p_ids   # the generator's prompt
-        assert r.input_ids[-1] == tok.eos_token_id      # the turn end follows, unscored (issue 12.2)
-        assert tok.decode(r.input_ids[r.score_start:-1]) == f"```python\n{p.reference}\n```"
+        assert style == "chat" and r.input_ids[: r.score_start].tolist() == p_ids  # the generator's prompt
+        assert r.input_ids[-1] == tok.eos_token_id  # the turn end follows, unscored (issue 12.2)
+        assert tok.decode(r.input_ids[r.score_start : -1]) == f"```python\n{p.reference}\n```"
         assert tok.decode(r.targets).startswith("```python\n") and r.score_end == c.score_end
         assert tok.decode(c.targets).strip() == p.reference.strip()
         assert np.array_equal(r.input_ids, c.input_ids) and r.sample == c.sample == -1
@@ -252,8 +296,22 @@ def test_cli_flags_round_trip():
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=0)
     add_sample_args(p)
-    cfg = config_from_args(p.parse_args(["--source", "reference", "--mode", "chain_code", "--num-samples", "4",
-                                         "--max-tokens", "900", "--seed", "7"]))
+    cfg = config_from_args(
+        p.parse_args(
+            [
+                "--source",
+                "reference",
+                "--mode",
+                "chain_code",
+                "--num-samples",
+                "4",
+                "--max-tokens",
+                "900",
+                "--seed",
+                "7",
+            ]
+        )
+    )
     assert cfg == SampleConfig(source="reference", mode="chain_code", num_samples=4, max_tokens=900, seed=7)
     assert cfg.stem == "chain_code-reference"
     with pytest.raises(SystemExit):
@@ -280,12 +338,14 @@ def test_mbpp_reference_samples_teacher_force_normalised_text(tok):
 
 # a DeepSeek-R1-Distill-like template: the generation prompt opens a think block; a finished assistant turn is
 # rendered without its think part and closed by a turn end that is not the tokenizer's EOS
-R1_LIKE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
-           "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}"
-           "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}{% if '</think>' in c %}"
-           "{% set c = c.split('</think>')[-1] %}{% endif %}<|im_start|>assistant\n{{ c }}<|endoftext|>{% endif %}"
-           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-           "{% if not (no_think is defined and no_think) %}<think>\n{% endif %}{% endif %}")
+R1_LIKE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}{% if '</think>' in c %}"
+    "{% set c = c.split('</think>')[-1] %}{% endif %}<|im_start|>assistant\n{{ c }}<|endoftext|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if not (no_think is defined and no_think) %}<think>\n{% endif %}{% endif %}"
+)
 
 
 @pytest.fixture
@@ -310,9 +370,9 @@ def test_think_opening_template_reference_samples(r1_tok):
         ss = load_samples(None, MODEL, DS, SampleConfig(source="reference", mode=mode), r1_tok, probs)
         assert len(ss) == 3 and all(s.n_scored > 0 for s in ss.samples) and not ss.info["notes"]
         for s in ss.samples:
-            prompt = r1_tok.decode(s.input_ids[:s.score_start] if mode == "regular" else [])
+            prompt = r1_tok.decode(s.input_ids[: s.score_start] if mode == "regular" else [])
             if mode == "regular":
-                out = r1_tok.decode(s.input_ids[s.score_start:-1])   # the text, as generate stores it: no turn end
+                out = r1_tok.decode(s.input_ids[s.score_start : -1])  # the text, as generate stores it: no turn end
                 assert prompt.endswith("<think>\n") and out.startswith("\n</think>\n\n```python\n")
                 assert extract(by[s.problem_id], out, "chat", prompt).code == by[s.problem_id].reference
             else:
@@ -330,9 +390,9 @@ def test_reference_turn_end_and_prompt_options_are_the_generators(r1_tok):
     s = load_samples(None, MODEL, DS, SampleConfig(**cfg), r1_tok, p).samples[0]
     prompt, _ = build_prompt(p[0], r1_tok, "auto", {"no_think": True}, "SYS")
     assert "SYS" in prompt and not prompt.endswith("<think>\n")
-    assert s.input_ids[:s.score_start].tolist() == encode_prompt(prompt, r1_tok, "chat")
+    assert s.input_ids[: s.score_start].tolist() == encode_prompt(prompt, r1_tok, "chat")
     assert r1_tok.convert_ids_to_tokens(int(s.input_ids[-1])) == "<|endoftext|>" != r1_tok.eos_token
-    assert r1_tok.decode(s.input_ids[s.score_start:-1]) == f"```python\n{p[0].reference}\n```"
+    assert r1_tok.decode(s.input_ids[s.score_start : -1]) == f"```python\n{p[0].reference}\n```"
 
 
 def test_paired_selects_keep_problems_with_both_verdicts(tmp_path, tok):
@@ -343,9 +403,20 @@ def test_paired_selects_keep_problems_with_both_verdicts(tmp_path, tok):
     p_ids = tok("<|im_start|>user\nSolve it<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     gens, ev = JsonlStore(d / "generations.jsonl"), JsonlStore(d / "evaluations.jsonl")
     out, code = _output(easy, 0), _code(easy, 0)
-    gens.append([{"problem_id": easy, "sample": 0, "prompt_token_ids": p_ids, "output": out,
-                  "output_token_ids": tok(out, add_special_tokens=False)["input_ids"], "code": code,
-                  "code_start": out.index(code), "code_end": out.index(code) + len(code)}])
+    gens.append(
+        [
+            {
+                "problem_id": easy,
+                "sample": 0,
+                "prompt_token_ids": p_ids,
+                "output": out,
+                "output_token_ids": tok(out, add_special_tokens=False)["input_ids"],
+                "code": code,
+                "code_start": out.index(code),
+                "code_end": out.index(code) + len(code),
+            }
+        ]
+    )
     ev.append([{"problem_id": easy, "sample": 0, "passed": True}])
     correct = load(tmp_path, tok, select="correct")
     cp, ip = load(tmp_path, tok, select="correct_paired"), load(tmp_path, tok, select="incorrect_paired")
@@ -366,8 +437,9 @@ def test_max_tokens_keeps_bos_template_start_and_system_prompt(tok):
     cap = len(full.input_ids) - 10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cut = load_samples(None, MODEL, DS, SampleConfig(source="reference", mode="chain_code", max_tokens=cap), tok,
-                           probs).samples[0]
+        cut = load_samples(
+            None, MODEL, DS, SampleConfig(source="reference", mode="chain_code", max_tokens=cap), tok, probs
+        ).samples[0]
     from btp.prompts import build_prompt, encode_prompt
 
     prompt, _ = build_prompt(probs[0], tok, "auto")
@@ -377,15 +449,16 @@ def test_max_tokens_keeps_bos_template_start_and_system_prompt(tok):
     text = tok.decode(p_ids[:head], skip_special_tokens=False)
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>user\n"), text
     assert len(cut.input_ids) == cap and cut.cut_left == 10
-    assert np.array_equal(cut.input_ids[:head], full.input_ids[:head])                 # the head stays
-    assert np.array_equal(cut.input_ids[head:], full.input_ids[head + 10:])            # the body's start goes
+    assert np.array_equal(cut.input_ids[:head], full.input_ids[:head])  # the head stays
+    assert np.array_equal(cut.input_ids[head:], full.input_ids[head + 10 :])  # the body's start goes
     assert np.array_equal(cut.targets, full.targets)
     # too little room for the system prompt: the template start's special tokens stay, the rest goes
-    short = full.n_scored + 8   # the fence and turn end after the code stay too
+    short = full.n_scored + 8  # the fence and turn end after the code stay too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tight = load_samples(None, MODEL, DS, SampleConfig(source="reference", mode="chain_code", max_tokens=short),
-                             tok, probs).samples[0]
+        tight = load_samples(
+            None, MODEL, DS, SampleConfig(source="reference", mode="chain_code", max_tokens=short), tok, probs
+        ).samples[0]
     assert tight.input_ids[0] == full.input_ids[0] and len(tight.input_ids) == short
     assert np.array_equal(tight.targets, full.targets)
 
@@ -398,13 +471,17 @@ def test_verdicts_of_other_code_are_refused(tmp_path, tok):
     d = write_tree(tmp_path, tok)
     ev = JsonlStore(d / "evaluations.jsonl")
     pid = PIDS[0]
-    ev.append([{"problem_id": pid, "sample": 0, "passed": not _passed(pid, 0), "code_sha": code_sha("other code")},
-               {"problem_id": pid, "sample": 1, "passed": _passed(pid, 1), "code_sha": code_sha(_code(pid, 1))}])
+    ev.append(
+        [
+            {"problem_id": pid, "sample": 0, "passed": not _passed(pid, 0), "code_sha": code_sha("other code")},
+            {"problem_id": pid, "sample": 1, "passed": _passed(pid, 1), "code_sha": code_sha(_code(pid, 1))},
+        ]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ss = {s: load_samples(tmp_path, MODEL, DS, SampleConfig(select=s), tok) for s in ("correct", "incorrect")}
     keys_all = keys(ss["correct"]) + keys(ss["incorrect"])
-    assert (pid, 0) not in keys_all and (pid, 1) in keys_all          # refused / matching hash accepted
+    assert (pid, 0) not in keys_all and (pid, 1) in keys_all  # refused / matching hash accepted
     assert any("verdict of other code" in n for n in ss["correct"].info["notes"])
 
 
@@ -413,9 +490,16 @@ def test_code_span_guard_uses_the_stored_text(tmp_path, tok):
     generation is left out with a note instead of scoring the wrong tokens."""
     out = "Intro.\n```python\nx = 1\n```"
     ids = tok("Something else entirely.\n```python\nx = 1\n```", add_special_tokens=False)["input_ids"]
-    bad = {"problem_id": "HumanEval/8", "sample": 0, "prompt_token_ids": [1, 2], "output": out,
-           "output_token_ids": ids, "code": "x = 1", "code_start": out.index("x = 1"),
-           "code_end": out.index("x = 1") + 5}
+    bad = {
+        "problem_id": "HumanEval/8",
+        "sample": 0,
+        "prompt_token_ids": [1, 2],
+        "output": out,
+        "output_token_ids": ids,
+        "code": "x = 1",
+        "code_start": out.index("x = 1"),
+        "code_end": out.index("x = 1") + 5,
+    }
     write_tree(tmp_path, tok, extra=[bad])
     ss = load(tmp_path, tok, select="all", mode="chain_code")
     assert "HumanEval/8" not in ss.problem_ids and any("do not decode" in n for n in ss.info["notes"])
@@ -429,12 +513,26 @@ def test_regular_mode_ends_at_the_code(tmp_path, tok):
     junk = "\nprint(f(1))\n" + "# more and more text\n" * 30
     out = "def f(x):\n    return x\n" + junk
     code = "def f(x):\n    return x\n"
-    rec = {"problem_id": "HumanEval/8", "sample": 0, "prompt_token_ids": [1, 2], "output": out,
-           "output_token_ids": tok(out, add_special_tokens=False)["input_ids"], "code": code, "code_start": 0,
-           "code_end": len(code)}
-    prose = {"problem_id": "HumanEval/9", "sample": 0, "prompt_token_ids": [1, 2], "output": "No idea.",
-             "output_token_ids": tok("No idea.", add_special_tokens=False)["input_ids"], "code": "",
-             "code_start": -1, "code_end": -1}
+    rec = {
+        "problem_id": "HumanEval/8",
+        "sample": 0,
+        "prompt_token_ids": [1, 2],
+        "output": out,
+        "output_token_ids": tok(out, add_special_tokens=False)["input_ids"],
+        "code": code,
+        "code_start": 0,
+        "code_end": len(code),
+    }
+    prose = {
+        "problem_id": "HumanEval/9",
+        "sample": 0,
+        "prompt_token_ids": [1, 2],
+        "output": "No idea.",
+        "output_token_ids": tok("No idea.", add_special_tokens=False)["input_ids"],
+        "code": "",
+        "code_start": -1,
+        "code_end": -1,
+    }
     write_tree(tmp_path, tok, extra=[rec, prose])
     by = {s.problem_id: s for s in load(tmp_path, tok, select="all").samples}
     assert tok.decode(by["HumanEval/8"].targets) == code

@@ -1,5 +1,6 @@
 """The sandbox: verdicts, the three modes, and an adversarial suite that must be contained
 (judged not passed, nothing left running, nothing written outside, the run goes on)."""
+
 from __future__ import annotations
 
 import ast
@@ -68,8 +69,7 @@ def _strays() -> list[str]:
             continue
         if uid_lo <= uid < uid_lo + 256:
             bad.append(f"{pid} sandbox uid {uid} {cmd[:60]!r}")
-        elif MARK in cmd and (depth > 3 or (depth == 3 and not _ns_init(pid, ppid))
-                              or (depth == 1 and ppid != me)):
+        elif MARK in cmd and (depth > 3 or (depth == 3 and not _ns_init(pid, ppid)) or (depth == 1 and ppid != me)):
             bad.append(f"{pid} depth {depth} ppid {ppid} {cmd[:60]!r}")
     return bad
 
@@ -120,49 +120,91 @@ def test_stdin_mode_is_a_real_process(sb):
         seen.append(out)
         return None if out.split() == [["6"], ["9"]][i] else f"got {out!r}"
 
-    for code in ("import sys\nprint(sum(map(int, sys.stdin.buffer.read().split())))\n",
-                 "print(sum(map(int, open(0).read().split())))\n",
-                 "n = input()\nimport os\nos.write(1, (str(sum(map(int, n.split()))) + '\\n').encode())\n",
-                 "import sys\nprint(sum(map(int, input().split())))\nsys.exit(0)\n",          # exit() is normal here
-                 "if __name__ == '__main__':\n    print(sum(map(int, input().split())))\n",
-                 "print(sum(map(int, input().split())), file=__import__('sys').stdout)\nexit()\n"):
+    for code in (
+        "import sys\nprint(sum(map(int, sys.stdin.buffer.read().split())))\n",
+        "print(sum(map(int, open(0).read().split())))\n",
+        "n = input()\nimport os\nos.write(1, (str(sum(map(int, n.split()))) + '\\n').encode())\n",
+        "import sys\nprint(sum(map(int, input().split())))\nsys.exit(0)\n",  # exit() is normal here
+        "if __name__ == '__main__':\n    print(sum(map(int, input().split())))\n",
+        "print(sum(map(int, input().split())), file=__import__('sys').stdout)\nexit()\n",
+    ):
         # `exit` comes from the prelude (LCB's imports `from sys import *`): python -S has no site.exit
-        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check,
-                           prelude="from sys import *\n"))
+        r = sb.run(Program(code, mode="stdin", tests=("1 2 3\n", "4 5\n"), check=check, prelude="from sys import *\n"))
         assert r.passed and r.tests_passed == 2, (code, r)
     wrong = sb.run(Program("print(7)\n", mode="stdin", tests=("1\n", "2\n"), check=check))
     assert wrong.status == "failed" and wrong.tests_passed == 0 and "got" in wrong.error
     # per-test limits: the second test loops and is timed out alone
-    slow = sb.run(Program("n = int(input())\nwhile n == 2:\n    pass\nprint(n)\n", mode="stdin",
-                          tests=("1\n", "2\n"), check=lambda i, out: None),
-                  Limits(timeout=0.5, memory_mb=1024))
+    slow = sb.run(
+        Program(
+            "n = int(input())\nwhile n == 2:\n    pass\nprint(n)\n",
+            mode="stdin",
+            tests=("1\n", "2\n"),
+            check=lambda i, out: None,
+        ),
+        Limits(timeout=0.5, memory_mb=1024),
+    )
     assert slow.status == "timeout" and slow.tests_passed == 1
 
 
 def test_stdin_programs_start_fresh_each_test(sb):
     code = "import sys\nx = globals().setdefault('seen', [])\nx.append(1)\nprint(len(x))\n"
-    r = sb.run(Program(code, mode="stdin", tests=("\n", "\n", "\n"), check=lambda i, out: None if out == "1\n" else out))
+    r = sb.run(
+        Program(code, mode="stdin", tests=("\n", "\n", "\n"), check=lambda i, out: None if out == "1\n" else out)
+    )
     assert r.passed
 
 
 def test_functional_mode(sb):
-    cls = ("from typing import List\nclass Solution:\n    def pair(self, nums: List[int], t: int) -> List[int]:\n"
-           "        seen = {}\n        for i, x in enumerate(nums):\n            if t - x in seen:\n"
-           "                return (seen[t - x], i)\n            seen[x] = i\n")
+    cls = (
+        "from typing import List\nclass Solution:\n    def pair(self, nums: List[int], t: int) -> List[int]:\n"
+        "        seen = {}\n        for i, x in enumerate(nums):\n            if t - x in seen:\n"
+        "                return (seen[t - x], i)\n            seen[x] = i\n"
+    )
     exp = ["[0, 1]", "[1, 2]"]
     check = lambda i, out: None if out == exp[i] else f"got {out}"  # noqa: E731
-    r = sb.run(Program(cls, mode="functional", fn_name="pair", tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check,
-                       solution_class="Solution"))
+    r = sb.run(
+        Program(
+            cls,
+            mode="functional",
+            fn_name="pair",
+            tests=([[2, 7, 11], 9], [[3, 2, 4], 6]),
+            check=check,
+            solution_class="Solution",
+        )
+    )
     assert r.passed and r.tests_passed == 2  # a tuple counts as a list, as in LiveCodeBench
-    plain = sb.run(Program("def pair(a, t):\n    return [0, 1]\n", mode="functional", fn_name="pair",
-                           tests=([[2, 7, 11], 9], [[3, 2, 4], 6]), check=check))
+    plain = sb.run(
+        Program(
+            "def pair(a, t):\n    return [0, 1]\n",
+            mode="functional",
+            fn_name="pair",
+            tests=([[2, 7, 11], 9], [[3, 2, 4], 6]),
+            check=check,
+        )
+    )
     assert plain.status == "failed" and plain.tests_passed == 1
-    missing = sb.run(Program("class Solution:\n    pass\n", mode="functional", fn_name="pair",
-                             tests=([[1], 1],), check=check, solution_class="Solution"))
+    missing = sb.run(
+        Program(
+            "class Solution:\n    pass\n",
+            mode="functional",
+            fn_name="pair",
+            tests=([[1], 1],),
+            check=check,
+            solution_class="Solution",
+        )
+    )
     assert missing.status == "error" and "AttributeError" in missing.error
     # `expected` (JSON text) judges without a check callable
-    by_value = sb.run(Program(cls, mode="functional", fn_name="pair", tests=([[2, 7, 11], 9], [[3, 2, 4], 6]),
-                              solution_class="Solution", expected=("[0, 1]", "[0, 2]")))
+    by_value = sb.run(
+        Program(
+            cls,
+            mode="functional",
+            fn_name="pair",
+            tests=([[2, 7, 11], 9], [[3, 2, 4], 6]),
+            solution_class="Solution",
+            expected=("[0, 1]", "[0, 2]"),
+        )
+    )
     assert by_value.status == "failed" and by_value.tests_passed == 1 and "expected [0, 2]" in by_value.error
 
 
@@ -170,8 +212,16 @@ def test_functional_expected_values_are_judged_in_the_sandbox(sb):
     """With `expected`, the harness compares the returned value (tuples as lists) to the JSON value."""
     cls = "class Solution:\n    def f(self, a, b):\n        return (a, b) if a else {'k': [b, None]}\n"
     tests = ([1, 2], [0, True], [3, 4])
-    run = lambda code, exp, **kw: sb.run(Program(code, mode="functional", fn_name="f", tests=tests,  # noqa: E731
-                                                 expected=exp, **kw))
+    run = lambda code, exp, **kw: sb.run(
+        Program(
+            code,
+            mode="functional",
+            fn_name="f",
+            tests=tests,  # noqa: E731
+            expected=exp,
+            **kw,
+        )
+    )
     ok = run(cls, ("[1, 2]", '{"k": [true, null]}', "[3, 4]"), solution_class="Solution")
     assert ok.passed and ok.tests_passed == 3, ok
     wrong = run(cls, ("[1, 2]", '{"k": [false, null]}', "[3, 4]"), solution_class="Solution")
@@ -189,16 +239,25 @@ def test_functional_expected_values_are_judged_in_the_sandbox(sb):
 def test_expected_values_never_reach_the_program(sb):
     """A program that searches every object of its interpreter (the harness's too, as a fork) finds the
     harness's program config but no expected value: each reaches the harness only after its test."""
-    code = ("import gc\ndef f(x):\n    gc.unfreeze()\n    seen, found = False, []\n"
-            "    for o in gc.get_objects():\n        if isinstance(o, dict):\n"
-            "            seen = seen or ('expect' in o and 'caps' in o)\n            vals = list(o.values())\n"
-            "        elif isinstance(o, (list, tuple)):\n            vals = list(o)\n"
-            "        else:\n            continue\n"
-            "        found += [v for v in vals if isinstance(v, str) and v.startswith('[') and 'sentinel' in v]\n"
-            "    return [seen, found, x]\n")
+    code = (
+        "import gc\ndef f(x):\n    gc.unfreeze()\n    seen, found = False, []\n"
+        "    for o in gc.get_objects():\n        if isinstance(o, dict):\n"
+        "            seen = seen or ('expect' in o and 'caps' in o)\n            vals = list(o.values())\n"
+        "        elif isinstance(o, (list, tuple)):\n            vals = list(o)\n"
+        "        else:\n            continue\n"
+        "        found += [v for v in vals if isinstance(v, str) and v.startswith('[') and 'sentinel' in v]\n"
+        "    return [seen, found, x]\n"
+    )
     tests = (["sentinel-0"], ["sentinel-1"], ["sentinel-2"])
-    r = sb.run(Program(code, mode="functional", fn_name="f", tests=tests,
-                       expected=tuple(f'[true, [], "sentinel-{i}"]' for i in range(3))))
+    r = sb.run(
+        Program(
+            code,
+            mode="functional",
+            fn_name="f",
+            tests=tests,
+            expected=tuple(f'[true, [], "sentinel-{i}"]' for i in range(3)),
+        )
+    )
     assert r.passed, r
 
 
@@ -217,8 +276,12 @@ def test_assembly_head_tail_complete_prelude(sb):
 
 
 def _deep(n: int) -> list[str]:
-    return ["x = " + "(" * n + ")" * n + "\n", "x = " + "-" * n + "1\n", "x = " + "not " * (n // 2) + "1\n",
-            "x = 1" + "+1" * n + "\n"]
+    return [
+        "x = " + "(" * n + ")" * n + "\n",
+        "x = " + "-" * n + "1\n",
+        "x = " + "not " * (n // 2) + "1\n",
+        "x = 1" + "+1" * n + "\n",
+    ]
 
 
 def test_hostile_sources_get_verdicts(sb):
@@ -226,14 +289,16 @@ def test_hostile_sources_get_verdicts(sb):
     programs, and the run goes on. A 50 MB comment or string in a correct solution still passes."""
     big = "a" * (50 << 20)
     progs = {"deep " + str(i): Program(RIGHT + c + TESTS) for i, c in enumerate(_deep(200_000))}
-    progs.update({
-        "50 MB comment": Program(RIGHT + "# " + big + "\n" + TESTS),
-        "50 MB string": Program(RIGHT + "s = '" + big + "'\n" + TESTS),
-        "50 MB garbage": Program(RIGHT + big + " " + big[:1000] + "\n" + TESTS),
-        "lone surrogate": Program(RIGHT + "s = '\udc80'\n" + TESTS),
-        "NUL byte": Program(RIGHT + "\0" + TESTS),
-        "deep body": Program(_deep(200_000)[0], head="def add(a, b):\n", tail=TESTS, complete="add"),
-    })
+    progs.update(
+        {
+            "50 MB comment": Program(RIGHT + "# " + big + "\n" + TESTS),
+            "50 MB string": Program(RIGHT + "s = '" + big + "'\n" + TESTS),
+            "50 MB garbage": Program(RIGHT + big + " " + big[:1000] + "\n" + TESTS),
+            "lone surrogate": Program(RIGHT + "s = '\udc80'\n" + TESTS),
+            "NUL byte": Program(RIGHT + "\0" + TESTS),
+            "deep body": Program(_deep(200_000)[0], head="def add(a, b):\n", tail=TESTS, complete="add"),
+        }
+    )
     names = list(progs)
     order = [p for n in names for p in (progs[n], Program(RIGHT + TESTS))]  # an ordinary program after each
     res = dict(sb.map(order))
@@ -268,14 +333,19 @@ def test_child_side_is_one_stdlib_only_file():
     parent_src = Path(sandbox.__file__).read_text()
     assert "CHILD HALF" not in parent_src and not hasattr(sandbox, "child_code")
     assert sandbox.child_bytecode()  # the whole file, compiled as it is
-    r = subprocess.run([sys.executable, "-c", "import btp.sandbox_child as c; print(c.CHILD_NAME)"],
-                       capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-c", "import btp.sandbox_child as c; print(c.CHILD_NAME)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 0 and r.stdout.strip() == sandbox_child.CHILD_NAME, r.stderr  # importing starts nothing
 
 
 def test_wire_protocol_round_trip():
     r, w = os.pipe()
-    msg = {"code": "x = '\udc80'", "tests": [None, [1, "a"]], "n": 2 ** 70}
+    msg = {"code": "x = '\udc80'", "tests": [None, [1, "a"]], "n": 2**70}
     os.write(w, encode_msg(msg) + encode_msg("x"))
     os.close(w)
     assert read_msg(r) == msg and read_msg(r) == "x" and read_msg(r) is None
@@ -306,6 +376,7 @@ def test_work_dir_is_private_writable_and_removed(sb):
 
 
 # ---------------------------------------------------------------- the adversarial suite
+
 
 @pytest.fixture(scope="module")
 def arena():
@@ -351,50 +422,72 @@ def _attacks(arena: dict, hostile_root: bool) -> dict[str, str]:
     d, port = arena["dir"], arena["port"]
     a = {
         "infinite loop": "while True:\n    pass\n",
-        "alarm disabled": ("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nsignal.alarm(0)\n"
-                           "signal.setitimer(signal.ITIMER_REAL, 0)\nwhile True:\n    pass\n"),
+        "alarm disabled": (
+            "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nsignal.alarm(0)\n"
+            "signal.setitimer(signal.ITIMER_REAL, 0)\nwhile True:\n    pass\n"
+        ),
         "early os._exit(0)": WRONG + "import os\nos._exit(0)\n" + TESTS,
         "sys.exit(0)": WRONG + "import sys\nsys.exit(0)\n" + TESTS,
-        "fake success text": (WRONG + "import os, sys\nprint('All tests passed')\nprint('passed')\n"
-                              "sys.stderr.write(repr({'t': 'done'}) + '\\n')\n"
-                              "for fd in range(1, 64):\n    try:\n        os.write(fd, b\"{'t': 'done'}\\n\")\n"
-                              "    except OSError:\n        pass\nos._exit(0)\n" + TESTS),
+        "fake success text": (
+            WRONG + "import os, sys\nprint('All tests passed')\nprint('passed')\n"
+            "sys.stderr.write(repr({'t': 'done'}) + '\\n')\n"
+            "for fd in range(1, 64):\n    try:\n        os.write(fd, b\"{'t': 'done'}\\n\")\n"
+            "    except OSError:\n        pass\nos._exit(0)\n" + TESTS
+        ),
         "huge output": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
         "killing the parent": WRONG + "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + TESTS,
-        "daemon escaping the group": (WRONG + "import os, time\nif os.fork() == 0:\n    os.setsid()\n"
-                                      "    if os.fork() == 0:\n        time.sleep(1.5)\n"
-                                      f"        open('{d}/daemon', 'w').write('escaped')\n"
-                                      "        os._exit(0)\n    os._exit(0)\n" + TESTS),
+        "daemon escaping the group": (
+            WRONG + "import os, time\nif os.fork() == 0:\n    os.setsid()\n"
+            "    if os.fork() == 0:\n        time.sleep(1.5)\n"
+            f"        open('{d}/daemon', 'w').write('escaped')\n"
+            "        os._exit(0)\n    os._exit(0)\n" + TESTS
+        ),
         "memory bomb": "x = []\nwhile True:\n    x.append(bytearray(50 * 2 ** 20))\n",
     }
     if hostile_root:  # only where the program is not root: these would hurt the host otherwise
-        a.update({
-            "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
-            "kill everything": WRONG + "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + TESTS,
-            "writing outside": (WRONG + f"for p in ['{d}/pwned', '/dev/shm/btp-pwned', '/tmp/btp-pwned']:\n"
-                                "    try:\n        open(p, 'w').write('x')\n    except OSError:\n        pass\n"
-                                + TESTS),
-            "network to a local listener": (WRONG + f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), 1)\n"
-                                            "s.sendall(b'pwned')\n" + TESTS),
-            "SysV shared memory left behind": (WRONG + "import ctypes\nlibc = ctypes.CDLL(None)\n"
-                                               "assert libc.shmget(0, 1 << 20, 0o1600) >= 0\n" + TESTS),
-            "keyrings": (RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\n"  # a key that outlives the run
-                         "assert libc.syscall(248, b'user', b'btp', b'leak', 4, -3) >= 0, 'keyring denied'\n" + TESTS),
-            "user namespaces": (RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\n"
-                                "assert libc.unshare(0x10000000) == 0, 'userns denied'\n" + TESTS),
-            "io_uring": (RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\nbuf = ctypes.create_string_buffer(120)\n"
-                         "assert libc.syscall(425, 8, buf) >= 0, 'io_uring denied'\n" + TESTS),
-            "flock on host files": (RIGHT + "import fcntl, os\nheld = []\n"
-                                    f"for p in ['/etc/passwd', '/var/lib', '{d}', '{ROOT_FILE}']:\n"
-                                    "    try:\n        fd = os.open(p, os.O_RDONLY)\n"
-                                    "        fcntl.flock(fd, fcntl.LOCK_EX)\n        held.append(p)\n"
-                                    "    except OSError:\n        pass\nassert held, 'no host file to lock'\n"
-                                    + TESTS),
-            "reading environment secrets": ("import os\ndata = str(os.environ)\nfor f in ('/proc/self/environ', "
-                                            "'/proc/1/environ'):\n    try:\n        data += open(f, 'rb').read()"
-                                            ".decode(errors='ignore')\n    except OSError:\n        pass\n"
-                                            "assert 's3cr3t' in data, 'no secret'\n"),
-        })
+        a.update(
+            {
+                "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+                "kill everything": WRONG + "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + TESTS,
+                "writing outside": (
+                    WRONG + f"for p in ['{d}/pwned', '/dev/shm/btp-pwned', '/tmp/btp-pwned']:\n"
+                    "    try:\n        open(p, 'w').write('x')\n    except OSError:\n        pass\n" + TESTS
+                ),
+                "network to a local listener": (
+                    WRONG + f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), 1)\n"
+                    "s.sendall(b'pwned')\n" + TESTS
+                ),
+                "SysV shared memory left behind": (
+                    WRONG + "import ctypes\nlibc = ctypes.CDLL(None)\n"
+                    "assert libc.shmget(0, 1 << 20, 0o1600) >= 0\n" + TESTS
+                ),
+                "keyrings": (
+                    RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\n"  # a key that outlives the run
+                    "assert libc.syscall(248, b'user', b'btp', b'leak', 4, -3) >= 0, 'keyring denied'\n" + TESTS
+                ),
+                "user namespaces": (
+                    RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\n"
+                    "assert libc.unshare(0x10000000) == 0, 'userns denied'\n" + TESTS
+                ),
+                "io_uring": (
+                    RIGHT + "import ctypes\nlibc = ctypes.CDLL(None)\nbuf = ctypes.create_string_buffer(120)\n"
+                    "assert libc.syscall(425, 8, buf) >= 0, 'io_uring denied'\n" + TESTS
+                ),
+                "flock on host files": (
+                    RIGHT + "import fcntl, os\nheld = []\n"
+                    f"for p in ['/etc/passwd', '/var/lib', '{d}', '{ROOT_FILE}']:\n"
+                    "    try:\n        fd = os.open(p, os.O_RDONLY)\n"
+                    "        fcntl.flock(fd, fcntl.LOCK_EX)\n        held.append(p)\n"
+                    "    except OSError:\n        pass\nassert held, 'no host file to lock'\n" + TESTS
+                ),
+                "reading environment secrets": (
+                    "import os\ndata = str(os.environ)\nfor f in ('/proc/self/environ', "
+                    "'/proc/1/environ'):\n    try:\n        data += open(f, 'rb').read()"
+                    ".decode(errors='ignore')\n    except OSError:\n        pass\n"
+                    "assert 's3cr3t' in data, 'no secret'\n"
+                ),
+            }
+        )
     return a
 
 
@@ -447,8 +540,12 @@ def test_attack_specifics(attacked, arena):
     assert not [ln for ln in shm if UID_BASE <= int(ln.split()[7]) < UID_BASE + 100_000 * 256], shm
     assert "no secret" in res["reading environment secrets"].error
     assert "hf_token" not in res["reading environment secrets"].error
-    for name, why in (("keyrings", "keyring denied"), ("user namespaces", "userns denied"),
-                      ("io_uring", "io_uring denied"), ("flock on host files", "no host file to lock")):
+    for name, why in (
+        ("keyrings", "keyring denied"),
+        ("user namespaces", "userns denied"),
+        ("io_uring", "io_uring denied"),
+        ("flock on host files", "no host file to lock"),
+    ):
         assert why in res[name].error, (name, res[name])
     if res["killing the parent"].isolation == FULL_ISOLATION:
         assert "PermissionError" in res["killing the parent"].error
@@ -457,6 +554,7 @@ def test_attack_specifics(attacked, arena):
 
 
 # ---------------------------------------------------------------- the degraded level
+
 
 def test_rlimits_only_still_judges_correctly(arena):
     """The level a machine without root or namespaces gets: verdicts and cleanup still hold (attacks that
@@ -482,10 +580,15 @@ def test_rlimits_only_still_judges_correctly(arena):
 def _python_for_nobody() -> str | None:
     """An interpreter user nobody can run and re-run (the sandbox starts its zygote with sys.executable)."""
     for py in (sys.executable, "/usr/bin/python3"):
-        probe = ("import subprocess, sys; assert sys.version_info >= (3, 10); "
-                 "subprocess.run([sys.executable, '-c', 'pass'], check=True)")
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", probe],
-                           capture_output=True, cwd="/")
+        probe = (
+            "import subprocess, sys; assert sys.version_info >= (3, 10); "
+            "subprocess.run([sys.executable, '-c', 'pass'], check=True)"
+        )
+        r = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", probe],
+            capture_output=True,
+            cwd="/",
+        )
         if r.returncode == 0:
             return py
     return None
@@ -502,18 +605,28 @@ def test_sandbox_as_an_unprivileged_user(tmp_path):
     os.chmod(tmp_path, stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO)
     daemon = tmp_path / "daemon"
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, %r)\n"  # noqa: UP031  (a %-template of a whole script)
         "from btp.sandbox import Sandbox, Program, Limits\n"
         "with Sandbox(Limits(timeout=1.0), workers=2) as s:\n"
         "    progs = [Program(%r), Program(%r), Program(%r), Program('while True: pass'), Program(%r)]\n"
         "    res = dict(s.map(progs))\n"
         "print([res[i].status for i in range(5)], res[0].isolation)\n"
-        % (str(Path(__file__).resolve().parents[1]), RIGHT + TESTS, WRONG + TESTS,
-           WRONG + "import os\nos._exit(0)\n" + TESTS,
-           WRONG + "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-           f"        time.sleep(1.5)\n        open('{daemon}', 'w').write('x')\n    os._exit(0)\n" + TESTS))
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", script],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        % (
+            str(Path(__file__).resolve().parents[1]),
+            RIGHT + TESTS,
+            WRONG + TESTS,
+            WRONG + "import os\nos._exit(0)\n" + TESTS,
+            WRONG + "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        time.sleep(1.5)\n        open('{daemon}', 'w').write('x')\n    os._exit(0)\n" + TESTS,
+        )
+    )
+    r = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", py, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     statuses, level = r.stdout.strip().rsplit(" ", 1)
     assert statuses == "['passed', 'failed', 'exited', 'timeout', 'failed']", r.stdout
@@ -557,8 +670,10 @@ def test_a_killed_server_is_replaced(sb):
 
 # ---------------------------------------------------------------- nothing a program does stops the run
 
-DEEP_TREE = ("import os\nfor i in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n    open('f', 'w').write('x')\n"
-             "os.makedirs('a/b/c')\nopen('a/b/c/f', 'w').write('x')\nos.chmod('a/b', 0)\nos.chmod('a', 0)\n")
+DEEP_TREE = (
+    "import os\nfor i in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n    open('f', 'w').write('x')\n"
+    "os.makedirs('a/b/c')\nopen('a/b/c/f', 'w').write('x')\nos.chmod('a/b', 0)\nos.chmod('a', 0)\n"
+)
 
 
 @pytest.mark.parametrize("isolation", ["auto", "rlimits-only"])
@@ -612,16 +727,19 @@ def test_a_failing_slot_is_that_programs_verdict(monkeypatch):
 
 # ---------------------------------------------------------------- the answer key is out of sight
 
+
 def _oracle(paths: list[str], secret: bytes) -> str:
     """Passes only if it can read `secret` in one of `paths`, or find it by walking the whole tree."""
-    return (f"import os\npaths = {paths!r}\nfound = []\n"
-            "for p in paths:\n    try:\n        found.append(open(p, 'rb').read())\n    except OSError:\n        pass\n"
-            "for top, dirs, files in os.walk('/'):\n"
-            "    dirs[:] = [d for d in dirs if top + d not in ('/proc', '/sys')]\n"
-            "    for f in files:\n        if 'oracle' in f or f.endswith(('.jsonl', '.gz', '.json')):\n"
-            "            try:\n                found.append(open(os.path.join(top, f), 'rb').read(1 << 20))\n"
-            "            except OSError:\n                pass\n"
-            f"assert any({secret!r} in x for x in found), 'no answer key'\n")
+    return (
+        f"import os\npaths = {paths!r}\nfound = []\n"
+        "for p in paths:\n    try:\n        found.append(open(p, 'rb').read())\n    except OSError:\n        pass\n"
+        "for top, dirs, files in os.walk('/'):\n"
+        "    dirs[:] = [d for d in dirs if top + d not in ('/proc', '/sys')]\n"
+        "    for f in files:\n        if 'oracle' in f or f.endswith(('.jsonl', '.gz', '.json')):\n"
+        "            try:\n                found.append(open(os.path.join(top, f), 'rb').read(1 << 20))\n"
+        "            except OSError:\n                pass\n"
+        f"assert any({secret!r} in x for x in found), 'no answer key'\n"
+    )
 
 
 def test_the_answer_key_is_out_of_sight(sb, tmp_path):
@@ -639,8 +757,13 @@ def test_the_answer_key_is_out_of_sight(sb, tmp_path):
     bench = Path(sandbox.__file__).parent / "benchmarks"
     lcb = Path(__file__).parent / "fixtures" / "lcb_mini.jsonl"
     try:
-        files = {"host /tmp": host_tmp, "results": results, "HumanEval.jsonl.gz": bench / "HumanEval.jsonl.gz",
-                 "mbpp.jsonl": bench / "mbpp.jsonl", "LCB data file": lcb}
+        files = {
+            "host /tmp": host_tmp,
+            "results": results,
+            "HumanEval.jsonl.gz": bench / "HumanEval.jsonl.gz",
+            "mbpp.jsonl": bench / "mbpp.jsonl",
+            "LCB data file": lcb,
+        }
         cases = {k: (str(f), f.read_bytes()[:60]) for k, f in files.items()}  # the first bytes: the secret
         progs = [Program(_oracle([p], s)) for p, s in cases.values()]
         res = dict(sb.map(progs))
@@ -658,22 +781,30 @@ def test_filling_disk_and_inodes_is_contained(sb):
     level = sb.run(Program("pass")).isolation
     if "tmpfs" not in level:
         pytest.skip(f"no per-program tmpfs on this machine ({level})")
-    disk = ("n = 0\ntry:\n    while n < 1000:\n        open(f'f{n}', 'wb').write(b'x' * (16 << 20))\n        n += 1\n"
-            "except OSError as e:\n    print(e)\nassert n <= 3, n\n")
-    inodes = ("n = 0\ntry:\n    while n < 100000:\n        open(f'f{n}', 'wb').close()\n        n += 1\n"
-              "except OSError as e:\n    print(e)\nassert n <= 500, n\n")
+    disk = (
+        "n = 0\ntry:\n    while n < 1000:\n        open(f'f{n}', 'wb').write(b'x' * (16 << 20))\n        n += 1\n"
+        "except OSError as e:\n    print(e)\nassert n <= 3, n\n"
+    )
+    inodes = (
+        "n = 0\ntry:\n    while n < 100000:\n        open(f'f{n}', 'wb').close()\n        n += 1\n"
+        "except OSError as e:\n    print(e)\nassert n <= 500, n\n"
+    )
     res = dict(sb.map([Program(disk + RIGHT + TESTS), Program(RIGHT + TESTS), Program(inodes + RIGHT + TESTS)], lim))
     assert all(res[i].passed for i in range(3)), res
 
 
 # ---------------------------------------------------------------- verdicts the program cannot forge
 
-STACK_FORGERY = ("import os, sys\nf = sys._getframe()\nwhile f is not None:\n"
-                 "    for v in list(f.f_locals.values()):\n"
-                 "        if isinstance(v, bytes) and len(v) == 32:\n"
-                 "            os.write(3, v)\n            os._exit(0)\n    f = f.f_back\n")
-ALWAYS_EQUAL = ("class _Eq(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
-                "class _Any:\n    def __eq__(self, other):\n        return True\n")
+STACK_FORGERY = (
+    "import os, sys\nf = sys._getframe()\nwhile f is not None:\n"
+    "    for v in list(f.f_locals.values()):\n"
+    "        if isinstance(v, bytes) and len(v) == 32:\n"
+    "            os.write(3, v)\n            os._exit(0)\n    f = f.f_back\n"
+)
+ALWAYS_EQUAL = (
+    "class _Eq(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+    "class _Any:\n    def __eq__(self, other):\n        return True\n"
+)
 
 
 def _forgeries() -> list[tuple[object, str, str]]:
@@ -681,16 +812,20 @@ def _forgeries() -> list[tuple[object, str, str]]:
     from btp.data import load_problems
 
     he0, _, he2 = load_problems("humaneval", limit=3)  # has_close_elements (tests: == only), truncate_number
-    mb = load_problems("mbpp", limit=1)[0]              # remove_Occ: returns a str
+    mb = load_problems("mbpp", limit=1)[0]  # remove_Occ: returns a str
     strs = "class _Str(str):\n    def __eq__(self, other):\n        return True\n    __hash__ = str.__hash__\n"
-    return [(he2, "    " + STACK_FORGERY.replace("\n", "\n    ") + "return 0.0\n", "stack"),
-            (he0, f"{ALWAYS_EQUAL}\ndef has_close_elements(numbers, threshold):\n    return _Eq(0)\n",
-             "always-equal int"),
-            (he0, f"{ALWAYS_EQUAL}\ndef has_close_elements(numbers, threshold):\n    return _Any()\n",
-             "always-equal object"),
-            (mb, f"{ALWAYS_EQUAL}\ndef remove_Occ(s, ch):\n    return _Any()\n", "always-equal object"),
-            (mb, f"{strs}\ndef remove_Occ(s, ch):\n    return _Str('')\n", "always-equal str"),
-            (mb, "def remove_Occ(s, ch):\n    " + STACK_FORGERY.replace("\n", "\n    ") + "return ''\n", "stack")]
+    return [
+        (he2, "    " + STACK_FORGERY.replace("\n", "\n    ") + "return 0.0\n", "stack"),
+        (he0, f"{ALWAYS_EQUAL}\ndef has_close_elements(numbers, threshold):\n    return _Eq(0)\n", "always-equal int"),
+        (
+            he0,
+            f"{ALWAYS_EQUAL}\ndef has_close_elements(numbers, threshold):\n    return _Any()\n",
+            "always-equal object",
+        ),
+        (mb, f"{ALWAYS_EQUAL}\ndef remove_Occ(s, ch):\n    return _Any()\n", "always-equal object"),
+        (mb, f"{strs}\ndef remove_Occ(s, ch):\n    return _Str('')\n", "always-equal str"),
+        (mb, "def remove_Occ(s, ch):\n    " + STACK_FORGERY.replace("\n", "\n    ") + "return ''\n", "stack"),
+    ]
 
 
 def test_verdicts_cannot_be_forged_from_inside(sb):
@@ -716,19 +851,25 @@ def test_judge_apart_semantics(sb):
     """The judge's stand-ins behave as the program's functions for tests that use plain values: keyword
     arguments, in-place changes of list/dict/set arguments, exceptions by builtin type, helpers of
     `judge_head` (the judge's own, never the program's); anything else is an error."""
-    code = ("def sort_it(xs, key=None):\n    xs.sort(key=key and abs)\n    return len(xs)\n"
-            "def check_pos(n):\n    if n < 0:\n        raise ValueError('negative')\n"
-            "    return {n: (n, [n]), 'k': {1.5}}\n"
-            "def helper(x):\n    return 'program'\n")
-    judge = ("x = [3, -1, 2]\nassert sort_it(x) == 3 and x == [-1, 2, 3]\n"
-             "assert sort_it(x, key=True) == 3 and x == [-1, 2, 3]\n"
-             "try:\n    check_pos(-1)\n    assert False\nexcept ValueError as e:\n    assert 'negative' in str(e)\n"
-             "assert check_pos(2) == {2: (2, [2]), 'k': {1.5}}\nassert helper(0) == 'judge'\n")
-    ok = sb.run(Program(code, judge=judge, judge_head="def helper(x):\n    return 'judge'\n",
-                        calls=("sort_it", "check_pos")))
+    code = (
+        "def sort_it(xs, key=None):\n    xs.sort(key=key and abs)\n    return len(xs)\n"
+        "def check_pos(n):\n    if n < 0:\n        raise ValueError('negative')\n"
+        "    return {n: (n, [n]), 'k': {1.5}}\n"
+        "def helper(x):\n    return 'program'\n"
+    )
+    judge = (
+        "x = [3, -1, 2]\nassert sort_it(x) == 3 and x == [-1, 2, 3]\n"
+        "assert sort_it(x, key=True) == 3 and x == [-1, 2, 3]\n"
+        "try:\n    check_pos(-1)\n    assert False\nexcept ValueError as e:\n    assert 'negative' in str(e)\n"
+        "assert check_pos(2) == {2: (2, [2]), 'k': {1.5}}\nassert helper(0) == 'judge'\n"
+    )
+    ok = sb.run(
+        Program(code, judge=judge, judge_head="def helper(x):\n    return 'judge'\n", calls=("sort_it", "check_pos"))
+    )
     assert ok.passed and ok.judge == "separate", ok
-    gen = sb.run(Program("def f():\n    return (i for i in range(3))\n", judge="assert list(f()) == [0, 1, 2]\n",
-                         calls=("f",)))
+    gen = sb.run(
+        Program("def f():\n    return (i for i in range(3))\n", judge="assert list(f()) == [0, 1, 2]\n", calls=("f",))
+    )
     assert gen.status == "error" and "not a plain value" in gen.error, gen
     swallow = "try:\n    assert f() == 1\nexcept Exception:\n    pass\n"  # a test that swallows errors ...
     lax = sb.run(Program("def f():\n    return object()\n", judge=swallow, calls=("f",)))  # ... still errs
@@ -742,8 +883,25 @@ def test_judge_apart_semantics(sb):
 def test_plain_value_codec():
     from btp.sandbox_child import NotPlain, decode_plain, encode_plain
 
-    vals = [None, True, 7, -2 ** 80, 1.5, float("-inf"), -0.0, 2 + 3j, "a\udc80", b"\x00", bytearray(b"y"),
-            [1, (2, 3)], {"a": [1]}, {(1, 2): {3}}, frozenset({1}), (), [[]]]
+    vals = [
+        None,
+        True,
+        7,
+        -(2**80),
+        1.5,
+        float("-inf"),
+        -0.0,
+        2 + 3j,
+        "a\udc80",
+        b"\x00",
+        bytearray(b"y"),
+        [1, (2, 3)],
+        {"a": [1]},
+        {(1, 2): {3}},
+        frozenset({1}),
+        (),
+        [[]],
+    ]
     for v in vals:
         back = decode_plain(encode_plain(v))
         assert type(back) is type(v) and back == v, (v, back)
@@ -760,6 +918,7 @@ def test_plain_value_codec():
 
 # ---------------------------------------------------------------- resources: per-slot cgroups
 
+
 def _cgroup_level(sb: Sandbox) -> str:
     return sb.run(Program("pass")).cgroup
 
@@ -769,8 +928,10 @@ def test_memfd_memory_is_bounded_per_slot(sb):
     level = _cgroup_level(sb)
     if not level.startswith(("v1:memory", "v2:memory")):
         pytest.skip(f"no memory cgroup per slot on this machine ({level})")
-    bomb = ("import os\nfds = []\nwhile len(fds) < 200:\n    fd = os.memfd_create('x')\n"
-            "    for _ in range(16):\n        os.write(fd, b'x' * (1 << 20))\n    fds.append(fd)\n")
+    bomb = (
+        "import os\nfds = []\nwhile len(fds) < 200:\n    fd = os.memfd_create('x')\n"
+        "    for _ in range(16):\n        os.write(fd, b'x' * (1 << 20))\n    fds.append(fd)\n"
+    )
     res = dict(sb.map([Program(bomb + RIGHT + TESTS), Program(RIGHT + TESTS)], Limits(timeout=5.0, memory_mb=512)))
     assert not res[0].passed and "memory limit" in res[0].error, res[0]
     assert res[1].passed
@@ -784,8 +945,10 @@ def test_cpu_hogs_do_not_starve_the_other_slot():
         level = _cgroup_level(s)
         if not level.startswith(("v1:", "v2:")) or "cpu" not in level:
             pytest.skip(f"no cpu cgroup per slot on this machine ({level})")
-        hog = ("import os, time\nfor _ in range(30):\n    if os.fork() == 0:\n        os.setsid()\n"
-               "        while True:\n            pass\ntime.sleep(60)\n")
+        hog = (
+            "import os, time\nfor _ in range(30):\n    if os.fork() == 0:\n        os.setsid()\n"
+            "        while True:\n            pass\ntime.sleep(60)\n"
+        )
         work = "n = 0\nfor i in range(10_000_000):\n    n += i\n" + RIGHT + TESTS  # ~0.7 s of CPU
         res = dict(s.map([Program(hog), Program(work), Program(work), Program(work)]))
     assert not res[0].passed and all(res[i].passed for i in (1, 2, 3)), res
@@ -827,13 +990,15 @@ def test_a_humaneval_oracle_finds_no_answers(sb):
     from btp.data import load_problems
 
     data = Path(sandbox.__file__).parent / "benchmarks" / "HumanEval.jsonl.gz"
-    oracle = ("import gzip, json, os\ndef _find():\n"
-              f"    if os.path.exists({str(data)!r}):\n        return {str(data)!r}\n"
-              "    for top, dirs, files in os.walk('/'):\n"
-              "        dirs[:] = [d for d in dirs if os.path.join(top, d) not in ('/proc', '/sys')]\n"
-              "        if 'HumanEval.jsonl.gz' in files:\n            return os.path.join(top, 'HumanEval.jsonl.gz')\n"
-              "for line in gzip.open(_find(), 'rt'):\n    r = json.loads(line)\n"
-              "    exec(r['prompt'] + r['canonical_solution'], globals())\n")
+    oracle = (
+        "import gzip, json, os\ndef _find():\n"
+        f"    if os.path.exists({str(data)!r}):\n        return {str(data)!r}\n"
+        "    for top, dirs, files in os.walk('/'):\n"
+        "        dirs[:] = [d for d in dirs if os.path.join(top, d) not in ('/proc', '/sys')]\n"
+        "        if 'HumanEval.jsonl.gz' in files:\n            return os.path.join(top, 'HumanEval.jsonl.gz')\n"
+        "for line in gzip.open(_find(), 'rt'):\n    r = json.loads(line)\n"
+        "    exec(r['prompt'] + r['canonical_solution'], globals())\n"
+    )
     probs = load_problems("humaneval", limit=3)
     progs = [benchmarks.get("humaneval").program(p, oracle) for p in probs]
     lim = Limits(timeout=10.0, memory_mb=1024)
@@ -851,12 +1016,14 @@ def test_the_filter_leaves_ordinary_programs_alone(sb):
     if "seccomp" not in sb.run(Program("pass")).isolation:
         pytest.skip("no seccomp filter on this machine")
     assert len(sandbox_child.seccomp_filter("x86_64")) % 8 == 0 and sandbox_child.seccomp_filter("sparc") is None
-    code = ("import os, subprocess, threading, multiprocessing, numpy\nout = []\n"
-            "t = threading.Thread(target=lambda: out.append(1))\nt.start()\nt.join()\n"
-            "pid = os.fork()\nif pid == 0:\n    os._exit(7)\n"
-            "assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7\n"
-            "assert subprocess.run(['/bin/echo', 'x'], capture_output=True).stdout == b'x\\n'\n"
-            "with multiprocessing.Pool(2) as p:\n    assert p.map(abs, [-1, -2]) == [1, 2]\n"
-            "assert int(numpy.arange(4).sum()) == 6 and out == [1]\n")
+    code = (
+        "import os, subprocess, threading, multiprocessing, numpy\nout = []\n"
+        "t = threading.Thread(target=lambda: out.append(1))\nt.start()\nt.join()\n"
+        "pid = os.fork()\nif pid == 0:\n    os._exit(7)\n"
+        "assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7\n"
+        "assert subprocess.run(['/bin/echo', 'x'], capture_output=True).stdout == b'x\\n'\n"
+        "with multiprocessing.Pool(2) as p:\n    assert p.map(abs, [-1, -2]) == [1, 2]\n"
+        "assert int(numpy.arange(4).sum()) == 6 and out == [1]\n"
+    )
     r = sb.run(Program(code + RIGHT + TESTS), Limits(timeout=5.0, memory_mb=1024))
     assert r.passed, r

@@ -1,4 +1,5 @@
 """pass@k against brute force, bootstrap intervals (incl. elementwise means with NaN padding), paired tests."""
+
 from __future__ import annotations
 
 import itertools
@@ -100,7 +101,7 @@ def test_paired_bootstrap_and_mcnemar_detect_a_difference():
     # exact values: 10 discordant pairs all one way -> 2 * 0.5**10
     a = np.array([1] * 10 + [0] * 5, bool)
     b = np.array([0] * 10 + [0] * 5, bool)
-    assert mcnemar(a, b).p_value == pytest.approx(2 * 0.5 ** 10)
+    assert mcnemar(a, b).p_value == pytest.approx(2 * 0.5**10)
     assert mcnemar(a, a).p_value == 1.0
     # 3 vs 1 discordant: two-sided exact p = 2 * P(X <= 1 | n=4) = 2 * 5/16
     a2 = np.array([1, 1, 1, 0, 0], bool)
@@ -120,10 +121,10 @@ def test_paired_bootstrap_generic_stat_shapes():
 def test_bootstrap_mean_elementwise_with_nan_padding():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 3, 4))
-    x[:, 1, 3] = np.nan      # a padding head: NaN in every sample
-    x[5, 2, 0] = np.nan      # NaN in one sample only: the entry has no mean either
+    x[:, 1, 3] = np.nan  # a padding head: NaN in every sample
+    x[5, 2, 0] = np.nan  # NaN in one sample only: the entry has no mean either
     r = bootstrap_mean(x, n_boot=300, seed=4)
-    m, lo, hi = r                                    # unpacks as (mean, low, high)
+    m, lo, hi = r  # unpacks as (mean, low, high)
     assert m.shape == lo.shape == hi.shape == (3, 4) and r.mean is m and r.high is hi
     ok = np.isfinite(x).all(0)
     assert ok.sum() == 10 and np.isnan(m[~ok]).all() and np.isnan(lo[~ok]).all() and np.isnan(hi[~ok]).all()
@@ -132,7 +133,7 @@ def test_bootstrap_mean_elementwise_with_nan_padding():
     np.testing.assert_array_equal(lo[ok], ci.low)
     np.testing.assert_array_equal(hi[ok], ci.high)
     np.testing.assert_allclose(m[ok], x.mean(0)[ok])
-    one = bootstrap_mean(x[:, 0, 0], n_boot=300, seed=4)    # one value per sample: 0-d arrays
+    one = bootstrap_mean(x[:, 0, 0], n_boot=300, seed=4)  # one value per sample: 0-d arrays
     assert one.mean.shape == () and float(one.low) <= float(one.mean) <= float(one.high)
     empty = bootstrap_mean(np.zeros((0, 2)))
     assert np.isnan(empty.mean).all() and empty.mean.shape == (2,)
@@ -144,12 +145,12 @@ def test_clustered_mean_resamples_problems_and_skips_nan_samples():
     from btp.stats import cluster_means, clustered_mean
 
     rng = np.random.default_rng(0)
-    level = rng.normal(0, 1, 20)                       # problem difficulty
+    level = rng.normal(0, 1, 20)  # problem difficulty
     pids = np.repeat([f"p{i}" for i in range(20)], 5)  # 5 near-identical samples per problem
     x = level[np.repeat(np.arange(20), 5)] + rng.normal(0, 0.01, 100)
     naive = bootstrap_mean(x, n_boot=2000, seed=1)
     cl = clustered_mean(x, pids, n_boot=2000, seed=1)
-    assert (cl.high - cl.low) > 1.8 * (naive.high - naive.low)     # ~sqrt(5) wider: 20 problems, not 100 samples
+    assert (cl.high - cl.low) > 1.8 * (naive.high - naive.low)  # ~sqrt(5) wider: 20 problems, not 100 samples
     assert int(cl.n) == 20
     # uneven samples per problem: every problem weighs the same
     m = clustered_mean(np.array([1.0, 1.0, 1.0, 4.0]), ["a", "a", "a", "b"], n_boot=50)
@@ -171,7 +172,7 @@ def test_random_control_band_holds_the_spread_between_draws():
     from btp.stats import clustered_mean, draws_clustered_mean
 
     rng = np.random.default_rng(0)
-    draws = rng.normal(0, 1, (5, 1)) + rng.normal(0, 0.01, (5, 40))   # 5 draws far apart, samples alike
+    draws = rng.normal(0, 1, (5, 1)) + rng.normal(0, 0.01, (5, 40))  # 5 draws far apart, samples alike
     pids = [f"p{i}" for i in range(40)]
     naive = clustered_mean(draws.mean(0), pids, n_boot=500)
     both = draws_clustered_mean(draws, pids, n_boot=500)

@@ -1,4 +1,5 @@
 """Run store: layout, JSONL resume with torn tails, atomic writes, provenance, malformed-file errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,7 @@ import numpy as np
 import pytest
 
 from btp.results import dataset_dir, is_stale, model_slug
-from btp.store import (JsonlStore, MalformedFileError, provenance, read_json,
-                       read_jsonl, read_npz, write_json, write_npz)
+from btp.store import JsonlStore, MalformedFileError, provenance, read_json, read_jsonl, read_npz, write_json, write_npz
 
 
 def test_slug_and_layout(tmp_path):
@@ -52,9 +52,11 @@ def test_complete_record_missing_newline_is_kept(tmp_path):
 def test_killed_writer_loses_nothing_written(tmp_path):
     """A process killed mid-run: every appended batch survives, a restart skips them."""
     p = tmp_path / "k.jsonl"
-    code = (f"import os, btp.store as s\nst = s.JsonlStore({str(p)!r})\n"
-            "for i in range(5):\n    st.append({'problem_id': 'q', 'sample': i})\n"
-            "os.kill(os.getpid(), 9)\n")
+    code = (
+        f"import os, btp.store as s\nst = s.JsonlStore({str(p)!r})\n"
+        "for i in range(5):\n    st.append({'problem_id': 'q', 'sample': i})\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code])
     assert r.returncode == -9
     assert JsonlStore(p).done() == {("q", i) for i in range(5)}

@@ -1,6 +1,7 @@
 """Taylor head pruning: gate gradients against finite differences, the per-token variant against its direct formula,
 checkpointing and device maps change nothing, held-out losses equal weight surgery, no duplicated forwards,
 resume after a kill equals an uninterrupted run; a slow end-to-end run of `main` on the embedded model."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,23 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import KERNELS, make_mixed, make_tiny
 
 from btp.arch import adapter
 from btp.heads import pruned_copy
 from btp.samples import Sample, SampleConfig, SampleSet
 from btp.scoring import scored_ce
 from btp.store import JsonlStore, read_jsonl, read_npz
-from btp.taylor import (TaylorConfig, alive_mask, check_history, choose_pruned, importance_matrix, run_taylor,
-                        sample_losses, sample_scores, score_heads)
-from conftest import KERNELS, make_mixed, make_tiny
+from btp.taylor import (
+    TaylorConfig,
+    alive_mask,
+    check_history,
+    choose_pruned,
+    importance_matrix,
+    run_taylor,
+    sample_scores,
+    score_heads,
+)
 
 
 def make_samples(n: int = 6, seed: int = 3, vocab: int = 128) -> SampleSet:
@@ -46,11 +55,17 @@ def exact_fp64(monkeypatch):
 
     def norm(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
     for cls in (modeling_llama.LlamaRMSNorm, modeling_qwen2.Qwen2RMSNorm):
         monkeypatch.setattr(cls, "forward", norm)
     softmax = torch.nn.functional.softmax
-    monkeypatch.setattr(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **kw: softmax(
-        x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw))
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "softmax",
+        lambda x, dim=None, dtype=None, **kw: softmax(
+            x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw
+        ),
+    )
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen2", "mixed"])
@@ -73,7 +88,7 @@ def test_gate_gradient_equals_finite_difference(which, exact_fp64, attn):
         for sign in (1, -1):
             m = pruned_copy(model, pruned)
             with torch.no_grad():
-                adapter(m).o_projs[l].weight[:, h * d:(h + 1) * d] *= 1 + sign * eps
+                adapter(m).o_projs[l].weight[:, h * d : (h + 1) * d] *= 1 + sign * eps
             vals.append(loss_of(m, s))
         fd = (vals[0] - vals[1]) / (2 * eps)
         assert grad[l, h] == pytest.approx(fd, rel=2e-5, abs=1e-9), (l, h)
@@ -89,20 +104,22 @@ def _direct_token_scores(model, s: Sample, pruned) -> np.ndarray:
     for l in range(ad.n_layers):
         box = {}
 
-        def pre(mod, args):
-            box["a"] = args[0].detach().requires_grad_(True)
-            return (box["a"], *args[1:])
+        def pre(mod, args):  # used within this iteration only
+            box["a"] = args[0].detach().requires_grad_(True)  # noqa: B023
+            return (box["a"], *args[1:])  # noqa: B023
+
         hk = ad.o_projs[l].register_forward_pre_hook(pre)
         try:
-            loss = scored_ce(m, torch.as_tensor(s.input_ids), torch.as_tensor(s.positions),
-                             torch.as_tensor(s.targets)).mean()
+            loss = scored_ce(
+                m, torch.as_tensor(s.input_ids), torch.as_tensor(s.positions), torch.as_tensor(s.targets)
+            ).mean()
         finally:
             hk.remove()
         a = box["a"]
         (g,) = torch.autograd.grad(loss, a)
         lay = ad.heads[l]
         dots = (g * a.detach()).view(-1, lay.n_heads, lay.head_dim).sum(-1)  # [T, H]
-        out[l, :lay.n_heads] = dots.abs().sum(0).numpy()
+        out[l, : lay.n_heads] = dots.abs().sum(0).numpy()
     return out
 
 
@@ -133,7 +150,7 @@ def test_signed_normalized_and_choice():
     np.testing.assert_allclose(signed[0, 1:], -sum(grads)[0, 1:], rtol=1e-6)
     np.testing.assert_allclose(raw[1:], sum(np.abs(g) for g in grads)[1:], rtol=1e-6)
     assert np.isnan(signed[0, 0]) and np.isnan(absd[0, 0]) and np.isnan(raw[0, 0])
-    np.testing.assert_allclose(np.sqrt(np.nansum(absd ** 2, axis=1)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.sqrt(np.nansum(absd**2, axis=1)), 1.0, rtol=1e-6)
     # choose: lowest first, ties by position, min heads per layer respected
     scores = np.array([[0.1, 0.2, np.nan], [0.05, 0.3, 0.0], [5.0, np.nan, np.nan]])
     alive = ~np.isnan(scores)
@@ -177,10 +194,22 @@ def test_device_map_with_offloaded_layer(tmp_path):
 
     model = make_tiny("llama")
     model.save_pretrained(tmp_path / "m")
-    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
-          "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=dm, offload_folder=str(tmp_path / "off"),
-                                              attn_implementation="eager").eval().requires_grad_(False)
+    dm = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    m2 = (
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "m", device_map=dm, offload_folder=str(tmp_path / "off"), attn_implementation="eager"
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     assert hasattr(adapter(m2).o_projs[1], "_hf_hook")
     s = make_samples(1).samples[0]
     for e in ("gate", "token"):
@@ -226,8 +255,9 @@ def test_stop_factor_and_nothing_prunable():
     scoring, heldout = make_samples(4).split(1, seed=0)
     hist = run_taylor(model, scoring, heldout, TaylorConfig(num_iters=5, stop_factor=1e-3, **CFG))
     assert len(hist) == 1 and hist[0]["stop_reason"] == "stop_factor"
-    assert run_taylor(model, scoring, heldout, TaylorConfig(num_iters=5, stop_factor=1e-3, **CFG),
-                      history=hist) == hist  # a stopped history stays stopped
+    assert (
+        run_taylor(model, scoring, heldout, TaylorConfig(num_iters=5, stop_factor=1e-3, **CFG), history=hist) == hist
+    )  # a stopped history stays stopped
     hist = run_taylor(model, scoring, heldout, TaylorConfig(num_iters=9, prune_per_iter=4, min_heads_per_layer=2))
     assert [r["n_alive"] for r in hist] == [8, 6] and hist[-1]["stop_reason"] == "no_prunable_heads"
     assert hist[-1]["alive_per_layer"] == [2, 2, 2]
@@ -239,8 +269,13 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     cfg4 = TaylorConfig(num_iters=4, estimator="token", normalize=True, **CFG)
     full = run_taylor(model, scoring, heldout, cfg4)
     store = JsonlStore(tmp_path / "t.jsonl", key_fields=("iteration",))
-    run_taylor(model, scoring, heldout, TaylorConfig(num_iters=2, estimator="token", normalize=True, **CFG),
-               on_record=store.append)
+    run_taylor(
+        model,
+        scoring,
+        heldout,
+        TaylorConfig(num_iters=2, estimator="token", normalize=True, **CFG),
+        on_record=store.append,
+    )
     with open(store.path, "a") as f:  # the kill tore the third record
         f.write('{"iteration": 3, "importance": [[0.1, ')
     store = JsonlStore(store.path, key_fields=("iteration",))  # a new process after the kill
@@ -254,14 +289,21 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     for a, b in zip(resumed, full):
         assert a["pruned"] == b["pruned"] and a["pruned_total"] == b["pruned_total"]
         np.testing.assert_allclose(importance_matrix(a), importance_matrix(b), rtol=1e-9)
-        np.testing.assert_allclose(importance_matrix(a, "importance_raw"), importance_matrix(b, "importance_raw"),
-                                   rtol=1e-9)
+        np.testing.assert_allclose(
+            importance_matrix(a, "importance_raw"), importance_matrix(b, "importance_raw"), rtol=1e-9
+        )
         for k in ("scoring_losses", "heldout_losses", "base_heldout_loss", "base_scoring_loss"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-9)
     # the same file cannot be continued with other settings or samples
     with pytest.raises(ValueError, match="t.jsonl:1.*settings"):
-        check_history(resumed, TaylorConfig(num_iters=4, **CFG), adapter(model), scoring.samples,
-                      heldout.samples, where=str(store.path))
+        check_history(
+            resumed,
+            TaylorConfig(num_iters=4, **CFG),
+            adapter(model),
+            scoring.samples,
+            heldout.samples,
+            where=str(store.path),
+        )
     with pytest.raises(ValueError, match="other scoring"):
         run_taylor(model, heldout, scoring, cfg4, history=resumed)
 

@@ -4,6 +4,7 @@
 reference output, program assembly and judging rules, timeout); `NAMES` lists them in display order.
 Adding a benchmark: a module defining `BENCHMARK` and one line in `_MODULES`.
 """
+
 from __future__ import annotations
 
 from ..store import UserError
@@ -38,5 +39,15 @@ def all() -> tuple[Benchmark, ...]:  # noqa: A001 - `benchmarks.all()` reads as 
     return tuple(_REGISTRY.values())
 
 
-__all__ = ["BENCH_DIR", "DEFAULT", "LOAD_OPTIONS", "NAMES", "VARIANTS", "VENDORED_SHA256", "Benchmark", "Problem",
-           "all", "get"]
+__all__ = [
+    "BENCH_DIR",
+    "DEFAULT",
+    "LOAD_OPTIONS",
+    "NAMES",
+    "VARIANTS",
+    "VENDORED_SHA256",
+    "Benchmark",
+    "Problem",
+    "all",
+    "get",
+]

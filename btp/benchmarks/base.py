@@ -5,11 +5,12 @@ problems come from and how many there are, its prompts and stop strings, its ref
 candidate solution becomes a sandbox `Program`, and its default time limit. Nothing outside
 `btp/benchmarks/` branches on a benchmark's name.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ..sandbox import Program
 from ..store import MalformedFileError, iter_jsonl
@@ -20,11 +21,11 @@ LOAD_OPTIONS = ("limit", "variant", "data_file", "release", "start_date", "end_d
 
 @dataclass(frozen=True)
 class Problem:
-    problem_id: str          # "HumanEval/0", "Mbpp/11", LiveCodeBench: its question_id
-    dataset: str             # the benchmark's name (btp.benchmarks.NAMES)
-    text: str                # HumanEval prompt, MBPP text, LCB question_content
+    problem_id: str  # "HumanEval/0", "Mbpp/11", LiveCodeBench: its question_id
+    dataset: str  # the benchmark's name (btp.benchmarks.NAMES)
+    text: str  # HumanEval prompt, MBPP text, LCB question_content
     entry_point: str | None  # function the tests call; None for stdin problems
-    test_code: str           # HumanEval `test`; MBPP setup/imports + asserts; LCB ""
+    test_code: str  # HumanEval `test`; MBPP setup/imports + asserts; LCB ""
     test_cases: tuple = field(default=(), hash=False)  # LCB: ({"input","output","testtype"}, ...) public then private
     reference: str | None = None  # complete reference program where the benchmark has one
     starter_code: str = ""
@@ -32,6 +33,7 @@ class Problem:
 
 
 # ---------------------------------------------------------------- readers
+
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) of a benchmark JSONL file, plain or gzipped, read strictly (store's one reader)."""
@@ -46,46 +48,75 @@ def need(rec: dict, keys: tuple[str, ...], where: str) -> None:
 
 # ---------------------------------------------------------------- the benchmark object
 
+
 @dataclass(frozen=True)
 class Benchmark:
     """One benchmark. Data (name, order, limits, stops ...) are fields set where the module builds its
     instance; rules that need code are methods its subclass overrides."""
 
     name: str
-    order: int                          # position in tables, plots and CLI choices (NAMES is sorted by it)
-    timeout: float                      # default CPU seconds per test (the sandbox's wall limit is 3x + 1 s)
-    stops: tuple[str, ...]              # where a completion-style output's code ends
-    system_prompt: str | None = None    # default system message of chat prompts
-    variants: tuple[str, ...] = ()      # problem sets of `load(variant=...)`; the first is the default
+    order: int  # position in tables, plots and CLI choices (NAMES is sorted by it)
+    timeout: float  # default CPU seconds per test (the sandbox's wall limit is 3x + 1 s)
+    stops: tuple[str, ...]  # where a completion-style output's code ends
+    system_prompt: str | None = None  # default system message of chat prompts
+    variants: tuple[str, ...] = ()  # problem sets of `load(variant=...)`; the first is the default
     options: tuple[str, ...] = ("limit", "data_file")  # keywords of `load` that change what it returns
-    has_references: bool = True         # every problem carries a reference solution (`--reference`)
-    vendored: bool = True               # data ships in btp/benchmarks/; if not, `--data-file` is for this one
+    has_references: bool = True  # every problem carries a reference solution (`--reference`)
+    vendored: bool = True  # data ships in btp/benchmarks/; if not, `--data-file` is for this one
 
     # ------------------------------------------------------------ problems
 
-    def load(self, *, limit: int | None = None, variant: str | None = None, data_file: str | None = None,
-             release: str | None = None, start_date: str | None = None, end_date: str | None = None
-             ) -> list[Problem]:
+    def load(
+        self,
+        *,
+        limit: int | None = None,
+        variant: str | None = None,
+        data_file: str | None = None,
+        release: str | None = None,
+        start_date: str | None = None,
+        end_date: str | None = None,
+    ) -> list[Problem]:
         """Problems in benchmark order; `limit` takes the first N. Options a benchmark does not use are
         ignored (callers pass one set of options to any benchmark)."""
         if data_file is not None and not Path(data_file).is_file():
-            raise FileNotFoundError(f"--data-file {data_file} does not exist — give the path of an existing "
-                                    f"{self.name} data file, or leave --data-file out")
-        probs = self.read(variant=variant, data_file=Path(data_file) if data_file else None, release=release,
-                          start_date=start_date, end_date=end_date)
+            raise FileNotFoundError(
+                f"--data-file {data_file} does not exist — give the path of an existing "
+                f"{self.name} data file, or leave --data-file out"
+            )
+        probs = self.read(
+            variant=variant,
+            data_file=Path(data_file) if data_file else None,
+            release=release,
+            start_date=start_date,
+            end_date=end_date,
+        )
         if limit is not None:
             if limit < 0:
                 raise ValueError(f"limit must be >= 0, got {limit}")
             probs = probs[:limit]
         return probs
 
-    def read(self, *, variant: str | None, data_file: Path | None, release: str | None, start_date: str | None,
-             end_date: str | None) -> list[Problem]:
+    def read(
+        self,
+        *,
+        variant: str | None,
+        data_file: Path | None,
+        release: str | None,
+        start_date: str | None,
+        end_date: str | None,
+    ) -> list[Problem]:
         """Every problem of the (variant of the) benchmark, from `data_file` or the default source."""
         raise NotImplementedError
 
-    def size(self, variant: str | None = None, *, release: str | None = None, data_file: str | None = None,
-             start_date: str | None = None, end_date: str | None = None) -> int | None:
+    def size(
+        self,
+        variant: str | None = None,
+        *,
+        release: str | None = None,
+        data_file: str | None = None,
+        start_date: str | None = None,
+        end_date: str | None = None,
+    ) -> int | None:
         """Problems `load` returns without a limit, when known without loading; None when not."""
         raise NotImplementedError
 

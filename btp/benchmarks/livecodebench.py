@@ -6,6 +6,7 @@ Prompts follow LiveCodeBench's own wording; judging follows its harness: every t
 stdin outputs are compared line by line (numbers as Decimals), functions are called as methods of
 `Solution` when the code defines it and their value (tuples as lists) must equal the expected JSON.
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,24 +30,52 @@ DEFAULT_RELEASE = "v6"  # the 175 problems new in v6 (contest dates 2025-01..202
 DEFAULT_SIZE = 175
 
 # LiveCodeBench's own wording (lcb_runner/prompts/code_generation.py, generic chat style).
-SYSTEM = ("You are an expert Python programmer. You will be given a question (problem specification) and will "
-          "generate a correct Python program that matches the specification and passes all tests.")
-WITH_STARTER = ("You will use the following starter code to write the solution to the problem and enclose your "
-                "code within delimiters.")
-WITHOUT_STARTER = ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly "
-                   "test on the sample inputs). Enclose your code within delimiters as follows. Ensure that when "
-                   "the python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.")
+SYSTEM = (
+    "You are an expert Python programmer. You will be given a question (problem specification) and will "
+    "generate a correct Python program that matches the specification and passes all tests."
+)
+WITH_STARTER = (
+    "You will use the following starter code to write the solution to the problem and enclose your "
+    "code within delimiters."
+)
+WITHOUT_STARTER = (
+    "Read the inputs from stdin solve the problem and write the answer to stdout (do not directly "
+    "test on the sample inputs). Enclose your code within delimiters as follows. Ensure that when "
+    "the python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT."
+)
 STOPS = ("\n```",)
 
 # LiveCodeBench runs stdin/functional programs after these imports; the same here, so programs that rely
 # on them (e.g. `List`, `deque`, `inf` without importing) behave as under LCB's own harness.
-MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
-           "statistics", "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
-PRELUDE = "".join(f"from {m} import *\n" for m in MODULES) + "".join(
-    f"import {m}\n" for m in MODULES if m not in ("builtins", "typing")) + "sys.setrecursionlimit(50000)\n"
+MODULES = (
+    "string",
+    "re",
+    "datetime",
+    "collections",
+    "heapq",
+    "bisect",
+    "copy",
+    "math",
+    "random",
+    "statistics",
+    "itertools",
+    "functools",
+    "operator",
+    "io",
+    "sys",
+    "json",
+    "builtins",
+    "typing",
+)
+PRELUDE = (
+    "".join(f"from {m} import *\n" for m in MODULES)
+    + "".join(f"import {m}\n" for m in MODULES if m not in ("builtins", "typing"))
+    + "sys.setrecursionlimit(50000)\n"
+)
 
 
 # ---------------------------------------------------------------- reading
+
 
 class _StrOnly(pickle.Unpickler):
     """LCB private tests are a pickled JSON *string*; refuse anything that would import code."""
@@ -101,9 +130,11 @@ def _hub_paths(release: str) -> list[Path]:
         try:
             paths.append(Path(hf_hub_download(REPO, f, repo_type="dataset")))
         except Exception as e:  # noqa: BLE001 - offline, gated, renamed: all need the same hint
-            raise RuntimeError(f"could not fetch {f} of the dataset {REPO} from the Hugging Face hub "
-                               f"({type(e).__name__}: {e}); download it elsewhere and pass it as data_file "
-                               f"(--data-file)") from e
+            raise RuntimeError(
+                f"could not fetch {f} of the dataset {REPO} from the Hugging Face hub "
+                f"({type(e).__name__}: {e}); download it elsewhere and pass it as data_file "
+                f"(--data-file)"
+            ) from e
     return paths
 
 
@@ -133,18 +164,33 @@ def read_problems(paths: list[Path], start: str | None, end: str | None) -> list
             except json.JSONDecodeError as e:
                 raise MalformedFileError(f"{where}: metadata is not JSON ({e.msg})") from None
             func = md.get("func_name") if any(t["testtype"] == "functional" for t in public + private) else None
-            out.append(Problem(
-                problem_id=str(r["question_id"]), dataset="livecodebench", text=r["question_content"],
-                entry_point=func, test_code="", test_cases=tuple(public + private), reference=None,
-                starter_code=r.get("starter_code") or "",
-                meta={"platform": r.get("platform"), "contest_id": r.get("contest_id"),
-                      "contest_date": r["contest_date"], "difficulty": r.get("difficulty"),
-                      "question_title": r.get("question_title"), "n_public_tests": len(public),
-                      "metadata": md, "source": f"{path.name}"}))
+            out.append(
+                Problem(
+                    problem_id=str(r["question_id"]),
+                    dataset="livecodebench",
+                    text=r["question_content"],
+                    entry_point=func,
+                    test_code="",
+                    test_cases=tuple(public + private),
+                    reference=None,
+                    starter_code=r.get("starter_code") or "",
+                    meta={
+                        "platform": r.get("platform"),
+                        "contest_id": r.get("contest_id"),
+                        "contest_date": r["contest_date"],
+                        "difficulty": r.get("difficulty"),
+                        "question_title": r.get("question_title"),
+                        "n_public_tests": len(public),
+                        "metadata": md,
+                        "source": f"{path.name}",
+                    },
+                )
+            )
     return out
 
 
 # ---------------------------------------------------------------- judging
+
 
 def lines_equal(got: str, expected: str) -> str | None:
     """LiveCodeBench's stdout rule: strip both, split into lines, strip each; the line counts must match
@@ -167,13 +213,21 @@ def lines_equal(got: str, expected: str) -> str | None:
 
 @dataclass(frozen=True)
 class LiveCodeBench(Benchmark):
-    def read(self, *, data_file: Path | None, release: str | None, start_date: str | None, end_date: str | None,
-             **_: object) -> list[Problem]:
+    def read(
+        self, *, data_file: Path | None, release: str | None, start_date: str | None, end_date: str | None, **_: object
+    ) -> list[Problem]:
         paths = [data_file] if data_file else _hub_paths(release or DEFAULT_RELEASE)
         return read_problems(paths, start_date, end_date)
 
-    def size(self, variant: str | None = None, *, release: str | None = None, data_file: str | None = None,
-             start_date: str | None = None, end_date: str | None = None) -> int | None:
+    def size(
+        self,
+        variant: str | None = None,
+        *,
+        release: str | None = None,
+        data_file: str | None = None,
+        start_date: str | None = None,
+        end_date: str | None = None,
+    ) -> int | None:
         plain = not data_file and not start_date and not end_date
         return DEFAULT_SIZE if plain and (release or DEFAULT_RELEASE) == DEFAULT_RELEASE else None
 
@@ -208,13 +262,34 @@ class LiveCodeBench(Benchmark):
                 args = tuple([json.loads(line) for line in t["input"].split("\n")] for t in tests)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{problem.problem_id}: functional test input is not JSON lines ({e})") from None
-            return Program(code, mode="functional", tests=args, fn_name=problem.entry_point, out_caps=caps,
-                           prelude=PRELUDE, solution_class="Solution", expected=expected)
-        return Program(code, mode="stdin", tests=tuple(t["input"] for t in tests), out_caps=caps, prelude=PRELUDE,
-                       check=lambda i, out: lines_equal(out, expected[i]))
+            return Program(
+                code,
+                mode="functional",
+                tests=args,
+                fn_name=problem.entry_point,
+                out_caps=caps,
+                prelude=PRELUDE,
+                solution_class="Solution",
+                expected=expected,
+            )
+        return Program(
+            code,
+            mode="stdin",
+            tests=tuple(t["input"] for t in tests),
+            out_caps=caps,
+            prelude=PRELUDE,
+            check=lambda i, out: lines_equal(out, expected[i]),
+        )
 
 
 # 6 s per test, as LiveCodeBench
-BENCHMARK = LiveCodeBench(name="livecodebench", order=2, timeout=6.0, stops=STOPS, system_prompt=SYSTEM,
-                          options=("limit", "data_file", "release", "start_date", "end_date"), has_references=False,
-                          vendored=False)
+BENCHMARK = LiveCodeBench(
+    name="livecodebench",
+    order=2,
+    timeout=6.0,
+    stops=STOPS,
+    system_prompt=SYSTEM,
+    options=("limit", "data_file", "release", "start_date", "end_date"),
+    has_references=False,
+    vendored=False,
+)

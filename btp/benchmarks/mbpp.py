@@ -4,6 +4,7 @@ its 257 hand-verified ids in `sanitized-mbpp.json` ("sanitized"), both vendored.
 Prompts: the chat message shows the task and its asserts; the completion prompt is a docstring with the task
 and one assert (as bigcode's harness). Judging runs code + setup/imports + asserts, MBPP's own way.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,7 +40,7 @@ def _same_program(a: str, b: str) -> bool:
 
 def _spaces_for_tabs(line: str) -> str:
     body = line.lstrip("\t ")
-    return line[:len(line) - len(body)].expandtabs(4) + body
+    return line[: len(line) - len(body)].expandtabs(4) + body
 
 
 def teacher_text(code: str) -> str:
@@ -47,8 +48,10 @@ def teacher_text(code: str) -> str:
     trailing blanks on a line, and spaces for tab indentation (73 carry tabs); each change only where the
     program's AST stays the same (a blank inside a string literal is part of the program)."""
     text = code.replace("\r\n", "\n").replace("\r", "\n")
-    for step in (lambda t: "\n".join(ln.rstrip() for ln in t.split("\n")).strip("\n"),
-                 lambda t: "\n".join(_spaces_for_tabs(ln) for ln in t.split("\n"))):
+    for step in (
+        lambda t: "\n".join(ln.rstrip() for ln in t.split("\n")).strip("\n"),
+        lambda t: "\n".join(_spaces_for_tabs(ln) for ln in t.split("\n")),
+    ):
         new = step(text)
         if new != text and _same_program(text, new):
             text = new
@@ -60,8 +63,9 @@ def entry_point(code: str, tests: list[str]) -> str | None:
     else the first called name at all (a few tests wrap the call, e.g. `set(f(x))`)."""
     defined: set[str] = set()
     try:
-        defined = {n.name for n in _parse(code.replace("\r\n", "\n")).body
-                   if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined = {
+            n.name for n in _parse(code.replace("\r\n", "\n")).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+        }
     except SyntaxError:
         pass
     called: list[str] = []
@@ -86,10 +90,17 @@ def judge_calls(test_code: str, reference: str) -> tuple[tuple[str, ...], str]:
     except SyntaxError as e:
         return (), f"tests do not parse ({e.msg})"
     own = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
-    own |= {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-            for a in n.names}
-    own |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))
-            and hasattr(n, "name")}
+    own |= {
+        a.asname or a.name.split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
+    own |= {
+        n.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda)) and hasattr(n, "name")
+    }
     defs = _top_defs(reference)
     builtin = set(dir(builtins)) - set(defs)  # a program's own `max` shadows the builtin in its tests
     loads = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
@@ -112,8 +123,11 @@ def _top_defs(code: str) -> dict[str, str]:
         body = _parse(code.replace("\r\n", "\n")).body
     except SyntaxError:
         return {}
-    return {n.name: "class" if isinstance(n, ast.ClassDef) else "def" for n in body
-            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    return {
+        n.name: "class" if isinstance(n, ast.ClassDef) else "def"
+        for n in body
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+    }
 
 
 def read_full(path: Path) -> list[Problem]:
@@ -125,13 +139,25 @@ def read_full(path: Path) -> list[Problem]:
         setup = r.get("test_setup_code") or ""
         test_code = (setup + "\n" if setup else "") + "\n".join(r["test_list"])
         calls, why = judge_calls(test_code, r["code"])
-        out.append(Problem(
-            problem_id=f"Mbpp/{r['task_id']}", dataset="mbpp", text=r["text"],
-            entry_point=entry_point(r["code"], r["test_list"]),
-            test_code=test_code, reference=r["code"],
-            meta={"variant": "full", "test_list": list(r["test_list"]),
-                  "challenge_test_list": list(r.get("challenge_test_list") or []), "test_setup_code": setup,
-                  "license": "CC-BY-4.0", "judge_calls": calls, "in_process": why}))
+        out.append(
+            Problem(
+                problem_id=f"Mbpp/{r['task_id']}",
+                dataset="mbpp",
+                text=r["text"],
+                entry_point=entry_point(r["code"], r["test_list"]),
+                test_code=test_code,
+                reference=r["code"],
+                meta={
+                    "variant": "full",
+                    "test_list": list(r["test_list"]),
+                    "challenge_test_list": list(r.get("challenge_test_list") or []),
+                    "test_setup_code": setup,
+                    "license": "CC-BY-4.0",
+                    "judge_calls": calls,
+                    "in_process": why,
+                },
+            )
+        )
     return out
 
 
@@ -150,12 +176,25 @@ def read_sanitized(path: Path) -> list[Problem]:
         imports = list(r.get("test_imports") or [])
         test_code = "\n".join(imports + list(r["test_list"]))
         calls, why = judge_calls(test_code, r["code"])
-        out.append(Problem(
-            problem_id=f"Mbpp/{r['task_id']}", dataset="mbpp", text=r["prompt"],
-            entry_point=entry_point(r["code"], r["test_list"]),
-            test_code=test_code, reference=r["code"],
-            meta={"variant": "sanitized", "test_list": list(r["test_list"]), "challenge_test_list": [],
-                  "test_imports": imports, "license": "CC-BY-4.0", "judge_calls": calls, "in_process": why}))
+        out.append(
+            Problem(
+                problem_id=f"Mbpp/{r['task_id']}",
+                dataset="mbpp",
+                text=r["prompt"],
+                entry_point=entry_point(r["code"], r["test_list"]),
+                test_code=test_code,
+                reference=r["code"],
+                meta={
+                    "variant": "sanitized",
+                    "test_list": list(r["test_list"]),
+                    "challenge_test_list": [],
+                    "test_imports": imports,
+                    "license": "CC-BY-4.0",
+                    "judge_calls": calls,
+                    "in_process": why,
+                },
+            )
+        )
     return sorted(out, key=lambda p: int(p.problem_id.split("/")[1]))
 
 
@@ -173,9 +212,11 @@ class Mbpp(Benchmark):
 
     def user_message(self, problem: Problem) -> str:
         tests = "\n".join(problem.meta.get("test_list", []))
-        return (f"You are an expert Python programmer, and here is your task: {problem.text.strip()} "
-                f"Your code should pass these tests:\n\n{tests}\n\n"
-                "Write the solution in a single ```python code block.\n")
+        return (
+            f"You are an expert Python programmer, and here is your task: {problem.text.strip()} "
+            f"Your code should pass these tests:\n\n{tests}\n\n"
+            "Write the solution in a single ```python code block.\n"
+        )
 
     def completion_prompt(self, problem: Problem) -> str:
         tests = problem.meta.get("test_list") or [""]
@@ -198,5 +239,11 @@ class Mbpp(Benchmark):
 
 
 # 6 s per test: the slowest reference, Mbpp/123, needs ~3 s of CPU
-BENCHMARK = Mbpp(name="mbpp", order=1, timeout=6.0, stops=STOPS, variants=("full", "sanitized"),
-                 options=("limit", "variant", "data_file"))
+BENCHMARK = Mbpp(
+    name="mbpp",
+    order=1,
+    timeout=6.0,
+    stops=STOPS,
+    variants=("full", "sanitized"),
+    options=("limit", "variant", "data_file"),
+)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from . import cli, results
 from .arch import adapter
 from .cli import opt, parse_ks, parse_layers
-from .heads import Head, o_proj_input_grads
+from .heads import Head, frozen_weights, o_proj_input_grads
 from .headsets import HeadSetScorer, check_sample, mean_o_proj_inputs
 from .headsets import set_losses as eval_sets
 from .results import ATP, KNOCKOUT, Stem, parse_stem, rank_heads, read_partial, write_partial
@@ -208,19 +207,6 @@ def run_matrix(
 # ---------------------------------------------------------------- attribution patching (a screen)
 
 
-@contextmanager
-def _frozen_weights(model: torch.nn.Module) -> Iterator[None]:
-    """No weight gradients (only activations are differentiated); restores the flags it turned off."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def atp_sample(model: torch.nn.Module, sample, replacement: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """Attribution patching (Nanda 2023; Kramar et al. 2024) of one sample: one forward and one backward pass.
     Returns ([L, Hmax] float64 first-order estimate of every head's ablation delta, NaN at padding heads; the base
@@ -241,7 +227,7 @@ def atp_sample(model: torch.nn.Module, sample, replacement: torch.Tensor | None 
     check_sample(sample)
     ids = torch.as_tensor(sample.input_ids, dtype=torch.long).view(1, -1).to(ad.device)
     pos, tgt = (torch.as_tensor(v, dtype=torch.long).to(ad.device) for v in (sample.positions, sample.targets))
-    with _frozen_weights(model), torch.enable_grad(), o_proj_input_grads(model, on_grad):
+    with frozen_weights(model), torch.enable_grad(), o_proj_input_grads(model, on_grad):
         loss = token_ce(model, final_hidden(model, ids), pos, tgt)[0].mean()
         loss.backward()
     return est.numpy(), float(loss.detach())

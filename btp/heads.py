@@ -294,3 +294,16 @@ def o_proj_input_grads(
 
 def heads_to_json(heads: Iterable[Head]) -> str:
     return json.dumps(sorted([int(l), int(h)] for l, h in heads))
+
+
+@contextmanager
+def frozen_weights(model: torch.nn.Module) -> Iterator[None]:
+    """No weight gradients (only activations or gates are differentiated); restores the flags it turned off."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from . import cli
 from .arch import Adapter, adapter
 from .cli import opt
-from .heads import Head, gates_for, head_gates, o_proj_input_grads
+from .heads import Head, frozen_weights, gates_for, head_gates, o_proj_input_grads
 from .headsets import keep_mask
 from .results import check_record, importance_matrix  # noqa: F401  (importance_matrix: re-exported reader)
 from .samples import Sample, SampleSet
@@ -112,19 +112,6 @@ def checkpointing_active(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for m in flipped:
             m.training = False
-
-
-@contextmanager
-def frozen_weights(model: torch.nn.Module) -> Iterator[None]:
-    """No weight gradients (only the gates are differentiated); restores any flag it turned off."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _grad_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -41,7 +41,7 @@ from .results import (
     summary_path,
 )
 from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
-from .stats import ks_up_to, pass_at_k_summary
+from .stats import SMALL_N, WILSON, ks_up_to, pass_at_k_summary
 from .store import JsonlStore, MalformedFileError, UserError, iter_jsonl, provenance, write_json
 
 RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must not mix
@@ -232,6 +232,8 @@ def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot
         "samples_per_problem": {"min": min(have) if have else 0, "max": max(have) if have else 0},
         "pass_at_k": pass_at_k_summary(ns, cs, ks, n_boot=n_boot, seed=seed) if ks and problems else {},
         "bootstrap": {"over": "problems", "n_boot": n_boot, "seed": seed, "method": "percentile"},
+        "wilson": {"over": "problems", "method": WILSON},
+        "small_n": len(problems) < SMALL_N,  # fewer problems than stats.SMALL_N: no interval is to be trusted
         "status_counts": dict(Counter(r["status"] for k, r in records.items() if k[0] in known)),
         "isolation": dict(Counter(r["isolation"] for k, r in records.items() if k[0] in known and r["isolation"])),
         "cgroup": dict(Counter(r.get("cgroup") or "" for k, r in records.items() if k[0] in known and r.get("cgroup"))),
@@ -367,6 +369,19 @@ def _judge(
 # ---------------------------------------------------------------- CLI
 
 
+def summary_line(s: dict) -> str:
+    """The printed pass@k line: bootstrap and Wilson 95% intervals over problems, and a caveat when n is small."""
+    pk = "  ".join(
+        f"{k}={v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]"
+        + (f" Wilson [{v['wilson_low']:.4f}, {v['wilson_high']:.4f}]" if "wilson_low" in v else "")
+        for k, v in s["pass_at_k"].items()
+    )
+    line = f"{s['model']} {s['dataset']}: {s['n_problems']} problems, {s['n_programs']} programs; {pk}"
+    if s["n_problems"] < SMALL_N:
+        line += f"\ncaveat: n = {s['n_problems']} problems < {SMALL_N}: the intervals are rough; do not rank by them"
+    return line
+
+
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     ap = cli.parser("evaluate", __doc__.split("\n\n")[0])
     cli.add_common(ap)
@@ -378,10 +393,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
     s = evaluate(cfg)
-    pk = "  ".join(
-        f"{k}={v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in s["pass_at_k"].items()
-    )
-    print(f"{s['model']} {s['dataset']}: {s['n_problems']} problems, {s['n_programs']} programs; {pk}")
+    print(summary_line(s))
     print(f"status: {s['status_counts']}  isolation: {s['isolation']}")
     if cfg.reference:
         bad = s["problems_never_passed"]

@@ -720,12 +720,30 @@ def ablation_pair(stage_path: str | os.PathLike, name: str) -> tuple[dict, dict]
     return a, b
 
 
+# A Taylor record's fields before they named the state they measure (old name -> name): the scoring pass runs before
+# the iteration prunes, the held-out pass and the alive count after it.
+TAYLOR_RENAMED = {
+    "scoring_loss": "scoring_loss_before",
+    "scoring_losses": "scoring_losses_before",
+    "heldout_loss": "heldout_loss_after",
+    "heldout_losses": "heldout_losses_after",
+    "n_alive": "n_alive_after",
+}
+
+
+def taylor_record(rec: dict) -> dict:
+    """A Taylor record with today's field names (a record of an older file is renamed, a new one returned as is)."""
+    if not any(k in rec for k in TAYLOR_RENAMED):
+        return rec
+    return {TAYLOR_RENAMED.get(k, k): v for k, v in rec.items()}
+
+
 def read_taylor(stage_path: str | os.PathLike, name: str) -> tuple[list[dict], dict]:
-    """Taylor pruning records (one per iteration, in order) and the provenance of the run that wrote the last of
-    them (its runs file; else the `<name>.samples.npz` stamp)."""
+    """Taylor pruning records (one per iteration, in order, with today's field names: `taylor_record`) and the
+    provenance of the run that wrote the last of them (its runs file; else the `<name>.samples.npz` stamp)."""
     d = Path(stage_path)
     path = d / file_name(name, "jsonl")
-    recs = sorted(iter_jsonl(path), key=lambda r: r["iteration"])
+    recs = sorted((taylor_record(r) for r in iter_jsonl(path)), key=lambda r: r["iteration"])
     runs = read_runs(path)
     meta: dict = runs[-1] if runs else {}
     npz = d / file_name(name, "samples.npz")

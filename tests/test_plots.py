@@ -132,10 +132,12 @@ def test_taylor_figures(results_tree):
     it_ax, alive_ax = fig.axes[:2]
     scoring, held = it_ax.lines[:2]
     assert list(scoring.get_xdata()) == [0, 1, 2] and list(held.get_xdata()) == [0, 1, 2, 3]
-    np.testing.assert_allclose(held.get_ydata(), [recs[0]["base_heldout_loss"]] + [r["heldout_loss"] for r in recs])
+    np.testing.assert_allclose(
+        held.get_ydata(), [recs[0]["base_heldout_loss"]] + [r["heldout_loss_after"] for r in recs]
+    )
     assert list(alive_ax.lines[1].get_xdata()) == [270, 250, 230, 210]
     P = bp.pruned_at(recs, (30, 9))
-    assert (P == 0).sum() == recs[-1]["n_alive"] == 210
+    assert (P == 0).sum() == recs[-1]["n_alive_after"] == 210
     assert sorted(map(tuple, np.argwhere(P > 0).tolist())) == sorted(map(tuple, recs[-1]["pruned_total"]))
     assert "(210 alive)" in texts(bp.taylor_heads(a))
     assert "2 scoring / 2 held-out samples" in texts(bp.taylor_layers(a))

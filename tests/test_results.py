@@ -249,6 +249,28 @@ def test_readers(tmp_path):
     assert m.shape == (2, 1, 2) and np.isnan(m[0, 0, 0]) and m[1, 0, 0] == 1.0
 
 
+def test_taylor_reader_names_states_and_reads_old_files(tmp_path):
+    """Records written before the fields named their state (scoring_loss, heldout_loss, n_alive) read back under
+    today's names, beside records of the new format in the same (resumed) file; plots draw them."""
+    import btp.plots as bp
+
+    sd = R.dataset_dir(tmp_path, "m", "humaneval") / "taylor"
+    common = {"importance": [[1.0, 2.0]], "pruned": [[0, 0]], "pruned_before": [], "base_heldout_loss": 1.0}
+    old = {**common, "iteration": 1, "n_alive_before": 2, "n_alive": 1, "scoring_loss": 1.5, "heldout_loss": 1.7}
+    old |= {"scoring_losses": [1.5], "heldout_losses": [1.7], "pruned_total": [[0, 0]]}
+    new = {**common, "iteration": 2, "n_alive_before": 1, "n_alive_after": 1, "scoring_loss_before": 1.6}
+    new |= {"heldout_loss_after": 1.8, "scoring_losses_before": [1.6], "heldout_losses_after": [1.8]}
+    sd.mkdir(parents=True)
+    (sd / "regular.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in (old, new)))
+    recs, _ = R.read_taylor(sd, "regular")
+    assert [r["n_alive_after"] for r in recs] == [1, 1] and [r["heldout_loss_after"] for r in recs] == [1.7, 1.8]
+    assert recs[0]["scoring_loss_before"] == 1.5 and recs[0]["heldout_losses_after"] == [1.7]
+    assert not any(k in r for r in recs for k in R.TAYLOR_RENAMED)
+    assert R.taylor_record(new) is new  # today's records pass through untouched
+    fig = bp.taylor_loss(bp.Analysis("taylor", "humaneval", "regular", recs))
+    assert list(fig.axes[0].lines[1].get_ydata()) == [1.0, 1.7, 1.8]
+
+
 def test_one_jsonl_reader(tmp_path):
     p = tmp_path / "a.jsonl.gz"
     with gzip.open(p, "wt") as f:

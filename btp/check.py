@@ -242,8 +242,9 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
         row.evaluated, row.passed = len(seen), sum(ok for ok, _ in seen.values())
         for _, st in seen.values():
             row.statuses[st] = row.statuses.get(st, 0) + 1
-        if results.is_stale(ev, gen):
-            issue(ev, "stale", f"older than {GENERATIONS}")
+    stale = results.evaluation_staleness(d)  # by the content the summary recorded (file times only for old ones)
+    if e is not None and EVALUATIONS in stale:
+        issue(ev, "stale", stale[EVALUATIONS])
 
     summ = d / SUMMARY
     if summ.exists():
@@ -254,8 +255,8 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
             row.pass1, row.pass1_ci = _pass1(s)
             if row.total is None and row.n and isinstance(s, dict) and s.get("n_problems"):
                 row.total = int(s["n_problems"]) * row.n  # the problems evaluate judged against
-            if results.is_stale(summ, ev):
-                issue(summ, "stale", f"older than {EVALUATIONS}")
+            if SUMMARY in stale:
+                issue(summ, "stale", stale[SUMMARY])
 
     for stage in STAGE_DIRS:
         sd = d / stage
@@ -284,6 +285,7 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
     least one generation (note '(g/G gen, best f)', G from its runs file, f the best fitness so far), else any
     readable `<name>.*`. A `.partial.` file without the finished output shows as '(partial)'."""
     ok: dict[tuple[str, str], set] = {}  # (stem, part) -> readable file extensions
+    broken: set[str] = set()  # names of unreadable files (reported as broken, not also as missing)
     taylor: dict[str, tuple] = {}  # stem -> (iterations, last stop_reason)
     for p in sorted(p for p in sd.iterdir() if p.is_file() and not p.name.startswith(".")):
         f = results.parse_file_name(p.name)
@@ -302,6 +304,7 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
             continue
         if why:
             issue(p, "broken", why)
+            broken.add(p.name)
             continue
         ok.setdefault((f.stem, f.part), set()).add(f.ext)
         if (stale := results.staleness(d, sd, p.name)) is not None:
@@ -317,9 +320,10 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
                     _check_noise(sd / results.file_name(stem, "json"), issue)
                     if results.is_estimate(stem):
                         done[stem] += atp_note(sd, stem)
-            elif suf & {"npz", "json"}:  # cut off between the two writes
+            elif suf & {"npz", "json"}:  # cut off between the two writes (a truncated file is broken, above)
                 missing = results.file_name(stem, "json" if "npz" in suf else "npz")
-                issue(sd / missing, "incomplete", "missing: rerun the stage")
+                if missing not in broken:
+                    issue(sd / missing, "incomplete", "missing: rerun the stage")
             elif suf & {"partial.npz"}:
                 done[stem] = "(partial)"
         elif stage == "taylor":

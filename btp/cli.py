@@ -360,6 +360,7 @@ class Run:
     sample_config: Any  # samples.SampleConfig
     samples: Any  # samples.SampleSet
     tokenizer: Any
+    inputs: dict = field(default_factory=dict)  # identities of the files the samples were read from (staleness)
     _loaded: Any = None
 
     @property
@@ -429,6 +430,8 @@ class Run:
             config=config_dict(self.args),
             samples=self.samples.describe(),
             attn_implementation=lm.attn_implementation,
+            layer_numbering=results.LAYER_NUMBERING,
+            inputs=self.inputs,
             **extra,
         )
 
@@ -451,5 +454,7 @@ def prepare(spec: StageSpec, argv: Sequence[str] | None = None) -> Run:
         p.error(str(e))
     ref = resolve_model(args.model)
     tok = load_tokenizer(args.model)
+    ds_dir = results.dataset_dir(args.results_dir, ref.model_id, args.dataset, create=False)
+    inputs = results.analysis_inputs(ds_dir, scfg.source, scfg.select)  # before reading: a later change is stale
     ss = load_samples(args.results_dir, ref.model_id, args.dataset, scfg, tok)
-    return Run(spec, p, args, ref, dev, dtype, scfg, ss, tok)
+    return Run(spec, p, args, ref, dev, dtype, scfg, ss, tok, inputs)

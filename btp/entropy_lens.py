@@ -1,10 +1,12 @@
-"""Stage: the entropy lens. For every layer l = 1..L, read the residual stream after layer l through the model's
-own final norm and unembedding (soft-capped as the model does) and record, at the scored tokens only, the
-entropy of that distribution, the cross-entropy of the actual next token and KL(final || layer).
+"""Stage: the entropy lens. For every block b = 0..L-1 (block index, 0-based, as head ids count layers), read the
+residual stream after block b through the model's own final norm and unembedding (soft-capped as the model does)
+and record, at the scored tokens only, the entropy of that distribution, the cross-entropy of the actual next
+token and KL(final || layer). The embeddings (before block 0) are not read.
 
 `python -m btp.entropy_lens --source reference --mode chain_code --num-samples 20`
-writes `results/<model-slug>/<dataset>/entropy/<stem>.npz` (+ `<stem>.json`). Layer L is exactly the model's own
-logits: its normed last hidden state is unembedded without a second norm.
+writes `results/<model-slug>/<dataset>/entropy/<stem>.npz` (+ `<stem>.json`). Its `layer` array holds the block
+indices; block L-1 is exactly the model's own logits: its normed last hidden state is unembedded without a second
+norm.
 
 Memory: one forward pass per sample (under SDPA or FlashAttention, the default: no [heads, T, T] scores) keeps the
 residual streams at the scored positions only, as they pass ([L, P, d]); vocab-sized fp32 tensors exist only for
@@ -116,7 +118,7 @@ def lens_sample(
     pool: _Pool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Entropy, CE and KL(final || layer) as fp32 [P, L] (CPU) for one sequence `input_ids` [T], at `positions` [P]
-    whose logits predict `targets` [P]. Column l-1 is layer l; column L-1 is the model's own output.
+    whose logits predict `targets` [P]. Column b is the residual after block b; column L-1 is the model's own output.
     `pool`: buffers shared across calls (run_entropy_lens passes one for all samples)."""
     ad = adapter(model)
     L, dev = ad.n_layers, ad.device
@@ -198,7 +200,7 @@ def run_entropy_lens(
     model: torch.nn.Module, sample_set: SampleSet, config: LensConfig | None = None
 ) -> dict[str, np.ndarray]:
     """The lens over all samples: per-token `entropy`, `ce`, `kl` [tokens, L] float32, their summaries,
-    `layer` (1..L) and the sample fields (`SampleSet.fields()`), i.e. everything the npz holds."""
+    `layer` (block indices 0..L-1) and the sample fields (`SampleSet.fields()`), i.e. everything the npz holds."""
     config = config or LensConfig()
     L = adapter(model).n_layers
     parts: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
@@ -221,7 +223,7 @@ def run_entropy_lens(
     return {
         **per_token,
         **summarize(per_token, fields["sample_index"], len(sample_set), sample_set.problem_ids),
-        "layer": np.arange(1, L + 1, dtype=np.int64),
+        "layer": np.arange(L, dtype=np.int64),  # block index, 0-based (results.LAYER_NUMBERING)
         **fields,
     }
 
@@ -289,11 +291,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"[btp.entropy_lens] {len(ss)} samples, {len(res['token_id'])} scored tokens, {L} layers, {secs:.1f}s "
         f"-> {npz_path}"
     )
-    for l in sorted({1, L // 4, L // 2, 3 * L // 4, L} - {0}):
+    for b in sorted({0, L // 4, L // 2, 3 * L // 4, L - 1}):
         print(
-            f"  layer {l:3d}: entropy {res['entropy_mean'][l - 1]:.3f}  ce {res['ce_mean'][l - 1]:.3f}  "
-            f"kl {res['kl_mean'][l - 1]:.3f} nats (token-weighted); sample-weighted entropy "
-            f"{res['entropy_sample_mean'][l - 1]:.3f}  ce {res['ce_sample_mean'][l - 1]:.3f}"
+            f"  after block {b:3d}: entropy {res['entropy_mean'][b]:.3f}  ce {res['ce_mean'][b]:.3f}  "
+            f"kl {res['kl_mean'][b]:.3f} nats (token-weighted); sample-weighted entropy "
+            f"{res['entropy_sample_mean'][b]:.3f}  ce {res['ce_sample_mean'][b]:.3f}"
         )
     return npz_path
 

@@ -21,7 +21,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -37,6 +37,7 @@ from .results import (
     dataset_dir,
     evaluations_path,
     generations_dir,
+    input_identity,
     read_runs,
     summary_path,
 )
@@ -118,6 +119,7 @@ class EvalPlan:
     out: Path
     model: str
     source: str
+    inputs: dict = field(default_factory=dict)  # programs file name -> identity, read before judging
 
 
 def plan(cfg: EvalConfig) -> EvalPlan:
@@ -134,13 +136,14 @@ def plan(cfg: EvalConfig) -> EvalPlan:
             raise UserError(f"{cfg.dataset} has no reference solutions — --reference works for {works}")
         source, model = "reference", "reference"
         out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / EVALUATIONS
-        programs = None
+        programs, inputs = None, {}
     elif cfg.input:
         source, model = "input", cfg.model or Path(cfg.input).stem
         inp = Path(cfg.input)
         if not inp.is_file():
             raise FileNotFoundError(f"--input {inp} does not exist — give a JSONL file of {{problem_id, sample, code}}")
         out = evaluations_path(inp)
+        inputs = {inp.name: input_identity(inp)}
         programs = _read_programs(inp)
     else:
         if not cfg.model:
@@ -156,11 +159,12 @@ def plan(cfg: EvalConfig) -> EvalPlan:
         for k, v in _generation_options(gen).items():
             if opts.get(k) is None:
                 opts[k] = v
+        inputs = {gen.name: input_identity(gen)}
         programs = _read_programs(gen)
     problems = bench.load(**opts)
     if programs is None:
         programs = [{"problem_id": p.problem_id, "sample": 0, "code": p.reference} for p in problems]
-    return EvalPlan(problems, programs, out, model, source)
+    return EvalPlan(problems, programs, out, model, source, inputs)
 
 
 # ---------------------------------------------------------------- the stage
@@ -295,6 +299,8 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
         "evaluations": str(out),
         "timeout_s": timeout,
         "ignored_programs": len(ignored),
+        # what was summarised, by content: btp.check calls the verdicts or the summary stale when these change
+        "inputs": {**p.inputs, out.name: input_identity(out)},
         **summarize(problems, records, n_boot=cfg.n_boot, seed=cfg.seed),
         "provenance": provenance(
             stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed, config=conf, source=source

@@ -398,13 +398,13 @@ def arm_identity(arm: Arm, base_identity: dict) -> dict:
 
 def arm_done(arm: Arm, identity: dict, n_programs: int) -> bool:
     """Generated and judged with this identity: the head set file matches, the summary covers every program
-    and is not older than what it summarises."""
+    and summarises the verdicts and programs there now."""
     f = arm.files
     if not (f["headset"].exists() and f["summary"].exists()):
         return False
     if results.identity_diff(read_json(f["headset"]).get("identity"), identity) is not None:
         return False
-    if results.is_stale(f["summary"], f["evaluations"]) or results.is_stale(f["evaluations"], f["generations"]):
+    if results.evaluation_staleness(f["summary"].parent):  # by the content the summary recorded
         return False
     return read_json(f["summary"]).get("n_programs") == n_programs
 

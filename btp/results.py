@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,14 @@ import numpy as np
 
 from . import store
 from .store import MalformedFileError, iter_jsonl, read_json, read_npz, runs_path, write_json, write_npz  # noqa: F401
+
+# Layers everywhere (head ids L<l>H<h>, matrices' rows, the lens's columns, axes) are transformer blocks counted from
+# 0, as in the model's `layers[i]`; every analysis output says so in its provenance (`layer_numbering`).
+LAYER_NUMBERING = "block index, 0-based"
+LAYER_AXIS = "layer (block index, 0-based)"
+# the lens reads the residual stream after each block; the embeddings (before block 0) are not read, and the last
+# block's column is the model's own output
+LENS_AXIS = "residual after block (block index, 0-based; last: the model's output)"
 
 MODES = ("regular", "chain_code")
 SOURCES = ("generations", "reference")
@@ -646,17 +655,86 @@ def mtime(p: str | os.PathLike) -> float | None:
 
 
 def is_stale(output_path: str | os.PathLike, *inputs: str | os.PathLike) -> bool:
-    """True when `output_path` exists and is older than any existing input (it should be recomputed)."""
+    """True when `output_path` exists and is older than any existing input. Only for outputs written before they
+    recorded their inputs (`inputs`): file times change under `cp -r`, content does not."""
     t = mtime(output_path)
     return t is not None and any((ti := mtime(i)) is not None and ti > t for i in inputs)
 
 
+_HASHED: dict[tuple, dict] = {}  # (path, size, mtime_ns) -> identity: a check hashes each input once
+
+
+def input_identity(path: str | os.PathLike) -> dict | None:
+    """{size, sha256} of a file's bytes, None when it does not exist: what an output records of each input it read
+    (`inputs` in its provenance), so that staleness is judged by content and a copy of a clean tree stays clean."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _HASHED:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _HASHED[memo] = {"size": st.st_size, "sha256": h.hexdigest()[:32]}
+    return dict(_HASHED[memo])
+
+
+def analysis_inputs(ds_dir: str | os.PathLike, source: str, select: str) -> dict[str, dict]:
+    """The identities of the files an analysis population is read from, by name: `generations.jsonl` (source
+    generations) and the `evaluations.jsonl` whose verdicts chose them (any select but all)."""
+    if source != "generations":
+        return {}
+    names = (GENERATIONS,) + ((EVALUATIONS,) if select != "all" else ())
+    return {n: ident for n in names if (ident := input_identity(Path(ds_dir) / n)) is not None}
+
+
+def changed_inputs(ds_dir: str | os.PathLike, recorded: dict) -> list[str]:
+    """The recorded inputs (name -> identity, beside each other in `ds_dir`) whose content is not what was read."""
+    now = lambda n: input_identity(Path(ds_dir) / n) or {}
+    return [n for n, ident in recorded.items() if {k: now(n).get(k) for k in ("size", "sha256")} != ident]
+
+
+def _stamp_of(stage_path: Path, f: FileName) -> dict | None:
+    """The provenance an output file was written with: its `<stem>[_<part>].json`, else the last run of its
+    `<stem>.jsonl` (Taylor, CMA-ES), else the stamp inside its `<stem>.npz`; None when unreadable or absent."""
+    try:
+        js = stage_path / file_name(f.stem, "json", f.part)
+        if js.exists():
+            doc = read_json(js)
+            if isinstance(doc, dict) and ("inputs" in doc or "identity" in doc):
+                return doc
+        runs = read_runs(stage_path / file_name(f.stem, "jsonl"))
+        if runs and isinstance(runs[-1], dict):
+            return runs[-1]
+        npz = stage_path / file_name(f.stem, "npz")
+        if not f.part and npz.exists():
+            with np.load(npz, allow_pickle=False) as z:  # the stamp only, not the arrays
+                return json.loads(str(z["provenance"])) if "provenance" in z.files else None
+    except (MalformedFileError, OSError, UnicodeDecodeError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # a broken file is reported as broken, not as stale
+    return None
+
+
 def staleness(ds_dir: Path, stage_path: Path, name: str) -> str | None:
-    """Why an analysis file `<stage-dir>/<name>` is stale, or None: older than the generations it was computed
-    from, than the evaluations that chose them (correct / incorrect populations), or (a part such as the knockout
-    curves) than its own matrix."""
+    """Why an analysis file `<stage-dir>/<name>` is stale, or None: an input it recorded (the generations it was
+    computed from, the evaluations that chose them) has other content now, or (a part such as the knockout curves)
+    its own matrix was recomputed with another identity. Outputs that record no inputs (older versions) fall back to
+    file times."""
     f = parse_file_name(name)
     if f.is_partial or f.is_runs:
+        return None
+    stamp = _stamp_of(stage_path, f)
+    matrix = _stamp_of(stage_path, FileName(f.stem, "", "json")) if f.part else None
+    if stamp is not None and "inputs" in stamp:
+        changed = changed_inputs(ds_dir, stamp["inputs"])
+        if changed:
+            return f"{' and '.join(changed)} changed since it was computed"
+        want = (stamp.get("identity") or {}).get("matrix")
+        if f.part and matrix is not None and want is not None and matrix.get("run_key") != want:
+            return f"computed for another {file_name(f.stem, 'npz')} (recomputed since)"
         return None
     s = try_parse_stem(f.stem)
     p = stage_path / name
@@ -670,6 +748,32 @@ def staleness(ds_dir: Path, stage_path: Path, name: str) -> str | None:
     return None
 
 
+def evaluation_staleness(ds_dir: str | os.PathLike) -> dict[str, str]:
+    """{file name: why} for a dataset dir's `evaluations.jsonl` and `summary.json`: the summary records the content
+    of the programs and verdicts it summarised (`inputs`), so verdicts are stale when the generations changed since,
+    and the summary when the verdicts did. Summaries without `inputs` (older versions) fall back to file times."""
+    d = Path(ds_dir)
+    gen, ev, summ = d / GENERATIONS, d / EVALUATIONS, d / SUMMARY
+    try:
+        doc = read_json(summ) if summ.exists() else None
+    except (MalformedFileError, OSError, UnicodeDecodeError):
+        doc = None
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    out = {}
+    if inputs is None:
+        if is_stale(ev, gen):
+            out[EVALUATIONS] = f"older than {GENERATIONS}"
+        if is_stale(summ, ev):
+            out[SUMMARY] = f"older than {EVALUATIONS}"
+        return out
+    changed = changed_inputs(d, {k: v for k, v in inputs.items() if k in (GENERATIONS, EVALUATIONS)})
+    if GENERATIONS in changed and ev.exists():
+        out[EVALUATIONS] = f"{GENERATIONS} changed since the last evaluation: rerun btp.evaluate"
+    if EVALUATIONS in changed:
+        out[SUMMARY] = f"{EVALUATIONS} changed since it was summarised: rerun btp.evaluate"
+    return out
+
+
 # ================================================================ readers
 
 
@@ -679,7 +783,14 @@ def read_analysis(stage_path: str | os.PathLike, name: str) -> tuple[dict, dict]
     d = Path(stage_path)
     arrays = read_npz(d / file_name(name, "npz"))
     meta_p = d / file_name(name, "json")
-    return arrays, (read_json(meta_p) if meta_p.exists() else arrays.get("provenance", {}))
+    meta = read_json(meta_p) if meta_p.exists() else arrays.get("provenance", {})
+    if meta.get("stage") == "entropy_lens" and not meta.get("layer_numbering") and "layer" in arrays:
+        # lens outputs before `layer_numbering` counted the residual after block b as layer b + 1 (1..L)
+        arrays["layer"] = np.asarray(arrays["layer"]) - 1
+        if isinstance((meta.get("summary") or {}).get("layer"), list):
+            meta["summary"]["layer"] = [int(x) - 1 for x in meta["summary"]["layer"]]
+        meta["layer_numbering"] = LAYER_NUMBERING
+    return arrays, meta
 
 
 def read_knockout(stage_path: str | os.PathLike, name: str) -> dict | None:

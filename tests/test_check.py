@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +102,7 @@ def test_flags_broken_files(results_tree, tmp_path, capsys):
     broken = [l for l in out.splitlines() if l.startswith("BROKEN")]
     assert any("humaneval/generations.jsonl: line 2: not valid JSON" in l for l in broken), out
     assert any("humaneval/entropy/chain_code-all.npz" in l for l in broken), out
+    assert "INCOMPLETE" not in out, out  # a truncated npz is broken, not also "missing"
     assert any("mbpp/summary.json" in l for l in broken), out
     he = next(l for l in out.splitlines() if l.strip().startswith("humaneval"))
     assert "C-all" not in he and "R-all R-inc" in he  # the broken output is not counted as done
@@ -120,9 +123,9 @@ def test_torn_tail_stale_and_incomplete(results_tree, tmp_path, capsys):
     ev = md / "humaneval/evaluations.jsonl"
     data = ev.read_bytes().rstrip(b"\n")
     ev.write_bytes(data[: len(data) - 25])  # a killed writer: last line cut short
-    os.utime(ev, (ev.stat().st_atime, ev.stat().st_mtime + 5))
     gen = md / "mbpp/generations.jsonl"
-    os.utime(gen, (gen.stat().st_atime, gen.stat().st_mtime + 1e6))  # regenerated after everything else
+    lines = gen.read_text().splitlines(keepends=True)
+    gen.write_text("".join(lines) + lines[-1])  # regenerated: a later record of the same sample (other content)
     (md / "humaneval/entropy/regular-incorrect.json").unlink()
     rc, out = run(["--results-dir", root], capsys)
     assert rc == 0, out  # torn, stale and incomplete are not broken
@@ -136,14 +139,35 @@ def test_torn_tail_stale_and_incomplete(results_tree, tmp_path, capsys):
         "mbpp/ablation/regular-all-layers28_29.npz",
         "mbpp/ablation/regular-all-layers28_29.json",
         "mbpp/ablation/regular-all-layers28_29_knockout.json",
-        # older than the touched humaneval evaluations: the summary and the incorrect population
-        # (the all-generations outputs do not depend on evaluations)
+        # the humaneval evaluations changed: the summary and the incorrect population (its npz's own stamp; the
+        # all-generations outputs do not depend on evaluations)
         "humaneval/summary.json",
         "humaneval/entropy/regular-incorrect.npz",
     }, stale
+    assert any("mbpp/entropy/regular-all.npz: generations.jsonl changed since it was computed" in l for l in issues)
     assert any(l.startswith("INCOMPLETE") and "regular-incorrect.json" in l for l in issues)
     he = next(l for l in out.splitlines() if l.strip().startswith("humaneval"))
     assert "3/4" in he and "R-inc" not in he
+
+
+def test_copy_with_new_file_times_stays_clean(results_tree, tmp_path, capsys):
+    """Staleness is by content: `cp -r` without -p (every file gets a new time) and touching files in any order,
+    inputs last, leave a clean tree clean."""
+    root = tmp_path / "t"
+    shutil.copytree(results_tree, root, copy_function=shutil.copy)  # as `cp -r`: new mtimes, in copy order
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    random.Random(0).shuffle(files)
+    t = 2_000_000_000
+    for i, p in enumerate(files):
+        os.utime(p, (t + i, t + i))
+    for p in root.rglob("generations.jsonl"):  # the inputs newest of all
+        os.utime(p, (t + 10**6, t + 10**6))
+    rc, out = run(["--results-dir", root], capsys)
+    assert rc == 0 and "STALE" not in out and "INCOMPLETE" not in out, out
+    r = subprocess.run(["cp", "-r", str(results_tree), str(tmp_path / "cp")], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    rc, out = run(["--results-dir", tmp_path / "cp"], capsys)
+    assert rc == 0 and "STALE" not in out, out
 
 
 def test_missing_dir_exits_2(tmp_path, capsys):

@@ -148,6 +148,50 @@ def test_list_outputs_order_and_staleness(tmp_path):
     assert R.is_stale(gen, ev) and not R.is_stale(ev, gen) and not R.is_stale(d / "nope", gen)
 
 
+def test_staleness_by_recorded_input_content(tmp_path):
+    """An output that records the identities of its inputs is stale exactly when their content changed: new file
+    times (a `cp -r`, a touch) change nothing; a knockout part is stale when its matrix was recomputed."""
+    d = R.dataset_dir(tmp_path, "m", "humaneval")
+    sd = d / "ablation"
+    gen, ev = d / "generations.jsonl", d / "evaluations.jsonl"
+    gen.write_text('{"problem_id": "p", "sample": 0}\n')
+    ev.write_text('{"problem_id": "p", "sample": 0, "passed": true}\n')
+    inputs = R.analysis_inputs(d, "generations", "correct")
+    assert set(inputs) == {"generations.jsonl", "evaluations.jsonl"} and R.analysis_inputs(d, "reference", "all") == {}
+    assert set(R.analysis_inputs(d, "generations", "all")) == {"generations.jsonl"}
+    mid = R.identity_stamp({"x": 1})
+    write_npz(sd / "regular.npz", provenance={"inputs": inputs, **mid}, x=np.zeros(1))
+    write_json(sd / "regular.json", {"inputs": inputs, **mid})
+    write_json(sd / "regular_knockout.json", {"inputs": inputs, **R.identity_stamp({"matrix": mid["run_key"]})})
+    later = 2_000_000_000
+    for i, p in enumerate((gen, ev, *sd.iterdir())):  # every input far newer than every output, in any order
+        os.utime(p, (later - 10 * i, later - 10 * i) if p.parent == d else (1, 1))
+    assert all(R.staleness(d, sd, p.name) is None for p in sd.iterdir())
+    ev.write_text('{"problem_id": "p", "sample": 0, "passed": false}\n')  # rejudged: same size, other content
+    assert R.staleness(d, sd, "regular.npz") == "evaluations.jsonl changed since it was computed"
+    assert R.staleness(d, sd, "regular_knockout.json") == "evaluations.jsonl changed since it was computed"
+    write_json(sd / "regular.json", {"inputs": R.analysis_inputs(d, "generations", "correct"), **mid})
+    write_json(sd / "regular_knockout.json", {"inputs": R.analysis_inputs(d, "generations", "correct"), **mid})
+    assert R.staleness(d, sd, "regular.json") is None
+    assert R.staleness(d, sd, "regular_knockout.json") is None  # no matrix key recorded: nothing to compare
+    ko = {"inputs": R.analysis_inputs(d, "generations", "correct"), **R.identity_stamp({"matrix": "other"})}
+    write_json(sd / "regular_knockout.json", ko)
+    assert R.staleness(d, sd, "regular_knockout.json") == "computed for another regular.npz (recomputed since)"
+    # evaluations and summary: by the content the summary recorded
+    write_json(
+        d / "summary.json",
+        {"inputs": {"generations.jsonl": R.input_identity(gen), "evaluations.jsonl": R.input_identity(ev)}},
+    )
+    os.utime(d / "summary.json", (1, 1))
+    assert R.evaluation_staleness(d) == {}
+    with open(gen, "a") as f:
+        f.write('{"problem_id": "p", "sample": 1}\n')
+    assert set(R.evaluation_staleness(d)) == {"evaluations.jsonl"}
+    with open(ev, "a") as f:
+        f.write('{"problem_id": "p", "sample": 1, "passed": true}\n')
+    assert set(R.evaluation_staleness(d)) == {"evaluations.jsonl", "summary.json"}
+
+
 # ---------------------------------------------------------------- identity and claim
 
 IDENT = {
@@ -269,6 +313,19 @@ def test_taylor_reader_names_states_and_reads_old_files(tmp_path):
     assert R.taylor_record(new) is new  # today's records pass through untouched
     fig = bp.taylor_loss(bp.Analysis("taylor", "humaneval", "regular", recs))
     assert list(fig.axes[0].lines[1].get_ydata()) == [1.0, 1.7, 1.8]
+
+
+def test_old_lens_outputs_read_as_block_indices(tmp_path):
+    """Lens files written before `layer_numbering` counted the residual after block b as layer b + 1."""
+    sd = R.dataset_dir(tmp_path, "m", "humaneval") / "entropy"
+    write_npz(sd / "regular.npz", layer=np.arange(1, 4), entropy_mean=np.ones(3))
+    write_json(sd / "regular.json", {"stage": "entropy_lens", "summary": {"layer": [1, 2, 3]}})
+    arrays, meta = R.read_analysis(sd, "regular")
+    assert arrays["layer"].tolist() == [0, 1, 2] and meta["summary"]["layer"] == [0, 1, 2]
+    assert meta["layer_numbering"] == R.LAYER_NUMBERING
+    write_json(sd / "regular.json", {"stage": "entropy_lens", "layer_numbering": R.LAYER_NUMBERING})
+    write_npz(sd / "regular.npz", layer=np.arange(3), entropy_mean=np.ones(3))
+    assert R.read_analysis(sd, "regular")[0]["layer"].tolist() == [0, 1, 2]  # today's files: as written
 
 
 def test_one_jsonl_reader(tmp_path):

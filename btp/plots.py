@@ -35,6 +35,7 @@ from .results import (
     importance_matrix,
     parse_stem,
     rank_heads,
+    repo_path,  # noqa: F401  (for notebooks: `RESULTS_DIR = bp.repo_path(RESULTS_DIR)`)
 )
 from .stats import SMALL_N, agreement
 from .store import MalformedFileError, iter_jsonl, read_json

@@ -96,6 +96,19 @@ def model_dir_names(results_dir: str | os.PathLike, model: str) -> list[str]:
     return names
 
 
+def repo_path(path: str | os.PathLike) -> Path:
+    """A relative path as the repository root sees it, when the working directory is inside the repository and the
+    path does not exist from there: Jupyter starts a notebook's kernel in `notebooks/`, where `results` means the
+    repository's `results/`. Absolute paths, paths that exist, and paths outside a checkout stay as given."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    for d in (Path.cwd(), *Path.cwd().parents):
+        if (d / "pyproject.toml").is_file() and (d / "btp").is_dir():
+            return d / p
+    return p
+
+
 def find_model_dir(results_dir: str | os.PathLike, model: str | None) -> Path:
     """`results/<slug>` of `model` (a slug, an HF id, or a name btp.models resolves); with `model=None` the only
     model under `results_dir`. FileNotFoundError / ValueError say why none is found."""
@@ -954,3 +967,145 @@ def mask_from_rows(rows: Sequence[str]) -> np.ndarray:
         for h, c in enumerate(r):
             out[l, h] = 1.0 if c == "1" else 0.0 if c == "0" else np.nan
     return out
+
+
+# ================================================================ tables for pandas / xarray users
+# Analyses with named dimensions (sample, token, layer, head, iteration, generation); pandas and xarray are imported
+# only here (check stays light). Every object's attrs carry the model folder, dataset, output name and
+# `layer_numbering`.
+
+
+def _attrs(md: Path, dataset: str, name: str, meta: dict) -> dict:
+    st = try_parse_stem(name)
+    return {
+        "model": md.name,
+        "dataset": dataset,
+        "name": name,
+        "population": st.population if st else "",
+        "mode": st.mode if st else "",
+        "layer_numbering": meta.get("layer_numbering") or LAYER_NUMBERING,
+    }
+
+
+STAGE_MODULES = {"entropy_lens": "entropy_lens", "ablation": "ablation", "taylor": "taylor", "cmaes": "cmaes_search"}
+
+
+def _first(results_dir: str | os.PathLike, model: str | None, dataset: str, stage: str, name: str | None):
+    md = find_model_dir(results_dir, model)
+    d = md / dataset / STAGE_DIRS[stage]
+    have = list_outputs(d, stage)
+    if name is None and not have:
+        raise FileNotFoundError(
+            f"no finished {stage} output under {d} — run `python -m btp.{STAGE_MODULES[stage]}` first"
+        )
+    if name is not None and name not in have:
+        raise FileNotFoundError(f"no finished {stage} output {name!r} under {d} — have: {', '.join(have) or 'none'}")
+    return md, d, name or have[0]
+
+
+def _sample_coords(a: dict) -> dict:
+    return {
+        "sample": np.arange(len(a["sample_problem_id"])),
+        "problem_id": ("sample", a["sample_problem_id"].astype(str)),
+        "sample_number": ("sample", a["sample_number"]),
+    }
+
+
+def entropy_dataset(results_dir: str | os.PathLike, model: str | None, dataset: str, name: str | None = None):
+    """The entropy lens as an xarray Dataset: `entropy`, `ce`, `kl` per scored token (token x layer; each token's
+    `sample`, `position`, `token_id` as coordinates) and their per-sample means (sample x layer). `layer` is the
+    block index (0-based): the residual after that block. `name`: the output (default: the first finished)."""
+    import xarray as xr
+
+    md, d, name = _first(results_dir, model, dataset, "entropy_lens", name)
+    a, meta = read_analysis(d, name)
+    tok = {"token": np.arange(len(a["token_id"]))}
+    tok |= {k: ("token", a[v]) for k, v in (("sample_of_token", "sample_index"), ("position", "position"))}
+    tok |= {"token_id": ("token", a["token_id"])}
+    metrics = [m for m in ("entropy", "ce", "kl") if m in a]
+    data = {m: (("token", "layer"), a[m]) for m in metrics}
+    data |= {f"sample_{m}_mean": (("sample", "layer"), a[f"sample_{m}_mean"]) for m in metrics}
+    coords = {"layer": np.asarray(a["layer"]), **tok, **_sample_coords(a)}
+    return xr.Dataset(data, coords=coords, attrs=_attrs(md, dataset, name, meta))
+
+
+def ablation_dataset(results_dir: str | os.PathLike, model: str | None, dataset: str, name: str | None = None):
+    """A single-head ablation matrix as an xarray Dataset: `delta` (sample x layer x head, ΔCE in nats: ablated −
+    base; NaN where not computed or padding), `delta_mean` with its 95% CI over problems (`delta_ci_low`,
+    `delta_ci_high`) and `delta_n_problems` (layer x head), `base_ce` per sample."""
+    import xarray as xr
+
+    md, d, name = _first(results_dir, model, dataset, "ablation", name)
+    a, meta = read_analysis(d, name)
+    L, H = np.shape(a["delta_mean"])
+    lh = ("layer", "head")
+    data = {"delta": (("sample", *lh), a["delta"]), "base_ce": ("sample", a["base_ce"])}
+    data |= {k: (lh, a[k]) for k in ("delta_mean", "delta_ci_low", "delta_ci_high", "delta_n_problems") if k in a}
+    if "delta_atp" in a:
+        data["delta_atp"] = (("sample", *lh), a["delta_atp"])
+    coords = {"layer": np.arange(L), "head": np.arange(H), **_sample_coords(a)}
+    return xr.Dataset(data, coords=coords, attrs={**_attrs(md, dataset, name, meta), "estimate": is_estimate(name)})
+
+
+def taylor_dataset(results_dir: str | os.PathLike, model: str | None, dataset: str, name: str | None = None):
+    """Iterative Taylor pruning as an xarray Dataset: `importance` (iteration x layer x head, NaN at heads pruned
+    before the iteration and at padding), `pruned` (pruned by that iteration), and per iteration
+    `scoring_loss_before`, `heldout_loss_after`, `n_alive_before`, `n_alive_after` (mean CE in nats)."""
+    import xarray as xr
+
+    md, d, name = _first(results_dir, model, dataset, "taylor", name)
+    recs, meta = read_taylor(d, name)
+    imp = importance_matrices(recs)
+    pruned = np.zeros(imp.shape, dtype=bool)
+    for i, r in enumerate(recs):
+        for l, h in r["pruned"]:
+            pruned[i, l, h] = True
+    it = ("iteration",)
+    data = {"importance": (("iteration", "layer", "head"), imp), "pruned": (("iteration", "layer", "head"), pruned)}
+    for k in ("scoring_loss_before", "heldout_loss_after", "n_alive_before", "n_alive_after"):
+        data[k] = (it, np.array([r[k] for r in recs]))
+    coords = {
+        "iteration": [r["iteration"] for r in recs],
+        "layer": np.arange(imp.shape[1]),
+        "head": np.arange(imp.shape[2]),
+    }
+    attrs = _attrs(md, dataset, name, meta) | {"base_heldout_loss": recs[0]["base_heldout_loss"] if recs else np.nan}
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def cmaes_frame(results_dir: str | os.PathLike, model: str | None, dataset: str, name: str | None = None):
+    """A CMA-ES search as a pandas DataFrame, one row per generation (index `generation`): fitness of the population
+    (best, median, worst), best so far, sigma, evaluations, and the held-out CE of the generation's best and of the
+    best so far with its 95% CI over problems (`best_heldout_mean`, `_ci_low`, `_ci_high`, ...)."""
+    import pandas as pd
+
+    md, d, name = _first(results_dir, model, dataset, "cmaes", name)
+    recs, final, meta = read_cmaes(d, name)
+    rows = []
+    for r in recs:
+        row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+        for k in ("best_heldout", "best_so_far_heldout"):
+            for s, v in (r.get(k) or {}).items():
+                if not isinstance(v, (dict, list)):
+                    row[f"{k}_{s}"] = v
+        rows.append(row)
+    df = pd.DataFrame(rows).set_index("generation") if rows else pd.DataFrame()
+    df.attrs = _attrs(md, dataset, name, final or meta) | {"finished": final is not None}
+    return df
+
+
+def evaluations_frame(results_dir: str | os.PathLike, model: str | None, dataset: str):
+    """A model's verdicts on a dataset as a pandas DataFrame, one row per (problem_id, sample) (the index; the last
+    verdict of a rejudged program): `passed`, `status`, `duration`, `tests_passed`, `tests_total`, `code_sha`."""
+    import pandas as pd
+
+    md = find_model_dir(results_dir, model)
+    p = md / dataset / EVALUATIONS
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found — run `python -m btp.evaluate` first")
+    cols = ("passed", "status", "duration", "tests_passed", "tests_total", "code_sha")
+    last = {(r["problem_id"], int(r["sample"])): {k: r.get(k) for k in cols} for r in iter_jsonl(p)}
+    df = pd.DataFrame.from_dict(last, orient="index", columns=list(cols))
+    df.index = pd.MultiIndex.from_tuples(list(last), names=["problem_id", "sample"])
+    df.attrs = {"model": md.name, "dataset": dataset}
+    return df.sort_index()

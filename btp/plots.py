@@ -1184,7 +1184,9 @@ def pruned_curve(comp: dict, k: str = "pass@1", title: str | None = None) -> Fig
     bx.grid(alpha=0.3)
     if ce:
         bx.legend(fontsize=7)
-    fig.suptitle(title or f"Pruned inference: {comp.get('model', '')} {comp.get('dataset', '')}", fontsize=10)
+    n = comp.get("n_problems")
+    head = title or f"Pruned inference: {comp.get('model', '')} {comp.get('dataset', '')}"
+    fig.suptitle(head + (f" (n={n} problems)" if n else "") + small_n_caveat(n), fontsize=10)
     return fig
 
 

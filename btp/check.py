@@ -271,11 +271,13 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
 
 
 def _pass1(summary: Any) -> tuple[float | None, list | None]:
-    """pass@1 and its CI from summary.json (`{"pass_at_k": {"pass@1": {estimate, ci_low, ci_high}}}`)."""
+    """pass@1 and its CI from summary.json: the Wilson interval (`wilson_low`, `wilson_high`: not a point at 0% or
+    100%), else (older summaries) the bootstrap's `ci_low`, `ci_high`."""
     v = (summary.get("pass_at_k") or {}).get("pass@1") if isinstance(summary, dict) else None
     if not isinstance(v, dict):
         return None, None
-    return v.get("estimate"), [v.get("ci_low"), v.get("ci_high")]
+    lo, hi = ("wilson_low", "wilson_high") if "wilson_low" in v else ("ci_low", "ci_high")
+    return v.get("estimate"), [v.get(lo), v.get(hi)]
 
 
 def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
@@ -483,6 +485,7 @@ def format_table(rows: list[Row]) -> str:
                 out.append("  " + "  ".join("-" * x for x in w))
         out.append("")
     out.append(
+        "pass@1 CI: Wilson over problems (summary.json has the bootstrap beside it); "
         "R = regular, C = chain_code; no suffix: correct generations, -ref: reference solutions, "
         "-inc: incorrect, -all: all generations, -cp/-ip: correct/incorrect on problems with both; "
         "+ko: knockout curves; (k it): Taylor iterations;\n(g gen, best f): CMA-ES generations and best "

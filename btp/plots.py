@@ -1448,7 +1448,7 @@ def circuit_vs_importance(c: Circuits, item: dict) -> Figure:
         if "diff" in j:
             ax.set_title(
                 f"top − rest {j['diff']:+.4f} [{j['ci_low']:+.4f}, {j['ci_high']:+.4f}] 95% CI; "
-                f"Spearman {j['spearman']['estimate']:+.2f}",
+                f"Spearman {j['spearman']['estimate']:+.2f}; n={int(ok.sum())} heads",
                 fontsize=8,
             )
     fig.suptitle(

@@ -532,7 +532,10 @@ def _load_json_partial(path: Path | None, key: str) -> dict | None:
 # ---------------------------------------------------------------- CLI
 
 SPEC = cli.StageSpec(
-    STAGE, "Exact single-head ablation matrix and cumulative knockout curves", configs=(MatrixConfig, KnockoutConfig)
+    STAGE,
+    "Exact single-head ablation matrix and cumulative knockout curves",
+    configs=(MatrixConfig, KnockoutConfig),
+    device_map=True,
 )
 MATRIX_FILES = ("npz", "json")
 

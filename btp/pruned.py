@@ -908,11 +908,9 @@ def _check_shards(plan: Plan, n: int, gen: GenFlags) -> None:
         if not arm_done(a, arm_identity(a, plan.arm_base), len(plan.problems) * gen.n)
     ]
     if missing or undone:
-        raise SystemExit(
-            f"{pdir}: shards {', '.join(missing) or 'all recorded'} of {n} missing"
-            + (f"; arms not judged: {', '.join(undone)}" if undone else "")
-            + f" — run them (--shard i/{n}), then merge again"
-        )
+        what = [f"shards {', '.join(missing)} of {n} not recorded"] if missing else []
+        what += [f"arms not judged: {', '.join(undone)}"] if undone else []
+        raise SystemExit(f"{pdir}: {'; '.join(what)} — run those shards (--shard i/{n}), then merge again")
 
 
 def _free_memory() -> None:

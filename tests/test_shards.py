@@ -13,7 +13,7 @@ from conftest import make_tiny
 
 from btp import cli, merge, results
 from btp.results import Shard, Stem, parse_stem
-from btp.store import read_json, read_npz
+from btp.store import UserError, read_json, read_npz
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,33 +85,40 @@ def _same_output(pa, pb, parts=("",)) -> None:
         _same_json(ja, jb, part or "json")
 
 
-def test_entropy_lens_shards_merge_to_the_unsharded_output(tiny_folder, tmp_path, capsys):
+def test_entropy_lens_shards_merge_to_the_unsharded_output(tiny_folder, tmp_path, monkeypatch, capsys):
     from btp import entropy_lens as E
 
-    one = E.main(_argv(tiny_folder, tmp_path / "one"))
+    one = E.main(_argv(tiny_folder, tmp_path / "one", "--save-every", "0"))
     b = tmp_path / "sharded"
-    first = E.main(_argv(tiny_folder, b, "--shard", "0/2"))
+    orig, calls = E.lens_sample, []
+
+    def flaky(*a, **k):  # shard 0 (samples 0 and 2) is killed in its second sample
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    monkeypatch.setattr(E, "lens_sample", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(_argv(tiny_folder, b, "--shard", "0/2", "--save-every", "0"))
+    capsys.readouterr()
+    first = E.main(_argv(tiny_folder, b, "--shard", "0/2", "--save-every", "0"))
+    assert "1 of 2 samples done" in capsys.readouterr().out and len(calls) == 3  # resumed: one sample left
     assert first.name == "regular-reference-shard0of2.npz" and read_npz(first)["shard_samples"].tolist() == [0, 2]
     assert read_json(first.with_suffix(".json"))["identity"]["shard"] == [0, 2]
     stage_dir = first.parent
-    with pytest.raises(store_errors(), match=r"shards 1/2 of 2"):
+    with pytest.raises(UserError, match=r"shards 1/2 of 2"):
         merge.main([str(stage_dir)])
-    E.main(_argv(tiny_folder, b, "--shard", "1/2"))
+    E.main(_argv(tiny_folder, b, "--shard", "1/2", "--save-every", "0"))
     capsys.readouterr()
-    assert E.main(_argv(tiny_folder, b, "--shard", "1/2")).exists()  # done: skipped
+    assert E.main(_argv(tiny_folder, b, "--shard", "1/2", "--save-every", "0")).exists()  # done: skipped
     assert "skipping" in capsys.readouterr().out
     assert merge.main([str(stage_dir)]) == ["regular-reference"]
     _same_output(one, stage_dir / one.name)
     # the merged output is the unsharded one: an unsharded rerun finds it done
     capsys.readouterr()
-    E.main(_argv(tiny_folder, b))
+    E.main(_argv(tiny_folder, b, "--save-every", "0"))
     assert "skipping" in capsys.readouterr().out
-
-
-def store_errors():
-    from btp.store import UserError
-
-    return UserError
 
 
 def test_ablation_shards_resume_and_merge_to_the_unsharded_outputs(tiny_folder, tmp_path, monkeypatch, capsys):
@@ -166,7 +173,7 @@ def test_ablation_shards_resume_and_merge_to_the_unsharded_outputs(tiny_folder, 
     assert not list(stage_dir.glob("*.partial.*"))
 
 
-def test_pruned_shards_merge_to_the_unsharded_comparison(tiny_folder, tmp_path):
+def test_pruned_shards_merge_to_the_unsharded_comparison(tiny_folder, tmp_path, capfd):
     from test_pruned import FakeRunner
 
     from btp import benchmarks
@@ -183,28 +190,29 @@ def test_pruned_shards_merge_to_the_unsharded_comparison(tiny_folder, tmp_path):
         runners.append(FakeRunner(problems))
         assert P.main(argv + ["--results-dir", str(b), "--shard", f"{i}/2"], runner=runners[-1]) == {}
     assert [len(r.calls) for r in runners] == [6, 4]  # arms 0, 2, 4 and 1, 3 of five, generated and judged
-    pdir = next(b.rglob("pruned"))
+    pdir = next(b.glob("*/mbpp/pruned"))  # not the checkpoint cache, results/.cache/pruned
     rec = pdir / "shard1of2.json"
     assert read_json(rec)["arms"] == ["heads:L0H1,L2H3", "heads:L1H0"]
     saved = rec.read_text()
     rec.unlink()
-    with pytest.raises(store_errors(), match="shards 1/2 of 2"):
+    with pytest.raises(UserError, match="shards 1/2 of 2"):
         merge.main([str(pdir)])
     rec.write_text(saved)
+    summ = pdir / "heads-L1H0" / "summary.json"
+    summ.rename(summ.with_name("away.json"))
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:  # recorded, but an arm is not judged: the stage refuses, naming it
+        merge.main([str(pdir)])
+    assert e.value.code == 2 and "arms not judged: heads:L1H0 (shard 1/2)" in capfd.readouterr().err
+    summ.with_name("away.json").rename(summ)
     assert merge.main([str(pdir)]) == ["comparison"]
-    ca, cb = (
-        read_json(r / "mbpp" / "pruned" / "comparison.json")
-        for r in (next((tmp_path / "one").iterdir()), next(b.iterdir()))
-    )
+    pa = next((tmp_path / "one").glob("*/mbpp/pruned"))
+    ca, cb = read_json(pa / "comparison.json"), read_json(pdir / "comparison.json")
     for d in (ca, cb):
         d.pop("provenance")
     assert ca == cb and ca["run_key"] == one["run_key"]
     for arm in ("base", "heads-L0H1_L2H3", "heads-L1H0/random0"):
-        ha, hb = (
-            read_json(r / "mbpp" / "pruned" / arm / "headset.json")
-            for r in (next((tmp_path / "one").iterdir()), next(b.iterdir()))
-        )
-        assert ha == hb, arm
+        assert read_json(pa / arm / "headset.json") == read_json(pdir / arm / "headset.json"), arm
 
 
 @pytest.mark.parametrize("stage, why", [("taylor", "iterative"), ("cmaes_search", "sequential")])

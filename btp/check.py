@@ -313,7 +313,7 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
             issue(p, "stale", stale)
     done: dict[str, str] = {}
     for (stem, part), suf in ok.items():
-        if part:
+        if part or (results.try_parse_stem(stem) or results.Stem()).shard:  # shards: counted below
             continue
         if stage in ("entropy", "ablation"):
             if {"npz", "json"} <= suf:
@@ -343,6 +343,11 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
             )
         elif any(not e.startswith(("partial", "runs")) for e in suf):
             done[stem] = ""
+    for name, e in results.shard_sets(sd).items():  # a sharded run not merged yet: its shards' progress
+        if name not in done:
+            done[name] = f"(shards {len(e['done'])}/{e['count']}" + (
+                f", {len(e['partial'])} partial)" if e["partial"] else ")"
+            )
     return done
 
 

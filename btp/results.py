@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -301,15 +302,53 @@ def cmaes_removed(stage_path: str | os.PathLike, name: str | None = None) -> tup
 
 
 @dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based): the units of work (samples, (sample, layer) pairs, arms) whose position
+    k in the unsharded run's order has k % count == index. Round-robin, so that every shard gets a like share of
+    cheap and costly units (early and late layers, short and long samples). Named `shard<index>of<count>`."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not (self.count >= 1 and 0 <= self.index < self.count):
+            raise ValueError(f"shard {self.index}/{self.count}: want i/N with 0 <= i < N (0-based), e.g. 0/4 .. 3/4")
+
+    def take(self, n: int) -> list[int]:
+        """The positions among n units that this shard computes."""
+        return list(range(self.index, n, self.count))
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def __str__(self) -> str:
+        return f"{SHARD_WORD}{self.index}of{self.count}"
+
+    @classmethod
+    def from_word(cls, word: str) -> Shard | None:
+        """`shard2of4` -> Shard(2, 4); None for any other word."""
+        m = _SHARD_RE.fullmatch(word)
+        return cls(int(m[1]), int(m[2])) if m else None
+
+
+SHARD_WORD = "shard"
+_SHARD_RE = re.compile(SHARD_WORD + r"(\d+)of(\d+)")
+
+
+@dataclass(frozen=True)
 class Stem:
     """The name of an analysis output without its part and extension: the analysis samples' mode and population,
     then a stage's variant words in order (ablation `mean`, `layers0_5`; Taylor `token`, `signed`, `nonorm`, a
-    tag). The default population (correct generations) is not written; reference solutions are all correct."""
+    tag), then the shard of a sharded run (`-shard0of4`, always last; `btp.merge` combines a full set into the
+    output without it). The default population (correct generations) is not written; reference solutions are all
+    correct."""
 
     mode: str = "regular"
     source: str = "generations"
     select: str = "correct"
     variant: tuple[str, ...] = ()
+    shard: Shard | None = None
 
     def __post_init__(self) -> None:
         if self.source == "reference":
@@ -318,11 +357,15 @@ class Stem:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         words = [w for v in self.variant for w in v.split("-")]
-        bad = [v for v in words if not v or "." in v or "/" in v or v.endswith("_" + KNOCKOUT)]
+        bad = [
+            v
+            for v in words
+            if not v or "." in v or "/" in v or v.endswith("_" + KNOCKOUT) or Shard.from_word(v) is not None
+        ]
         if bad or (words and words[0] in _POPULATION_WORDS):
             raise ValueError(
                 f"bad output name variant {self.variant!r}: words must be non-empty, without '.', '/', "
-                f"a trailing _{KNOCKOUT}, nor start with a population name {_POPULATION_WORDS}"
+                f"a trailing _{KNOCKOUT}, nor be a shard word, nor start with a population name {_POPULATION_WORDS}"
             )
 
     @property
@@ -337,7 +380,11 @@ class Stem:
 
     def with_variant(self, *words: str | None) -> Stem:
         """This stem with more variant words (None and '' skipped)."""
-        return Stem(self.mode, self.source, self.select, self.variant + tuple(w for w in words if w))
+        return Stem(self.mode, self.source, self.select, self.variant + tuple(w for w in words if w), self.shard)
+
+    def with_shard(self, shard: Shard | None) -> Stem:
+        """The name of shard `shard` of this output (None: the whole output)."""
+        return Stem(self.mode, self.source, self.select, self.variant, shard)
 
     @property
     def base(self) -> Stem:
@@ -346,7 +393,7 @@ class Stem:
 
     def __str__(self) -> str:
         pop = "-reference" if self.source == "reference" else ("" if self.select == "correct" else f"-{self.select}")
-        return self.mode + pop + "".join(f"-{v}" for v in self.variant)
+        return self.mode + pop + "".join(f"-{v}" for v in self.variant) + (f"-{self.shard}" if self.shard else "")
 
 
 def parse_stem(name: str) -> Stem:
@@ -358,11 +405,13 @@ def parse_stem(name: str) -> Stem:
     rest = [t for t in name[len(mode) :].split("-")]
     rest = rest[1:] if rest and rest[0] == "" else rest
     source, select = "generations", "correct"
+    shard = Shard.from_word(rest[-1]) if rest else None
+    rest = rest[:-1] if shard else rest
     if rest and rest[0] == "reference":
         source, select, rest = "reference", "all", rest[1:]
     elif rest and rest[0] in SELECTS:
         select, rest = rest[0], rest[1:]
-    return Stem(mode, source, select, tuple(rest))
+    return Stem(mode, source, select, tuple(rest), shard)
 
 
 def try_parse_stem(name: str) -> Stem | None:
@@ -439,12 +488,61 @@ def list_outputs(stage_path: str | os.PathLike, stage: str) -> list[str]:
     names = []
     for p in d.iterdir():
         f = parse_file_name(p.name)
-        if f.part or try_parse_stem(f.stem) is None:
+        st = try_parse_stem(f.stem)
+        if f.part or st is None or st.shard is not None:  # a shard is no output of its own (btp.merge makes one)
             continue
         jsonl = stage in JSONL_STAGES
         if (jsonl and f.ext == "jsonl") or (not jsonl and f.ext == "npz" and (d / file_name(f.stem, "json")).exists()):
             names.append(f.stem)
     return sorted(names, key=stem_order)
+
+
+def shard_sets(stage_path: str | os.PathLike, files: Sequence[str] = ("npz", "json")) -> dict[str, dict]:
+    """The shards in a stage folder, by the name of the output they make up: {name: {"count": N, "done": [i, ...]
+    (all of `files` written), "partial": [i, ...] (a progress file only), "counts": every N seen (several: a
+    mixed-up folder)}}."""
+    d = Path(stage_path)
+    out: dict[str, dict] = {}
+    if not d.is_dir():
+        return out
+    found: dict[tuple[str, Shard], set[str]] = {}
+    for p in d.iterdir():
+        f = parse_file_name(p.name)
+        st = try_parse_stem(f.stem)
+        if st is None or st.shard is None or f.part:
+            continue
+        found.setdefault((str(st.with_shard(None)), st.shard), set()).add(f.ext)
+    for (name, sh), exts in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1].count, kv[0][1].index)):
+        e = out.setdefault(name, {"count": sh.count, "done": [], "partial": [], "counts": []})
+        if sh.count not in e["counts"]:
+            e["counts"].append(sh.count)
+        if set(files) <= exts:
+            e["done"].append(sh.index)
+        elif any(x.startswith(PARTIAL + ".") for x in exts):
+            e["partial"].append(sh.index)
+    for e in out.values():
+        e["count"] = max(e["counts"])
+    return out
+
+
+def missing_shards(count: int, done: Sequence[int]) -> list[str]:
+    """Labels `i/N` of the shards of a set of `count` that are not done."""
+    return [Shard(i, count).label for i in range(count) if i not in set(done)]
+
+
+def pruned_shard_path(pruned: Path, shard: Shard) -> Path:
+    """`pruned/shard<i>of<N>.json`: the record of a sharded pruned run (its arms, identity, provenance)."""
+    return pruned / f"{shard}.json"
+
+
+def pruned_shards(pruned: Path) -> dict[int, list[int]]:
+    """{N: [indices of recorded shards]} of a `pruned/` folder."""
+    out: dict[int, list[int]] = {}
+    for p in sorted(pruned.glob(f"{SHARD_WORD}*.json")) if pruned.is_dir() else []:
+        sh = Shard.from_word(p.stem)
+        if sh is not None:
+            out.setdefault(sh.count, []).append(sh.index)
+    return {n: sorted(v) for n, v in out.items()}
 
 
 def stem_order(name: str) -> tuple:

@@ -391,6 +391,8 @@ SPEC = cli.StageSpec(
     "Iterative first-order Taylor head pruning (Michel et al. 2019)",
     configs=(TaylorConfig, SplitConfig),
     device_map=True,
+    no_shard="Taylor pruning is iterative (each iteration scores the heads the previous ones left); spread it "
+    "with --device-map, or run datasets and modes as separate jobs",
 )
 
 

@@ -279,3 +279,21 @@ def test_ablation_noise_floor_is_recorded_and_flagged(results_tree, tmp_path, ca
     os.utime(p, (p.stat().st_atime, (p.parent / "regular-all-layers28_29.npz").stat().st_mtime))
     rc, out = run(["--results-dir", root], capsys)
     assert rc == 0 and any(l.startswith("NOISY") and "regular-all-layers28_29.json" in l for l in out.splitlines())
+
+
+def test_shard_progress_until_merged(tmp_path, capsys):
+    """A sharded analysis shows as `(shards done/N[, k partial])` under its output's name until it is merged."""
+    from btp.results import dataset_dir
+    from btp.store import write_json, write_npz
+
+    d = dataset_dir(tmp_path, "org/m", "mbpp") / "entropy"
+    for i in (0, 2):
+        write_npz(d / f"regular-reference-shard{i}of3.npz", x=[1])
+        write_json(d / f"regular-reference-shard{i}of3.json", {})
+    write_npz(d / "regular-reference-shard1of3.partial.npz", key="k")
+    doc = json.loads(run(["--results-dir", tmp_path, "--json"], capsys)[1])
+    assert doc["rows"][0]["stages"]["entropy"] == {"regular-reference": "(shards 2/3, 1 partial)"}
+    write_npz(d / "regular-reference.npz", x=[1])
+    write_json(d / "regular-reference.json", {})
+    doc = json.loads(run(["--results-dir", tmp_path, "--json"], capsys)[1])
+    assert doc["rows"][0]["stages"]["entropy"] == {"regular-reference": ""}

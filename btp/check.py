@@ -472,7 +472,8 @@ def format_table(rows: list[Row]) -> str:
     for model in dict.fromkeys(r.model for r in rows):
         cells = [HEADER] + [_cells(r) for r in rows if r.model == model]
         w = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
-        out.append(f"model {model}")
+        # the reference solutions are no model: say what the row is (a failing one means the harness is wrong)
+        out.append(f"model {model}" if model != results.REFERENCE else "reference solutions (harness self-check)")
         for i, c in enumerate(cells):
             out.append("  " + "  ".join(x.ljust(w[j]) for j, x in enumerate(c)).rstrip())
             if i == 0:

@@ -1182,6 +1182,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     for f in files:
         print(f)
     print(f"[btp.plots] {len(files)} files in {args.out}", file=sys.stderr)
+    if args.model != results.REFERENCE and (note := results.reference_note(args.results_dir)):
+        print(f"[btp.plots] not plotted: the {note} (--model {results.REFERENCE} plots it)", file=sys.stderr)
     return files
 
 

@@ -90,3 +90,18 @@ def test_notebooks_say_when_results_are_absent(results_tree, tmp_path):
             assert "No CMA-ES search outputs" in printed(nb)
     nb = execute("generation_analysis", tmp_path / "missing")  # no results dir at all
     assert n_images(nb) == 0 and "No results to show" in printed(nb)
+
+
+@pytest.mark.slow
+def test_generation_notebook_beside_the_reference_self_check(results_tree, tmp_path):
+    """The README's flow leaves `evaluate --reference` beside the model: MODEL = None still means the only model,
+    and the notebook names the self-check instead of plotting it as a model."""
+    root = tree_copy(results_tree, tmp_path / "t")
+    ref = root / "reference" / "mbpp"  # the model's judged files, filed as the self-check's
+    ref.mkdir(parents=True)
+    for f in ("evaluations.jsonl", "summary.json"):
+        shutil.copy(model_dir(results_tree) / "mbpp" / f, ref / f)
+    nb = execute("generation_analysis", root, model=None)
+    assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
+    assert n_images(nb) >= NOTEBOOKS["generation_analysis"], printed(nb)
+    assert "Not shown below: the reference self-check (btp.evaluate --reference): mbpp " in printed(nb), printed(nb)

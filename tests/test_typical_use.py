@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny
 
+from btp.results import REFERENCE
+
 ROOT = Path(__file__).resolve().parent.parent
 LCB = ROOT / "tests" / "fixtures" / "lcb_mini.jsonl"
 
@@ -54,18 +56,23 @@ ADD = {
     "cmaes_search": SAMPLES + ["--max-generations", "2", "--popsize", "4", "--n-boot", "100"],
 }
 
-# stage -> what each command must leave behind (globs under its working directory; {dataset} per --dataset entry)
+# stage -> what each command must leave behind (globs under its working directory; {dataset} per --dataset entry,
+# {model} the model's folder, or the reference self-check's for `evaluate --reference`)
 EXPECT = {
-    "generate": ["results/*/{dataset}/generations.jsonl"],
-    "evaluate": ["results/*/{dataset}/evaluations.jsonl", "results/*/{dataset}/summary.json"],
-    "entropy_lens": ["results/*/{dataset}/entropy/*.npz"],
-    "ablation": ["results/*/{dataset}/ablation/*.npz", "results/*/{dataset}/ablation/*_knockout.json"],
-    "taylor": ["results/*/{dataset}/taylor/*.jsonl"],
-    "pruned": ["results/*/{dataset}/pruned/comparison.json"],
+    "generate": ["results/{model}/{dataset}/generations.jsonl"],
+    "evaluate": ["results/{model}/{dataset}/evaluations.jsonl", "results/{model}/{dataset}/summary.json"],
+    "entropy_lens": ["results/{model}/{dataset}/entropy/*.npz"],
+    "ablation": ["results/{model}/{dataset}/ablation/*.npz", "results/{model}/{dataset}/ablation/*_knockout.json"],
+    "taylor": ["results/{model}/{dataset}/taylor/*.jsonl"],
+    "pruned": ["results/{model}/{dataset}/pruned/comparison.json"],
     "circuits": ["results/circuits/*.csv", "results/circuits/*.npz"],
-    "cmaes_search": ["results/*/{dataset}/cmaes/*.json"],
+    "cmaes_search": ["results/{model}/{dataset}/cmaes/*.json"],
     "plots": ["figures/*.png"],
 }
+
+
+# plots: the figure families the commands above must produce (substrings of the file names)
+FIGURES = ("generation_pass_at_k", "entropy_", "ablation_", "taylor_", "cmaes_", "pruned_", "circuits_")
 
 
 def typical_use() -> list[str]:
@@ -102,7 +109,8 @@ def localize(line: str, models: dict[str, str], lcb: Path = LCB) -> list[str]:
 
 def expected(stage: str, argv: list[str]) -> list[str]:
     ds = argv[argv.index("--dataset") + 1].split(",") if "--dataset" in argv else [""]
-    return [g.format(dataset=d) for g in EXPECT.get(stage, []) for d in ds]
+    model = REFERENCE if "--reference" in argv else "*"
+    return [g.format(dataset=d, model=model) for g in EXPECT.get(stage, []) for d in ds]
 
 
 def test_readme_block_is_read_and_every_model_is_replaced():
@@ -159,8 +167,13 @@ def test_typical_use_runs_top_to_bottom(tiny_models, tmp_path):
         assert "Traceback" not in p.stderr and "error:" not in p.stderr, said
         for g in expected(stage, argv):
             assert list(work.glob(g)), f"{g} missing after\n{said}"
-        if stage == "plots":
-            assert all(f.stat().st_size > 0 for f in work.glob("figures/*.png"))
-        if stage == "run_check.sh":
-            assert "pass --model" not in p.stdout + p.stderr, said
-            assert "BROKEN" not in p.stdout, said
+        if stage == "plots":  # a figure of every family the commands above feed, none empty
+            figs = [f.name for f in work.glob("figures/*.png") if f.stat().st_size > 0]
+            for family in FIGURES:
+                assert any(family in f for f in figs), (family, sorted(figs))
+            assert "not plotted: the reference self-check (btp.evaluate --reference): mbpp 2/2 pass" in p.stderr, said
+        if stage == "run_check.sh":  # every model and the self-check, nothing broken, stale or cut short
+            print(p.stdout, file=sys.stderr)
+            assert f"model {Path(models['M']).parent.name}--tiny" in p.stdout, said
+            assert "reference solutions (harness self-check)" in p.stdout, said
+            assert not re.search(r"^(BROKEN|STALE|INCOMPLETE|TORN) ", p.stdout, re.M), said

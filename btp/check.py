@@ -386,7 +386,8 @@ def dataset_dirs(root: Path, model: str | None = None, dataset: str | None = Non
     out = []
     markers = (GENERATIONS, EVALUATIONS, SUMMARY, *STAGE_DIRS, "pruned")
     names = set(results.model_dir_names(root, model)) if model else set()
-    for m in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    dirs = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for m in sorted(dirs, key=lambda p: (p.name == results.REFERENCE, p.name)):  # the models, then the self-check
         if model and m.name not in names:
             continue
         for d in sorted(p for p in m.iterdir() if p.is_dir() and not p.name.startswith(".")):

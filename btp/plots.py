@@ -1187,10 +1187,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     return files
 
 
-if __name__ == "__main__":
-    cli.entry("plots", main)
-
-
 # ================================================================ OV/QK circuits (btp.circuits outputs)
 # `results/circuits/<base-slug>__<other-slug>.{csv,npz,json}`: read here, never recomputed.
 
@@ -1365,3 +1361,7 @@ def circuit_figures(
 
 
 FAMILIES["circuits"] = circuit_figures
+
+
+if __name__ == "__main__":  # last: `python -m` runs main only once every family (circuits too) is registered
+    cli.entry("plots", main)

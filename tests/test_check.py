@@ -267,11 +267,11 @@ def test_reference_self_check_beside_a_model(tmp_path):
     r = subprocess.run([*ev, "--results-dir", str(res)], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "reference self-check: 2/2 pass" in r.stdout, r.stderr
     # a model's judged files (the same programs, filed as a model's)
-    shutil.copytree(res / "reference" / "mbpp", res / "org--m" / "mbpp")
+    shutil.copytree(res / "reference" / "mbpp", res / "z--m" / "mbpp")
     r = subprocess.run(["bash", str(ROOT / "run_check.sh"), "--results-dir", str(res)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     blocks = r.stdout.split("\n\n")
-    assert blocks[0].startswith("model org--m") and blocks[1].startswith("reference solutions (harness self-check)")
+    assert blocks[0].startswith("model z--m") and blocks[1].startswith("reference solutions (harness self-check)")
     assert "100.0%" in blocks[1].splitlines()[3], r.stdout
     plots = [sys.executable, "-m", "btp.plots", "--results-dir", str(res), "--out", str(tmp_path / "fig")]
     r = subprocess.run(plots, capture_output=True, text=True, env=env)

@@ -5,6 +5,7 @@ allows as non-trivial PNG/PDF files; titles state the population; the plotted nu
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -212,3 +213,17 @@ def test_knockout_figure_says_whether_its_curves_are_held_out():
     ):
         fig = bp.knockout_curves({"top": [pt], "selection": sel, "ci": "over problems"})
         assert word in fig.axes[0].get_title()
+
+
+def test_cli_offers_every_family():
+    """`python -m btp.plots` runs main after every family is registered (circuits' figures come last in the module)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    r = subprocess.run([sys.executable, "-m", "btp.plots", "--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    only = re.search(r"--only \{([^}]*)\}", r.stdout).group(1).split(",")
+    assert only == list(bp.FAMILIES) and "circuits" in only, only

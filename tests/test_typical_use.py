@@ -51,7 +51,7 @@ ADD = {
     + ["--n-boot", "100"],
     "taylor": SAMPLES + ["--num-iters", "2", "--heldout", "1"],
     "pruned": ["--limit", "2", "--n", "1", "--max-tokens", "16", "--backend", "hf", "--controls", "1"]
-    + ["--num-samples", "2", "--sample-max-tokens", "64", "--n-boot", "100"],
+    + ["--num-samples", "2", "--sample-max-tokens", "64", "--n-boot", "100"],  # its CE samples' cap
     "circuits": ["--n-boot", "100"],
     "cmaes_search": SAMPLES + ["--max-generations", "2", "--popsize", "4", "--n-boot", "100"],
 }
@@ -88,7 +88,7 @@ def stage_of(argv: list[str]) -> str:
     return argv[2].removeprefix("btp.") if argv[:2] == ["python", "-m"] else Path(argv[0]).name
 
 
-def localize(line: str, models: dict[str, str], lcb: Path = LCB) -> list[str]:
+def localize(line: str, models: dict[str, str]) -> list[str]:
     """A README command line as this test runs it (see the module doc)."""
     argv, out = shlex.split(line, comments=True), []
     it = iter(argv)

@@ -92,11 +92,12 @@ def model_dir_names(results_dir: str | os.PathLike, model: str) -> list[str]:
 
 
 def model_dirs(results_dir: str | os.PathLike) -> list[Path]:
-    """The models' folders under a results tree, sorted: not `circuits/`, not the reference self-check
-    (`reference_dirs`), not hidden ones (`.cache`)."""
+    """The models' folders under a results tree, sorted: not `circuits/`, the
+    reference self-check (`reference_dirs`), hidden ones (`.cache`) or one of files only (`--out results/figures`)."""
     root = Path(results_dir)
     skip = (CIRCUITS, REFERENCE)
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in skip)
+    dirs = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in skip)
+    return sorted(p for p in dirs if not (kids := list(p.iterdir())) or any(c.is_dir() for c in kids))
 
 
 def reference_dirs(results_dir: str | os.PathLike) -> list[Path]:

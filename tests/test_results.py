@@ -76,6 +76,8 @@ def test_reference_self_check_is_filed_apart_from_models(tmp_path):
     assert R.find_model_dir(tmp_path / "res", None) == m
     assert R.find_model_dir(tmp_path / "res", str(weights)) == m
     assert R.find_model_dir(tmp_path / "res", R.REFERENCE) == ref.parent
+    (tmp_path / "res" / "figures").mkdir()  # `plots --out results/figures`: no model
+    (tmp_path / "res" / "figures" / "a.png").write_bytes(b"")
     assert R.model_dirs(tmp_path / "res") == [m] and R.reference_dirs(tmp_path / "res") == [ref]
     assert R.reference_note(tmp_path / "res") == "reference self-check (btp.evaluate --reference): mbpp 2/3 pass"
     R.dataset_dir(tmp_path / "res", "org/b", "mbpp")

@@ -397,7 +397,8 @@ def dataset_dirs(root: Path, model: str | None = None, dataset: str | None = Non
     out = []
     markers = (GENERATIONS, EVALUATIONS, SUMMARY, *STAGE_DIRS, "pruned")
     names = set(results.model_dir_names(root, model)) if model else set()
-    for m in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    dirs = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for m in sorted(dirs, key=lambda p: (p.name == results.REFERENCE, p.name)):  # the models, then the self-check
         if model and m.name not in names:
             continue
         for d in sorted(p for p in m.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -483,7 +484,8 @@ def format_table(rows: list[Row]) -> str:
     for model in dict.fromkeys(r.model for r in rows):
         cells = [HEADER] + [_cells(r) for r in rows if r.model == model]
         w = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
-        out.append(f"model {model}")
+        # the reference solutions are no model: say what the row is (a failing one means the harness is wrong)
+        out.append(f"model {model}" if model != results.REFERENCE else "reference solutions (harness self-check)")
         for i, c in enumerate(cells):
             out.append("  " + "  ".join(x.ljust(w[j]) for j, x in enumerate(c)).rstrip())
             if i == 0:

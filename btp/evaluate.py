@@ -5,7 +5,9 @@ and writes `evaluations.jsonl` (one record per program: passed, status, error ex
 isolation and cgroup levels, who judged it, and what it tried that no test needs: `suspicious`) and
 `summary.json` (pass@k for k up to n with bootstrap CIs over problems, counts by status, level, judge and
 suspicious flag) beside it.
-`--reference` judges the benchmark's own solutions (all must pass: a self-check of the harness);
+`--reference` judges the benchmark's own solutions (all must pass: a self-check of the harness), filed as
+`results/reference/<dataset>/` (`btp.check` shows it as the self-check; plots and notebooks skip it unless
+`--model reference`);
 `--input FILE` judges any JSONL of {problem_id, sample, code}. A rerun judges only what is missing.
 
 Each benchmark (`btp.benchmarks`) turns a solution into the sandbox program that judges it and sets the
@@ -32,6 +34,7 @@ from .cli import opt
 from .results import (
     EVALUATIONS,
     GENERATIONS,
+    REFERENCE,
     check_runs,
     code_sha,
     dataset_dir,
@@ -134,8 +137,8 @@ def plan(cfg: EvalConfig) -> EvalPlan:
         if not bench.has_references:
             works = " and ".join(b.name for b in benchmarks.all() if b.has_references)
             raise UserError(f"{cfg.dataset} has no reference solutions — --reference works for {works}")
-        source, model = "reference", "reference"
-        out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / EVALUATIONS
+        source, model = "reference", REFERENCE
+        out = dataset_dir(cfg.results_dir, model, cfg.dataset) / EVALUATIONS
         programs, inputs = None, {}
     elif cfg.input:
         source, model = "input", cfg.model or Path(cfg.input).stem

@@ -1288,16 +1288,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     for f in files:
         print(f)
     print(f"[btp.plots] {len(files)} files in {args.out}", file=sys.stderr)
+    if args.model != results.REFERENCE and (note := results.reference_note(args.results_dir)):
+        print(f"[btp.plots] not plotted: the {note} (--model {results.REFERENCE} plots it)", file=sys.stderr)
     if SKIPPED:  # the other figures are written; a broken file still must not look like success
         print(f"[btp.plots] {len(SKIPPED)} broken files skipped (run btp.check):", file=sys.stderr)
         for why in SKIPPED:
             print(f"  {why}", file=sys.stderr)
         raise SystemExit(1)
     return files
-
-
-if __name__ == "__main__":
-    cli.entry("plots", main)
 
 
 # ================================================================ OV/QK circuits (btp.circuits outputs)
@@ -1474,3 +1472,7 @@ def circuit_figures(
 
 
 FAMILIES["circuits"] = circuit_figures
+
+
+if __name__ == "__main__":  # last: `python -m` runs main only once every family (circuits too) is registered
+    cli.entry("plots", main)

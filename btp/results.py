@@ -51,6 +51,9 @@ PAIRED = {"correct_paired": "correct", "incorrect_paired": "incorrect"}  # paire
 STAGE_DIRS = {"entropy_lens": "entropy", "ablation": "ablation", "taylor": "taylor", "cmaes": "cmaes"}
 GENERATIONS, EVALUATIONS, SUMMARY = "generations.jsonl", "evaluations.jsonl", "summary.json"  # per dataset dir
 CIRCUITS = "circuits"  # cross-model outputs: `results/circuits/<base-slug>__<other-slug>.<ext>`
+# `btp.evaluate --reference` (the harness self-check: the benchmark's own solutions) files under this name in the
+# place of a model: `results/reference/<dataset>/`; it is no model's results, so "the only model" never means it
+REFERENCE = "reference"
 KNOCKOUT = "knockout"  # the part name of ablation's knockout curves: `<stem>_knockout.json`
 PARTIAL = "partial"  # progress files: `<stem>.partial.npz`, `<stem>_knockout.partial.json`
 JSONL_STAGES = ("taylor", "cmaes")  # stages whose output is `<stem>.jsonl` (one record per step)
@@ -84,9 +87,10 @@ def stage_dir(results_dir: str | os.PathLike, model_id: str, dataset: str, stage
 def model_dir_names(results_dir: str | os.PathLike, model: str) -> list[str]:
     """Folder names `model` may be filed under, most direct first: itself (a slug), its slug (an HF id), or
     (embedded names like smollm2-135m, local folders) the slug of the id btp.models resolves it to; the
-    resolution is tried only when neither exists (it imports torch)."""
+    resolution is tried only when neither exists (it imports torch). Only plain names: a model given as a folder
+    path is never the results folder itself."""
     root = Path(results_dir)
-    names = list(dict.fromkeys((model, model_slug(model))))
+    names = [n for n in dict.fromkeys((model, model_slug(model))) if n and "/" not in n and n not in (".", "..")]
     if not any((root / n).is_dir() for n in names):
         try:
             from .models import resolve_model
@@ -110,27 +114,62 @@ def repo_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def model_dirs(results_dir: str | os.PathLike) -> list[Path]:
+    """The models' folders under a results tree, sorted: not `circuits/`, the
+    reference self-check (`reference_dirs`), hidden ones (`.cache`) or one of files only (`--out results/figures`)."""
+    root = Path(results_dir)
+    skip = (CIRCUITS, REFERENCE)
+    dirs = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in skip)
+    return sorted(p for p in dirs if not (kids := list(p.iterdir())) or any(c.is_dir() for c in kids))
+
+
+def reference_dirs(results_dir: str | os.PathLike) -> list[Path]:
+    """`results/reference/<dataset>/` of every benchmark whose reference solutions were judged."""
+    d = Path(results_dir) / REFERENCE
+    return sorted(p for p in d.iterdir() if p.is_dir() and (p / EVALUATIONS).exists()) if d.is_dir() else []
+
+
+def reference_note(results_dir: str | os.PathLike) -> str | None:
+    """One line on the reference self-checks under a tree (`mbpp 500/500 pass`), or None when there are none."""
+    parts = []
+    for d in reference_dirs(results_dir):
+        try:
+            s = read_json(d / SUMMARY)
+            bad = len(s["problems_never_passed"])
+            parts.append(f"{d.name} {s['n_problems'] - bad}/{s['n_problems']} pass")
+        except (OSError, ValueError, KeyError, TypeError):
+            parts.append(f"{d.name} (no readable {SUMMARY})")
+    return f"reference self-check (btp.evaluate --reference): {', '.join(parts)}" if parts else None
+
+
 def find_model_dir(results_dir: str | os.PathLike, model: str | None) -> Path:
     """`results/<slug>` of `model` (a slug, an HF id, or a name btp.models resolves); with `model=None` the only
-    model under `results_dir`. FileNotFoundError / ValueError say why none is found."""
+    model under `results_dir` (the reference self-check is none: `--model reference` names it).
+    FileNotFoundError / ValueError say why none is found."""
     root = Path(results_dir)
     if not root.is_dir():
         raise FileNotFoundError(
             f"results dir {root} not found — give --results-dir (run from the folder that holds "
             "results/, or point at it)"
         )
+    models = model_dirs(root)
     if model is None:
-        models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != CIRCUITS)
-        if len(models) != 1:
+        ref = reference_dirs(root)
+        if not models:
             raise store.UserError(
-                f"{root} holds {len(models)} models — pass --model, one of: "
-                f"{', '.join(p.name for p in models) or 'none'}"
+                f"no model's results under {root}{', only the reference self-check' if ref else ''} — run "
+                f"python -m btp.generate --model M first{f' (or pass --model {REFERENCE})' if ref else ''}"
+            )
+        if len(models) > 1:
+            raise store.UserError(
+                f"{root} holds {len(models)} models — pass --model, one of: {', '.join(p.name for p in models)}"
+                + (f" (or {REFERENCE}: the harness self-check)" if ref else "")
             )
         return models[0]
     for name in model_dir_names(root, model):
         if (root / name).is_dir():
             return root / name
-    have = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != CIRCUITS)
+    have = [p.name for p in models] + ([REFERENCE] if reference_dirs(root) else [])
     raise FileNotFoundError(f"no results for model {model!r} under {root} — have: {', '.join(have) or 'none'}")
 
 

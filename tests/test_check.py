@@ -297,3 +297,30 @@ def test_shard_progress_until_merged(tmp_path, capsys):
     write_json(d / "regular-reference.json", {})
     doc = json.loads(run(["--results-dir", tmp_path, "--json"], capsys)[1])
     assert doc["rows"][0]["stages"]["entropy"] == {"regular-reference": ""}
+
+
+def test_reference_self_check_beside_a_model(tmp_path):
+    """README flow: `evaluate --reference` beside one model's results. check shows the self-check as such; plots
+    draws the only model without asking for --model and says the self-check is not plotted."""
+    import shutil
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    res = tmp_path / "results"
+    ev = [sys.executable, "-m", "btp.evaluate", "--dataset", "mbpp", "--reference", "--limit", "2", "--n-boot", "50"]
+    r = subprocess.run([*ev, "--results-dir", str(res)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "reference self-check: 2/2 pass" in r.stdout, r.stderr
+    # a model's judged files (the same programs, filed as a model's)
+    shutil.copytree(res / "reference" / "mbpp", res / "z--m" / "mbpp")
+    r = subprocess.run(["bash", str(ROOT / "run_check.sh"), "--results-dir", str(res)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    blocks = r.stdout.split("\n\n")
+    assert blocks[0].startswith("model z--m") and blocks[1].startswith("reference solutions (harness self-check)")
+    assert "100.0%" in blocks[1].splitlines()[3], r.stdout
+    plots = [sys.executable, "-m", "btp.plots", "--results-dir", str(res), "--out", str(tmp_path / "fig")]
+    r = subprocess.run(plots, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "[btp.plots] not plotted: the reference self-check (btp.evaluate --reference): mbpp 2/2 pass" in r.stderr
+    figs = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert len(figs) == 2 and "pass_at_k" in figs[0] and "statuses" in figs[1], figs
+    r = subprocess.run([*plots, "--model", "reference"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "not plotted" not in r.stderr, r.stderr

@@ -108,3 +108,18 @@ def test_notebook_opened_from_notebooks_dir_finds_the_repository_results(results
     assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
     assert n_images(nb) >= NOTEBOOKS["generation_analysis"], printed(nb)
     assert "No results to show" not in printed(nb) and "verdicts, 2 problems" in printed(nb)
+
+
+@pytest.mark.slow
+def test_generation_notebook_beside_the_reference_self_check(results_tree, tmp_path):
+    """The README's flow leaves `evaluate --reference` beside the model: MODEL = None still means the only model,
+    and the notebook names the self-check instead of plotting it as a model."""
+    root = tree_copy(results_tree, tmp_path / "t")
+    ref = root / "reference" / "mbpp"  # the model's judged files, filed as the self-check's
+    ref.mkdir(parents=True)
+    for f in ("evaluations.jsonl", "summary.json"):
+        shutil.copy(model_dir(results_tree) / "mbpp" / f, ref / f)
+    nb = execute("generation_analysis", root, model=None)
+    assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
+    assert n_images(nb) >= NOTEBOOKS["generation_analysis"], printed(nb)
+    assert "Not shown below: the reference self-check (btp.evaluate --reference): mbpp " in printed(nb), printed(nb)

@@ -5,6 +5,7 @@ allows as non-trivial PNG/PDF files; titles state the population; the plotted nu
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -309,3 +310,17 @@ def test_plots_skips_and_names_broken_files(results_tree, tmp_path, capsys):
     names = {p.name.split("__", 1)[1] for p in out.iterdir()}
     assert "entropy_humaneval_regular-all_layers.png" in names and "generation_pass_at_k.png" in names
     assert not any("chain_code-all" in n for n in names)
+
+
+def test_cli_offers_every_family():
+    """`python -m btp.plots` runs main after every family is registered (circuits' figures come last in the module)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    r = subprocess.run([sys.executable, "-m", "btp.plots", "--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    only = re.search(r"--only \{([^}]*)\}", r.stdout).group(1).split(",")
+    assert only == list(bp.FAMILIES) and "circuits" in only, only

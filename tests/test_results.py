@@ -61,6 +61,31 @@ def test_layout(tmp_path):
         R.find_model_dir(tmp_path, None)
 
 
+def test_reference_self_check_is_filed_apart_from_models(tmp_path):
+    """`evaluate --reference` files under results/reference/: never "the only model", named when asked for; a model
+    given as a folder path finds its slug's folder, not the weights folder itself."""
+    ref = R.dataset_dir(tmp_path / "res", R.REFERENCE, "mbpp")
+    (ref / R.EVALUATIONS).write_text("")
+    write_json(ref / R.SUMMARY, {"n_problems": 3, "problems_never_passed": ["mbpp/7"]})
+    with pytest.raises(R.store.UserError, match="only the reference self-check .* --model reference"):
+        R.find_model_dir(tmp_path / "res", None)
+    weights = tmp_path / "w" / "tiny"
+    weights.mkdir(parents=True)
+    m = R.dataset_dir(tmp_path / "res", str(weights), "humaneval").parent
+    assert m.name == "w--tiny"
+    assert R.find_model_dir(tmp_path / "res", None) == m
+    assert R.find_model_dir(tmp_path / "res", str(weights)) == m
+    assert R.find_model_dir(tmp_path / "res", R.REFERENCE) == ref.parent
+    (tmp_path / "res" / "figures").mkdir()  # `plots --out results/figures`: no model
+    (tmp_path / "res" / "figures" / "a.png").write_bytes(b"")
+    assert R.model_dirs(tmp_path / "res") == [m] and R.reference_dirs(tmp_path / "res") == [ref]
+    assert R.reference_note(tmp_path / "res") == "reference self-check (btp.evaluate --reference): mbpp 2/3 pass"
+    R.dataset_dir(tmp_path / "res", "org/b", "mbpp")
+    with pytest.raises(R.store.UserError, match=r"2 models — pass --model, one of: org--b, w--tiny \(or reference"):
+        R.find_model_dir(tmp_path / "res", None)
+    assert R.reference_note(tmp_path) is None
+
+
 @pytest.mark.parametrize("name", list(STEMS))
 def test_stem_round_trip(name):
     s = R.parse_stem(name)

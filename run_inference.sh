@@ -48,8 +48,8 @@ stop_server() {  # SIGTERM to the server's process group (API server and engine 
   if ! alive; then rm -f "$PIDFILE"; echo "run_inference.sh: no server of ours on port $PORT" >&2; return 0; fi
   local pid; pid=$(cat "$PIDFILE")
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
-  for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-  if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"; fi
+  for _ in $(seq 60); do kill -0 -- "-$pid" 2>/dev/null || kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true  # what is left of the group after a minute
   rm -f "$PIDFILE"
   echo "run_inference.sh: stopped the server on port $PORT (pid $pid)" >&2
 }

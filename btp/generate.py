@@ -272,7 +272,7 @@ class ServerBackend:
                 "(and --model for the tokenizer btp builds the prompts with)"
             )
         self.root = served[self.model].get("root")
-        self.version = (self.client.get("/version") or {}).get("version")
+        self.version = self._ask("/version", None, "version")  # vLLM's; None where a server has no such path
 
     def stamp(self, job: Job | None) -> dict:
         """What the records came from: URL, served name and its root, the server's version, and whether the
@@ -285,15 +285,21 @@ class ServerBackend:
             "tokenizer_agrees": None if job is None else self._tokenizer_agrees(job),
         }
 
-    def _tokenizer_agrees(self, job: Job) -> bool | None:
+    def _ask(self, path: str, body: dict | None, key: str) -> Any:
+        """`key` of a vLLM-only endpoint's answer, None where the server has no such endpoint."""
         from .service import ServerGone
 
-        body = {"model": self.model, "prompt": job.prompt, "add_special_tokens": job.style == "completion"}
         try:
-            theirs = self.client.post("/tokenize", body)["tokens"]
+            return self.client.request(path, body)[key]
         except ServerGone:
             raise
-        except (UserError, KeyError, TypeError):  # not a vLLM server: unknown
+        except (UserError, KeyError, TypeError):
+            return None
+
+    def _tokenizer_agrees(self, job: Job) -> bool | None:
+        body = {"model": self.model, "prompt": job.prompt, "add_special_tokens": job.style == "completion"}
+        theirs = self._ask("/tokenize", body, "tokens")
+        if theirs is None:
             return None
         if theirs != job.prompt_token_ids:
             at = next((i for i, (a, b) in enumerate(zip(theirs, job.prompt_token_ids)) if a != b), len(theirs))

@@ -263,6 +263,11 @@ def test_the_server_must_serve_the_model_and_its_tokenizer_is_compared(fake, tok
     out = generate(_cfg(tmp_path, g.url, limit=1), tokenizer=tok, model_info=("/m", "tiny", "r1"))
     assert read_json(runs_path(out))[-1]["server"]["tokenizer_agrees"] is False
     assert "tokenises the prompt of HumanEval/0 otherwise than btp's tokenizer" in capsys.readouterr().err
+    answer = fake_vllm(tok)[0]  # a server without vLLM's /version and /tokenize: unknown, not an error
+    h = fake(lambda p, b: (404, {"error": "no"}) if p in ("/version", "/tokenize") else answer(p, b))
+    out = generate(_cfg(tmp_path / "plain", h.url, limit=1), tokenizer=tok, model_info=("/m", "tiny", "r1"))
+    stamp = read_json(runs_path(out))[-1]["server"]
+    assert (stamp["version"], stamp["tokenizer_agrees"], len(read_jsonl(out))) == (None, None, 1)
 
 
 def test_server_backend_needs_a_url_and_offline_data_parallel_is_refused(tok, tmp_path):

@@ -70,6 +70,8 @@ serve() {
   [ -n "${DTYPE:-}" ] && extra+=(--dtype "$DTYPE")
   # no GPU: vLLM's CPU KV cache would take far more than btp's runs need (as the offline engine in btp.generate)
   command -v nvidia-smi >/dev/null || export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+  # vLLM's API takes 4 stop strings by default; btp's benchmarks have more (HumanEval 7)
+  export VLLM_MAX_STOP_STRINGS=${VLLM_MAX_STOP_STRINGS:-32}
   mkdir -p "$SERVICE_DIR" "$(dirname "$LOG")"
   # `--generation-config vllm`: unset sampling values default as in the offline engine, not from the model's
   # generation_config (btp sends every value anyway); own session, so that stop reaches the engine workers

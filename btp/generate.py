@@ -329,8 +329,16 @@ class ServerBackend:
             "skip_special_tokens": True,
             "return_token_ids": True,
         }
-        c = self.client.post("/v1/completions", body)["choices"][0]
         pid = job.problem.problem_id
+        try:
+            c = self.client.post("/v1/completions", body)["choices"][0]
+        except UserError as e:
+            if len(job.stops) > 4 and "body.stop" in str(e):  # vLLM's default limit
+                raise UserError(
+                    f"server {self.url} takes at most 4 stop strings, {job.problem.dataset} has {len(job.stops)} — "
+                    "start it with VLLM_MAX_STOP_STRINGS=32 in its environment (run_inference.sh serve does)"
+                ) from None
+            raise
         if c.get("prompt_token_ids") is None or c.get("token_ids") is None:
             raise UserError(f"server {self.url} reports no token ids — serve with vLLM >= 0.10.2 (return_token_ids)")
         if list(c["prompt_token_ids"]) != job.prompt_token_ids:

@@ -177,7 +177,7 @@ def tok():
     return out
 
 
-def fake_vllm(tok, fail_after: int | None = None, model: str = "tiny", tokenize_shift: int = 0):
+def fake_vllm(tok, fail_after: int | None = None, model: str = "tiny", tokenize_shift: int = 0, max_stops: int = 64):
     """Answers as vLLM 0.32 does: models, version, tokenize, completions with return_token_ids (the output is a
     function of the prompt ids and the seed); after `fail_after` completions every request is a 500."""
     state = {"done": 0, "bodies": []}
@@ -193,6 +193,8 @@ def fake_vllm(tok, fail_after: int | None = None, model: str = "tiny", tokenize_
         if path == "/v1/completions":
             if fail_after is not None and state["done"] >= fail_after:
                 return 500, {"error": "engine dead"}
+            if len(body["stop"] or ()) > max_stops:  # as vLLM's validation says it
+                return 400, {"error": {"message": "1 validation error: {'type': 'too_long', 'loc': 'body.stop'}"}}
             state["done"] += 1
             state["bodies"].append(body)
             text = f"```python\nx = {sum(body['prompt']) % 97 + body['seed'] % 3}\n```"[: body["max_tokens"]]
@@ -263,6 +265,9 @@ def test_the_server_must_serve_the_model_and_its_tokenizer_is_compared(fake, tok
     out = generate(_cfg(tmp_path, g.url, limit=1), tokenizer=tok, model_info=("/m", "tiny", "r1"))
     assert read_json(runs_path(out))[-1]["server"]["tokenizer_agrees"] is False
     assert "tokenises the prompt of HumanEval/0 otherwise than btp's tokenizer" in capsys.readouterr().err
+    s = fake(fake_vllm(tok, max_stops=4)[0])
+    with pytest.raises(UserError, match="takes at most 4 stop strings, humaneval has 7 — start it with VLLM_MAX_STOP"):
+        generate(_cfg(tmp_path / "c", s.url, prompt_style="completion"), tokenizer=tok, model_info=("/m", "tiny", "r"))
     answer = fake_vllm(tok)[0]  # a server without vLLM's /version and /tokenize: unknown, not an error
     h = fake(lambda p, b: (404, {"error": "no"}) if p in ("/version", "/tokenize") else answer(p, b))
     out = generate(_cfg(tmp_path / "plain", h.url, limit=1), tokenizer=tok, model_info=("/m", "tiny", "r1"))
@@ -347,6 +352,17 @@ def test_run_inference_service_refusals_are_one_line(tmp_path):
 RUN = str(ROOT / "run_inference.sh")
 LIMIT, TOKENS = 8, 32  # HumanEval problems, greedy tokens each
 ENGINE = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"]  # the offline engine's and the server's
+# seeds and stop strings: sampled, 2 samples per problem, completion prompts (which stop at HumanEval's stops)
+SAMPLED = ["--prompt-style", "completion", "--temperature", "0.8", "--top-p", "0.95", "--n", "2"]
+OFFLINE = """import json, sys
+from btp.generate import Session, generate, parse_config
+s = Session()  # one engine load for both runs
+try:
+    for argv in json.loads(sys.argv[1]):
+        generate(parse_config(argv), session=s)
+finally:
+    s.engine.close()
+"""
 
 
 def _gen_cmd(results: Path, *extra: str) -> list[str]:
@@ -376,46 +392,44 @@ def served(tmp_path_factory):
     serve = ["bash", RUN, "serve", "smollm2-135m", "--port", str(port), *ENGINE]
     srv = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
-        off = subprocess.run(
-            _gen_cmd(d / "offline", "--backend", "vllm", *ENGINE), capture_output=True, text=True, env=env, cwd=ROOT
-        )
+        runs = [_gen_cmd(d / "offline", *ENGINE), _gen_cmd(d / "offline-sampled", *ENGINE, *SAMPLED)]
+        runs = json.dumps([["--backend", "vllm", *argv[3:]] for argv in runs])  # argv[3:]: the flags
+        off = subprocess.run([sys.executable, "-c", OFFLINE, runs], capture_output=True, text=True, env=env, cwd=ROOT)
         out, err = srv.communicate(timeout=1200)
         assert off.returncode == 0, off.stderr[-3000:]
         assert srv.returncode == 0, err[-3000:]
         url = out.strip().splitlines()[-1]
         assert url == f"http://127.0.0.1:{port}", out
-        yield {"url": url, "port": port, "env": env, "dir": d, "serve": serve, "offline": _records(d / "offline")}
+        offline = {"greedy": _records(d / "offline"), "sampled": _records(d / "offline-sampled")}
+        yield {"url": url, "port": port, "env": env, "dir": d, "serve": serve, "offline": offline}
     finally:
         srv.kill() if srv.poll() is None else None
         subprocess.run(["bash", RUN, "stop", "--port", str(port)], env=env, cwd=ROOT, timeout=180)
 
 
-def _same_as_offline(recs: list[dict], offline: list[dict]) -> None:
-    ref = {r["problem_id"]: r for r in offline}
-    assert sorted(r["problem_id"] for r in recs) == sorted(ref) and len(ref) == LIMIT
+def _same_as_offline(recs: list[dict], offline: list[dict], n: int = 1) -> None:
+    key = lambda r: (r["problem_id"], r["sample"])
+    ref = {key(r): r for r in offline}
+    assert sorted(map(key, recs)) == sorted(ref) and len(ref) == LIMIT * n
     for r in recs:
-        o = ref[r["problem_id"]]
-        assert r["prompt_token_ids"] == o["prompt_token_ids"], r["problem_id"]
-        assert r["output_token_ids"] == o["output_token_ids"], r["problem_id"]
-        assert (r["output"], r["finish_reason"]) == (o["output"], o["finish_reason"])
+        o = ref[key(r)]
+        assert r["prompt_token_ids"] == o["prompt_token_ids"] and r["seed"] == o["seed"], key(r)
+        assert r["output_token_ids"] == o["output_token_ids"], key(r)
+        assert (r["output"], r["finish_reason"]) == (o["output"], o["finish_reason"]), key(r)
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_served_greedy_equals_the_offline_engine(served):
-    d = served["dir"] / "server"
-    r = subprocess.run(
-        _gen_cmd(d, "--backend", "server", "--base-url", served["url"], "--max-concurrency", "4"),
-        capture_output=True,
-        text=True,
-        env=served["env"],
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    _same_as_offline(_records(d), served["offline"])
+def test_served_greedy_and_seeded_samples_equal_the_offline_engine(served):
+    for name, extra in (("greedy", []), ("sampled", SAMPLED)):
+        d = served["dir"] / f"server-{name}"
+        cmd = _gen_cmd(d, "--backend", "server", "--base-url", served["url"], "--max-concurrency", "4", *extra)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=served["env"], cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        _same_as_offline(_records(d), served["offline"][name], n=2 if extra else 1)
+    assert any(r["finish_reason"] == "stop" for r in _records(d))  # a stop string ended some samples
     (runs,) = d.glob("*/humaneval/generations.runs.json")
-    stamp = read_json(runs)[-1]["server"]
+    stamp = read_json(runs)[-1]["server"]  # of the sampled run
     assert stamp["url"] == served["url"] and stamp["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct-Q4_1-gguf"
     assert stamp["version"] == read_json(runs)[-1]["versions"]["vllm"] and stamp["tokenizer_agrees"] is True
 
@@ -445,7 +459,7 @@ def test_a_killed_server_restarted_resumes_with_nothing_lost_or_doubled(served):
     assert f"{len(before)} done, {LIMIT - len(before)} to generate (server" in r.stderr
     recs = read_jsonl(out)
     assert recs[: len(before)] == before  # the saved records untouched, each problem once, ids as offline
-    _same_as_offline(recs, served["offline"])
+    _same_as_offline(recs, served["offline"]["greedy"])
 
 
 @pytest.mark.slow

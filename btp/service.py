@@ -66,14 +66,19 @@ class Client:
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     raw = r.read()
-                return json.loads(raw) if raw.strip() else None
             except urllib.error.HTTPError as e:
                 if e.code < 500 and e.code != 429:
                     msg = f"{url} refused the request: HTTP {e.code} {_detail(e)} — check the flags"
                     raise UserError(msg) from None
                 last = f"HTTP {e.code} {_detail(e)}"
+                continue
             except TRANSIENT_ERRORS as e:
                 last = getattr(e, "reason", None) or e
+                continue
+            try:
+                return json.loads(raw) if raw.strip() else None
+            except ValueError:
+                raise UserError(f"{url} answered with something other than JSON — check --base-url") from None
         raise ServerGone(
             f"server {self.base_url} did not answer {path} after {self.retries + 1} tries ({last}) — start it "
             "(./run_inference.sh serve MODEL --port N) or fix --base-url, then rerun to resume"

@@ -60,8 +60,9 @@ serve() {
   service_flags "$@"
   alive && die "a server already runs on port $PORT (pid $(cat "$PIDFILE")) — stop it: ./run_inference.sh stop --port $PORT"
   healthy && die "$URL already answers — pick another --port"
-  local ref; mapfile -t ref < <("$PY" -m btp.models --model "$model" --print path,model_id) || exit 2
-  [ "${#ref[@]}" -eq 2 ] || exit 2
+  local ref; mapfile -t ref < <("$PY" -m btp.models --model "$model" --print path,model_id)
+  [ "${#ref[@]}" -ge 2 ] || exit 2  # btp.models said why on stderr
+  ref=("${ref[@]: -2}")  # the last two lines: a first use of the embedded model reports its conversion before
   local extra=()
   [ -n "${TP:-}" ] && extra+=(--tensor-parallel-size "$TP")
   [ -n "${PP:-}" ] && extra+=(--pipeline-parallel-size "$PP")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -335,6 +336,37 @@ def test_run_inference_offline_and_through_a_server_builds_the_generate_command(
             "mbpp",
         ]
     )
+
+
+def test_serve_resolves_the_model_as_btp_and_passes_vllm_flags_through(tmp_path):
+    """A `python` that answers btp.models as a first use of the embedded model does (conversion lines first) and
+    whose vLLM server exits at once: serve must build vLLM's command and then say that it exited."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = btp.models ]; then printf "[btp.models] converting\\n/models/smol\\norg/smol-id\\n"; exit 0; fi\n'
+        'if [ "$1" = -c ]; then exit 1; fi\n'  # the health probe: nothing answers
+        'echo "VLLM $* KV=$VLLM_CPU_KVCACHE_SPACE STOPS=$VLLM_MAX_STOP_STRINGS"; exit 3\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "SERVICE_DIR": str(tmp_path / "svc"), "TP": "2", "PATH": "/usr/bin:/bin"}
+    port = str(_free_port())
+    r = subprocess.run(
+        ["bash", str(ROOT / "run_inference.sh"), "serve", "smollm2-135m", "--port", port, "--enforce-eager"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("run_inference.sh: error: the server exited while starting")
+    log = (tmp_path / "svc" / f"serve-{port}.log").read_text().split()
+    assert log[:4] == ["VLLM", "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    assert " ".join(log[4:]) == (
+        f"/models/smol --served-model-name org/smol-id --host 127.0.0.1 --port {port} --generation-config vllm "
+        f"--tensor-parallel-size 2 --enforce-eager KV={'' if shutil.which('nvidia-smi', path=env['PATH']) else 1} "
+        "STOPS=32"
+    )
+    assert not (tmp_path / "svc" / f"serve-{port}.pid").exists()
 
 
 def test_run_inference_service_refusals_are_one_line(tmp_path):

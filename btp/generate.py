@@ -186,16 +186,16 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self, path: str, cfg: GenerateConfig, llm: Any = None):
-        if not _on_gpu():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default grabs far more
-        from vllm import LLM
-
         if cfg.data_parallel_size > 1:
             raise UserError(
                 f"--data-parallel-size {cfg.data_parallel_size}: vLLM's offline engine refuses data parallelism in "
                 "one process — serve the model with it (run_inference.sh serve MODEL --data-parallel-size N) "
                 "and generate with --backend server --base-url URL"
             )
+        if not _on_gpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default grabs far more
+        from vllm import LLM
+
         gpu_util = cfg.gpu_memory_utilization or (0.9 if _on_gpu() else 0.3)
         self.llm = llm or LLM(
             model=str(path),

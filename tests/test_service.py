@@ -279,7 +279,6 @@ def test_the_server_must_serve_the_model_and_its_tokenizer_is_compared(fake, tok
 def test_server_backend_needs_a_url_and_offline_data_parallel_is_refused(tok, tmp_path):
     with pytest.raises(UserError, match="--backend server needs --base-url"):
         generate(_cfg(tmp_path, None), tokenizer=tok, model_info=("/m", "tiny", "r1"))
-    pytest.importorskip("vllm")
     from btp.generate import VllmBackend
 
     with pytest.raises(UserError, match="refuses data parallelism in one process — serve"):

@@ -1,10 +1,12 @@
-"""Stage: sample completions for a benchmark with vLLM's offline engine or transformers.
+"""Stage: sample completions for a benchmark with vLLM's offline engine, transformers, or a vLLM server.
 
 `python -m btp.generate --model smollm2-135m --dataset humaneval --n 1 --max-tokens 512`
 writes `results/<model-slug>/<dataset>/generations.jsonl`, one record per (problem, sample), with the
 exact prompt text and token ids, the output, its token ids and the extracted code. A rerun generates
 only the missing pairs. Every (problem, sample) gets its own seed derived from `--seed`, so a resumed
 run draws the same samples as an uninterrupted one would (vLLM; the HF backend seeds per batch).
+`--backend server --base-url URL` sends the same token-id prompts, stops and seeds to an OpenAI-compatible
+server (`run_inference.sh serve MODEL`) and keeps the token ids it reports.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import importlib.util
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from .cli import opt
 from .models import DEFAULT_MODEL
 from .prompts import STYLES, build_prompt, encode_prompt, extract
 from .results import GENERATIONS, check_runs, dataset_dir
-from .store import JsonlStore, provenance
+from .store import JsonlStore, UserError, provenance
 
 # Config fields that change what a sample is; a resumed file must not mix values of these.
 SAMPLE_KEY = (
@@ -62,7 +64,9 @@ class GenerateConfig:
         "(finish_reason 'repetition'; 0: off); hf stops there, vllm is cut there afterwards",
     )
     seed: int = opt(0, None)
-    backend: str = opt("auto", "auto: vllm if importable", choices=("auto", "vllm", "hf"))  # vllm | hf | auto
+    backend: str = opt(
+        "auto", "auto: server with --base-url, else vllm if importable", choices=("auto", "vllm", "hf", "server")
+    )
     results_dir: str = opt("results", "root of the results tree")
     output: str | None = opt(
         None,
@@ -79,8 +83,13 @@ class GenerateConfig:
     release: str = opt("v6", "LiveCodeBench release: vN, vA_vB, release_vN")
     start_date: str | None = opt(None, "LiveCodeBench contest_date >= YYYY-MM[-DD]")
     end_date: str | None = opt(None, "LiveCodeBench contest_date <= YYYY-MM[-DD]")
-    # vLLM engine
+    # vLLM engine (offline); a server is sized where it starts (run_inference.sh serve)
     tensor_parallel_size: int = opt(1, None)
+    pipeline_parallel_size: int = opt(1, None)
+    data_parallel_size: int = opt(1, "offline vLLM refuses >1 in one process: serve with it and use --backend server")
+    distributed_executor_backend: str | None = opt(
+        None, "vLLM workers: mp (one node) or ray (multi-node: a running Ray cluster)", choices=("mp", "ray", "uni")
+    )
     max_model_len: int | None = opt(None, None)
     gpu_memory_utilization: float | None = opt(None, "default 0.9 on GPU, 0.3 on CPU")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
@@ -90,6 +99,12 @@ class GenerateConfig:
     # transformers backend
     batch_size: int = opt(8, "HF backend batch size")
     device: str | None = opt(None, "HF backend device")
+    # server backend: an OpenAI-compatible completions server (vLLM's api_server), local, remote or balanced
+    base_url: str | None = opt(None, "server backend: the server's URL, e.g. http://localhost:8000")
+    server_model: str | None = opt(None, "server backend: the name it serves the model under (default: btp's id)")
+    max_concurrency: int = opt(8, "server backend: requests in flight at once")
+    retries: int = opt(5, "server backend: tries after a transient error (refused, 5xx, timeout); backoff 1, 2, 4.. s")
+    request_timeout: float = opt(600.0, "server backend: seconds one request may take")
 
 
 @dataclass
@@ -117,11 +132,13 @@ def sample_seed(seed: int, problem_id: str, sample: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{problem_id}|{sample}".encode()).digest()[:4], "little") >> 1
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(name: str, base_url: str | None = None) -> str:
     if name == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-    if name not in ("vllm", "hf"):
-        raise ValueError(f"backend must be vllm, hf or auto, got {name!r}")
+        return "server" if base_url else "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if name not in ("vllm", "hf", "server"):
+        raise ValueError(f"backend must be vllm, hf, server or auto, got {name!r}")
+    if name == "server" and not base_url:
+        raise UserError("--backend server needs --base-url — e.g. http://localhost:8000 (run_inference.sh serve)")
     return name
 
 
@@ -169,6 +186,12 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self, path: str, cfg: GenerateConfig, llm: Any = None):
+        if cfg.data_parallel_size > 1:
+            raise UserError(
+                f"--data-parallel-size {cfg.data_parallel_size}: vLLM's offline engine refuses data parallelism in "
+                "one process — serve the model with it (run_inference.sh serve MODEL --data-parallel-size N) "
+                "and generate with --backend server --base-url URL"
+            )
         if not _on_gpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default grabs far more
         from vllm import LLM
@@ -177,6 +200,8 @@ class VllmBackend:
         self.llm = llm or LLM(
             model=str(path),
             tensor_parallel_size=cfg.tensor_parallel_size,
+            pipeline_parallel_size=cfg.pipeline_parallel_size,
+            distributed_executor_backend=cfg.distributed_executor_backend,
             max_model_len=cfg.max_model_len,
             gpu_memory_utilization=gpu_util,
             dtype=cfg.dtype,
@@ -224,6 +249,115 @@ class VllmBackend:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+
+
+class ServerBackend:
+    """An OpenAI-compatible completions server (vLLM's api_server): the offline engine's token-id prompts, seeds,
+    stop strings and sampling values, sent explicitly (a server fills unset ones from the model's
+    generation_config), `--max-concurrency` requests at once with retries; the prompt and output token ids are
+    the ones the server reports (`return_token_ids`), and a prompt it fed otherwise than btp's ids is refused."""
+
+    name = "server"
+
+    def __init__(self, cfg: GenerateConfig, model_id: str, tokenizer: Any, client: Any = None):
+        from .service import Client
+
+        self.client = client or Client(cfg.base_url, retries=cfg.retries, timeout=cfg.request_timeout)
+        self.tok, self.url = tokenizer, self.client.base_url
+        served = {m["id"]: m for m in self.client.get("/v1/models")["data"]}
+        self.model = cfg.server_model or model_id
+        if self.model not in served:
+            raise UserError(
+                f"server {self.url} serves {sorted(served)}, not {self.model!r} — pass --server-model NAME "
+                "(and --model for the tokenizer btp builds the prompts with)"
+            )
+        self.root = served[self.model].get("root")
+        self.version = self._ask("/version", None, "version")  # vLLM's; None where a server has no such path
+
+    def stamp(self, job: Job | None) -> dict:
+        """What the records came from: URL, served name and its root, the server's version, and whether the
+        server tokenises btp's first prompt text as btp does (btp sends its own ids either way)."""
+        return {
+            "url": self.url,
+            "model": self.model,
+            "root": self.root,
+            "version": self.version,
+            "tokenizer_agrees": None if job is None else self._tokenizer_agrees(job),
+        }
+
+    def _ask(self, path: str, body: dict | None, key: str) -> Any:
+        """`key` of a vLLM-only endpoint's answer, None where the server has no such endpoint."""
+        from .service import ServerGone
+
+        try:
+            return self.client.request(path, body)[key]
+        except ServerGone:
+            raise
+        except (UserError, KeyError, TypeError):
+            return None
+
+    def _tokenizer_agrees(self, job: Job) -> bool | None:
+        body = {"model": self.model, "prompt": job.prompt, "add_special_tokens": job.style == "completion"}
+        theirs = self._ask("/tokenize", body, "tokens")
+        if theirs is None:
+            return None
+        if theirs != job.prompt_token_ids:
+            at = next((i for i, (a, b) in enumerate(zip(theirs, job.prompt_token_ids)) if a != b), len(theirs))
+            print(
+                f"[btp.generate] warning: {self.url} tokenises the prompt of {job.problem.problem_id} otherwise than "
+                f"btp's tokenizer (first difference at token {at}); btp sends its own token ids",
+                file=sys.stderr,
+            )
+        return theirs == job.prompt_token_ids
+
+    def _one(self, job: Job, cfg: GenerateConfig) -> Completion:
+        body = {
+            "model": self.model,
+            "prompt": job.prompt_token_ids,
+            "n": 1,
+            "seed": job.seed,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "max_tokens": cfg.max_tokens,
+            "stop": list(job.stops) or None,
+            "include_stop_str_in_output": True,  # as the offline engine: the text is the decoded token ids
+            "skip_special_tokens": True,
+            "return_token_ids": True,
+        }
+        pid = job.problem.problem_id
+        try:
+            c = self.client.post("/v1/completions", body)["choices"][0]
+        except UserError as e:
+            if len(job.stops) > 4 and "body.stop" in str(e):  # vLLM's default limit
+                raise UserError(
+                    f"server {self.url} takes at most 4 stop strings, {job.problem.dataset} has {len(job.stops)} — "
+                    "start it with VLLM_MAX_STOP_STRINGS=32 in its environment (run_inference.sh serve does)"
+                ) from None
+            raise
+        if c.get("prompt_token_ids") is None or c.get("token_ids") is None:
+            raise UserError(f"server {self.url} reports no token ids — serve with vLLM >= 0.10.2 (return_token_ids)")
+        if list(c["prompt_token_ids"]) != job.prompt_token_ids:
+            raise UserError(f"server {self.url} fed {pid} other prompt ids than btp sent — check the served model")
+        if c.get("finish_reason") not in ("stop", "length"):
+            raise UserError(f"server {self.url} ended {pid} with {c.get('finish_reason')!r} — rerun to resume")
+        decode = lambda t: self.tok.decode(t, skip_special_tokens=True)
+        return apply_guard(c["text"], list(c["token_ids"]), c["finish_reason"], cfg.repetition_guard, decode)
+
+    def stream(self, jobs: Sequence[Job], cfg: GenerateConfig) -> Iterator[list[tuple[Job, Completion]]]:
+        """[(job, completion)] as each request finishes: a record is saved as soon as its answer is in."""
+        from .service import bounded_map
+
+        for j, c in bounded_map(lambda j: self._one(j, cfg), jobs, cfg.max_concurrency):
+            yield [(j, c)]
+
+    def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[Completion]:
+        got = {id(j): c for pairs in self.stream(jobs, cfg) for j, c in pairs}
+        return [got[id(j)] for j in jobs]
 
 
 class HfBackend:
@@ -389,6 +523,13 @@ def make_record(job: Job, c: Completion) -> dict:
     }
 
 
+def _finished(engine: Any, chunk: list[Job], cfg: GenerateConfig) -> Iterable[list[tuple[Job, Completion]]]:
+    """Lists of (job, completion) to save: as each finishes where the engine streams (a server), else the chunk."""
+    if hasattr(engine, "stream"):
+        return engine.stream(chunk, cfg)
+    return [list(zip(chunk, engine.run(chunk, cfg)))]
+
+
 def _chunks(jobs: list[Job], size: int) -> Iterator[list[Job]]:
     size = size if size > 0 else max(1, len(jobs))
     for i in range(0, len(jobs), size):
@@ -438,7 +579,8 @@ def generate(
     """Run the stage; returns the generations.jsonl path. `engine` (a VllmBackend/HfBackend), `tokenizer`
     and `model_info` (path, model id, revision), or a `session`, let callers reuse a loaded model."""
     sess = session or Session(model_info, tokenizer, engine)
-    cfg = replace(cfg, backend=resolve_backend(cfg.backend) if sess.engine is None else sess.engine.name)
+    backend = resolve_backend(cfg.backend, cfg.base_url) if sess.engine is None else sess.engine.name
+    cfg = replace(cfg, backend=backend)
     bench = benchmarks.get(cfg.dataset)
     if cfg.prompt_style not in STYLES:
         raise ValueError(f"prompt style must be one of {STYLES}")
@@ -472,8 +614,12 @@ def generate(
         lambda: f"{len(store.done())}/{total} {cfg.dataset} samples generated and saved in {out}; rerun to resume"
     )
     if sess.engine is None:
-        sess.engine = HfBackend(sess.hf_model, sess.tokenizer) if cfg.backend == "hf" else VllmBackend(path, cfg)
+        if cfg.backend == "server":
+            sess.engine = ServerBackend(cfg, model_id, sess.tokenizer)
+        else:
+            sess.engine = HfBackend(sess.hf_model, sess.tokenizer) if cfg.backend == "hf" else VllmBackend(path, cfg)
     engine = sess.engine
+    server = {"server": engine.stamp(jobs[0])} if engine.name == "server" else {}
     store.begin_run(
         provenance(
             stage="generate",
@@ -485,6 +631,7 @@ def generate(
             model_path=path,
             prompt_style=style,
             stop=list(completion_stops(cfg.dataset, style)),
+            **server,
         )
     )
     if cfg.backend == "hf":  # similar lengths per batch waste less padding
@@ -493,11 +640,11 @@ def generate(
     n_tok, t0 = 0, time.perf_counter()
     with tqdm(total=len(jobs), desc=f"generate {cfg.dataset}", unit="seq", dynamic_ncols=True) as bar:
         for chunk in _chunks(jobs, size):
-            res = engine.run(chunk, cfg)
-            store.append([make_record(j, c) for j, c in zip(chunk, res)])
-            n_tok += sum(len(c.token_ids) for c in res)
-            bar.update(len(chunk))
-            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
+            for pairs in _finished(engine, chunk, cfg):
+                store.append([make_record(j, c) for j, c in pairs])
+                n_tok += sum(len(c.token_ids) for _, c in pairs)
+                bar.update(len(pairs))
+                bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
     return out
 
 

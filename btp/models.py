@@ -349,8 +349,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m btp.models", description="Resolve or prepare a model")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--prepare", action="store_true", help="convert the embedded model to its cache folder now")
+    p.add_argument("--print", dest="fields", help="comma-separated fields to print, one a line (path,model_id)")
     args = p.parse_args(argv)
     ref = resolve_model(args.model)
+    if args.fields:  # for scripts: run_inference.sh serve loads the folder and serves it under btp's id
+        bad = [f for f in args.fields.split(",") if f not in ("name", "model_id", "path", "revision")]
+        if bad:
+            raise UserError(f"--print {','.join(bad)}: unknown field — give name, model_id, path or revision")
+        print("\n".join(str(getattr(ref, f)) for f in args.fields.split(",")))
+        return
     print(f"{ref.name}: id={ref.model_id} revision={ref.revision} path={ref.path}")
 
 

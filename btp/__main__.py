@@ -40,6 +40,12 @@ STAGES = [
         "generate and evaluate with heads removed, against controls",
         "pruned/<setting>/, pruned/comparison.json",
     ),
+    (
+        "sweep",
+        "btp.sweep",
+        "models x datasets x modes x stages from a YAML file, locally or on Ray",
+        "the stages' outputs; .sweeps/<name>/",
+    ),
     ("progress", "btp.check", "table of every model x dataset and stage (run_check.sh)", "stdout / --json"),
     ("plots", "btp.plots", "PNG/PDF figures of every result", "figures/"),
 ]

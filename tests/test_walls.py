@@ -45,6 +45,7 @@ CORE = {
     "samples",
     "data",
     "cli",
+    "sweepfile",
 }
 STAGES = {
     "generate",

@@ -194,10 +194,10 @@ def test_ray_sweep_equals_serial_rerun_skips(tiny_folder, ray_local, tmp_path, c
     out = capsys.readouterr().out
     assert "4 skipped of 4 jobs" in out, out
     assert _outputs(distributed) == before  # nothing rewritten
-    log = results.job_log_path(
-        distributed.resolve(), "s2", f"ablation/{results.model_slug(str(tiny_folder))}/humaneval/regular"
-    )
-    assert "--check-done" in log.read_text() and "not done" in log.read_text()
+    job = f"lens-all/{results.model_slug(str(tiny_folder))}/humaneval/regular"
+    log = results.job_log_path(distributed, "s2", job).read_text()
+    # asked first, then run; on the rerun only asked
+    assert log.count("--check-done\n") == 2 and log.count("btp.entropy_lens: not done") == 1
 
     assert check.main(["--results-dir", str(distributed)]) == 0
     assert "sweep s2: 4/4 done, 0 running, 0 failed" in capsys.readouterr().out

@@ -130,13 +130,16 @@ def ray_local():
     """One local Ray instance (2 CPUs) for the module; the sweep uses it and leaves it running."""
     ray = pytest.importorskip("ray")
     os.environ["OMP_NUM_THREADS"] = "1"  # the serial run's and the tasks' torch threads alike
-    for attempt in range(2):  # raylet registration has a fixed 30 s limit, short on a busy shared machine
+    # the raylet must register within 30 s (fixed in ray's node.py, 120 s on the GCS side): on a busy shared machine
+    # that can fail, so a few tries
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    for attempt in range(3):
         try:
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             break
         except Exception:
             ray.shutdown()
-            if attempt:
+            if attempt == 2:
                 raise
     yield ray
     ray.shutdown()

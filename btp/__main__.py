@@ -46,6 +46,12 @@ STAGES = [
         "combine the --shard i/N parts of an analysis into its outputs",
         "the outputs of one unsharded run",
     ),
+    (
+        "sweep",
+        "btp.sweep",
+        "models x datasets x modes x stages from a YAML file, locally or on Ray",
+        "the stages' outputs; .sweeps/<name>/",
+    ),
     ("progress", "btp.check", "table of every model x dataset and stage (run_check.sh)", "stdout / --json"),
     ("plots", "btp.plots", "PNG/PDF figures of every result", "figures/"),
 ]

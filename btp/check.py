@@ -2,7 +2,8 @@
 stale, what is broken.
 
 `python -m btp.check [--results-dir results] [--model M] [--dataset D] [--json] [--deep]` (or `run_check.sh`)
-prints one row per `results/<model-slug>/<dataset>/`; `--json` prints the same as JSON. Exit status 1 when a
+prints one row per `results/<model-slug>/<dataset>/`, then the progress of every sweep run on the tree
+(`--sweep FILE`: only that sweep's jobs); `--json` prints the same as JSON. Exit status 1 when a
 file is broken (an unparseable JSONL line other than a torn last line, an unreadable npz/json), else 0.
 
 Fast on large trees: every JSONL line is validated, but only the few fields a row needs are built (msgspec,
@@ -515,23 +516,75 @@ def to_json(rows: list[Row]) -> dict:
     }
 
 
+# ---------------------------------------------------------------- sweeps
+
+DONE_STATES = ("done", "skipped")  # skipped: its output was done when the sweep asked
+
+
+def sweep_progress(results_dir: str | Path, name: str, job_ids: Sequence[str]) -> dict:
+    """A sweep's jobs by state (done, running, failed, blocked, stopped, pending: never started) from the state
+    files its runners wrote."""
+    states = results.read_job_states(results_dir, name, job_ids)
+    jobs = {}
+    for j in job_ids:
+        st = states.get(j, {})
+        state = "done" if st.get("state") in DONE_STATES else st.get("state", "pending")
+        jobs[j] = {"state": state, **{k: st[k] for k in ("rc", "attempts", "host") if k in st}}
+    counts = {k: sum(v["state"] == k for v in jobs.values()) for k in ("done", "running", "failed", "blocked")}
+    counts |= {"stopped": sum(v["state"] == "stopped" for v in jobs.values())}
+    counts |= {"pending": len(jobs) - sum(counts.values()), "total": len(jobs)}
+    return {"name": name, "results_dir": str(results_dir), "counts": counts, "jobs": jobs}
+
+
+def sweeps_of(results_dir: str | Path, sweep_file: str | None) -> list[dict]:
+    """The progress of the sweep a file describes, or of every sweep whose plan lies in the results dir."""
+    if sweep_file is not None:
+        from . import sweepfile
+
+        sw = sweepfile.load(sweep_file)
+        return [sweep_progress(sw.results_dir, sw.name, [j.id for j in sw.jobs])]
+    out = []
+    for name in results.sweep_names(results_dir):
+        plan = results.read_json(results.sweep_dir(results_dir, name) / results.SWEEP_PLAN)
+        out.append(sweep_progress(results_dir, name, [j["id"] for j in plan.get("jobs", [])]))
+    return out
+
+
+def format_sweeps(sweeps: list[dict]) -> str:
+    """A line of counts per sweep, then every job that is running, failed, blocked or stopped."""
+    lines = []
+    for sw in sweeps:
+        c = sw["counts"]
+        lines.append(
+            f"sweep {sw['name']}: {c['done']}/{c['total']} done, {c['running']} running, {c['failed']} failed, "
+            f"{c['blocked']} blocked, {c['stopped']} stopped, {c['pending']} pending"
+        )
+        for j, st in sw["jobs"].items():
+            if st["state"] not in ("done", "pending"):
+                more = f" (exit {st['rc']}, {st.get('attempts', 0)} tries)" if st["state"] == "failed" else ""
+                lines.append(f"  {st['state']:<8} {j}{more}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="python -m btp.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default="results")
+    p.add_argument("--sweep", default=None, help="a sweep file (YAML): its jobs' progress (done/running/failed/...)")
     p.add_argument("--model", default=None, help="only this model (slug or HF id)")
     p.add_argument("--dataset", default=None, help="only this dataset")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--deep", action="store_true", help="also CRC-check every npz member (reads them whole)")
     args = p.parse_args(argv)
     try:
-        rows = check_tree(args.results_dir, args.model, args.dataset, args.deep)
+        sweeps = sweeps_of(args.results_dir, args.sweep)
+        rows = [] if args.sweep else check_tree(args.results_dir, args.model, args.dataset, args.deep)
     except (FileNotFoundError, cli.UserError) as e:  # no such results / model / dataset: said as one line
         print(cli.error_line("check", e), file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(to_json(rows), indent=1))
+        print(json.dumps({**({} if args.sweep else to_json(rows)), "sweeps": sweeps}, indent=1))
     else:
-        print(format_table(rows))
+        print("\n".join(x for x in (None if args.sweep else format_table(rows), format_sweeps(sweeps)) if x))
     return 1 if any(r.broken for r in rows) else 0
 
 

@@ -86,6 +86,22 @@ def entry(stage: str, main: Callable[[], Any]) -> None:
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
+# `--check-done`: the stage's own completion logic answers whether its output is done, without working (btp.sweep
+# asks every job so): exit 0 when done, NOT_DONE when there is work, 2 for a user error as always
+NOT_DONE = 3
+CHECK_DONE_HELP = "only say whether the output is done (exit 0) or has work left (exit 3); loads no weights"
+
+
+def add_check_done(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check-done", action="store_true", help=CHECK_DONE_HELP)
+
+
+def not_done(stage: str, what: object) -> typing.NoReturn:
+    """End a `--check-done` run: one line saying what is left, exit NOT_DONE."""
+    print(_line(stage, "not done", what), file=sys.stderr, flush=True)
+    sys.exit(NOT_DONE)
+
+
 def opt(
     default: Any = None,
     help: str | None = None,
@@ -294,7 +310,7 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
 
 def config_dict(args: argparse.Namespace) -> dict:
     """The effective configuration of a run, for provenance."""
-    skip = ("debug", *SHARD_FLAGS)  # not settings: a shard's stamp and identity say which shard it is
+    skip = ("debug", "check_done", *SHARD_FLAGS)  # not settings: a shard's stamp and identity say which shard it is
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
 
 
@@ -373,6 +389,7 @@ def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
     for cls in spec.configs:
         add_flags(p, cls)
     add_runtime(p, device_map=spec.device_map, shard=True)
+    add_check_done(p)
     return p
 
 
@@ -463,7 +480,10 @@ class Run:
         return parts
 
     def claim(self, out: results.Output, identity: dict, **kw: Any) -> results.Claim:
-        """`results.claim` with `--force`; another identity ends the run with a message naming the field."""
+        """`results.claim` with `--force`; another identity ends the run with a message naming the field. Under
+        `--check-done` a forced run has work (and removes nothing)."""
+        if getattr(self.args, "check_done", False) and self.args.force:
+            not_done(self.spec.module or self.spec.name, f"{out.dir / out.name}: --force recomputes it")
         try:
             c = results.claim(out, identity, force=self.args.force, **kw)
         except results.IdentityError as e:
@@ -472,7 +492,9 @@ class Run:
         return c
 
     def load(self) -> Any:
-        """The model (models.LoadedModel), loaded once, on the resolved device and dtype."""
+        """The model (models.LoadedModel), loaded once, on the resolved device and dtype. A stage loads weights
+        only when it has work: under `--check-done` that is the answer."""
+        self.has_work()
         if self._loaded is None:
             from .models import load_model
 
@@ -485,6 +507,12 @@ class Run:
                 attn_implementation=getattr(self.args, "attn_implementation", "auto"),
             )
         return self._loaded
+
+    def has_work(self) -> None:
+        """Past its claims a stage has work; under `--check-done` the run ends here, before it touches a file (a
+        stage that repairs progress files before loading weights calls this first)."""
+        if getattr(self.args, "check_done", False):
+            not_done(self.spec.module or self.spec.name, "an output of this run is missing or unfinished")
 
     def stamp(self, lm: Any, **extra: Any) -> dict:
         """The provenance stamp of an output of this run (`lm`: the loaded model)."""

@@ -691,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             f"{doc['stop_reason']}); use --force or more --max-generations"
         )
         return json_path
+    run.has_work()  # before the repairs below touch files
     state = results.read_partial(state_path, claim.key)
     recs = store.read()
     if state is None and (recs or json_path.exists()):

@@ -18,6 +18,7 @@ the Programs say how to assemble and judge it, as data.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import warnings
@@ -35,18 +36,20 @@ from .results import (
     EVALUATIONS,
     GENERATIONS,
     REFERENCE,
+    changed_inputs,
     check_runs,
     code_sha,
     dataset_dir,
     evaluations_path,
     generations_dir,
     input_identity,
+    is_stale,
     read_runs,
     summary_path,
 )
 from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
 from .stats import SMALL_N, WILSON, ks_up_to, pass_at_k_summary
-from .store import JsonlStore, MalformedFileError, UserError, iter_jsonl, provenance, write_json
+from .store import JsonlStore, MalformedFileError, UserError, iter_jsonl, provenance, read_json, write_json
 
 RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must not mix
 
@@ -256,8 +259,9 @@ def _suspicious(records: Iterable[dict]) -> dict:
     return {"programs": sum(1 for f in flags if f), "by_flag": dict(Counter(x for f in flags for x in f))}
 
 
-def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
-    """Run the stage; returns the summary (also written to summary.json next to evaluations.jsonl)."""
+def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None, check_only: bool = False) -> dict:
+    """Run the stage; returns the summary (also written to summary.json next to evaluations.jsonl).
+    `check_only` (`--check-done`): judge nothing; exit cli.NOT_DONE when programs or the summary are missing."""
     p = plan(cfg)
     problems, programs, out, model, source = p.problems, p.programs, p.out, p.model, p.source
     by_id = {p.problem_id: p for p in problems}
@@ -280,6 +284,11 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
         f"{len(programs) - len(todo)} already judged, {len(todo)} to run -> {out}",
         file=sys.stderr,
     )
+    if check_only:
+        sp = summary_path(out)
+        if todo or not sp.exists() or _summary_stale(sp, out):
+            cli.not_done("evaluate", f"{len(todo)} programs to judge, {sp.name} to write" if todo else f"{sp} to write")
+        return read_json(sp)
     if todo:
         keys = {(r["problem_id"], r["sample"]) for r in programs}
         cli.interrupt_note(
@@ -375,6 +384,16 @@ def _judge(
         )
 
 
+def _summary_stale(sp: Path, out: Path) -> bool:
+    """Whether a summary no longer describes `out`: by the verdicts' content it recorded (file times only for
+    summaries that record none)."""
+    try:
+        rec = (read_json(sp).get("inputs") or {}).get(out.name)
+    except (OSError, ValueError, AttributeError):
+        return True
+    return bool(changed_inputs(out.parent, {out.name: rec})) if rec else is_stale(sp, out)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -391,17 +410,26 @@ def summary_line(s: dict) -> str:
     return line
 
 
-def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+def _parser() -> argparse.ArgumentParser:
     ap = cli.parser("evaluate", __doc__.split("\n\n")[0])
     cli.add_common(ap)
     ap.set_defaults(model=None)
     cli.add_flags(ap, EvalConfig)
-    return cli.config_from(EvalConfig, cli.parse(ap, argv))
+    return ap
+
+
+def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+    return cli.config_from(EvalConfig, cli.parse(_parser(), argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    s = evaluate(cfg)
+    ap = _parser()
+    cli.add_check_done(ap)
+    args = cli.parse(ap, argv)
+    cfg = cli.config_from(EvalConfig, args)
+    s = evaluate(cfg, check_only=args.check_done)
+    if args.check_done:
+        return 0
     print(summary_line(s))
     print(f"status: {s['status_counts']}  isolation: {s['isolation']}")
     if cfg.reference:

@@ -546,10 +546,10 @@ class Session:
     hf_model: Any = None
 
 
-def _open(cfg: GenerateConfig, sess: Session) -> None:
+def _open(cfg: GenerateConfig, sess: Session, weights: bool = True) -> None:
     if sess.model_info is not None and sess.tokenizer is not None:
         return
-    if cfg.backend == "hf" and sess.engine is None:
+    if cfg.backend == "hf" and sess.engine is None and weights:
         from .models import load_model
 
         lm = load_model(
@@ -575,9 +575,11 @@ def generate(
     tokenizer: Any = None,
     model_info: tuple | None = None,
     session: Session | None = None,
+    check_only: bool = False,
 ) -> Path:
     """Run the stage; returns the generations.jsonl path. `engine` (a VllmBackend/HfBackend), `tokenizer`
-    and `model_info` (path, model id, revision), or a `session`, let callers reuse a loaded model."""
+    and `model_info` (path, model id, revision), or a `session`, let callers reuse a loaded model.
+    `check_only` (`--check-done`): generate nothing, load no weights; exit cli.NOT_DONE when samples are missing."""
     sess = session or Session(model_info, tokenizer, engine)
     backend = resolve_backend(cfg.backend, cfg.base_url) if sess.engine is None else sess.engine.name
     cfg = replace(cfg, backend=backend)
@@ -594,7 +596,7 @@ def generate(
         start_date=cfg.start_date,
         end_date=cfg.end_date,
     )
-    _open(cfg, sess)
+    _open(cfg, sess, weights=not check_only)
     path, model_id, revision = sess.model_info
     out = Path(cfg.output) if cfg.output else dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -610,6 +612,8 @@ def generate(
     )
     if not jobs:
         return out
+    if check_only:
+        cli.not_done("generate", f"{len(jobs)} of {total} {cfg.dataset} samples to generate in {out}")
     cli.interrupt_note(
         lambda: f"{len(store.done())}/{total} {cfg.dataset} samples generated and saved in {out}; rerun to resume"
     )
@@ -665,7 +669,10 @@ def parse_config(argv: Sequence[str] | None = None) -> GenerateConfig:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """`--dataset a,b,c` runs several benchmarks on one loaded engine (`--data-file` then only
     applies to those whose data is not vendored: livecodebench)."""
-    cfg = parse_config(argv)
+    ap = _parser()
+    cli.add_check_done(ap)
+    args = cli.parse(ap, argv)
+    cfg = cli.config_from(GenerateConfig, args)
     names = [d.strip() for d in cfg.dataset.split(",") if d.strip()]
     bad = [d for d in names if d not in benchmarks.NAMES]
     if bad or not names:
@@ -678,7 +685,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     try:
         for ds in names:
             data_file = cfg.data_file if len(names) == 1 or not benchmarks.get(ds).vendored else None
-            outs.append(generate(replace(cfg, dataset=ds, data_file=data_file), session=sess))
+            outs.append(
+                generate(replace(cfg, dataset=ds, data_file=data_file), session=sess, check_only=args.check_done)
+            )
             print(outs[-1])
     finally:
         if hasattr(sess.engine, "close"):

@@ -236,6 +236,66 @@ def summary_path(evaluations: str | os.PathLike) -> Path:
     return p.with_name(SUMMARY if p.name == EVALUATIONS else p.name.replace(".evaluations.jsonl", ".summary.json"))
 
 
+# ================================================================ sweeps
+
+SWEEPS = ".sweeps"  # `results/.sweeps/<sweep>/`: plan.json, jobs/<job>.json (each job's state), logs/<job>.log
+SWEEP_PLAN = "plan.json"
+JOB_STATES = ("running", "done", "skipped", "failed", "blocked")  # skipped: done before; blocked: a dependency failed
+
+
+def sweep_dir(results_dir: str | os.PathLike, name: str) -> Path:
+    """`results/.sweeps/<name>/` of a sweep (a dot folder: no model is filed there)."""
+    return Path(results_dir) / SWEEPS / name
+
+
+def _job_file(job_id: str) -> str:
+    return job_id.replace("/", "__")
+
+
+def job_state_path(results_dir: str | os.PathLike, name: str, job_id: str) -> Path:
+    """One file per job (`jobs/<job>.json`), written atomically by whoever runs it: a driver, a Ray task, or a
+    SLURM array task, so concurrent runners never rewrite each other's state."""
+    return sweep_dir(results_dir, name) / "jobs" / f"{_job_file(job_id)}.json"
+
+
+def job_log_path(results_dir: str | os.PathLike, name: str, job_id: str) -> Path:
+    """The job's log (`logs/<job>.log`): every attempt's commands and output, appended."""
+    return sweep_dir(results_dir, name) / "logs" / f"{_job_file(job_id)}.log"
+
+
+def sweep_names(results_dir: str | os.PathLike) -> list[str]:
+    """Sweeps that ran on a results tree (their plan is written)."""
+    d = Path(results_dir) / SWEEPS
+    return sorted(p.name for p in d.iterdir() if (p / SWEEP_PLAN).exists()) if d.is_dir() else []
+
+
+def read_job_states(results_dir: str | os.PathLike, name: str, job_ids: Sequence[str]) -> dict[str, dict]:
+    """{job id: its last recorded state} for the jobs that have one. A `running` job whose process is gone (same
+    host, no such pid) reads as `stopped`."""
+    import platform
+
+    out = {}
+    for j in job_ids:
+        p = job_state_path(results_dir, name, j)
+        if not p.exists():
+            continue
+        st = read_json(p)
+        if st.get("state") == "running" and st.get("host") == platform.node() and not _alive(st.get("pid")):
+            st = {**st, "state": "stopped"}
+        out[j] = st
+    return out
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:  # another user's process: alive
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
 # ================================================================ pruned inference
 
 PRUNED = "pruned"  # `results/<slug>/<ds>/pruned/`: one folder per setting, and the comparison

@@ -153,7 +153,9 @@ def test_main_gives_data_file_to_the_benchmark_that_is_not_vendored(monkeypatch)
     import btp.generate as gen
 
     seen = []
-    monkeypatch.setattr(gen, "generate", lambda cfg, session=None: seen.append((cfg.dataset, cfg.data_file)) or "out")
+    monkeypatch.setattr(
+        gen, "generate", lambda cfg, session=None, **kw: seen.append((cfg.dataset, cfg.data_file)) or "out"
+    )
     gen.main(["--dataset", "humaneval,livecodebench", "--data-file", "lcb.jsonl"])
     assert seen == [("humaneval", None), ("livecodebench", "lcb.jsonl")]
     seen.clear()

@@ -46,6 +46,7 @@ CORE = {
     "data",
     "cli",
     "service",
+    "sweepfile",
 }
 STAGES = {
     "generate",

@@ -45,6 +45,7 @@ CORE = {
     "samples",
     "data",
     "cli",
+    "pruning",
 }
 STAGES = {
     "generate",

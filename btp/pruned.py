@@ -628,13 +628,9 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     except ValueError as e:
         p.error(str(e))
     dtype_s = str(dtype).removeprefix("torch.")
-    # one engine for every arm: `auto` is vLLM if importable (as btp.generate resolves it), transformers as the
-    # fallback; the identity keeps the flag, the comparison records the engine used
-    import importlib.util
-
-    backend = (
-        gen.backend if gen.backend != "auto" else ("vllm" if importlib.util.find_spec("vllm") is not None else "hf")
-    )
+    # one engine for every arm, transformers as the fallback; the identity keeps the flag, the comparison records
+    # the engine used
+    backend = gen.engine
     ref = resolve_model(args.model)
     layer_heads = layer_heads_of(ref.path)
     ds_dir = results.dataset_dir(args.results_dir, ref.model_id, args.dataset)
@@ -646,14 +642,13 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     tok = load_tokenizer(args.model)
     ss = load_samples(args.results_dir, ref.model_id, args.dataset, scfg, tok)
     heldout = ss.split(cfg.heldout, seed=args.seed if cfg.split_seed is None else cfg.split_seed)[1]
-    gen_id = {k: v for k, v in asdict(gen).items() if k not in ("batch_size", "eval_workers", "gpu_memory_utilization")}
     arm_base = {
         "model": ref.model_id,
         "revision": ref.revision,
         "dtype": dtype_s,
         "dataset": args.dataset,
         "seed": args.seed,
-        "generation": gen_id,
+        "generation": gen.identity,
     }
     identity = {
         **arm_base,

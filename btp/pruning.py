@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -49,6 +49,23 @@ class GenFlags:
     batch_size: int = opt(8, "HF backend batch size")
     eval_workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)")
     eval_timeout: float | None = opt(None, "CPU seconds per test (default: the benchmark's)")
+
+    @property
+    def identity(self) -> dict:
+        """The flags that change what is generated or judged (batch size, workers and memory do not)."""
+        return {
+            k: v for k, v in asdict(self).items() if k not in ("batch_size", "eval_workers", "gpu_memory_utilization")
+        }
+
+    @property
+    def engine(self) -> str:
+        """The engine every arm generates with: `auto` is vLLM if importable (as btp.generate resolves it), else
+        transformers."""
+        if self.backend != "auto":
+            return self.backend
+        import importlib.util
+
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
     def generate_args(self, model: str, dataset: str, output: Path, seed: int, dtype: str, backend: str) -> list[str]:
         a = [

@@ -331,3 +331,110 @@ def test_ablation_prior_uses_the_scoring_samples_only(tmp_path):
     assert p is not None and p.source == "ablation/regular.npz"
     np.testing.assert_allclose(p.values, delta[rows].mean(0))
     assert ablation_prior(str(tmp_path), "m", "tiny", Stem(), "other-tokens", scoring) is None
+
+
+# ---------------------------------------------------------------- pass@1 fitness (btp.pruned's path)
+
+
+class HeadRunner:
+    """Writes what btp.generate / btp.evaluate would for a checkpoint: problem i passes unless head (0, i) was
+    removed (read from the checkpoint's btp_pruning.json); generation resumes (only missing problems)."""
+
+    def __init__(self, problems):
+        self.problems, self.calls = problems, []
+
+    def generate(self, args):
+        import json
+        from pathlib import Path
+
+        a = dict(zip(args[::2], args[1::2]))
+        removed = json.loads((Path(a["--model"]) / "btp_pruning.json").read_text())["pruned_heads"]
+        out = Path(a["--output"])
+        have = {json.loads(l)["problem_id"] for l in out.read_text().splitlines()} if out.exists() else set()
+        todo = [p for p in self.problems[: int(a["--limit"])] if p not in have]
+        self.calls.append(("generate", len(todo)))
+        with out.open("a") as f:
+            for p in todo:
+                code = "fail" if [0, self.problems.index(p)] in removed else "pass"
+                f.write(json.dumps({"problem_id": p, "sample": 0, "code": code}) + "\n")
+
+    def evaluate(self, args):
+        import json
+        from pathlib import Path
+
+        a = dict(zip(args[::2], args[1::2]))
+        gen = Path(a["--input"])
+        self.calls.append(("evaluate", a["--model"]))
+        recs = [json.loads(l) for l in gen.read_text().splitlines()]
+        (gen.parent / "evaluations.jsonl").write_text(
+            "".join(json.dumps({**r, "passed": r["code"] == "pass"}) + "\n" for r in recs)
+        )
+
+
+def _pass1(tmp_path, runner, problems, limit, memo_from=None):
+    from btp.cmaes_search import Pass1Fitness
+    from btp.pruning import GenFlags
+
+    model = make_tiny("llama", seed=4)
+    lm = SimpleNamespace(model=model, tokenizer=None, model_id="tiny", revision="r0")
+    setting = {"model": "tiny", "dtype": "float32", "dataset": "humaneval", "seed": 0, "backend": "hf"}
+    return Pass1Fitness(
+        lm,
+        problems,
+        limit=limit,
+        gen=GenFlags(gen_max_tokens=8),
+        setting=setting,
+        work=tmp_path / "w",
+        results_dir=str(tmp_path),
+        runner=runner,
+        n_boot=10,
+    )
+
+
+def test_pass1_fitness_is_one_minus_pass_at_1_per_problem_and_reuses_what_was_judged(tmp_path):
+    probs = ["HumanEval/0", "HumanEval/1", "HumanEval/2", "HumanEval/3", "HumanEval/4"]
+    r = HeadRunner(probs)
+    dev = _pass1(tmp_path, r, probs[:3], 3)
+    sp = Space(tuple(adapter(dev.lm.model).layer_num_heads))
+    keep = np.ones((2, sp.n), dtype=bool)
+    keep[0, [0, 2]] = False  # removes (0, 0) and (0, 2): problems 0 and 2 fail
+    keep[1, [5]] = False  # removes (1, 1): everything passes
+    f = dev(sp.masks(keep))
+    np.testing.assert_array_equal(f, [[1, 0, 1], [0, 0, 0]])
+    assert r.calls.count(("generate", 3)) == 2 and (dev.misses, dev.hits) == (2, 0)
+    assert not list((tmp_path / ".cache" / "pruned").iterdir())  # checkpoints removed once judged
+    np.testing.assert_array_equal(dev(sp.masks(keep[::-1])), f[::-1])
+    assert (dev.misses, dev.hits) == (2, 2) and len(r.calls) == 4  # memoised
+    # the held-out problems after the dev subset extend the same mask's generations (only the new problems)
+    hold = _pass1(tmp_path, r, probs[3:], 5)
+    keep2 = np.ones((1, sp.n), dtype=bool)
+    keep2[0, [0, 4]] = False  # (0, 0) and (1, 0): held-out problems pass
+    np.testing.assert_array_equal(hold(sp.masks(keep[:1])), [[0, 0]])
+    assert r.calls[-2] == ("generate", 2)
+    keep2[0, 3] = False  # (0, 3): held-out problem 3 fails
+    np.testing.assert_array_equal(hold(sp.masks(keep2)), [[1, 0]])
+    # a new process with the memo of the old one (a resumed search) asks for nothing
+    again = _pass1(tmp_path, r, probs[:3], 3)
+    again.load_state_dict(dev.state_dict())
+    n = len(r.calls)
+    np.testing.assert_array_equal(again(sp.masks(keep)), f)
+    assert len(r.calls) == n and (again.misses, again.hits) == (2, 4)
+    # a fresh memo still finds the judged files on disk: judged again from them, nothing generated
+    fresh = _pass1(tmp_path, r, probs[:3], 3)
+    np.testing.assert_array_equal(fresh(sp.masks(keep)), f)
+    assert len(r.calls) == n
+
+
+def test_pass1_flags_keep_the_sample_cap_apart_from_the_generation_cap():
+    from btp import cli
+    from btp.cmaes_search import GEN_RENAME, SPEC
+    from btp.pruning import GenFlags
+
+    p = cli.stage_parser(SPEC)
+    a = cli.parse(p, ["--max-tokens", "96", "--gen-max-tokens", "40", "--fitness", "pass1", "--backend", "hf"])
+    gen = cli.config_from(GenFlags, a, rename=GEN_RENAME)
+    assert a.max_tokens == 96 and gen.gen_max_tokens == 40 and gen.backend == "hf" and gen.engine == "hf"
+    assert SearchConfig(fitness="pass1").numbers["fitness"] == "pass1" and "fitness" not in SearchConfig().numbers
+    assert str(output_stem(Stem(), SearchConfig(budget=0.5, fitness="pass1"), None)) == "regular-keep50pct-pass1"
+    with pytest.raises(ValueError, match="fitness"):
+        SearchConfig(fitness="acc")

@@ -245,10 +245,11 @@ class ModelFitness:
         from .headsets import SetLossCache, set_losses
 
         self.ad, self.progress, self.desc = adapter(model), progress, desc
-        self.cache = SetLossCache(model, sample_set, batch_rows=batch_rows, common_start=True) if cache else None
-        self._plain = lambda sets: set_losses(
-            model, sample_set, sets, batch_rows=batch_rows, common_start=True, progress=progress, desc=desc
-        )
+        # no base CE: a population at layer 0 (every budget that leaves each layer short of a head) then needs no
+        # base pass at all
+        kw = {"batch_rows": batch_rows, "common_start": True, "need_base": False}
+        self.cache = SetLossCache(model, sample_set, **kw) if cache else None
+        self._plain = lambda sets: set_losses(model, sample_set, sets, progress=progress, desc=desc, **kw)
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
         from .headsets import removed_sets

@@ -438,3 +438,94 @@ def test_pass1_flags_keep_the_sample_cap_apart_from_the_generation_cap():
     assert str(output_stem(Stem(), SearchConfig(budget=0.5, fitness="pass1"), None)) == "regular-keep50pct-pass1"
     with pytest.raises(ValueError, match="fitness"):
         SearchConfig(fitness="acc")
+
+
+class CountingRunner:
+    """btp.generate / btp.evaluate as subprocesses (the real path), counted."""
+
+    def __init__(self):
+        from btp.pruning import SubprocessRunner
+
+        self.real, self.calls = SubprocessRunner(), []
+
+    def generate(self, args):
+        self.calls.append("generate")
+        self.real.generate(args)
+
+    def evaluate(self, args):
+        self.calls.append("evaluate")
+        self.real.evaluate(args)
+
+
+@pytest.mark.slow
+def test_main_pass1_fitness_equals_btp_pruned_and_resumes(tmp_path):
+    """The embedded model, HF generation, the sandbox: MBPP's first 4 problems are the dev subset (it solves Mbpp/14
+    within 64 tokens), the 5th is held out. The final mask's fitness is 1 - the pass@1 btp.pruned reports for the
+    same heads removed, and the unpruned control's that of btp.pruned's base arm; a run killed before its final
+    file resumes to the same result without generating anything again."""
+    import json
+
+    from btp import pruned
+    from btp.cmaes_search import main
+    from btp.store import read_jsonl
+
+    flags = ["--dataset", "mbpp", "--results-dir", str(tmp_path), "--seed", "0", "--backend", "hf"]
+    argv = flags + [
+        "--fitness",
+        "pass1",
+        "--dev-problems",
+        "4",
+        "--heldout-problems",
+        "1",
+        "--gen-max-tokens",
+        "64",
+        "--source",
+        "reference",
+        "--num-samples",
+        "4",
+        "--max-tokens",
+        "96",
+        "--heldout",
+        "1",
+        "--popsize",
+        "2",
+        "--budget",
+        "0.95",
+        "--max-generations",
+        "1",
+        "--control-draws",
+        "0",
+        "--n-boot",
+        "50",
+        "--no-progress",
+    ]
+    r = CountingRunner()
+    path = main(argv, runner=r)
+    doc = json.loads(path.read_text())
+    assert path.name == "regular-reference-keep95pct-pass1.json" and doc["fitness_kind"] == "pass1"
+    assert doc["search"]["fitness"] == "pass1" and doc["pass1"]["dev"] == ["Mbpp/11", "Mbpp/12", "Mbpp/13", "Mbpp/14"]
+    assert doc["identity"]["pass1"]["heldout"] == ["Mbpp/15"] and r.calls.count("generate") >= 3
+    recs = read_jsonl(path.with_suffix(".jsonl"))
+    assert len(recs) == 1 and recs[0]["best_heldout"]["mean"] in (0.0, 1.0)
+    final, sets = doc["final"], doc["controls"]["sets"]
+    assert sets["cmaes"]["scoring_ce"] == final["fitness"] and set(sets) == {"cmaes", "unpruned"}
+    assert sets["unpruned"]["scoring_ce"] == 0.75  # Mbpp/14 solved, the others not (as generated unpruned)
+    # btp.pruned on the same heads, problems and generation flags
+    heads = ",".join(f"L{l}H{h}" for l, h in final["removed"])
+    comp = pruned.main(
+        flags
+        + ["--settings", f"heads:{heads}", "--controls", "0", "--limit", "4", "--max-tokens", "64"]
+        + ["--num-samples", "4", "--sample-max-tokens", "96", "--n-boot", "50"]
+    )
+    assert comp["settings"][0]["pass_at_k"]["pass@1"] == pytest.approx(1 - final["fitness"])
+    assert comp["base"]["pass_at_k"]["pass@1"] == pytest.approx(1 - sets["unpruned"]["scoring_ce"])
+    # killed after the last generation's state, before its line and the final file: nothing is generated again
+    jl = path.with_suffix(".jsonl")
+    jl.write_text("")
+    path.unlink()
+    again = CountingRunner()
+    assert main(argv, runner=again) == path and again.calls == []
+    redo = json.loads(path.read_text())
+    assert redo["final"] == final and redo["controls"]["sets"]["unpruned"] == sets["unpruned"]
+    strip = lambda rs: [{k: v for k, v in x.items() if k not in WALL} for x in rs]
+    assert strip(read_jsonl(jl)) == strip(recs)

@@ -3,10 +3,11 @@ same model, samples and masks.
 
 one at a time: for every candidate and sample, a full forward of the whole sequence with the candidate's removed
 heads gated to zero (batch 1), full logits [T, vocab], CE at the scored positions.
-btp (`cmaes_search.ModelFitness`, i.e. `headsets.SetLossCache` with `common_start`): per sample one base pass, then
-the whole population in batched passes (one candidate per row), resuming at the lowest layer any candidate touches
-(and reusing that layer's recorded attention), logits only at the scored positions. A fresh cache per repeat: no
-candidate is served from it (a real search also gets its revisited masks for free).
+btp (`cmaes_search.ModelFitness`, i.e. `headsets.SetLossCache` with `common_start`, no base CE): the whole
+population in batched passes (one candidate per row), resuming at the lowest layer any candidate touches (above
+layer 0: from a base pass that recorded that layer's input and attention; at layer 0: from the embeddings, no base
+pass), logits only at the scored positions. A fresh cache per repeat: no candidate is served from it (a real search
+also gets its revisited masks for free).
 
 The population is a first CMA-ES generation: coordinates N(0, sigma0^2), decoded by the fixed-budget encoding.
 Both methods run with the same torch threads, alternating which goes first; the script prints both times, the

@@ -245,6 +245,13 @@ class ModelFitness:
         from .headsets import SetLossCache, set_losses
 
         self.ad, self.progress, self.desc = adapter(model), progress, desc
+        from dataclasses import replace
+
+        # causal: the tokens after the last scored one cannot change a scored logit, so they are not computed
+        # (a generation's prose after its code; float noise only, hence here and not in every stage's engine)
+        sample_set = replace(
+            sample_set, samples=[replace(s, input_ids=s.input_ids[: s.score_end]) for s in sample_set.samples]
+        )
         # no base CE: a population at layer 0 (every budget that leaves each layer short of a head) then needs no
         # base pass at all
         kw = {"batch_rows": batch_rows, "common_start": True, "need_base": False}

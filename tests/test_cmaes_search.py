@@ -150,6 +150,7 @@ def test_batched_fitness_equals_weight_surgery(which):
     model = make_mixed() if which == "mixed" else make_tiny(which, seed=1)
     ad = adapter(model)
     ss = make_samples(3, seed=7)
+    assert any(s.score_end < len(s.input_ids) for s in ss.samples)  # tokens after the scored ones: not computed
     sp = Space(tuple(ad.layer_num_heads))
     rng = np.random.default_rng(0)
     keeps = np.stack([decode_fixed(rng.normal(size=sp.n), sp, int(rng.integers(1, sp.n)), 0) for _ in range(6)])

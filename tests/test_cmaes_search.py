@@ -530,3 +530,51 @@ def test_main_pass1_fitness_equals_btp_pruned_and_resumes(tmp_path):
     assert redo["final"] == final and redo["controls"]["sets"]["unpruned"] == sets["unpruned"]
     strip = lambda rs: [{k: v for k, v in x.items() if k not in WALL} for x in rs]
     assert strip(read_jsonl(jl)) == strip(recs)
+
+
+def test_main_pass1_continues_as_an_uninterrupted_run_and_plots_say_pass1(tmp_path):
+    """The stage's pass1 wiring on a tiny model with a runner that passes problem i unless head (0, i) is removed:
+    a run of 1 generation continued to 2 writes what a run of 2 writes, asking the runner only for new masks; the
+    figures are labelled 1 - pass@1 on dev / held-out problems."""
+    import json
+
+    from btp import benchmarks
+    from btp import plots as bp
+    from btp.cmaes_search import main
+    from btp.models import load_tokenizer
+    from btp.store import read_jsonl
+
+    tok = load_tokenizer()
+    folder = tmp_path / "tiny"
+    make_tiny("llama", vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    probs = [q.problem_id for q in benchmarks.get("mbpp").load(limit=5)]
+
+    def run(root, gens, runner):
+        argv = ["--model", str(folder), "--dataset", "mbpp", "--results-dir", str(tmp_path / root), "--backend", "hf"]
+        argv += ["--fitness", "pass1", "--dev-problems", "3", "--heldout-problems", "2", "--source", "reference"]
+        argv += ["--num-samples", "4", "--max-tokens", "200", "--heldout", "1", "--popsize", "4", "--budget", "0.5"]
+        argv += ["--control-draws", "2", "--n-boot", "50", "--no-progress", "--max-generations", str(gens)]
+        return main(argv, runner=runner)
+
+    one = run("a", 2, HeadRunner(probs))
+    r1, r2 = HeadRunner(probs), HeadRunner(probs)
+    run("b", 1, r1)
+    two = run("b", 2, r2)
+    strip = lambda rs: [{k: v for k, v in x.items() if k not in WALL} for x in rs]
+    ra, rb = read_jsonl(one.with_suffix(".jsonl")), read_jsonl(two.with_suffix(".jsonl"))
+    assert len(ra) == 2 and strip(ra) == strip(rb)
+    da, db = json.loads(one.read_text()), json.loads(two.read_text())
+    assert da["final"] == db["final"] and da["controls"] == db["controls"] and da["fitness_kind"] == "pass1"
+    assert da["pass1"]["dev"] == probs[:3] and da["pass1"]["heldout"] == probs[3:]
+    # the first generation's masks were judged by the first run: the second asked only for new ones
+    assert r2.calls.count(("generate", 3)) < 4 + 4 + 2 and ra[1]["evals_computed"] <= 8
+    assert set(da["controls"]["sets"]) == {"cmaes", "unpruned", "random_0", "random_1", "random"}
+    f = np.asarray([ra[0]["best_fitness"], ra[0]["worst_fitness"]])
+    assert ((f * 3) % 1 == 0).all() and 0 <= f.min() <= f.max() <= 1  # 1 - pass@1 over 3 problems, n = 1
+    assert da["controls"]["sets"]["unpruned"]["scoring_ce"] == 0.0  # everything passes unpruned
+    a = bp.load_cmaes(tmp_path / "a", None, "mbpp", one.stem)  # the one model of the tree
+    assert len(a.data) == 2
+    assert bp.cmaes_metric(a) == "1 - pass@1" and "3 dev / 2 held-out problems, pass@1" in bp.cmaes_title(a, "t")
+    assert "pass@1" in bp.cmaes_fitness(a).axes[0].get_ylabel()
+    assert "pass@1" in bp.cmaes_controls(a).axes[0].get_xlabel()

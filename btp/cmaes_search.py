@@ -953,21 +953,26 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> Pat
         results.write_partial(state_path, claim.key, {**st, "record": rec})  # state first: see the resume above
         store.append(rec)
 
-    run_search(search, on_generation=save, progress=run.progress)
-    final = search.best.keep
-    ctl = compare_controls(
-        final,
-        space,
-        hold,
-        fit,
-        heldout_ids,
-        draws=opts.control_draws,
-        seed=run.args.seed,
-        min_per_layer=cfg.min_heads_per_layer,
-        n_boot=opts.n_boot,
-        taylor_order=tay[1] if tay else None,
-        ablation=abl,
-    )
+    import subprocess
+
+    try:
+        run_search(search, on_generation=save, progress=run.progress)
+        final = search.best.keep
+        ctl = compare_controls(
+            final,
+            space,
+            hold,
+            fit,
+            heldout_ids,
+            draws=opts.control_draws,
+            seed=run.args.seed,
+            min_per_layer=cfg.min_heads_per_layer,
+            n_boot=opts.n_boot,
+            taylor_order=tay[1] if tay else None,
+            ablation=abl,
+        )
+    except subprocess.CalledProcessError as e:  # pass1: generations and verdicts so far are kept
+        raise SystemExit(f"{' '.join(map(str, e.cmd[1:4]))} failed (exit {e.returncode}) — rerun to resume") from None
     if tay:
         ctl["taylor_source"] = tay[0].source
     if abl:

@@ -532,22 +532,31 @@ def test_main_pass1_fitness_equals_btp_pruned_and_resumes(tmp_path):
     assert strip(read_jsonl(jl)) == strip(recs)
 
 
-def test_main_pass1_continues_as_an_uninterrupted_run_and_plots_say_pass1(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama with the embedded tokenizer's vocabulary, saved as a HF folder."""
+    from btp.models import load_tokenizer
+
+    tok = load_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny("llama", vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_main_pass1_continues_as_an_uninterrupted_run_and_plots_say_pass1(tmp_path, tiny_folder):
     """The stage's pass1 wiring on a tiny model with a runner that passes problem i unless head (0, i) is removed:
     a run of 1 generation continued to 2 writes what a run of 2 writes, asking the runner only for new masks; the
-    figures are labelled 1 - pass@1 on dev / held-out problems."""
+    figures are labelled 1 - pass@1 on dev / held-out problems. A failing generate run is one line, exit 2."""
     import json
+    import subprocess
 
     from btp import benchmarks
     from btp import plots as bp
     from btp.cmaes_search import main
-    from btp.models import load_tokenizer
     from btp.store import read_jsonl
 
-    tok = load_tokenizer()
-    folder = tmp_path / "tiny"
-    make_tiny("llama", vocab_size=len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = tiny_folder
     probs = [q.problem_id for q in benchmarks.get("mbpp").load(limit=5)]
 
     def run(root, gens, runner):
@@ -578,3 +587,10 @@ def test_main_pass1_continues_as_an_uninterrupted_run_and_plots_say_pass1(tmp_pa
     assert bp.cmaes_metric(a) == "1 - pass@1" and "3 dev / 2 held-out problems, pass@1" in bp.cmaes_title(a, "t")
     assert "pass@1" in bp.cmaes_fitness(a).axes[0].get_ylabel()
     assert "pass@1" in bp.cmaes_controls(a).axes[0].get_xlabel()
+
+    class Fails(HeadRunner):
+        def generate(self, args):
+            raise subprocess.CalledProcessError(1, ["python", "-m", "btp.generate", "--model", "x"])
+
+    with pytest.raises(SystemExit, match=r"btp.generate --model failed \(exit 1\) — rerun to resume"):
+        run("c", 1, Fails(probs))

@@ -133,14 +133,17 @@ def _base_type(tp: Any) -> Any:
     return typing.get_origin(tp) or tp
 
 
-def add_flags(p: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = ()) -> None:
+def add_flags(
+    p: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (), rename: dict[str, str] | None = None
+) -> None:
     """One flag per `opt` field of the dataclass `cls`, except `skip` and flags the parser already has. Plain
     fields are no flags: the skeleton sets them (seed, progress), or a stage passes a value shared between its
-    configs."""
+    configs. `rename` {field: flag} gives a field another flag where this parser means something else by its own
+    (`config_from` takes the same map)."""
     hints = typing.get_type_hints(cls)
     have = {a.dest for a in p._actions}
     for f in dataclasses.fields(cls):
-        name = _flag(f)
+        name = (rename or {}).get(f.name) or _flag(f)
         dest = name.replace("-", "_")
         if not f.metadata or f.name in skip or dest in have:
             continue
@@ -161,15 +164,16 @@ def add_flags(p: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = ()
         p.add_argument(f"--{name}", dest=dest, **kw)
 
 
-def config_from(cls: type, args: argparse.Namespace, **override: Any) -> Any:
+def config_from(cls: type, args: argparse.Namespace, *, rename: dict[str, str] | None = None, **override: Any) -> Any:
     """An instance of the dataclass `cls` from parsed flags (fields without a flag keep their default unless
-    given in `override`). Parsers and inversions of `opt` apply here, so preset values get them too."""
+    given in `override`; `rename` as in `add_flags`). Parsers and inversions of `opt` apply here, so preset values
+    get them too."""
     kw: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in override:
             kw[f.name] = override[f.name]
             continue
-        dest = _flag(f).replace("-", "_")
+        dest = ((rename or {}).get(f.name) or _flag(f)).replace("-", "_")
         if not hasattr(args, dest):
             continue
         v = getattr(args, dest)
@@ -377,6 +381,7 @@ class StageSpec:
     module: str = ""  # btp.<module> when it is not btp.<name> (cmaes_search): what --help and errors name
     shard: str = ""
     no_shard: str = "this stage does not split into shards"
+    more_flags: Callable[[argparse.ArgumentParser], None] | None = None  # flags of another config, added by hand
 
 
 def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
@@ -388,6 +393,8 @@ def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
     add_sample_args(p)
     for cls in spec.configs:
         add_flags(p, cls)
+    if spec.more_flags is not None:
+        spec.more_flags(p)
     add_runtime(p, device_map=spec.device_map, shard=True)
     add_check_done(p)
     return p

@@ -24,7 +24,13 @@ candidate touches, logits only at scored positions, evaluated masks memoised. Th
 held-out problems, and at the end the final mask is compared there with controls of the same size: random masks
 with the same heads per layer (several draws), the Taylor-pruned set and the ablation top-k set where those
 outputs exist. Every held-out figure carries a bootstrap CI over problems.
-(A fitness by pass@1 of real generation through pruned inference is not built: that path does not exist yet.)
+
+`--fitness pass1` (for GPU runs) replaces the CE by 1 - pass@1 of real generation (lower is better): each candidate
+goes through btp.pruned's own path (`btp.pruning`: a checkpoint by weight surgery, btp.generate with btp.pruned's
+generation flags, btp.evaluate in the sandbox) on the first `--dev-problems` problems of the dataset; held-out
+figures and controls are pass@1 on the `--heldout-problems` problems after them, with CIs over problems. A
+candidate's generations are kept under `cmaes/<stem>.pass1/<key>/` (key: its heads and every setting that changes
+what is generated), so a mask seen before, in this run or a killed one, is not generated again.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ import numpy as np
 
 from . import cli, results
 from .cli import opt
+from .pruning import GenFlags, Runner
 from .stats import clustered_mean
 
 STAGE = "cmaes"
 ENCODINGS = ("fixed", "threshold")
 WARM_STARTS = ("auto", "taylor", "ablation", "cold")
+FITNESSES = ("ce", "pass1")
 Head = tuple[int, int]
 
 
@@ -86,6 +94,12 @@ class SearchConfig:
     sigma0: float = opt(0.5, "initial step size (a warm start spans about [-1, 1])")
     max_generations: int = opt(20, "generations to run (a rerun with more continues the file)")
     max_evals: int | None = opt(None, "stop once this many candidates were evaluated (cache hits count)")
+    fitness: str = opt(
+        "ce",
+        "ce: mean CE of the scored tokens with the removed heads gated; pass1: 1 - pass@1 of real generation on "
+        "the first --dev-problems problems, through btp.pruned's path (GPU runs)",
+        choices=FITNESSES,
+    )
     seed: int = 0
     progress: bool = True
 
@@ -93,6 +107,8 @@ class SearchConfig:
         self.budget = _budget_arg(self.budget)
         if self.encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if self.fitness not in FITNESSES:
+            raise ValueError(f"fitness must be one of {FITNESSES}, got {self.fitness!r}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
         if self.popsize is not None and self.popsize < 2:
@@ -109,8 +125,10 @@ class SearchConfig:
 
     @property
     def numbers(self) -> dict:
-        """The settings that change what a generation computes (max_generations/max_evals say how far to go)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("max_generations", "max_evals", "progress")}
+        """The settings that change what a generation computes (max_generations/max_evals say how far to go; the
+        default CE fitness is left out, so that outputs written before pass1 existed keep their identity)."""
+        skip = ("max_generations", "max_evals", "progress") + (("fitness",) if self.fitness == "ce" else ())
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 # ---------------------------------------------------------------- search space and encodings
@@ -227,10 +245,18 @@ class ModelFitness:
         from .headsets import SetLossCache, set_losses
 
         self.ad, self.progress, self.desc = adapter(model), progress, desc
-        self.cache = SetLossCache(model, sample_set, batch_rows=batch_rows, common_start=True) if cache else None
-        self._plain = lambda sets: set_losses(
-            model, sample_set, sets, batch_rows=batch_rows, common_start=True, progress=progress, desc=desc
+        from dataclasses import replace
+
+        # causal: the tokens after the last scored one cannot change a scored logit, so they are not computed
+        # (a generation's prose after its code; float noise only, hence here and not in every stage's engine)
+        sample_set = replace(
+            sample_set, samples=[replace(s, input_ids=s.input_ids[: s.score_end]) for s in sample_set.samples]
         )
+        # no base CE: a population at layer 0 (every budget that leaves each layer short of a head) then needs no
+        # base pass at all
+        kw = {"batch_rows": batch_rows, "common_start": True, "need_base": False}
+        self.cache = SetLossCache(model, sample_set, **kw) if cache else None
+        self._plain = lambda sets: set_losses(model, sample_set, sets, progress=progress, desc=desc, **kw)
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
         from .headsets import removed_sets
@@ -245,6 +271,105 @@ class ModelFitness:
     def load_state_dict(self, st: dict) -> None:
         if self.cache is not None and st:
             self.cache.load_state_dict(st)
+
+
+class Pass1Fitness:
+    """Per problem, 1 - pass@1 (lower is better) of real generation with each mask's removed heads, exactly as
+    btp.pruned runs an arm (`btp.pruning`): the checkpoint by weight surgery in the run's dtype, btp.generate on the
+    first `limit` problems of the dataset, btp.evaluate in the sandbox; `problems` (among those) are scored. A
+    mask's files live in `work/<key>/` (key: its heads and `setting`, everything else that changes what is
+    generated), so a mask seen before is not generated again, and the held-out problems of a mask extend its dev
+    generations; evaluated masks are also memoised in memory (`state_dict` for a resumed search)."""
+
+    def __init__(
+        self,
+        lm: Any,
+        problems: Sequence[str],
+        *,
+        limit: int,
+        gen: GenFlags,
+        setting: dict,
+        work: Path,
+        results_dir: str,
+        runner: Runner,
+        n_boot: int,
+        keep_checkpoints: bool = False,
+    ):
+        from dataclasses import replace
+
+        self.lm, self.problems, self.work, self.runner = lm, list(problems), Path(work), runner
+        self.gen, self.setting, self.results_dir = replace(gen, limit=limit), setting, results_dir
+        self.n_boot, self.keep_checkpoints = n_boot, keep_checkpoints
+        self.memo: dict[frozenset, np.ndarray] = {}
+        self.hits = self.misses = 0
+
+    @property
+    def cache(self) -> Pass1Fitness:  # Search reads `fitness.cache.misses`
+        return self
+
+    def dir(self, heads: Sequence[Head]) -> Path:
+        return self.work / results.identity_key({"heads": sorted([int(l), int(h)] for l, h in heads), **self.setting})
+
+    def __call__(self, masks: np.ndarray) -> np.ndarray:
+        from .arch import adapter
+        from .headsets import removed_sets
+
+        sets = removed_sets(adapter(self.lm.model), masks)
+        out = np.empty((len(sets), len(self.problems)))
+        for i, heads in enumerate(sets):
+            key = frozenset(heads)
+            if key in self.memo:
+                self.hits += 1
+            else:
+                self.misses += 1
+                self.memo[key] = self.judge(heads)
+            out[i] = self.memo[key]
+        return out
+
+    def judge(self, heads: Sequence[Head]) -> np.ndarray:
+        """1 - pass@1 per problem of this head set (generated and judged unless its folder holds every verdict)."""
+        import shutil
+
+        from .pruning import arm_counts, ensure_checkpoint
+        from .stats import pass_at_k
+
+        d = self.dir(heads)
+        f = results.arm_files(d)
+        n, c = arm_counts(f["evaluations"], self.problems)
+        if (n < self.gen.n).any():
+            s = self.setting
+            ck = ensure_checkpoint(
+                self.lm,
+                heads,
+                self.results_dir,
+                s["dtype"],
+                {"arm": "cmaes candidate", "heads": [list(h) for h in heads]},
+            )
+            d.mkdir(parents=True, exist_ok=True)
+            self.runner.generate(
+                self.gen.generate_args(str(ck), s["dataset"], f["generations"], s["seed"], s["dtype"], s["backend"])
+            )
+            self.runner.evaluate(
+                self.gen.evaluate_args(f"cmaes-{d.name[:12]}", s["dataset"], f["generations"], s["seed"], self.n_boot)
+            )
+            if not self.keep_checkpoints:
+                shutil.rmtree(ck, ignore_errors=True)
+            n, c = arm_counts(f["evaluations"], self.problems)
+            if (n < self.gen.n).any():
+                raise RuntimeError(f"{f['evaluations']}: fewer than {self.gen.n} verdicts for some problems")
+        return 1.0 - pass_at_k(n, c, 1)
+
+    def state_dict(self) -> dict:
+        return {
+            "sets": [sorted(k) for k in self.memo],
+            "f": list(self.memo.values()),
+            "hits": self.hits,
+            "misses": self.misses,
+        }
+
+    def load_state_dict(self, st: dict) -> None:
+        self.memo = {frozenset(tuple(h) for h in k): np.asarray(v) for k, v in zip(st["sets"], st["f"])}
+        self.hits, self.misses = int(st["hits"]), int(st["misses"])
 
 
 @dataclass
@@ -600,6 +725,20 @@ class RunConfig:
     n_boot: int = opt(1000, "bootstrap resamples over problems for CIs")
     batch_rows: int | None = opt(None, "candidates per batched pass (default: from free memory)")
     tag: str | None = opt(None, "suffix of the output stem (keeps variants apart)")
+    dev_problems: int = opt(8, "--fitness pass1: the first N problems of the dataset are the dev subset")
+    heldout_problems: int = opt(
+        8, "--fitness pass1: the N problems after the dev subset are held out (each generation's best, controls)"
+    )
+    keep_checkpoints: bool = opt(False, "--fitness pass1: keep each candidate's pruned checkpoint")
+
+
+# --fitness pass1 generates with btp.pruned's flags (btp.pruning.GenFlags); here --max-tokens is the analysis
+# samples' cap, so the generation's is --gen-max-tokens, and the problems are --dev-problems / --heldout-problems
+GEN_RENAME = {"gen_max_tokens": "gen-max-tokens"}
+
+
+def _gen_flags(p) -> None:
+    cli.add_flags(p, GenFlags, skip=("limit",), rename=GEN_RENAME)
 
 
 SPEC = cli.StageSpec(
@@ -610,6 +749,7 @@ SPEC = cli.StageSpec(
     module="cmaes_search",
     no_shard="a CMA-ES search is one sequential run (each generation samples from the last one's fitness) and "
     "its controls need its final mask; run budgets, datasets and modes as separate jobs",
+    more_flags=_gen_flags,
 )
 
 
@@ -619,12 +759,13 @@ def build_parser():
 
 def output_stem(stem: results.Stem, cfg: SearchConfig, tag: str | None) -> results.Stem:
     """The samples' stem plus the budget (`keep50pct`, `keep64`), `threshold` for that encoding, `cold` for a
-    cold start, and the tag."""
+    cold start, `pass1` for that fitness, and the tag."""
     b = cfg.budget
     words = [
         f"keep{round(100 * b)}pct" if isinstance(b, float) else f"keep{b}",
         "threshold" if cfg.encoding == "threshold" else None,
         "cold" if cfg.warm_start == "cold" else None,
+        "pass1" if cfg.fitness == "pass1" else None,
         tag,
     ]
     return stem.with_variant(*words)
@@ -650,7 +791,29 @@ def _priors(
     return prior, tay, abl
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def _pass1_plan(run: cli.Run, opts: RunConfig) -> tuple[GenFlags, dict]:
+    """--fitness pass1: the generation flags and what the identity records (problems, flags, engine)."""
+    from . import benchmarks
+
+    try:
+        gen = cli.config_from(GenFlags, run.args, rename=GEN_RENAME)
+    except ValueError as e:
+        run.parser.error(str(e))
+    n_dev, n_hold = opts.dev_problems, opts.heldout_problems
+    if n_dev < 1 or n_hold < 1:
+        run.parser.error("--dev-problems and --heldout-problems must be >= 1")
+    probs = [q.problem_id for q in benchmarks.get(run.args.dataset).load(limit=n_dev + n_hold, variant=gen.variant)]
+    if len(probs) < n_dev + n_hold:
+        run.parser.error(
+            f"{run.args.dataset} has {len(probs)} problems, fewer than --dev-problems {n_dev} + "
+            f"--heldout-problems {n_hold}"
+        )
+    gen_id = {k: v for k, v in gen.identity.items() if k != "limit"}
+    return gen, {"dev": probs[:n_dev], "heldout": probs[n_dev:], "generation": gen_id, "backend": gen.engine}
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> Path:
+    """The stage; `runner` runs btp.generate / btp.evaluate for --fitness pass1 (default: subprocesses)."""
     from .store import JsonlStore, write_json
 
     run = cli.prepare(SPEC, argv)
@@ -662,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     except ValueError as e:
         run.parser.error(str(e))
     prior, tay, abl = _priors(run, cfg, scoring, heldout)
+    gen, pass1 = _pass1_plan(run, opts) if cfg.fitness == "pass1" else (None, None)
     path, json_path, state_path = out.path("jsonl"), out.path("json"), out.partial("pkl")
     # max_generations / max_evals say how far to go, batch_rows only memory: a longer run continues the file
     identity = run.identity(
@@ -671,6 +835,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         warm_start=prior.tag if prior else None,
         control_draws=opts.control_draws,
         n_boot=opts.n_boot,
+        **({"pass1": pass1} if pass1 else {}),
     )
     store = JsonlStore(path, key_fields=("generation",))
 
@@ -710,6 +875,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             recs.append(state["record"])
         if len(recs) != done:
             raise SystemExit(f"{path} holds {len(recs)} generations, its state {done} — use --force to start afresh")
+    if pass1:  # weights only for surgery: the accelerator is the generation engine's
+        import torch
+
+        run.device = torch.device("cpu")
     lm = run.load()
     from .arch import adapter
 
@@ -720,13 +889,44 @@ def main(argv: Sequence[str] | None = None) -> Path:
             f"{prior.source}: scores of shape {prior.values.shape} do not fit the model {space.shape} — "
             "use --warm-start cold, or rerun the stage it comes from with --force"
         )
-    fit = ModelFitness(lm.model, scoring, batch_rows=opts.batch_rows, progress=False)
-    hold = ModelFitness(lm.model, heldout, batch_rows=opts.batch_rows, cache=False)
+    dtype_s = str(run.dtype).removeprefix("torch.")
+    fit: Fitness
+    if pass1:
+        from .pruning import SubprocessRunner
+
+        work = out.path("pass1")
+        if run.args.force:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+        setting = {
+            "model": lm.model_id,
+            "revision": lm.revision,
+            "dtype": dtype_s,
+            "dataset": run.args.dataset,
+            "seed": run.args.seed,
+            "backend": pass1["backend"],
+            "generation": pass1["generation"],
+        }
+        kw = {
+            "gen": gen,
+            "setting": setting,
+            "work": work,
+            "results_dir": run.args.results_dir,
+            "runner": runner or SubprocessRunner(),
+            "n_boot": opts.n_boot,
+            "keep_checkpoints": opts.keep_checkpoints,
+        }
+        fit = Pass1Fitness(lm, pass1["dev"], limit=len(pass1["dev"]), **kw)
+        hold = Pass1Fitness(lm, pass1["heldout"], limit=len(pass1["dev"]) + len(pass1["heldout"]), **kw)
+        heldout_ids = pass1["heldout"]
+    else:
+        fit = ModelFitness(lm.model, scoring, batch_rows=opts.batch_rows, progress=False)
+        hold = ModelFitness(lm.model, heldout, batch_rows=opts.batch_rows, cache=False)
+        heldout_ids = heldout.problem_ids
     k = cfg.n_keep(space.n)
     x0 = warm_mean(prior.values, space, k) if prior is not None else None
-    search = Search(
-        space, cfg, fit, x0=x0, heldout=hold, heldout_problems=heldout.problem_ids, n_boot=opts.n_boot, state=state
-    )
+    search = Search(space, cfg, fit, x0=x0, heldout=hold, heldout_problems=heldout_ids, n_boot=opts.n_boot, state=state)
     stamp = run.stamp(
         lm,
         split={
@@ -741,8 +941,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
         **claim.stamp,
     )
     store.begin_run(stamp)
+    what = (
+        f"pass@1 on {len(pass1['dev'])} dev / {len(pass1['heldout'])} held-out problems ({pass1['backend']})"
+        if pass1
+        else f"{len(scoring)} scoring / {len(heldout)} held-out samples"
+    )
     print(
-        f"[btp.cmaes_search] {len(scoring)} scoring / {len(heldout)} held-out samples, keep {k} of {space.n} "
+        f"[btp.cmaes_search] {what}, keep {k} of {space.n} "
         f"heads ({cfg.encoding}), warm start: {prior.source if prior else 'zeros'}"
         + (f"; resuming after generation {search.generation}" if state else "")
     )
@@ -751,21 +956,26 @@ def main(argv: Sequence[str] | None = None) -> Path:
         results.write_partial(state_path, claim.key, {**st, "record": rec})  # state first: see the resume above
         store.append(rec)
 
-    run_search(search, on_generation=save, progress=run.progress)
-    final = search.best.keep
-    ctl = compare_controls(
-        final,
-        space,
-        hold,
-        fit,
-        heldout.problem_ids,
-        draws=opts.control_draws,
-        seed=run.args.seed,
-        min_per_layer=cfg.min_heads_per_layer,
-        n_boot=opts.n_boot,
-        taylor_order=tay[1] if tay else None,
-        ablation=abl,
-    )
+    import subprocess
+
+    try:
+        run_search(search, on_generation=save, progress=run.progress)
+        final = search.best.keep
+        ctl = compare_controls(
+            final,
+            space,
+            hold,
+            fit,
+            heldout_ids,
+            draws=opts.control_draws,
+            seed=run.args.seed,
+            min_per_layer=cfg.min_heads_per_layer,
+            n_boot=opts.n_boot,
+            taylor_order=tay[1] if tay else None,
+            ablation=abl,
+        )
+    except subprocess.CalledProcessError as e:  # pass1: generations and verdicts so far are kept
+        raise SystemExit(f"{' '.join(map(str, e.cmd[1:4]))} failed (exit {e.returncode}) — rerun to resume") from None
     if tay:
         ctl["taylor_source"] = tay[0].source
     if abl:
@@ -797,21 +1007,29 @@ def main(argv: Sequence[str] | None = None) -> Path:
             },
             "controls": ctl,
             "elapsed_s": round(search.elapsed, 2),
-            "fitness": "mean over scoring samples of the mean CE of their scored tokens, removed heads zeroed (nats)"
+            "fitness_kind": cfg.fitness,
+            "fitness": (
+                f"1 - pass@1 over the first {len(pass1['dev'])} problems, real generation with the removed heads "
+                "zeroed by weight surgery (btp.pruned's path); held-out figures and *_ce keys: 1 - pass@1 on the "
+                f"{len(pass1['heldout'])} problems after them"
+                if pass1
+                else "mean over scoring samples of the mean CE of their scored tokens, removed heads zeroed (nats)"
+            )
             + (f" + {cfg.size_penalty} per kept head over the budget" if cfg.encoding == "threshold" else ""),
+            **({"pass1": pass1} if pass1 else {}),
         },
     )
-    _summary(search, ctl, json_path)
+    _summary(search, ctl, json_path, "1 - pass@1" if pass1 else "CE")
     return json_path
 
 
-def _summary(search: Search, ctl: dict, path: Path) -> None:
+def _summary(search: Search, ctl: dict, path: Path, metric: str) -> None:
     b = search.best
     print(
         f"[btp.cmaes_search] {search.generation} generations, {search.es.countevals} candidates "
         f"({search.elapsed:.1f}s); best fitness {b.fitness:.4f} at generation {b.generation} -> {path}"
     )
-    print("  held-out CE [95% CI over problems]   set")
+    print(f"  held-out {metric} [95% CI over problems]   set")
     for name, r in ctl["sets"].items():
         if name.startswith("random_"):
             continue

@@ -189,7 +189,10 @@ class HeadSetScorer:
     still exact), so that sets of different lowest layers share full batches; None: each at its lowest layer.
     `noop_row`: every batched pass carries one more row with no head removed; `noop_delta` is the largest
     |its CE - base CE| over the passes so far (NaN before one): the noise floor of batching (kernels of another
-    batch size may round otherwise, e.g. bf16 on a GPU), which a delta must exceed to mean anything."""
+    batch size may round otherwise, e.g. bf16 on a GPU), which a delta must exceed to mean anything.
+    `need_base=False` (a population's fitness needs no base CE; `base` is then None): the base pass is a forward
+    without logits only where a start layer above 0 must be recorded, and none at all when every set resumes at
+    layer 0 (the rows then start from the model's own embeddings: one forward per sample less, exact)."""
 
     def __init__(
         self,
@@ -202,7 +205,10 @@ class HeadSetScorer:
         reuse_attention: bool = True,
         start: int | None = None,
         noop_row: bool = False,
+        need_base: bool = True,
     ):
+        if noop_row and not need_base:
+            raise ValueError("noop_row compares with the base CE: it needs need_base")
         self.model, self.ad = model, adapter(model)
         check_sample(sample)
         dev = self.ad.device
@@ -213,21 +219,24 @@ class HeadSetScorer:
         self.rows = batch_rows or self.rows
         self.replacement, self.reuse, self.start = replacement, reuse_attention, start
         self.noop_row, self.noop_delta = noop_row, float("nan")
-        layers = sorted(set(layers))
-        with (
-            torch.no_grad(),
-            record(model, layer_inputs=layers, o_proj_inputs=layers if reuse_attention else ()) as rec,
-        ):
-            self.base = token_ce(
-                model, final_hidden(model, self.ids), self.pos, self.tgt, logits_chunk(model, 1, self.budget)
-            )[0]
-        self.cache = dict(rec)
+        layers = sorted(set(layers) - ({0} if not need_base else set()))  # layer 0's input: the embeddings
+        self.base: torch.Tensor | None = None
+        self.cache: dict = {}
+        if need_base or layers:
+            with (
+                torch.no_grad(),
+                record(model, layer_inputs=layers, o_proj_inputs=layers if reuse_attention else ()) as rec,
+            ):
+                h = final_hidden(model, self.ids)
+                if need_base:
+                    self.base = token_ce(model, h, self.pos, self.tgt, logits_chunk(model, 1, self.budget))[0]
+            self.cache = dict(rec)
 
     def ce(self, head_sets: Sequence[HeadSet]) -> torch.Tensor:
         """Per-token CE [len(head_sets), P] (fp32) with each set's heads ablated; sets run grouped by their lowest
         layer, which must be one of the recorded layers (the empty set is the base CE), or all at `start`."""
         start = self.start
-        out = torch.empty(len(head_sets), self.pos.numel(), dtype=torch.float32, device=self.base.device)
+        out = torch.empty(len(head_sets), self.pos.numel(), dtype=torch.float32, device=self.ids.device)
         groups: dict[int, list[int]] = {}
         for i, hs in enumerate(head_sets):
             if hs:
@@ -235,10 +244,12 @@ class HeadSetScorer:
                 if start is not None and start > low:
                     raise ValueError(f"start layer {start} is above a set's lowest layer {low}")
                 groups.setdefault(low if start is None else start, []).append(i)
-            else:
+            elif self.base is not None:
                 out[i] = self.base
+            else:  # no base pass: the empty set is a row like any other
+                groups.setdefault(start or 0, []).append(i)
         for at, idx in sorted(groups.items()):
-            if ("layer_in", at) not in self.cache:
+            if ("layer_in", at) not in self.cache and not (at == 0 and self.base is None):
                 raise KeyError(f"layer {at} was not recorded in the base pass")
             step = max(1, self.rows - 1) if self.noop_row else self.rows  # the no-op row counts in the budget
             for j in range(0, len(idx), step):
@@ -251,9 +262,10 @@ class HeadSetScorer:
         sets = list(sets) + ([[]] if self.noop_row else [])
         gates = gates_for(self.ad, [list(s) for s in sets], device=self.ad.device)
         with ExitStack() as stack:
-            stack.enter_context(start_at_layer(self.model, start, self.cache["layer_in", start]))
-            if self.reuse:
-                stack.enter_context(fixed_attention(self.model, start, self.cache["o_proj_in", start]))
+            if ("layer_in", start) in self.cache:  # else layer 0 without a base pass: from the embeddings
+                stack.enter_context(start_at_layer(self.model, start, self.cache["layer_in", start]))
+                if self.reuse:
+                    stack.enter_context(fixed_attention(self.model, start, self.cache["o_proj_in", start]))
             stack.enter_context(head_gates(self.model, gates, replacement=self.replacement))
             h = final_hidden(self.model, self.ids.expand(len(sets), -1))
             ce = token_ce(self.model, h, self.pos, self.tgt, logits_chunk(self.model, len(sets), self.budget))
@@ -269,10 +281,10 @@ class HeadSetScorer:
 
 class SetLosses(NamedTuple):
     """`ce` [n_sets, S] float64: mean CE over each sample's scored tokens with the set's heads removed;
-    `base` [S] float64: the same with no head removed. Unpacks as `ce, base = ...`."""
+    `base` [S] float64: the same with no head removed (None when not asked for). Unpacks as `ce, base = ...`."""
 
     ce: np.ndarray
-    base: np.ndarray
+    base: np.ndarray | None
 
     @property
     def delta(self) -> np.ndarray:
@@ -289,6 +301,7 @@ def set_losses(
     batch_rows: int | None = None,
     reuse_attention: bool = True,
     common_start: bool = False,
+    need_base: bool = True,
     progress: bool = False,
     desc: str = "head sets",
 ) -> SetLosses:
@@ -296,11 +309,12 @@ def set_losses(
     per sample, then each set resumes at its own lowest layer (least compute), one set per batch row, or, with
     `common_start`, every set at the lowest layer any set touches (one group: fewer, fuller batches, e.g. a
     population on a GPU). `replacement`: mean ablation vectors [L, Hmax, head_dim] (`mean_o_proj_inputs`);
-    None zeroes the heads. `batch_rows`: sets per pass (None: from free memory and each sample's length)."""
+    None zeroes the heads. `batch_rows`: sets per pass (None: from free memory and each sample's length).
+    `need_base=False`: no base CE (`base` None) and, with `common_start` at layer 0, no base pass at all."""
     starts = {min(l for l, _ in hs) for hs in head_sets if hs}
     start = min(starts) if common_start and starts else None
     ce = np.empty((len(head_sets), len(sample_set)))
-    base = np.empty(len(sample_set))
+    base = np.empty(len(sample_set)) if need_base else None
     for s, sample in enumerate(
         tqdm(sample_set.samples, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True, leave=False)
     ):
@@ -312,9 +326,11 @@ def set_losses(
             batch_rows=batch_rows,
             reuse_attention=reuse_attention,
             start=start,
+            need_base=need_base,
         )
         ce[:, s] = run.ce(head_sets).double().mean(1).cpu().numpy()
-        base[s] = run.base.double().mean().item()
+        if base is not None:
+            base[s] = run.base.double().mean().item()
     return SetLosses(ce, base)
 
 
@@ -333,14 +349,16 @@ class SetLossCache:
         batch_rows: int | None = None,
         reuse_attention: bool = True,
         common_start: bool = False,
+        need_base: bool = True,
         max_sets: int = 1 << 16,
     ):
-        self.model, self.sample_set, self.max_sets = model, sample_set, max_sets
+        self.model, self.sample_set, self.max_sets, self.need_base = model, sample_set, max_sets, need_base
         self.kw = {
             "replacement": replacement,
             "batch_rows": batch_rows,
             "reuse_attention": reuse_attention,
             "common_start": common_start,
+            "need_base": need_base,
         }
         self.base: np.ndarray | None = None
         self._ce: OrderedDict[frozenset[Head], np.ndarray] = OrderedDict()
@@ -369,7 +387,7 @@ class SetLossCache:
         new = list(dict.fromkeys(k for k in keys if k not in self._ce))
         self.misses += len(new)
         self.hits += len(keys) - len(new)
-        if new or self.base is None:
+        if new or (self.need_base and self.base is None):
             res = set_losses(
                 self.model, self.sample_set, [sorted(k) for k in new], progress=progress, desc=desc, **self.kw
             )
@@ -382,4 +400,4 @@ class SetLossCache:
             ce[i] = self._ce[k]
         while len(self._ce) > self.max_sets:
             self._ce.popitem(last=False)
-        return SetLosses(ce, self.base.copy())
+        return SetLosses(ce, None if self.base is None else self.base.copy())

@@ -657,14 +657,23 @@ def taylor_layers(a: Analysis) -> Figure:
 # ================================================================ CMA-ES search
 
 
+def cmaes_metric(a: Analysis) -> str:
+    """What a CMA-ES output's fitness and held-out figures measure: `CE` (nats) or `1 - pass@1` (--fitness pass1)."""
+    return "1 - pass@1" if (a.meta.get("search") or {}).get("fitness") == "pass1" else "CE"
+
+
 def cmaes_title(a: Analysis, what: str) -> str:
     ident = a.meta.get("identity") or {}
     n_s, n_h = len(ident.get("scoring_samples") or ()), len(ident.get("heldout_samples") or ())
+    unit = "samples"
+    if ident.get("pass1"):  # the fitness and held-out figures are on problems of the dataset
+        n_s, n_h, unit = len(ident["pass1"]["dev"]), len(ident["pass1"]["heldout"]), "problems, pass@1"
     r = a.data[-1] if a.data else {}
     n = a.meta.get("n_heads")
     keep = f", keep {r.get('budget')}" + (f" of {n}" if n else "") + " heads" if r.get("budget") else ""
-    split = f" ({n_s} scoring / {n_h} held-out samples{keep})" if n_s or n_h else ""
-    held = len({str(p) for p, _ in ident.get("heldout_samples") or ()}) or None  # CIs resample held-out problems
+    split = f" ({n_s} {'dev' if unit != 'samples' else 'scoring'} / {n_h} held-out {unit}{keep})" if n_s or n_h else ""
+    # CIs resample held-out problems
+    held = (n_h if ident.get("pass1") else len({str(p) for p, _ in ident.get("heldout_samples") or ()})) or None
     return f"{what}\n{a.heading}{split}" + small_n_caveat(held, "held-out problems")
 
 
@@ -706,7 +715,8 @@ def cmaes_fitness(a: Analysis) -> Figure:
     ax.set_xlabel("generation")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     pen = (a.meta.get("search") or {}).get("encoding") == "threshold"
-    ax.set_ylabel("mean CE over scored tokens (nats)" + (" + size penalty" if pen else ""))
+    metric = "1 - pass@1 over problems" if cmaes_metric(a) != "CE" else "mean CE over scored tokens (nats)"
+    ax.set_ylabel(metric + (" + size penalty" if pen else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     stop = (a.extra.get("final") or {}).get("stop_reason")
@@ -766,7 +776,10 @@ def cmaes_mask(a: Analysis) -> Figure:
     what = f"CMA-ES best mask: {int(np.nansum(m))} heads kept"
     if final:
         h = final["final"]["heldout"]
-        what += f"; held-out CE {h['mean']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}] (95% CI over problems)"
+        what += (
+            f"; held-out {cmaes_metric(a)} {h['mean']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}] "
+            "(95% CI over problems)"
+        )
     ax.set_title(cmaes_title(a, what), fontsize=10)
     return fig
 
@@ -844,7 +857,8 @@ def cmaes_controls(a: Analysis) -> Figure:
                 fontsize=7,
             )
     ax.set_yticks(y, [CONTROL_LABEL.get(n, n) for n in names])
-    ax.set_xlabel("held-out mean CE over scored tokens (nats), 95% CI over problems")
+    metric = "1 - pass@1" if cmaes_metric(a) != "CE" else "mean CE over scored tokens (nats)"
+    ax.set_xlabel(f"held-out {metric}, 95% CI over problems")
     ax.grid(alpha=0.3, axis="x")
     ax.set_title(
         cmaes_title(a, f"CMA-ES mask vs controls of the same size ({final['final']['n_kept']} heads kept)"), fontsize=10

@@ -3,14 +3,16 @@ same model, samples and masks.
 
 one at a time: for every candidate and sample, a full forward of the whole sequence with the candidate's removed
 heads gated to zero (batch 1), full logits [T, vocab], CE at the scored positions.
-btp (`cmaes_search.ModelFitness`, i.e. `headsets.SetLossCache` with `common_start`): per sample one base pass, then
-the whole population in batched passes (one candidate per row), resuming at the lowest layer any candidate touches
-(and reusing that layer's recorded attention), logits only at the scored positions. A fresh cache per repeat: no
-candidate is served from it (a real search also gets its revisited masks for free).
+btp (`cmaes_search.ModelFitness`, i.e. `headsets.SetLossCache` with `common_start`, no base CE): the whole
+population in batched passes (one candidate per row), resuming at the lowest layer any candidate touches (above
+layer 0: from a base pass that recorded that layer's input and attention; at layer 0: from the embeddings, no base
+pass), logits only at the scored positions. A fresh cache per repeat: no candidate is served from it (a real search
+also gets its revisited masks for free).
 
 The population is a first CMA-ES generation: coordinates N(0, sigma0^2), decoded by the fixed-budget encoding.
-Both methods run with the same torch threads, alternating which goes first; the script prints both times, the
-ratio (goal >= 3) and the largest difference between the two fitness matrices.
+Both methods run with the same torch threads, alternating which goes first; the script prints both times (wall
+and this process's CPU time: on a shared machine the CPU time is the steadier figure), the ratios (goal >= 3), the
+machine's load and the largest difference between the two fitness matrices.
 
     .venv/bin/python scripts/bench_cmaes.py                              # embedded model, 3 HumanEval references
     .venv/bin/python scripts/bench_cmaes.py --popsize 20 --budget 0.9 --threads 2
@@ -19,7 +21,9 @@ ratio (goal >= 3) and the largest difference between the two fitness matrices.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +35,9 @@ from btp.heads import gates_for, head_gates
 from btp.headsets import removed_sets
 from btp.models import load_model
 from btp.samples import SampleConfig, load_samples
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import load_line  # noqa: E402
 
 
 @torch.no_grad()
@@ -88,22 +95,25 @@ def main() -> None:
         f"{args.dataset} reference samples ({sum(toks)} tokens, {scored} scored); population {pop}, keep {k} of "
         f"{space.n} heads; lowest layer touched {low}"
     )
-    t_btp, t_one = [], []
+    t_btp, t_one, c_btp, c_one = [], [], [], []
     for r in range(args.repeats):
         for which in ("btp", "one") if r % 2 == 0 else ("one", "btp"):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if which == "btp":
                 fit = ModelFitness(model, ss, batch_rows=args.batch_rows or pop)
                 a = fit(masks)
                 t_btp.append(time.perf_counter() - t0)
+                c_btp.append(time.process_time() - c0)
             else:
                 b = one_at_a_time(model, ss, masks)
                 t_one.append(time.perf_counter() - t0)
+                c_one.append(time.process_time() - c0)
     diff = float(np.abs(a - b).max())
-    tb, to = min(t_btp), min(t_one)
-    print(f"  btp batched:      {tb:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_btp)})")
-    print(f"  one at a time:    {to:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_one)})")
-    print(f"  ratio one/btp:    {to / tb:8.2f} x  (goal >= 3)")
+    tb, to, cb, co = min(t_btp), min(t_one), min(c_btp), min(c_one)
+    runs = lambda ts: ", ".join(f"{t:.2f}" for t in ts)
+    print(f"  btp batched:      {tb:8.2f} s wall  {cb:8.2f} s CPU   (runs: {runs(t_btp)} / {runs(c_btp)})")
+    print(f"  one at a time:    {to:8.2f} s wall  {co:8.2f} s CPU   (runs: {runs(t_one)} / {runs(c_one)})")
+    print(f"  ratio one/btp:    {to / tb:8.2f} x wall {co / cb:8.2f} x CPU  (goal >= 3); {load_line()}")
     print(
         f"  max |fitness difference| over {a.size} (candidate, sample) pairs: {diff:.2e} nats; "
         f"mean fitness {a.mean(1).min():.4f}..{a.mean(1).max():.4f}"

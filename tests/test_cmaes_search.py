@@ -150,6 +150,7 @@ def test_batched_fitness_equals_weight_surgery(which):
     model = make_mixed() if which == "mixed" else make_tiny(which, seed=1)
     ad = adapter(model)
     ss = make_samples(3, seed=7)
+    assert any(s.score_end < len(s.input_ids) for s in ss.samples)  # tokens after the scored ones: not computed
     sp = Space(tuple(ad.layer_num_heads))
     rng = np.random.default_rng(0)
     keeps = np.stack([decode_fixed(rng.normal(size=sp.n), sp, int(rng.integers(1, sp.n)), 0) for _ in range(6)])
@@ -331,3 +332,265 @@ def test_ablation_prior_uses_the_scoring_samples_only(tmp_path):
     assert p is not None and p.source == "ablation/regular.npz"
     np.testing.assert_allclose(p.values, delta[rows].mean(0))
     assert ablation_prior(str(tmp_path), "m", "tiny", Stem(), "other-tokens", scoring) is None
+
+
+# ---------------------------------------------------------------- pass@1 fitness (btp.pruned's path)
+
+
+class HeadRunner:
+    """Writes what btp.generate / btp.evaluate would for a checkpoint: problem i passes unless head (0, i) was
+    removed (read from the checkpoint's btp_pruning.json); generation resumes (only missing problems)."""
+
+    def __init__(self, problems):
+        self.problems, self.calls = problems, []
+
+    def generate(self, args):
+        import json
+        from pathlib import Path
+
+        a = dict(zip(args[::2], args[1::2]))
+        removed = json.loads((Path(a["--model"]) / "btp_pruning.json").read_text())["pruned_heads"]
+        out = Path(a["--output"])
+        have = {json.loads(l)["problem_id"] for l in out.read_text().splitlines()} if out.exists() else set()
+        todo = [p for p in self.problems[: int(a["--limit"])] if p not in have]
+        self.calls.append(("generate", len(todo)))
+        with out.open("a") as f:
+            for p in todo:
+                code = "fail" if [0, self.problems.index(p)] in removed else "pass"
+                f.write(json.dumps({"problem_id": p, "sample": 0, "code": code}) + "\n")
+
+    def evaluate(self, args):
+        import json
+        from pathlib import Path
+
+        a = dict(zip(args[::2], args[1::2]))
+        gen = Path(a["--input"])
+        self.calls.append(("evaluate", a["--model"]))
+        recs = [json.loads(l) for l in gen.read_text().splitlines()]
+        (gen.parent / "evaluations.jsonl").write_text(
+            "".join(json.dumps({**r, "passed": r["code"] == "pass"}) + "\n" for r in recs)
+        )
+
+
+def _pass1(tmp_path, runner, problems, limit, memo_from=None):
+    from btp.cmaes_search import Pass1Fitness
+    from btp.pruning import GenFlags
+
+    model = make_tiny("llama", seed=4)
+    lm = SimpleNamespace(model=model, tokenizer=None, model_id="tiny", revision="r0")
+    setting = {"model": "tiny", "dtype": "float32", "dataset": "humaneval", "seed": 0, "backend": "hf"}
+    return Pass1Fitness(
+        lm,
+        problems,
+        limit=limit,
+        gen=GenFlags(gen_max_tokens=8),
+        setting=setting,
+        work=tmp_path / "w",
+        results_dir=str(tmp_path),
+        runner=runner,
+        n_boot=10,
+    )
+
+
+def test_pass1_fitness_is_one_minus_pass_at_1_per_problem_and_reuses_what_was_judged(tmp_path):
+    probs = ["HumanEval/0", "HumanEval/1", "HumanEval/2", "HumanEval/3", "HumanEval/4"]
+    r = HeadRunner(probs)
+    dev = _pass1(tmp_path, r, probs[:3], 3)
+    sp = Space(tuple(adapter(dev.lm.model).layer_num_heads))
+    keep = np.ones((2, sp.n), dtype=bool)
+    keep[0, [0, 2]] = False  # removes (0, 0) and (0, 2): problems 0 and 2 fail
+    keep[1, [5]] = False  # removes (1, 1): everything passes
+    f = dev(sp.masks(keep))
+    np.testing.assert_array_equal(f, [[1, 0, 1], [0, 0, 0]])
+    assert r.calls.count(("generate", 3)) == 2 and (dev.misses, dev.hits) == (2, 0)
+    assert not list((tmp_path / ".cache" / "pruned").iterdir())  # checkpoints removed once judged
+    np.testing.assert_array_equal(dev(sp.masks(keep[::-1])), f[::-1])
+    assert (dev.misses, dev.hits) == (2, 2) and len(r.calls) == 4  # memoised
+    # the held-out problems after the dev subset extend the same mask's generations (only the new problems)
+    hold = _pass1(tmp_path, r, probs[3:], 5)
+    keep2 = np.ones((1, sp.n), dtype=bool)
+    keep2[0, [0, 4]] = False  # (0, 0) and (1, 0): held-out problems pass
+    np.testing.assert_array_equal(hold(sp.masks(keep[:1])), [[0, 0]])
+    assert r.calls[-2] == ("generate", 2)
+    keep2[0, 3] = False  # (0, 3): held-out problem 3 fails
+    np.testing.assert_array_equal(hold(sp.masks(keep2)), [[1, 0]])
+    # a new process with the memo of the old one (a resumed search) asks for nothing
+    again = _pass1(tmp_path, r, probs[:3], 3)
+    again.load_state_dict(dev.state_dict())
+    n = len(r.calls)
+    np.testing.assert_array_equal(again(sp.masks(keep)), f)
+    assert len(r.calls) == n and (again.misses, again.hits) == (2, 4)
+    # a fresh memo still finds the judged files on disk: judged again from them, nothing generated
+    fresh = _pass1(tmp_path, r, probs[:3], 3)
+    np.testing.assert_array_equal(fresh(sp.masks(keep)), f)
+    assert len(r.calls) == n
+
+
+def test_pass1_flags_keep_the_sample_cap_apart_from_the_generation_cap():
+    from btp import cli
+    from btp.cmaes_search import GEN_RENAME, SPEC
+    from btp.pruning import GenFlags
+
+    p = cli.stage_parser(SPEC)
+    a = cli.parse(p, ["--max-tokens", "96", "--gen-max-tokens", "40", "--fitness", "pass1", "--backend", "hf"])
+    gen = cli.config_from(GenFlags, a, rename=GEN_RENAME)
+    assert a.max_tokens == 96 and gen.gen_max_tokens == 40 and gen.backend == "hf" and gen.engine == "hf"
+    assert SearchConfig(fitness="pass1").numbers["fitness"] == "pass1" and "fitness" not in SearchConfig().numbers
+    assert str(output_stem(Stem(), SearchConfig(budget=0.5, fitness="pass1"), None)) == "regular-keep50pct-pass1"
+    with pytest.raises(ValueError, match="fitness"):
+        SearchConfig(fitness="acc")
+
+
+class CountingRunner:
+    """btp.generate / btp.evaluate as subprocesses (the real path), counted."""
+
+    def __init__(self):
+        from btp.pruning import SubprocessRunner
+
+        self.real, self.calls = SubprocessRunner(), []
+
+    def generate(self, args):
+        self.calls.append("generate")
+        self.real.generate(args)
+
+    def evaluate(self, args):
+        self.calls.append("evaluate")
+        self.real.evaluate(args)
+
+
+@pytest.mark.slow
+def test_main_pass1_fitness_equals_btp_pruned_and_resumes(tmp_path):
+    """The embedded model, HF generation, the sandbox: MBPP's first 4 problems are the dev subset (it solves Mbpp/14
+    within 64 tokens), the 5th is held out. The final mask's fitness is 1 - the pass@1 btp.pruned reports for the
+    same heads removed, and the unpruned control's that of btp.pruned's base arm; a run killed before its final
+    file resumes to the same result without generating anything again."""
+    import json
+
+    from btp import pruned
+    from btp.cmaes_search import main
+    from btp.store import read_jsonl
+
+    flags = ["--dataset", "mbpp", "--results-dir", str(tmp_path), "--seed", "0", "--backend", "hf"]
+    argv = flags + [
+        "--fitness",
+        "pass1",
+        "--dev-problems",
+        "4",
+        "--heldout-problems",
+        "1",
+        "--gen-max-tokens",
+        "64",
+        "--source",
+        "reference",
+        "--num-samples",
+        "4",
+        "--max-tokens",
+        "96",
+        "--heldout",
+        "1",
+        "--popsize",
+        "2",
+        "--budget",
+        "0.95",
+        "--max-generations",
+        "1",
+        "--control-draws",
+        "0",
+        "--n-boot",
+        "50",
+        "--no-progress",
+    ]
+    r = CountingRunner()
+    path = main(argv, runner=r)
+    doc = json.loads(path.read_text())
+    assert path.name == "regular-reference-keep95pct-pass1.json" and doc["fitness_kind"] == "pass1"
+    assert doc["search"]["fitness"] == "pass1" and doc["pass1"]["dev"] == ["Mbpp/11", "Mbpp/12", "Mbpp/13", "Mbpp/14"]
+    assert doc["identity"]["pass1"]["heldout"] == ["Mbpp/15"] and r.calls.count("generate") >= 3
+    recs = read_jsonl(path.with_suffix(".jsonl"))
+    assert len(recs) == 1 and recs[0]["best_heldout"]["mean"] in (0.0, 1.0)
+    final, sets = doc["final"], doc["controls"]["sets"]
+    assert sets["cmaes"]["scoring_ce"] == final["fitness"] and set(sets) == {"cmaes", "unpruned"}
+    assert sets["unpruned"]["scoring_ce"] == 0.75  # Mbpp/14 solved, the others not (as generated unpruned)
+    # btp.pruned on the same heads, problems and generation flags
+    heads = ",".join(f"L{l}H{h}" for l, h in final["removed"])
+    comp = pruned.main(
+        flags
+        + ["--settings", f"heads:{heads}", "--controls", "0", "--limit", "4", "--max-tokens", "64"]
+        + ["--num-samples", "4", "--sample-max-tokens", "96", "--n-boot", "50"]
+    )
+    assert comp["settings"][0]["pass_at_k"]["pass@1"] == pytest.approx(1 - final["fitness"])
+    assert comp["base"]["pass_at_k"]["pass@1"] == pytest.approx(1 - sets["unpruned"]["scoring_ce"])
+    # killed after the last generation's state, before its line and the final file: nothing is generated again
+    jl = path.with_suffix(".jsonl")
+    jl.write_text("")
+    path.unlink()
+    again = CountingRunner()
+    assert main(argv, runner=again) == path and again.calls == []
+    redo = json.loads(path.read_text())
+    assert redo["final"] == final and redo["controls"]["sets"]["unpruned"] == sets["unpruned"]
+    strip = lambda rs: [{k: v for k, v in x.items() if k not in WALL} for x in rs]
+    assert strip(read_jsonl(jl)) == strip(recs)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama with the embedded tokenizer's vocabulary, saved as a HF folder."""
+    from btp.models import load_tokenizer
+
+    tok = load_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny("llama", vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_main_pass1_continues_as_an_uninterrupted_run_and_plots_say_pass1(tmp_path, tiny_folder):
+    """The stage's pass1 wiring on a tiny model with a runner that passes problem i unless head (0, i) is removed:
+    a run of 1 generation continued to 2 writes what a run of 2 writes, asking the runner only for new masks; the
+    figures are labelled 1 - pass@1 on dev / held-out problems. A failing generate run is one line, exit 2."""
+    import json
+    import subprocess
+
+    from btp import benchmarks
+    from btp import plots as bp
+    from btp.cmaes_search import main
+    from btp.store import read_jsonl
+
+    folder = tiny_folder
+    probs = [q.problem_id for q in benchmarks.get("mbpp").load(limit=5)]
+
+    def run(root, gens, runner):
+        argv = ["--model", str(folder), "--dataset", "mbpp", "--results-dir", str(tmp_path / root), "--backend", "hf"]
+        argv += ["--fitness", "pass1", "--dev-problems", "3", "--heldout-problems", "2", "--source", "reference"]
+        argv += ["--num-samples", "4", "--max-tokens", "200", "--heldout", "1", "--popsize", "4", "--budget", "0.5"]
+        argv += ["--control-draws", "2", "--n-boot", "50", "--no-progress", "--max-generations", str(gens)]
+        return main(argv, runner=runner)
+
+    one = run("a", 2, HeadRunner(probs))
+    r1, r2 = HeadRunner(probs), HeadRunner(probs)
+    run("b", 1, r1)
+    two = run("b", 2, r2)
+    strip = lambda rs: [{k: v for k, v in x.items() if k not in WALL} for x in rs]
+    ra, rb = read_jsonl(one.with_suffix(".jsonl")), read_jsonl(two.with_suffix(".jsonl"))
+    assert len(ra) == 2 and strip(ra) == strip(rb)
+    da, db = json.loads(one.read_text()), json.loads(two.read_text())
+    assert da["final"] == db["final"] and da["controls"] == db["controls"] and da["fitness_kind"] == "pass1"
+    assert da["pass1"]["dev"] == probs[:3] and da["pass1"]["heldout"] == probs[3:]
+    # the first generation's masks were judged by the first run: the second asked only for new ones
+    assert r2.calls.count(("generate", 3)) < 4 + 4 + 2 and ra[1]["evals_computed"] <= 8
+    assert set(da["controls"]["sets"]) == {"cmaes", "unpruned", "random_0", "random_1", "random"}
+    f = np.asarray([ra[0]["best_fitness"], ra[0]["worst_fitness"]])
+    assert ((f * 3) % 1 == 0).all() and 0 <= f.min() <= f.max() <= 1  # 1 - pass@1 over 3 problems, n = 1
+    assert da["controls"]["sets"]["unpruned"]["scoring_ce"] == 0.0  # everything passes unpruned
+    a = bp.load_cmaes(tmp_path / "a", None, "mbpp", one.stem)  # the one model of the tree
+    assert len(a.data) == 2
+    assert bp.cmaes_metric(a) == "1 - pass@1" and "3 dev / 2 held-out problems, pass@1" in bp.cmaes_title(a, "t")
+    assert "pass@1" in bp.cmaes_fitness(a).axes[0].get_ylabel()
+    assert "pass@1" in bp.cmaes_controls(a).axes[0].get_xlabel()
+
+    class Fails(HeadRunner):
+        def generate(self, args):
+            raise subprocess.CalledProcessError(1, ["python", "-m", "btp.generate", "--model", "x"])
+
+    with pytest.raises(SystemExit, match=r"btp.generate --model failed \(exit 1\) — rerun to resume"):
+        run("c", 1, Fails(probs))

@@ -224,3 +224,30 @@ def test_noop_row_measures_the_batching_noise_floor():
     assert np.isnan(noop.noop_delta)
     np.testing.assert_allclose(noop.ce(sets).numpy(), plain.ce(sets).numpy(), atol=1e-5)
     assert 0 <= noop.noop_delta < 1e-5 and np.isnan(plain.noop_delta)
+
+
+@pytest.mark.parametrize("name", ["llama", "mixed"])
+@pytest.mark.parametrize("attn", KERNELS)
+def test_without_the_base_nothing_changes_and_layer_0_needs_no_base_pass(name, attn, monkeypatch):
+    """`need_base=False` (CMA-ES populations): the same losses, no base; when every set resumes at layer 0 the
+    rows start from the embeddings and no base pass runs (one forward per sample less); the empty set is a row."""
+    model = MODELS[name](attn)
+    ss = tiny_set()
+    sets = [[(0, 1), (2, 0)], [], [(1, 1)], [(0, 0), (1, 0), (2, 1)]]
+    want = hs.set_losses(model, ss, sets, batch_rows=2)
+    passes = []
+    orig = hs.final_hidden
+    monkeypatch.setattr(hs, "final_hidden", lambda m, ids: passes.append(ids.shape[0]) or orig(m, ids))
+    for common in (True, False):
+        passes.clear()
+        got = hs.set_losses(model, ss, sets, batch_rows=2, common_start=common, need_base=False)
+        assert got.base is None
+        np.testing.assert_allclose(got.ce, want.ce, atol=TOL, rtol=0)
+        # per sample: two passes of 2 rows (common start at 0) / the base pass for layer 1, then 3 groups
+        assert passes == ([2, 2] * len(ss) if common else [1, 2, 1, 1] * len(ss)), passes
+    cache = hs.SetLossCache(model, ss, common_start=True, need_base=False)
+    np.testing.assert_allclose(cache(sets).ce, want.ce, atol=TOL, rtol=0)
+    passes.clear()
+    assert cache(sets[:2]).base is None and passes == []  # nothing new: nothing runs
+    with pytest.raises(ValueError, match="need_base"):
+        hs.HeadSetScorer(model, ss.samples[0], [0], noop_row=True, need_base=False)

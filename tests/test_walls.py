@@ -47,6 +47,7 @@ CORE = {
     "cli",
     "service",
     "sweepfile",
+    "pruning",
 }
 STAGES = {
     "generate",

@@ -74,18 +74,24 @@ class SearchConfig:
         "coordinates > 0, --size-penalty per kept head over the budget",
         choices=ENCODINGS,
     )
-    size_penalty: float = opt(0.05, "threshold encoding: nats added to the fitness per kept head over the budget")
-    min_heads_per_layer: int = opt(1, "never keep fewer heads in a layer")
+    size_penalty: float = opt(
+        0.05, "threshold encoding: nats added to the fitness per kept head over the budget", check=cli.at_least(0)
+    )
+    min_heads_per_layer: int = opt(1, "never keep fewer heads in a layer", check=cli.at_least(0))
     warm_start: str = opt(
         "auto",
         "mean of the first generation: auto (Taylor importance, else the ablation matrix, "
         "for the same samples and split, else zeros), taylor, ablation, or cold (zeros)",
         choices=WARM_STARTS,
     )
-    popsize: int | None = opt(None, "candidates per generation (default: pycma's 4 + 3 ln(heads))")
-    sigma0: float = opt(0.5, "initial step size (a warm start spans about [-1, 1])")
-    max_generations: int = opt(20, "generations to run (a rerun with more continues the file)")
-    max_evals: int | None = opt(None, "stop once this many candidates were evaluated (cache hits count)")
+    popsize: int | None = opt(
+        None, "candidates per generation (default: pycma's 4 + 3 ln(heads))", check=cli.at_least(2)
+    )
+    sigma0: float = opt(0.5, "initial step size (a warm start spans about [-1, 1])", check=cli.above(0))
+    max_generations: int = opt(20, "generations to run (a rerun with more continues the file)", check=cli.at_least(1))
+    max_evals: int | None = opt(
+        None, "stop once this many candidates were evaluated (cache hits count)", check=cli.at_least(1)
+    )
     seed: int = 0
     progress: bool = True
 
@@ -596,9 +602,9 @@ class RunConfig:
         parse=lambda v: cli.parse_heldout(str(v)),
     )
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed, as btp.taylor)")
-    control_draws: int = opt(5, "random control masks (same heads per layer as the final mask)")
-    n_boot: int = opt(1000, "bootstrap resamples over problems for CIs")
-    batch_rows: int | None = opt(None, "candidates per batched pass (default: from free memory)")
+    control_draws: int = opt(5, "random control masks (same heads per layer as the final mask)", check=cli.at_least(0))
+    n_boot: int = opt(1000, "bootstrap resamples over problems for CIs", check=cli.at_least(1))
+    batch_rows: int | None = opt(None, "candidates per batched pass (default: from free memory)", check=cli.at_least(1))
     tag: str | None = opt(None, "suffix of the output stem (keeps variants apart)")
 
 
@@ -648,6 +654,7 @@ def _priors(
     return prior, tay, abl
 
 
+@cli.each_dataset
 def main(argv: Sequence[str] | None = None) -> Path:
     from .store import JsonlStore, write_json
 
@@ -742,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"[btp.cmaes_search] {len(scoring)} scoring / {len(heldout)} held-out samples, keep {k} of {space.n} "
         f"heads ({cfg.encoding}), warm start: {prior.source if prior else 'zeros'}"
         + (f"; resuming after generation {search.generation}" if state else "")
+        + run.samples.left_out()
     )
 
     def save(rec: dict, st: dict) -> None:

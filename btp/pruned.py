@@ -271,7 +271,7 @@ def build_arms(
 @dataclass
 class PrunedConfig:
     settings: str = opt("taylor:10%", "head sets to remove, e.g. taylor:10%,ablation:top32,cmaes:best,heads:L3H1,L7H0")
-    controls: int = opt(3, "random head sets of the same per-layer counts per setting")
+    controls: int = opt(3, "random head sets of the same per-layer counts per setting", check=cli.at_least(0))
     ce_only: bool = opt(False, "stop after the held-out CE of every arm (cheap; nothing generated)")
     keep_checkpoints: bool = opt(False, "keep each arm's pruned checkpoint after it is evaluated")
     heldout: float | int = opt(
@@ -280,29 +280,31 @@ class PrunedConfig:
         parse=lambda v: cli.parse_heldout(str(v)),
     )
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed, as Taylor)")
-    n_boot: int = opt(10000, "bootstrap resamples for the paired CIs")
+    n_boot: int = opt(10000, "bootstrap resamples for the paired CIs", check=cli.at_least(1))
 
 
 @dataclass
 class GenFlags:
     """Generation and judging flags, the same for every arm (passed on to btp.generate / btp.evaluate)."""
 
-    limit: int | None = opt(None, "first N problems (default: all of the dataset)")
-    n: int = opt(1, "samples per problem")
-    gen_max_tokens: int = opt(512, "new tokens per sample (every arm)", flag="max-tokens")
+    limit: int | None = opt(None, "first N problems (default: all of the dataset)", check=cli.at_least(1))
+    n: int = opt(1, "samples per problem", check=cli.at_least(1))
+    gen_max_tokens: int = opt(512, "new tokens per sample (every arm)", flag="max-tokens", check=cli.at_least(1))
     repetition_guard: int = opt(
-        32, "stop a sample once its last N tokens occur 3 times in it (pruned models loop; 0: off)"
+        32,
+        "stop a sample once its last N tokens occur 3 times in it (pruned models loop; 0: off)",
+        check=cli.at_least(0),
     )
-    temperature: float = opt(0.0, None)
-    top_p: float = opt(1.0, None)
+    temperature: float = opt(0.0, None, check=cli.at_least(0))
+    top_p: float = opt(1.0, None, check=cli.fraction)
     backend: str = opt("auto", "vllm | hf | auto (vllm if importable)", choices=("auto", "vllm", "hf"))
     variant: str | None = opt(None, "mbpp variant", choices=benchmarks.VARIANTS)
     prompt_style: str = opt("auto", None, choices=("auto", "chat", "completion"))
     enforce_eager: bool = opt(True, "vLLM: compile (slower start)", flag="no-enforce-eager", invert=True)
-    gpu_memory_utilization: float | None = opt(None, "vLLM (default 0.9 on GPU, 0.3 on CPU)")
-    batch_size: int = opt(8, "HF backend batch size")
-    eval_workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)")
-    eval_timeout: float | None = opt(None, "CPU seconds per test (default: the benchmark's)")
+    gpu_memory_utilization: float | None = opt(None, "vLLM (default 0.9 on GPU, 0.3 on CPU)", check=cli.fraction)
+    batch_size: int = opt(8, "HF backend batch size", check=cli.at_least(1))
+    eval_workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)", check=cli.at_least(1))
+    eval_timeout: float | None = opt(None, "CPU seconds per test (default: the benchmark's)", check=cli.above(0))
 
     def generate_args(self, model: str, dataset: str, output: Path, seed: int, dtype: str, backend: str) -> list[str]:
         a = [
@@ -673,7 +675,11 @@ def run_arms(
     for a in arms:
         a.dir.mkdir(parents=True, exist_ok=True)
         write_headset(a, ids[a.label], arms[0].ce, plan.total_heads, ce_key)
-    print("[btp.pruned] held-out CE with the heads gated (before any generation):", file=sys.stderr)
+    print(
+        f"[btp.pruned] held-out CE of {len(heldout)} samples with the heads gated (before any generation"
+        f"{heldout.left_out()}):",
+        file=sys.stderr,
+    )
     for a in arms:
         print(f"  {a.label:<28} {len(a.heads):4d} heads  CE {a.ce:.4f}  ({a.ce - arms[0].ce:+.4f})", file=sys.stderr)
     if cfg.ce_only:
@@ -752,8 +758,7 @@ def build_parser():
     cli.add_common(p)
     # the analysis samples of the held-out CE (default: reference solutions, which need no generations);
     # their length cap is --sample-max-tokens (--max-tokens is the generation's)
-    cli.add_flags(p, SampleConfig, skip=("seed", "max_tokens"))
-    p.add_argument("--sample-max-tokens", type=int, default=None, help="cap per-sample length of the CE samples")
+    cli.add_flags(p, SampleConfig, skip=("seed",))
     p.set_defaults(source="reference", num_samples=32)
     cli.add_flags(p, PrunedConfig)
     cli.add_flags(p, GenFlags)
@@ -761,6 +766,7 @@ def build_parser():
     return p
 
 
+@cli.each_dataset
 def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dict:
     import torch
 
@@ -771,7 +777,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
     args = cli.parse(p, argv)
     try:
         cfg, gen = cli.config_from(PrunedConfig, args), cli.config_from(GenFlags, args)
-        scfg = cli.config_from(SampleConfig, args, max_tokens=args.sample_max_tokens, seed=args.seed)
+        scfg = cli.config_from(SampleConfig, args, seed=args.seed)
         settings = parse_settings(cfg.settings)
         dev = torch.device(args.device) if args.device else default_device()
         dtype = parse_dtype(args.dtype) or default_dtype(dev)

@@ -133,7 +133,9 @@ def add_flags(p: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = ()
             continue
         m, tp = f.metadata, _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kw: dict[str, Any] = {"help": m.get("help"), "check": m.get("check"), "parse": m.get("parse")}
+        kw: dict[str, Any] = {"help": m.get("help")}
+        if isinstance(p, ArgumentParser):  # checked at parse time (a plain argparse parser takes no checks)
+            kw.update(check=m.get("check"), parse=m.get("parse"))
         if tp is bool:
             kw.update(action="store_true")
             if not m.get("invert") and default:

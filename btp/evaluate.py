@@ -77,6 +77,7 @@ class EvalConfig:
     seed: int = 0
     force: bool = opt(False, "judge everything again")  # new records supersede old ones
     no_progress: bool = opt(False, "no progress bar")
+    skip_missing: bool = opt(False, "a dataset without generations is skipped with a note (exit 0), not an error")
 
 
 def build_program(p: Problem, code: str) -> Program:
@@ -110,6 +111,10 @@ def _generation_options(gen_path: Path) -> dict:
     limits = [c.get("limit") for c in confs]
     opts["limit"] = None if any(x is None for x in limits) else max(limits)
     return opts
+
+
+class NoGenerations(FileNotFoundError):
+    """The model has no generations of the dataset (`--skip-missing` makes it a note)."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def plan(cfg: EvalConfig) -> EvalPlan:
         d, model = generations_dir(cfg.results_dir, cfg.model, cfg.dataset)
         gen = d / GENERATIONS
         if not gen.exists():
-            raise FileNotFoundError(
+            raise NoGenerations(
                 f"{gen} does not exist — run `python -m btp.generate --model {cfg.model} "
                 f"--dataset {cfg.dataset}` first, or pass --input FILE"
             )
@@ -389,7 +394,15 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
 @cli.each_dataset
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
-    s = evaluate(cfg)
+    try:
+        s = evaluate(cfg)
+    except NoGenerations as e:
+        if not cfg.skip_missing:
+            raise
+        print(
+            f"[btp.evaluate] note: {cfg.dataset} skipped: {str(e).split(' — ')[0]} (nothing to judge)", file=sys.stderr
+        )
+        return 0
     pk = "  ".join(
         f"{k}={v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in s["pass_at_k"].items()
     )

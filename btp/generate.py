@@ -174,6 +174,23 @@ def apply_guard(text: str, tokens: list[int], finish: str, n: int, decode) -> Co
 # ---------------------------------------------------------------- backends
 
 
+def _engine_dtype(cfg: GenerateConfig, sess: Session, path: str) -> str:
+    """`--dtype auto` made definite before an engine loads, so that the dtype recorded is the one computed in:
+    the HF backend's model as loaded (fp32 on CPU, bf16 on GPU); vLLM's the checkpoint's own (no per-weight casts,
+    none of vLLM's per-weight warnings), float16 as bfloat16 on a CPU."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if sess.engine is not None and getattr(sess.engine, "dtype", None):
+        return sess.engine.dtype
+    if sess.hf_model is not None:
+        return _dtype_name(sess.hf_model.dtype) or "auto"
+    from transformers import AutoConfig
+
+    mc = AutoConfig.from_pretrained(path)
+    stored = _dtype_name(getattr(mc, "dtype", None) or getattr(mc, "torch_dtype", None)) or "auto"
+    return "bfloat16" if stored == "float16" and not _on_gpu() else stored
+
+
 def _dtype_name(dtype: Any) -> str | None:
     """ "bfloat16" for torch.bfloat16 or "bfloat16"; None when unknown."""
     return None if dtype is None else str(dtype).removeprefix("torch.")
@@ -476,6 +493,8 @@ def generate(
     )
     _open(cfg, sess)
     path, model_id, revision = sess.model_info
+    # the dtype the engine computes in, resolved before it loads: recorded in the config (a sample's identity)
+    cfg = replace(cfg, dtype=_engine_dtype(cfg, sess, path))
     out = Path(cfg.output) if cfg.output else dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
     out.parent.mkdir(parents=True, exist_ok=True)
     store = JsonlStore(out, ("problem_id", "sample"))

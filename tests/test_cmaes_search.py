@@ -254,7 +254,7 @@ def test_main_resumes_into_the_file_an_uninterrupted_run_writes(tmp_path):
         "reference",
         "--num-samples",
         "3",
-        "--max-tokens",
+        "--sample-max-tokens",
         "96",
         "--popsize",
         "4",

@@ -360,6 +360,8 @@ def parse(
             raise EachDataset(names)
     if hasattr(args, "verbose"):
         quiet_logs(args.verbose)
+    if getattr(args, "no_progress", False):
+        no_library_bars()
     return args
 
 
@@ -401,6 +403,15 @@ def each_dataset(main: Callable[..., Any]) -> Callable[..., Any]:
 
     run.__doc__, run.__wrapped__ = main.__doc__, main  # type: ignore[attr-defined]
     return run
+
+
+def no_library_bars() -> None:
+    """`--no-progress` silences the bars of the hub and transformers (weight loading) too, not btp's alone."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.disable_progress_bar()
 
 
 def quiet_logs(verbose: bool) -> None:

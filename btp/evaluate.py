@@ -383,12 +383,16 @@ def _judge(
 # ---------------------------------------------------------------- CLI
 
 
-def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+def build_parser() -> cli.ArgumentParser:
     ap = cli.parser("evaluate", __doc__.split("\n\n")[0])
     cli.add_common(ap)
     ap.set_defaults(model=None)
     cli.add_flags(ap, EvalConfig)
-    return cli.config_from(EvalConfig, cli.parse(ap, argv, one_dataset=("--input",)))
+    return ap
+
+
+def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+    return cli.config_from(EvalConfig, cli.parse(build_parser(), argv, one_dataset=("--input",)))
 
 
 @cli.each_dataset

@@ -295,8 +295,8 @@ class GenFlags:
         "stop a sample once its last N tokens occur 3 times in it (pruned models loop; 0: off)",
         check=cli.at_least(0),
     )
-    temperature: float = opt(0.0, None, check=cli.at_least(0))
-    top_p: float = opt(1.0, None, check=cli.fraction)
+    temperature: float = opt(0.0, "sampling temperature (0: greedy)", check=cli.at_least(0))
+    top_p: float = opt(1.0, "nucleus sampling mass", check=cli.fraction)
     backend: str = opt("auto", "vllm | hf | auto (vllm if importable)", choices=("auto", "vllm", "hf"))
     variant: str | None = opt(None, "mbpp variant", choices=benchmarks.VARIANTS)
     prompt_style: str = opt("auto", None, choices=("auto", "chat", "completion"))

@@ -56,8 +56,8 @@ HISTORY_KEYS = ("estimator", "signed", "normalize", "prune_per_iter", "min_heads
 class TaylorConfig:
     # None: 10% of all heads (rounded, at least 1), the paper's step
     prune_per_iter: int | None = opt(None, "heads pruned per iteration (default: 10%% of all)", check=cli.at_least(1))
-    num_iters: int = opt(9, None, check=cli.at_least(1))
-    min_heads_per_layer: int = opt(1, None, check=cli.at_least(0))
+    num_iters: int = opt(9, "pruning iterations (a rerun with more continues the history)", check=cli.at_least(1))
+    min_heads_per_layer: int = opt(1, "never prune a layer below this many heads", check=cli.at_least(0))
     stop_factor: float | None = opt(
         None, "stop when held-out loss exceeds this factor x the unpruned held-out loss", check=cli.above(0)
     )

@@ -598,13 +598,14 @@ class Run:
 def prepare(spec: StageSpec, argv: Sequence[str] | None = None) -> Run:
     """Parse, resolve the model id (no weights), resolve device and dtype, and build the analysis samples with
     the model's tokenizer: everything a stage needs to claim its output before it loads weights."""
-    import torch
-
-    from .models import default_device, default_dtype, load_tokenizer, parse_dtype, resolve_model
     from .samples import config_from_args, load_samples
 
     p = stage_parser(spec)
-    args = parse(p, argv)
+    args = parse(p, argv)  # before torch is imported: a mistake is said at once
+    import torch
+
+    from .models import default_device, default_dtype, load_tokenizer, parse_dtype, resolve_model
+
     try:
         scfg = config_from_args(args)
         dev = torch.device(args.device) if args.device else default_device()

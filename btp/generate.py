@@ -180,8 +180,8 @@ def _engine_dtype(cfg: GenerateConfig, sess: Session, path: str) -> str:
     none of vLLM's per-weight warnings), float16 as bfloat16 on a CPU."""
     if cfg.dtype != "auto":
         return cfg.dtype
-    if sess.engine is not None and getattr(sess.engine, "dtype", None):
-        return sess.engine.dtype
+    if sess.engine is not None:  # given by the caller: as it says (an engine that does not say stays "auto")
+        return getattr(sess.engine, "dtype", None) or cfg.dtype
     if sess.hf_model is not None:
         return _dtype_name(sess.hf_model.dtype) or "auto"
     from transformers import AutoConfig
@@ -279,7 +279,7 @@ class HfBackend:
             raise ValueError("model and tokenizer define no EOS token; the HF backend could never stop")
         self.eos = eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        self.dtype = _dtype_name(model.dtype)  # loaded in the resolved dtype (models.load_model): never "auto"
+        self.dtype = _dtype_name(getattr(model, "dtype", None))  # as models.load_model resolved it: never "auto"
 
     def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[Completion]:
         import torch

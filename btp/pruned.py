@@ -768,13 +768,13 @@ def build_parser():
 
 @cli.each_dataset
 def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dict:
+    p = build_parser()
+    args = cli.parse(p, argv)  # before torch is imported: a mistake is said at once
     import torch
 
     from .models import default_device, default_dtype, load_model, load_tokenizer, parse_dtype, resolve_model
     from .samples import SampleConfig, load_samples
 
-    p = build_parser()
-    args = cli.parse(p, argv)
     try:
         cfg, gen = cli.config_from(PrunedConfig, args), cli.config_from(GenFlags, args)
         scfg = cli.config_from(SampleConfig, args, seed=args.seed)

@@ -371,5 +371,5 @@ def test_run_evaluate_refuses_the_old_fresh_knob(tmp_path):
 def test_readme_names_the_cap_and_its_count():
     text = (ROOT / "README.md").read_text()
     assert "--sample-max-tokens" in text and "left out: longer than --sample-max-tokens" in text
-    assert "--fresh" not in text
+    assert "`--fresh` is refused" in text and "`--force` recomputes" in text
     assert os.access(ROOT / "run_evaluate.sh", os.X_OK)

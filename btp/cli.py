@@ -4,7 +4,8 @@
   override them.
 - Flags come from config dataclasses (`add_flags`, `config_from`): a field's default and help (`opt(...)`) are
   written once, in the dataclass. Shared flags are declared once: `Common` (model, dataset, results dir, seed),
-  `Runtime` (dtype, device, device map, attention kernel, force, progress) and the sample flags (`SampleConfig`).
+  `Runtime` (dtype, device, device map, attention kernel, force, progress, verbose) and the sample flags
+  (`SampleConfig`). A flag's `check` refuses a bad value at parse time; renamed flags (`RENAMED`) say their new name.
 - The analysis stage path (`prepare` -> `Run.claim` -> `Run.load`): parse, resolve the model id, build the samples,
   claim the output (fresh / resume / done, refusing another identity), and load weights only when there is work.
 """

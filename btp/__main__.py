@@ -40,6 +40,12 @@ STAGES = [
         "generate and evaluate with heads removed, against controls",
         "pruned/<setting>/, pruned/comparison.json",
     ),
+    (
+        "merge shards",
+        "btp.merge",
+        "combine the --shard i/N parts of an analysis into its outputs",
+        "the outputs of one unsharded run",
+    ),
     ("progress", "btp.check", "table of every model x dataset and stage (run_check.sh)", "stdout / --json"),
     ("plots", "btp.plots", "PNG/PDF figures of every result", "figures/"),
 ]

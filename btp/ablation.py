@@ -145,9 +145,30 @@ def run_matrix(
     for padding heads and layers not computed), `delta_mean`, `delta_ci_low`/`_high` [L, Hmax], `base_ce` [S],
     `layer_num_heads` [L], per-token `token_delta`/`base_token_ce` if asked, and `replacement` for mean ablation.
     With `partial`, progress is saved there (tagged by `key`) and a rerun resumes from it."""
+    st = matrix_state(model, sample_set, config, partial=partial, key=key)
+    return matrix_result(st, sample_set.problem_ids, config, adapter(model).layer_num_heads)
+
+
+def matrix_units(n_samples: int, layers: Sequence[int]) -> list[tuple[int, int]]:
+    """The matrix's units of work, (sample, layer) in sample-major order: what `--shard i/N` splits."""
+    return [(s, l) for s in range(n_samples) for l in layers]
+
+
+def matrix_state(
+    model: torch.nn.Module,
+    sample_set: SampleSet,
+    config: MatrixConfig,
+    *,
+    partial: Path | None = None,
+    key: str = "",
+    units: Sequence[tuple[int, int]] | None = None,
+) -> dict[str, np.ndarray]:
+    """The matrix's raw state: `delta`, `base_ce`, `done` [S, L], `noop_delta` (and per-token arrays,
+    `replacement`) with the (sample, layer) `units` computed (default: all of the selected layers)."""
     ad = adapter(model)
     L, H, S = ad.n_layers, ad.max_heads, len(sample_set)
     layers = _check_layers(config.layers, L)
+    mine = set(matrix_units(S, layers) if units is None else units)
     n_tok = [s.n_scored for s in sample_set.samples]
     off = np.concatenate([[0], np.cumsum(n_tok)]).astype(int)
     st = _load_partial(partial, key)
@@ -166,15 +187,15 @@ def run_matrix(
     rep = torch.as_tensor(st["replacement"]) if config.ablation == "mean" else None
     last_save = time.time()
     with tqdm(
-        total=S * len(layers),
-        initial=int(st["done"][:, layers].sum()),
+        total=len(mine),
+        initial=sum(bool(st["done"][s, l]) for s, l in mine),
         desc="ablation matrix",
         unit="layer",
         disable=not config.progress,
         dynamic_ncols=True,
     ) as bar:
         for s, sample in enumerate(sample_set.samples):
-            todo = [l for l in layers if not st["done"][s, l]]
+            todo = [l for l in layers if (s, l) in mine and not st["done"][s, l]]
             if not todo:
                 continue
             bar.set_postfix_str(f"sample {s + 1}/{S} ({len(sample.input_ids)} tok)")
@@ -205,13 +226,48 @@ def run_matrix(
                     write_partial(partial, key, st)
                     last_save = time.time()
             del run
+    return st
+
+
+def matrix_result(
+    st: dict[str, np.ndarray], problem_ids: Sequence[str], config: MatrixConfig, layer_num_heads: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """`run_matrix`'s arrays from a finished raw state (`matrix_state`, or shards' states `merge_states`
+    combined): the deltas with their means and CIs over problems."""
     out = {k: v for k, v in st.items() if k != "done"}
-    cm = clustered_mean(st["delta"], sample_set.problem_ids, config.n_boot, config.seed)
+    cm = clustered_mean(st["delta"], problem_ids, config.n_boot, config.seed)
     out["delta_mean"], out["delta_ci_low"], out["delta_ci_high"] = (a.astype(np.float32) for a in cm[:3])
     out["delta_n_problems"] = cm.n
-    out["layer_num_heads"] = np.array(ad.layer_num_heads, dtype=np.int64)
-    out["noop_delta"] = st.get("noop_delta", np.full(S, np.nan, np.float32))
+    out["layer_num_heads"] = np.array(layer_num_heads, dtype=np.int64)
+    out["noop_delta"] = st.get("noop_delta", np.full(len(st["base_ce"]), np.nan, np.float32))
     return out
+
+
+SHARD_STATE = ("delta", "base_ce", "done", "noop_delta", "token_delta", "base_token_ce", "replacement")
+
+
+def merge_states(states: Sequence[dict[str, np.ndarray]], token_offsets: np.ndarray) -> dict[str, np.ndarray]:
+    """One raw state from the shards' (each holds its own (sample, layer) units): every unit from the shard that
+    computed it, a sample's base CE from any shard that ran the sample (the same pass), the batching noise floor
+    as the largest any shard saw. The mean-ablation vectors, computed by every shard over all samples, must
+    agree."""
+    st = {k: np.array(v, copy=True) for k, v in states[0].items() if k in SHARD_STATE}
+    off = np.asarray(token_offsets)  # [S + 1] offsets of each sample's scored tokens
+    for o in states[1:]:
+        d = np.asarray(o["done"], bool)
+        st["delta"][d] = o["delta"][d]
+        ran = d.any(1)
+        st["base_ce"][ran] = o["base_ce"][ran]
+        st["noop_delta"] = np.fmax(st["noop_delta"], o["noop_delta"])
+        if "token_delta" in st:
+            for s, l in zip(*np.nonzero(d)):
+                st["token_delta"][off[s] : off[s + 1], l] = o["token_delta"][off[s] : off[s + 1], l]
+            for s in np.nonzero(ran)[0]:
+                st["base_token_ce"][off[s] : off[s + 1]] = o["base_token_ce"][off[s] : off[s + 1]]
+        if "replacement" in st and not np.array_equal(st["replacement"], o["replacement"]):
+            raise UserError("the shards' mean-ablation vectors differ (another dtype or machine?) — rerun them alike")
+        st["done"] |= d
+    return st
 
 
 # ---------------------------------------------------------------- attribution patching (a screen)
@@ -542,7 +598,11 @@ def _load_json_partial(path: Path | None, key: str) -> dict | None:
 # ---------------------------------------------------------------- CLI
 
 SPEC = cli.StageSpec(
-    STAGE, "Exact single-head ablation matrix and cumulative knockout curves", configs=(MatrixConfig, KnockoutConfig)
+    STAGE,
+    "Exact single-head ablation matrix and cumulative knockout curves",
+    configs=(MatrixConfig, KnockoutConfig),
+    device_map=True,
+    shard="(sample, layer) units of the exact matrix; knockout curves are computed when the shards are merged",
 )
 MATRIX_FILES = ("npz", "json")
 
@@ -591,6 +651,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     screen = {} if mcfg.method == "exact" else {"method": mcfg.method, "verify": mcfg.verify}
     if screen and mcfg.per_token:
         run.parser.error("--per-token needs --method exact (atp has no per-token deltas)")
+    if screen and (run.shard or run.merging):
+        run.parser.error("--shard splits the exact matrix; the atp screen (one pass per sample) runs whole")
     mid = run.identity(
         ablation=mcfg.ablation,
         layers=mcfg.layers,
@@ -610,12 +672,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "n_boot": kcfg.n_boot,
         "seed": kcfg.seed,
     }
-    k_claim = run.claim(out, kid, files=("json",), part=KNOCKOUT, partials=("json",)) if kcfg.enabled else None
+    # a shard has no curves: they rank heads by the whole matrix (computed when the shards are merged)
+    knockout = kcfg.enabled and not run.shard
+    k_claim = run.claim(out, kid, files=("json",), part=KNOCKOUT, partials=("json",)) if knockout else None
     k_done = k_claim is None or (k_claim.done and m_claim.done)  # curves of a recomputed matrix are redone
     if m_claim.done and k_done:
         print(f"[btp.ablation] {npz_path} exists for this configuration; skipping (use --force to recompute)")
         return npz_path
-    lm = run.load()
+    if run.shard:
+        return _matrix_shard(run, out, mcfg, m_claim)
+    shards = run.shards(out, mid, MATRIX_FILES) if run.merging and not m_claim.done else None
+    lm = cli.shard_stamp(shards)[0] if shards else run.load()
     stamp = dict(
         dtype=str(lm.dtype),
         device=str(lm.device),
@@ -629,11 +696,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(f"[btp.ablation] matrix {npz_path} exists for this configuration; knockout only")
     else:
         mpart = out.partial("npz")
-        res = (
-            run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key)
-            if not screen
-            else run_atp(lm.model, ss, mcfg)
-        )
+        if shards:  # the shards' units in place; means and CIs by this stage's own code
+            tok_off = np.concatenate([[0], np.cumsum([s.n_scored for s in ss.samples])]).astype(int)
+            st = merge_states([z for z, _ in shards], tok_off)
+            res = matrix_result(st, ss.problem_ids, mcfg, shards[0][0]["layer_num_heads"])
+            _check_complete(st["done"], mcfg.layers, out)
+        elif not screen:
+            res = run_matrix(lm.model, ss, mcfg, partial=mpart, key=m_claim.key)
+        else:
+            res = run_atp(lm.model, ss, mcfg)
         secs = time.time() - t0
         rep = res.pop("replacement", None)
         arrays = {
@@ -655,6 +726,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         }
         if mcfg.per_token:
             arrays.update(token_delta=res["token_delta"], base_token_ce=res["base_token_ce"])
+        if shards:
+            book = cli.shard_stamp(shards)[1]
+            secs, stamp["shards"] = sum(b or 0 for b in book["seconds"]), book
         full = run.stamp(lm, **stamp, seconds=round(secs, 2), **m_claim.stamp)
         # json first: a kill between the two writes leaves no npz, so the rerun redoes it (from the partial)
         agree = {}
@@ -718,6 +792,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             )
     _print_top(res)
     if not k_done:
+        if shards:  # merged: the curves need the model
+            lm = run.load()
+            stamp.update(dtype=str(lm.dtype), device=str(lm.device))
+            stamp.pop("shards", None)
         rep = res.get("replacement") if mcfg.ablation == "mean" else None
         if mcfg.ablation == "mean" and rep is None:
             rep = mean_o_proj_inputs(lm.model, ss)
@@ -746,6 +824,32 @@ def main(argv: Sequence[str] | None = None) -> Path:
         kpart.unlink(missing_ok=True)
         _print_knockout(ko, ko_path)
     return npz_path
+
+
+def _matrix_shard(run: cli.Run, out: results.Output, mcfg: MatrixConfig, claim: results.Claim) -> Path:
+    """`--shard i/N`: this shard's (sample, layer) units, resumable from its own progress file; written as the raw
+    state `btp.merge` combines (`<name>-shard<i>of<N>.npz` + `.json`)."""
+    lm = run.load()
+    ad = adapter(lm.model)
+    units = matrix_units(len(run.samples), _check_layers(mcfg.layers, ad.n_layers))
+    mine = [units[k] for k in run.shard.take(len(units))]
+    t0 = time.time()
+    st = matrix_state(lm.model, run.samples, mcfg, partial=out.partial("npz"), key=claim.key, units=mine)
+    stamp = {
+        **run.stamp(lm, dtype=str(lm.dtype), device=str(lm.device), seconds=round(time.time() - t0, 2)),
+        **claim.stamp,
+    }
+    write_json(out.path("json"), {**stamp, "units": [list(u) for u in mine]})  # json first: npz marks it done
+    write_npz(out.path("npz"), provenance=stamp, layer_num_heads=np.array(ad.layer_num_heads, np.int64), **st)
+    out.partial("npz").unlink(missing_ok=True)
+    print(f"[btp.ablation] shard {run.shard.label}: {len(mine)} of {len(units)} (sample, layer) units -> {out.dir}")
+    return out.path("npz")
+
+
+def _check_complete(done: np.ndarray, layers: list[int] | None, out: results.Output) -> None:
+    want = done[:, layers] if layers is not None else done
+    if not want.all():
+        raise UserError(f"{out.dir / out.name}: the shards leave {int((~want).sum())} (sample, layer) units undone")
 
 
 def _top(res: dict, n: int) -> list[dict]:

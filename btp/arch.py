@@ -176,7 +176,12 @@ class Adapter:
 
     @property
     def device(self) -> torch.device:
-        return self.unembed.weight.device
+        """Where the logits are computed (the unembedding's execution device): outputs and scores live here."""
+        return module_device(self.unembed)
+
+    def layer_device(self, l: int) -> torch.device:
+        """Where layer l computes (a device map may spread the layers): its gates and cached tensors go there."""
+        return module_device(self.layers[l])
 
     # ------------------------------------------------------------------ lens
     def logits_from_normed(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,7 +189,7 @@ class Adapter:
         tensor of the logits' shape and the weights' dtype to write into (reused across chunks, it spares CPU
         runs fresh page-faulted memory for every vocab-sized block)."""
         w = self.unembed.weight
-        if out is None or type(self.unembed) is not nn.Linear:
+        if out is None or type(self.unembed) is not nn.Linear or w.device.type == "meta":  # meta: offloaded
             logits = self.unembed(h.to(w.dtype))
             if out is not None:
                 logits = out.copy_(logits)
@@ -200,6 +205,20 @@ class Adapter:
     def lens_logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logit lens of a residual-stream state: unembed(final_norm(h)), soft-capped."""
         return self.logits_from_normed(self.final_norm(h.to(self.device)), out=out)
+
+
+def module_device(m: nn.Module) -> torch.device:
+    """The device a module computes on: the execution device of its accelerate hook when a device map
+    dispatched it (its weights may sit on "meta" until the hook loads them from CPU or disk), else its weights'."""
+    hook = getattr(m, "_hf_hook", None)
+    for h in [hook, *getattr(hook, "hooks", ())]:  # a SequentialHook holds several
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    for t in (*m.parameters(), *m.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
 
 
 def adapter(model: nn.Module) -> Adapter:

@@ -242,8 +242,9 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
         row.evaluated, row.passed = len(seen), sum(ok for ok, _ in seen.values())
         for _, st in seen.values():
             row.statuses[st] = row.statuses.get(st, 0) + 1
-        if results.is_stale(ev, gen):
-            issue(ev, "stale", f"older than {GENERATIONS}")
+    stale = results.evaluation_staleness(d)  # by the content the summary recorded (file times only for old ones)
+    if e is not None and EVALUATIONS in stale:
+        issue(ev, "stale", stale[EVALUATIONS])
 
     summ = d / SUMMARY
     if summ.exists():
@@ -254,8 +255,8 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
             row.pass1, row.pass1_ci = _pass1(s)
             if row.total is None and row.n and isinstance(s, dict) and s.get("n_problems"):
                 row.total = int(s["n_problems"]) * row.n  # the problems evaluate judged against
-            if results.is_stale(summ, ev):
-                issue(summ, "stale", f"older than {EVALUATIONS}")
+            if SUMMARY in stale:
+                issue(summ, "stale", stale[SUMMARY])
 
     for stage in STAGE_DIRS:
         sd = d / stage
@@ -270,11 +271,13 @@ def check_dataset(root: Path, d: Path, deep: bool = False) -> Row:
 
 
 def _pass1(summary: Any) -> tuple[float | None, list | None]:
-    """pass@1 and its CI from summary.json (`{"pass_at_k": {"pass@1": {estimate, ci_low, ci_high}}}`)."""
+    """pass@1 and its CI from summary.json: the Wilson interval (`wilson_low`, `wilson_high`: not a point at 0% or
+    100%), else (older summaries) the bootstrap's `ci_low`, `ci_high`."""
     v = (summary.get("pass_at_k") or {}).get("pass@1") if isinstance(summary, dict) else None
     if not isinstance(v, dict):
         return None, None
-    return v.get("estimate"), [v.get("ci_low"), v.get("ci_high")]
+    lo, hi = ("wilson_low", "wilson_high") if "wilson_low" in v else ("ci_low", "ci_high")
+    return v.get("estimate"), [v.get(lo), v.get(hi)]
 
 
 def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
@@ -284,6 +287,7 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
     least one generation (note '(g/G gen, best f)', G from its runs file, f the best fitness so far), else any
     readable `<name>.*`. A `.partial.` file without the finished output shows as '(partial)'."""
     ok: dict[tuple[str, str], set] = {}  # (stem, part) -> readable file extensions
+    broken: set[str] = set()  # names of unreadable files (reported as broken, not also as missing)
     taylor: dict[str, tuple] = {}  # stem -> (iterations, last stop_reason)
     for p in sorted(p for p in sd.iterdir() if p.is_file() and not p.name.startswith(".")):
         f = results.parse_file_name(p.name)
@@ -302,13 +306,14 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
             continue
         if why:
             issue(p, "broken", why)
+            broken.add(p.name)
             continue
         ok.setdefault((f.stem, f.part), set()).add(f.ext)
         if (stale := results.staleness(d, sd, p.name)) is not None:
             issue(p, "stale", stale)
     done: dict[str, str] = {}
     for (stem, part), suf in ok.items():
-        if part:
+        if part or (results.try_parse_stem(stem) or results.Stem()).shard:  # shards: counted below
             continue
         if stage in ("entropy", "ablation"):
             if {"npz", "json"} <= suf:
@@ -317,9 +322,10 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
                     _check_noise(sd / results.file_name(stem, "json"), issue)
                     if results.is_estimate(stem):
                         done[stem] += atp_note(sd, stem)
-            elif suf & {"npz", "json"}:  # cut off between the two writes
+            elif suf & {"npz", "json"}:  # cut off between the two writes (a truncated file is broken, above)
                 missing = results.file_name(stem, "json" if "npz" in suf else "npz")
-                issue(sd / missing, "incomplete", "missing: rerun the stage")
+                if missing not in broken:
+                    issue(sd / missing, "incomplete", "missing: rerun the stage")
             elif suf & {"partial.npz"}:
                 done[stem] = "(partial)"
         elif stage == "taylor":
@@ -337,6 +343,11 @@ def _check_stage(d: Path, sd: Path, stage: str, issue, deep: bool) -> dict:
             )
         elif any(not e.startswith(("partial", "runs")) for e in suf):
             done[stem] = ""
+    for name, e in results.shard_sets(sd).items():  # a sharded run not merged yet: its shards' progress
+        if name not in done:
+            done[name] = f"(shards {len(e['done'])}/{e['count']}" + (
+                f", {len(e['partial'])} partial)" if e["partial"] else ")"
+            )
     return done
 
 
@@ -386,7 +397,8 @@ def dataset_dirs(root: Path, model: str | None = None, dataset: str | None = Non
     out = []
     markers = (GENERATIONS, EVALUATIONS, SUMMARY, *STAGE_DIRS, "pruned")
     names = set(results.model_dir_names(root, model)) if model else set()
-    for m in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    dirs = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for m in sorted(dirs, key=lambda p: (p.name == results.REFERENCE, p.name)):  # the models, then the self-check
         if model and m.name not in names:
             continue
         for d in sorted(p for p in m.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -472,13 +484,15 @@ def format_table(rows: list[Row]) -> str:
     for model in dict.fromkeys(r.model for r in rows):
         cells = [HEADER] + [_cells(r) for r in rows if r.model == model]
         w = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
-        out.append(f"model {model}")
+        # the reference solutions are no model: say what the row is (a failing one means the harness is wrong)
+        out.append(f"model {model}" if model != results.REFERENCE else "reference solutions (harness self-check)")
         for i, c in enumerate(cells):
             out.append("  " + "  ".join(x.ljust(w[j]) for j, x in enumerate(c)).rstrip())
             if i == 0:
                 out.append("  " + "  ".join("-" * x for x in w))
         out.append("")
     out.append(
+        "pass@1 CI: Wilson over problems (summary.json has the bootstrap beside it); "
         "R = regular, C = chain_code; no suffix: correct generations, -ref: reference solutions, "
         "-inc: incorrect, -all: all generations, -cp/-ip: correct/incorrect on problems with both; "
         "+ko: knockout curves; (k it): Taylor iterations;\n(g gen, best f): CMA-ES generations and best "

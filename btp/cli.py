@@ -230,6 +230,31 @@ class Runtime:
     force: bool = opt(False, "recompute: discard existing outputs and progress files")
     no_progress: bool = opt(False, "no progress bars")
     verbose: bool = opt(False, VERBOSE_HELP)
+    # sharding: bookkeeping of a run, not a setting (kept out of the stamped config; a shard's identity has it)
+    shard: str | None = opt(
+        None,
+        "i/N: compute only shard i of N (0-based: 0/4 .. 3/4) and write it as <name>-shard<i>of<N>; each shard "
+        "resumes alone, `python -m btp.merge` combines a full set into the output one run writes",
+        parse=lambda v: parse_shard(v),
+    )
+    merge_shards: int | None = opt(None, "combine the N finished shards of this output (what btp.merge runs)")
+
+
+SHARD_FLAGS = ("shard", "merge_shards")
+
+
+def parse_shard(v: str | None) -> results.Shard | None:
+    """`--shard i/N` (0-based) -> results.Shard; None, "" and "0/1" (the whole) -> None."""
+    if v is None or isinstance(v, results.Shard) or not str(v).strip():
+        return v or None
+    i, sep, n = str(v).partition("/")
+    try:
+        sh = results.Shard(int(i), int(n)) if sep else None
+    except ValueError as e:
+        raise ValueError(f"--shard {v}: {e}") from None
+    if sh is None:
+        raise ValueError(f"--shard {v!r}: want i/N, 0-based (0/4 .. 3/4)")
+    return sh if sh.count > 1 else None
 
 
 # flags renamed for one spelling per idea: old spelling -> new flag. Refused with a one-line hint where the
@@ -294,9 +319,10 @@ def add_common(p: ArgumentParser, *, dataset: bool = True) -> None:
     p.each_dataset = dataset
 
 
-def add_runtime(p: argparse.ArgumentParser, *, device_map: bool = False) -> None:
-    """--dtype, --device, [--device-map], --attn-implementation, --force, --no-progress, --verbose."""
-    add_flags(p, Runtime, skip=() if device_map else ("device_map",))
+def add_runtime(p: argparse.ArgumentParser, *, device_map: bool = False, shard: bool = False) -> None:
+    """--dtype, --device, [--device-map], --attn-implementation, --force, --no-progress, --verbose, [--shard,
+    --merge-shards]."""
+    add_flags(p, Runtime, skip=(() if device_map else ("device_map",)) + (() if shard else SHARD_FLAGS))
 
 
 class EachDataset(Exception):
@@ -429,7 +455,8 @@ def quiet_logs(verbose: bool) -> None:
 
 def config_dict(args: argparse.Namespace) -> dict:
     """The effective configuration of a run, for provenance."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "debug"}  # not a setting
+    skip = ("debug", *SHARD_FLAGS)  # not settings: a shard's stamp and identity say which shard it is
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
 
 
 # ================================================================ list flags
@@ -484,14 +511,17 @@ def parse_ks(spec: str | Sequence[int] | None) -> list[int] | None:
 @dataclass(frozen=True)
 class StageSpec:
     """What an analysis stage declares: its name (module, provenance, key of its folder in results.STAGE_DIRS), a
-    description, the config dataclasses its own flags come from (their `opt` fields), and whether it takes a
-    device map."""
+    description, the config dataclasses its own flags come from (their `opt` fields), whether it takes a
+    device map, and what a shard of it computes (`shard`, e.g. "samples"), or why it has no shards (`no_shard`:
+    `--shard` is refused with that reason)."""
 
     name: str
     description: str
     configs: tuple[type, ...] = ()
     device_map: bool = False
     module: str = ""  # btp.<module> when it is not btp.<name> (cmaes_search): what --help and errors name
+    shard: str = ""
+    no_shard: str = "this stage does not split into shards"
 
 
 def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
@@ -503,7 +533,7 @@ def stage_parser(spec: StageSpec) -> argparse.ArgumentParser:
     add_sample_args(p)
     for cls in spec.configs:
         add_flags(p, cls)
-    add_runtime(p, device_map=spec.device_map)
+    add_runtime(p, device_map=spec.device_map, shard=True)
     return p
 
 
@@ -521,11 +551,23 @@ class Run:
     sample_config: Any  # samples.SampleConfig
     samples: Any  # samples.SampleSet
     tokenizer: Any
+    inputs: dict = field(default_factory=dict)  # identities of the files the samples were read from (staleness)
     _loaded: Any = None
+    _config: dict | None = None
 
     @property
     def progress(self) -> bool:
         return not self.args.no_progress
+
+    @property
+    def shard(self) -> results.Shard | None:
+        """The shard this run computes (`--shard i/N`), None for a whole run."""
+        return parse_shard(getattr(self.args, "shard", None))
+
+    @property
+    def merging(self) -> int | None:
+        """N when this run combines N finished shards (`--merge-shards N`, what btp.merge runs)."""
+        return getattr(self.args, "merge_shards", None)
 
     def config(self, cls: type, **override: Any) -> Any:
         """The stage's config dataclass from the flags; an invalid value is a usage error naming it."""
@@ -538,19 +580,48 @@ class Run:
             self.parser.error(str(e))
 
     def output(self, stem: results.Stem | str) -> results.Output:
-        return results.output(self.args.results_dir, self.ref.model_id, self.args.dataset, self.spec.name, stem)
+        """The output this run writes: the stem's, or its shard's (`<name>-shard<i>of<N>`) under `--shard`."""
+        st = results.parse_stem(stem) if isinstance(stem, str) else stem
+        return results.output(
+            self.args.results_dir, self.ref.model_id, self.args.dataset, self.spec.name, st.with_shard(self.shard)
+        )
 
     def identity(self, sample_set: Any = None, **settings: Any) -> dict:
         """Model, revision, samples (which and their exact tokens), dtype, then every setting that changes
-        numbers: what an output must have been written with to be reused or resumed."""
+        numbers: what an output must have been written with to be reused or resumed. A shard's identity ends
+        with its shard."""
         ss = self.samples if sample_set is None else sample_set
+        sh = self.shard
         return {
             "model": self.ref.model_id,
             "revision": self.ref.revision,
             **results.sample_identity(ss.fields()),
             "dtype": str(self.dtype),
             **settings,
+            **({"shard": [sh.index, sh.count]} if sh else {}),
         }
+
+    def shards(self, out: results.Output, identity: dict, files: Sequence[str]) -> list[tuple[dict, dict]]:
+        """(npz arrays, json record) of each of the `--merge-shards N` shards of `out`, in shard order. Refuses
+        (one line) a set with shards not finished, naming them, or a shard of another identity, naming the field."""
+        from .store import read_npz
+
+        n = self.merging
+        outs = [results.Output(out.dir, out.stem.with_shard(results.Shard(i, n))) for i in range(n)]
+        done = [i for i, o in enumerate(outs) if all(o.path(e).exists() for e in files)]
+        if len(done) < n:
+            raise UserError(
+                f"{out.dir / out.name}: shards {', '.join(results.missing_shards(n, done))} of {n} are not finished"
+                f" — run them (--shard i/{n}), then merge again"
+            )
+        parts = []
+        for i, o in enumerate(outs):
+            diff = results.identity_diff(results.stored_identity(o.path("json")), {**identity, "shard": [i, n]})
+            if diff is not None:
+                raise results.IdentityError(o.path("json"), *diff)
+            parts.append((read_npz(o.path("npz")) if "npz" in files else {}, results.read_json(o.path("json"))))
+        self._config = parts[0][1].get("config")  # the merged output's provenance keeps the flags the shards ran with
+        return parts
 
     def claim(self, out: results.Output, identity: dict, **kw: Any) -> results.Claim:
         """`results.claim` with `--force`; another identity ends the run with a message naming the field."""
@@ -582,6 +653,8 @@ class Run:
         from .store import provenance
 
         extra.setdefault("dtype", str(lm.dtype))
+        if self.shard:
+            extra = {**extra, "shard": self.shard.label}
         return provenance(
             stage=self.spec.name,
             model=lm.model_id,
@@ -589,9 +662,11 @@ class Run:
             dataset=self.args.dataset,
             mode=self.sample_config.mode,
             seed=self.args.seed,
-            config=config_dict(self.args),
+            config=self._config if self._config is not None else config_dict(self.args),
             samples=self.samples.describe(),
             attn_implementation=lm.attn_implementation,
+            layer_numbering=results.LAYER_NUMBERING,
+            inputs=self.inputs,
             **extra,
         )
 
@@ -613,7 +688,40 @@ def prepare(spec: StageSpec, argv: Sequence[str] | None = None) -> Run:
         dtype = parse_dtype(args.dtype) or default_dtype(dev)
     except (ValueError, RuntimeError) as e:
         p.error(str(e))
+    try:
+        parse_shard(args.shard)
+    except ValueError as e:
+        p.error(str(e))
+    if (args.shard or args.merge_shards) and not spec.shard:
+        p.error(f"--shard: {spec.no_shard}")
+    if args.shard and args.merge_shards:
+        p.error("--shard computes one shard, --merge-shards combines them: give one")
+    if args.merge_shards is not None and args.merge_shards < 2:
+        p.error(f"--merge-shards {args.merge_shards}: want the number of shards, >= 2")
     ref = resolve_model(args.model)
     tok = load_tokenizer(args.model)
+    ds_dir = results.dataset_dir(args.results_dir, ref.model_id, args.dataset, create=False)
+    inputs = results.analysis_inputs(ds_dir, scfg.source, scfg.select)  # before reading: a later change is stale
     ss = load_samples(args.results_dir, ref.model_id, args.dataset, scfg, tok)
-    return Run(spec, p, args, ref, dev, dtype, scfg, ss, tok)
+    return Run(spec, p, args, ref, dev, dtype, scfg, ss, tok, inputs)
+
+
+def shard_stamp(parts: Sequence[tuple[dict, dict]]) -> tuple[Any, dict]:
+    """(the loaded model as the shards recorded it: model_id, revision, dtype, device, attn_implementation, for
+    `Run.stamp`; the merge's bookkeeping: shard count, each shard's seconds, host and time) of finished shards'
+    json records."""
+    p0 = parts[0][1]
+    lm = types.SimpleNamespace(
+        model_id=p0["model"],
+        revision=p0["revision"],
+        dtype=p0.get("dtype"),
+        device=p0.get("device"),
+        attn_implementation=p0.get("attn_implementation"),
+    )
+    book = {
+        "count": len(parts),
+        "seconds": [m.get("seconds") for _, m in parts],
+        "hosts": [m.get("host") for _, m in parts],
+        "created": [m.get("created") for _, m in parts],
+    }
+    return lm, book

@@ -614,6 +614,8 @@ SPEC = cli.StageSpec(
     configs=(SearchConfig, RunConfig),
     device_map=True,
     module="cmaes_search",
+    no_shard="a CMA-ES search is one sequential run (each generation samples from the last one's fitness) and "
+    "its controls need its final mask; run budgets, datasets and modes as separate jobs",
 )
 
 

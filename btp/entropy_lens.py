@@ -1,10 +1,12 @@
-"""Stage: the entropy lens. For every layer l = 1..L, read the residual stream after layer l through the model's
-own final norm and unembedding (soft-capped as the model does) and record, at the scored tokens only, the
-entropy of that distribution, the cross-entropy of the actual next token and KL(final || layer).
+"""Stage: the entropy lens. For every block b = 0..L-1 (block index, 0-based, as head ids count layers), read the
+residual stream after block b through the model's own final norm and unembedding (soft-capped as the model does)
+and record, at the scored tokens only, the entropy of that distribution, the cross-entropy of the actual next
+token and KL(final || layer). The embeddings (before block 0) are not read.
 
 `python -m btp.entropy_lens --source reference --mode chain_code --num-samples 20`
-writes `results/<model-slug>/<dataset>/entropy/<stem>.npz` (+ `<stem>.json`). Layer L is exactly the model's own
-logits: its normed last hidden state is unembedded without a second norm.
+writes `results/<model-slug>/<dataset>/entropy/<stem>.npz` (+ `<stem>.json`). Its `layer` array holds the block
+indices; block L-1 is exactly the model's own logits: its normed last hidden state is unembedded without a second
+norm.
 
 Memory: one forward pass per sample (under SDPA or FlashAttention, the default: no [heads, T, T] scores) keeps the
 residual streams at the scored positions only, as they pass ([L, P, d]); vocab-sized fp32 tensors exist only for
@@ -28,6 +30,7 @@ from . import cli
 from .arch import adapter
 from .cli import opt
 from .heads import record
+from .results import read_partial, write_partial
 from .samples import SampleSet
 from .scoring import final_hidden
 from .stats import CLUSTERED_CI, clustered_mean
@@ -45,6 +48,7 @@ class LensConfig:
         "memory (default: auto, <= 128 MiB per buffer on CPU, <= 512 MiB on CUDA)",
         check=cli.at_least(1),
     )
+    save_every: float = opt(60.0, "seconds between partial saves (resume)")
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -117,7 +121,7 @@ def lens_sample(
     pool: _Pool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Entropy, CE and KL(final || layer) as fp32 [P, L] (CPU) for one sequence `input_ids` [T], at `positions` [P]
-    whose logits predict `targets` [P]. Column l-1 is layer l; column L-1 is the model's own output.
+    whose logits predict `targets` [P]. Column b is the residual after block b; column L-1 is the model's own output.
     `pool`: buffers shared across calls (run_entropy_lens passes one for all samples)."""
     ad = adapter(model)
     L, dev = ad.n_layers, ad.device
@@ -195,16 +199,29 @@ def summarize(
     return out
 
 
-def run_entropy_lens(
-    model: torch.nn.Module, sample_set: SampleSet, config: LensConfig | None = None
-) -> dict[str, np.ndarray]:
-    """The lens over all samples: per-token `entropy`, `ce`, `kl` [tokens, L] float32, their summaries,
-    `layer` (1..L) and the sample fields (`SampleSet.fields()`), i.e. everything the npz holds."""
-    config = config or LensConfig()
-    L = adapter(model).n_layers
+def lens_samples(
+    model: torch.nn.Module,
+    sample_set: SampleSet,
+    config: LensConfig,
+    indices: Sequence[int] | None = None,
+    *,
+    partial: Path | None = None,
+    key: str = "",
+) -> dict[str, list[np.ndarray]]:
+    """Per metric, the [P_s, L] arrays of the samples at `indices` (default: all), in that order. Samples are
+    independent: a shard computes its own and `btp.merge` puts them in place. With `partial`, the samples done
+    are saved there every `config.save_every` seconds (tagged by `key`) and a rerun resumes after them."""
     parts: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
     pool = _Pool(adapter(model).device)
-    for s in tqdm(sample_set.samples, desc="entropy lens", unit="sample", disable=not config.progress):
+    todo = [sample_set.samples[i] for i in (range(len(sample_set)) if indices is None else indices)]
+    st = read_partial(partial, key)
+    if st is not None:  # whole samples only: per metric the done samples' rows, split back by their token counts
+        n = int(st["n_done"])
+        cut = np.cumsum([s.n_scored for s in todo[:n]])[:-1]
+        parts = {m: np.split(st[m], cut) if n else [] for m in METRICS}
+        print(f"[btp.entropy_lens] resuming from {partial}: {n} of {len(todo)} samples done")
+    last, done = time.time(), len(parts["ce"])
+    for s in tqdm(todo[done:], desc="entropy lens", unit="sample", disable=not config.progress):
         r = lens_sample(
             model,
             torch.from_numpy(s.input_ids),
@@ -215,6 +232,30 @@ def run_entropy_lens(
         )
         for m in METRICS:
             parts[m].append(r[m].numpy())
+        if partial is not None and time.time() - last >= config.save_every and len(parts["ce"]) < len(todo):
+            write_partial(
+                partial, key, {"n_done": len(parts["ce"]), **{m: np.concatenate(v) for m, v in parts.items()}}
+            )
+            last = time.time()
+    return parts
+
+
+def run_entropy_lens(
+    model: torch.nn.Module,
+    sample_set: SampleSet,
+    config: LensConfig | None = None,
+    *,
+    partial: Path | None = None,
+    key: str = "",
+) -> dict[str, np.ndarray]:
+    """The lens over all samples: per-token `entropy`, `ce`, `kl` [tokens, L] float32, their summaries,
+    `layer` (block indices 0..L-1) and the sample fields (`SampleSet.fields()`), i.e. everything the npz holds."""
+    parts = lens_samples(model, sample_set, config or LensConfig(), partial=partial, key=key)
+    return lens_arrays(parts, sample_set, adapter(model).n_layers)
+
+
+def lens_arrays(parts: dict[str, list[np.ndarray]], sample_set: SampleSet, L: int) -> dict[str, np.ndarray]:
+    """Everything the npz holds, from every sample's per-token arrays (`lens_samples`, in sample order)."""
     fields = sample_set.fields()
     per_token = {
         m: (np.concatenate(v) if v else np.zeros((0, L), np.float32)).astype(np.float32) for m, v in parts.items()
@@ -222,7 +263,7 @@ def run_entropy_lens(
     return {
         **per_token,
         **summarize(per_token, fields["sample_index"], len(sample_set), sample_set.problem_ids),
-        "layer": np.arange(1, L + 1, dtype=np.int64),
+        "layer": np.arange(L, dtype=np.int64),  # block index, 0-based (results.LAYER_NUMBERING)
         **fields,
     }
 
@@ -234,6 +275,7 @@ SPEC = cli.StageSpec(
     "Entropy lens: per-layer entropy, next-token CE and KL(final || layer) at scored tokens",
     configs=(LensConfig,),
     device_map=True,
+    shard="samples",
 )
 FILES = ("npz", "json")
 
@@ -249,18 +291,47 @@ def main(argv: Sequence[str] | None = None) -> Path:
     out = run.output(run.sample_config.output_stem)
     npz_path, json_path = out.path("npz"), out.path("json")
     # chunk_tokens bounds memory only: not part of the identity
-    claim = run.claim(out, run.identity(), files=FILES)
+    claim = run.claim(out, run.identity(), files=FILES, partials=("npz",))
     if claim.done:
         print(f"[btp.entropy_lens] {npz_path} exists for these samples; skipping (use --force to recompute)")
         return npz_path
-    lm = run.load()
-    t0 = time.time()
-    res = run_entropy_lens(lm.model, ss, cfg)
-    secs = time.time() - t0
+    if run.merging:  # the shards' per-token arrays back in sample order; summaries by this stage's own code
+        shards = run.shards(out, run.identity(), FILES)
+        lm, book = cli.shard_stamp(shards)
+        parts = {m: [None] * len(ss) for m in METRICS}
+        for z, _ in shards:
+            cut = np.cumsum([ss.samples[i].n_scored for i in z["shard_samples"]])[:-1]
+            for m in METRICS:
+                for i, a in zip(z["shard_samples"], np.split(z[m], cut)):
+                    parts[m][int(i)] = a
+        res = lens_arrays(parts, ss, int(shards[0][0]["layer"].size))
+        secs, extra = sum(b or 0 for b in book["seconds"]), {"shards": book}
+    else:
+        lm = run.load()
+        t0 = time.time()
+        if run.shard:
+            idx = run.shard.take(len(ss))
+            parts = lens_samples(lm.model, ss, cfg, idx, partial=out.partial("npz"), key=claim.key)
+            L = adapter(lm.model).n_layers
+            stamp = run.stamp(lm, dtype=str(lm.dtype), device=str(lm.device), seconds=round(time.time() - t0, 2))
+            write_json(json_path, {**stamp, **claim.stamp, "shard_samples": idx})  # identity first: npz last
+            write_npz(
+                npz_path,
+                provenance={**stamp, **claim.stamp},
+                shard_samples=np.array(idx, dtype=np.int64),
+                layer=np.arange(L, dtype=np.int64),
+                **{m: np.concatenate(v) if v else np.zeros((0, L), np.float32) for m, v in parts.items()},
+            )
+            out.partial("npz").unlink(missing_ok=True)
+            print(f"[btp.entropy_lens] shard {run.shard.label}: {len(idx)} of {len(ss)} samples -> {npz_path}")
+            return npz_path
+        res = run_entropy_lens(lm.model, ss, cfg, partial=out.partial("npz"), key=claim.key)
+        secs, extra = time.time() - t0, {}
     stamp = run.stamp(
-        lm, dtype=str(lm.dtype), device=str(lm.device), seconds=round(secs, 2), stem=out.name, **claim.stamp
+        lm, dtype=str(lm.dtype), device=str(lm.device), seconds=round(secs, 2), stem=out.name, **claim.stamp, **extra
     )
     write_npz(npz_path, provenance=stamp, **res)
+    out.partial("npz").unlink(missing_ok=True)
     summary = {
         k: res[k].tolist()
         for k in (
@@ -291,11 +362,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"[btp.entropy_lens] {len(ss)} samples, {len(res['token_id'])} scored tokens, {L} layers, {secs:.1f}s "
         f"-> {npz_path}{ss.left_out()}"
     )
-    for l in sorted({1, L // 4, L // 2, 3 * L // 4, L} - {0}):
+    for b in sorted({0, L // 4, L // 2, 3 * L // 4, L - 1}):
         print(
-            f"  layer {l:3d}: entropy {res['entropy_mean'][l - 1]:.3f}  ce {res['ce_mean'][l - 1]:.3f}  "
-            f"kl {res['kl_mean'][l - 1]:.3f} nats (token-weighted); sample-weighted entropy "
-            f"{res['entropy_sample_mean'][l - 1]:.3f}  ce {res['ce_sample_mean'][l - 1]:.3f}"
+            f"  after block {b:3d}: entropy {res['entropy_mean'][b]:.3f}  ce {res['ce_mean'][b]:.3f}  "
+            f"kl {res['kl_mean'][b]:.3f} nats (token-weighted); sample-weighted entropy "
+            f"{res['entropy_sample_mean'][b]:.3f}  ce {res['ce_sample_mean'][b]:.3f}"
         )
     return npz_path
 

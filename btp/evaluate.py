@@ -5,7 +5,9 @@ and writes `evaluations.jsonl` (one record per program: passed, status, error ex
 isolation and cgroup levels, who judged it, and what it tried that no test needs: `suspicious`) and
 `summary.json` (pass@k for k up to n with bootstrap CIs over problems, counts by status, level, judge and
 suspicious flag) beside it.
-`--reference` judges the benchmark's own solutions (all must pass: a self-check of the harness);
+`--reference` judges the benchmark's own solutions (all must pass: a self-check of the harness), filed as
+`results/reference/<dataset>/` (`btp.check` shows it as the self-check; plots and notebooks skip it unless
+`--model reference`);
 `--input FILE` judges any JSONL of {problem_id, sample, code}. A rerun judges only what is missing.
 
 Each benchmark (`btp.benchmarks`) turns a solution into the sandbox program that judges it and sets the
@@ -21,7 +23,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,16 +34,18 @@ from .cli import opt
 from .results import (
     EVALUATIONS,
     GENERATIONS,
+    REFERENCE,
     check_runs,
     code_sha,
     dataset_dir,
     evaluations_path,
     generations_dir,
+    input_identity,
     read_runs,
     summary_path,
 )
 from .sandbox import FULL_ISOLATION, Limits, Program, Result, Sandbox
-from .stats import ks_up_to, pass_at_k_summary
+from .stats import SMALL_N, WILSON, ks_up_to, pass_at_k_summary
 from .store import JsonlStore, MalformedFileError, UserError, iter_jsonl, provenance, write_json
 
 RUN_KEY = ("timeout", "memory_mb", "isolation")  # settings a resumed file must not mix
@@ -127,6 +131,7 @@ class EvalPlan:
     out: Path
     model: str
     source: str
+    inputs: dict = field(default_factory=dict)  # programs file name -> identity, read before judging
 
 
 def plan(cfg: EvalConfig) -> EvalPlan:
@@ -141,15 +146,16 @@ def plan(cfg: EvalConfig) -> EvalPlan:
         if not bench.has_references:
             works = " and ".join(b.name for b in benchmarks.all() if b.has_references)
             raise UserError(f"{cfg.dataset} has no reference solutions — --reference works for {works}")
-        source, model = "reference", "reference"
-        out = dataset_dir(cfg.results_dir, "reference", cfg.dataset) / EVALUATIONS
-        programs = None
+        source, model = "reference", REFERENCE
+        out = dataset_dir(cfg.results_dir, model, cfg.dataset) / EVALUATIONS
+        programs, inputs = None, {}
     elif cfg.input:
         source, model = "input", cfg.model or Path(cfg.input).stem
         inp = Path(cfg.input)
         if not inp.is_file():
             raise FileNotFoundError(f"--input {inp} does not exist — give a JSONL file of {{problem_id, sample, code}}")
         out = evaluations_path(inp)
+        inputs = {inp.name: input_identity(inp)}
         programs = _read_programs(inp)
     else:
         if not cfg.model:
@@ -165,11 +171,12 @@ def plan(cfg: EvalConfig) -> EvalPlan:
         for k, v in _generation_options(gen).items():
             if opts.get(k) is None:
                 opts[k] = v
+        inputs = {gen.name: input_identity(gen)}
         programs = _read_programs(gen)
     problems = bench.load(**opts)
     if programs is None:
         programs = [{"problem_id": p.problem_id, "sample": 0, "code": p.reference} for p in problems]
-    return EvalPlan(problems, programs, out, model, source)
+    return EvalPlan(problems, programs, out, model, source, inputs)
 
 
 # ---------------------------------------------------------------- the stage
@@ -241,6 +248,8 @@ def summarize(problems: Sequence[Problem], records: dict[tuple, dict], *, n_boot
         "samples_per_problem": {"min": min(have) if have else 0, "max": max(have) if have else 0},
         "pass_at_k": pass_at_k_summary(ns, cs, ks, n_boot=n_boot, seed=seed) if ks and problems else {},
         "bootstrap": {"over": "problems", "n_boot": n_boot, "seed": seed, "method": "percentile"},
+        "wilson": {"over": "problems", "method": WILSON},
+        "small_n": len(problems) < SMALL_N,  # fewer problems than stats.SMALL_N: no interval is to be trusted
         "status_counts": dict(Counter(r["status"] for k, r in records.items() if k[0] in known)),
         "isolation": dict(Counter(r["isolation"] for k, r in records.items() if k[0] in known and r["isolation"])),
         "cgroup": dict(Counter(r.get("cgroup") or "" for k, r in records.items() if k[0] in known and r.get("cgroup"))),
@@ -302,6 +311,8 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None) -> dict:
         "evaluations": str(out),
         "timeout_s": timeout,
         "ignored_programs": len(ignored),
+        # what was summarised, by content: btp.check calls the verdicts or the summary stale when these change
+        "inputs": {**p.inputs, out.name: input_identity(out)},
         **summarize(problems, records, n_boot=cfg.n_boot, seed=cfg.seed),
         "provenance": provenance(
             stage="evaluate", model=model, dataset=cfg.dataset, seed=cfg.seed, config=conf, source=source
@@ -383,6 +394,19 @@ def _judge(
 # ---------------------------------------------------------------- CLI
 
 
+def summary_line(s: dict) -> str:
+    """The printed pass@k line: bootstrap and Wilson 95% intervals over problems, and a caveat when n is small."""
+    pk = "  ".join(
+        f"{k}={v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]"
+        + (f" Wilson [{v['wilson_low']:.4f}, {v['wilson_high']:.4f}]" if "wilson_low" in v else "")
+        for k, v in s["pass_at_k"].items()
+    )
+    line = f"{s['model']} {s['dataset']}: {s['n_problems']} problems, {s['n_programs']} programs; {pk}"
+    if s["n_problems"] < SMALL_N:
+        line += f"\ncaveat: n = {s['n_problems']} problems < {SMALL_N}: the intervals are rough; do not rank by them"
+    return line
+
+
 def build_parser() -> cli.ArgumentParser:
     ap = cli.parser("evaluate", __doc__.split("\n\n")[0])
     cli.add_common(ap)
@@ -407,10 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"[btp.evaluate] note: {cfg.dataset} skipped: {str(e).split(' — ')[0]} (nothing to judge)", file=sys.stderr
         )
         return 0
-    pk = "  ".join(
-        f"{k}={v['estimate']:.4f} [{v['ci_low']:.4f}, {v['ci_high']:.4f}]" for k, v in s["pass_at_k"].items()
-    )
-    print(f"{s['model']} {s['dataset']}: {s['n_problems']} problems, {s['n_programs']} programs; {pk}")
+    print(summary_line(s))
     print(f"status: {s['status_counts']}  isolation: {s['isolation']}")
     if cfg.reference:
         bad = s["problems_never_passed"]

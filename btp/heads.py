@@ -183,13 +183,27 @@ def start_at_layer(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterat
 
     handle = ad.layers[layer].register_forward_pre_hook(inject, with_kwargs=True)
     try:
-        for m in skipped:
-            m.forward = identity  # instance attribute shadows the class's forward
-        yield
+        with _forwards_swapped([(m, identity) for m in skipped]):
+            yield
     finally:
         handle.remove()
-        for m in skipped:
-            if "forward" in m.__dict__:
+
+
+@contextmanager
+def _forwards_swapped(swaps: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Shadow each module's forward by an instance attribute, then put back what was there: the class's forward,
+    or the wrapper an accelerate device map installed as an instance attribute (deleting it would lose the hook
+    that moves inputs and loads offloaded weights)."""
+    saved = [(m, m.__dict__.get("forward")) for m, _ in swaps]
+    try:
+        for m, f in swaps:
+            m.forward = f
+        yield
+    finally:
+        for m, old in saved:
+            if old is not None:
+                m.forward = old
+            elif "forward" in m.__dict__:
                 del m.forward
 
 
@@ -212,12 +226,8 @@ def fixed_attention(model: nn.Module, layer: int, o_proj_input: torch.Tensor) ->
             )
         return o_proj(inp.expand(x.shape[0], -1, -1)), None
 
-    attn.forward = forward  # instance attribute shadows the class's forward
-    try:
+    with _forwards_swapped([(attn, forward)]):
         yield
-    finally:
-        if "forward" in attn.__dict__:
-            del attn.forward
 
 
 @contextmanager

@@ -305,6 +305,8 @@ def load_model(
     the result's `attn_implementation` is the kernel the model runs with."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .arch import adapter
+
     ref = resolve_model(name_or_path, revision)
     dev = torch.device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) or default_dtype(dev)
@@ -314,6 +316,13 @@ def load_model(
     kw.update(rev)
     if device_map is not None:
         kw["device_map"] = device_map
+        if isinstance(device_map, dict) and "disk" in device_map.values():  # layers streamed from disk per pass
+            import atexit
+            import shutil
+            import tempfile
+
+            kw["offload_folder"] = tempfile.mkdtemp(prefix="btp-offload-")
+            atexit.register(shutil.rmtree, kw["offload_folder"], True)
     model = AutoModelForCausalLM.from_pretrained(ref.path, **kw)
     if device_map is None:
         model.to(dev)
@@ -329,7 +338,7 @@ def load_model(
         revision=ref.revision,
         path=ref.path,
         dtype=dt,
-        device=next(model.parameters()).device,
+        device=adapter(model).device,  # where the logits are computed (a device map may spread the layers)
         attn_implementation=model.config._attn_implementation,
     )
 

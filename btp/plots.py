@@ -22,11 +22,23 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from . import benchmarks, cli, results
-from .results import EVALUATIONS, GENERATIONS, SUMMARY, find_model_dir, importance_matrix, parse_stem, rank_heads
-from .stats import agreement
-from .store import iter_jsonl, read_json
+from .results import (
+    EVALUATIONS,
+    GENERATIONS,
+    LAYER_AXIS,
+    LENS_AXIS,
+    SUMMARY,
+    find_model_dir,
+    importance_matrix,
+    parse_stem,
+    rank_heads,
+    repo_path,  # noqa: F401  (for notebooks: `RESULTS_DIR = bp.repo_path(RESULTS_DIR)`)
+)
+from .stats import SMALL_N, agreement
+from .store import MalformedFileError, iter_jsonl, read_json
 
 MODES = results.MODES
 MODE_LABEL = {"regular": "regular (reasoning + code)", "chain_code": "chain_code (code only)"}
@@ -40,6 +52,18 @@ STATUS_COLORS = {
 
 
 # ================================================================ locating results
+
+SKIPPED: list[str] = []  # broken files the figures skipped, "path: why" (write_figures resets it and reports them)
+
+
+def _read(load: Any, *args: Any) -> Any:
+    """`load(*args)`, or None after naming the broken file: one unreadable file costs its figures, not the run."""
+    try:
+        return load(*args)
+    except (MalformedFileError, OSError, UnicodeDecodeError) as e:
+        SKIPPED.append(str(e))
+        print(f"[btp.plots] skipped a broken file: {e}", file=sys.stderr)
+        return None
 
 
 def model_dir(results_dir: str | Path, model: str | None) -> Path:
@@ -74,6 +98,7 @@ class Analysis:
     data: Any  # dict of arrays, or a list of records for Taylor
     meta: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # e.g. ablation knockout curves
+    model: str = ""  # the model's folder name (slug) under the results dir; titles name it
 
     @property
     def mode(self) -> str:
@@ -96,38 +121,59 @@ class Analysis:
         return s.get("used") or (len(s["samples"]) if "samples" in s else None)
 
     @property
+    def n_problems(self) -> int | None:
+        """Problems behind the samples: the unit every CI resamples."""
+        pids = (self.meta.get("samples") or {}).get("problem_ids") or self.meta.get("problem_ids")
+        return self.meta.get("n_problems") or (len(set(pids)) if pids else None)
+
+    @property
     def label(self) -> str:
         extra = parse_stem(self.name).extra
         return f"{self.dataset} · {self.mode} · {self.population}" + (f" · {extra}" if extra else "")
 
+    @property
+    def heading(self) -> str:
+        """The label with the model in front (when known)."""
+        return (f"{self.model} · " if self.model else "") + self.label
+
     def title(self, what: str) -> str:
-        n = self.n_samples
-        return f"{what}\n{self.label}" + (f" (n={n} samples)" if n else "")
+        n, p = self.n_samples, self.n_problems
+        count = f"n={n} samples" + (f", {p} problems" if p else "") if n else ""
+        return f"{what}\n{self.heading}" + (f" ({count})" if count else "") + small_n_caveat(p)
+
+
+def small_n_caveat(n: int | None, unit: str = "problems") -> str:
+    """A visible warning for titles when a CI rests on fewer than stats.SMALL_N problems ('' otherwise)."""
+    return f"\ncaveat: n = {n} {unit} < {SMALL_N}: intervals are rough" if n is not None and n < SMALL_N else ""
 
 
 def load_entropy(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
-    arrays, meta = results.read_analysis(model_dir(results_dir, model) / dataset / "entropy", name)
-    return Analysis("entropy", dataset, name, arrays, meta)
+    md = model_dir(results_dir, model)
+    arrays, meta = results.read_analysis(md / dataset / "entropy", name)
+    return Analysis("entropy", dataset, name, arrays, meta, model=md.name)
 
 
 def load_ablation(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
-    d = model_dir(results_dir, model) / dataset / "ablation"
+    md = model_dir(results_dir, model)
+    d = md / dataset / "ablation"
     arrays, meta = results.read_analysis(d, name)
-    return Analysis("ablation", dataset, name, arrays, meta, {"knockout": results.read_knockout(d, name)})
+    return Analysis("ablation", dataset, name, arrays, meta, {"knockout": results.read_knockout(d, name)}, md.name)
 
 
 def load_taylor(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
     """Taylor pruning records (one per iteration, in order) and the provenance of the run that wrote the last
     of them (`<name>.runs.json`; else the `<name>.samples.npz` stamp)."""
-    recs, meta = results.read_taylor(model_dir(results_dir, model) / dataset / "taylor", name)
-    return Analysis("taylor", dataset, name, recs, meta)
+    md = model_dir(results_dir, model)
+    recs, meta = results.read_taylor(md / dataset / "taylor", name)
+    return Analysis("taylor", dataset, name, recs, meta, model=md.name)
 
 
 def load_cmaes(results_dir: str | Path, model: str | None, dataset: str, name: str) -> Analysis:
     """CMA-ES records (one per generation) with the final `<name>.json` (`extra["final"]`, None until a run
     finished); metadata from the final file, else the runs file of the last run."""
-    recs, final, meta = results.read_cmaes(model_dir(results_dir, model) / dataset / "cmaes", name)
-    return Analysis("cmaes", dataset, name, recs, final or meta, {"final": final})
+    md = model_dir(results_dir, model)
+    recs, final, meta = results.read_cmaes(md / dataset / "cmaes", name)
+    return Analysis("cmaes", dataset, name, recs, final or meta, {"final": final}, md.name)
 
 
 def load_generations(results_dir: str | Path, model: str | None, dataset: str) -> list[dict]:
@@ -209,7 +255,7 @@ def _heat_cmap(name: str = "RdBu_r"):
 
 def _head_axes(ax, L: int, H: int) -> None:
     ax.set_xlabel("head")
-    ax.set_ylabel("layer (0-based, as in the head ids)")
+    ax.set_ylabel(LAYER_AXIS)
     ax.set_xticks(range(0, H, max(1, H // 16)))
     ax.set_yticks(range(0, L, max(1, L // 16)))
 
@@ -263,12 +309,12 @@ def entropy_by_layer(
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         for i, a in enumerate(items):
-            layer = np.asarray(a.data.get("layer", np.arange(1, len(a.data[f"{metric}_mean"]) + 1)))
+            layer = np.asarray(a.data.get("layer", np.arange(len(a.data[f"{metric}_mean"]))))  # block indices
             mean, lo, hi = _band(a, metric, band)
             c = f"C{i}"
             ax.plot(layer, mean, color=c, lw=1.8, label=_legend_label(a, items) if len(items) > 1 else "mean")
             ax.fill_between(layer, lo, hi, color=c, alpha=0.18, lw=0)
-        ax.set_xlabel("layer")
+        ax.set_xlabel(LENS_AXIS)
         ax.set_ylabel(METRIC_LABEL.get(metric, metric))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, title=BAND_LABEL[band], title_fontsize=7)
@@ -280,23 +326,24 @@ def entropy_by_layer(
 def entropy_histograms(
     items: Analysis | Sequence[Analysis], metric: str = "entropy", layers: Sequence[int] | None = None, bins: int = 40
 ) -> Figure:
-    """Per-layer histograms of a per-token metric (density), analyses overlaid; `layers` are 1-based."""
+    """Per-layer histograms of a per-token metric (density), analyses overlaid; `layers` are block indices (0-based:
+    the residual after that block)."""
     items = [items] if isinstance(items, Analysis) else list(items)
     L = int(np.asarray(items[0].data[metric]).shape[1])
     if layers is None:
-        layers = sorted({int(round(x)) for x in np.linspace(1, L, min(L, 8))})
+        layers = sorted({int(round(x)) for x in np.linspace(0, L - 1, min(L, 8))})
     n = len(layers)
     cols = min(4, n)
     rows = math.ceil(n / cols)
     fig = new_figure(3.0 * cols, 2.3 * rows + 0.7)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     vals = [np.asarray(a.data[metric], dtype=float) for a in items]
-    hi = max(float(np.nanmax(v[:, [l - 1 for l in layers]])) if v.size else 1.0 for v in vals)
+    hi = max(float(np.nanmax(v[:, list(layers)])) if v.size else 1.0 for v in vals)
     edges = np.linspace(0, hi if hi > 0 else 1.0, bins + 1)
     for ax, l in zip(axes, layers):
         for i, (a, v) in enumerate(zip(items, vals)):
             ax.hist(
-                v[:, l - 1],
+                v[:, l],
                 bins=edges,
                 density=True,
                 histtype="stepfilled",
@@ -304,8 +351,8 @@ def entropy_histograms(
                 color=f"C{i}",
                 label=_legend_label(a, items) if len(items) > 1 else None,
             )
-            ax.axvline(np.mean(v[:, l - 1]), color=f"C{i}", lw=1)
-        ax.set_title(f"layer {l}", fontsize=9)
+            ax.axvline(np.mean(v[:, l]), color=f"C{i}", lw=1)
+        ax.set_title(f"residual after block {l}", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -494,7 +541,7 @@ def layer_importance(matrix: np.ndarray, title: str, label: str = "mean ΔCE (na
     ax.bar(x[ok], mean[ok], color="C0", alpha=0.8, label="mean over heads")
     ax.plot(x[ok], mx[ok], "o", color="C3", ms=3.5, label="largest head")
     ax.axhline(0, color="k", lw=0.6)
-    ax.set_xlabel("layer (0-based)")
+    ax.set_xlabel(LAYER_AXIS)
     ax.set_ylabel(label)
     ax.set_xticks(range(0, L, max(1, L // 16)))
     ax.grid(alpha=0.3, axis="y")
@@ -514,7 +561,7 @@ def taylor_title(a: Analysis, what: str) -> str:
     r = a.data[0] if a.data else {}
     n_s, n_h = len(r.get("scoring_samples") or ()), len(r.get("heldout_samples") or ())
     split = f" ({n_s} scoring / {n_h} held-out samples)" if n_s or n_h else ""
-    return f"{what}\n{a.label}{split}"
+    return f"{what}\n{a.heading}{split}"
 
 
 def taylor_loss(a: Analysis) -> Figure:
@@ -526,10 +573,10 @@ def taylor_loss(a: Analysis) -> Figure:
     fig = new_figure(10, 3.8)
     ax1, ax2 = fig.subplots(1, 2)
     it = np.array([r["iteration"] for r in recs])
-    s_loss = np.array([r["scoring_loss"] for r in recs])
-    h_loss = np.array([recs[0]["base_heldout_loss"]] + [r["heldout_loss"] for r in recs])
+    s_loss = np.array([r["scoring_loss_before"] for r in recs])
+    h_loss = np.array([recs[0]["base_heldout_loss"]] + [r["heldout_loss_after"] for r in recs])
     before = np.array([r["n_alive_before"] for r in recs])
-    after = np.array([recs[0]["n_alive_before"]] + [r["n_alive"] for r in recs])
+    after = np.array([recs[0]["n_alive_before"]] + [r["n_alive_after"] for r in recs])
     kw = dict(marker="o", ms=3.5)
     ax1.plot(it - 1, s_loss, color="C0", label="scoring samples", **kw)
     ax1.plot(np.concatenate([[0], it]), h_loss, color="C3", label="held-out samples", **kw)
@@ -617,7 +664,8 @@ def cmaes_title(a: Analysis, what: str) -> str:
     n = a.meta.get("n_heads")
     keep = f", keep {r.get('budget')}" + (f" of {n}" if n else "") + " heads" if r.get("budget") else ""
     split = f" ({n_s} scoring / {n_h} held-out samples{keep})" if n_s or n_h else ""
-    return f"{what}\n{a.label}{split}"
+    held = len({str(p) for p, _ in ident.get("heldout_samples") or ()}) or None  # CIs resample held-out problems
+    return f"{what}\n{a.heading}{split}" + small_n_caveat(held, "held-out problems")
 
 
 def _heldout_band(ax, gens: np.ndarray, pts: Sequence[dict | None], color: str, label: str, **kw: Any) -> None:
@@ -747,7 +795,7 @@ def cmaes_mask_changes(a: Analysis) -> Figure:
     starts = np.concatenate([[0], np.cumsum(exists.sum(1))[:-1]])
     step = max(1, len(starts) // 10)
     ax1.set_xticks(starts[::step], [str(l) for l in range(0, len(starts), step)])
-    ax1.set_xlabel("head, grouped by layer (tick: first head of the layer)")
+    ax1.set_xlabel(f"head, grouped by {LAYER_AXIS} (tick: the layer's first head)")
     ax1.set_ylabel("generation")
     ax1.set_title("best mask so far (dark: kept)", fontsize=9)
     changed = np.concatenate([[0], (np.diff(flat, axis=0) != 0).sum(1)])
@@ -813,36 +861,75 @@ def pass_at_k_points(summary: dict) -> list[tuple[int, float, float, float]]:
     return sorted((int(k.split("@")[1]), v["estimate"], v["ci_low"], v["ci_high"]) for k, v in pk.items())
 
 
-def pass_at_k(summaries: dict[str, dict], title: str = "pass@k with 95% bootstrap CI over problems") -> Figure:
-    """pass@k per dataset with its CI; the denominator (problems) in the legend."""
+def pass_at_k(summaries: dict[str, dict], title: str = "pass@k, 95% CIs over problems") -> Figure:
+    """pass@k per dataset with its bootstrap CI (solid caps) and the Wilson interval beside it (dashed; honest at 0%
+    and 100% and for few problems); n (problems) in the legend, a caveat when n < stats.SMALL_N. With one k per
+    dataset (n = 1 sample each) a point per dataset, not a line through one point."""
     fig = new_figure(6.0, 3.8)
     ax = fig.subplots()
+    single = all(len(pass_at_k_points(s)) <= 1 for s in summaries.values())
+    small = []
     for i, (ds, s) in enumerate(summaries.items()):
         pts = pass_at_k_points(s)
         if not pts:
             continue
-        k = np.array([p[0] for p in pts])
+        k = np.array([p[0] for p in pts], dtype=float)
         est = np.array([p[1] for p in pts]) * 100
         lo = np.array([p[2] for p in pts], dtype=float) * 100
         hi = np.array([p[3] for p in pts], dtype=float) * 100
         n = s.get("n_problems")
-        lab = ds + (f" ({n} problems)" if n else "")
+        if n is not None and n < SMALL_N:
+            small.append(f"{ds} n={n}")
+        x = np.full(len(k), float(i)) if single else k + 0.04 * i
+        lab = ds + (f" (n={n} problems)" if n else "")
         ax.errorbar(
-            k + 0.04 * i,
+            x,
             est,
             yerr=np.vstack([est - lo, hi - est]),
             marker="o",
-            ms=4,
-            capsize=3,
+            ms=5,
+            capsize=4,
             color=f"C{i}",
             label=lab,
+            ls="none" if single else "-",
         )
-    top = max([p[3] for s in summaries.values() for p in pass_at_k_points(s)] or [0])
-    ax.set_xlabel("k")
+        wil = [(v.get("wilson_low"), v.get("wilson_high")) for v in (s["pass_at_k"][f"pass@{int(kk)}"] for kk in k)]
+        if all(w[0] is not None for w in wil):
+            wl, wh = (np.array(w, dtype=float) * 100 for w in zip(*wil))
+            eb = ax.errorbar(
+                x + (0.12 if single else 0.02 * max(1.0, float(k.max()))),
+                est,
+                yerr=np.vstack([est - wl, wh - est]),
+                fmt="none",
+                capsize=3,
+                color=f"C{i}",
+                alpha=0.7,
+                label="Wilson interval" if i == 0 else None,
+            )
+            eb.lines[2][0].set_linestyle("--")
+    tops = [v.get("wilson_high", v["ci_high"]) for s in summaries.values() for v in (s.get("pass_at_k") or {}).values()]
+    if single:
+        ax.set_xticks(range(len(summaries)), list(summaries))
+        ax.set_xlim(-0.6, len(summaries) - 0.4)
+        ks = {p[0] for s in summaries.values() for p in pass_at_k_points(s)}
+        ax.set_xlabel("dataset" + (f" (pass@{ks.pop()})" if len(ks) == 1 else ""))
+    else:
+        ax.set_xlabel("k")
     ax.set_ylabel("pass@k (%)")
-    ax.set_ylim(0, min(100, max(5, 115 * top)))  # a 0% result sits on a readable 0-5% axis
+    ax.set_ylim(0, min(100, max(5, 115 * max(tops or [0]))))  # a 0% result sits on a readable 0-5% axis
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="solid: bootstrap; dashed: Wilson", title_fontsize=7)
+    if small:
+        ax.text(
+            0.5,
+            0.97,
+            f"caveat: n < {SMALL_N} problems ({', '.join(small)}): intervals are rough",
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize=8,
+            color="C3",
+        )
     ax.set_title(title, fontsize=10)
     return fig
 
@@ -925,8 +1012,8 @@ def load_all(
     for d in datasets(results_dir, model):
         if not only or d in only:
             for name in stems(results_dir, model, d, stage):
-                a = LOADERS[stage](results_dir, model, d, name)
-                if stage not in results.JSONL_STAGES or a.data:
+                a = _read(LOADERS[stage], results_dir, model, d, name)
+                if a is not None and (stage not in results.JSONL_STAGES or a.data):
                     out.append(a)
     return out
 
@@ -967,13 +1054,13 @@ def generation_figures(
     results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
 ) -> Iterator[tuple[str, Figure]]:
     dss = [d for d in datasets(results_dir, model) if not only or d in only]
-    summ = {d: s for d in dss if (s := load_summary(results_dir, model, d)) and pass_at_k_points(s)}
+    summ = {d: s for d in dss if (s := _read(load_summary, results_dir, model, d)) and pass_at_k_points(s)}
     if summ:
         yield "generation_pass_at_k", pass_at_k(summ)
-    ev = {d: e for d in dss if (e := load_evaluations(results_dir, model, d))}
+    ev = {d: e for d in dss if (e := _read(load_evaluations, results_dir, model, d))}
     if ev:
         yield "generation_statuses", statuses(ev)
-    gens = {d: g for d in dss if (g := load_generations(results_dir, model, d))}
+    gens = {d: g for d in dss if (g := _read(load_generations, results_dir, model, d))}
     if gens:
         yield "generation_finish_reasons", finish_reasons(gens)
         yield "generation_output_lengths", output_lengths(gens)
@@ -1009,7 +1096,7 @@ def ablation_figures(
         yield f"ablation_{a.dataset}_{a.name}_layers", ablation_layers(a)
         if a.extra.get("knockout"):
             yield f"ablation_{a.dataset}_{a.name}_knockout", ablation_knockout(a)
-        pair = results.ablation_pair(model_dir(results_dir, model) / a.dataset / "ablation", a.name)
+        pair = _read(results.ablation_pair, model_dir(results_dir, model) / a.dataset / "ablation", a.name)
         if pair is not None:
             yield (
                 f"ablation_{a.dataset}_{a.name}_vs_exact",
@@ -1097,7 +1184,9 @@ def pruned_curve(comp: dict, k: str = "pass@1", title: str | None = None) -> Fig
     bx.grid(alpha=0.3)
     if ce:
         bx.legend(fontsize=7)
-    fig.suptitle(title or f"Pruned inference: {comp.get('model', '')} {comp.get('dataset', '')}", fontsize=10)
+    n = comp.get("n_problems")
+    head = title or f"Pruned inference: {comp.get('model', '')} {comp.get('dataset', '')}"
+    fig.suptitle(head + (f" (n={n} problems)" if n else "") + small_n_caveat(n), fontsize=10)
     return fig
 
 
@@ -1105,7 +1194,7 @@ def pruned_figures(
     results_dir: str | Path, model: str | None, only: Sequence[str] | None = None
 ) -> Iterator[tuple[str, Figure]]:
     for d in datasets(results_dir, model):
-        if (not only or d in only) and (comp := load_pruned(results_dir, model, d)):
+        if (not only or d in only) and (comp := _read(load_pruned, results_dir, model, d)):
             yield f"pruned_{d}_pass_at_1", pruned_curve(comp)
 
 
@@ -1141,16 +1230,33 @@ def write_figures(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = provenance(stage="plots")
+    SKIPPED.clear()
+    slug = model_dir(results_dir, model).name
     where = f"{model_dir(results_dir, model)} (btp {stamp['versions']['btp']}, git {stamp['git_commit'] or '?'})"
     written = []
     for fam in families:
         for name, fig in FAMILIES[fam](results_dir, model, only):
+            with_model(fig, slug)
             for ext in ("png", "pdf") if pdf else ("png",):
-                p = out / f"{name}.{ext}"
+                p = out / figure_file(slug, name, ext)
                 meta = {"Title": name, "Description" if ext == "png" else "Subject": f"btp.plots from {where}"}
                 fig.savefig(p, dpi=dpi, metadata=meta)
                 written.append(p)
     return written
+
+
+def figure_file(slug: str, name: str, ext: str) -> str:
+    """`<model-slug>__<figure>.<ext>`: figures of several models share an --out folder without overwriting."""
+    return f"{slug}__{name}.{ext}"
+
+
+def with_model(fig: Figure, slug: str) -> Figure:
+    """Name the model at the top of a figure (in front of its suptitle, or as one), unless its title already does."""
+    if slug in "\n".join(t.get_text() for t in fig.findobj(Text)):
+        return fig
+    old = fig.get_suptitle()
+    fig.suptitle(f"{slug} · {old}" if old else f"model {slug}", fontsize=10 if old else 9)
+    return fig
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
@@ -1194,11 +1300,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     for f in files:
         print(f)
     print(f"[btp.plots] {len(files)} files in {args.out}", file=sys.stderr)
+    if args.model != results.REFERENCE and (note := results.reference_note(args.results_dir)):
+        print(f"[btp.plots] not plotted: the {note} (--model {results.REFERENCE} plots it)", file=sys.stderr)
+    if SKIPPED:  # the other figures are written; a broken file still must not look like success
+        print(f"[btp.plots] {len(SKIPPED)} broken files skipped (run btp.check):", file=sys.stderr)
+        for why in SKIPPED:
+            print(f"  {why}", file=sys.stderr)
+        raise SystemExit(1)
     return files
-
-
-if __name__ == "__main__":
-    cli.entry("plots", main)
 
 
 # ================================================================ OV/QK circuits (btp.circuits outputs)
@@ -1349,7 +1458,7 @@ def circuit_vs_importance(c: Circuits, item: dict) -> Figure:
         if "diff" in j:
             ax.set_title(
                 f"top − rest {j['diff']:+.4f} [{j['ci_low']:+.4f}, {j['ci_high']:+.4f}] 95% CI; "
-                f"Spearman {j['spearman']['estimate']:+.2f}",
+                f"Spearman {j['spearman']['estimate']:+.2f}; n={int(ok.sum())} heads",
                 fontsize=8,
             )
     fig.suptitle(
@@ -1364,8 +1473,8 @@ def circuit_figures(
     """Every circuits output whose base model is `model`: heatmaps, rotary pairs, similarity vs importance."""
     slug = model_dir(results_dir, model).name
     for name in results.circuit_names(results_dir):
-        c = load_circuits(results_dir, name=name)
-        if results.model_slug(c.base) != slug:
+        c = _read(load_circuits, results_dir, None, None, name)
+        if c is None or results.model_slug(c.base) != slug:
             continue
         yield f"circuits_{name}_heatmaps", circuit_heatmaps(c)
         yield f"circuits_{name}_rotary_pairs", circuit_pairs(c)
@@ -1375,3 +1484,7 @@ def circuit_figures(
 
 
 FAMILIES["circuits"] = circuit_figures
+
+
+if __name__ == "__main__":  # last: `python -m` runs main only once every family (circuits too) is registered
+    cli.entry("plots", main)

@@ -400,13 +400,13 @@ def arm_identity(arm: Arm, base_identity: dict) -> dict:
 
 def arm_done(arm: Arm, identity: dict, n_programs: int) -> bool:
     """Generated and judged with this identity: the head set file matches, the summary covers every program
-    and is not older than what it summarises."""
+    and summarises the verdicts and programs there now."""
     f = arm.files
     if not (f["headset"].exists() and f["summary"].exists()):
         return False
     if results.identity_diff(read_json(f["headset"]).get("identity"), identity) is not None:
         return False
-    if results.is_stale(f["summary"], f["evaluations"]) or results.is_stale(f["evaluations"], f["generations"]):
+    if results.evaluation_staleness(f["summary"].parent):  # by the content the summary recorded
         return False
     return read_json(f["summary"]).get("n_programs") == n_programs
 
@@ -651,11 +651,17 @@ def run_arms(
     results_dir: str,
     force: bool,
     runner: Runner,
+    shard: results.Shard | None = None,
+    record: dict | None = None,
 ) -> dict:
-    """CE of every arm, then checkpoint, generate and evaluate the arms not done, then the comparison."""
+    """CE of every arm, then checkpoint, generate and evaluate the arms not done, then the comparison. With
+    `shard` only its arms (round-robin over base, settings, controls) are claimed, written, generated and judged
+    (the CE of every arm is still computed, so that each shard's numbers are the unsharded run's); the shard's
+    `record` (pruned/shard<i>of<N>.json) replaces the comparison, which `btp.merge` makes from all shards."""
     arms = plan.arms
+    own = arms if shard is None else [arms[k] for k in shard.take(len(arms))]
     ids = {a.label: arm_identity(a, plan.arm_base) for a in arms}
-    for a in arms:
+    for a in own:
         claim_arm(a, ids[a.label], force)
     # the CE is kept while its samples stay the same; other samples recompute it (the generations stay valid)
     ce_key = results.identity_key(results.sample_identity(heldout.fields()))
@@ -672,7 +678,7 @@ def run_arms(
     else:
         for a in arms:
             a.ce = old_ce[a.label]
-    for a in arms:
+    for a in own:
         a.dir.mkdir(parents=True, exist_ok=True)
         write_headset(a, ids[a.label], arms[0].ce, plan.total_heads, ce_key)
     print(
@@ -680,14 +686,15 @@ def run_arms(
         f"{heldout.left_out()}):",
         file=sys.stderr,
     )
-    for a in arms:
+    for a in own:
         print(f"  {a.label:<28} {len(a.heads):4d} heads  CE {a.ce:.4f}  ({a.ce - arms[0].ce:+.4f})", file=sys.stderr)
     if cfg.ce_only:
         return {}
     n_programs = len(plan.problems) * gen.n
-    todo = [a for a in arms if not arm_done(a, ids[a.label], n_programs)]
+    todo = [a for a in own if not arm_done(a, ids[a.label], n_programs)]
     print(
-        f"[btp.pruned] {len(arms)} arms, {len(arms) - len(todo)} done, {len(todo)} to generate and evaluate",
+        f"[btp.pruned] {len(own)} arms{f' (shard {shard.label})' if shard else ''}, {len(own) - len(todo)} done, "
+        f"{len(todo)} to generate and evaluate",
         file=sys.stderr,
     )
     ckpts: dict[str, Path] = {}
@@ -712,6 +719,10 @@ def run_arms(
         runner.evaluate(gen.evaluate_args(a.label, dataset, f["generations"], seed, cfg.n_boot))
         if not cfg.keep_checkpoints and all(ckpts[a.label] != ckpts[b.label] for b in todo[todo.index(a) + 1 :]):
             shutil.rmtree(ckpts[a.label], ignore_errors=True)
+    if shard is not None:
+        rec = {**(record or {}), "arms": [a.label for a in own], "backend": plan.backend, "notes": plan.notes}
+        write_json(results.pruned_shard_path(plan.comparison.parent, shard), rec)
+        return {}
     counts = {a.label: arm_counts(a.files["evaluations"], plan.problems) for a in arms}
     comp = compare(arms, counts, plan.problems, gen.n, plan.total_heads, n_boot=cfg.n_boot, seed=seed)
     comp = {
@@ -762,7 +773,7 @@ def build_parser():
     p.set_defaults(source="reference", num_samples=32)
     cli.add_flags(p, PrunedConfig)
     cli.add_flags(p, GenFlags)
-    cli.add_runtime(p)
+    cli.add_runtime(p, shard=True)
     return p
 
 
@@ -779,6 +790,9 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
         cfg, gen = cli.config_from(PrunedConfig, args), cli.config_from(GenFlags, args)
         scfg = cli.config_from(SampleConfig, args, seed=args.seed)
         settings = parse_settings(cfg.settings)
+        shard = cli.parse_shard(args.shard)
+        if shard and args.merge_shards:
+            raise ValueError("--shard computes one shard, --merge-shards combines them: give one")
         dev = torch.device(args.device) if args.device else default_device()
         dtype = parse_dtype(args.dtype) or default_dtype(dev)
     except ValueError as e:
@@ -838,6 +852,22 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
         print(comp.get("table") or format_comparison(comp))
         return comp
     lm_loader = lambda: load_model(args.model, dtype=dtype, device=dev)
+    record = None
+    if shard:
+        record = {
+            **provenance(
+                stage="pruned",
+                model=ref.model_id,
+                revision=ref.revision,
+                dataset=args.dataset,
+                seed=args.seed,
+                config=cli.config_dict(args),
+                shard=shard.label,
+            ),
+            **results.identity_stamp({**identity, "shard": [shard.index, shard.count]}),
+        }
+    elif args.merge_shards:
+        _check_shards(plan, args.merge_shards, gen)
     try:
         comp = run_arms(
             plan,
@@ -850,6 +880,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
             results_dir=args.results_dir,
             force=args.force,
             runner=runner or SubprocessRunner(),
+            shard=shard,
+            record=record,
         )
     except results.IdentityError as e:
         raise SystemExit(str(e)) from None
@@ -859,6 +891,32 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
         print(comp["table"])
         print(f"[btp.pruned] wrote {plan.comparison}")
     return comp
+
+
+def _check_shards(plan: Plan, n: int, gen: GenFlags) -> None:
+    """Before a merge (`--merge-shards N`): every shard recorded with this comparison's identity and every arm
+    generated and judged; else one line naming the shards to (re)run."""
+    pdir = plan.comparison.parent
+    missing = []
+    for i in range(n):
+        sh = results.Shard(i, n)
+        p = results.pruned_shard_path(pdir, sh)
+        if not p.exists():
+            missing.append(sh.label)
+            continue
+        diff = results.identity_diff(read_json(p).get("identity"), {**plan.identity, "shard": [i, n]})
+        if diff is not None:
+            raise results.IdentityError(p, *diff)
+    arms = plan.arms
+    undone = [
+        f"{a.label} (shard {k % n}/{n})"
+        for k, a in enumerate(arms)
+        if not arm_done(a, arm_identity(a, plan.arm_base), len(plan.problems) * gen.n)
+    ]
+    if missing or undone:
+        what = [f"shards {', '.join(missing)} of {n} not recorded"] if missing else []
+        what += [f"arms not judged: {', '.join(undone)}"] if undone else []
+        raise SystemExit(f"{pdir}: {'; '.join(what)} — run those shards (--shard i/{n}), then merge again")
 
 
 def _free_memory() -> None:

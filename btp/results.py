@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,14 @@ import numpy as np
 
 from . import store
 from .store import MalformedFileError, iter_jsonl, read_json, read_npz, runs_path, write_json, write_npz  # noqa: F401
+
+# Layers everywhere (head ids L<l>H<h>, matrices' rows, the lens's columns, axes) are transformer blocks counted from
+# 0, as in the model's `layers[i]`; every analysis output says so in its provenance (`layer_numbering`).
+LAYER_NUMBERING = "block index, 0-based"
+LAYER_AXIS = "layer (block index, 0-based)"
+# the lens reads the residual stream after each block; the embeddings (before block 0) are not read, and the last
+# block's column is the model's own output
+LENS_AXIS = "residual after block (block index, 0-based; last: the model's output)"
 
 MODES = ("regular", "chain_code")
 SOURCES = ("generations", "reference")
@@ -41,6 +51,9 @@ PAIRED = {"correct_paired": "correct", "incorrect_paired": "incorrect"}  # paire
 STAGE_DIRS = {"entropy_lens": "entropy", "ablation": "ablation", "taylor": "taylor", "cmaes": "cmaes"}
 GENERATIONS, EVALUATIONS, SUMMARY = "generations.jsonl", "evaluations.jsonl", "summary.json"  # per dataset dir
 CIRCUITS = "circuits"  # cross-model outputs: `results/circuits/<base-slug>__<other-slug>.<ext>`
+# `btp.evaluate --reference` (the harness self-check: the benchmark's own solutions) files under this name in the
+# place of a model: `results/reference/<dataset>/`; it is no model's results, so "the only model" never means it
+REFERENCE = "reference"
 KNOCKOUT = "knockout"  # the part name of ablation's knockout curves: `<stem>_knockout.json`
 PARTIAL = "partial"  # progress files: `<stem>.partial.npz`, `<stem>_knockout.partial.json`
 JSONL_STAGES = ("taylor", "cmaes")  # stages whose output is `<stem>.jsonl` (one record per step)
@@ -74,9 +87,10 @@ def stage_dir(results_dir: str | os.PathLike, model_id: str, dataset: str, stage
 def model_dir_names(results_dir: str | os.PathLike, model: str) -> list[str]:
     """Folder names `model` may be filed under, most direct first: itself (a slug), its slug (an HF id), or
     (embedded names like smollm2-135m, local folders) the slug of the id btp.models resolves it to; the
-    resolution is tried only when neither exists (it imports torch)."""
+    resolution is tried only when neither exists (it imports torch). Only plain names: a model given as a folder
+    path is never the results folder itself."""
     root = Path(results_dir)
-    names = list(dict.fromkeys((model, model_slug(model))))
+    names = [n for n in dict.fromkeys((model, model_slug(model))) if n and "/" not in n and n not in (".", "..")]
     if not any((root / n).is_dir() for n in names):
         try:
             from .models import resolve_model
@@ -87,27 +101,75 @@ def model_dir_names(results_dir: str | os.PathLike, model: str) -> list[str]:
     return names
 
 
+def repo_path(path: str | os.PathLike) -> Path:
+    """A relative path as the repository root sees it, when the working directory is inside the repository and the
+    path does not exist from there: Jupyter starts a notebook's kernel in `notebooks/`, where `results` means the
+    repository's `results/`. Absolute paths, paths that exist, and paths outside a checkout stay as given."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    for d in (Path.cwd(), *Path.cwd().parents):
+        if (d / "pyproject.toml").is_file() and (d / "btp").is_dir():
+            return d / p
+    return p
+
+
+def model_dirs(results_dir: str | os.PathLike) -> list[Path]:
+    """The models' folders under a results tree, sorted: not `circuits/`, the
+    reference self-check (`reference_dirs`), hidden ones (`.cache`) or one of files only (`--out results/figures`)."""
+    root = Path(results_dir)
+    skip = (CIRCUITS, REFERENCE)
+    dirs = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in skip)
+    return sorted(p for p in dirs if not (kids := list(p.iterdir())) or any(c.is_dir() for c in kids))
+
+
+def reference_dirs(results_dir: str | os.PathLike) -> list[Path]:
+    """`results/reference/<dataset>/` of every benchmark whose reference solutions were judged."""
+    d = Path(results_dir) / REFERENCE
+    return sorted(p for p in d.iterdir() if p.is_dir() and (p / EVALUATIONS).exists()) if d.is_dir() else []
+
+
+def reference_note(results_dir: str | os.PathLike) -> str | None:
+    """One line on the reference self-checks under a tree (`mbpp 500/500 pass`), or None when there are none."""
+    parts = []
+    for d in reference_dirs(results_dir):
+        try:
+            s = read_json(d / SUMMARY)
+            bad = len(s["problems_never_passed"])
+            parts.append(f"{d.name} {s['n_problems'] - bad}/{s['n_problems']} pass")
+        except (OSError, ValueError, KeyError, TypeError):
+            parts.append(f"{d.name} (no readable {SUMMARY})")
+    return f"reference self-check (btp.evaluate --reference): {', '.join(parts)}" if parts else None
+
+
 def find_model_dir(results_dir: str | os.PathLike, model: str | None) -> Path:
     """`results/<slug>` of `model` (a slug, an HF id, or a name btp.models resolves); with `model=None` the only
-    model under `results_dir`. FileNotFoundError / ValueError say why none is found."""
+    model under `results_dir` (the reference self-check is none: `--model reference` names it).
+    FileNotFoundError / ValueError say why none is found."""
     root = Path(results_dir)
     if not root.is_dir():
         raise FileNotFoundError(
             f"results dir {root} not found — give --results-dir (run from the folder that holds "
             "results/, or point at it)"
         )
+    models = model_dirs(root)
     if model is None:
-        models = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != CIRCUITS)
-        if len(models) != 1:
+        ref = reference_dirs(root)
+        if not models:
             raise store.UserError(
-                f"{root} holds {len(models)} models — pass --model, one of: "
-                f"{', '.join(p.name for p in models) or 'none'}"
+                f"no model's results under {root}{', only the reference self-check' if ref else ''} — run "
+                f"python -m btp.generate --model M first{f' (or pass --model {REFERENCE})' if ref else ''}"
+            )
+        if len(models) > 1:
+            raise store.UserError(
+                f"{root} holds {len(models)} models — pass --model, one of: {', '.join(p.name for p in models)}"
+                + (f" (or {REFERENCE}: the harness self-check)" if ref else "")
             )
         return models[0]
     for name in model_dir_names(root, model):
         if (root / name).is_dir():
             return root / name
-    have = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != CIRCUITS)
+    have = [p.name for p in models] + ([REFERENCE] if reference_dirs(root) else [])
     raise FileNotFoundError(f"no results for model {model!r} under {root} — have: {', '.join(have) or 'none'}")
 
 
@@ -279,15 +341,53 @@ def cmaes_removed(stage_path: str | os.PathLike, name: str | None = None) -> tup
 
 
 @dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based): the units of work (samples, (sample, layer) pairs, arms) whose position
+    k in the unsharded run's order has k % count == index. Round-robin, so that every shard gets a like share of
+    cheap and costly units (early and late layers, short and long samples). Named `shard<index>of<count>`."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not (self.count >= 1 and 0 <= self.index < self.count):
+            raise ValueError(f"shard {self.index}/{self.count}: want i/N with 0 <= i < N (0-based), e.g. 0/4 .. 3/4")
+
+    def take(self, n: int) -> list[int]:
+        """The positions among n units that this shard computes."""
+        return list(range(self.index, n, self.count))
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def __str__(self) -> str:
+        return f"{SHARD_WORD}{self.index}of{self.count}"
+
+    @classmethod
+    def from_word(cls, word: str) -> Shard | None:
+        """`shard2of4` -> Shard(2, 4); None for any other word."""
+        m = _SHARD_RE.fullmatch(word)
+        return cls(int(m[1]), int(m[2])) if m else None
+
+
+SHARD_WORD = "shard"
+_SHARD_RE = re.compile(SHARD_WORD + r"(\d+)of(\d+)")
+
+
+@dataclass(frozen=True)
 class Stem:
     """The name of an analysis output without its part and extension: the analysis samples' mode and population,
     then a stage's variant words in order (ablation `mean`, `layers0_5`; Taylor `token`, `signed`, `nonorm`, a
-    tag). The default population (correct generations) is not written; reference solutions are all correct."""
+    tag), then the shard of a sharded run (`-shard0of4`, always last; `btp.merge` combines a full set into the
+    output without it). The default population (correct generations) is not written; reference solutions are all
+    correct."""
 
     mode: str = "regular"
     source: str = "generations"
     select: str = "correct"
     variant: tuple[str, ...] = ()
+    shard: Shard | None = None
 
     def __post_init__(self) -> None:
         if self.source == "reference":
@@ -296,11 +396,15 @@ class Stem:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         words = [w for v in self.variant for w in v.split("-")]
-        bad = [v for v in words if not v or "." in v or "/" in v or v.endswith("_" + KNOCKOUT)]
+        bad = [
+            v
+            for v in words
+            if not v or "." in v or "/" in v or v.endswith("_" + KNOCKOUT) or Shard.from_word(v) is not None
+        ]
         if bad or (words and words[0] in _POPULATION_WORDS):
             raise ValueError(
                 f"bad output name variant {self.variant!r}: words must be non-empty, without '.', '/', "
-                f"a trailing _{KNOCKOUT}, nor start with a population name {_POPULATION_WORDS}"
+                f"a trailing _{KNOCKOUT}, nor be a shard word, nor start with a population name {_POPULATION_WORDS}"
             )
 
     @property
@@ -315,7 +419,11 @@ class Stem:
 
     def with_variant(self, *words: str | None) -> Stem:
         """This stem with more variant words (None and '' skipped)."""
-        return Stem(self.mode, self.source, self.select, self.variant + tuple(w for w in words if w))
+        return Stem(self.mode, self.source, self.select, self.variant + tuple(w for w in words if w), self.shard)
+
+    def with_shard(self, shard: Shard | None) -> Stem:
+        """The name of shard `shard` of this output (None: the whole output)."""
+        return Stem(self.mode, self.source, self.select, self.variant, shard)
 
     @property
     def base(self) -> Stem:
@@ -324,7 +432,7 @@ class Stem:
 
     def __str__(self) -> str:
         pop = "-reference" if self.source == "reference" else ("" if self.select == "correct" else f"-{self.select}")
-        return self.mode + pop + "".join(f"-{v}" for v in self.variant)
+        return self.mode + pop + "".join(f"-{v}" for v in self.variant) + (f"-{self.shard}" if self.shard else "")
 
 
 def parse_stem(name: str) -> Stem:
@@ -336,11 +444,13 @@ def parse_stem(name: str) -> Stem:
     rest = [t for t in name[len(mode) :].split("-")]
     rest = rest[1:] if rest and rest[0] == "" else rest
     source, select = "generations", "correct"
+    shard = Shard.from_word(rest[-1]) if rest else None
+    rest = rest[:-1] if shard else rest
     if rest and rest[0] == "reference":
         source, select, rest = "reference", "all", rest[1:]
     elif rest and rest[0] in SELECTS:
         select, rest = rest[0], rest[1:]
-    return Stem(mode, source, select, tuple(rest))
+    return Stem(mode, source, select, tuple(rest), shard)
 
 
 def try_parse_stem(name: str) -> Stem | None:
@@ -417,12 +527,61 @@ def list_outputs(stage_path: str | os.PathLike, stage: str) -> list[str]:
     names = []
     for p in d.iterdir():
         f = parse_file_name(p.name)
-        if f.part or try_parse_stem(f.stem) is None:
+        st = try_parse_stem(f.stem)
+        if f.part or st is None or st.shard is not None:  # a shard is no output of its own (btp.merge makes one)
             continue
         jsonl = stage in JSONL_STAGES
         if (jsonl and f.ext == "jsonl") or (not jsonl and f.ext == "npz" and (d / file_name(f.stem, "json")).exists()):
             names.append(f.stem)
     return sorted(names, key=stem_order)
+
+
+def shard_sets(stage_path: str | os.PathLike, files: Sequence[str] = ("npz", "json")) -> dict[str, dict]:
+    """The shards in a stage folder, by the name of the output they make up: {name: {"count": N, "done": [i, ...]
+    (all of `files` written), "partial": [i, ...] (a progress file only), "counts": every N seen (several: a
+    mixed-up folder)}}."""
+    d = Path(stage_path)
+    out: dict[str, dict] = {}
+    if not d.is_dir():
+        return out
+    found: dict[tuple[str, Shard], set[str]] = {}
+    for p in d.iterdir():
+        f = parse_file_name(p.name)
+        st = try_parse_stem(f.stem)
+        if st is None or st.shard is None or f.part:
+            continue
+        found.setdefault((str(st.with_shard(None)), st.shard), set()).add(f.ext)
+    for (name, sh), exts in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1].count, kv[0][1].index)):
+        e = out.setdefault(name, {"count": sh.count, "done": [], "partial": [], "counts": []})
+        if sh.count not in e["counts"]:
+            e["counts"].append(sh.count)
+        if set(files) <= exts:
+            e["done"].append(sh.index)
+        elif any(x.startswith(PARTIAL + ".") for x in exts):
+            e["partial"].append(sh.index)
+    for e in out.values():
+        e["count"] = max(e["counts"])
+    return out
+
+
+def missing_shards(count: int, done: Sequence[int]) -> list[str]:
+    """Labels `i/N` of the shards of a set of `count` that are not done."""
+    return [Shard(i, count).label for i in range(count) if i not in set(done)]
+
+
+def pruned_shard_path(pruned: Path, shard: Shard) -> Path:
+    """`pruned/shard<i>of<N>.json`: the record of a sharded pruned run (its arms, identity, provenance)."""
+    return pruned / f"{shard}.json"
+
+
+def pruned_shards(pruned: Path) -> dict[int, list[int]]:
+    """{N: [indices of recorded shards]} of a `pruned/` folder."""
+    out: dict[int, list[int]] = {}
+    for p in sorted(pruned.glob(f"{SHARD_WORD}*.json")) if pruned.is_dir() else []:
+        sh = Shard.from_word(p.stem)
+        if sh is not None:
+            out.setdefault(sh.count, []).append(sh.index)
+    return {n: sorted(v) for n, v in out.items()}
 
 
 def stem_order(name: str) -> tuple:
@@ -646,17 +805,86 @@ def mtime(p: str | os.PathLike) -> float | None:
 
 
 def is_stale(output_path: str | os.PathLike, *inputs: str | os.PathLike) -> bool:
-    """True when `output_path` exists and is older than any existing input (it should be recomputed)."""
+    """True when `output_path` exists and is older than any existing input. Only for outputs written before they
+    recorded their inputs (`inputs`): file times change under `cp -r`, content does not."""
     t = mtime(output_path)
     return t is not None and any((ti := mtime(i)) is not None and ti > t for i in inputs)
 
 
+_HASHED: dict[tuple, dict] = {}  # (path, size, mtime_ns) -> identity: a check hashes each input once
+
+
+def input_identity(path: str | os.PathLike) -> dict | None:
+    """{size, sha256} of a file's bytes, None when it does not exist: what an output records of each input it read
+    (`inputs` in its provenance), so that staleness is judged by content and a copy of a clean tree stays clean."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _HASHED:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _HASHED[memo] = {"size": st.st_size, "sha256": h.hexdigest()[:32]}
+    return dict(_HASHED[memo])
+
+
+def analysis_inputs(ds_dir: str | os.PathLike, source: str, select: str) -> dict[str, dict]:
+    """The identities of the files an analysis population is read from, by name: `generations.jsonl` (source
+    generations) and the `evaluations.jsonl` whose verdicts chose them (any select but all)."""
+    if source != "generations":
+        return {}
+    names = (GENERATIONS,) + ((EVALUATIONS,) if select != "all" else ())
+    return {n: ident for n in names if (ident := input_identity(Path(ds_dir) / n)) is not None}
+
+
+def changed_inputs(ds_dir: str | os.PathLike, recorded: dict) -> list[str]:
+    """The recorded inputs (name -> identity, beside each other in `ds_dir`) whose content is not what was read."""
+    now = lambda n: input_identity(Path(ds_dir) / n) or {}
+    return [n for n, ident in recorded.items() if {k: now(n).get(k) for k in ("size", "sha256")} != ident]
+
+
+def _stamp_of(stage_path: Path, f: FileName) -> dict | None:
+    """The provenance an output file was written with: its `<stem>[_<part>].json`, else the last run of its
+    `<stem>.jsonl` (Taylor, CMA-ES), else the stamp inside its `<stem>.npz`; None when unreadable or absent."""
+    try:
+        js = stage_path / file_name(f.stem, "json", f.part)
+        if js.exists():
+            doc = read_json(js)
+            if isinstance(doc, dict) and ("inputs" in doc or "identity" in doc):
+                return doc
+        runs = read_runs(stage_path / file_name(f.stem, "jsonl"))
+        if runs and isinstance(runs[-1], dict):
+            return runs[-1]
+        npz = stage_path / file_name(f.stem, "npz")
+        if not f.part and npz.exists():
+            with np.load(npz, allow_pickle=False) as z:  # the stamp only, not the arrays
+                return json.loads(str(z["provenance"])) if "provenance" in z.files else None
+    except (MalformedFileError, OSError, UnicodeDecodeError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # a broken file is reported as broken, not as stale
+    return None
+
+
 def staleness(ds_dir: Path, stage_path: Path, name: str) -> str | None:
-    """Why an analysis file `<stage-dir>/<name>` is stale, or None: older than the generations it was computed
-    from, than the evaluations that chose them (correct / incorrect populations), or (a part such as the knockout
-    curves) than its own matrix."""
+    """Why an analysis file `<stage-dir>/<name>` is stale, or None: an input it recorded (the generations it was
+    computed from, the evaluations that chose them) has other content now, or (a part such as the knockout curves)
+    its own matrix was recomputed with another identity. Outputs that record no inputs (older versions) fall back to
+    file times."""
     f = parse_file_name(name)
     if f.is_partial or f.is_runs:
+        return None
+    stamp = _stamp_of(stage_path, f)
+    matrix = _stamp_of(stage_path, FileName(f.stem, "", "json")) if f.part else None
+    if stamp is not None and "inputs" in stamp:
+        changed = changed_inputs(ds_dir, stamp["inputs"])
+        if changed:
+            return f"{' and '.join(changed)} changed since it was computed"
+        want = (stamp.get("identity") or {}).get("matrix")
+        if f.part and matrix is not None and want is not None and matrix.get("run_key") != want:
+            return f"computed for another {file_name(f.stem, 'npz')} (recomputed since)"
         return None
     s = try_parse_stem(f.stem)
     p = stage_path / name
@@ -670,6 +898,32 @@ def staleness(ds_dir: Path, stage_path: Path, name: str) -> str | None:
     return None
 
 
+def evaluation_staleness(ds_dir: str | os.PathLike) -> dict[str, str]:
+    """{file name: why} for a dataset dir's `evaluations.jsonl` and `summary.json`: the summary records the content
+    of the programs and verdicts it summarised (`inputs`), so verdicts are stale when the generations changed since,
+    and the summary when the verdicts did. Summaries without `inputs` (older versions) fall back to file times."""
+    d = Path(ds_dir)
+    gen, ev, summ = d / GENERATIONS, d / EVALUATIONS, d / SUMMARY
+    try:
+        doc = read_json(summ) if summ.exists() else None
+    except (MalformedFileError, OSError, UnicodeDecodeError):
+        doc = None
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    out = {}
+    if inputs is None:
+        if is_stale(ev, gen):
+            out[EVALUATIONS] = f"older than {GENERATIONS}"
+        if is_stale(summ, ev):
+            out[SUMMARY] = f"older than {EVALUATIONS}"
+        return out
+    changed = changed_inputs(d, {k: v for k, v in inputs.items() if k in (GENERATIONS, EVALUATIONS)})
+    if GENERATIONS in changed and ev.exists():
+        out[EVALUATIONS] = f"{GENERATIONS} changed since the last evaluation: rerun btp.evaluate"
+    if EVALUATIONS in changed:
+        out[SUMMARY] = f"{EVALUATIONS} changed since it was summarised: rerun btp.evaluate"
+    return out
+
+
 # ================================================================ readers
 
 
@@ -679,7 +933,14 @@ def read_analysis(stage_path: str | os.PathLike, name: str) -> tuple[dict, dict]
     d = Path(stage_path)
     arrays = read_npz(d / file_name(name, "npz"))
     meta_p = d / file_name(name, "json")
-    return arrays, (read_json(meta_p) if meta_p.exists() else arrays.get("provenance", {}))
+    meta = read_json(meta_p) if meta_p.exists() else arrays.get("provenance", {})
+    if meta.get("stage") == "entropy_lens" and not meta.get("layer_numbering") and "layer" in arrays:
+        # lens outputs before `layer_numbering` counted the residual after block b as layer b + 1 (1..L)
+        arrays["layer"] = np.asarray(arrays["layer"]) - 1
+        if isinstance((meta.get("summary") or {}).get("layer"), list):
+            meta["summary"]["layer"] = [int(x) - 1 for x in meta["summary"]["layer"]]
+        meta["layer_numbering"] = LAYER_NUMBERING
+    return arrays, meta
 
 
 def read_knockout(stage_path: str | os.PathLike, name: str) -> dict | None:
@@ -720,12 +981,30 @@ def ablation_pair(stage_path: str | os.PathLike, name: str) -> tuple[dict, dict]
     return a, b
 
 
+# A Taylor record's fields before they named the state they measure (old name -> name): the scoring pass runs before
+# the iteration prunes, the held-out pass and the alive count after it.
+TAYLOR_RENAMED = {
+    "scoring_loss": "scoring_loss_before",
+    "scoring_losses": "scoring_losses_before",
+    "heldout_loss": "heldout_loss_after",
+    "heldout_losses": "heldout_losses_after",
+    "n_alive": "n_alive_after",
+}
+
+
+def taylor_record(rec: dict) -> dict:
+    """A Taylor record with today's field names (a record of an older file is renamed, a new one returned as is)."""
+    if not any(k in rec for k in TAYLOR_RENAMED):
+        return rec
+    return {TAYLOR_RENAMED.get(k, k): v for k, v in rec.items()}
+
+
 def read_taylor(stage_path: str | os.PathLike, name: str) -> tuple[list[dict], dict]:
-    """Taylor pruning records (one per iteration, in order) and the provenance of the run that wrote the last of
-    them (its runs file; else the `<name>.samples.npz` stamp)."""
+    """Taylor pruning records (one per iteration, in order, with today's field names: `taylor_record`) and the
+    provenance of the run that wrote the last of them (its runs file; else the `<name>.samples.npz` stamp)."""
     d = Path(stage_path)
     path = d / file_name(name, "jsonl")
-    recs = sorted(iter_jsonl(path), key=lambda r: r["iteration"])
+    recs = sorted((taylor_record(r) for r in iter_jsonl(path)), key=lambda r: r["iteration"])
     runs = read_runs(path)
     meta: dict = runs[-1] if runs else {}
     npz = d / file_name(name, "samples.npz")
@@ -825,3 +1104,145 @@ def mask_from_rows(rows: Sequence[str]) -> np.ndarray:
         for h, c in enumerate(r):
             out[l, h] = 1.0 if c == "1" else 0.0 if c == "0" else np.nan
     return out
+
+
+# ================================================================ tables for pandas / xarray users
+# Analyses with named dimensions (sample, token, layer, head, iteration, generation); pandas and xarray are imported
+# only here (check stays light). Every object's attrs carry the model folder, dataset, output name and
+# `layer_numbering`.
+
+
+def _attrs(md: Path, dataset: str, name: str, meta: dict) -> dict:
+    st = try_parse_stem(name)
+    return {
+        "model": md.name,
+        "dataset": dataset,
+        "name": name,
+        "population": st.population if st else "",
+        "mode": st.mode if st else "",
+        "layer_numbering": meta.get("layer_numbering") or LAYER_NUMBERING,
+    }
+
+
+STAGE_MODULES = {"entropy_lens": "entropy_lens", "ablation": "ablation", "taylor": "taylor", "cmaes": "cmaes_search"}
+
+
+def _first(results_dir: str | os.PathLike, model: str | None, dataset: str, stage: str, name: str | None):
+    md = find_model_dir(results_dir, model)
+    d = md / dataset / STAGE_DIRS[stage]
+    have = list_outputs(d, stage)
+    if name is None and not have:
+        raise FileNotFoundError(
+            f"no finished {stage} output under {d} — run `python -m btp.{STAGE_MODULES[stage]}` first"
+        )
+    if name is not None and name not in have:
+        raise FileNotFoundError(f"no finished {stage} output {name!r} under {d} — have: {', '.join(have) or 'none'}")
+    return md, d, name or have[0]
+
+
+def _sample_coords(a: dict) -> dict:
+    return {
+        "sample": np.arange(len(a["sample_problem_id"])),
+        "problem_id": ("sample", a["sample_problem_id"].astype(str)),
+        "sample_number": ("sample", a["sample_number"]),
+    }
+
+
+def entropy_dataset(results_dir: str | os.PathLike, model: str | None, dataset: str, name: str | None = None):
+    """The entropy lens as an xarray Dataset: `entropy`, `ce`, `kl` per scored token (token x layer; each token's
+    `sample`, `position`, `token_id` as coordinates) and their per-sample means (sample x layer). `layer` is the
+    block index (0-based): the residual after that block. `name`: the output (default: the first finished)."""
+    import xarray as xr
+
+    md, d, name = _first(results_dir, model, dataset, "entropy_lens", name)
+    a, meta = read_analysis(d, name)
+    tok = {"token": np.arange(len(a["token_id"]))}
+    tok |= {k: ("token", a[v]) for k, v in (("sample_of_token", "sample_index"), ("position", "position"))}
+    tok |= {"token_id": ("token", a["token_id"])}
+    metrics = [m for m in ("entropy", "ce", "kl") if m in a]
+    data = {m: (("token", "layer"), a[m]) for m in metrics}
+    data |= {f"sample_{m}_mean": (("sample", "layer"), a[f"sample_{m}_mean"]) for m in metrics}
+    coords = {"layer": np.asarray(a["layer"]), **tok, **_sample_coords(a)}
+    return xr.Dataset(data, coords=coords, attrs=_attrs(md, dataset, name, meta))
+
+
+def ablation_dataset(results_dir: str | os.PathLike, model: str | None, dataset: str, name: str | None = None):
+    """A single-head ablation matrix as an xarray Dataset: `delta` (sample x layer x head, ΔCE in nats: ablated −
+    base; NaN where not computed or padding), `delta_mean` with its 95% CI over problems (`delta_ci_low`,
+    `delta_ci_high`) and `delta_n_problems` (layer x head), `base_ce` per sample."""
+    import xarray as xr
+
+    md, d, name = _first(results_dir, model, dataset, "ablation", name)
+    a, meta = read_analysis(d, name)
+    L, H = np.shape(a["delta_mean"])
+    lh = ("layer", "head")
+    data = {"delta": (("sample", *lh), a["delta"]), "base_ce": ("sample", a["base_ce"])}
+    data |= {k: (lh, a[k]) for k in ("delta_mean", "delta_ci_low", "delta_ci_high", "delta_n_problems") if k in a}
+    if "delta_atp" in a:
+        data["delta_atp"] = (("sample", *lh), a["delta_atp"])
+    coords = {"layer": np.arange(L), "head": np.arange(H), **_sample_coords(a)}
+    return xr.Dataset(data, coords=coords, attrs={**_attrs(md, dataset, name, meta), "estimate": is_estimate(name)})
+
+
+def taylor_dataset(results_dir: str | os.PathLike, model: str | None, dataset: str, name: str | None = None):
+    """Iterative Taylor pruning as an xarray Dataset: `importance` (iteration x layer x head, NaN at heads pruned
+    before the iteration and at padding), `pruned` (pruned by that iteration), and per iteration
+    `scoring_loss_before`, `heldout_loss_after`, `n_alive_before`, `n_alive_after` (mean CE in nats)."""
+    import xarray as xr
+
+    md, d, name = _first(results_dir, model, dataset, "taylor", name)
+    recs, meta = read_taylor(d, name)
+    imp = importance_matrices(recs)
+    pruned = np.zeros(imp.shape, dtype=bool)
+    for i, r in enumerate(recs):
+        for l, h in r["pruned"]:
+            pruned[i, l, h] = True
+    it = ("iteration",)
+    data = {"importance": (("iteration", "layer", "head"), imp), "pruned": (("iteration", "layer", "head"), pruned)}
+    for k in ("scoring_loss_before", "heldout_loss_after", "n_alive_before", "n_alive_after"):
+        data[k] = (it, np.array([r[k] for r in recs]))
+    coords = {
+        "iteration": [r["iteration"] for r in recs],
+        "layer": np.arange(imp.shape[1]),
+        "head": np.arange(imp.shape[2]),
+    }
+    attrs = _attrs(md, dataset, name, meta) | {"base_heldout_loss": recs[0]["base_heldout_loss"] if recs else np.nan}
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def cmaes_frame(results_dir: str | os.PathLike, model: str | None, dataset: str, name: str | None = None):
+    """A CMA-ES search as a pandas DataFrame, one row per generation (index `generation`): fitness of the population
+    (best, median, worst), best so far, sigma, evaluations, and the held-out CE of the generation's best and of the
+    best so far with its 95% CI over problems (`best_heldout_mean`, `_ci_low`, `_ci_high`, ...)."""
+    import pandas as pd
+
+    md, d, name = _first(results_dir, model, dataset, "cmaes", name)
+    recs, final, meta = read_cmaes(d, name)
+    rows = []
+    for r in recs:
+        row = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+        for k in ("best_heldout", "best_so_far_heldout"):
+            for s, v in (r.get(k) or {}).items():
+                if not isinstance(v, (dict, list)):
+                    row[f"{k}_{s}"] = v
+        rows.append(row)
+    df = pd.DataFrame(rows).set_index("generation") if rows else pd.DataFrame()
+    df.attrs = _attrs(md, dataset, name, final or meta) | {"finished": final is not None}
+    return df
+
+
+def evaluations_frame(results_dir: str | os.PathLike, model: str | None, dataset: str):
+    """A model's verdicts on a dataset as a pandas DataFrame, one row per (problem_id, sample) (the index; the last
+    verdict of a rejudged program): `passed`, `status`, `duration`, `tests_passed`, `tests_total`, `code_sha`."""
+    import pandas as pd
+
+    md = find_model_dir(results_dir, model)
+    p = md / dataset / EVALUATIONS
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found — run `python -m btp.evaluate` first")
+    cols = ("passed", "status", "duration", "tests_passed", "tests_total", "code_sha")
+    last = {(r["problem_id"], int(r["sample"])): {k: r.get(k) for k in cols} for r in iter_jsonl(p)}
+    df = pd.DataFrame.from_dict(last, orient="index", columns=list(cols))
+    df.index = pd.MultiIndex.from_tuples(list(last), names=["problem_id", "sample"])
+    df.attrs = {"model": md.name, "dataset": dataset}
+    return df.sort_index()

@@ -1,4 +1,5 @@
-"""Pure statistics: unbiased pass@k, bootstrap confidence intervals over problems (or samples), paired tests.
+"""Pure statistics: unbiased pass@k, bootstrap confidence intervals over problems (or samples), Wilson score
+intervals, paired tests.
 
 Every function takes arrays and returns numbers; nothing here reads files or runs code, so stages
 (evaluate, ablation, taylor) share one implementation of each estimate and its interval.
@@ -7,6 +8,7 @@ Every function takes arrays and returns numbers; nothing here reads files or run
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -231,23 +233,53 @@ def draws_clustered_mean(
     return ClusteredMean(est.reshape(shape), lo.reshape(shape), hi.reshape(shape), np.full(shape, C, np.int64))
 
 
+SMALL_N = 10  # below this many problems an interval rests on too few points to trust: figures and summaries say so
+WILSON = (
+    "Wilson score interval over problems: successes = estimate x problems (exact for pass@1 with one sample per "
+    "problem; otherwise conservative, as a per-problem value in [0, 1] varies at most as a Bernoulli of its mean)"
+)
+
+
+def wilson_ci(successes: float, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a proportion `successes / n`: unlike a bootstrap or the normal interval it does not
+    collapse to a point at 0/n or n/n, and it stays inside [0, 1]. `successes` may be fractional (a mean of
+    per-problem values times n). n = 0 gives (0, 1)."""
+    if n < 0 or not 0 <= successes <= n or not 0 < alpha < 1:
+        raise ValueError(f"need 0 <= successes <= n and 0 < alpha < 1, got {successes}/{n}, alpha {alpha}")
+    if n == 0:
+        return 0.0, 1.0
+    z = statistics.NormalDist().inv_cdf(1 - alpha / 2)
+    p, z2 = successes / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def pass_at_k_summary(
     n: Sequence[int], c: Sequence[int], ks: Sequence[int], n_boot: int = 10000, alpha: float = 0.05, seed: int = 0
 ) -> dict[str, dict]:
-    """{"pass@k": {estimate, ci_low, ci_high, ...}} over problems; one bootstrap draws all k at once."""
+    """{"pass@k": {estimate, ci_low, ci_high (bootstrap), wilson_low, wilson_high, n_problems, ...}} over problems;
+    one bootstrap draws all k at once. The bootstrap interval collapses to a point at 0% or 100% and is unreliable
+    for few problems; the Wilson interval beside it (`WILSON`) does not."""
     n, c = np.asarray(n), np.asarray(c)
     table = np.stack([pass_at_k(n, c, k) for k in ks], axis=1)  # [problems, ks]
     ci = bootstrap_ci(table, n_boot=n_boot, alpha=alpha, seed=seed)
-    return {
-        f"pass@{k}": {
-            "estimate": float(ci.estimate[j]),
+    P = len(n)
+    out = {}
+    for j, k in enumerate(ks):
+        est = float(ci.estimate[j])
+        lo, hi = wilson_ci(min(P, max(0.0, est * P)), P, alpha)
+        out[f"pass@{k}"] = {
+            "estimate": est,
             "ci_low": float(ci.low[j]),
             "ci_high": float(ci.high[j]),
             "ci_level": 1 - alpha,
             "n_boot": n_boot,
+            "wilson_low": lo,
+            "wilson_high": hi,
+            "n_problems": P,
         }
-        for j, k in enumerate(ks)
-    }
+    return out
 
 
 @dataclass(frozen=True)

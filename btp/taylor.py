@@ -43,7 +43,7 @@ from .arch import Adapter, adapter
 from .cli import opt
 from .heads import Head, frozen_weights, gates_for, head_gates, o_proj_input_grads
 from .headsets import keep_mask
-from .results import check_record, importance_matrix  # noqa: F401  (importance_matrix: re-exported reader)
+from .results import check_record, importance_matrix, taylor_record  # noqa: F401  (importance_matrix: re-exported)
 from .samples import Sample, SampleSet
 from .scoring import scored_ce
 
@@ -343,19 +343,21 @@ def run_taylor(
         rec = {
             "iteration": it,
             "n_alive_before": int(alive.sum()),
-            "n_alive": int(alive_after.sum()),
+            "n_alive_after": int(alive_after.sum()),
             "alive_per_layer": alive_after.sum(1).tolist(),
             "pruned": [list(h) for h in new],  # this iteration, lowest score first
             "pruned_before": [list(h) for h in before],  # the heads gated to 0 while scoring
             "pruned_total": [list(h) for h in pruned],
             "importance": _matrix(scores),
             **({"importance_raw": _matrix(raw)} if cfg.normalize else {}),
-            "scoring_loss": float(np.mean(s_losses)),  # with `pruned_before` (from the scoring pass)
-            "scoring_losses": s_losses,
-            "heldout_loss": h_loss,  # with `pruned_total`
-            "heldout_losses": h_losses,
+            # the states are named: the scoring pass runs before this iteration prunes (`pruned_before` gated),
+            # the held-out pass after (`pruned_total` gated); `base_*`: no head gated
+            "scoring_loss_before": float(np.mean(s_losses)),
+            "scoring_losses_before": s_losses,
+            "heldout_loss_after": h_loss,
+            "heldout_losses_after": h_losses,
             "base_heldout_loss": base_heldout,
-            "base_scoring_loss": history[0]["scoring_loss"] if history else float(np.mean(s_losses)),
+            "base_scoring_loss": history[0]["scoring_loss_before"] if history else float(np.mean(s_losses)),
             "stop_reason": stop,
             "settings": settings,
             "scoring_samples": _ids(scoring),
@@ -391,6 +393,8 @@ SPEC = cli.StageSpec(
     "Iterative first-order Taylor head pruning (Michel et al. 2019)",
     configs=(TaylorConfig, SplitConfig),
     device_map=True,
+    no_shard="Taylor pruning is iterative (each iteration scores the heads the previous ones left); spread it "
+    "with --device-map, or run datasets and modes as separate jobs",
 )
 
 
@@ -424,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     # --force removes the history; the runs file keeps the provenance of the discarded run
     claim = run.claim(out, identity, files=("jsonl",), record="runs.json", complete=complete, append=True)
-    history = store.read()
+    history = [taylor_record(r) for r in store.read()]  # files written before the states were named, too
     if claim.done:
         print(
             f"[btp.taylor] {path}: complete ({len(history)} iterations"
@@ -481,8 +485,9 @@ def _summary(history: list[dict]) -> None:
     print(f"  iter  alive  scoring_loss(before)  heldout_loss(after)  x base   (base held-out {base:.4f})")
     for r in history:
         print(
-            f"  {r['iteration']:4d}  {r['n_alive']:5d}  {r['scoring_loss']:20.4f}  {r['heldout_loss']:19.4f}"
-            f"  {r['heldout_loss'] / base:6.3f}" + (f"  stop: {r['stop_reason']}" if r.get("stop_reason") else "")
+            f"  {r['iteration']:4d}  {r['n_alive_after']:5d}  {r['scoring_loss_before']:20.4f}"
+            f"  {r['heldout_loss_after']:19.4f}  {r['heldout_loss_after'] / base:6.3f}"
+            + (f"  stop: {r['stop_reason']}" if r.get("stop_reason") else "")
         )
 
 

@@ -165,9 +165,9 @@ def main() -> None:
         m = ~np.isnan(ia)
         worst = max(worst, float(np.max(np.abs(ia[m] - ib[m]) / np.abs(ib[m]).max())))
     same_pruned = all(a["pruned"] == b["pruned"] for a, b in zip(hist, ref))
-    dh = max(abs(x - y) for a, b in zip(hist, ref) for x, y in zip(a["heldout_losses"], b["heldout_losses"]))
+    dh = max(abs(x - y) for a, b in zip(hist, ref) for x, y in zip(a["heldout_losses_after"], b["heldout_losses"]))
     ds = max(
-        (abs(hist[i + 1]["scoring_loss"] - ref[i]["scoring_loss_after"]) for i in range(len(ref) - 1)),
+        (abs(hist[i + 1]["scoring_loss_before"] - ref[i]["scoring_loss_after"]) for i in range(len(ref) - 1)),
         default=float("nan"),
     )
     print(

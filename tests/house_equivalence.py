@@ -47,6 +47,7 @@ VOLATILE = {
     "identity",
     "settings",
     "attn_implementation",
+    "inputs",  # content hashes of the inputs read: generation records carry their timings
 }
 
 

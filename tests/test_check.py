@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +44,8 @@ def test_table_on_real_tree(results_tree, capsys):
     )
     assert f"{stop}/{length}" in he
     s = json.loads((md / "humaneval/summary.json").read_text())["pass_at_k"]["pass@1"]
-    assert f"{100 * s['estimate']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]" in he
+    assert f"{100 * s['estimate']:.1f}% [{100 * s['wilson_low']:.1f}, {100 * s['wilson_high']:.1f}]" in he
+    assert s["wilson_high"] - s["wilson_low"] > 0.5  # 2 problems: wide, wherever the estimate sits
     assert "BROKEN" not in out and "STALE" not in out
 
 
@@ -100,6 +103,7 @@ def test_flags_broken_files(results_tree, tmp_path, capsys):
     broken = [l for l in out.splitlines() if l.startswith("BROKEN")]
     assert any("humaneval/generations.jsonl: line 2: not valid JSON" in l for l in broken), out
     assert any("humaneval/entropy/chain_code-all.npz" in l for l in broken), out
+    assert "INCOMPLETE" not in out, out  # a truncated npz is broken, not also "missing"
     assert any("mbpp/summary.json" in l for l in broken), out
     he = next(l for l in out.splitlines() if l.strip().startswith("humaneval"))
     assert "C-all" not in he and "R-all R-inc" in he  # the broken output is not counted as done
@@ -120,9 +124,9 @@ def test_torn_tail_stale_and_incomplete(results_tree, tmp_path, capsys):
     ev = md / "humaneval/evaluations.jsonl"
     data = ev.read_bytes().rstrip(b"\n")
     ev.write_bytes(data[: len(data) - 25])  # a killed writer: last line cut short
-    os.utime(ev, (ev.stat().st_atime, ev.stat().st_mtime + 5))
     gen = md / "mbpp/generations.jsonl"
-    os.utime(gen, (gen.stat().st_atime, gen.stat().st_mtime + 1e6))  # regenerated after everything else
+    lines = gen.read_text().splitlines(keepends=True)
+    gen.write_text("".join(lines) + lines[-1])  # regenerated: a later record of the same sample (other content)
     (md / "humaneval/entropy/regular-incorrect.json").unlink()
     rc, out = run(["--results-dir", root], capsys)
     assert rc == 0, out  # torn, stale and incomplete are not broken
@@ -136,14 +140,35 @@ def test_torn_tail_stale_and_incomplete(results_tree, tmp_path, capsys):
         "mbpp/ablation/regular-all-layers28_29.npz",
         "mbpp/ablation/regular-all-layers28_29.json",
         "mbpp/ablation/regular-all-layers28_29_knockout.json",
-        # older than the touched humaneval evaluations: the summary and the incorrect population
-        # (the all-generations outputs do not depend on evaluations)
+        # the humaneval evaluations changed: the summary and the incorrect population (its npz's own stamp; the
+        # all-generations outputs do not depend on evaluations)
         "humaneval/summary.json",
         "humaneval/entropy/regular-incorrect.npz",
     }, stale
+    assert any("mbpp/entropy/regular-all.npz: generations.jsonl changed since it was computed" in l for l in issues)
     assert any(l.startswith("INCOMPLETE") and "regular-incorrect.json" in l for l in issues)
     he = next(l for l in out.splitlines() if l.strip().startswith("humaneval"))
     assert "3/4" in he and "R-inc" not in he
+
+
+def test_copy_with_new_file_times_stays_clean(results_tree, tmp_path, capsys):
+    """Staleness is by content: `cp -r` without -p (every file gets a new time) and touching files in any order,
+    inputs last, leave a clean tree clean."""
+    root = tmp_path / "t"
+    shutil.copytree(results_tree, root, copy_function=shutil.copy)  # as `cp -r`: new mtimes, in copy order
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    random.Random(0).shuffle(files)
+    t = 2_000_000_000
+    for i, p in enumerate(files):
+        os.utime(p, (t + i, t + i))
+    for p in root.rglob("generations.jsonl"):  # the inputs newest of all
+        os.utime(p, (t + 10**6, t + 10**6))
+    rc, out = run(["--results-dir", root], capsys)
+    assert rc == 0 and "STALE" not in out and "INCOMPLETE" not in out, out
+    r = subprocess.run(["cp", "-r", str(results_tree), str(tmp_path / "cp")], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    rc, out = run(["--results-dir", tmp_path / "cp"], capsys)
+    assert rc == 0 and "STALE" not in out, out
 
 
 def test_missing_dir_exits_2(tmp_path, capsys):
@@ -254,3 +279,48 @@ def test_ablation_noise_floor_is_recorded_and_flagged(results_tree, tmp_path, ca
     os.utime(p, (p.stat().st_atime, (p.parent / "regular-all-layers28_29.npz").stat().st_mtime))
     rc, out = run(["--results-dir", root], capsys)
     assert rc == 0 and any(l.startswith("NOISY") and "regular-all-layers28_29.json" in l for l in out.splitlines())
+
+
+def test_shard_progress_until_merged(tmp_path, capsys):
+    """A sharded analysis shows as `(shards done/N[, k partial])` under its output's name until it is merged."""
+    from btp.results import dataset_dir
+    from btp.store import write_json, write_npz
+
+    d = dataset_dir(tmp_path, "org/m", "mbpp") / "entropy"
+    for i in (0, 2):
+        write_npz(d / f"regular-reference-shard{i}of3.npz", x=[1])
+        write_json(d / f"regular-reference-shard{i}of3.json", {})
+    write_npz(d / "regular-reference-shard1of3.partial.npz", key="k")
+    doc = json.loads(run(["--results-dir", tmp_path, "--json"], capsys)[1])
+    assert doc["rows"][0]["stages"]["entropy"] == {"regular-reference": "(shards 2/3, 1 partial)"}
+    write_npz(d / "regular-reference.npz", x=[1])
+    write_json(d / "regular-reference.json", {})
+    doc = json.loads(run(["--results-dir", tmp_path, "--json"], capsys)[1])
+    assert doc["rows"][0]["stages"]["entropy"] == {"regular-reference": ""}
+
+
+def test_reference_self_check_beside_a_model(tmp_path):
+    """README flow: `evaluate --reference` beside one model's results. check shows the self-check as such; plots
+    draws the only model without asking for --model and says the self-check is not plotted."""
+    import shutil
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    res = tmp_path / "results"
+    ev = [sys.executable, "-m", "btp.evaluate", "--dataset", "mbpp", "--reference", "--limit", "2", "--n-boot", "50"]
+    r = subprocess.run([*ev, "--results-dir", str(res)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "reference self-check: 2/2 pass" in r.stdout, r.stderr
+    # a model's judged files (the same programs, filed as a model's)
+    shutil.copytree(res / "reference" / "mbpp", res / "z--m" / "mbpp")
+    r = subprocess.run(["bash", str(ROOT / "run_check.sh"), "--results-dir", str(res)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    blocks = r.stdout.split("\n\n")
+    assert blocks[0].startswith("model z--m") and blocks[1].startswith("reference solutions (harness self-check)")
+    assert "100.0%" in blocks[1].splitlines()[3], r.stdout
+    plots = [sys.executable, "-m", "btp.plots", "--results-dir", str(res), "--out", str(tmp_path / "fig")]
+    r = subprocess.run(plots, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "[btp.plots] not plotted: the reference self-check (btp.evaluate --reference): mbpp 2/2 pass" in r.stderr
+    figs = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert len(figs) == 2 and "pass_at_k" in figs[0] and "statuses" in figs[1], figs
+    r = subprocess.run([*plots, "--model", "reference"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "not plotted" not in r.stderr, r.stderr

@@ -134,7 +134,7 @@ def test_run_entropy_lens_fields_and_summaries():
         np.testing.assert_allclose(out[f"{m}_std"], out[m].astype(np.float64).std(0), rtol=1e-5)
         assert out[f"sample_{m}_mean"].shape == (2, L)
         np.testing.assert_allclose(out[f"sample_{m}_mean"][1], out[m][out["sample_index"] == 1].mean(0), rtol=1e-5)
-    assert out["layer"].tolist() == [1, 2, 3]
+    assert out["layer"].tolist() == [0, 1, 2]  # block index, 0-based
     assert out["sample_n_tokens"].tolist() == [s.n_scored for s in samples]
     # the sample fields are enough to recompute every number
     k = 5

@@ -323,7 +323,13 @@ def test_cli(tmp_path, capsys):
     assert main(["--dataset", "mbpp", "--input", str(inp), "--limit", "2", "--workers", "1", "--n-boot", "100"]) == 0
     out = capsys.readouterr().out
     assert "pass@1=1.0000" in out
-    assert json.loads((tmp_path / "progs.summary.json").read_text())["n_problems"] == 2
+    summary = json.loads((tmp_path / "progs.summary.json").read_text())
+    assert summary["n_problems"] == 2 and summary["small_n"] is True
+    # 2/2 passed: the bootstrap collapses to [1, 1]; the Wilson interval beside it does not (kept old keys too)
+    p1 = summary["pass_at_k"]["pass@1"]
+    assert p1["ci_low"] == p1["ci_high"] == 1.0 and p1["wilson_high"] == 1.0 and 0.1 < p1["wilson_low"] < 0.5
+    assert f"Wilson [{p1['wilson_low']:.4f}, 1.0000]" in out
+    assert "caveat: n = 2 problems < 10" in out
     bad = _write(tmp_path / "bad.jsonl", [{"problem_id": "Mbpp/11", "code": "x"}])
     with pytest.raises(Exception, match="bad.jsonl"):
         main(["--dataset", "mbpp", "--input", str(bad)])

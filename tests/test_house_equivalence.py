@@ -2,7 +2,10 @@
 what main wrote before the change (tests/fixtures/house_before/, from tests/house_equivalence.py at 235863d):
 npz arrays bitwise, JSON and JSONL equal apart from times and provenance stamps. Rewritten once since, when the
 default attention kernel became SDPA (eager before): every number within 8.6e-5 nats of the eager fixture (lens KL of
-early layers, 2e-5 relative), every discrete output (pruned heads, knockout order) the same.
+early layers, 2e-5 relative), every discrete output (pruned heads, knockout order) the same. Rewritten again for
+issue 20's names (no number moved, checked against the old fixture with the renames applied): the lens's `layer` as
+block indices (0..L-1, was 1..L), `layer_numbering` in every analysis stamp, Taylor's `scoring_loss_before`,
+`heldout_loss_after`, `n_alive_after`, and the Wilson interval beside pass@k's bootstrap.
 
 A change that is meant to move numbers (a fixed population, a new default) rewrites the fixture in its own commit
 (`python tests/house_equivalence.py write tests/fixtures/house_before`) and says why."""

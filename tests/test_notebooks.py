@@ -20,16 +20,19 @@ NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {"generation_analysis": 4, "entropy_analysis": 16, "head_ablation_analysis": 7, "optimization_analysis": 8}
 
 
-def execute(name: str, results_dir: Path, model: str = "smollm2-135m", **params: object) -> nbformat.NotebookNode:
-    """Run a notebook top to bottom with RESULTS_DIR, MODEL and any other `params` injected after its
-    `parameters` cell, as papermill would."""
+def execute(
+    name: str, results_dir: Path | None, model: str = "smollm2-135m", cwd: Path = NB_DIR, **params: object
+) -> nbformat.NotebookNode:
+    """Run a notebook top to bottom in `cwd` (Jupyter's default: the notebook's folder) with RESULTS_DIR (None:
+    the notebook's own default), MODEL and any other `params` injected after its `parameters` cell, as papermill
+    would."""
     nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
     i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    values = {"RESULTS_DIR": str(results_dir), "MODEL": model, **params}
+    values = {**({"RESULTS_DIR": str(results_dir)} if results_dir is not None else {}), "MODEL": model, **params}
     inj = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in values.items()))
     inj.metadata["tags"] = ["injected-parameters"]  # as papermill would inject them
     nb.cells.insert(i + 1, inj)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NB_DIR)}}).execute()
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     return nb
 
 
@@ -90,3 +93,33 @@ def test_notebooks_say_when_results_are_absent(results_tree, tmp_path):
             assert "No CMA-ES search outputs" in printed(nb)
     nb = execute("generation_analysis", tmp_path / "missing")  # no results dir at all
     assert n_images(nb) == 0 and "No results to show" in printed(nb)
+
+
+@pytest.mark.slow
+def test_notebook_opened_from_notebooks_dir_finds_the_repository_results(results_tree, tmp_path):
+    """Jupyter starts the kernel in notebooks/: the default RESULTS_DIR = "results" is the repository's results/,
+    not notebooks/results (a checkout laid out as this one: pyproject.toml, btp/, notebooks/, results/)."""
+    repo = tmp_path / "repo"
+    (repo / "btp").mkdir(parents=True)
+    (repo / "pyproject.toml").write_text("[project]\nname = 'btp'\n")
+    (repo / "notebooks").mkdir()
+    tree_copy(results_tree, repo / "results")
+    nb = execute("generation_analysis", None, cwd=repo / "notebooks")
+    assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
+    assert n_images(nb) >= NOTEBOOKS["generation_analysis"], printed(nb)
+    assert "No results to show" not in printed(nb) and "verdicts, 2 problems" in printed(nb)
+
+
+@pytest.mark.slow
+def test_generation_notebook_beside_the_reference_self_check(results_tree, tmp_path):
+    """The README's flow leaves `evaluate --reference` beside the model: MODEL = None still means the only model,
+    and the notebook names the self-check instead of plotting it as a model."""
+    root = tree_copy(results_tree, tmp_path / "t")
+    ref = root / "reference" / "mbpp"  # the model's judged files, filed as the self-check's
+    ref.mkdir(parents=True)
+    for f in ("evaluations.jsonl", "summary.json"):
+        shutil.copy(model_dir(results_tree) / "mbpp" / f, ref / f)
+    nb = execute("generation_analysis", root, model=None)
+    assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
+    assert n_images(nb) >= NOTEBOOKS["generation_analysis"], printed(nb)
+    assert "Not shown below: the reference self-check (btp.evaluate --reference): mbpp " in printed(nb), printed(nb)

@@ -5,13 +5,16 @@ allows as non-trivial PNG/PDF files; titles state the population; the plotted nu
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 from matplotlib.text import Text
-from results_tree import model_dir, results_tree  # noqa: F401  (session fixture)
+from results_tree import model_dir, results_tree, tree_copy  # noqa: F401  (session fixture)
 
 from btp import plots as bp
+from btp.results import LAYER_AXIS, LENS_AXIS
+from btp.stats import pass_at_k_summary
 
 MODEL = "smollm2-135m"
 
@@ -53,7 +56,8 @@ def test_cli_writes_every_figure(results_tree, tmp_path):
             for kind in ("fitness", "sigma", "mask", "mask_changes", "controls")
         ),
     }
-    assert names == {f"{w}.{ext}" for w in want for ext in ("png", "pdf")}
+    slug = model_dir(results_tree).name
+    assert names == {f"{slug}__{w}.{ext}" for w in want for ext in ("png", "pdf")}
     for p in files:
         data = p.read_bytes()
         assert len(data) > 8000, p
@@ -68,7 +72,11 @@ def test_titles_state_population(results_tree):
             assert "generations/all" in t or "generations/incorrect" in t, (name, t)
     a = bp.load_entropy(results_tree, MODEL, "humaneval", "regular-incorrect")
     assert a.population == "generations/incorrect" and a.n_samples == 2 and a.mode == "regular"
-    assert "humaneval · regular · generations/incorrect (n=2 samples)" in texts(bp.entropy_by_layer(a))
+    t = texts(bp.entropy_by_layer(a))
+    assert (
+        f"{model_dir(results_tree).name} · humaneval · regular · generations/incorrect (n=2 samples, 2 problems)" in t
+    )
+    assert "caveat: n = 2 problems < 10: intervals are rough" in t  # every CI figure states n, and warns when small
 
 
 @pytest.mark.slow
@@ -78,7 +86,7 @@ def test_entropy_lines_are_the_stored_means(results_tree):
     ent_ax, ce_ax = fig.axes[:2]
     np.testing.assert_allclose(ent_ax.lines[0].get_ydata(), a.data["entropy_mean"], rtol=1e-6)
     np.testing.assert_allclose(ce_ax.lines[0].get_ydata(), a.data["ce_mean"], rtol=1e-6)
-    assert list(ent_ax.lines[0].get_xdata()) == list(range(1, 31))
+    assert list(ent_ax.lines[0].get_xdata()) == list(range(30))  # block index, 0-based
     _, lo, hi = bp._band(a, "ce", "ci")
     assert np.all(lo <= a.data["ce_mean"] + 1e-6) and np.all(a.data["ce_mean"] <= hi + 1e-6)
     # the default: the sample-weighted mean and its stored CI over problems (issue 12.9)
@@ -132,10 +140,12 @@ def test_taylor_figures(results_tree):
     it_ax, alive_ax = fig.axes[:2]
     scoring, held = it_ax.lines[:2]
     assert list(scoring.get_xdata()) == [0, 1, 2] and list(held.get_xdata()) == [0, 1, 2, 3]
-    np.testing.assert_allclose(held.get_ydata(), [recs[0]["base_heldout_loss"]] + [r["heldout_loss"] for r in recs])
+    np.testing.assert_allclose(
+        held.get_ydata(), [recs[0]["base_heldout_loss"]] + [r["heldout_loss_after"] for r in recs]
+    )
     assert list(alive_ax.lines[1].get_xdata()) == [270, 250, 230, 210]
     P = bp.pruned_at(recs, (30, 9))
-    assert (P == 0).sum() == recs[-1]["n_alive"] == 210
+    assert (P == 0).sum() == recs[-1]["n_alive_after"] == 210
     assert sorted(map(tuple, np.argwhere(P > 0).tolist())) == sorted(map(tuple, recs[-1]["pruned_total"]))
     assert "(210 alive)" in texts(bp.taylor_heads(a))
     assert "2 scoring / 2 held-out samples" in texts(bp.taylor_layers(a))
@@ -212,3 +222,105 @@ def test_knockout_figure_says_whether_its_curves_are_held_out():
     ):
         fig = bp.knockout_curves({"top": [pt], "selection": sel, "ci": "over problems"})
         assert word in fig.axes[0].get_title()
+
+
+@pytest.mark.slow
+def test_layer_axes_say_block_index(results_tree):
+    """Every axis that counts layers says how (block index, 0-based); the lens's says residual after block."""
+    seen = set()
+    for fam in ("entropy", "ablation", "taylor", "cmaes"):
+        for name, fig in bp.FAMILIES[fam](results_tree, MODEL):
+            for ax in fig.axes:
+                for lab in (ax.get_xlabel(), ax.get_ylabel()):
+                    if lab.startswith(("layer", "residual")) or "by layer" in lab:
+                        assert lab == LENS_AXIS or LAYER_AXIS in lab, (name, lab)
+                        seen.add(lab)
+    assert LENS_AXIS in seen and LAYER_AXIS in seen
+    a = bp.load_entropy(results_tree, MODEL, "humaneval", "regular-all")
+    assert a.meta["layer_numbering"] == "block index, 0-based" and a.data["layer"][0] == 0
+    assert "residual after block 0" in texts(bp.entropy_histograms(a, layers=[0, 29]))
+
+
+@pytest.mark.slow
+def test_two_models_into_one_out_never_overwrite(results_tree, tmp_path):
+    root = tree_copy(results_tree, tmp_path / "t")
+    slug = model_dir(root).name
+    (root / "org--other").mkdir()
+    for d in ("humaneval", "mbpp"):
+        tree_copy(root / slug / d, root / "org--other" / d)
+    out = tmp_path / "figs"
+    fams = ("generation", "taylor")
+    a = bp.write_figures(root, slug, out, families=fams)
+    b = bp.write_figures(root, "org--other", out, families=fams)
+    assert len(a) == len(b) >= 7 and not {p.name for p in a} & {p.name for p in b}
+    assert all(p.name.startswith(f"{slug}__") for p in a) and all(p.name.startswith("org--other__") for p in b)
+    assert sorted(out.iterdir()) == sorted(a + b)
+    for fam in fams:  # and in every title
+        for name, fig in bp.FAMILIES[fam](root, "org--other"):
+            assert "org--other" in texts(bp.with_model(fig, "org--other")), name
+            assert slug not in texts(fig), name
+    t = bp.load_taylor(root, "org--other", "humaneval", "regular-all")
+    assert "org--other · humaneval" in texts(bp.taylor_loss(t))  # the analysis title itself, without with_model
+
+
+def test_pass_at_k_single_k_is_points_with_both_intervals_and_small_n_caveat():
+    summ = {
+        "humaneval": {"n_problems": 5, "pass_at_k": pass_at_k_summary([1] * 5, [0] * 5, [1], n_boot=100)},
+        "mbpp": {"n_problems": 40, "pass_at_k": pass_at_k_summary([1] * 40, [1] * 10 + [0] * 30, [1], n_boot=100)},
+    }
+    fig = bp.pass_at_k(summ)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["humaneval", "mbpp"]
+    assert all(l.get_linestyle() == "None" for l in ax.lines if len(l.get_xdata()) == 1 and l.get_marker() == "o")
+    t = texts(fig)
+    assert "humaneval (n=5 problems)" in t and "mbpp (n=40 problems)" in t and "Wilson" in t
+    assert "caveat: n < 10 problems (humaneval n=5)" in t
+    # 0/5 solved: the Wilson bar reaches 43.4%, not a point at 0
+    assert ax.get_ylim()[1] > 43.4
+    multi = bp.pass_at_k({"humaneval": {"n_problems": 12, "pass_at_k": pass_at_k_summary([2] * 12, [1] * 12, [1, 2])}})
+    assert "caveat" not in texts(multi) and multi.axes[0].get_xlabel() == "k"
+
+
+@pytest.mark.slow
+def test_plots_skips_and_names_broken_files(results_tree, tmp_path, capsys):
+    root = tree_copy(results_tree, tmp_path / "t")
+    md = model_dir(root)
+    npz = md / "humaneval/entropy/chain_code-all.npz"
+    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    (md / "mbpp/summary.json").write_text('{"pass_at_k": ')
+    out = tmp_path / "figs"
+    with pytest.raises(SystemExit) as e:
+        bp.main(
+            [
+                "--results-dir",
+                str(root),
+                "--model",
+                MODEL,
+                "--out",
+                str(out),
+                "--only",
+                "entropy",
+                "--only",
+                "generation",
+            ]
+        )
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "2 broken files skipped" in err and "chain_code-all.npz" in err and "mbpp/summary.json" in err
+    names = {p.name.split("__", 1)[1] for p in out.iterdir()}
+    assert "entropy_humaneval_regular-all_layers.png" in names and "generation_pass_at_k.png" in names
+    assert not any("chain_code-all" in n for n in names)
+
+
+def test_cli_offers_every_family():
+    """`python -m btp.plots` runs main after every family is registered (circuits' figures come last in the module)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    r = subprocess.run([sys.executable, "-m", "btp.plots", "--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    only = re.search(r"--only \{([^}]*)\}", r.stdout).group(1).split(",")
+    assert only == list(bp.FAMILIES) and "circuits" in only, only

@@ -304,7 +304,9 @@ def test_check_and_plot_show_the_comparison(tmp_path):
     assert "heads-L0H1_L2H3(2/2)" in format_table(rows)
     comp = bp.load_pruned(tmp_path, "org/m", "humaneval")
     assert bp.pruned_points(comp) == {"heads": [(0.0, 1.0, 1.0, 1.0), (2 / 12, 0.0, 0.0, 0.0)]}
-    assert [n for n, _ in bp.pruned_figures(tmp_path, "org/m")] == ["pruned_humaneval_pass_at_1"]
+    figs = dict(bp.pruned_figures(tmp_path, "org/m"))
+    assert list(figs) == ["pruned_humaneval_pass_at_1"]
+    assert "(n=3 problems)\ncaveat: n = 3 problems < 10" in figs["pruned_humaneval_pass_at_1"].get_suptitle()
 
 
 # ---------------------------------------------------------------- real engines (slow)

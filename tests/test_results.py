@@ -61,6 +61,31 @@ def test_layout(tmp_path):
         R.find_model_dir(tmp_path, None)
 
 
+def test_reference_self_check_is_filed_apart_from_models(tmp_path):
+    """`evaluate --reference` files under results/reference/: never "the only model", named when asked for; a model
+    given as a folder path finds its slug's folder, not the weights folder itself."""
+    ref = R.dataset_dir(tmp_path / "res", R.REFERENCE, "mbpp")
+    (ref / R.EVALUATIONS).write_text("")
+    write_json(ref / R.SUMMARY, {"n_problems": 3, "problems_never_passed": ["mbpp/7"]})
+    with pytest.raises(R.store.UserError, match="only the reference self-check .* --model reference"):
+        R.find_model_dir(tmp_path / "res", None)
+    weights = tmp_path / "w" / "tiny"
+    weights.mkdir(parents=True)
+    m = R.dataset_dir(tmp_path / "res", str(weights), "humaneval").parent
+    assert m.name == "w--tiny"
+    assert R.find_model_dir(tmp_path / "res", None) == m
+    assert R.find_model_dir(tmp_path / "res", str(weights)) == m
+    assert R.find_model_dir(tmp_path / "res", R.REFERENCE) == ref.parent
+    (tmp_path / "res" / "figures").mkdir()  # `plots --out results/figures`: no model
+    (tmp_path / "res" / "figures" / "a.png").write_bytes(b"")
+    assert R.model_dirs(tmp_path / "res") == [m] and R.reference_dirs(tmp_path / "res") == [ref]
+    assert R.reference_note(tmp_path / "res") == "reference self-check (btp.evaluate --reference): mbpp 2/3 pass"
+    R.dataset_dir(tmp_path / "res", "org/b", "mbpp")
+    with pytest.raises(R.store.UserError, match=r"2 models — pass --model, one of: org--b, w--tiny \(or reference"):
+        R.find_model_dir(tmp_path / "res", None)
+    assert R.reference_note(tmp_path) is None
+
+
 @pytest.mark.parametrize("name", list(STEMS))
 def test_stem_round_trip(name):
     s = R.parse_stem(name)
@@ -146,6 +171,50 @@ def test_list_outputs_order_and_staleness(tmp_path):
     os.utime(sd / "regular.npz", (now + 30, now + 30))
     assert R.staleness(d, sd, "regular_knockout.json") == "older than regular.npz"
     assert R.is_stale(gen, ev) and not R.is_stale(ev, gen) and not R.is_stale(d / "nope", gen)
+
+
+def test_staleness_by_recorded_input_content(tmp_path):
+    """An output that records the identities of its inputs is stale exactly when their content changed: new file
+    times (a `cp -r`, a touch) change nothing; a knockout part is stale when its matrix was recomputed."""
+    d = R.dataset_dir(tmp_path, "m", "humaneval")
+    sd = d / "ablation"
+    gen, ev = d / "generations.jsonl", d / "evaluations.jsonl"
+    gen.write_text('{"problem_id": "p", "sample": 0}\n')
+    ev.write_text('{"problem_id": "p", "sample": 0, "passed": true}\n')
+    inputs = R.analysis_inputs(d, "generations", "correct")
+    assert set(inputs) == {"generations.jsonl", "evaluations.jsonl"} and R.analysis_inputs(d, "reference", "all") == {}
+    assert set(R.analysis_inputs(d, "generations", "all")) == {"generations.jsonl"}
+    mid = R.identity_stamp({"x": 1})
+    write_npz(sd / "regular.npz", provenance={"inputs": inputs, **mid}, x=np.zeros(1))
+    write_json(sd / "regular.json", {"inputs": inputs, **mid})
+    write_json(sd / "regular_knockout.json", {"inputs": inputs, **R.identity_stamp({"matrix": mid["run_key"]})})
+    later = 2_000_000_000
+    for i, p in enumerate((gen, ev, *sd.iterdir())):  # every input far newer than every output, in any order
+        os.utime(p, (later - 10 * i, later - 10 * i) if p.parent == d else (1, 1))
+    assert all(R.staleness(d, sd, p.name) is None for p in sd.iterdir())
+    ev.write_text('{"problem_id": "p", "sample": 0, "passed": false}\n')  # rejudged: same size, other content
+    assert R.staleness(d, sd, "regular.npz") == "evaluations.jsonl changed since it was computed"
+    assert R.staleness(d, sd, "regular_knockout.json") == "evaluations.jsonl changed since it was computed"
+    write_json(sd / "regular.json", {"inputs": R.analysis_inputs(d, "generations", "correct"), **mid})
+    write_json(sd / "regular_knockout.json", {"inputs": R.analysis_inputs(d, "generations", "correct"), **mid})
+    assert R.staleness(d, sd, "regular.json") is None
+    assert R.staleness(d, sd, "regular_knockout.json") is None  # no matrix key recorded: nothing to compare
+    ko = {"inputs": R.analysis_inputs(d, "generations", "correct"), **R.identity_stamp({"matrix": "other"})}
+    write_json(sd / "regular_knockout.json", ko)
+    assert R.staleness(d, sd, "regular_knockout.json") == "computed for another regular.npz (recomputed since)"
+    # evaluations and summary: by the content the summary recorded
+    write_json(
+        d / "summary.json",
+        {"inputs": {"generations.jsonl": R.input_identity(gen), "evaluations.jsonl": R.input_identity(ev)}},
+    )
+    os.utime(d / "summary.json", (1, 1))
+    assert R.evaluation_staleness(d) == {}
+    with open(gen, "a") as f:
+        f.write('{"problem_id": "p", "sample": 1}\n')
+    assert set(R.evaluation_staleness(d)) == {"evaluations.jsonl"}
+    with open(ev, "a") as f:
+        f.write('{"problem_id": "p", "sample": 1, "passed": true}\n')
+    assert set(R.evaluation_staleness(d)) == {"evaluations.jsonl", "summary.json"}
 
 
 # ---------------------------------------------------------------- identity and claim
@@ -247,6 +316,41 @@ def test_readers(tmp_path):
     assert [r["iteration"] for r in recs] == [1, 2] and meta["taylor"] == {"num_iters": 2}
     m = R.importance_matrices(recs)
     assert m.shape == (2, 1, 2) and np.isnan(m[0, 0, 0]) and m[1, 0, 0] == 1.0
+
+
+def test_taylor_reader_names_states_and_reads_old_files(tmp_path):
+    """Records written before the fields named their state (scoring_loss, heldout_loss, n_alive) read back under
+    today's names, beside records of the new format in the same (resumed) file; plots draw them."""
+    import btp.plots as bp
+
+    sd = R.dataset_dir(tmp_path, "m", "humaneval") / "taylor"
+    common = {"importance": [[1.0, 2.0]], "pruned": [[0, 0]], "pruned_before": [], "base_heldout_loss": 1.0}
+    old = {**common, "iteration": 1, "n_alive_before": 2, "n_alive": 1, "scoring_loss": 1.5, "heldout_loss": 1.7}
+    old |= {"scoring_losses": [1.5], "heldout_losses": [1.7], "pruned_total": [[0, 0]]}
+    new = {**common, "iteration": 2, "n_alive_before": 1, "n_alive_after": 1, "scoring_loss_before": 1.6}
+    new |= {"heldout_loss_after": 1.8, "scoring_losses_before": [1.6], "heldout_losses_after": [1.8]}
+    sd.mkdir(parents=True)
+    (sd / "regular.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in (old, new)))
+    recs, _ = R.read_taylor(sd, "regular")
+    assert [r["n_alive_after"] for r in recs] == [1, 1] and [r["heldout_loss_after"] for r in recs] == [1.7, 1.8]
+    assert recs[0]["scoring_loss_before"] == 1.5 and recs[0]["heldout_losses_after"] == [1.7]
+    assert not any(k in r for r in recs for k in R.TAYLOR_RENAMED)
+    assert R.taylor_record(new) is new  # today's records pass through untouched
+    fig = bp.taylor_loss(bp.Analysis("taylor", "humaneval", "regular", recs))
+    assert list(fig.axes[0].lines[1].get_ydata()) == [1.0, 1.7, 1.8]
+
+
+def test_old_lens_outputs_read_as_block_indices(tmp_path):
+    """Lens files written before `layer_numbering` counted the residual after block b as layer b + 1."""
+    sd = R.dataset_dir(tmp_path, "m", "humaneval") / "entropy"
+    write_npz(sd / "regular.npz", layer=np.arange(1, 4), entropy_mean=np.ones(3))
+    write_json(sd / "regular.json", {"stage": "entropy_lens", "summary": {"layer": [1, 2, 3]}})
+    arrays, meta = R.read_analysis(sd, "regular")
+    assert arrays["layer"].tolist() == [0, 1, 2] and meta["summary"]["layer"] == [0, 1, 2]
+    assert meta["layer_numbering"] == R.LAYER_NUMBERING
+    write_json(sd / "regular.json", {"stage": "entropy_lens", "layer_numbering": R.LAYER_NUMBERING})
+    write_npz(sd / "regular.npz", layer=np.arange(3), entropy_mean=np.ones(3))
+    assert R.read_analysis(sd, "regular")[0]["layer"].tolist() == [0, 1, 2]  # today's files: as written
 
 
 def test_one_jsonl_reader(tmp_path):

@@ -8,7 +8,16 @@ import math
 import numpy as np
 import pytest
 
-from btp.stats import bootstrap_ci, bootstrap_mean, ks_up_to, mcnemar, paired_bootstrap, pass_at_k, pass_at_k_summary
+from btp.stats import (
+    bootstrap_ci,
+    bootstrap_mean,
+    ks_up_to,
+    mcnemar,
+    paired_bootstrap,
+    pass_at_k,
+    pass_at_k_summary,
+    wilson_ci,
+)
 
 
 def _brute(n: int, c: int, k: int) -> float:
@@ -178,3 +187,23 @@ def test_random_control_band_holds_the_spread_between_draws():
     both = draws_clustered_mean(draws, pids, n_boot=500)
     assert float(both.mean) == pytest.approx(draws.mean())
     assert (both.high - both.low) > 20 * (naive.high - naive.low)
+
+
+# Wilson score 95% intervals as published (e.g. Newcombe 1998, Table I; Brown, Cai & DasGupta 2001), to 4 places
+@pytest.mark.parametrize(
+    "x,n,low,high",
+    [(0, 5, 0.0, 0.4345), (5, 5, 0.5655, 1.0), (3, 10, 0.1078, 0.6032), (50, 100, 0.4038, 0.5962), (0, 1, 0.0, 0.7935)],
+)
+def test_wilson_known_values(x, n, low, high):
+    lo, hi = wilson_ci(x, n)
+    assert lo == pytest.approx(low, abs=5e-5) and hi == pytest.approx(high, abs=5e-5)
+
+
+def test_pass_at_k_summary_boundaries_are_not_degenerate():
+    for c, inside in ((0, 0.0), (1, 1.0)):  # 0/5 and 5/5 problems solved, one sample each
+        s = pass_at_k_summary([1] * 5, [c] * 5, [1], n_boot=200)["pass@1"]
+        assert s["ci_low"] == s["ci_high"] == inside  # the bootstrap has nothing to resample
+        assert s["wilson_low"] < s["wilson_high"] and s["wilson_low"] <= inside <= s["wilson_high"]
+        assert s["wilson_high"] - s["wilson_low"] == pytest.approx(0.4345, abs=5e-5) and s["n_problems"] == 5
+    with pytest.raises(ValueError):
+        wilson_ci(6, 5)

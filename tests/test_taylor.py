@@ -233,14 +233,14 @@ def test_run_losses_equal_weight_surgery_and_no_duplicated_forwards():
     finally:
         hk.remove()
     assert len(forwards) == H + N * (S + H)  # base held-out once; per iteration one pass per sample
-    assert [r["iteration"] for r in hist] == [1, 2, 3] and [r["n_alive"] for r in hist] == [10, 8, 6]
+    assert [r["iteration"] for r in hist] == [1, 2, 3] and [r["n_alive_after"] for r in hist] == [10, 8, 6]
     base = [loss_of(model, s) for s in heldout.samples]
     assert hist[0]["base_heldout_loss"] == pytest.approx(np.mean(base), abs=1e-6)
     for i, r in enumerate(hist):
         surgery = pruned_copy(model, [tuple(p) for p in r["pruned_total"]])
-        np.testing.assert_allclose(r["heldout_losses"], [loss_of(surgery, s) for s in heldout.samples], atol=1e-5)
+        np.testing.assert_allclose(r["heldout_losses_after"], [loss_of(surgery, s) for s in heldout.samples], atol=1e-5)
         before = pruned_copy(model, [tuple(p) for p in r["pruned_before"]])
-        np.testing.assert_allclose(r["scoring_losses"], [loss_of(before, s) for s in scoring.samples], atol=1e-5)
+        np.testing.assert_allclose(r["scoring_losses_before"], [loss_of(before, s) for s in scoring.samples], atol=1e-5)
         if i:  # the scoring pass of iteration i+1 gives the scoring loss after iteration i's pruning
             assert r["pruned_before"] == hist[i - 1]["pruned_total"]
         imp = importance_matrix(r)
@@ -259,7 +259,7 @@ def test_stop_factor_and_nothing_prunable():
         run_taylor(model, scoring, heldout, TaylorConfig(num_iters=5, stop_factor=1e-3, **CFG), history=hist) == hist
     )  # a stopped history stays stopped
     hist = run_taylor(model, scoring, heldout, TaylorConfig(num_iters=9, prune_per_iter=4, min_heads_per_layer=2))
-    assert [r["n_alive"] for r in hist] == [8, 6] and hist[-1]["stop_reason"] == "no_prunable_heads"
+    assert [r["n_alive_after"] for r in hist] == [8, 6] and hist[-1]["stop_reason"] == "no_prunable_heads"
     assert hist[-1]["alive_per_layer"] == [2, 2, 2]
 
 
@@ -292,7 +292,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
         np.testing.assert_allclose(
             importance_matrix(a, "importance_raw"), importance_matrix(b, "importance_raw"), rtol=1e-9
         )
-        for k in ("scoring_losses", "heldout_losses", "base_heldout_loss", "base_scoring_loss"):
+        for k in ("scoring_losses_before", "heldout_losses_after", "base_heldout_loss", "base_scoring_loss"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-9)
     # the same file cannot be continued with other settings or samples
     with pytest.raises(ValueError, match="t.jsonl:1.*settings"):
@@ -318,10 +318,10 @@ def test_main_on_embedded_model(tmp_path):
     assert [f.name for f in files] == ["regular-reference.jsonl"]
     recs = read_jsonl(files[0])
     assert [r["iteration"] for r in recs] == [1, 2] and len(hist) == 2
-    assert recs[0]["n_alive"] == 270 - 27 and recs[1]["n_alive"] == 270 - 54
+    assert recs[0]["n_alive_after"] == 270 - 27 and recs[1]["n_alive_after"] == 270 - 54
     imp = importance_matrix(recs[1])
     assert imp.shape == (30, 9) and np.isnan(imp).sum() == 27 and (imp[~np.isnan(imp)] > 0).all()
-    assert all(np.isfinite(r["heldout_loss"]) and r["heldout_loss"] > 0 for r in recs)
+    assert all(np.isfinite(r["heldout_loss_after"]) and r["heldout_loss_after"] > 0 for r in recs)
     assert len(recs[0]["scoring_samples"]) == 3 and len(recs[0]["heldout_samples"]) == 1
     assert recs[0]["provenance"]["model"].startswith("HuggingFaceTB/SmolLM2-135M")
     runs = json.loads(files[0].with_name("regular-reference.runs.json").read_text())

@@ -19,7 +19,7 @@ import pytest
 from test_cli_surface import ENV, ROOT, btp, error_line
 
 STAGES = ["generate", "evaluate", "entropy_lens", "ablation", "taylor", "cmaes_search", "circuits", "pruned", "check"]
-STAGES += ["plots"]
+STAGES += ["plots", "merge"]
 ANALYSES = ["entropy_lens", "ablation", "taylor", "cmaes_search"]
 MISSING_MODEL = "/nonexistent/model-folder"  # a value error must win over it: checked before any model is touched
 

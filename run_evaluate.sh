@@ -5,7 +5,8 @@
 # MODEL: as given to run_inference.sh (default smollm2-135m). Knobs via env vars; unset ones keep
 # `python -m btp.evaluate` defaults:
 #   DATASETS="humaneval mbpp livecodebench"  WORKERS  TIMEOUT (CPU s per test)  LIMIT  RESULTS_DIR
-#   ISOLATION (auto|rlimits-only)  CONFIG (JSON preset)  LCB_RELEASE  LCB_DATA_FILE  REFERENCE=1  FRESH=1  EXTRA_ARGS
+#   ISOLATION (auto|rlimits-only)  CONFIG (JSON preset)  LCB_RELEASE  LCB_DATA_FILE  REFERENCE=1  FORCE=1  EXTRA_ARGS
+# A dataset the model has no generations of is skipped with a note (btp.evaluate --skip-missing).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-.venv/bin/python}
@@ -25,10 +26,11 @@ if [ -n "${REFERENCE:-}" ]; then
     flags+=(--reference)
     DATASETS=${DATASETS:-humaneval mbpp}   # LiveCodeBench has no reference solutions
 else
-    flags+=(--model "$MODEL")
+    flags+=(--model "$MODEL" --skip-missing)
     DATASETS=${DATASETS:-humaneval mbpp livecodebench}
 fi
-if [ -n "${FRESH:-}" ]; then flags+=(--fresh); fi
+if [ -n "${FRESH:-}" ]; then echo "run_evaluate.sh: error: FRESH=1 is now FORCE=1 — rerun with FORCE=1" >&2; exit 2; fi
+if [ -n "${FORCE:-}" ]; then flags+=(--force); fi
 
 status=0
 for d in $DATASETS; do

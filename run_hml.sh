@@ -21,7 +21,7 @@ if [ $# -eq 0 ]; then
   MODEL=smollm2-135m
   : "${DATASETS:=humaneval mbpp}" "${LIMIT:=4}" "${MAX_TOKENS:=384}" "${SOURCE:=reference}" "${NUM_SAMPLES:=2}"
   # the exact ablation matrix costs ~(L+1)/2 forward passes per head: keep the demo's samples short
-  : "${SELECT:=all}" "${EXTRA_ANALYSIS_FLAGS:=--max-tokens 256}"
+  : "${SELECT:=all}" "${EXTRA_ANALYSIS_FLAGS:=--sample-max-tokens 256}"
   # a short search: a few generations of 8 candidates (the stage's defaults: pycma's population, 20 generations)
   : "${CMAES_FLAGS:=--popsize 8 --max-generations 4 --control-draws 3}"
   echo "[run_hml] demo on the embedded default $MODEL: $LIMIT problems per dataset; analyses use SOURCE=$SOURCE"

@@ -53,12 +53,18 @@ class MatrixConfig:
         "top heads (and as many random ones)",
         choices=METHODS,
     )
-    verify: int = opt(10, "atp+exact: heads (top by |estimate|, plus as many random) whose exact delta is computed")
+    verify: int = opt(
+        10,
+        "atp+exact: heads (top by |estimate|, plus as many random) whose exact delta is computed",
+        check=cli.at_least(1),
+    )
     # None: every layer (the default; no shortcut to a subset)
     layers: list[int] | None = opt(
         None, "restrict the matrix to these layers, e.g. 0,5,10-12 (default: all)", parse=parse_layers
     )
-    batch_rows: int | None = opt(None, "ablations per batched pass (default: from free memory and sequence length)")
+    batch_rows: int | None = opt(
+        None, "ablations per batched pass (default: from free memory and sequence length)", check=cli.at_least(1)
+    )
     per_token: bool = opt(False, "also store per-token deltas")  # [tokens, L, Hmax]
     # reuse layer l's recorded o_proj input for layer-l ablations (exact)
     reuse_attention: bool = opt(
@@ -67,10 +73,10 @@ class MatrixConfig:
         flag="no-reuse-attention",
         invert=True,
     )
-    n_boot: int = opt(1000, "bootstrap resamples over samples for CIs")
+    n_boot: int = opt(1000, "bootstrap resamples over samples for CIs", check=cli.at_least(1))
     seed: int = 0
     # 0: after every (sample, layer)
-    save_every: float = opt(60.0, "seconds between partial saves (resume)")
+    save_every: float = opt(60.0, "seconds between partial saves (resume)", check=cli.at_least(0))
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -104,7 +110,9 @@ class KnockoutConfig:
     ks: list[int] | None = opt(
         None, "knockout counts, e.g. 1,2,4,8 (default: powers of 2)", flag="knockout-ks", parse=parse_ks
     )
-    random_seeds: int = opt(10, "random-head control curves (their band resamples draws and problems)")
+    random_seeds: int = opt(
+        10, "random-head control curves (their band resamples draws and problems)", check=cli.at_least(0)
+    )
     heldout: float | int = opt(
         0.25,
         "problems held out for the curves: the ranking (and greedy choice) uses the "
@@ -116,7 +124,9 @@ class KnockoutConfig:
         False, "also the greedy curve (re-rank remaining heads after each removal: one matrix-like pass per step)"
     )
     greedy_candidates: int | None = opt(
-        None, "greedy picks among the top-N heads of the matrix (default: all; costly for big models)"
+        None,
+        "greedy picks among the top-N heads of the matrix (default: all; costly for big models)",
+        check=cli.at_least(1),
     )
     batch_rows: int | None = None  # these as the matrix's (the stage passes them on)
     reuse_attention: bool = True
@@ -628,6 +638,7 @@ def agreement_report(res: dict, exact: dict | None, ks: Sequence[int] = (10, 20)
     return out
 
 
+@cli.each_dataset
 def main(argv: Sequence[str] | None = None) -> Path:
     run = cli.prepare(SPEC, argv)
     mcfg, ss = run.config(MatrixConfig), run.samples
@@ -772,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         n_heads = int(np.isfinite(res["delta_mean"]).sum())
         print(
             f"[btp.ablation] {'matrix' if not screen else mcfg.method + ' screen'}: {len(ss)} samples x {n_heads} "
-            f"heads in {secs:.1f}s -> {npz_path}"
+            f"heads in {secs:.1f}s -> {npz_path}{ss.left_out()}"
         )
         for what, a in agree.get("agreement", {}).items():
             print(

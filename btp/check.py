@@ -567,17 +567,18 @@ def format_sweeps(sweeps: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="python -m btp.check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--results-dir", default="results")
+    p = cli.parser("check", __doc__.split("\n\n")[0])
+    p.add_argument("--results-dir", default="results", help="root of the results tree")
     p.add_argument("--sweep", default=None, help="a sweep file (YAML): its jobs' progress (done/running/failed/...)")
-    p.add_argument("--model", default=None, help="only this model (slug or HF id)")
-    p.add_argument("--dataset", default=None, help="only this dataset")
+    p.add_argument("--model", default=None, help="only this model (slug or HF id) (default: every model)")
+    p.add_argument("--dataset", default=None, help="only these datasets, comma-separated (default: every dataset)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--deep", action="store_true", help="also CRC-check every npz member (reads them whole)")
-    args = p.parse_args(argv)
+    args = cli.parse(p, argv)
     try:
         sweeps = sweeps_of(args.results_dir, args.sweep)
-        rows = [] if args.sweep else check_tree(args.results_dir, args.model, args.dataset, args.deep)
+        names = [d.strip() for d in args.dataset.split(",") if d.strip()] if args.dataset else [None]
+        rows = [] if args.sweep else [r for d in names for r in check_tree(args.results_dir, args.model, d, args.deep)]
     except (FileNotFoundError, cli.UserError) as e:  # no such results / model / dataset: said as one line
         print(cli.error_line("check", e), file=sys.stderr)
         return 2

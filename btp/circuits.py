@@ -866,9 +866,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fold-norms", dest="fold_norms", action="store_false", help="compare unfolded projections")
     p.add_argument("--no-null", dest="null", action="store_false", help="skip the other-heads null distribution")
     p.add_argument("--no-random", dest="random_baseline", action="store_false", help="skip the random-model baseline")
-    p.add_argument("--top-k", type=int, default=10, help="top heads by importance in the join with the analyses")
-    p.add_argument("--n-boot", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=10,
+        help="top heads by importance in the join with the analyses",
+        check=cli.at_least(1),
+    )
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for CIs", check=cli.at_least(1))
+    p.add_argument("--seed", type=int, default=0, help="seed of the null draws, the random model and the bootstrap")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help=cli.VERBOSE_HELP)
     return p
 
 
@@ -885,7 +893,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         top_k=args.top_k,
         n_boot=args.n_boot,
     )
-    paths = run(args.base, args.other, args.results_dir, cfg, config=cli.config_dict(args))
+    paths = run(
+        args.base, args.other, args.results_dir, cfg, config=cli.config_dict(args), progress=not args.no_progress
+    )
     s = read_json(paths["json"])["summary"]
     print(
         f"[btp.circuits] OV cos mean {s['ov']['mean']:.4f} (min {s['ov']['min']:.4f}), QK cos mean "

@@ -4,7 +4,8 @@
   override them.
 - Flags come from config dataclasses (`add_flags`, `config_from`): a field's default and help (`opt(...)`) are
   written once, in the dataclass. Shared flags are declared once: `Common` (model, dataset, results dir, seed),
-  `Runtime` (dtype, device, device map, attention kernel, force, progress) and the sample flags (`SampleConfig`).
+  `Runtime` (dtype, device, device map, attention kernel, force, progress, verbose) and the sample flags
+  (`SampleConfig`). A flag's `check` refuses a bad value at parse time; renamed flags (`RENAMED`) say their new name.
 - The analysis stage path (`prepare` -> `Run.claim` -> `Run.load`): parse, resolve the model id, build the samples,
   claim the output (fresh / resume / done, refusing another identity), and load weights only when there is work.
 """
@@ -15,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -111,11 +113,13 @@ def opt(
     parse: Callable[[Any], Any] | None = None,
     invert: bool = False,
     factory: Callable[[], Any] | None = None,
+    check: Callable[[Any], str | None] | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line flag: `--<name>` (or `flag`), its help, its choices;
     `parse` turns the flag's string (or a preset's value) into the field's value; `invert` makes a boolean field
-    the negation of a store-true flag (`reuse_attention` <- `--no-reuse-attention`)."""
-    meta = {"help": help, "flag": flag, "choices": choices, "parse": parse, "invert": invert}
+    the negation of a store-true flag (`reuse_attention` <- `--no-reuse-attention`); `check` (e.g. `at_least(1)`)
+    says what is wrong with a value, checked at parse time (flags and presets alike)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "parse": parse, "invert": invert, "check": check}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -150,6 +154,8 @@ def add_flags(
         m, tp = f.metadata, _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kw: dict[str, Any] = {"help": m.get("help")}
+        if isinstance(p, ArgumentParser):  # checked at parse time (a plain argparse parser takes no checks)
+            kw.update(check=m.get("check"), parse=m.get("parse"))
         if tp is bool:
             kw.update(action="store_true")
             if not m.get("invert") and default:
@@ -194,12 +200,32 @@ def _default_model() -> str:
     return DEFAULT_MODEL
 
 
+# ---------------------------------------------------------------- value checks (opt(check=...))
+
+
+def at_least(lo: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= lo else f"must be >= {lo:g}"
+
+
+def above(lo: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v > lo else f"must be > {lo:g}"
+
+
+def fraction(v: Any) -> str | None:
+    """(0, 1]: a share such as top-p or a memory fraction."""
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+VERBOSE_HELP = "show vLLM's and transformers' info logs (default: warnings and errors only)"
+DATASETS_HELP = f"one of {', '.join(benchmarks.NAMES)}; several comma-separated run one after another"
+
+
 @dataclass
 class Common:
     model: str = opt(help="HF id, local folder, or an embedded name", factory=_default_model)
-    dataset: str = opt(benchmarks.DEFAULT, None, choices=benchmarks.NAMES)
+    dataset: str = opt(benchmarks.DEFAULT, DATASETS_HELP)
     results_dir: str = opt("results", "root of the results tree")
-    seed: int = opt(0, None)
+    seed: int = opt(0, "random seed (sample choice, splits, bootstrap, controls)")
 
 
 def _device_map(v: str | dict | None) -> str | dict | None:
@@ -223,6 +249,7 @@ class Runtime:
     )
     force: bool = opt(False, "recompute: discard existing outputs and progress files")
     no_progress: bool = opt(False, "no progress bars")
+    verbose: bool = opt(False, VERBOSE_HELP)
     # sharding: bookkeeping of a run, not a setting (kept out of the stamped config; a shard's identity has it)
     shard: str | None = opt(
         None,
@@ -250,23 +277,53 @@ def parse_shard(v: str | None) -> results.Shard | None:
     return sh if sh.count > 1 else None
 
 
+# flags renamed for one spelling per idea: old spelling -> new flag. Refused with a one-line hint where the
+# stage has the new flag and not the old (generate and pruned keep --max-tokens: generation length).
+RENAMED = {"fresh": "force", "max-tokens": "sample-max-tokens"}
+_RENAME_WHY = {"sample-max-tokens": " (the analysed sample's context cap; --max-tokens is generation length)"}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's default shown once: a help that states its own default keeps it; a switch is off unless
+    given; `%` in help text is literal."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = re.sub(r"%(?!\()", "%%", action.help or "")
+        if action.default is argparse.SUPPRESS or "(default" in h:
+            return h
+        if action.nargs == 0:
+            return f"{h} (default: off)".strip()
+        return f"{h} (default: {'none' if action.default is None else '%(default)s'})".strip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are the one line of `entry` (not usage + message), and which knows --debug."""
+    """argparse whose usage errors are the one line of `entry` (not usage + message), which knows --debug, and
+    whose arguments may carry `check` and `parse` (see `opt`), applied at parse time."""
 
     def __init__(self, *a: Any, **kw: Any):
+        kw.setdefault("formatter_class", HelpFormatter)
         super().__init__(*a, **kw)
+        self.checks: dict[str, tuple[str, Callable | None, Callable | None]] = {}  # dest -> (flag, parse, check)
+        self.each_dataset = False  # `--dataset a,b` runs the stage once per dataset (see `each_dataset`)
         self.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
-    def error(self, message: str) -> typing.NoReturn:
+    def add_argument(self, *a: Any, check: Callable | None = None, parse: Callable | None = None, **kw: Any):
+        action = super().add_argument(*a, **kw)
+        if check is not None or parse is not None:
+            self.checks[action.dest] = (action.option_strings[0], parse, check)
+        return action
+
+    def fail(self, what: str, todo: str) -> typing.NoReturn:
         stage = self.prog.split()[-1].removeprefix("btp.")
-        print(_line(stage, "error", f"{message} — see {self.prog} --help"), file=sys.stderr, flush=True)
+        print(_line(stage, "error", f"{what} — {todo}"), file=sys.stderr, flush=True)
         sys.exit(2)
 
+    def error(self, message: str) -> typing.NoReturn:
+        self.fail(message, f"see {self.prog} --help")
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog=f"python -m btp.{prog}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+
+def parser(prog: str, description: str) -> ArgumentParser:
+    p = ArgumentParser(prog=f"python -m btp.{prog}", description=description)
     p.add_argument(
         "--config",
         type=Path,
@@ -276,21 +333,47 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
+def add_common(p: ArgumentParser, *, dataset: bool = True) -> None:
     """--model, --dataset (unless a stage declares its own), --results-dir, --seed."""
     add_flags(p, Common, skip=() if dataset else ("dataset",))
+    p.each_dataset = dataset
 
 
 def add_runtime(p: argparse.ArgumentParser, *, device_map: bool = False, shard: bool = False) -> None:
-    """--dtype, --device, [--device-map], --attn-implementation, --force, --no-progress, [--shard,
+    """--dtype, --device, [--device-map], --attn-implementation, --force, --no-progress, --verbose, [--shard,
     --merge-shards]."""
     add_flags(p, Runtime, skip=(() if device_map else ("device_map",)) + (() if shard else SHARD_FLAGS))
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse with a config preset applied as defaults. Unknown preset keys are an error naming the file."""
+class EachDataset(Exception):
+    """`--dataset a,b` on a stage that runs one dataset at a time: `each_dataset` runs it once per name."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(f"run once per dataset: {names}")
+        self.names = names
+
+
+def _renamed(p: ArgumentParser, name: str) -> str | None:
+    """The new flag of an old spelling this parser no longer has, else None."""
+    new = RENAMED.get(name.lstrip("-").replace("_", "-"))
+    have = {a.dest for a in p._actions}
+    if new and new.replace("-", "_") in have and name.lstrip("-").replace("-", "_") not in have:
+        return new
+    return None
+
+
+def parse(
+    p: ArgumentParser, argv: Sequence[str] | None = None, *, one_dataset: Sequence[str] = ()
+) -> argparse.Namespace:
+    """Parse with a config preset applied as defaults. Unknown preset keys are an error naming the file; renamed
+    flags and keys are refused with their new name; every value is checked (`opt(check=...)`) before any work.
+    `--dataset a,b` raises `EachDataset` on a stage that runs one at a time, unless a flag in `one_dataset` is set."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for a in argv:
+        if a.startswith("--") and (new := _renamed(p, a.split("=")[0])):
+            p.fail(f"{a.split('=')[0]} is now --{new}{_RENAME_WHY.get(new, '')}", f"rerun with --{new}")
     pre, _ = p.parse_known_args(argv)
-    if pre.config is not None:
+    if getattr(pre, "config", None) is not None:
         try:
             preset = json.loads(Path(pre.config).read_text())
         except FileNotFoundError:
@@ -305,11 +388,89 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
             dest = k.lstrip("-").replace("-", "_")
             if dest.startswith("_"):  # comments like "_about"
                 continue
+            if new := _renamed(p, k):
+                p.fail(f"{pre.config}: key '{k}' is now '{new}'{_RENAME_WHY.get(new, '')}", f"rename it to '{new}'")
             if dest not in known:
                 p.error(f"{pre.config}: unknown key '{k}' for python -m {p.prog.split()[-1]}")
             defaults[dest] = v
         p.set_defaults(**defaults)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    _check_values(p, args)
+    if p.each_dataset:
+        names = [d.strip() for d in str(args.dataset).split(",") if d.strip()]
+        bad = [d for d in names if d not in benchmarks.NAMES]
+        if bad or not names:
+            p.fail(f"unknown --dataset {', '.join(map(repr, bad)) or repr(args.dataset)}", _choose_datasets())
+        if len(names) > 1:
+            if given := [f for f in one_dataset if getattr(args, f.lstrip("-").replace("-", "_"), None)]:
+                p.fail(f"{given[0]} takes one --dataset, got {args.dataset}", "give one dataset")
+            raise EachDataset(names)
+    if hasattr(args, "verbose"):
+        quiet_logs(args.verbose)
+    if getattr(args, "no_progress", False):
+        no_library_bars()
+    return args
+
+
+def _choose_datasets() -> str:
+    return f"choose from {', '.join(benchmarks.NAMES)} (several comma-separated)"
+
+
+def _check_values(p: ArgumentParser, args: argparse.Namespace) -> None:
+    """Every checked value (given, or from a preset) is valid now, before a model or a file is touched."""
+    for dest, (flag, parse_, check) in getattr(p, "checks", {}).items():
+        v = getattr(args, dest, None)
+        if v is None:
+            continue
+        try:
+            v = parse_(v) if parse_ is not None else v
+            why = check(v) if check is not None and v is not None else None
+        except ValueError as e:
+            p.fail(str(e) if flag in str(e) else f"{flag} {getattr(args, dest)!r}: {e}", f"see {p.prog} --help")
+        except TypeError:
+            why = "has the wrong type"
+        if why:
+            p.fail(f"{flag} {getattr(args, dest)}: {why}", f"see {p.prog} --help")
+
+
+def each_dataset(main: Callable[..., Any]) -> Callable[..., Any]:
+    """`main(argv)` that runs once per dataset of `--dataset a,b` (`parse` raises `EachDataset`), in order; the
+    last --dataset wins in argparse, so each run appends its own. Returns the list of results (an exit code: the
+    worst)."""
+
+    def run(argv: Sequence[str] | None = None, *a: Any, **kw: Any) -> Any:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        try:
+            return main(argv, *a, **kw)
+        except EachDataset as e:
+            outs = [main([*argv, "--dataset", d], *a, **kw) for d in e.names]
+        if all(isinstance(o, int) for o in outs):
+            return max(outs)
+        return outs
+
+    run.__doc__, run.__wrapped__ = main.__doc__, main  # type: ignore[attr-defined]
+    return run
+
+
+def no_library_bars() -> None:
+    """`--no-progress` silences the bars of the hub and transformers (weight loading) too, not btp's alone."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.disable_progress_bar()
+
+
+def quiet_logs(verbose: bool) -> None:
+    """vLLM and transformers at warning level unless `--verbose`, set before either loads an engine so that btp's
+    own lines stay readable (a level set in the environment wins)."""
+    level = "INFO" if verbose else "WARNING"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)  # read by vLLM when it is imported (in the engine's load)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", level.lower())
+    if "transformers" in sys.modules:  # imported already: the environment is read no more
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.set_verbosity(tf_logging.log_levels.get(os.environ["TRANSFORMERS_VERBOSITY"], tf_logging.WARNING))
 
 
 def config_dict(args: argparse.Namespace) -> dict:
@@ -522,9 +683,11 @@ class Run:
             not_done(self.spec.module or self.spec.name, "an output of this run is missing or unfinished")
 
     def stamp(self, lm: Any, **extra: Any) -> dict:
-        """The provenance stamp of an output of this run (`lm`: the loaded model)."""
+        """The provenance stamp of an output of this run (`lm`: the loaded model), with the dtype the weights were
+        loaded in (resolved before loading: never "auto")."""
         from .store import provenance
 
+        extra.setdefault("dtype", str(lm.dtype))
         if self.shard:
             extra = {**extra, "shard": self.shard.label}
         return provenance(
@@ -546,13 +709,14 @@ class Run:
 def prepare(spec: StageSpec, argv: Sequence[str] | None = None) -> Run:
     """Parse, resolve the model id (no weights), resolve device and dtype, and build the analysis samples with
     the model's tokenizer: everything a stage needs to claim its output before it loads weights."""
-    import torch
-
-    from .models import default_device, default_dtype, load_tokenizer, parse_dtype, resolve_model
     from .samples import config_from_args, load_samples
 
     p = stage_parser(spec)
-    args = parse(p, argv)
+    args = parse(p, argv)  # before torch is imported: a mistake is said at once
+    import torch
+
+    from .models import default_device, default_dtype, load_tokenizer, parse_dtype, resolve_model
+
     try:
         scfg = config_from_args(args)
         dev = torch.device(args.device) if args.device else default_device()

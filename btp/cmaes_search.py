@@ -82,18 +82,24 @@ class SearchConfig:
         "coordinates > 0, --size-penalty per kept head over the budget",
         choices=ENCODINGS,
     )
-    size_penalty: float = opt(0.05, "threshold encoding: nats added to the fitness per kept head over the budget")
-    min_heads_per_layer: int = opt(1, "never keep fewer heads in a layer")
+    size_penalty: float = opt(
+        0.05, "threshold encoding: nats added to the fitness per kept head over the budget", check=cli.at_least(0)
+    )
+    min_heads_per_layer: int = opt(1, "never keep fewer heads in a layer", check=cli.at_least(0))
     warm_start: str = opt(
         "auto",
         "mean of the first generation: auto (Taylor importance, else the ablation matrix, "
         "for the same samples and split, else zeros), taylor, ablation, or cold (zeros)",
         choices=WARM_STARTS,
     )
-    popsize: int | None = opt(None, "candidates per generation (default: pycma's 4 + 3 ln(heads))")
-    sigma0: float = opt(0.5, "initial step size (a warm start spans about [-1, 1])")
-    max_generations: int = opt(20, "generations to run (a rerun with more continues the file)")
-    max_evals: int | None = opt(None, "stop once this many candidates were evaluated (cache hits count)")
+    popsize: int | None = opt(
+        None, "candidates per generation (default: pycma's 4 + 3 ln(heads))", check=cli.at_least(2)
+    )
+    sigma0: float = opt(0.5, "initial step size (a warm start spans about [-1, 1])", check=cli.above(0))
+    max_generations: int = opt(20, "generations to run (a rerun with more continues the file)", check=cli.at_least(1))
+    max_evals: int | None = opt(
+        None, "stop once this many candidates were evaluated (cache hits count)", check=cli.at_least(1)
+    )
     fitness: str = opt(
         "ce",
         "ce: mean CE of the scored tokens with the removed heads gated; pass1: 1 - pass@1 of real generation on "
@@ -721,19 +727,25 @@ class RunConfig:
         parse=lambda v: cli.parse_heldout(str(v)),
     )
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed, as btp.taylor)")
-    control_draws: int = opt(5, "random control masks (same heads per layer as the final mask)")
-    n_boot: int = opt(1000, "bootstrap resamples over problems for CIs")
-    batch_rows: int | None = opt(None, "candidates per batched pass (default: from free memory)")
+    control_draws: int = opt(5, "random control masks (same heads per layer as the final mask)", check=cli.at_least(0))
+    n_boot: int = opt(1000, "bootstrap resamples over problems for CIs", check=cli.at_least(1))
+    batch_rows: int | None = opt(None, "candidates per batched pass (default: from free memory)", check=cli.at_least(1))
     tag: str | None = opt(None, "suffix of the output stem (keeps variants apart)")
-    dev_problems: int = opt(8, "--fitness pass1: the first N problems of the dataset are the dev subset")
+    dev_problems: int = opt(
+        8, "--fitness pass1: the first N problems of the dataset are the dev subset", check=cli.at_least(1)
+    )
     heldout_problems: int = opt(
-        8, "--fitness pass1: the N problems after the dev subset are held out (each generation's best, controls)"
+        8,
+        "--fitness pass1: the N problems after the dev subset are held out (each generation's best, controls)",
+        check=cli.at_least(1),
     )
     keep_checkpoints: bool = opt(False, "--fitness pass1: keep each candidate's pruned checkpoint")
 
 
-# --fitness pass1 generates with btp.pruned's flags (btp.pruning.GenFlags); here --max-tokens is the analysis
-# samples' cap, so the generation's is --gen-max-tokens, and the problems are --dev-problems / --heldout-problems
+# --fitness pass1 generates with btp.pruned's flags (btp.pruning.GenFlags). Its generation length is
+# --gen-max-tokens here: --max-tokens was this stage's sample cap (now --sample-max-tokens) and stays refused with
+# that hint, so an old command line never silently sets the generation length. The problems are --dev-problems /
+# --heldout-problems, not --limit.
 GEN_RENAME = {"gen_max_tokens": "gen-max-tokens"}
 
 
@@ -791,6 +803,7 @@ def _priors(
     return prior, tay, abl
 
 
+@cli.each_dataset
 def _pass1_plan(run: cli.Run, opts: RunConfig) -> tuple[GenFlags, dict]:
     """--fitness pass1: the generation flags and what the identity records (problems, flags, engine)."""
     from . import benchmarks
@@ -950,6 +963,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> Pat
         f"[btp.cmaes_search] {what}, keep {k} of {space.n} "
         f"heads ({cfg.encoding}), warm start: {prior.source if prior else 'zeros'}"
         + (f"; resuming after generation {search.generation}" if state else "")
+        + run.samples.left_out()
     )
 
     def save(rec: dict, st: dict) -> None:

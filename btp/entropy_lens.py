@@ -46,6 +46,7 @@ class LensConfig:
         None,
         "(layer, position) rows of vocab-sized fp32 logits held at once, bounds "
         "memory (default: auto, <= 128 MiB per buffer on CPU, <= 512 MiB on CUDA)",
+        check=cli.at_least(1),
     )
     save_every: float = opt(60.0, "seconds between partial saves (resume)")
     progress: bool = True
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     return cli.stage_parser(SPEC)
 
 
+@cli.each_dataset
 def main(argv: Sequence[str] | None = None) -> Path:
     run = cli.prepare(SPEC, argv)
     cfg, ss = run.config(LensConfig), run.samples
@@ -358,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     L = len(res["layer"])
     print(
         f"[btp.entropy_lens] {len(ss)} samples, {len(res['token_id'])} scored tokens, {L} layers, {secs:.1f}s "
-        f"-> {npz_path}"
+        f"-> {npz_path}{ss.left_out()}"
     )
     for b in sorted({0, L // 4, L // 2, 3 * L // 4, L - 1}):
         print(

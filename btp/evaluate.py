@@ -18,7 +18,6 @@ the Programs say how to assemble and judge it, as data.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -61,25 +60,30 @@ class EvalConfig:
     results_dir: str = "results"
     input: str | None = opt(None, "JSONL of {problem_id, sample, code} to judge instead")
     reference: bool = opt(False, "judge the benchmark's reference solutions")
-    workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)")
+    workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)", check=cli.at_least(1))
     timeout: float | None = opt(
         None,
         "CPU seconds per test; the wall limit is 3x + 1 s (default: "
         + ", ".join(f"{b.name} {b.timeout:g}" for b in benchmarks.all())
         + " per test)",
+        check=cli.above(0),
     )
-    memory_mb: int = opt(4096, "address-space limit of each program process")
-    isolation: str = opt("auto", None, choices=("auto", "rlimits-only"))
-    limit: int | None = opt(None, "first N problems (default: as generated)")
+    memory_mb: int = opt(4096, "address-space limit of each program process", check=cli.at_least(1))
+    isolation: str = opt(
+        "auto", "auto: the strongest the machine allows; rlimits-only: limits alone", choices=("auto", "rlimits-only")
+    )
+    limit: int | None = opt(None, "first N problems (default: as generated)", check=cli.at_least(1))
     # dataset options, default: those of the generation run
     variant: str | None = opt(None, "mbpp variant", choices=benchmarks.VARIANTS)
     data_file: str | None = opt(None, "local benchmark file (LiveCodeBench JSONL)")
     release: str | None = opt(None, "LiveCodeBench release (default: as generated, else v6)")
-    start_date: str | None = opt(None, None)
-    end_date: str | None = opt(None, None)
-    n_boot: int = opt(10000, "bootstrap resamples for the CIs")
+    start_date: str | None = opt(None, "LiveCodeBench contest_date >= YYYY-MM[-DD] (default: as generated)")
+    end_date: str | None = opt(None, "LiveCodeBench contest_date <= YYYY-MM[-DD] (default: as generated)")
+    n_boot: int = opt(10000, "bootstrap resamples for the CIs", check=cli.at_least(1))
     seed: int = 0
-    fresh: bool = opt(False, "judge everything again")  # new records supersede old ones
+    force: bool = opt(False, "judge everything again")  # new records supersede old ones
+    no_progress: bool = opt(False, "no progress bar")
+    skip_missing: bool = opt(False, "a dataset without generations is skipped with a note (exit 0), not an error")
 
 
 def build_program(p: Problem, code: str) -> Program:
@@ -113,6 +117,10 @@ def _generation_options(gen_path: Path) -> dict:
     limits = [c.get("limit") for c in confs]
     opts["limit"] = None if any(x is None for x in limits) else max(limits)
     return opts
+
+
+class NoGenerations(FileNotFoundError):
+    """The model has no generations of the dataset (`--skip-missing` makes it a note)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +165,7 @@ def plan(cfg: EvalConfig) -> EvalPlan:
         d, model = generations_dir(cfg.results_dir, cfg.model, cfg.dataset)
         gen = d / GENERATIONS
         if not gen.exists():
-            raise FileNotFoundError(
+            raise NoGenerations(
                 f"{gen} does not exist — run `python -m btp.generate --model {cfg.model} "
                 f"--dataset {cfg.dataset}` first, or pass --input FILE"
             )
@@ -216,7 +224,7 @@ def _check_same_run(store: JsonlStore, conf: dict, current: dict[tuple, dict]) -
             RUN_KEY,
             what="results judged",
             runs={(r.get("provenance") or {}).get("run") for r in current.values()},
-            hint="rerun with --fresh to judge everything again, or use another --results-dir",
+            hint="rerun with --force to judge everything again, or use another --results-dir",
         )
 
 
@@ -276,7 +284,7 @@ def evaluate(cfg: EvalConfig, sandbox: Sandbox | None = None, check_only: bool =
     timeout = cfg.timeout or benchmarks.get(cfg.dataset).timeout
     store = JsonlStore(out, ("problem_id", "sample"))
     conf = {**asdict(cfg), "timeout": timeout}
-    old = {} if cfg.fresh else latest(store.read())
+    old = {} if cfg.force else latest(store.read())
     _check_same_run(store, conf, old)
     todo = [r for r in programs if old.get((r["problem_id"], r["sample"]), {}).get("code_sha") != code_sha(r["code"])]
     print(
@@ -345,7 +353,14 @@ def _judge(
 
     runnable = [r for r in todo if r["code"].strip()]
     batch += [_record(r, None) for r in todo if not r["code"].strip()]
-    bar = tqdm(total=len(todo), initial=len(batch), desc=f"evaluate {cfg.dataset}", unit="prog", dynamic_ncols=True)
+    bar = tqdm(
+        total=len(todo),
+        initial=len(batch),
+        desc=f"evaluate {cfg.dataset}",
+        unit="prog",
+        dynamic_ncols=True,
+        disable=cfg.no_progress,
+    )
     counts: Counter = Counter()
     sent: list[dict] = []  # the records of the programs handed to the sandbox, in order
 
@@ -410,7 +425,7 @@ def summary_line(s: dict) -> str:
     return line
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     ap = cli.parser("evaluate", __doc__.split("\n\n")[0])
     cli.add_common(ap)
     ap.set_defaults(model=None)
@@ -419,15 +434,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
-    return cli.config_from(EvalConfig, cli.parse(_parser(), argv))
+    return cli.config_from(EvalConfig, cli.parse(build_parser(), argv, one_dataset=("--input",)))
 
 
+@cli.each_dataset
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = _parser()
+    ap = build_parser()
     cli.add_check_done(ap)
-    args = cli.parse(ap, argv)
+    args = cli.parse(ap, argv, one_dataset=("--input",))
     cfg = cli.config_from(EvalConfig, args)
-    s = evaluate(cfg, check_only=args.check_done)
+    try:
+        s = evaluate(cfg, check_only=args.check_done)
+    except NoGenerations as e:
+        if not cfg.skip_missing:
+            raise
+        print(
+            f"[btp.evaluate] note: {cfg.dataset} skipped: {str(e).split(' — ')[0]} (nothing to judge)", file=sys.stderr
+        )
+        return 0
     if args.check_done:
         return 0
     print(summary_line(s))

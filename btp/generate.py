@@ -52,18 +52,19 @@ REPEATS = 3  # the repetition guard fires when the output's last N tokens occur 
 @dataclass
 class GenerateConfig:
     model: str = opt(DEFAULT_MODEL, "HF id, local folder, or an embedded name")
-    dataset: str = opt(benchmarks.DEFAULT, f"one of {benchmarks.NAMES}, or several comma-separated")
-    limit: int | None = opt(None, "first N problems")
-    n: int = opt(1, "samples per problem")
-    temperature: float = opt(0.0, None)
-    top_p: float = opt(1.0, None)
-    max_tokens: int = opt(512, None)
+    dataset: str = opt(benchmarks.DEFAULT, cli.DATASETS_HELP + " on one loaded engine")
+    limit: int | None = opt(None, "first N problems", check=cli.at_least(1))
+    n: int = opt(1, "samples per problem", check=cli.at_least(1))
+    temperature: float = opt(0.0, "sampling temperature (0: greedy)", check=cli.at_least(0))
+    top_p: float = opt(1.0, "nucleus sampling mass", check=cli.fraction)
+    max_tokens: int = opt(512, "new tokens per sample (generation length)", check=cli.at_least(1))
     repetition_guard: int = opt(
         0,
         f"stop a sample once its last N tokens occur {REPEATS} times in its output "
         "(finish_reason 'repetition'; 0: off); hf stops there, vllm is cut there afterwards",
+        check=cli.at_least(0),
     )
-    seed: int = opt(0, None)
+    seed: int = opt(0, "base of the per-(problem, sample) seeds")
     backend: str = opt(
         "auto", "auto: server with --base-url, else vllm if importable", choices=("auto", "vllm", "hf", "server")
     )
@@ -73,38 +74,54 @@ class GenerateConfig:
         "write to this JSONL instead of results/<model>/<dataset>/generations.jsonl "
         "(one dataset; e.g. the arms of btp.pruned)",
     )
-    prompt_style: str = opt("auto", None, choices=STYLES)  # auto | chat | completion
+    prompt_style: str = opt(
+        "auto", "auto: chat when the tokenizer has a chat template, else completion", choices=STYLES
+    )
     chat_template_kwargs: dict = opt(
         help="JSON passed to the chat template, e.g. '{\"enable_thinking\": false}'", factory=dict
     )
-    system_prompt: str | None = opt(None, None)
+    system_prompt: str | None = opt(None, "system message of chat prompts (default: the template's own)")
     variant: str | None = opt(None, "mbpp variant", choices=benchmarks.VARIANTS)
     data_file: str | None = opt(None, "local benchmark file (LiveCodeBench JSONL)")
     release: str = opt("v6", "LiveCodeBench release: vN, vA_vB, release_vN")
     start_date: str | None = opt(None, "LiveCodeBench contest_date >= YYYY-MM[-DD]")
     end_date: str | None = opt(None, "LiveCodeBench contest_date <= YYYY-MM[-DD]")
     # vLLM engine (offline); a server is sized where it starts (run_inference.sh serve)
-    tensor_parallel_size: int = opt(1, None)
-    pipeline_parallel_size: int = opt(1, None)
-    data_parallel_size: int = opt(1, "offline vLLM refuses >1 in one process: serve with it and use --backend server")
+    tensor_parallel_size: int = opt(1, "vLLM: GPUs per model (tensor parallel)", check=cli.at_least(1))
+    pipeline_parallel_size: int = opt(1, "vLLM: pipeline stages", check=cli.at_least(1))
+    data_parallel_size: int = opt(
+        1, "offline vLLM refuses >1 in one process: serve with it and use --backend server", check=cli.at_least(1)
+    )
     distributed_executor_backend: str | None = opt(
         None, "vLLM workers: mp (one node) or ray (multi-node: a running Ray cluster)", choices=("mp", "ray", "uni")
     )
-    max_model_len: int | None = opt(None, None)
-    gpu_memory_utilization: float | None = opt(None, "default 0.9 on GPU, 0.3 on CPU")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
+    max_model_len: int | None = opt(None, "vLLM: context length (default: the model's)", check=cli.at_least(1))
+    gpu_memory_utilization: float | None = opt(
+        None, "vLLM: memory fraction (default: 0.9 on GPU, 0.3 on CPU)", check=cli.fraction
+    )
+    dtype: str = opt(
+        "auto",
+        "auto | float32 | bfloat16 | float16 (auto: the engine's choice; the dtype it loaded is recorded)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     enforce_eager: bool = opt(False, "vLLM: skip compilation (faster start)")
     # sequences per engine call / write; 0 = all at once
-    chunk_size: int = opt(512, "vLLM sequences per call and write; 0: all")
+    chunk_size: int = opt(512, "vLLM sequences per call and write; 0: all", check=cli.at_least(0))
     # transformers backend
-    batch_size: int = opt(8, "HF backend batch size")
-    device: str | None = opt(None, "HF backend device")
+    batch_size: int = opt(8, "HF backend batch size", check=cli.at_least(1))
+    device: str | None = opt(None, "HF backend device (default: cuda when available)")
     # server backend: an OpenAI-compatible completions server (vLLM's api_server), local, remote or balanced
     base_url: str | None = opt(None, "server backend: the server's URL, e.g. http://localhost:8000")
     server_model: str | None = opt(None, "server backend: the name it serves the model under (default: btp's id)")
-    max_concurrency: int = opt(8, "server backend: requests in flight at once")
-    retries: int = opt(5, "server backend: tries after a transient error (refused, 5xx, timeout); backoff 1, 2, 4.. s")
-    request_timeout: float = opt(600.0, "server backend: seconds one request may take")
+    max_concurrency: int = opt(8, "server backend: requests in flight at once", check=cli.at_least(1))
+    retries: int = opt(
+        5,
+        "server backend: tries after a transient error (refused, 5xx, timeout); backoff 1, 2, 4.. s",
+        check=cli.at_least(0),
+    )
+    request_timeout: float = opt(600.0, "server backend: seconds one request may take", check=cli.above(0))
+    no_progress: bool = opt(False, "no progress bars")
+    verbose: bool = opt(False, cli.VERBOSE_HELP)
 
 
 @dataclass
@@ -180,6 +197,28 @@ def apply_guard(text: str, tokens: list[int], finish: str, n: int, decode) -> Co
 # ---------------------------------------------------------------- backends
 
 
+def _engine_dtype(cfg: GenerateConfig, sess: Session, path: str) -> str:
+    """`--dtype auto` made definite before an engine loads, so that the dtype recorded is the one computed in:
+    the HF backend's model as loaded (fp32 on CPU, bf16 on GPU); vLLM's the checkpoint's own (no per-weight casts,
+    none of vLLM's per-weight warnings), float16 as bfloat16 on a CPU."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if sess.engine is not None:  # given by the caller: as it says (an engine that does not say stays "auto")
+        return getattr(sess.engine, "dtype", None) or cfg.dtype
+    if sess.hf_model is not None:
+        return _dtype_name(sess.hf_model.dtype) or "auto"
+    from transformers import AutoConfig
+
+    mc = AutoConfig.from_pretrained(path)
+    stored = _dtype_name(getattr(mc, "dtype", None) or getattr(mc, "torch_dtype", None)) or "auto"
+    return "bfloat16" if stored == "float16" and not _on_gpu() else stored
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    """ "bfloat16" for torch.bfloat16 or "bfloat16"; None when unknown."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 class VllmBackend:
     """vLLM's offline engine: token-id prompts, one `LLM.generate` per chunk of (problem, sample) pairs."""
 
@@ -208,6 +247,9 @@ class VllmBackend:
             seed=cfg.seed,
             enforce_eager=cfg.enforce_eager,
         )
+        # the dtype the engine loaded (vLLM's "auto" resolves by the checkpoint and the platform), for provenance
+        mc = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        self.dtype = _dtype_name(getattr(mc, "dtype", None) or (None if cfg.dtype == "auto" else cfg.dtype))
 
     def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[Completion]:
         from vllm import SamplingParams
@@ -226,7 +268,9 @@ class VllmBackend:
             for j in jobs
         ]
         outs = self.llm.generate(
-            [{"prompt_token_ids": j.prompt_token_ids} for j in jobs], params, use_tqdm=len(jobs) > 1
+            [{"prompt_token_ids": j.prompt_token_ids} for j in jobs],
+            params,
+            use_tqdm=len(jobs) > 1 and not cfg.no_progress,
         )  # vLLM's bar shows live tokens/s
         res = []
         decode = lambda t: self.llm.get_tokenizer().decode(t, skip_special_tokens=True)
@@ -375,6 +419,7 @@ class HfBackend:
             raise ValueError("model and tokenizer define no EOS token; the HF backend could never stop")
         self.eos = eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        self.dtype = _dtype_name(getattr(model, "dtype", None))  # as models.load_model resolved it: never "auto"
 
     def run(self, jobs: Sequence[Job], cfg: GenerateConfig) -> list[Completion]:
         import torch
@@ -598,6 +643,8 @@ def generate(
     )
     _open(cfg, sess, weights=not check_only)
     path, model_id, revision = sess.model_info
+    # the dtype the engine computes in, resolved before it loads: recorded in the config (a sample's identity)
+    cfg = replace(cfg, dtype=_engine_dtype(cfg, sess, path))
     out = Path(cfg.output) if cfg.output else dataset_dir(cfg.results_dir, model_id, cfg.dataset) / GENERATIONS
     out.parent.mkdir(parents=True, exist_ok=True)
     store = JsonlStore(out, ("problem_id", "sample"))
@@ -633,6 +680,7 @@ def generate(
             seed=cfg.seed,
             config=conf,
             model_path=path,
+            dtype=getattr(engine, "dtype", None),  # what the engine computes in (config.dtype: as asked)
             prompt_style=style,
             stop=list(completion_stops(cfg.dataset, style)),
             **server,
@@ -642,7 +690,8 @@ def generate(
         jobs.sort(key=lambda j: len(j.prompt_token_ids))
     size = cfg.batch_size if cfg.backend == "hf" else cfg.chunk_size
     n_tok, t0 = 0, time.perf_counter()
-    with tqdm(total=len(jobs), desc=f"generate {cfg.dataset}", unit="seq", dynamic_ncols=True) as bar:
+    bar = tqdm(total=len(jobs), desc=f"generate {cfg.dataset}", unit="seq", dynamic_ncols=True, disable=cfg.no_progress)
+    with bar:
         for chunk in _chunks(jobs, size):
             for pairs in _finished(engine, chunk, cfg):
                 store.append([make_record(j, c) for j, c in pairs])

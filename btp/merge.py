@@ -31,11 +31,11 @@ def build_parser():
     p = cli.parser("merge", __doc__.split("\n\n")[0])
     p.add_argument("path", nargs="?", default=None, help="a stage folder or an output under results/ (else the flags)")
     p.add_argument("--model", default=None, help="model (as the stages take it) whose shards to merge")
-    p.add_argument("--dataset", default=None)
+    p.add_argument("--dataset", default=None, help="dataset whose shards to merge")
     p.add_argument("--stage", default=None, choices=sorted(MODULES), help="the sharded stage")
     p.add_argument("--name", default=None, help="merge only this output, e.g. regular-reference-mean")
     p.add_argument("--mode", default=None, choices=results.MODES, help="merge only outputs of this mode")
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--results-dir", default="results", help="root of the results tree")
     p.add_argument("--device", default=None, help="device of the merging run (knockout curves load the model)")
     return p
 

@@ -1277,21 +1277,33 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    p = cli.ArgumentParser(prog="python -m btp.plots", description=__doc__.split("\n\n")[0])
-    p.add_argument("--results-dir", default="results")
+    p = cli.parser("plots", "Figures (PNG, and PDF with --pdf) of everything a results tree holds; computes nothing.")
+    p.add_argument("--results-dir", default="results", help="root of the results tree")
     p.add_argument("--model", default=None, help="slug, HF id or embedded name (default: the only model)")
-    p.add_argument("--dataset", action="append", default=None, help="only this dataset (repeatable)")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="only these datasets, comma-separated or repeated (default: every dataset)",
+    )
     p.add_argument("--out", default="figures", help="output folder")
-    p.add_argument("--only", choices=list(FAMILIES), action="append", default=None, help="only these figure families")
+    p.add_argument(
+        "--only",
+        choices=list(FAMILIES),
+        action="append",
+        default=None,
+        help="only these figure families, repeatable (default: all)",
+    )
     p.add_argument("--pdf", action="store_true", help="also write PDFs")
-    p.add_argument("--dpi", type=int, default=130)
-    args = p.parse_args(argv)
+    p.add_argument("--dpi", type=int, default=130, help="resolution of the PNGs", check=cli.at_least(1))
+    args = cli.parse(p, argv)
+    datasets = [d.strip() for a in args.dataset for d in a.split(",") if d.strip()] if args.dataset else None
     try:
         files = write_figures(
             args.results_dir,
             args.model,
             args.out,
-            only=args.dataset,
+            only=datasets,
             families=args.only or tuple(FAMILIES),
             pdf=args.pdf,
             dpi=args.dpi,

@@ -269,7 +269,7 @@ def build_arms(
 @dataclass
 class PrunedConfig:
     settings: str = opt("taylor:10%", "head sets to remove, e.g. taylor:10%,ablation:top32,cmaes:best,heads:L3H1,L7H0")
-    controls: int = opt(3, "random head sets of the same per-layer counts per setting")
+    controls: int = opt(3, "random head sets of the same per-layer counts per setting", check=cli.at_least(0))
     ce_only: bool = opt(False, "stop after the held-out CE of every arm (cheap; nothing generated)")
     keep_checkpoints: bool = opt(False, "keep each arm's pruned checkpoint after it is evaluated")
     heldout: float | int = opt(
@@ -278,7 +278,7 @@ class PrunedConfig:
         parse=lambda v: cli.parse_heldout(str(v)),
     )
     split_seed: int | None = opt(None, "seed of the scoring/held-out split (default --seed, as Taylor)")
-    n_boot: int = opt(10000, "bootstrap resamples for the paired CIs")
+    n_boot: int = opt(10000, "bootstrap resamples for the paired CIs", check=cli.at_least(1))
 
 
 def arm_identity(arm: Arm, base_identity: dict) -> dict:
@@ -529,7 +529,11 @@ def run_arms(
     for a in own:
         a.dir.mkdir(parents=True, exist_ok=True)
         write_headset(a, ids[a.label], arms[0].ce, plan.total_heads, ce_key)
-    print("[btp.pruned] held-out CE with the heads gated (before any generation):", file=sys.stderr)
+    print(
+        f"[btp.pruned] held-out CE of {len(heldout)} samples with the heads gated (before any generation"
+        f"{heldout.left_out()}):",
+        file=sys.stderr,
+    )
     for a in own:
         print(f"  {a.label:<28} {len(a.heads):4d} heads  CE {a.ce:.4f}  ({a.ce - arms[0].ce:+.4f})", file=sys.stderr)
     if cfg.ce_only:
@@ -613,8 +617,7 @@ def build_parser():
     cli.add_common(p)
     # the analysis samples of the held-out CE (default: reference solutions, which need no generations);
     # their length cap is --sample-max-tokens (--max-tokens is the generation's)
-    cli.add_flags(p, SampleConfig, skip=("seed", "max_tokens"))
-    p.add_argument("--sample-max-tokens", type=int, default=None, help="cap per-sample length of the CE samples")
+    cli.add_flags(p, SampleConfig, skip=("seed",))
     p.set_defaults(source="reference", num_samples=32)
     cli.add_flags(p, PrunedConfig)
     cli.add_flags(p, GenFlags)
@@ -622,17 +625,18 @@ def build_parser():
     return p
 
 
+@cli.each_dataset
 def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dict:
+    p = build_parser()
+    args = cli.parse(p, argv)  # before torch is imported: a mistake is said at once
     import torch
 
     from .models import default_device, default_dtype, load_model, load_tokenizer, parse_dtype, resolve_model
     from .samples import SampleConfig, load_samples
 
-    p = build_parser()
-    args = cli.parse(p, argv)
     try:
         cfg, gen = cli.config_from(PrunedConfig, args), cli.config_from(GenFlags, args)
-        scfg = cli.config_from(SampleConfig, args, max_tokens=args.sample_max_tokens, seed=args.seed)
+        scfg = cli.config_from(SampleConfig, args, seed=args.seed)
         settings = parse_settings(cfg.settings)
         shard = cli.parse_shard(args.shard)
         if shard and args.merge_shards:

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from . import benchmarks, results
+from . import benchmarks, cli, results
 from .cli import opt
 from .store import iter_jsonl
 
@@ -33,22 +33,24 @@ Head = tuple[int, int]
 class GenFlags:
     """Generation and judging flags, the same for every arm (passed on to btp.generate / btp.evaluate)."""
 
-    limit: int | None = opt(None, "first N problems (default: all of the dataset)")
-    n: int = opt(1, "samples per problem")
-    gen_max_tokens: int = opt(512, "new tokens per sample (every arm)", flag="max-tokens")
+    limit: int | None = opt(None, "first N problems (default: all of the dataset)", check=cli.at_least(1))
+    n: int = opt(1, "samples per problem", check=cli.at_least(1))
+    gen_max_tokens: int = opt(512, "new tokens per sample (every arm)", flag="max-tokens", check=cli.at_least(1))
     repetition_guard: int = opt(
-        32, "stop a sample once its last N tokens occur 3 times in it (pruned models loop; 0: off)"
+        32,
+        "stop a sample once its last N tokens occur 3 times in it (pruned models loop; 0: off)",
+        check=cli.at_least(0),
     )
-    temperature: float = opt(0.0, None)
-    top_p: float = opt(1.0, None)
+    temperature: float = opt(0.0, "sampling temperature (0: greedy)", check=cli.at_least(0))
+    top_p: float = opt(1.0, "nucleus sampling mass", check=cli.fraction)
     backend: str = opt("auto", "vllm | hf | auto (vllm if importable)", choices=("auto", "vllm", "hf"))
     variant: str | None = opt(None, "mbpp variant", choices=benchmarks.VARIANTS)
     prompt_style: str = opt("auto", None, choices=("auto", "chat", "completion"))
     enforce_eager: bool = opt(True, "vLLM: compile (slower start)", flag="no-enforce-eager", invert=True)
-    gpu_memory_utilization: float | None = opt(None, "vLLM (default 0.9 on GPU, 0.3 on CPU)")
-    batch_size: int = opt(8, "HF backend batch size")
-    eval_workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)")
-    eval_timeout: float | None = opt(None, "CPU seconds per test (default: the benchmark's)")
+    gpu_memory_utilization: float | None = opt(None, "vLLM (default 0.9 on GPU, 0.3 on CPU)", check=cli.fraction)
+    batch_size: int = opt(8, "HF backend batch size", check=cli.at_least(1))
+    eval_workers: int | None = opt(None, "parallel sandboxes (default: CPU cores)", check=cli.at_least(1))
+    eval_timeout: float | None = opt(None, "CPU seconds per test (default: the benchmark's)", check=cli.above(0))
 
     @property
     def identity(self) -> dict:

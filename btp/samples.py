@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli import add_flags, config_from, opt
+from .cli import add_flags, at_least, config_from, opt
 from .results import EVALUATIONS, GENERATIONS, MODES, PAIRED, SELECTS, SOURCES, Stem, code_sha, dataset_dir
 from .store import UserError, read_jsonl
 
@@ -43,17 +43,23 @@ class SampleConfig:
         "regular: score reasoning + code (up to the code's end); chain_code: reasoning in context, score code only",
         choices=MODES,
     )
-    num_samples: int | None = opt(None, "how many samples (default: all)")
+    num_samples: int | None = opt(None, "how many samples (default: all)", check=at_least(1))
     seed: int = 0  # the stage's --seed
     # cap on a sample's length: keep the prompt's head (BOS, template start, system prompt) and the scored span, cut
     # the context right after the head
+    # (--sample-max-tokens: --max-tokens is generation length, in generate and pruned)
     max_tokens: int | None = opt(
         None,
-        "cap per-sample length (cut the prompt body after BOS and the template "
-        "start; a sample whose scored span does not fit is left out)",
+        "context cap of an analysed sample in tokens (cut the prompt body after BOS, the template start and the "
+        "system prompt; a sample whose scored span does not fit is left out, and counted in the summary line) "
+        "(default: no cap)",
+        flag="sample-max-tokens",
+        check=at_least(1),
     )
     # for the reference source: as the generator would prompt (the same template options and system prompt)
-    prompt_style: str = opt("auto", None, choices=("auto", "chat", "completion"))
+    prompt_style: str = opt(
+        "auto", "reference source: the prompt style, as given to generate", choices=("auto", "chat", "completion")
+    )
     chat_template_kwargs: dict = opt(
         help="reference source: JSON passed to the chat template, as to generate, e.g. '{\"enable_thinking\": false}'",
         factory=dict,
@@ -107,6 +113,11 @@ class SampleSet:
     dataset: str
     model_id: str
     info: dict = field(default_factory=dict)
+    too_long: int = 0  # samples the context cap (--sample-max-tokens) left out
+
+    def left_out(self) -> str:
+        """What the context cap left out, appended to each analysis stage's summary line ("" when nothing)."""
+        return f"; {too_long_note(self.too_long, self.config.max_tokens)}" if self.too_long else ""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -163,7 +174,9 @@ class SampleSet:
         hold = set(pids[:n_hold])
         a = [s for s in self.samples if s.problem_id not in hold]
         b = [s for s in self.samples if s.problem_id in hold]
-        mk = lambda ss, part: SampleSet(ss, self.config, self.dataset, self.model_id, {**self.info, "split": part})
+        mk = lambda ss, part: SampleSet(
+            ss, self.config, self.dataset, self.model_id, {**self.info, "split": part}, self.too_long
+        )
         return mk(a, "scoring"), mk(b, "heldout")
 
 
@@ -405,8 +418,10 @@ def _from_generations(results_dir, model_id, dataset, cfg: SampleConfig, tokeniz
             "text, so the code span cannot be located in tokens"
         )
     if n_too_long:
-        notes.append(f"{n_too_long} samples left out: scored span longer than max_tokens={cfg.max_tokens}")
-    return _finish(_in_order(samples, order), cfg, dataset, model_id, len(by_key), notes, source_file=str(gpath))
+        notes.append(too_long_note(n_too_long, cfg.max_tokens))
+    return _finish(
+        _in_order(samples, order), cfg, dataset, model_id, len(by_key), notes, str(gpath), n_too_long=n_too_long
+    )
 
 
 def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -> SampleSet:
@@ -436,8 +451,10 @@ def _from_reference(model_id, dataset, cfg: SampleConfig, tokenizer, problems) -
     if n_nocode:
         notes.append(f"{n_nocode} references have no tokens to score ({cfg.mode}) and were left out")
     if n_too_long:
-        notes.append(f"{n_too_long} samples left out: scored span longer than max_tokens={cfg.max_tokens}")
-    return _finish(_in_order(samples, order), cfg, dataset, model_id, len(probs), notes, source_file="btp.benchmarks")
+        notes.append(too_long_note(n_too_long, cfg.max_tokens))
+    return _finish(
+        _in_order(samples, order), cfg, dataset, model_id, len(probs), notes, "btp.benchmarks", n_too_long=n_too_long
+    )
 
 
 def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, int, int, tuple[int, int]]:
@@ -467,7 +484,12 @@ def reference_tokens(p, tokenizer: Any, cfg: SampleConfig) -> tuple[np.ndarray, 
     return np.array(p_ids + o_ids + end_ids, dtype=np.int64), len(p_ids) + a, len(p_ids) + b, head
 
 
-def _finish(samples, cfg, dataset, model_id, available, notes, source_file) -> SampleSet:
+def too_long_note(n: int, cap: int | None) -> str:
+    """What the context cap left out, as each analysis stage's summary line and the samples' notes say it."""
+    return f"{n} sample{'s' if n != 1 else ''} left out: longer than --sample-max-tokens {cap}"
+
+
+def _finish(samples, cfg, dataset, model_id, available, notes, source_file, n_too_long=0) -> SampleSet:
     asked = cfg.num_samples
     if asked is not None and len(samples) < asked:
         notes.append(
@@ -492,7 +514,7 @@ def _finish(samples, cfg, dataset, model_id, available, notes, source_file) -> S
         "source_file": source_file,
         "cut_left": [s.cut_left for s in samples],
     }
-    return SampleSet(samples, cfg, dataset, model_id, info)
+    return SampleSet(samples, cfg, dataset, model_id, info, too_long=n_too_long)
 
 
 def add_sample_args(p) -> None:

@@ -55,10 +55,12 @@ HISTORY_KEYS = ("estimator", "signed", "normalize", "prune_per_iter", "min_heads
 @dataclass
 class TaylorConfig:
     # None: 10% of all heads (rounded, at least 1), the paper's step
-    prune_per_iter: int | None = opt(None, "heads pruned per iteration (default: 10%% of all)")
-    num_iters: int = opt(9, None)
-    min_heads_per_layer: int = opt(1, None)
-    stop_factor: float | None = opt(None, "stop when held-out loss exceeds this factor x the unpruned held-out loss")
+    prune_per_iter: int | None = opt(None, "heads pruned per iteration (default: 10%% of all)", check=cli.at_least(1))
+    num_iters: int = opt(9, "pruning iterations (a rerun with more continues the history)", check=cli.at_least(1))
+    min_heads_per_layer: int = opt(1, "never prune a layer below this many heads", check=cli.at_least(0))
+    stop_factor: float | None = opt(
+        None, "stop when held-out loss exceeds this factor x the unpruned held-out loss", check=cli.above(0)
+    )
     estimator: str = opt(
         "gate",
         "gate: sum_s |dL_s/dm| (the paper and its code); token: sum_s sum_t |<dL_s/da_t, a_t>| (a per-token variant)",
@@ -400,6 +402,7 @@ def build_parser():
     return cli.stage_parser(SPEC)
 
 
+@cli.each_dataset
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     from .store import JsonlStore, write_npz
 
@@ -464,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(
         f"[btp.taylor] {len(scoring)} scoring / {len(heldout)} held-out samples, "
         f"{cfg.step(adapter(lm.model).n_heads_total)} heads per iteration, up to {cfg.num_iters} iterations"
+        f"{ss.left_out()}"
     )
     history = run_taylor(
         lm.model, scoring, heldout, cfg, history=history, on_record=store.append, progress=run.progress

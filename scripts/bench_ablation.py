@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--dataset", default="humaneval")
     p.add_argument("--num-samples", type=int, default=2)
     p.add_argument("--seed", type=int, default=1, help="sample choice (seed 1: two short HumanEval references)")
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--sample-max-tokens", type=int, default=None)
     p.add_argument("--layers", default=None, help="restrict both methods to these layers (default: all)")
     p.add_argument("--batch-rows", type=int, default=None, help="rows per pass for both (default: max heads/layer)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
@@ -101,7 +101,9 @@ def main() -> None:
         "results",
         lm.model_id,
         args.dataset,
-        SampleConfig(source="reference", num_samples=args.num_samples, seed=args.seed, max_tokens=args.max_tokens),
+        SampleConfig(
+            source="reference", num_samples=args.num_samples, seed=args.seed, max_tokens=args.sample_max_tokens
+        ),
         lm.tokenizer,
     )
     samples = stretch(ss.samples, args.seq_len)

@@ -3,7 +3,7 @@ on the same model and samples: both times, their ratio (goal: atp >= 20x faster)
 the exact answer (Spearman and Pearson over all heads, top-k recall of the exact top-k, the largest misses).
 
     .venv/bin/python scripts/bench_atp.py                     # embedded model, 2 HumanEval references, all heads
-    .venv/bin/python scripts/bench_atp.py --max-tokens 96     # short samples: a few minutes on a CPU
+    .venv/bin/python scripts/bench_atp.py --sample-max-tokens 96     # short samples: a few minutes on a CPU
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--dataset", default="humaneval")
     p.add_argument("--num-samples", type=int, default=2)
     p.add_argument("--seed", type=int, default=1, help="sample choice (seed 1: two short HumanEval references)")
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--sample-max-tokens", type=int, default=None)
     p.add_argument("--ablation", default="zero", choices=abl.ABLATIONS)
     p.add_argument("--k", type=int, default=10, help="top-k recall")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
@@ -45,7 +45,9 @@ def main() -> None:
         "results",
         lm.model_id,
         args.dataset,
-        SampleConfig(source="reference", num_samples=args.num_samples, seed=args.seed, max_tokens=args.max_tokens),
+        SampleConfig(
+            source="reference", num_samples=args.num_samples, seed=args.seed, max_tokens=args.sample_max_tokens
+        ),
         lm.tokenizer,
     )
     cfg = dict(ablation=args.ablation, n_boot=10, progress=False)

@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--dataset", default="humaneval")
     p.add_argument("--num-samples", type=int, default=3)
     p.add_argument("--seed", type=int, default=1, help="sample choice and population draw")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--sample-max-tokens", type=int, default=256)
     p.add_argument("--popsize", type=int, default=None, help="default: pycma's 4 + 3 ln(heads)")
     p.add_argument("--budget", default="0.5", help="heads kept: a fraction or a count")
     p.add_argument("--sigma0", type=float, default=0.5)
@@ -77,7 +77,9 @@ def main() -> None:
         "results",
         lm.model_id,
         args.dataset,
-        SampleConfig(source="reference", num_samples=args.num_samples, seed=args.seed, max_tokens=args.max_tokens),
+        SampleConfig(
+            source="reference", num_samples=args.num_samples, seed=args.seed, max_tokens=args.sample_max_tokens
+        ),
         lm.tokenizer,
     )
     space = Space(tuple(ad.layer_num_heads))

@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=2, help="held-out problems")
     ap.add_argument("--num-iters", type=int, default=2)
     ap.add_argument("--prune-per-iter", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--sample-max-tokens", type=int, default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--attn-implementation", default="auto", help="btp's kernel (as the stage's flag)")
@@ -114,7 +114,7 @@ def main() -> None:
         "results",
         lm.model_id,
         args.dataset,
-        SampleConfig(source="reference", num_samples=args.num_samples, max_tokens=args.max_tokens),
+        SampleConfig(source="reference", num_samples=args.num_samples, max_tokens=args.sample_max_tokens),
         lm.tokenizer,
     )
     scoring, heldout = ss.split(args.heldout, seed=0)

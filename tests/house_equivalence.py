@@ -56,8 +56,8 @@ def stages(root: Path) -> list[tuple[str, list[str]]]:
     gen = r + ["--backend", "hf", "--max-tokens", "16"]
     he, mb = ["--dataset", "humaneval"], ["--dataset", "mbpp"]
     q = ["--no-progress"]
-    small = ["--num-samples", "2", "--max-tokens", "40"]
-    ref = ["--source", "reference", "--num-samples", "2", "--max-tokens", "40"]
+    small = ["--num-samples", "2", "--sample-max-tokens", "40"]
+    ref = ["--source", "reference", "--num-samples", "2", "--sample-max-tokens", "40"]
     abl = ["--layers", "28,29", "--knockout-ks", "1,2,4", "--random-seeds", "2", "--n-boot", "200"] + q
     return [
         ("generate", gen + he + ["--limit", "2", "--n", "2", "--temperature", "0.8"]),
@@ -97,7 +97,7 @@ def stages(root: Path) -> list[tuple[str, list[str]]]:
                 "all",
                 "--mode",
                 "regular",
-                "--max-tokens",
+                "--sample-max-tokens",
                 "40",
                 "--num-iters",
                 "2",
@@ -118,7 +118,7 @@ def stages(root: Path) -> list[tuple[str, list[str]]]:
                 "reference",
                 "--num-samples",
                 "3",
-                "--max-tokens",
+                "--sample-max-tokens",
                 "40",
                 "--num-iters",
                 "2",

@@ -33,7 +33,7 @@ def _stages(root: Path) -> list[tuple[str, list[str]]]:
     gen = r + ["--backend", "hf", "--max-tokens", str(MAX_NEW)]
     he, mb = ["--dataset", "humaneval"], ["--dataset", "mbpp"]
     quiet = ["--no-progress"]
-    small = ["--num-samples", "2", "--max-tokens", "48"]
+    small = ["--num-samples", "2", "--sample-max-tokens", "48"]
     abl = ["--layers", "28,29", "--knockout-ks", "1,2,4", "--random-seeds", "2", "--n-boot", "200"] + quiet
     return [
         ("generate", gen + he + ["--limit", "2", "--n", "2", "--temperature", "0.8"]),
@@ -58,7 +58,7 @@ def _stages(root: Path) -> list[tuple[str, list[str]]]:
                 "all",
                 "--mode",
                 "regular",
-                "--max-tokens",
+                "--sample-max-tokens",
                 "48",
                 "--num-iters",
                 "3",
@@ -78,7 +78,7 @@ def _stages(root: Path) -> list[tuple[str, list[str]]]:
                 "all",
                 "--mode",
                 "regular",
-                "--max-tokens",
+                "--sample-max-tokens",
                 "48",
                 "--heldout",
                 "1",

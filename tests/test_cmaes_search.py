@@ -255,7 +255,7 @@ def test_main_resumes_into_the_file_an_uninterrupted_run_writes(tmp_path):
         "reference",
         "--num-samples",
         "3",
-        "--max-tokens",
+        "--sample-max-tokens",
         "96",
         "--popsize",
         "4",
@@ -432,9 +432,9 @@ def test_pass1_flags_keep_the_sample_cap_apart_from_the_generation_cap():
     from btp.pruning import GenFlags
 
     p = cli.stage_parser(SPEC)
-    a = cli.parse(p, ["--max-tokens", "96", "--gen-max-tokens", "40", "--fitness", "pass1", "--backend", "hf"])
+    a = cli.parse(p, ["--sample-max-tokens", "96", "--gen-max-tokens", "40", "--fitness", "pass1", "--backend", "hf"])
     gen = cli.config_from(GenFlags, a, rename=GEN_RENAME)
-    assert a.max_tokens == 96 and gen.gen_max_tokens == 40 and gen.backend == "hf" and gen.engine == "hf"
+    assert a.sample_max_tokens == 96 and gen.gen_max_tokens == 40 and gen.backend == "hf" and gen.engine == "hf"
     assert SearchConfig(fitness="pass1").numbers["fitness"] == "pass1" and "fitness" not in SearchConfig().numbers
     assert str(output_stem(Stem(), SearchConfig(budget=0.5, fitness="pass1"), None)) == "regular-keep50pct-pass1"
     with pytest.raises(ValueError, match="fitness"):
@@ -484,7 +484,7 @@ def test_main_pass1_fitness_equals_btp_pruned_and_resumes(tmp_path):
         "reference",
         "--num-samples",
         "4",
-        "--max-tokens",
+        "--sample-max-tokens",
         "96",
         "--heldout",
         "1",
@@ -562,7 +562,18 @@ def test_main_pass1_continues_as_an_uninterrupted_run_and_plots_say_pass1(tmp_pa
     def run(root, gens, runner):
         argv = ["--model", str(folder), "--dataset", "mbpp", "--results-dir", str(tmp_path / root), "--backend", "hf"]
         argv += ["--fitness", "pass1", "--dev-problems", "3", "--heldout-problems", "2", "--source", "reference"]
-        argv += ["--num-samples", "4", "--max-tokens", "200", "--heldout", "1", "--popsize", "4", "--budget", "0.5"]
+        argv += [
+            "--num-samples",
+            "4",
+            "--sample-max-tokens",
+            "200",
+            "--heldout",
+            "1",
+            "--popsize",
+            "4",
+            "--budget",
+            "0.5",
+        ]
         argv += ["--control-draws", "2", "--n-boot", "50", "--no-progress", "--max-generations", str(gens)]
         return main(argv, runner=runner)
 

@@ -74,7 +74,7 @@ def _run(stage, argv):
     ],
 )
 def test_device_map_run_equals_single_device_run(stage, extra, tiny_folder, tmp_path):
-    argv = ["--model", str(tiny_folder), "--source", "reference", "--num-samples", "3", "--max-tokens", "120"]
+    argv = ["--model", str(tiny_folder), "--source", "reference", "--num-samples", "3", "--sample-max-tokens", "120"]
     argv += ["--no-progress", *extra]
     a = _run(stage, argv + ["--results-dir", str(tmp_path / "one")])
     b = _run(stage, argv + ["--results-dir", str(tmp_path / "split"), "--device-map", json.dumps(SPLIT)])

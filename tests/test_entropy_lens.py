@@ -175,7 +175,7 @@ def test_main_reference_run_on_embedded_model(tmp_path, capsys):
         "2",
         "--mode",
         "chain_code",
-        "--max-tokens",
+        "--sample-max-tokens",
         "400",
         "--results-dir",
         str(tmp_path),

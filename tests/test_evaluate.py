@@ -302,10 +302,10 @@ def test_generations_summary_denominator_and_resume(tmp_path, sb):
     # other judging settings may not be mixed into the same file
     with pytest.raises(ValueError, match="other settings"):
         evaluate(EvalConfig(dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0))
-    # --fresh judges everything again under the new limits; later runs with those limits resume
+    # --force judges everything again under the new limits; later runs with those limits resume
     s3 = evaluate(
         EvalConfig(
-            dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0, fresh=True, n_boot=300
+            dataset="humaneval", model="org/tiny", results_dir=str(tmp_path), timeout=7.0, force=True, n_boot=300
         ),
         sandbox=sb,
     )

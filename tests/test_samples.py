@@ -150,7 +150,7 @@ def test_max_tokens_cuts_context_after_the_prompt_head(tmp_path, tok):
     assert np.array_equal(cut.input_ids, np.concatenate([s0.input_ids[:1], s0.input_ids[6:]]))
     assert np.array_equal(cut.targets, s0.targets) and cut.score_start == s0.score_start - 5
     # too small to keep the scored span plus its predicting position: left out, with a note
-    with pytest.warns(UserWarning, match="scored span longer than max_tokens"):
+    with pytest.warns(UserWarning, match=r"\d+ samples? left out: longer than --sample-max-tokens"):
         with pytest.raises(ValueError, match="no analysis samples"):
             load_samples(
                 tmp_path, MODEL, DS, SampleConfig(select="all", mode="chain_code", max_tokens=s0.n_scored), tok
@@ -305,7 +305,7 @@ def test_cli_flags_round_trip():
                 "chain_code",
                 "--num-samples",
                 "4",
-                "--max-tokens",
+                "--sample-max-tokens",
                 "900",
                 "--seed",
                 "7",

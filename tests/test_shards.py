@@ -55,7 +55,7 @@ def tiny_folder(tmp_path_factory):
 
 
 def _argv(folder, root, *extra):
-    return ["--model", str(folder), "--source", "reference", "--num-samples", "3", "--max-tokens", "120"] + [
+    return ["--model", str(folder), "--source", "reference", "--num-samples", "3", "--sample-max-tokens", "120"] + [
         "--results-dir",
         str(root),
         "--no-progress",

@@ -40,7 +40,7 @@ REPLACE = {"--release": ("--data-file", str(LCB))}
 
 # Per-stage flags appended to the README's (argparse keeps the last value). The tiny model solves nothing, so the
 # analyses use the reference solutions (`--source reference`) instead of the default correct generations.
-CAP = "--max-tokens"  # the analyses' per-sample context cap
+CAP = "--sample-max-tokens"  # the analyses' per-sample context cap
 SAMPLES = ["--source", "reference", "--num-samples", "2", CAP, "64", "--no-progress"]
 ADD = {
     "generate": ["--limit", "2", "--n", "2", "--max-tokens", "16", "--backend", "hf"],

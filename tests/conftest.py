@@ -97,6 +97,19 @@ def tiny_ids():
 
 
 @pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama with the embedded tokenizer's vocabulary, saved as a HF folder: every stage (and a
+    subprocess of it) runs on it in seconds."""
+    from btp.models import load_tokenizer
+
+    tok = load_tokenizer()
+    out = tmp_path_factory.mktemp("tinyllama")
+    make_tiny("llama", vocab_size=len(tok)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared small
     machine, threads under contention run far slower (2 threads ~15x slower measured on 2 busy cores)."""

@@ -532,18 +532,6 @@ def test_main_pass1_fitness_equals_btp_pruned_and_resumes(tmp_path):
     assert strip(read_jsonl(jl)) == strip(recs)
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random Llama with the embedded tokenizer's vocabulary, saved as a HF folder."""
-    from btp.models import load_tokenizer
-
-    tok = load_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny")
-    make_tiny("llama", vocab_size=len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_main_pass1_continues_as_an_uninterrupted_run_and_plots_say_pass1(tmp_path, tiny_folder):
     """The stage's pass1 wiring on a tiny model with a runner that passes problem i unless head (0, i) is removed:
     a run of 1 generation continued to 2 writes what a run of 2 writes, asking the runner only for new masks; the

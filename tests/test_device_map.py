@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
 
 from btp.arch import adapter, module_device
 from btp.store import read_npz
@@ -28,17 +27,6 @@ SPLIT = {
     "model.norm": "disk",
     "lm_head": "disk",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from btp.models import load_tokenizer
-
-    tok = load_tokenizer()
-    out = tmp_path_factory.mktemp("tinyllama")
-    make_tiny("llama", vocab_size=len(tok)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def test_devices_come_from_each_module_not_from_weights(tiny_folder):

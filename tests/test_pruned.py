@@ -380,18 +380,6 @@ def test_flags_preset_and_defaults():
     assert a.sample_max_tokens == 256 and cli.config_from(P.PrunedConfig, a).settings == "taylor:10%"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random Llama with the embedded tokenizer's vocabulary, saved as a HF folder."""
-    from btp.models import load_tokenizer
-
-    tok = load_tokenizer()
-    out = tmp_path_factory.mktemp("tinyllama")
-    make_tiny("llama", vocab_size=len(tok)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def test_main_end_to_end_then_done_without_weights(tiny_folder, tmp_path, monkeypatch, capsys):
     from btp import benchmarks, models
 

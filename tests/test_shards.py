@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_tiny
 
 from btp import cli, merge, results
 from btp.results import Shard, Stem, parse_stem
@@ -41,17 +40,6 @@ def test_shards_are_no_outputs_and_are_grouped(tmp_path):
     (tmp_path / "regular-mean-shard1of2.partial.npz").write_text("")
     assert results.list_outputs(tmp_path, "ablation") == ["regular"]
     assert results.shard_sets(tmp_path) == {"regular-mean": {"count": 2, "done": [0], "partial": [1], "counts": [2]}}
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from btp.models import load_tokenizer
-
-    tok = load_tokenizer()
-    out = tmp_path_factory.mktemp("tinyllama")
-    make_tiny("llama", vocab_size=len(tok)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def _argv(folder, root, *extra):

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny
 from house_equivalence import canonical
 
 from btp import check, results, sweep, sweepfile
@@ -111,18 +110,6 @@ def test_plan_errors_name_what_to_do(tmp_path, body, says):
 
 
 # ---------------------------------------------------------------- running it
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random Llama with the embedded tokenizer: every stage runs on it in seconds."""
-    from btp.models import load_tokenizer
-
-    tok = load_tokenizer()
-    out = tmp_path_factory.mktemp("tinyllama")
-    make_tiny("llama", vocab_size=len(tok)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

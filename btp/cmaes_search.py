@@ -803,7 +803,6 @@ def _priors(
     return prior, tay, abl
 
 
-@cli.each_dataset
 def _pass1_plan(run: cli.Run, opts: RunConfig) -> tuple[GenFlags, dict]:
     """--fitness pass1: the generation flags and what the identity records (problems, flags, engine)."""
     from . import benchmarks
@@ -825,6 +824,7 @@ def _pass1_plan(run: cli.Run, opts: RunConfig) -> tuple[GenFlags, dict]:
     return gen, {"dev": probs[:n_dev], "heldout": probs[n_dev:], "generation": gen_id, "backend": gen.engine}
 
 
+@cli.each_dataset
 def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> Path:
     """The stage; `runner` runs btp.generate / btp.evaluate for --fitness pass1 (default: subprocesses)."""
     from .store import JsonlStore, write_json

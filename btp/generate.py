@@ -201,7 +201,7 @@ def _engine_dtype(cfg: GenerateConfig, sess: Session, path: str) -> str:
     """`--dtype auto` made definite before an engine loads, so that the dtype recorded is the one computed in:
     the HF backend's model as loaded (fp32 on CPU, bf16 on GPU); vLLM's the checkpoint's own (no per-weight casts,
     none of vLLM's per-weight warnings), float16 as bfloat16 on a CPU."""
-    if cfg.dtype != "auto":
+    if cfg.dtype != "auto" or cfg.backend == "server":  # a server's dtype was chosen where it started
         return cfg.dtype
     if sess.engine is not None:  # given by the caller: as it says (an engine that does not say stays "auto")
         return getattr(sess.engine, "dtype", None) or cfg.dtype

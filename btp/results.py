@@ -845,15 +845,15 @@ def check_runs(
 ) -> None:
     """Refuse to add records made with other settings to a JSONL output: every run in its runs file (or only
     those in `runs`, the runs whose records are still in use) must agree with `config` on `keys`. The
-    ValueError names the run and each differing setting as (old, new)."""
+    UserError (one line at the command line) names the run and each differing setting as (old, new)."""
     for run in read_runs(path):
         if runs is not None and run.get("run") not in runs:
             continue
         old = run.get("config") or {}
         diff = {k: (old.get(k), config.get(k)) for k in keys if k in old and old.get(k) != config.get(k)}
         if diff:
-            raise ValueError(
-                f"{path} holds {what} of run {run.get('run')} with other settings {diff} (old, new); {hint}"
+            raise store.UserError(
+                f"{path} holds {what} of run {run.get('run')} with other settings {diff} (old, new) — {hint}"
             )
 
 

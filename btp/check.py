@@ -569,7 +569,11 @@ def format_sweeps(sweeps: list[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser("check", __doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default="results", help="root of the results tree")
-    p.add_argument("--sweep", default=None, help="a sweep file (YAML): its jobs' progress (done/running/failed/...)")
+    p.add_argument(
+        "--sweep",
+        default=None,
+        help="a sweep file (YAML): only its jobs' progress (done/running/failed/...) (default: the models' table)",
+    )
     p.add_argument("--model", default=None, help="only this model (slug or HF id) (default: every model)")
     p.add_argument("--dataset", default=None, help="only these datasets, comma-separated (default: every dataset)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
